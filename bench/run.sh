@@ -1,0 +1,296 @@
+#!/usr/bin/env bash
+# bench/run.sh - compare vma with zstd and qemu-img on a realistic ext4 disk image.
+#
+# Usage:
+#   bench/run.sh                      # builds <repo>/target/release/vma first
+#   VMA=/path/to/vma bench/run.sh     # use an existing binary, no build
+#
+# Environment:
+#   BENCH_DIR        work directory                      (default /tmp/vma-bench)
+#   BENCH_DISK_SIZE  logical disk size, for truncate     (default 8G)
+#   BENCH_SOURCE     directory copied into the ext4 disk (default /usr/lib)
+#   BENCH_RUNS       runs per command, fastest reported  (default 1)
+#   BENCH_INSTALL=1  as root: apt-get install missing tools instead of exiting 2
+#   VMA              vma binary (default: cargo build, then target/release/vma)
+#
+# The markdown report goes to stdout and to $BENCH_DIR/results.md; progress goes
+# to stderr. Exit 2: a needed tool is missing. Exit 1: a command failed, or the
+# vma round trip did not reproduce the disk.
+#
+# Adding a benchmark: write a bench_NAME function that calls `measure` (see
+# below) once per row, then call it from main. Groups appear in the table in
+# the order their first row was measured.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+W=${BENCH_DIR:-/tmp/vma-bench}
+DISK_SIZE=${BENCH_DISK_SIZE:-8G}
+SOURCE=${BENCH_SOURCE:-/usr/lib}
+RUNS=${BENCH_RUNS:-1}
+export PATH="$PATH:/usr/sbin:/sbin" # mkfs.ext4 lives in sbin
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
+
+[[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive integer, got '$RUNS'"
+
+# --- prerequisites -----------------------------------------------------------
+
+check_tools() {
+	local missing=() spec
+	# tool:debian-package
+	for spec in zstd:zstd mkfs.ext4:e2fsprogs qemu-img:qemu-utils /usr/bin/time:time \
+		cmp:diffutils truncate:coreutils; do
+		command -v "${spec%%:*}" >/dev/null 2>&1 || missing+=("${spec#*:}")
+	done
+	((${#missing[@]} == 0)) && return
+	if [[ ${BENCH_INSTALL:-0} == 1 && $EUID == 0 ]]; then
+		log "installing: ${missing[*]}"
+		apt-get update -qq && apt-get install -y -qq "${missing[@]}" >&2
+	else
+		printf '[bench] missing tools; install the Debian packages with:\n  apt-get install -y %s\n' \
+			"${missing[*]}" >&2
+		printf '[bench] (or rerun as root with BENCH_INSTALL=1)\n' >&2
+		exit 2
+	fi
+}
+
+find_vma() {
+	if [[ -z ${VMA:-} ]]; then
+		log "building vma (cargo build --release -p vma-cli)"
+		(cd "$ROOT" && cargo build --release -p vma-cli >&2)
+		VMA=${CARGO_TARGET_DIR:-$ROOT/target}/release/vma
+		[[ $VMA == /* ]] || VMA=$ROOT/$VMA
+	fi
+	[[ -x $VMA ]] || die "vma binary '$VMA' is not executable"
+}
+
+# Build the test disk once. The marker records the parameters, so changing
+# BENCH_DISK_SIZE or BENCH_SOURCE rebuilds it; an interrupted build leaves only
+# disk.raw.tmp (or no marker) behind and is never reused.
+build_disk() {
+	local marker=$W/disk.raw.done want="size=$DISK_SIZE source=$SOURCE"
+	if [[ -f $W/disk.raw && -f $marker && $(<"$marker") == "$want" ]]; then
+		log "reusing $W/disk.raw ($want)"
+		return
+	fi
+	[[ -d $SOURCE ]] || die "BENCH_SOURCE '$SOURCE' is not a directory"
+	log "building $DISK_SIZE ext4 disk from $SOURCE (one-off, may take minutes)"
+	rm -f "$W/disk.raw" "$W/disk.raw.tmp" "$marker"
+	truncate -s "$DISK_SIZE" "$W/disk.raw.tmp"
+	mkfs.ext4 -q -F -d "$SOURCE" "$W/disk.raw.tmp"
+	mv "$W/disk.raw.tmp" "$W/disk.raw"
+	printf '%s\n' "$want" >"$marker"
+}
+
+# --- measuring ---------------------------------------------------------------
+
+# Rows in measuring order; per-row data in associative arrays keyed by row id.
+ROWS=()
+declare -A R_GROUP R_LABEL R_WALL R_RSS R_SIZE R_REF R_SIZEREF
+
+# measure [options] ID GROUP LABEL CMD...
+#   Runs CMD $RUNS times under GNU time (after `sync`) and records the fastest
+#   run's wall seconds and that run's peak RSS as row ID.
+#   -b FN    function run untimed before every run (e.g. to remove old outputs)
+#   -o FILE  the command's stdout goes to FILE (default /dev/null);
+#            its stderr always goes to $W/logs/ID.err
+#   -s FILE  output size column = apparent size of FILE (stat -c %s)
+#   -a PATH  output size column = allocated size of PATH (du -B1)
+#   -r ID    ratio column: this row's wall time / row ID's (ID may come later)
+#   -z ID    ratio column also shows this row's output size / row ID's
+measure() {
+	local OPTIND opt before="" out=/dev/null size_stat="" size_du="" ref="" sizeref=""
+	while getopts 'b:o:s:a:r:z:' opt; do
+		case $opt in
+		b) before=$OPTARG ;;
+		o) out=$OPTARG ;;
+		s) size_stat=$OPTARG ;;
+		a) size_du=$OPTARG ;;
+		r) ref=$OPTARG ;;
+		z) sizeref=$OPTARG ;;
+		*) die "measure: bad option" ;;
+		esac
+	done
+	shift $((OPTIND - 1))
+	local id=$1 group=$2 label=$3
+	shift 3
+	local tf=$W/logs/$id.time err=$W/logs/$id.err
+	local i wall rss best_wall="" best_rss=""
+
+	log "$group: $label"
+	for ((i = 1; i <= RUNS; i++)); do
+		[[ -z $before ]] || "$before"
+		sync
+		if ! /usr/bin/time -o "$tf" -f '%e %M' "$@" >"$out" 2>"$err"; then
+			tail -n 20 "$err" >&2 || true
+			tail -n 2 "$tf" >&2 || true
+			die "$id failed: $*"
+		fi
+		read -r wall rss < <(tail -n 1 "$tf")
+		log "  run $i/$RUNS: ${wall}s, peak RSS ${rss} KiB"
+		if [[ -z $best_wall ]] || awk -v a="$wall" -v b="$best_wall" 'BEGIN { exit !(a < b) }'; then
+			best_wall=$wall best_rss=$rss
+		fi
+	done
+
+	ROWS+=("$id")
+	R_GROUP[$id]=$group R_LABEL[$id]=$label R_WALL[$id]=$best_wall R_RSS[$id]=$best_rss
+	R_REF[$id]=$ref R_SIZEREF[$id]=$sizeref R_SIZE[$id]=""
+	if [[ -n $size_stat ]]; then
+		[[ -e $size_stat ]] || die "$id: expected output $size_stat is missing"
+		R_SIZE[$id]=$(stat -c %s "$size_stat")
+	elif [[ -n $size_du ]]; then
+		[[ -e $size_du ]] || die "$id: expected output $size_du is missing"
+		R_SIZE[$id]=$(du -sB1 "$size_du" | cut -f1)
+	fi
+}
+
+# --- benchmarks --------------------------------------------------------------
+
+rm_vma2() { rm -f "$W/disk.vma2"; }
+rm_qcow2() { rm -f "$W/disk.qcow2"; }
+rm_out_vma() { rm -rf "$W/out-vma"; }
+rm_out_zstd() { rm -f "$W/out-zstd.raw"; }
+rm_out_qemu() { rm -f "$W/out-qemu.raw"; }
+
+bench_create() {
+	measure -b rm_vma2 -s "$W/disk.vma2" -r zstd-create -z zstd-create \
+		vma-create create "vma create (defaults)" \
+		"$VMA" create --quiet "$W/disk.vma2" "disk=$W/disk.raw"
+	measure -o "$W/disk.raw.zst" -s "$W/disk.raw.zst" \
+		zstd-create create "zstd -1 -T0" \
+		zstd -1 -T0 -q -c "$W/disk.raw"
+	measure -b rm_qcow2 -s "$W/disk.qcow2" \
+		qemu-create create "qemu-img convert -O qcow2 -c (zstd)" \
+		qemu-img convert -O qcow2 -c -o compression_type=zstd "$W/disk.raw" "$W/disk.qcow2"
+}
+
+bench_extract() {
+	measure -b rm_out_vma -a "$W/out-vma/disk.raw" -r qemu-extract \
+		vma-extract extract "vma extract" \
+		"$VMA" extract --quiet --force "$W/disk.vma2" "$W/out-vma"
+	log "checking round trip: out-vma/disk.raw vs disk.raw"
+	if ! cmp "$W/disk.raw" "$W/out-vma/disk.raw" >&2; then
+		printf '\n[bench] !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n' >&2
+		die "vma extract did NOT reproduce disk.raw: the archive round trip is broken"
+	fi
+	log "round trip OK"
+	rm_out_vma # free disk and page cache for the following rows
+
+	measure -b rm_out_zstd -o "$W/out-zstd.raw" -a "$W/out-zstd.raw" \
+		zstd-extract extract "zstd -d" \
+		zstd -d -q -c "$W/disk.raw.zst"
+	rm_out_zstd
+	measure -b rm_out_qemu -a "$W/out-qemu.raw" \
+		qemu-extract extract "qemu-img convert -O raw" \
+		qemu-img convert -O raw "$W/disk.qcow2" "$W/out-qemu.raw"
+	rm_out_qemu
+}
+
+bench_verify() {
+	measure -r zstd-verify vma-verify verify "vma verify" \
+		"$VMA" verify --quiet "$W/disk.vma2"
+	measure zstd-verify verify "zstd -t" \
+		zstd -q -t "$W/disk.raw.zst"
+}
+
+# --- report ------------------------------------------------------------------
+
+# ratio A B: A/B with two decimals, or "-" if either is unknown or B is 0.
+ratio() {
+	awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b + 0 == 0) print "-"; else printf "%.2f", a / b }'
+}
+# mib BYTES_OR_KIB DIVISOR: one decimal, or "-" if empty.
+mib() { awk -v x="$1" -v d="$2" 'BEGIN { if (x == "") print "-"; else printf "%.1f", x / d }'; }
+
+# target DESCRIPTION VALUE LIMIT UNIT: PASS if VALUE <= LIMIT.
+PASSED=0 TOTAL=0
+target() {
+	local verdict
+	verdict=$(awk -v v="$2" -v l="$3" 'BEGIN { print (v != "-" && v != "" && v + 0 <= l + 0) ? "PASS" : "MISS" }')
+	TOTAL=$((TOTAL + 1))
+	[[ $verdict == MISS ]] || PASSED=$((PASSED + 1))
+	printf -- '- %s: %s%s (target <= %s%s) **%s**\n' "$1" "${2:--}" "$4" "$3" "$4" "$verdict"
+}
+
+report() {
+	local logical alloc cpu mem zstd_v qemu_v vma_v
+	logical=$(stat -c %s "$W/disk.raw")
+	alloc=$(du -B1 "$W/disk.raw" | cut -f1)
+	cpu=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+	mem=$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
+	zstd_v=$(zstd --version | sed 's/^\** *//; s/ *\**$//')
+	qemu_v=$(qemu-img --version | head -n 1)
+	vma_v=$("$VMA" --version 2>&1 | head -n 1 || true)
+
+	echo "## vma benchmark"
+	echo
+	echo "$(date -u '+%Y-%m-%d %H:%M UTC'); nproc $(nproc); memory $mem; CPU ${cpu:-unknown};" \
+		"$zstd_v; $qemu_v; ${vma_v:-vma (no version)}"
+	echo
+	echo "Disk: ext4 image of $SOURCE, $(mib "$logical" 1073741824) GiB logical," \
+		"$(mib "$alloc" 1073741824) GiB allocated. Fastest of $RUNS run(s), page cache warm." \
+		"MB/s = logical size / wall / 1e6 for every row. Output = archive size (create)," \
+		"allocated size of the restored disk (extract)."
+	echo
+	echo "| group | tool/command | wall s | MB/s | output MiB | peak RSS MiB | vs peer |"
+	echo "|---|---|--:|--:|--:|--:|---|"
+	local id prev="" group vs r zr
+	for id in "${ROWS[@]}"; do
+		group=""
+		[[ ${R_GROUP[$id]} == "$prev" ]] || group="**${R_GROUP[$id]}**"
+		prev=${R_GROUP[$id]}
+		vs="-"
+		if [[ -n ${R_REF[$id]} ]]; then
+			r=$(ratio "${R_WALL[$id]}" "${R_WALL[${R_REF[$id]}]:-}")
+			vs="${r}x time vs ${R_LABEL[${R_REF[$id]}]:-?}"
+		fi
+		if [[ -n ${R_SIZEREF[$id]} ]]; then
+			zr=$(ratio "${R_SIZE[$id]}" "${R_SIZE[${R_SIZEREF[$id]}]:-}")
+			vs="$vs; ${zr}x size vs ${R_LABEL[${R_SIZEREF[$id]}]:-?}"
+		fi
+		printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$group" "${R_LABEL[$id]}" \
+			"${R_WALL[$id]}" "$(awk -v s="$logical" -v w="${R_WALL[$id]}" \
+				'BEGIN { if (w + 0 == 0) print "-"; else printf "%.0f", s / w / 1e6 }')" \
+			"$(mib "${R_SIZE[$id]}" 1048576)" "$(mib "${R_RSS[$id]}" 1024)" "$vs"
+	done
+
+	echo
+	echo "### targets"
+	echo
+	target "create wall vs zstd -1 -T0" "$(ratio "${R_WALL[vma-create]}" "${R_WALL[zstd-create]}")" 0.60 x
+	target "create size vs zstd -1 -T0" "$(ratio "${R_SIZE[vma-create]}" "${R_SIZE[zstd-create]}")" 1.05 x
+	target "extract wall vs qemu-img convert -O raw" \
+		"$(ratio "${R_WALL[vma-extract]}" "${R_WALL[qemu-extract]}")" 0.50 x
+	target "verify wall vs zstd -t" "$(ratio "${R_WALL[vma-verify]}" "${R_WALL[zstd-verify]}")" 0.60 x
+	for id in "${ROWS[@]}"; do
+		[[ $id == vma-* ]] || continue
+		target "${R_LABEL[$id]} peak RSS" "$(mib "${R_RSS[$id]}" 1024)" 256 " MiB"
+	done
+	echo
+	echo "$PASSED of $TOTAL targets met."
+}
+
+# --- main --------------------------------------------------------------------
+
+main() {
+	check_tools
+	find_vma
+	mkdir -p "$W/logs"
+	W=$(cd "$W" && pwd) # absolute, since paths are passed to vma
+	build_disk
+
+	log "warming the page cache with disk.raw"
+	cat "$W/disk.raw" >/dev/null
+
+	bench_create
+	bench_extract
+	bench_verify
+
+	report | tee "$W/results.md.tmp"
+	mv "$W/results.md.tmp" "$W/results.md"
+	log "report written to $W/results.md"
+}
+
+main "$@"

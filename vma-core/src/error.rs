@@ -1,0 +1,180 @@
+//! The library's error type: every variant says what is wrong and where.
+
+use std::io;
+
+use crate::types::{describe_ranges, DriveRange};
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong reading or writing archives.
+///
+/// Offsets are absolute byte offsets in the archive file (or stream).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system I/O error, with what we were doing.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, naming the file.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The input does not start with any magic we know.
+    #[error("not a vma archive: unknown magic bytes {found} at offset 0 (expected a vma v2 or Proxmox VMA archive)")]
+    NotAnArchive {
+        /// The first bytes found, in hex.
+        found: String,
+    },
+
+    /// A format we recognise but this build cannot read.
+    #[error("{format} is not supported here: {hint}")]
+    UnsupportedFormat {
+        /// The recognised format.
+        format: String,
+        /// What to do instead.
+        hint: String,
+    },
+
+    /// A version of the native format this build cannot read.
+    #[error("unsupported vma archive version {major}.{minor} at offset 8 (this build reads version 2.x)")]
+    UnsupportedVersion {
+        /// Major version found.
+        major: u16,
+        /// Minor version found.
+        minor: u16,
+    },
+
+    /// Incompatible feature bits this build does not know.
+    #[error("archive needs unknown incompatible features {names} (bits {bits:#x}); a newer vma is required")]
+    UnknownFeatures {
+        /// The unknown bits.
+        bits: u64,
+        /// Names of the bits, "bit N" for each.
+        names: String,
+    },
+
+    /// Structural damage: a field holds an impossible value.
+    #[error("corrupt archive at offset {offset}: {what}")]
+    Corrupt {
+        /// Absolute offset of the damaged structure or field.
+        offset: u64,
+        /// What was expected and what was found.
+        what: String,
+    },
+
+    /// The input ended before a structure was complete.
+    #[error("archive truncated at offset {offset}: {what}")]
+    Truncated {
+        /// Offset at which data ran out.
+        offset: u64,
+        /// What was being read.
+        what: String,
+    },
+
+    /// An extent failed its checks; its clusters cannot be trusted.
+    #[error("extent {}at offset {offset} is damaged ({what}); affected: {}", seq.map(|s| format!("#{s} ")).unwrap_or_default(), describe_ranges(ranges, 4))]
+    ExtentDamaged {
+        /// Extent sequence number, when its header could be read.
+        seq: Option<u64>,
+        /// Offset of the extent header.
+        offset: u64,
+        /// What check failed.
+        what: String,
+        /// Drive byte ranges whose data lives in the extent.
+        ranges: Vec<DriveRange>,
+    },
+
+    /// Clusters of some drive never appear in the archive.
+    #[error("archive is incomplete: {summary}")]
+    Incomplete {
+        /// Human summary: clusters missing per drive.
+        summary: String,
+        /// Every missing range.
+        ranges: Vec<DriveRange>,
+    },
+
+    /// A drive's whole-content SHA-256 does not match.
+    #[error("drive {drive_name}: content SHA-256 is {found}, archive records {expected}")]
+    DriveDigestMismatch {
+        /// The drive's name.
+        drive_name: String,
+        /// Digest recorded by the writer.
+        expected: String,
+        /// Digest of the data read back.
+        found: String,
+    },
+
+    /// The caller asked for something the format's limits forbid.
+    #[error("limit exceeded: {0}")]
+    Limit(String),
+
+    /// A drive or config name that could be unsafe or is malformed.
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName {
+        /// The offending name (escaped when printed).
+        name: String,
+        /// Why it is refused.
+        reason: String,
+    },
+
+    /// The caller used the API wrongly (unknown drive, duplicate cluster, ...).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// Wrap an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Shorthand for a structural error at `offset`.
+    pub fn corrupt(offset: u64, what: impl Into<String>) -> Self {
+        Error::Corrupt {
+            offset,
+            what: what.into(),
+        }
+    }
+
+    /// Shorthand for a truncation at `offset`.
+    pub fn truncated(offset: u64, what: impl Into<String>) -> Self {
+        Error::Truncated {
+            offset,
+            what: what.into(),
+        }
+    }
+
+    /// True when the error means the archive's bytes are bad (as opposed to
+    /// a usage or I/O problem); the CLI maps this to exit code 1.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            Error::NotAnArchive { .. }
+                | Error::Corrupt { .. }
+                | Error::Truncated { .. }
+                | Error::ExtentDamaged { .. }
+                | Error::Incomplete { .. }
+                | Error::DriveDigestMismatch { .. }
+                | Error::UnsupportedVersion { .. }
+                | Error::UnknownFeatures { .. }
+        )
+    }
+}
+
+/// Helper to attach context to io results.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::io(context(), e))
+    }
+}

@@ -1,0 +1,320 @@
+//! Building, encoding and decoding extents (no file I/O): the unit of
+//! compression and of integrity checking.
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::format::{
+    decode_entries, encode_entry, masks_len, Codec, Entry, ExtentHeader, RunKind, BLOCK_SIZE,
+    DIGEST_LEN, EXTENT_HEADER_LEN,
+};
+use crate::types::{ClusterNo, DriveId};
+
+/// Clusters gathered for one extent, before compression.
+#[derive(Default)]
+pub(crate) struct RawExtent {
+    pub(crate) entries: Vec<Entry>,
+    pub(crate) masks: Vec<u16>,
+    pub(crate) payload: Vec<u8>,
+}
+
+impl RawExtent {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Append a run, extending the previous entry when it continues it.
+    pub(crate) fn push_run(&mut self, drive: DriveId, kind: RunKind, start: u64, count: u32) {
+        if let Some(last) = self.entries.last_mut() {
+            if last.drive == drive
+                && last.kind == kind
+                && last.start + last.count as u64 == start
+                && (last.count as u64 + count as u64) <= u32::MAX as u64
+            {
+                last.count += count;
+                return;
+            }
+        }
+        self.entries.push(Entry {
+            drive,
+            kind,
+            count,
+            start,
+        });
+    }
+
+    /// Append one data cluster: copies the blocks marked in `mask`; a
+    /// partial final block is zero-padded to 4 KiB.
+    pub(crate) fn push_data(&mut self, drive: DriveId, cluster: ClusterNo, mask: u16, data: &[u8]) {
+        debug_assert!(mask != 0);
+        self.push_run(drive, RunKind::Data, cluster.0, 1);
+        self.masks.push(mask);
+        if mask == u16::MAX && data.len() == 16 * BLOCK_SIZE {
+            self.payload.extend_from_slice(data);
+            return;
+        }
+        for (i, block) in data.chunks(BLOCK_SIZE).enumerate() {
+            if mask & (1 << i) != 0 {
+                self.payload.extend_from_slice(block);
+                self.payload.resize(self.payload.len() + BLOCK_SIZE - block.len(), 0);
+            }
+        }
+    }
+}
+
+/// An extent ready to be written, with what the index needs about it.
+pub(crate) struct EncodedExtent {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) digest: [u8; 32],
+    pub(crate) entries: Vec<Entry>,
+    /// Stored 4 KiB blocks per drive (for attributing stored bytes).
+    pub(crate) blocks_per_drive: Vec<(DriveId, u64)>,
+    pub(crate) stored_len: u64,
+    pub(crate) raw: RawExtent,
+}
+
+/// Compress (when it helps) and frame one extent.
+pub(crate) fn encode_extent(
+    mut raw: RawExtent,
+    seq: u64,
+    compressor: Option<&mut zstd::bulk::Compressor<'static>>,
+) -> Result<EncodedExtent> {
+    let raw_len = raw.payload.len();
+    let compressed = match compressor {
+        Some(c) if raw_len > 0 => {
+            let out = c
+                .compress(&raw.payload)
+                .map_err(|e| Error::io("zstd compression failed", e))?;
+            (out.len() < raw_len).then_some(out)
+        }
+        _ => None,
+    };
+    let (codec, stored): (Codec, &[u8]) = match &compressed {
+        Some(c) => (Codec::Zstd, c),
+        None => (Codec::None, &raw.payload),
+    };
+    let header = ExtentHeader {
+        seq,
+        entry_count: raw.entries.len() as u32,
+        mask_count: raw.masks.len() as u32,
+        codec,
+        stored_len: stored.len() as u32,
+        raw_len: raw_len as u32,
+    };
+    let mut bytes = Vec::with_capacity(header.total_len());
+    bytes.extend_from_slice(&header.encode());
+    for e in &raw.entries {
+        encode_entry(e, &mut bytes);
+    }
+    for m in &raw.masks {
+        bytes.extend_from_slice(&m.to_le_bytes());
+    }
+    bytes.resize(bytes.len() + masks_len(raw.masks.len()) - raw.masks.len() * 2, 0);
+    bytes.extend_from_slice(stored);
+    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+    bytes.extend_from_slice(&digest);
+    debug_assert_eq!(bytes.len(), header.total_len());
+
+    let mut blocks_per_drive: Vec<(DriveId, u64)> = Vec::new();
+    let mut mask_iter = raw.masks.iter();
+    for e in raw.entries.iter().filter(|e| e.kind == RunKind::Data) {
+        let blocks: u64 = mask_iter
+            .by_ref()
+            .take(e.count as usize)
+            .map(|m| m.count_ones() as u64)
+            .sum();
+        match blocks_per_drive.iter_mut().find(|(d, _)| *d == e.drive) {
+            Some((_, n)) => *n += blocks,
+            None => blocks_per_drive.push((e.drive, blocks)),
+        }
+    }
+    let entries = std::mem::take(&mut raw.entries);
+    raw.masks.clear();
+    raw.payload.clear();
+    Ok(EncodedExtent {
+        stored_len: bytes.len() as u64,
+        bytes,
+        digest,
+        entries,
+        blocks_per_drive,
+        raw,
+    })
+}
+
+/// One cluster's contents as held by a decoded extent.
+#[derive(Clone, Copy, Debug)]
+pub enum ClusterData<'a> {
+    /// Stored blocks (the set bits of `mask`, 4 KiB each, in order).
+    Data {
+        /// Which blocks are stored.
+        mask: u16,
+        /// The stored blocks.
+        blocks: &'a [u8],
+    },
+    /// The cluster is all zero.
+    Zero,
+    /// The cluster equals the parent archive's.
+    Unchanged,
+}
+
+impl ClusterData<'_> {
+    /// Write the cluster's bytes into `out` (up to 64 KiB; shorter for a
+    /// drive's final cluster). Unchanged clusters are left untouched.
+    pub fn expand_into(&self, out: &mut [u8]) {
+        match *self {
+            ClusterData::Zero => out.fill(0),
+            ClusterData::Unchanged => {}
+            ClusterData::Data { mask, blocks } => {
+                let mut next = 0;
+                for (i, chunk) in out.chunks_mut(BLOCK_SIZE).enumerate() {
+                    if mask & (1 << i) != 0 {
+                        chunk.copy_from_slice(&blocks[next * BLOCK_SIZE..][..chunk.len()]);
+                        next += 1;
+                    } else {
+                        chunk.fill(0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A verified, decompressed extent.
+#[derive(Debug)]
+pub struct DecodedExtent {
+    /// Sequence number.
+    pub seq: u64,
+    /// Absolute offset of its header in the archive.
+    pub offset: u64,
+    /// Bytes it occupies in the archive.
+    pub stored_len: u64,
+    /// Its SHA-256 (as stored and verified).
+    pub digest: [u8; 32],
+    /// Run entries.
+    pub entries: Vec<Entry>,
+    masks: Vec<u16>,
+    /// Index into `masks` of each entry's first data cluster.
+    first_mask: Vec<u32>,
+    /// Byte offset into `payload` of each mask's first block.
+    mask_payload: Vec<u32>,
+    payload: Vec<u8>,
+}
+
+impl DecodedExtent {
+    /// Every cluster in entry order: (drive, cluster, contents).
+    pub fn clusters(&self) -> impl Iterator<Item = (DriveId, ClusterNo, ClusterData<'_>)> + '_ {
+        self.entries.iter().enumerate().flat_map(move |(i, e)| {
+            (0..e.count as u64).map(move |k| {
+                let data = self.entry_cluster(i, e, k);
+                (e.drive, ClusterNo(e.start + k), data)
+            })
+        })
+    }
+
+    fn entry_cluster(&self, i: usize, e: &Entry, k: u64) -> ClusterData<'_> {
+        match e.kind {
+            RunKind::Zero => ClusterData::Zero,
+            RunKind::Unchanged => ClusterData::Unchanged,
+            RunKind::Data => {
+                let m = self.first_mask[i] as usize + k as usize;
+                let mask = self.masks[m];
+                let start = self.mask_payload[m] as usize;
+                let len = mask.count_ones() as usize * BLOCK_SIZE;
+                ClusterData::Data {
+                    mask,
+                    blocks: &self.payload[start..start + len],
+                }
+            }
+        }
+    }
+
+    /// The contents of one cluster, if this extent holds it.
+    pub fn cluster(&self, drive: DriveId, cluster: ClusterNo) -> Option<ClusterData<'_>> {
+        self.entries.iter().enumerate().find_map(|(i, e)| {
+            (e.drive == drive && cluster.0 >= e.start && cluster.0 - e.start < e.count as u64)
+                .then(|| self.entry_cluster(i, e, cluster.0 - e.start))
+        })
+    }
+
+    /// Decoded payload size in bytes (for cache accounting).
+    pub fn memory_size(&self) -> usize {
+        self.payload.len() + self.masks.len() * 6 + self.entries.len() * 20
+    }
+}
+
+/// Verify and decode a whole extent (`bytes` from its magic through its
+/// digest) found at absolute `offset`. Returns the damage as
+/// [`Error::Corrupt`] for the caller to attribute.
+pub(crate) fn decode_extent(
+    bytes: &[u8],
+    offset: u64,
+    decompressor: &mut zstd::bulk::Decompressor<'static>,
+) -> Result<DecodedExtent> {
+    let hb: &[u8; EXTENT_HEADER_LEN] = bytes
+        .get(..EXTENT_HEADER_LEN)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| Error::truncated(offset, "extent shorter than its header"))?;
+    let h = ExtentHeader::decode(hb, offset)?;
+    if bytes.len() != h.total_len() {
+        return Err(Error::truncated(
+            offset,
+            format!("extent #{} needs {} bytes, have {}", h.seq, h.total_len(), bytes.len()),
+        ));
+    }
+    let body_end = bytes.len() - DIGEST_LEN;
+    let digest: [u8; 32] = Sha256::digest(&bytes[..body_end]).into();
+    if digest[..] != bytes[body_end..] {
+        return Err(Error::corrupt(
+            offset,
+            format!("extent #{}: SHA-256 mismatch over its {} bytes", h.seq, body_end),
+        ));
+    }
+    let (entries, masks) = decode_entries(&h, &bytes[EXTENT_HEADER_LEN..], offset + EXTENT_HEADER_LEN as u64)?;
+    let stored = &bytes[h.payload_start()..body_end];
+    let payload = match h.codec {
+        Codec::None => stored.to_vec(),
+        Codec::Zstd => {
+            let mut out = Vec::with_capacity(h.raw_len as usize);
+            let n = decompressor
+                .decompress_to_buffer(stored, &mut out)
+                .map_err(|e| {
+                    Error::corrupt(
+                        offset + h.payload_start() as u64,
+                        format!("extent #{}: zstd payload does not decode to {} bytes: {e}", h.seq, h.raw_len),
+                    )
+                })?;
+            if n != h.raw_len as usize {
+                return Err(Error::corrupt(
+                    offset + h.payload_start() as u64,
+                    format!("extent #{}: payload decodes to {n} bytes, header says {}", h.seq, h.raw_len),
+                ));
+            }
+            out
+        }
+    };
+    let mut first_mask = Vec::with_capacity(entries.len());
+    let mut next = 0u32;
+    for e in &entries {
+        first_mask.push(next);
+        if e.kind == RunKind::Data {
+            next += e.count;
+        }
+    }
+    let mut mask_payload = Vec::with_capacity(masks.len());
+    let mut pos = 0u32;
+    for m in &masks {
+        mask_payload.push(pos);
+        pos += m.count_ones() * BLOCK_SIZE as u32;
+    }
+    Ok(DecodedExtent {
+        seq: h.seq,
+        offset,
+        stored_len: bytes.len() as u64,
+        digest,
+        entries,
+        masks,
+        first_mask,
+        mask_payload,
+        payload,
+    })
+}

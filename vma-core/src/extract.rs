@@ -1,0 +1,238 @@
+//! Extraction sinks: sparse raw drive files and config blobs, written under
+//! temporary names and renamed into place only when everything succeeded.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, IoContext, Result};
+use crate::extent::{ClusterData, DecodedExtent};
+use crate::format::{check_name, Header, BLOCK_SIZE};
+use crate::stream::{ArchiveStream, PassOptions, PassReport};
+use crate::types::{cluster_len, DriveId};
+
+/// A file being written under a temporary name in its final directory.
+pub struct AtomicFile {
+    file: File,
+    tmp: PathBuf,
+    dest: PathBuf,
+    done: bool,
+}
+
+impl AtomicFile {
+    /// Create `.NAME.partial-PID` beside `dest`.
+    pub fn create(dest: &Path) -> Result<AtomicFile> {
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        let name = dest
+            .file_name()
+            .ok_or_else(|| Error::Invalid(format!("{} has no file name", dest.display())))?;
+        let tmp = dir.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .ctx(|| format!("creating {}", tmp.display()))?;
+        Ok(AtomicFile {
+            file,
+            tmp,
+            dest: dest.to_path_buf(),
+            done: false,
+        })
+    }
+
+    /// The open temporary file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The file's final path.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// fsync, rename to the final name, fsync the directory.
+    pub fn commit(mut self) -> Result<()> {
+        self.file.sync_all().ctx(|| format!("syncing {}", self.tmp.display()))?;
+        std::fs::rename(&self.tmp, &self.dest)
+            .ctx(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
+        self.done = true;
+        if let Some(dir) = self.dest.parent() {
+            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// What to extract.
+#[derive(Clone, Debug, Default)]
+pub struct ExtractOptions {
+    /// Drive names to extract (empty: all).
+    pub drives: Vec<String>,
+    /// Overwrite existing files.
+    pub force: bool,
+    /// Decoder threads (0: one per core).
+    pub threads: usize,
+}
+
+/// Result of an extraction.
+#[derive(Debug)]
+pub struct ExtractSummary {
+    /// Files written (final paths).
+    pub files: Vec<PathBuf>,
+    /// The pass's report.
+    pub report: PassReport,
+}
+
+/// Output file names for the drives selected and every config, checked
+/// for safety, collisions and (without `force`) existing files.
+fn plan(header: &Header, dir: &Path, options: &ExtractOptions) -> Result<(Vec<(DriveId, PathBuf)>, Vec<(usize, PathBuf)>)> {
+    for want in &options.drives {
+        if !header.drives.iter().any(|d| &d.name == want) {
+            let names: Vec<&str> = header.drives.iter().map(|d| d.name.as_str()).collect();
+            return Err(Error::Invalid(format!(
+                "the archive has no drive named {want:?} (it has: {})",
+                names.join(", ")
+            )));
+        }
+    }
+    let mut drives = Vec::new();
+    for d in &header.drives {
+        if options.drives.is_empty() || options.drives.contains(&d.name) {
+            let file = format!("{}.raw", d.name);
+            check_name(&file)?;
+            drives.push((d.id, dir.join(file)));
+        }
+    }
+    let mut configs = Vec::new();
+    for (i, c) in header.configs.iter().enumerate() {
+        check_name(&c.name)?;
+        configs.push((i, dir.join(&c.name)));
+    }
+    let mut all: Vec<&PathBuf> = drives.iter().map(|(_, p)| p).chain(configs.iter().map(|(_, p)| p)).collect();
+    all.sort();
+    if let Some(w) = all.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::Invalid(format!("two archive members would both be written to {}", w[0].display())));
+    }
+    if !options.force {
+        if let Some(p) = all.iter().find(|p| p.symlink_metadata().is_ok()) {
+            return Err(Error::Invalid(format!("{} exists; use --force to overwrite it", p.display())));
+        }
+    }
+    Ok((drives, configs))
+}
+
+/// Extract from an archive stream (file or pipe, one pass) into `dir`:
+/// `<drive>.raw` sparse files and one file per config blob.
+pub fn extract<R: Read>(
+    stream: ArchiveStream<R>,
+    dir: &Path,
+    options: &ExtractOptions,
+    mut progress: impl FnMut(u64),
+) -> Result<ExtractSummary> {
+    let header = stream.header().clone();
+    std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+    let (drive_plan, config_plan) = plan(&header, dir, options)?;
+    let mut targets: Vec<Option<(AtomicFile, u64)>> = (0..=255).map(|_| None).collect();
+    for (id, path) in &drive_plan {
+        let out = AtomicFile::create(path)?;
+        let size = header.drive(*id).expect("planned drive").size;
+        out.file.set_len(size).ctx(|| format!("sizing {}", path.display()))?;
+        targets[id.0 as usize] = Some((out, size));
+    }
+    let pass_options = PassOptions {
+        threads: options.threads,
+        keep_going: false,
+        hash_drives: false,
+    };
+    let report = stream.pass(&pass_options, |ext| {
+        progress(ext.offset + ext.stored_len);
+        write_extent(ext, &targets)
+    })?;
+    let mut files = Vec::new();
+    for (i, path) in &config_plan {
+        let mut out = AtomicFile::create(path)?;
+        out.write_all(&header.configs[*i].data)
+            .ctx(|| format!("writing {}", path.display()))?;
+        out.commit()?;
+        files.push(path.clone());
+    }
+    for (id, path) in &drive_plan {
+        let (out, _) = targets[id.0 as usize].take().expect("target");
+        out.commit()?;
+        files.push(path.clone());
+    }
+    Ok(ExtractSummary { files, report })
+}
+
+/// Write the data clusters of one extent to the drive files selected,
+/// coalescing contiguous blocks into single writes; zero blocks stay holes.
+fn write_extent(ext: &Arc<DecodedExtent>, targets: &[Option<(AtomicFile, u64)>]) -> Result<()> {
+    let mut pending: Option<(DriveId, u64, &[u8])> = None;
+    let flush = |p: &mut Option<(DriveId, u64, &[u8])>| -> Result<()> {
+        if let Some((drive, offset, bytes)) = p.take() {
+            let (out, _) = targets[drive.0 as usize].as_ref().expect("selected drive");
+            out.file
+                .write_all_at(bytes, offset)
+                .ctx(|| format!("writing {} at offset {offset}", out.tmp.display()))?;
+        }
+        Ok(())
+    };
+    for (drive, cluster, data) in ext.clusters() {
+        let Some((_, size)) = &targets[drive.0 as usize] else { continue };
+        let ClusterData::Data { mask, blocks } = data else { continue };
+        let clen = cluster_len(*size, cluster);
+        let mut stored = 0;
+        for b in 0..16usize {
+            if mask & (1 << b) == 0 {
+                continue;
+            }
+            let block = &blocks[stored * BLOCK_SIZE..(stored + 1) * BLOCK_SIZE];
+            stored += 1;
+            let start = b * BLOCK_SIZE;
+            if start >= clen {
+                break;
+            }
+            let block = &block[..(clen - start).min(BLOCK_SIZE)];
+            let offset = cluster.byte_offset() + start as u64;
+            match &mut pending {
+                Some((d, o, bytes))
+                    if *d == drive
+                        && *o + bytes.len() as u64 == offset
+                        && bytes.as_ptr_range().end == block.as_ptr() =>
+                {
+                    // SAFETY: `bytes` and `block` are adjacent sub-slices of the same payload buffer.
+                    *bytes = unsafe { std::slice::from_raw_parts(bytes.as_ptr(), bytes.len() + block.len()) };
+                }
+                _ => {
+                    flush(&mut pending)?;
+                    pending = Some((drive, offset, block));
+                }
+            }
+        }
+    }
+    flush(&mut pending)
+}

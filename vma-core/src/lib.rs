@@ -1,0 +1,32 @@
+//! vma-core: the on-disk formats of vma backup archives, the Writer that
+//! takes VM disk clusters in any order, and the Readers (sequential from
+//! pipes, random access from files) that everything else is built on.
+//!
+//! - [`format`]: on-disk structures and their byte encodings (no I/O).
+//! - [`Writer`]: clusters in, archive out (file or pipe).
+//! - [`ArchiveStream`]: one sequential pass, shared by verify and extract.
+//! - [`Reader`]: random access to any byte range of any drive.
+
+#![warn(missing_docs)]
+
+pub mod detect;
+pub mod error;
+pub mod extent;
+pub mod extract;
+pub mod format;
+mod input;
+mod pipeline;
+pub mod ranges;
+pub mod reader;
+pub mod source;
+pub mod stream;
+pub mod types;
+pub mod verify;
+pub mod writer;
+
+pub use error::{Error, Result};
+pub use format::{ConfigBlob, DriveInfo, Header};
+pub use reader::Reader;
+pub use stream::{ArchiveStream, PassOptions, PassReport};
+pub use types::{ClusterNo, DriveId, DriveRange};
+pub use writer::{ArchiveMeta, Compression, Writer, WriterOptions};

@@ -1,0 +1,370 @@
+//! Random access to a complete archive file through its trailing index:
+//! read any byte range of any drive, decoding only the extents involved.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, IoContext, Result};
+use crate::extent::{decode_extent, DecodedExtent};
+use crate::format::{
+    ExtentHeader, Footer, Header, HeaderPrefix, Index, IndexRun, RunKind, CLUSTER_SIZE,
+    EXTENT_HEADER_LEN, FOOTER_LEN, HEADER_FIXED_LEN,
+};
+use crate::stream::ArchiveStream;
+use crate::types::{cluster_len, cluster_range_bytes, ClusterNo, DriveId, DriveRange};
+
+/// Default bytes of decoded extents kept in memory.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
+/// A complete archive file opened for random access.
+pub struct Reader {
+    file: File,
+    path: PathBuf,
+    header: Header,
+    header_len: u64,
+    index: Index,
+    footer: Footer,
+    /// Per drive (header order), its runs within `index.runs`.
+    drive_runs: Vec<std::ops::Range<usize>>,
+    cache: Mutex<ExtentCache>,
+    decompressors: Mutex<Vec<zstd::bulk::Decompressor<'static>>>,
+}
+
+impl Reader {
+    /// Open `path`: read the header, the footer at the end and the index,
+    /// and check that the index accounts for every cluster exactly once.
+    pub fn open(path: &Path) -> Result<Reader> {
+        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        let file_len = file
+            .metadata()
+            .ctx(|| format!("reading the size of {}", path.display()))?
+            .len();
+        let name = path.display().to_string();
+        // Header through the sequential reader's code (one header parser).
+        let header = ArchiveStream::open(std::io::Read::take(&file, file_len), &name)?
+            .header()
+            .clone();
+        let mut fixed = [0u8; HEADER_FIXED_LEN];
+        read_exact_at(&file, &mut fixed, 0, &name)?;
+        let header_len = HeaderPrefix::decode(&fixed)?.header_len as u64;
+        if file_len < header_len + FOOTER_LEN as u64 {
+            return Err(Error::truncated(
+                file_len,
+                "the file ends before a footer could follow the header: the archive is incomplete",
+            ));
+        }
+        let footer_at = file_len - FOOTER_LEN as u64;
+        let mut fb = [0u8; FOOTER_LEN];
+        read_exact_at(&file, &mut fb, footer_at, &name)?;
+        let footer = Footer::decode(&fb, footer_at)?;
+        if footer.index_offset < header_len {
+            return Err(Error::corrupt(footer_at, "footer points to an index inside the header"));
+        }
+        let mut block = vec![0u8; footer.index_len as usize];
+        read_exact_at(&file, &mut block, footer.index_offset, &name)?;
+        let index = Index::decode(&block, footer.index_offset)?;
+        let drive_runs = check_index(&header, &index, header_len, footer.index_offset)?;
+        Ok(Reader {
+            file,
+            path: path.to_path_buf(),
+            header,
+            header_len,
+            index,
+            footer,
+            drive_runs,
+            cache: Mutex::new(ExtentCache::new(DEFAULT_CACHE_BYTES)),
+            decompressors: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Change how many bytes of decoded extents are cached.
+    pub fn set_cache_bytes(&self, bytes: usize) {
+        self.cache.lock().expect("cache lock").capacity = bytes;
+    }
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The trailing index.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The footer.
+    pub fn footer(&self) -> &Footer {
+        &self.footer
+    }
+
+    /// Length of the header block.
+    pub fn header_len(&self) -> u64 {
+        self.header_len
+    }
+
+    /// Path the archive was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs of one drive (sorted by cluster).
+    pub fn runs(&self, drive: DriveId) -> &[IndexRun] {
+        match self.slot(drive) {
+            Some(s) => &self.index.runs[self.drive_runs[s].clone()],
+            None => &[],
+        }
+    }
+
+    fn slot(&self, drive: DriveId) -> Option<usize> {
+        self.header.drives.binary_search_by_key(&drive, |d| d.id).ok()
+    }
+
+    /// The run holding `cluster` of `drive`.
+    pub fn run_at(&self, drive: DriveId, cluster: ClusterNo) -> Option<&IndexRun> {
+        let runs = self.runs(drive);
+        let i = runs.partition_point(|r| r.start + r.count as u64 <= cluster.0);
+        runs.get(i).filter(|r| r.start <= cluster.0)
+    }
+
+    /// Drive ranges whose data lives in the extent at `offset`.
+    pub fn ranges_in_extent(&self, offset: u64) -> Vec<DriveRange> {
+        self.index
+            .runs
+            .iter()
+            .filter(|r| r.kind == RunKind::Data && r.extent_offset == offset)
+            .filter_map(|r| {
+                let d = self.header.drive(r.drive)?;
+                Some(DriveRange {
+                    drive: r.drive,
+                    drive_name: d.name.clone(),
+                    bytes: cluster_range_bytes(d.size, r.start..r.start + r.count as u64),
+                })
+            })
+            .collect()
+    }
+
+    /// Read, verify and decode the extent at `offset` (cached).
+    pub fn extent(&self, offset: u64) -> Result<Arc<DecodedExtent>> {
+        if let Some(e) = self.cache.lock().expect("cache lock").get(offset) {
+            return Ok(e);
+        }
+        let decoded = self.load_extent(offset).map_err(|e| match e {
+            Error::Corrupt { offset: at, what } | Error::Truncated { offset: at, what } => {
+                let _ = at;
+                Error::ExtentDamaged {
+                    seq: self.extent_seq(offset),
+                    offset,
+                    what,
+                    ranges: self.ranges_in_extent(offset),
+                }
+            }
+            other => other,
+        })?;
+        let decoded = Arc::new(decoded);
+        self.cache.lock().expect("cache lock").insert(offset, decoded.clone());
+        Ok(decoded)
+    }
+
+    /// The sequence number in the extent header at `offset`, if readable.
+    fn extent_seq(&self, offset: u64) -> Option<u64> {
+        let mut hb = [0u8; EXTENT_HEADER_LEN];
+        self.file.read_exact_at(&mut hb, offset).ok()?;
+        ExtentHeader::decode(&hb, offset).ok().map(|h| h.seq)
+    }
+
+    fn load_extent(&self, offset: u64) -> Result<DecodedExtent> {
+        let name = self.path.display().to_string();
+        let mut hb = [0u8; EXTENT_HEADER_LEN];
+        read_exact_at(&self.file, &mut hb, offset, &name)?;
+        let h = ExtentHeader::decode(&hb, offset)?;
+        let end = offset + h.total_len() as u64;
+        if end > self.footer.index_offset {
+            return Err(Error::corrupt(offset, format!("extent #{} would run past the index", h.seq)));
+        }
+        let mut bytes = vec![0u8; h.total_len()];
+        read_exact_at(&self.file, &mut bytes, offset, &name)?;
+        let mut dec = self
+            .decompressors
+            .lock()
+            .expect("decompressor lock")
+            .pop()
+            .map_or_else(zstd::bulk::Decompressor::new, Ok)
+            .map_err(|e| Error::io("creating a zstd context", e))?;
+        let result = decode_extent(&bytes, offset, &mut dec);
+        self.decompressors.lock().expect("decompressor lock").push(dec);
+        let ext = result?;
+        if !ext.entries.iter().any(|e| e.kind == RunKind::Data) {
+            return Err(Error::corrupt(offset, "the index points to an extent without data"));
+        }
+        Ok(ext)
+    }
+
+    /// Fill `buf` with drive bytes starting at `offset`. Fails if the range
+    /// goes past the drive's end or touches a damaged extent.
+    pub fn read_at(&self, drive: DriveId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let slot = self
+            .slot(drive)
+            .ok_or_else(|| Error::Invalid(format!("no drive with id {drive}")))?;
+        let info = &self.header.drives[slot];
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= info.size)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "read of {} bytes at {offset} goes past the end of drive {} ({} bytes)",
+                    buf.len(),
+                    info.name,
+                    info.size
+                ))
+            })?;
+        let mut pos = offset;
+        let mut cluster_buf = vec![0u8; CLUSTER_SIZE];
+        while pos < end {
+            let cluster = ClusterNo::containing(pos);
+            let run = *self.run_at(drive, cluster).ok_or_else(|| {
+                Error::corrupt(self.footer.index_offset, format!("index has no run for drive {} cluster {cluster}", info.name))
+            })?;
+            let run_end = ((run.start + run.count as u64) * CLUSTER_SIZE as u64).min(end);
+            let out = &mut buf[(pos - offset) as usize..];
+            match run.kind {
+                RunKind::Zero => {
+                    let n = (run_end - pos) as usize;
+                    out[..n].fill(0);
+                    pos = run_end;
+                }
+                RunKind::Unchanged => {
+                    return Err(Error::Invalid(format!(
+                        "drive {} bytes at {pos} are unchanged from the parent archive, which is not open",
+                        info.name
+                    )))
+                }
+                RunKind::Data => {
+                    let ext = self.extent(run.extent_offset)?;
+                    let data = ext.cluster(drive, cluster).ok_or_else(|| {
+                        Error::corrupt(run.extent_offset, format!("extent lacks cluster {cluster} of drive {} that the index places there", info.name))
+                    })?;
+                    let clen = cluster_len(info.size, cluster);
+                    data.expand_into(&mut cluster_buf[..clen]);
+                    let within = (pos - cluster.byte_offset()) as usize;
+                    let n = (clen - within).min((end - pos) as usize);
+                    out[..n].copy_from_slice(&cluster_buf[within..within + n]);
+                    pos += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, name: &str) -> Result<()> {
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::truncated(offset, format!("{name} ends inside a {}-byte structure", buf.len()))
+        } else {
+            Error::io(format!("reading {name} at offset {offset}"), e)
+        }
+    })
+}
+
+/// Check that the index covers every cluster of every drive exactly once
+/// and points only between header and index; returns each drive's runs.
+fn check_index(header: &Header, index: &Index, header_len: u64, index_offset: u64) -> Result<Vec<std::ops::Range<usize>>> {
+    let mut out = Vec::with_capacity(header.drives.len());
+    let mut i = 0;
+    let runs = &index.runs;
+    for d in &header.drives {
+        let first = i;
+        let mut next = 0u64;
+        while i < runs.len() && runs[i].drive == d.id {
+            let r = &runs[i];
+            if r.start != next || r.count == 0 {
+                return Err(Error::corrupt(
+                    index_offset,
+                    format!("index: drive {} has a gap or overlap at cluster {next} (run {i} starts at {})", d.name, r.start),
+                ));
+            }
+            if r.kind == RunKind::Data && (r.extent_offset < header_len || r.extent_offset >= index_offset) {
+                return Err(Error::corrupt(
+                    index_offset,
+                    format!("index: run {i} points to offset {} outside the extents", r.extent_offset),
+                ));
+            }
+            if r.kind == RunKind::Unchanged && header.parent.is_none() {
+                return Err(Error::corrupt(index_offset, "index: unchanged run in an archive without parent"));
+            }
+            next += r.count as u64;
+            i += 1;
+        }
+        if next != d.clusters() {
+            return Err(Error::Incomplete {
+                summary: format!(
+                    "the index accounts for {next} of the {} clusters of drive {}",
+                    d.clusters(),
+                    d.name
+                ),
+                ranges: vec![DriveRange {
+                    drive: d.id,
+                    drive_name: d.name.clone(),
+                    bytes: cluster_range_bytes(d.size, next..d.clusters()),
+                }],
+            });
+        }
+        out.push(first..i);
+    }
+    if i != runs.len() {
+        return Err(Error::corrupt(index_offset, format!("index: run {i} names an unknown drive or is out of order")));
+    }
+    if index.drives.len() != header.drives.len()
+        || index.drives.iter().zip(&header.drives).any(|(r, d)| r.drive != d.id)
+    {
+        return Err(Error::corrupt(index_offset, "index: drive records do not match the header's drives"));
+    }
+    Ok(out)
+}
+
+/// A small LRU of decoded extents keyed by file offset.
+struct ExtentCache {
+    capacity: usize,
+    used: usize,
+    map: HashMap<u64, Arc<DecodedExtent>>,
+    order: VecDeque<u64>,
+}
+
+impl ExtentCache {
+    fn new(capacity: usize) -> Self {
+        ExtentCache {
+            capacity,
+            used: 0,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn get(&mut self, offset: u64) -> Option<Arc<DecodedExtent>> {
+        let e = self.map.get(&offset)?.clone();
+        if let Some(p) = self.order.iter().position(|&o| o == offset) {
+            self.order.remove(p);
+        }
+        self.order.push_back(offset);
+        Some(e)
+    }
+
+    fn insert(&mut self, offset: u64, ext: Arc<DecodedExtent>) {
+        if self.map.contains_key(&offset) {
+            return;
+        }
+        self.used += ext.memory_size();
+        self.map.insert(offset, ext);
+        self.order.push_back(offset);
+        while self.used > self.capacity && self.order.len() > 1 {
+            if let Some(old) = self.order.pop_front() {
+                if let Some(e) = self.map.remove(&old) {
+                    self.used -= e.memory_size();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,708 @@
+//! The sequential pass over an archive from any `Read` (file or pipe):
+//! the one loop over extents that verify, extract and convert share.
+//! Extents are verified and decoded on worker threads and handed to a sink
+//! in archive order; the pass accounts for every cluster, rebuilds the
+//! index and checks it, the footer and the archive digest.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::detect::{not_v2_error, DETECT_LEN};
+use crate::error::{Error, Result};
+use crate::extent::{decode_extent, ClusterData, DecodedExtent};
+use crate::format::{
+    decode_entries, ArchiveDigest, Entry, ExtentHeader, Footer, Header, HeaderPrefix, Index,
+    IndexRun, RunKind, ARCHIVE_MAGIC, CLUSTER_SIZE, EXTENT_HEADER_LEN, EXTENT_MAGIC,
+    FOOTER_LEN, HEADER_FIXED_LEN, INDEX_FIXED_LEN, INDEX_MAGIC,
+};
+use crate::input::Input;
+use crate::pipeline::OrderedPool;
+use crate::ranges::RangeSet;
+use crate::types::{cluster_len, cluster_range_bytes, describe_ranges, DriveId, DriveRange};
+use crate::writer::effective_threads;
+
+/// Options of a sequential pass.
+#[derive(Clone, Debug, Default)]
+pub struct PassOptions {
+    /// Decoder threads (0: one per core).
+    pub threads: usize,
+    /// Record damage and go on (verify) instead of stopping at the first problem.
+    pub keep_going: bool,
+    /// Compute the SHA-256 of every drive read in order and compare it with
+    /// the digest the writer recorded.
+    pub hash_drives: bool,
+}
+
+/// Outcome of checking one drive's whole-content digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DriveDigestCheck {
+    /// The recorded digest matches the data.
+    Match([u8; 32]),
+    /// The recorded digest differs from the data's.
+    Mismatch {
+        /// Recorded by the writer.
+        expected: [u8; 32],
+        /// Computed now.
+        found: [u8; 32],
+    },
+    /// The writer recorded no digest for this drive.
+    NotRecorded,
+    /// The drive's clusters are not stored in order, so one pass cannot hash
+    /// it; a seekable reader can (see `verify`).
+    OutOfOrder,
+    /// Damage or gaps made the check impossible.
+    NotChecked,
+    /// Digests were not requested.
+    Skipped,
+}
+
+/// What a pass found.
+#[derive(Debug)]
+pub struct PassReport {
+    /// The archive header.
+    pub header: Header,
+    /// Intact extents seen.
+    pub extents: u64,
+    /// Bytes of archive read.
+    pub bytes: u64,
+    /// Every problem found (only with `keep_going`; otherwise the first is returned as the error).
+    pub problems: Vec<Error>,
+    /// Drive ranges held by damaged extents.
+    pub damaged: Vec<DriveRange>,
+    /// Drive ranges that never appear.
+    pub missing: Vec<DriveRange>,
+    /// The stored index, if it was read and is intact.
+    pub index: Option<Index>,
+    /// The footer, if it was read and is intact.
+    pub footer: Option<Footer>,
+    /// Per drive (header order), the digest check.
+    pub digests: Vec<DriveDigestCheck>,
+    /// Clusters per drive that arrived behind later ones (header order).
+    pub out_of_order: Vec<bool>,
+}
+
+impl PassReport {
+    /// True when nothing is wrong.
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// An archive being read front to back.
+pub struct ArchiveStream<R: Read> {
+    input: Input<R>,
+    header: Header,
+    header_digest: [u8; 32],
+}
+
+/// Read the header block from `input` (after detecting the format).
+fn read_header<R: Read>(input: &mut Input<R>) -> Result<(Header, [u8; 32])> {
+    let prefix = input.peek(HEADER_FIXED_LEN)?;
+    if !prefix.starts_with(&ARCHIVE_MAGIC) {
+        let p = prefix[..prefix.len().min(DETECT_LEN)].to_vec();
+        if p.len() < 8 {
+            return Err(Error::truncated(p.len() as u64, format!("{} is too short to be an archive", input.name())));
+        }
+        return Err(not_v2_error(&p));
+    }
+    let fixed: [u8; HEADER_FIXED_LEN] = input.read_array("archive header")?;
+    let hp = HeaderPrefix::decode(&fixed)?;
+    let mut block = fixed.to_vec();
+    input.read_into(&mut block, hp.header_len - HEADER_FIXED_LEN, "archive header")?;
+    let header = Header::decode(&block)?;
+    let digest = block[block.len() - 32..].try_into().expect("32");
+    Ok((header, digest))
+}
+
+impl<R: Read> ArchiveStream<R> {
+    /// Open an archive from `reader`; `name` appears in error messages.
+    pub fn open(reader: R, name: &str) -> Result<Self> {
+        let mut input = Input::new(reader, name);
+        let (header, header_digest) = read_header(&mut input)?;
+        Ok(ArchiveStream {
+            input,
+            header,
+            header_digest,
+        })
+    }
+
+    /// The archive's header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Read every extent, the index and the footer; hand each intact
+    /// extent to `sink` in archive order.
+    pub fn pass(
+        mut self,
+        options: &PassOptions,
+        mut sink: impl FnMut(&Arc<DecodedExtent>) -> Result<()>,
+    ) -> Result<PassReport> {
+        let threads = effective_threads(options.threads);
+        let mut state = PassState::new(&self.header, options);
+        state.digest.add(&self.header_digest);
+        let mut pool: OrderedPool<(u64, Vec<u8>), DecodeOutcome> =
+            OrderedPool::new(threads, threads * 2 + 2, || {
+                let mut dec = zstd::bulk::Decompressor::new().expect("zstd decompression context");
+                move |(offset, bytes): (u64, Vec<u8>)| decode_or_claim(&bytes, offset, &mut dec)
+            });
+        let input = &mut self.input;
+        let mut index_at = None;
+        loop {
+            let offset = input.pos();
+            let magic = input.peek(8)?;
+            if magic.len() < 8 {
+                state.problem(Error::truncated(
+                    offset,
+                    format!(
+                        "the archive ends after {} extents without its index and footer (was the writer interrupted?)",
+                        state.next_seq
+                    ),
+                ))?;
+                break;
+            }
+            if magic == INDEX_MAGIC {
+                index_at = Some(offset);
+                break;
+            }
+            if magic != EXTENT_MAGIC {
+                state.problem(Error::corrupt(
+                    offset,
+                    format!("expected an extent or the index, found bytes {}", hex::encode(magic)),
+                ))?;
+                resync(input)?;
+                continue;
+            }
+            let hb = input.peek(EXTENT_HEADER_LEN)?;
+            if hb.len() < EXTENT_HEADER_LEN {
+                state.problem(Error::truncated(offset, "the archive ends inside an extent header"))?;
+                break;
+            }
+            let hb: [u8; EXTENT_HEADER_LEN] = hb.try_into().expect("64");
+            let h = match ExtentHeader::decode(&hb, offset) {
+                Ok(h) => h,
+                Err(e) => {
+                    state.problem(e)?;
+                    resync(input)?;
+                    continue;
+                }
+            };
+            let bytes = match input.read_vec(h.total_len(), &format!("extent #{}", h.seq)) {
+                Ok(b) => b,
+                Err(e) => {
+                    state.problem(e)?;
+                    break;
+                }
+            };
+            let st = &mut state;
+            pool.submit((offset, bytes), |out| st.handle(out, &mut sink))?;
+        }
+        let st = &mut state;
+        pool.finish(|out| st.handle(out, &mut sink))?;
+        drop(pool);
+        if let Some(at) = index_at {
+            state.read_trailer(input, at)?;
+        }
+        state.bytes = input.pos();
+        state.finish()
+    }
+}
+
+/// A worker's result: the decoded extent, or the damage with whatever
+/// entries the extent claims (to say which ranges are affected).
+type DecodeOutcome = std::result::Result<DecodedExtent, (Error, u64, Vec<Entry>)>;
+
+fn decode_or_claim(bytes: &[u8], offset: u64, dec: &mut zstd::bulk::Decompressor<'static>) -> DecodeOutcome {
+    decode_extent(bytes, offset, dec).map_err(|e| {
+        let hb: [u8; EXTENT_HEADER_LEN] = bytes[..EXTENT_HEADER_LEN].try_into().expect("header read");
+        let h = ExtentHeader::decode(&hb, offset).expect("header checked before");
+        let claimed = decode_entries(&h, &bytes[EXTENT_HEADER_LEN..], offset)
+            .map(|(e, _)| e)
+            .unwrap_or_default();
+        (e, h.seq, claimed)
+    })
+}
+
+/// Skip forward to the next plausible extent header or index.
+fn resync<R: Read>(input: &mut Input<R>) -> Result<()> {
+    input.consume(1);
+    loop {
+        let buf = input.peek(1 << 20)?;
+        if buf.len() < 8 {
+            let n = buf.len();
+            input.consume(n);
+            return Ok(());
+        }
+        let mut found = None;
+        for i in 0..=buf.len() - 8 {
+            let w = &buf[i..i + 8];
+            if w == INDEX_MAGIC {
+                found = Some(i);
+                break;
+            }
+            if w == EXTENT_MAGIC {
+                if buf.len() - i < EXTENT_HEADER_LEN {
+                    found = Some(i); // let the caller find it short
+                    break;
+                }
+                let hb: [u8; EXTENT_HEADER_LEN] = buf[i..i + EXTENT_HEADER_LEN].try_into().expect("64");
+                if ExtentHeader::decode(&hb, 0).is_ok() {
+                    found = Some(i);
+                    break;
+                }
+            }
+        }
+        match found {
+            Some(i) => {
+                input.consume(i);
+                return Ok(());
+            }
+            None => {
+                let n = buf.len() - 7;
+                input.consume(n);
+            }
+        }
+    }
+}
+
+struct PassState {
+    header: Header,
+    keep_going: bool,
+    coverage: Vec<RangeSet>,
+    runs: Vec<IndexRun>,
+    problems: Vec<Error>,
+    damaged: Vec<DriveRange>,
+    digest: ArchiveDigest,
+    next_seq: u64,
+    extents: u64,
+    bytes: u64,
+    index: Option<Index>,
+    footer: Option<Footer>,
+    high_water: Vec<u64>,
+    out_of_order: Vec<bool>,
+    hasher: Option<DriveHasher>,
+}
+
+impl PassState {
+    fn new(header: &Header, options: &PassOptions) -> Self {
+        let n = header.drives.len();
+        PassState {
+            header: header.clone(),
+            keep_going: options.keep_going,
+            coverage: vec![RangeSet::new(); n],
+            runs: Vec::new(),
+            problems: Vec::new(),
+            damaged: Vec::new(),
+            digest: ArchiveDigest::default(),
+            next_seq: 0,
+            extents: 0,
+            bytes: 0,
+            index: None,
+            footer: None,
+            high_water: vec![0; n],
+            out_of_order: vec![false; n],
+            hasher: options.hash_drives.then(|| DriveHasher::start(header)),
+        }
+    }
+
+    fn problem(&mut self, e: Error) -> Result<()> {
+        if self.keep_going {
+            self.problems.push(e);
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+
+    fn slot(&self, drive: DriveId) -> Option<usize> {
+        self.header.drives.binary_search_by_key(&drive, |d| d.id).ok()
+    }
+
+    fn ranges_of(&self, entries: &[Entry]) -> Vec<DriveRange> {
+        entries
+            .iter()
+            .filter_map(|e| {
+                let d = self.header.drive(e.drive)?;
+                Some(DriveRange {
+                    drive: e.drive,
+                    drive_name: d.name.clone(),
+                    bytes: cluster_range_bytes(d.size, e.start..e.start + e.count as u64),
+                })
+            })
+            .collect()
+    }
+
+    /// Account for one run; false when it is invalid (reported).
+    fn account(&mut self, e: &Entry, offset: u64, seq: u64) -> Result<bool> {
+        let Some(slot) = self.slot(e.drive) else {
+            self.problem(Error::corrupt(offset, format!("extent #{seq} names drive id {} which the header does not list", e.drive)))?;
+            return Ok(false);
+        };
+        let d = &self.header.drives[slot];
+        let end = e.start + e.count as u64;
+        if end > d.clusters() {
+            let what = format!(
+                "extent #{seq} holds clusters {}..{end} of drive {} which has only {}",
+                e.start,
+                d.name,
+                d.clusters()
+            );
+            self.problem(Error::corrupt(offset, what))?;
+            return Ok(false);
+        }
+        if e.kind == RunKind::Unchanged && self.header.parent.is_none() {
+            self.problem(Error::corrupt(offset, format!("extent #{seq} has unchanged clusters but the archive has no parent")))?;
+            return Ok(false);
+        }
+        if let Err(dup) = self.coverage[slot].insert(e.start..end) {
+            let bytes = cluster_range_bytes(d.size, dup);
+            let what = format!(
+                "extent #{seq} repeats drive {} bytes {}..{} stored earlier",
+                d.name, bytes.start, bytes.end
+            );
+            self.problem(Error::corrupt(offset, what))?;
+            return Ok(false);
+        }
+        if e.start < self.high_water[slot] {
+            self.out_of_order[slot] = true;
+        }
+        self.high_water[slot] = self.high_water[slot].max(end);
+        Ok(true)
+    }
+
+    fn handle(&mut self, outcome: DecodeOutcome, sink: &mut impl FnMut(&Arc<DecodedExtent>) -> Result<()>) -> Result<()> {
+        match outcome {
+            Ok(ext) => {
+                if ext.seq != self.next_seq {
+                    self.problem(Error::corrupt(
+                        ext.offset,
+                        format!("found extent #{} where extent #{} was expected (extents lost or reordered)", ext.seq, self.next_seq),
+                    ))?;
+                }
+                self.next_seq = ext.seq + 1;
+                for e in &ext.entries {
+                    if self.account(e, ext.offset, ext.seq)? {
+                        self.runs.push(IndexRun {
+                            drive: e.drive,
+                            start: e.start,
+                            count: e.count,
+                            kind: e.kind,
+                            extent_offset: if e.kind == RunKind::Data { ext.offset } else { 0 },
+                        });
+                    }
+                }
+                self.digest.add(&ext.digest);
+                self.extents += 1;
+                let ext = Arc::new(ext);
+                if let Some(h) = &self.hasher {
+                    h.feed(&ext);
+                }
+                sink(&ext)
+            }
+            Err((e, seq, claimed)) => {
+                self.next_seq = seq + 1;
+                let ranges = self.ranges_of(&claimed);
+                for c in &claimed {
+                    if let Some(slot) = self.slot(c.drive) {
+                        let _ = self.coverage[slot].insert(c.start..c.start + c.count as u64);
+                    }
+                }
+                self.damaged.extend(ranges.iter().cloned());
+                let (offset, what) = match &e {
+                    Error::Corrupt { offset, what } | Error::Truncated { offset, what } => (*offset, what.clone()),
+                    other => (0, other.to_string()),
+                };
+                if let Some(h) = &self.hasher {
+                    h.spoil(&claimed);
+                }
+                self.problem(Error::ExtentDamaged {
+                    seq: Some(seq),
+                    offset,
+                    what,
+                    ranges,
+                })
+            }
+        }
+    }
+
+    fn read_trailer<R: Read>(&mut self, input: &mut Input<R>, at: u64) -> Result<()> {
+        let fixed: [u8; INDEX_FIXED_LEN] = match input.read_array("index") {
+            Ok(f) => f,
+            Err(e) => return self.problem(e),
+        };
+        let max_len = 1u64 << 40;
+        let len = match Index::block_len(&fixed, at, max_len) {
+            Ok(l) => l,
+            Err(e) => return self.problem(e),
+        };
+        let mut block = fixed.to_vec();
+        if let Err(e) = input.read_into(&mut block, len - INDEX_FIXED_LEN, "index") {
+            return self.problem(e);
+        }
+        let index = match Index::decode(&block, at) {
+            Ok(i) => i,
+            Err(e) => return self.problem(e),
+        };
+        self.digest.add(&block[block.len() - 32..]);
+        let footer_at = input.pos();
+        let fb = match input.read_array::<FOOTER_LEN>("footer") {
+            Ok(f) => f,
+            Err(e) => {
+                self.index = Some(index);
+                return self.problem(e);
+            }
+        };
+        match Footer::decode(&fb, footer_at) {
+            Ok(f) => {
+                if f.index_offset != at {
+                    self.problem(Error::corrupt(footer_at, format!("footer points to the index at {} but it is at {at}", f.index_offset)))?;
+                }
+                self.footer = Some(f);
+            }
+            Err(e) => self.problem(e)?,
+        }
+        if !input.at_eof()? {
+            self.problem(Error::corrupt(input.pos(), "unexpected bytes after the footer"))?;
+        }
+        self.index = Some(index);
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<PassReport> {
+        let drives = self.header.drives.clone();
+        // Completeness: every cluster exactly once.
+        let mut missing = Vec::new();
+        for (slot, d) in drives.iter().enumerate() {
+            for gap in self.coverage[slot].gaps(d.clusters()) {
+                missing.push(DriveRange {
+                    drive: d.id,
+                    drive_name: d.name.clone(),
+                    bytes: cluster_range_bytes(d.size, gap),
+                });
+            }
+        }
+        let clean_so_far = self.problems.is_empty();
+        if !missing.is_empty() {
+            let summary = drives
+                .iter()
+                .filter_map(|d| {
+                    let bytes: u64 = missing.iter().filter(|m| m.drive == d.id).map(|m| m.bytes.end - m.bytes.start).sum();
+                    (bytes > 0).then(|| {
+                        format!(
+                            "drive {} lacks {} of {} clusters ({}): {}",
+                            d.name,
+                            bytes.div_ceil(CLUSTER_SIZE as u64),
+                            d.clusters(),
+                            human_bytes(bytes),
+                            describe_ranges(&missing.iter().filter(|m| m.drive == d.id).cloned().collect::<Vec<_>>(), 3)
+                        )
+                    })
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            self.problem(Error::Incomplete {
+                summary,
+                ranges: missing.clone(),
+            })?;
+        }
+        // The stored index must be exactly what the extents say.
+        let to_check = if clean_so_far { self.index.take() } else { None };
+        if let Some(index) = to_check {
+            let rebuilt = Index::canonical_runs(std::mem::take(&mut self.runs));
+            let at = self.footer.map_or(0, |f| f.index_offset);
+            if rebuilt != index.runs {
+                let first = rebuilt
+                    .iter()
+                    .zip(&index.runs)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(rebuilt.len().min(index.runs.len()));
+                self.problem(Error::corrupt(
+                    at,
+                    format!("the index disagrees with the extents (run {first} of {} differs)", index.runs.len()),
+                ))?;
+            }
+            let ids: Vec<DriveId> = index.drives.iter().map(|r| r.drive).collect();
+            let expected: Vec<DriveId> = drives.iter().map(|d| d.id).collect();
+            if ids != expected {
+                self.problem(Error::corrupt(at, "the index's drive records do not match the header's drives"))?;
+            }
+            self.index = Some(index);
+            if let Some(f) = self.footer {
+                if f.extent_count != self.extents {
+                    self.problem(Error::corrupt(at, format!("footer counts {} extents, the archive has {}", f.extent_count, self.extents)))?;
+                }
+                let digest = std::mem::take(&mut self.digest).finish();
+                if f.archive_digest != digest {
+                    self.problem(Error::corrupt(at, "archive digest in the footer does not match the archive"))?;
+                }
+            }
+        }
+        // Whole-drive digests.
+        let computed = match self.hasher.take() {
+            Some(h) => Some(h.finish()),
+            None => None,
+        };
+        let mut digests = Vec::with_capacity(drives.len());
+        for (slot, d) in drives.iter().enumerate() {
+            let recorded = self
+                .index
+                .as_ref()
+                .and_then(|i| i.drives.iter().find(|r| r.drive == d.id))
+                .and_then(|r| r.digest);
+            let check = match (&computed, recorded) {
+                (None, _) => DriveDigestCheck::Skipped,
+                (_, None) => DriveDigestCheck::NotRecorded,
+                (Some(_), Some(_)) if missing.iter().chain(&self.damaged).any(|m| m.drive == d.id) => {
+                    DriveDigestCheck::NotChecked
+                }
+                (Some(c), Some(expected)) => match c[slot] {
+                    HashOutcome::Done(found) if found == expected => DriveDigestCheck::Match(found),
+                    HashOutcome::Done(found) => DriveDigestCheck::Mismatch { expected, found },
+                    HashOutcome::OutOfOrder => DriveDigestCheck::OutOfOrder,
+                    HashOutcome::Spoiled => DriveDigestCheck::NotChecked,
+                },
+            };
+            if let DriveDigestCheck::Mismatch { expected, found } = &check {
+                self.problem(Error::DriveDigestMismatch {
+                    drive_name: d.name.clone(),
+                    expected: hex::encode(expected),
+                    found: hex::encode(found),
+                })?;
+            }
+            digests.push(check);
+        }
+        Ok(PassReport {
+            header: self.header,
+            extents: self.extents,
+            bytes: self.bytes,
+            problems: self.problems,
+            damaged: self.damaged,
+            missing,
+            index: self.index,
+            footer: self.footer,
+            digests,
+            out_of_order: self.out_of_order,
+        })
+    }
+}
+
+/// Format a byte count for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[derive(Clone, Copy)]
+enum HashOutcome {
+    Done([u8; 32]),
+    OutOfOrder,
+    Spoiled,
+}
+
+enum HashMsg {
+    Extent(Arc<DecodedExtent>),
+    Spoil(Vec<DriveId>),
+}
+
+/// Hashes drives on a thread of its own as their clusters stream past in order.
+struct DriveHasher {
+    tx: crossbeam_channel::Sender<HashMsg>,
+    thread: std::thread::JoinHandle<Vec<HashOutcome>>,
+}
+
+impl DriveHasher {
+    fn start(header: &Header) -> Self {
+        let drives = header.drives.clone();
+        let (tx, rx) = crossbeam_channel::bounded::<HashMsg>(8);
+        let thread = std::thread::Builder::new()
+            .name("vma-drive-hash".into())
+            .spawn(move || {
+                struct S {
+                    sha: Sha256,
+                    next: u64,
+                    state: Option<HashOutcome>,
+                }
+                let mut s: Vec<S> = drives
+                    .iter()
+                    .map(|_| S {
+                        sha: Sha256::new(),
+                        next: 0,
+                        state: None,
+                    })
+                    .collect();
+                let zeros = vec![0u8; CLUSTER_SIZE];
+                let slot = |id: DriveId| drives.binary_search_by_key(&id, |d| d.id).ok();
+                let mut cluster_buf = vec![0u8; CLUSTER_SIZE];
+                for msg in rx {
+                    match msg {
+                        HashMsg::Spoil(ids) => {
+                            for id in ids {
+                                if let Some(i) = slot(id) {
+                                    s[i].state = Some(HashOutcome::Spoiled);
+                                }
+                            }
+                        }
+                        HashMsg::Extent(ext) => {
+                            for (drive, c, data) in ext.clusters() {
+                                let Some(i) = slot(drive) else { continue };
+                                let st = &mut s[i];
+                                if st.state.is_some() {
+                                    continue;
+                                }
+                                if c.0 != st.next {
+                                    st.state = Some(HashOutcome::OutOfOrder);
+                                    continue;
+                                }
+                                let len = cluster_len(drives[i].size, c);
+                                match data {
+                                    ClusterData::Data { mask, blocks } if mask == u16::MAX && len == CLUSTER_SIZE => {
+                                        st.sha.update(blocks)
+                                    }
+                                    ClusterData::Zero => st.sha.update(&zeros[..len]),
+                                    ClusterData::Unchanged => {
+                                        st.state = Some(HashOutcome::Spoiled);
+                                        continue;
+                                    }
+                                    other => {
+                                        other.expand_into(&mut cluster_buf[..len]);
+                                        st.sha.update(&cluster_buf[..len]);
+                                    }
+                                }
+                                st.next += 1;
+                            }
+                        }
+                    }
+                }
+                s.into_iter()
+                    .map(|st| st.state.unwrap_or(HashOutcome::Done(st.sha.finalize().into())))
+                    .collect()
+            })
+            .expect("spawning the hash thread");
+        DriveHasher { tx, thread }
+    }
+
+    fn feed(&self, ext: &Arc<DecodedExtent>) {
+        let _ = self.tx.send(HashMsg::Extent(ext.clone()));
+    }
+
+    fn spoil(&self, entries: &[Entry]) {
+        let _ = self.tx.send(HashMsg::Spoil(entries.iter().map(|e| e.drive).collect()));
+    }
+
+    fn finish(self) -> Vec<HashOutcome> {
+        drop(self.tx);
+        self.thread.join().expect("hash thread")
+    }
+}

@@ -1,0 +1,132 @@
+//! Small value types whose mix-ups would be bugs: drive ids, cluster numbers,
+//! and byte ranges of drives.
+
+use std::fmt;
+use std::ops::Range;
+
+use crate::format::{BLOCKS_PER_CLUSTER, BLOCK_SIZE, CLUSTER_SIZE};
+
+/// A drive's id inside one archive (1..=255 in v2; 0 is never a drive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DriveId(pub u8);
+
+impl fmt::Display for DriveId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The number of a 64 KiB cluster within one drive (byte offset / 65536).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterNo(pub u64);
+
+impl ClusterNo {
+    /// Byte offset of the cluster's first byte within its drive.
+    pub fn byte_offset(self) -> u64 {
+        self.0 * CLUSTER_SIZE as u64
+    }
+
+    /// The cluster holding drive byte `offset`.
+    pub fn containing(offset: u64) -> Self {
+        ClusterNo(offset / CLUSTER_SIZE as u64)
+    }
+}
+
+impl fmt::Display for ClusterNo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Number of clusters a drive of `size` bytes spans (the last may be partial).
+pub fn clusters_for(size: u64) -> u64 {
+    size.div_ceil(CLUSTER_SIZE as u64)
+}
+
+/// Number of bytes of cluster `cluster` that lie inside a drive of `size` bytes.
+pub fn cluster_len(size: u64, cluster: ClusterNo) -> usize {
+    let start = cluster.byte_offset();
+    size.saturating_sub(start).min(CLUSTER_SIZE as u64) as usize
+}
+
+/// Which 4 KiB blocks of a cluster hold any non-zero byte (bit i = block i).
+pub fn block_mask(data: &[u8]) -> u16 {
+    static ZERO: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+    let mut mask = 0u16;
+    for (i, block) in data.chunks(BLOCK_SIZE).enumerate().take(BLOCKS_PER_CLUSTER) {
+        if block != &ZERO[..block.len()] {
+            mask |= 1 << i;
+        }
+    }
+    mask
+}
+
+/// True when every byte is zero (fast path through memcmp).
+pub fn is_zero(data: &[u8]) -> bool {
+    static ZERO: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+    data.chunks(BLOCK_SIZE).all(|c| c == &ZERO[..c.len()])
+}
+
+/// A byte range of one named drive, used to say where damage or gaps are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriveRange {
+    /// The drive's id.
+    pub drive: DriveId,
+    /// The drive's name as stored in the archive.
+    pub drive_name: String,
+    /// Byte range within the drive (end exclusive, clipped to the drive size).
+    pub bytes: Range<u64>,
+}
+
+impl fmt::Display for DriveRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "drive {} ({}) bytes {}..{}",
+            self.drive_name, self.drive, self.bytes.start, self.bytes.end
+        )
+    }
+}
+
+/// Format a list of ranges briefly, at most `max` of them, for one-line messages.
+pub fn describe_ranges(ranges: &[DriveRange], max: usize) -> String {
+    let mut parts: Vec<String> = ranges.iter().take(max).map(|r| r.to_string()).collect();
+    if ranges.len() > max {
+        parts.push(format!("and {} more ranges", ranges.len() - max));
+    }
+    parts.join(", ")
+}
+
+/// Byte range of a cluster range within a drive of `size` bytes.
+pub fn cluster_range_bytes(size: u64, clusters: Range<u64>) -> Range<u64> {
+    let start = (clusters.start * CLUSTER_SIZE as u64).min(size);
+    let end = (clusters.end * CLUSTER_SIZE as u64).min(size);
+    start..end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_arithmetic() {
+        assert_eq!(clusters_for(0), 0);
+        assert_eq!(clusters_for(1), 1);
+        assert_eq!(clusters_for(65536), 1);
+        assert_eq!(clusters_for(65537), 2);
+        assert_eq!(cluster_len(65537, ClusterNo(1)), 1);
+        assert_eq!(cluster_len(65537, ClusterNo(0)), 65536);
+        assert_eq!(cluster_len(65537, ClusterNo(2)), 0);
+    }
+
+    #[test]
+    fn masks() {
+        let mut c = vec![0u8; CLUSTER_SIZE];
+        assert_eq!(block_mask(&c), 0);
+        c[4096 * 3 + 17] = 1;
+        c[65535] = 9;
+        assert_eq!(block_mask(&c), (1 << 3) | (1 << 15));
+        assert_eq!(block_mask(&c[..5000]), 0);
+        assert_eq!(block_mask(&[1u8; 100]), 1);
+    }
+}

@@ -1,0 +1,465 @@
+//! The archive Writer: accepts clusters of any drive in any order, groups
+//! them into extents, compresses and hashes extents on worker threads, and
+//! appends them to any `Write` (a file or a pipe) in submission order.
+
+use std::io::Write;
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+use crate::extent::{encode_extent, EncodedExtent, RawExtent};
+use crate::format::{
+    limits, ArchiveDigest, Codec, CompressionInfo, ConfigBlob, DriveInfo, DriveRecord, Footer,
+    Header, Index, IndexRun, ParentRef, RunKind, BLOCK_SIZE, INCOMPAT_PARENT, INCOMPAT_ZSTD,
+    VERSION_MINOR,
+};
+use crate::pipeline::OrderedPool;
+use crate::ranges::RangeSet;
+use crate::types::{block_mask, cluster_len, cluster_range_bytes, ClusterNo, DriveId};
+
+/// How extent payloads are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Store payloads as they are.
+    None,
+    /// zstd at the given level (negative levels are the fast modes).
+    Zstd(i32),
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression::Zstd(DEFAULT_ZSTD_LEVEL)
+    }
+}
+
+/// zstd level used when none is given.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
+/// Default decoded payload per extent: large enough for zstd to reach its
+/// stream ratio, small enough that a random read decodes little.
+pub const DEFAULT_EXTENT_PAYLOAD: usize = 1 << 20;
+
+/// An extent is closed once it has this many run entries.
+const MAX_WRITER_ENTRIES: usize = 4096;
+
+/// Tuning of a [`Writer`].
+#[derive(Clone, Debug)]
+pub struct WriterOptions {
+    /// Payload compression.
+    pub compression: Compression,
+    /// Worker threads for compression and hashing (0: one per core).
+    pub threads: usize,
+    /// Target decoded payload bytes per extent.
+    pub extent_payload: usize,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            compression: Compression::default(),
+            threads: 0,
+            extent_payload: DEFAULT_EXTENT_PAYLOAD,
+        }
+    }
+}
+
+/// Number of worker threads to use for `requested` (0 = one per core).
+pub fn effective_threads(requested: usize) -> usize {
+    if requested > 0 {
+        requested
+    } else {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    }
+}
+
+/// What goes into an archive's header.
+#[derive(Clone, Debug)]
+pub struct ArchiveMeta {
+    /// Archive uuid (random for a new archive).
+    pub uuid: [u8; 16],
+    /// Creation time, seconds since the Unix epoch.
+    pub ctime: i64,
+    /// Program name and version.
+    pub creator: String,
+    /// Drives with ids ascending from 1.
+    pub drives: Vec<DriveInfo>,
+    /// Config blobs.
+    pub configs: Vec<ConfigBlob>,
+    /// Parent, for incremental archives.
+    pub parent: Option<ParentRef>,
+}
+
+impl ArchiveMeta {
+    /// A new archive's metadata: fresh uuid, current time, this crate as creator.
+    pub fn new(drives: Vec<DriveInfo>, configs: Vec<ConfigBlob>) -> Self {
+        ArchiveMeta {
+            uuid: *uuid::Uuid::new_v4().as_bytes(),
+            ctime: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+            creator: format!("vma {}", env!("CARGO_PKG_VERSION")),
+            drives,
+            configs,
+            parent: None,
+        }
+    }
+}
+
+/// Facts about a finished archive.
+#[derive(Clone, Debug)]
+pub struct WriteSummary {
+    /// Archive uuid.
+    pub uuid: [u8; 16],
+    /// The archive digest recorded in the footer.
+    pub archive_digest: [u8; 32],
+    /// Total bytes written.
+    pub bytes_written: u64,
+    /// Number of extents.
+    pub extents: u64,
+    /// Clusters submitted out of order (behind an earlier cluster of the same drive).
+    pub out_of_order_clusters: u64,
+}
+
+struct DriveState {
+    info: DriveInfo,
+    clusters: u64,
+    written: RangeSet,
+    /// Highest cluster written so far + 1, to count out-of-order arrivals.
+    high_water: u64,
+    record: DriveRecord,
+}
+
+/// Where encoded extents go, in order.
+struct Output<W: Write> {
+    out: W,
+    pos: u64,
+    runs: Vec<IndexRun>,
+    digest: ArchiveDigest,
+    extents: u64,
+    stored_by_drive: [u64; 256],
+    spare: Vec<RawExtent>,
+}
+
+impl<W: Write> Output<W> {
+    fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out
+            .write_all(bytes)
+            .map_err(|e| Error::io(format!("writing archive at offset {}", self.pos), e))?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn append(&mut self, enc: Result<EncodedExtent>) -> Result<()> {
+        let enc = enc?;
+        let offset = self.pos;
+        self.write_all(&enc.bytes)?;
+        self.digest.add(&enc.digest);
+        self.extents += 1;
+        for e in &enc.entries {
+            self.runs.push(IndexRun {
+                drive: e.drive,
+                start: e.start,
+                count: e.count,
+                kind: e.kind,
+                extent_offset: if e.kind == RunKind::Data { offset } else { 0 },
+            });
+        }
+        let total_blocks: u64 = enc.blocks_per_drive.iter().map(|(_, b)| b).sum();
+        for (d, blocks) in &enc.blocks_per_drive {
+            self.stored_by_drive[d.0 as usize] += enc.stored_len * blocks / total_blocks.max(1);
+        }
+        self.spare.push(enc.raw);
+        Ok(())
+    }
+}
+
+type Job = (u64, RawExtent);
+
+/// Writes one archive. Feed it clusters with [`Writer::write_cluster`] and
+/// [`Writer::write_zeros`] in any order, then call [`Writer::finish`].
+pub struct Writer<W: Write> {
+    header: Header,
+    drives: Vec<DriveState>,
+    slot_of: [Option<u8>; 256],
+    current: RawExtent,
+    next_seq: u64,
+    target_payload: usize,
+    pool: OrderedPool<Job, Result<EncodedExtent>>,
+    output: Output<W>,
+    out_of_order: u64,
+}
+
+impl<W: Write> Writer<W> {
+    /// Validate `meta`, write the header to `out` and start the workers.
+    pub fn new(out: W, meta: ArchiveMeta, options: &WriterOptions) -> Result<Self> {
+        let (codec, level) = match options.compression {
+            Compression::None => (Codec::None, 0),
+            Compression::Zstd(l) => {
+                let range = zstd::compression_level_range();
+                if !range.contains(&l) {
+                    return Err(Error::Invalid(format!(
+                        "zstd level {l} is outside {}..={}",
+                        range.start(),
+                        range.end()
+                    )));
+                }
+                (Codec::Zstd, l)
+            }
+        };
+        if options.extent_payload < BLOCK_SIZE || options.extent_payload > limits::MAX_EXTENT_RAW / 2 {
+            return Err(Error::Invalid("extent payload must be between 4 KiB and 8 MiB".into()));
+        }
+        let header = Header {
+            version_minor: VERSION_MINOR,
+            incompat: if codec == Codec::Zstd { INCOMPAT_ZSTD } else { 0 }
+                | if meta.parent.is_some() { INCOMPAT_PARENT } else { 0 },
+            compat: 0,
+            uuid: meta.uuid,
+            ctime: meta.ctime,
+            compression: CompressionInfo {
+                codec,
+                level: level.clamp(i8::MIN as i32, i8::MAX as i32) as i8,
+            },
+            creator: meta.creator,
+            parent: meta.parent,
+            drives: meta.drives,
+            configs: meta.configs,
+        };
+        let header_bytes = header.encode()?;
+        let mut slot_of = [None; 256];
+        let drives = header
+            .drives
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                slot_of[d.id.0 as usize] = Some(i as u8);
+                DriveState {
+                    info: d.clone(),
+                    clusters: d.clusters(),
+                    written: RangeSet::new(),
+                    high_water: 0,
+                    record: DriveRecord {
+                        drive: d.id,
+                        data_clusters: 0,
+                        stored_bytes: 0,
+                        digest: None,
+                    },
+                }
+            })
+            .collect();
+        let threads = effective_threads(options.threads);
+        let compression = options.compression;
+        let pool = OrderedPool::new(threads, threads * 2 + 2, move || {
+            let mut compressor = match compression {
+                Compression::Zstd(level) => {
+                    Some(zstd::bulk::Compressor::new(level).expect("zstd context with a checked level"))
+                }
+                Compression::None => None,
+            };
+            move |(seq, raw): Job| encode_extent(raw, seq, compressor.as_mut())
+        });
+        let mut output = Output {
+            out,
+            pos: 0,
+            runs: Vec::new(),
+            digest: ArchiveDigest::default(),
+            extents: 0,
+            stored_by_drive: [0; 256],
+            spare: Vec::new(),
+        };
+        output.write_all(&header_bytes)?;
+        output.digest.add(&header_bytes[header_bytes.len() - 32..]);
+        Ok(Writer {
+            header,
+            drives,
+            slot_of,
+            current: RawExtent::default(),
+            next_seq: 0,
+            target_payload: options.extent_payload,
+            pool,
+            output,
+            out_of_order: 0,
+        })
+    }
+
+    /// The header this writer wrote.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Bytes handed to the output so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.output.pos
+    }
+
+    fn drive_mut(&mut self, drive: DriveId) -> Result<&mut DriveState> {
+        match self.slot_of[drive.0 as usize] {
+            Some(i) => Ok(&mut self.drives[i as usize]),
+            None => Err(Error::Invalid(format!("drive id {drive} is not in this archive"))),
+        }
+    }
+
+    fn claim(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
+        let slot = self.slot_of[drive.0 as usize]
+            .ok_or_else(|| Error::Invalid(format!("drive id {drive} is not in this archive")))?;
+        let d = &mut self.drives[slot as usize];
+        if clusters.end > d.clusters {
+            return Err(Error::Invalid(format!(
+                "drive {}: cluster {} is beyond its {} clusters",
+                d.info.name,
+                clusters.end - 1,
+                d.clusters
+            )));
+        }
+        if let Err(dup) = d.written.insert(clusters.clone()) {
+            return Err(Error::Invalid(format!(
+                "drive {}: bytes {:?} were already written to this archive",
+                d.info.name,
+                cluster_range_bytes(d.info.size, dup)
+            )));
+        }
+        if clusters.start < d.high_water {
+            self.out_of_order += clusters.end - clusters.start;
+        }
+        d.high_water = d.high_water.max(clusters.end);
+        Ok(())
+    }
+
+    /// Store one cluster of `drive`. `data` must be exactly the cluster's
+    /// length (64 KiB, or less for a drive's last cluster). All-zero 4 KiB
+    /// blocks are dropped; an all-zero cluster costs only an entry.
+    pub fn write_cluster(&mut self, drive: DriveId, cluster: ClusterNo, data: &[u8]) -> Result<()> {
+        let d = self.drive_mut(drive)?;
+        let expected = cluster_len(d.info.size, cluster);
+        if data.len() != expected || expected == 0 {
+            return Err(Error::Invalid(format!(
+                "drive {}: cluster {} takes {} bytes, {} given",
+                d.info.name,
+                cluster,
+                expected,
+                data.len()
+            )));
+        }
+        self.claim(drive, cluster.0..cluster.0 + 1)?;
+        let mask = block_mask(data);
+        if mask == 0 {
+            self.current.push_run(drive, RunKind::Zero, cluster.0, 1);
+        } else {
+            self.current.push_data(drive, cluster, mask, data);
+            self.drive_mut(drive)?.record.data_clusters += 1;
+        }
+        self.maybe_flush()
+    }
+
+    /// Record clusters `clusters` of `drive` as all zero.
+    pub fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
+        self.write_run(drive, RunKind::Zero, clusters)
+    }
+
+    /// Record clusters as unchanged from the parent (incremental archives).
+    pub fn write_unchanged(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
+        if self.header.parent.is_none() {
+            return Err(Error::Invalid("unchanged clusters need an archive with a parent".into()));
+        }
+        self.write_run(drive, RunKind::Unchanged, clusters)
+    }
+
+    fn write_run(&mut self, drive: DriveId, kind: RunKind, clusters: Range<u64>) -> Result<()> {
+        if clusters.is_empty() {
+            return Ok(());
+        }
+        self.claim(drive, clusters.clone())?;
+        let mut start = clusters.start;
+        while start < clusters.end {
+            let count = (clusters.end - start).min(u32::MAX as u64) as u32;
+            self.current.push_run(drive, kind, start, count);
+            start += count as u64;
+            self.maybe_flush()?;
+        }
+        Ok(())
+    }
+
+    /// Record the SHA-256 of the whole logical drive (for sources read in order).
+    pub fn set_drive_digest(&mut self, drive: DriveId, digest: [u8; 32]) -> Result<()> {
+        self.drive_mut(drive)?.record.digest = Some(digest);
+        Ok(())
+    }
+
+    fn maybe_flush(&mut self) -> Result<()> {
+        if self.current.payload.len() >= self.target_payload
+            || self.current.entries.len() >= MAX_WRITER_ENTRIES
+        {
+            self.flush_extent()?;
+        }
+        Ok(())
+    }
+
+    fn flush_extent(&mut self) -> Result<()> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        let next = self.output.spare.pop().unwrap_or_else(|| RawExtent {
+            payload: Vec::with_capacity(self.target_payload + 64 * 1024),
+            ..Default::default()
+        });
+        let raw = std::mem::replace(&mut self.current, next);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let output = &mut self.output;
+        self.pool.submit((seq, raw), |enc| output.append(enc))
+    }
+
+    /// Write what is buffered, check that every cluster of every drive was
+    /// given, and write the index and footer. Returns the output.
+    pub fn finish(mut self) -> Result<(W, WriteSummary)> {
+        self.flush_extent()?;
+        let output = &mut self.output;
+        self.pool.finish(|enc| output.append(enc))?;
+        let mut missing = Vec::new();
+        for d in &self.drives {
+            for gap in d.written.gaps(d.clusters) {
+                let bytes = cluster_range_bytes(d.info.size, gap);
+                missing.push(format!("drive {} bytes {}..{}", d.info.name, bytes.start, bytes.end));
+            }
+        }
+        if !missing.is_empty() {
+            return Err(Error::Invalid(format!(
+                "cannot finish the archive: never written: {}",
+                missing.join(", ")
+            )));
+        }
+        let runs = Index::canonical_runs(std::mem::take(&mut self.output.runs));
+        let drives = self
+            .drives
+            .iter()
+            .map(|d| DriveRecord {
+                stored_bytes: self.output.stored_by_drive[d.info.id.0 as usize],
+                ..d.record
+            })
+            .collect();
+        let index = Index { runs, drives }.encode();
+        let index_offset = self.output.pos;
+        self.output.write_all(&index)?;
+        self.output.digest.add(&index[index.len() - 32..]);
+        let footer = Footer {
+            index_offset,
+            index_len: index.len() as u64,
+            extent_count: self.output.extents,
+            archive_digest: std::mem::take(&mut self.output.digest).finish(),
+        };
+        self.output.write_all(&footer.encode())?;
+        self.output
+            .out
+            .flush()
+            .map_err(|e| Error::io("flushing the archive", e))?;
+        let summary = WriteSummary {
+            uuid: self.header.uuid,
+            archive_digest: footer.archive_digest,
+            bytes_written: self.output.pos,
+            extents: self.output.extents,
+            out_of_order_clusters: self.out_of_order,
+        };
+        let Writer { output, pool, .. } = self;
+        drop(pool);
+        Ok((output.out, summary))
+    }
+}
