@@ -56,7 +56,8 @@ impl RawExtent {
         for (i, block) in data.chunks(BLOCK_SIZE).enumerate() {
             if mask & (1 << i) != 0 {
                 self.payload.extend_from_slice(block);
-                self.payload.resize(self.payload.len() + BLOCK_SIZE - block.len(), 0);
+                self.payload
+                    .resize(self.payload.len() + BLOCK_SIZE - block.len(), 0);
             }
         }
     }
@@ -109,7 +110,10 @@ pub(crate) fn encode_extent(
     for m in &raw.masks {
         bytes.extend_from_slice(&m.to_le_bytes());
     }
-    bytes.resize(bytes.len() + masks_len(raw.masks.len()) - raw.masks.len() * 2, 0);
+    bytes.resize(
+        bytes.len() + masks_len(raw.masks.len()) - raw.masks.len() * 2,
+        0,
+    );
     bytes.extend_from_slice(stored);
     let digest: [u8; 32] = Sha256::digest(&bytes).into();
     bytes.extend_from_slice(&digest);
@@ -258,7 +262,12 @@ pub(crate) fn decode_extent(
     if bytes.len() != h.total_len() {
         return Err(Error::truncated(
             offset,
-            format!("extent #{} needs {} bytes, have {}", h.seq, h.total_len(), bytes.len()),
+            format!(
+                "extent #{} needs {} bytes, have {}",
+                h.seq,
+                h.total_len(),
+                bytes.len()
+            ),
         ));
     }
     let body_end = bytes.len() - DIGEST_LEN;
@@ -266,10 +275,17 @@ pub(crate) fn decode_extent(
     if digest[..] != bytes[body_end..] {
         return Err(Error::corrupt(
             offset,
-            format!("extent #{}: SHA-256 mismatch over its {} bytes", h.seq, body_end),
+            format!(
+                "extent #{}: SHA-256 mismatch over its {} bytes",
+                h.seq, body_end
+            ),
         ));
     }
-    let (entries, masks) = decode_entries(&h, &bytes[EXTENT_HEADER_LEN..], offset + EXTENT_HEADER_LEN as u64)?;
+    let (entries, masks) = decode_entries(
+        &h,
+        &bytes[EXTENT_HEADER_LEN..],
+        offset + EXTENT_HEADER_LEN as u64,
+    )?;
     let stored = &bytes[h.payload_start()..body_end];
     let payload = match h.codec {
         Codec::None => stored.to_vec(),
@@ -280,13 +296,19 @@ pub(crate) fn decode_extent(
                 .map_err(|e| {
                     Error::corrupt(
                         offset + h.payload_start() as u64,
-                        format!("extent #{}: zstd payload does not decode to {} bytes: {e}", h.seq, h.raw_len),
+                        format!(
+                            "extent #{}: zstd payload does not decode to {} bytes: {e}",
+                            h.seq, h.raw_len
+                        ),
                     )
                 })?;
             if n != h.raw_len as usize {
                 return Err(Error::corrupt(
                     offset + h.payload_start() as u64,
-                    format!("extent #{}: payload decodes to {n} bytes, header says {}", h.seq, h.raw_len),
+                    format!(
+                        "extent #{}: payload decodes to {n} bytes, header says {}",
+                        h.seq, h.raw_len
+                    ),
                 ));
             }
             out

@@ -28,7 +28,11 @@ impl AtomicFile {
         let name = dest
             .file_name()
             .ok_or_else(|| Error::Invalid(format!("{} has no file name", dest.display())))?;
-        let tmp = dir.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+        let tmp = dir.join(format!(
+            ".{}.partial-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -56,12 +60,18 @@ impl AtomicFile {
 
     /// fsync, rename to the final name, fsync the directory.
     pub fn commit(mut self) -> Result<()> {
-        self.file.sync_all().ctx(|| format!("syncing {}", self.tmp.display()))?;
+        self.file
+            .sync_all()
+            .ctx(|| format!("syncing {}", self.tmp.display()))?;
         std::fs::rename(&self.tmp, &self.dest)
             .ctx(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
         self.done = true;
         if let Some(dir) = self.dest.parent() {
-            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
             if let Ok(d) = File::open(dir) {
                 let _ = d.sync_all();
             }
@@ -109,7 +119,11 @@ pub struct ExtractSummary {
 
 /// Output file names for the drives selected and every config, checked
 /// for safety, collisions and (without `force`) existing files.
-fn plan(header: &Header, dir: &Path, options: &ExtractOptions) -> Result<(Vec<(DriveId, PathBuf)>, Vec<(usize, PathBuf)>)> {
+fn plan(
+    header: &Header,
+    dir: &Path,
+    options: &ExtractOptions,
+) -> Result<(Vec<(DriveId, PathBuf)>, Vec<(usize, PathBuf)>)> {
     for want in &options.drives {
         if !header.drives.iter().any(|d| &d.name == want) {
             let names: Vec<&str> = header.drives.iter().map(|d| d.name.as_str()).collect();
@@ -132,14 +146,24 @@ fn plan(header: &Header, dir: &Path, options: &ExtractOptions) -> Result<(Vec<(D
         check_name(&c.name)?;
         configs.push((i, dir.join(&c.name)));
     }
-    let mut all: Vec<&PathBuf> = drives.iter().map(|(_, p)| p).chain(configs.iter().map(|(_, p)| p)).collect();
+    let mut all: Vec<&PathBuf> = drives
+        .iter()
+        .map(|(_, p)| p)
+        .chain(configs.iter().map(|(_, p)| p))
+        .collect();
     all.sort();
     if let Some(w) = all.windows(2).find(|w| w[0] == w[1]) {
-        return Err(Error::Invalid(format!("two archive members would both be written to {}", w[0].display())));
+        return Err(Error::Invalid(format!(
+            "two archive members would both be written to {}",
+            w[0].display()
+        )));
     }
     if !options.force {
         if let Some(p) = all.iter().find(|p| p.symlink_metadata().is_ok()) {
-            return Err(Error::Invalid(format!("{} exists; use --force to overwrite it", p.display())));
+            return Err(Error::Invalid(format!(
+                "{} exists; use --force to overwrite it",
+                p.display()
+            )));
         }
     }
     Ok((drives, configs))
@@ -160,7 +184,9 @@ pub fn extract<R: Read>(
     for (id, path) in &drive_plan {
         let out = AtomicFile::create(path)?;
         let size = header.drive(*id).expect("planned drive").size;
-        out.file.set_len(size).ctx(|| format!("sizing {}", path.display()))?;
+        out.file
+            .set_len(size)
+            .ctx(|| format!("sizing {}", path.display()))?;
         targets[id.0 as usize] = Some((out, size));
     }
     let pass_options = PassOptions {
@@ -202,8 +228,12 @@ fn write_extent(ext: &Arc<DecodedExtent>, targets: &[Option<(AtomicFile, u64)>])
         Ok(())
     };
     for (drive, cluster, data) in ext.clusters() {
-        let Some((_, size)) = &targets[drive.0 as usize] else { continue };
-        let ClusterData::Data { mask, blocks } = data else { continue };
+        let Some((_, size)) = &targets[drive.0 as usize] else {
+            continue;
+        };
+        let ClusterData::Data { mask, blocks } = data else {
+            continue;
+        };
         let clen = cluster_len(*size, cluster);
         let mut stored = 0;
         for b in 0..16usize {
@@ -225,7 +255,9 @@ fn write_extent(ext: &Arc<DecodedExtent>, targets: &[Option<(AtomicFile, u64)>])
                         && bytes.as_ptr_range().end == block.as_ptr() =>
                 {
                     // SAFETY: `bytes` and `block` are adjacent sub-slices of the same payload buffer.
-                    *bytes = unsafe { std::slice::from_raw_parts(bytes.as_ptr(), bytes.len() + block.len()) };
+                    *bytes = unsafe {
+                        std::slice::from_raw_parts(bytes.as_ptr(), bytes.len() + block.len())
+                    };
                 }
                 _ => {
                     flush(&mut pending)?;

@@ -395,7 +395,10 @@ impl Header {
         for c in &self.configs {
             check_name(&c.name)?;
             if !cnames.insert(c.name.as_str()) {
-                return Err(Error::Invalid(format!("two configs are named {:?}", c.name)));
+                return Err(Error::Invalid(format!(
+                    "two configs are named {:?}",
+                    c.name
+                )));
             }
             if c.data.len() > limits::MAX_CONFIG_SIZE {
                 return Err(Error::Limit(format!(
@@ -581,7 +584,10 @@ impl Header {
         if c.remaining() != 0 {
             return Err(Error::corrupt(
                 c.offset(),
-                format!("{} unexplained bytes at the end of the header", c.remaining()),
+                format!(
+                    "{} unexplained bytes at the end of the header",
+                    c.remaining()
+                ),
             ));
         }
         let header = Header {
@@ -596,7 +602,9 @@ impl Header {
             drives,
             configs,
         };
-        header.validate().map_err(|e| Error::corrupt(0, e.to_string()))?;
+        header
+            .validate()
+            .map_err(|e| Error::corrupt(0, e.to_string()))?;
         Ok(header)
     }
 
@@ -685,7 +693,11 @@ impl ExtentHeader {
         if b[..8] != EXTENT_MAGIC {
             return Err(Error::corrupt(
                 offset,
-                format!("expected an extent header (magic {}), found {}", hex::encode(EXTENT_MAGIC), hex::encode(&b[..8])),
+                format!(
+                    "expected an extent header (magic {}), found {}",
+                    hex::encode(EXTENT_MAGIC),
+                    hex::encode(&b[..8])
+                ),
             ));
         }
         if short_check(&b[..56]) != b[56..] {
@@ -723,7 +735,9 @@ impl ExtentHeader {
         let bad = if entry_count == 0 || entry_count as usize > limits::MAX_EXTENT_ENTRIES {
             Some(format!("entry count {entry_count} outside 1..=65536"))
         } else if raw_len as usize > limits::MAX_EXTENT_RAW || raw_len as usize % BLOCK_SIZE != 0 {
-            Some(format!("decoded length {raw_len} is not a multiple of 4096 up to 16 MiB"))
+            Some(format!(
+                "decoded length {raw_len} is not a multiple of 4096 up to 16 MiB"
+            ))
         } else if stored_len as usize > limits::MAX_EXTENT_STORED {
             Some(format!("stored length {stored_len} over the limit"))
         } else if codec == Codec::None && stored_len != raw_len {
@@ -758,7 +772,11 @@ pub fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
 /// Decode the entries and masks of an extent whose header is `h`; `body`
 /// starts right after the 64-byte header, at absolute `offset`. Checks
 /// that masks match the data clusters and popcounts match `raw_len`.
-pub fn decode_entries(h: &ExtentHeader, body: &[u8], offset: u64) -> Result<(Vec<Entry>, Vec<u16>)> {
+pub fn decode_entries(
+    h: &ExtentHeader,
+    body: &[u8],
+    offset: u64,
+) -> Result<(Vec<Entry>, Vec<u16>)> {
     let mut c = Cursor::new(body, offset, "extent entries");
     let mut entries = Vec::with_capacity(h.entry_count as usize);
     let mut data_clusters = 0u64;
@@ -766,15 +784,22 @@ pub fn decode_entries(h: &ExtentHeader, body: &[u8], offset: u64) -> Result<(Vec
         let at = c.offset();
         let drive = DriveId(c.u8()?);
         let code = c.u8()?;
-        let kind = RunKind::from_code(code)
-            .ok_or_else(|| Error::corrupt(at + 1, format!("extent #{}: unknown run kind {code}", h.seq)))?;
+        let kind = RunKind::from_code(code).ok_or_else(|| {
+            Error::corrupt(
+                at + 1,
+                format!("extent #{}: unknown run kind {code}", h.seq),
+            )
+        })?;
         c.u16()?;
         let count = c.u32()?;
         let start = c.u64()?;
         if count == 0 || drive.0 == 0 {
             return Err(Error::corrupt(
                 at,
-                format!("extent #{}: run with drive id {} and count {count}", h.seq, drive),
+                format!(
+                    "extent #{}: run with drive id {} and count {count}",
+                    h.seq, drive
+                ),
             ));
         }
         if kind == RunKind::Data {
@@ -885,7 +910,10 @@ impl Index {
     /// Encode the index block, ending with its SHA-256.
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(
-            INDEX_FIXED_LEN + self.runs.len() * INDEX_RUN_LEN + self.drives.len() * DRIVE_RECORD_LEN + DIGEST_LEN,
+            INDEX_FIXED_LEN
+                + self.runs.len() * INDEX_RUN_LEN
+                + self.drives.len() * DRIVE_RECORD_LEN
+                + DIGEST_LEN,
         );
         b.extend_from_slice(&INDEX_MAGIC);
         b.extend_from_slice(&(self.runs.len() as u64).to_le_bytes());
@@ -918,7 +946,11 @@ impl Index {
         if fixed[..8] != INDEX_MAGIC {
             return Err(Error::corrupt(
                 offset,
-                format!("expected the index (magic {}), found {}", hex::encode(INDEX_MAGIC), hex::encode(&fixed[..8])),
+                format!(
+                    "expected the index (magic {}), found {}",
+                    hex::encode(INDEX_MAGIC),
+                    hex::encode(&fixed[..8])
+                ),
             ));
         }
         let runs = u64::from_le_bytes(fixed[8..16].try_into().expect("8"));
@@ -945,7 +977,10 @@ impl Index {
         let fixed: &[u8; INDEX_FIXED_LEN] = block[..INDEX_FIXED_LEN].try_into().expect("32");
         let len = Index::block_len(fixed, offset, block.len() as u64)?;
         if len != block.len() {
-            return Err(Error::corrupt(offset, format!("index block is {} bytes, its counts say {len}", block.len())));
+            return Err(Error::corrupt(
+                offset,
+                format!("index block is {} bytes, its counts say {len}", block.len()),
+            ));
         }
         let body = &block[..len - DIGEST_LEN];
         if sha256(body) != block[len - DIGEST_LEN..] {
@@ -1039,7 +1074,10 @@ impl Footer {
             ));
         }
         if short_check(&b[..72]) != b[72..] {
-            return Err(Error::corrupt(offset, "footer self-check does not match (footer damaged)"));
+            return Err(Error::corrupt(
+                offset,
+                "footer self-check does not match (footer damaged)",
+            ));
         }
         let f = Footer {
             index_offset: u64::from_le_bytes(b[8..16].try_into().expect("8")),

@@ -56,7 +56,11 @@ impl<R: Read> Input<R> {
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(e) => {
                         return Err(Error::io(
-                            format!("reading {} at offset {}", self.name, self.pos + (self.end - self.start) as u64),
+                            format!(
+                                "reading {} at offset {}",
+                                self.name,
+                                self.pos + (self.end - self.start) as u64
+                            ),
                             e,
                         ))
                     }
@@ -95,7 +99,11 @@ impl<R: Read> Input<R> {
             if self.eof {
                 return Err(Error::truncated(
                     self.pos,
-                    format!("{what} starting at offset {start_pos} needs {n} bytes; {} ends after {}", self.name, n - left),
+                    format!(
+                        "{what} starting at offset {start_pos} needs {n} bytes; {} ends after {}",
+                        self.name,
+                        n - left
+                    ),
                 ));
             }
             if left >= BUF_SIZE {
@@ -113,7 +121,10 @@ impl<R: Read> Input<R> {
                         Ok(k) => got += k,
                         Err(e) if e.kind() == ErrorKind::Interrupted => {}
                         Err(e) => {
-                            return Err(Error::io(format!("reading {} at offset {}", self.name, self.pos), e))
+                            return Err(Error::io(
+                                format!("reading {} at offset {}", self.name, self.pos),
+                                e,
+                            ))
                         }
                     }
                 }

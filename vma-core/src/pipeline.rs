@@ -97,7 +97,11 @@ impl<I: Send + 'static, O: Send + 'static> OrderedPool<I, O> {
 
     /// Submit one item; hand every output that is ready (in order) to
     /// `handle`, waiting while too many items are in flight.
-    pub(crate) fn submit(&mut self, item: I, mut handle: impl FnMut(O) -> Result<()>) -> Result<()> {
+    pub(crate) fn submit(
+        &mut self,
+        item: I,
+        mut handle: impl FnMut(O) -> Result<()>,
+    ) -> Result<()> {
         while self.in_flight() >= self.max_in_flight {
             match self.wait_next()? {
                 Some(o) => handle(o)?,

@@ -61,7 +61,10 @@ impl Reader {
         read_exact_at(&file, &mut fb, footer_at, &name)?;
         let footer = Footer::decode(&fb, footer_at)?;
         if footer.index_offset < header_len {
-            return Err(Error::corrupt(footer_at, "footer points to an index inside the header"));
+            return Err(Error::corrupt(
+                footer_at,
+                "footer points to an index inside the header",
+            ));
         }
         let mut block = vec![0u8; footer.index_len as usize];
         read_exact_at(&file, &mut block, footer.index_offset, &name)?;
@@ -119,7 +122,10 @@ impl Reader {
     }
 
     fn slot(&self, drive: DriveId) -> Option<usize> {
-        self.header.drives.binary_search_by_key(&drive, |d| d.id).ok()
+        self.header
+            .drives
+            .binary_search_by_key(&drive, |d| d.id)
+            .ok()
     }
 
     /// The run holding `cluster` of `drive`.
@@ -164,7 +170,10 @@ impl Reader {
             other => other,
         })?;
         let decoded = Arc::new(decoded);
-        self.cache.lock().expect("cache lock").insert(offset, decoded.clone());
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .insert(offset, decoded.clone());
         Ok(decoded)
     }
 
@@ -182,7 +191,10 @@ impl Reader {
         let h = ExtentHeader::decode(&hb, offset)?;
         let end = offset + h.total_len() as u64;
         if end > self.footer.index_offset {
-            return Err(Error::corrupt(offset, format!("extent #{} would run past the index", h.seq)));
+            return Err(Error::corrupt(
+                offset,
+                format!("extent #{} would run past the index", h.seq),
+            ));
         }
         let mut bytes = vec![0u8; h.total_len()];
         read_exact_at(&self.file, &mut bytes, offset, &name)?;
@@ -194,10 +206,16 @@ impl Reader {
             .map_or_else(zstd::bulk::Decompressor::new, Ok)
             .map_err(|e| Error::io("creating a zstd context", e))?;
         let result = decode_extent(&bytes, offset, &mut dec);
-        self.decompressors.lock().expect("decompressor lock").push(dec);
+        self.decompressors
+            .lock()
+            .expect("decompressor lock")
+            .push(dec);
         let ext = result?;
         if !ext.entries.iter().any(|e| e.kind == RunKind::Data) {
-            return Err(Error::corrupt(offset, "the index points to an extent without data"));
+            return Err(Error::corrupt(
+                offset,
+                "the index points to an extent without data",
+            ));
         }
         Ok(ext)
     }
@@ -225,7 +243,10 @@ impl Reader {
         while pos < end {
             let cluster = ClusterNo::containing(pos);
             let run = *self.run_at(drive, cluster).ok_or_else(|| {
-                Error::corrupt(self.footer.index_offset, format!("index has no run for drive {} cluster {cluster}", info.name))
+                Error::corrupt(
+                    self.footer.index_offset,
+                    format!("index has no run for drive {} cluster {cluster}", info.name),
+                )
             })?;
             let run_end = ((run.start + run.count as u64) * CLUSTER_SIZE as u64).min(end);
             let out = &mut buf[(pos - offset) as usize..];
@@ -262,7 +283,10 @@ impl Reader {
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, name: &str) -> Result<()> {
     file.read_exact_at(buf, offset).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::truncated(offset, format!("{name} ends inside a {}-byte structure", buf.len()))
+            Error::truncated(
+                offset,
+                format!("{name} ends inside a {}-byte structure", buf.len()),
+            )
         } else {
             Error::io(format!("reading {name} at offset {offset}"), e)
         }
@@ -271,7 +295,12 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, name: &str) -> Result
 
 /// Check that the index covers every cluster of every drive exactly once
 /// and points only between header and index; returns each drive's runs.
-fn check_index(header: &Header, index: &Index, header_len: u64, index_offset: u64) -> Result<Vec<std::ops::Range<usize>>> {
+fn check_index(
+    header: &Header,
+    index: &Index,
+    header_len: u64,
+    index_offset: u64,
+) -> Result<Vec<std::ops::Range<usize>>> {
     let mut out = Vec::with_capacity(header.drives.len());
     let mut i = 0;
     let runs = &index.runs;
@@ -286,14 +315,22 @@ fn check_index(header: &Header, index: &Index, header_len: u64, index_offset: u6
                     format!("index: drive {} has a gap or overlap at cluster {next} (run {i} starts at {})", d.name, r.start),
                 ));
             }
-            if r.kind == RunKind::Data && (r.extent_offset < header_len || r.extent_offset >= index_offset) {
+            if r.kind == RunKind::Data
+                && (r.extent_offset < header_len || r.extent_offset >= index_offset)
+            {
                 return Err(Error::corrupt(
                     index_offset,
-                    format!("index: run {i} points to offset {} outside the extents", r.extent_offset),
+                    format!(
+                        "index: run {i} points to offset {} outside the extents",
+                        r.extent_offset
+                    ),
                 ));
             }
             if r.kind == RunKind::Unchanged && header.parent.is_none() {
-                return Err(Error::corrupt(index_offset, "index: unchanged run in an archive without parent"));
+                return Err(Error::corrupt(
+                    index_offset,
+                    "index: unchanged run in an archive without parent",
+                ));
             }
             next += r.count as u64;
             i += 1;
@@ -315,12 +352,22 @@ fn check_index(header: &Header, index: &Index, header_len: u64, index_offset: u6
         out.push(first..i);
     }
     if i != runs.len() {
-        return Err(Error::corrupt(index_offset, format!("index: run {i} names an unknown drive or is out of order")));
+        return Err(Error::corrupt(
+            index_offset,
+            format!("index: run {i} names an unknown drive or is out of order"),
+        ));
     }
     if index.drives.len() != header.drives.len()
-        || index.drives.iter().zip(&header.drives).any(|(r, d)| r.drive != d.id)
+        || index
+            .drives
+            .iter()
+            .zip(&header.drives)
+            .any(|(r, d)| r.drive != d.id)
     {
-        return Err(Error::corrupt(index_offset, "index: drive records do not match the header's drives"));
+        return Err(Error::corrupt(
+            index_offset,
+            "index: drive records do not match the header's drives",
+        ));
     }
     Ok(out)
 }

@@ -36,7 +36,9 @@ impl RawImage {
     /// Open `path` read-only; its size is the file's length (or the block device's).
     pub fn open(path: &Path) -> Result<RawImage> {
         let mut file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
-        let meta = file.metadata().ctx(|| format!("inspecting {}", path.display()))?;
+        let meta = file
+            .metadata()
+            .ctx(|| format!("inspecting {}", path.display()))?;
         let size = if meta.is_file() {
             meta.len()
         } else {
@@ -44,7 +46,10 @@ impl RawImage {
                 .ctx(|| format!("finding the size of {}", path.display()))?
         };
         if meta.is_dir() {
-            return Err(Error::Invalid(format!("{} is a directory, not a disk image", path.display())));
+            return Err(Error::Invalid(format!(
+                "{} is a directory, not a disk image",
+                path.display()
+            )));
         }
         Ok(RawImage {
             file,
@@ -79,7 +84,11 @@ impl RawImage {
             let data = (data as u64).min(self.size);
             // SAFETY: as above.
             let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-            let hole = if hole < 0 { self.size } else { (hole as u64).min(self.size) };
+            let hole = if hole < 0 {
+                self.size
+            } else {
+                (hole as u64).min(self.size)
+            };
             if data > pos {
                 out.push(Segment::Hole(pos..data));
             }
@@ -163,7 +172,8 @@ pub fn copy_raw_image<W: Write>(
         let zero_run = |writer: &mut Writer<W>, from: u64, to: u64| -> Result<()> {
             if to > from {
                 writer.write_zeros(drive, from..to)?;
-                let bytes = (to.min(total) * CLUSTER_SIZE as u64).min(size) - from * CLUSTER_SIZE as u64;
+                let bytes =
+                    (to.min(total) * CLUSTER_SIZE as u64).min(size) - from * CLUSTER_SIZE as u64;
                 hash_tx
                     .send(HashPiece::Zeros(bytes))
                     .map_err(|_| Error::Invalid("hash thread stopped".into()))?;
@@ -178,11 +188,21 @@ pub fn copy_raw_image<W: Write>(
                 let n = (range.end - c).min(CHUNK_CLUSTERS);
                 let start = c * CLUSTER_SIZE as u64;
                 let len = ((c + n) * CLUSTER_SIZE as u64).min(size) - start;
-                let mut buf = free_rx.recv().map_err(|_| Error::Invalid("hash thread stopped".into()))?;
+                let mut buf = free_rx
+                    .recv()
+                    .map_err(|_| Error::Invalid("hash thread stopped".into()))?;
                 image
                     .file
                     .read_exact_at(&mut buf[..len as usize], start)
-                    .map_err(|e| Error::io(format!("reading {} at offset {start} ({len} bytes)", image.path.display()), e))?;
+                    .map_err(|e| {
+                        Error::io(
+                            format!(
+                                "reading {} at offset {start} ({len} bytes)",
+                                image.path.display()
+                            ),
+                            e,
+                        )
+                    })?;
                 for k in 0..n {
                     let cl = ClusterNo(c + k);
                     let off = (k as usize) * CLUSTER_SIZE;

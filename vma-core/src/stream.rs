@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 use crate::extent::{decode_extent, ClusterData, DecodedExtent};
 use crate::format::{
     decode_entries, ArchiveDigest, Entry, ExtentHeader, Footer, Header, HeaderPrefix, Index,
-    IndexRun, RunKind, ARCHIVE_MAGIC, CLUSTER_SIZE, EXTENT_HEADER_LEN, EXTENT_MAGIC,
-    FOOTER_LEN, HEADER_FIXED_LEN, INDEX_FIXED_LEN, INDEX_MAGIC,
+    IndexRun, RunKind, ARCHIVE_MAGIC, CLUSTER_SIZE, EXTENT_HEADER_LEN, EXTENT_MAGIC, FOOTER_LEN,
+    HEADER_FIXED_LEN, INDEX_FIXED_LEN, INDEX_MAGIC,
 };
 use crate::input::Input;
 use crate::pipeline::OrderedPool;
@@ -103,14 +103,21 @@ fn read_header<R: Read>(input: &mut Input<R>) -> Result<(Header, [u8; 32])> {
     if !prefix.starts_with(&ARCHIVE_MAGIC) {
         let p = prefix[..prefix.len().min(DETECT_LEN)].to_vec();
         if p.len() < 8 {
-            return Err(Error::truncated(p.len() as u64, format!("{} is too short to be an archive", input.name())));
+            return Err(Error::truncated(
+                p.len() as u64,
+                format!("{} is too short to be an archive", input.name()),
+            ));
         }
         return Err(not_v2_error(&p));
     }
     let fixed: [u8; HEADER_FIXED_LEN] = input.read_array("archive header")?;
     let hp = HeaderPrefix::decode(&fixed)?;
     let mut block = fixed.to_vec();
-    input.read_into(&mut block, hp.header_len - HEADER_FIXED_LEN, "archive header")?;
+    input.read_into(
+        &mut block,
+        hp.header_len - HEADER_FIXED_LEN,
+        "archive header",
+    )?;
     let header = Header::decode(&block)?;
     let digest = block[block.len() - 32..].try_into().expect("32");
     Ok((header, digest))
@@ -170,14 +177,20 @@ impl<R: Read> ArchiveStream<R> {
             if magic != EXTENT_MAGIC {
                 state.problem(Error::corrupt(
                     offset,
-                    format!("expected an extent or the index, found bytes {}", hex::encode(magic)),
+                    format!(
+                        "expected an extent or the index, found bytes {}",
+                        hex::encode(magic)
+                    ),
                 ))?;
                 resync(input)?;
                 continue;
             }
             let hb = input.peek(EXTENT_HEADER_LEN)?;
             if hb.len() < EXTENT_HEADER_LEN {
-                state.problem(Error::truncated(offset, "the archive ends inside an extent header"))?;
+                state.problem(Error::truncated(
+                    offset,
+                    "the archive ends inside an extent header",
+                ))?;
                 break;
             }
             let hb: [u8; EXTENT_HEADER_LEN] = hb.try_into().expect("64");
@@ -214,9 +227,14 @@ impl<R: Read> ArchiveStream<R> {
 /// entries the extent claims (to say which ranges are affected).
 type DecodeOutcome = std::result::Result<DecodedExtent, (Error, u64, Vec<Entry>)>;
 
-fn decode_or_claim(bytes: &[u8], offset: u64, dec: &mut zstd::bulk::Decompressor<'static>) -> DecodeOutcome {
+fn decode_or_claim(
+    bytes: &[u8],
+    offset: u64,
+    dec: &mut zstd::bulk::Decompressor<'static>,
+) -> DecodeOutcome {
     decode_extent(bytes, offset, dec).map_err(|e| {
-        let hb: [u8; EXTENT_HEADER_LEN] = bytes[..EXTENT_HEADER_LEN].try_into().expect("header read");
+        let hb: [u8; EXTENT_HEADER_LEN] =
+            bytes[..EXTENT_HEADER_LEN].try_into().expect("header read");
         let h = ExtentHeader::decode(&hb, offset).expect("header checked before");
         let claimed = decode_entries(&h, &bytes[EXTENT_HEADER_LEN..], offset)
             .map(|(e, _)| e)
@@ -247,7 +265,8 @@ fn resync<R: Read>(input: &mut Input<R>) -> Result<()> {
                     found = Some(i); // let the caller find it short
                     break;
                 }
-                let hb: [u8; EXTENT_HEADER_LEN] = buf[i..i + EXTENT_HEADER_LEN].try_into().expect("64");
+                let hb: [u8; EXTENT_HEADER_LEN] =
+                    buf[i..i + EXTENT_HEADER_LEN].try_into().expect("64");
                 if ExtentHeader::decode(&hb, 0).is_ok() {
                     found = Some(i);
                     break;
@@ -317,7 +336,10 @@ impl PassState {
     }
 
     fn slot(&self, drive: DriveId) -> Option<usize> {
-        self.header.drives.binary_search_by_key(&drive, |d| d.id).ok()
+        self.header
+            .drives
+            .binary_search_by_key(&drive, |d| d.id)
+            .ok()
     }
 
     fn ranges_of(&self, entries: &[Entry]) -> Vec<DriveRange> {
@@ -337,7 +359,13 @@ impl PassState {
     /// Account for one run; false when it is invalid (reported).
     fn account(&mut self, e: &Entry, offset: u64, seq: u64) -> Result<bool> {
         let Some(slot) = self.slot(e.drive) else {
-            self.problem(Error::corrupt(offset, format!("extent #{seq} names drive id {} which the header does not list", e.drive)))?;
+            self.problem(Error::corrupt(
+                offset,
+                format!(
+                    "extent #{seq} names drive id {} which the header does not list",
+                    e.drive
+                ),
+            ))?;
             return Ok(false);
         };
         let d = &self.header.drives[slot];
@@ -353,7 +381,10 @@ impl PassState {
             return Ok(false);
         }
         if e.kind == RunKind::Unchanged && self.header.parent.is_none() {
-            self.problem(Error::corrupt(offset, format!("extent #{seq} has unchanged clusters but the archive has no parent")))?;
+            self.problem(Error::corrupt(
+                offset,
+                format!("extent #{seq} has unchanged clusters but the archive has no parent"),
+            ))?;
             return Ok(false);
         }
         if let Err(dup) = self.coverage[slot].insert(e.start..end) {
@@ -372,7 +403,11 @@ impl PassState {
         Ok(true)
     }
 
-    fn handle(&mut self, outcome: DecodeOutcome, sink: &mut impl FnMut(&Arc<DecodedExtent>) -> Result<()>) -> Result<()> {
+    fn handle(
+        &mut self,
+        outcome: DecodeOutcome,
+        sink: &mut impl FnMut(&Arc<DecodedExtent>) -> Result<()>,
+    ) -> Result<()> {
         match outcome {
             Ok(ext) => {
                 if ext.seq != self.next_seq {
@@ -389,7 +424,11 @@ impl PassState {
                             start: e.start,
                             count: e.count,
                             kind: e.kind,
-                            extent_offset: if e.kind == RunKind::Data { ext.offset } else { 0 },
+                            extent_offset: if e.kind == RunKind::Data {
+                                ext.offset
+                            } else {
+                                0
+                            },
                         });
                     }
                 }
@@ -411,7 +450,9 @@ impl PassState {
                 }
                 self.damaged.extend(ranges.iter().cloned());
                 let (offset, what) = match &e {
-                    Error::Corrupt { offset, what } | Error::Truncated { offset, what } => (*offset, what.clone()),
+                    Error::Corrupt { offset, what } | Error::Truncated { offset, what } => {
+                        (*offset, what.clone())
+                    }
                     other => (0, other.to_string()),
                 };
                 if let Some(h) = &self.hasher {
@@ -457,14 +498,23 @@ impl PassState {
         match Footer::decode(&fb, footer_at) {
             Ok(f) => {
                 if f.index_offset != at {
-                    self.problem(Error::corrupt(footer_at, format!("footer points to the index at {} but it is at {at}", f.index_offset)))?;
+                    self.problem(Error::corrupt(
+                        footer_at,
+                        format!(
+                            "footer points to the index at {} but it is at {at}",
+                            f.index_offset
+                        ),
+                    ))?;
                 }
                 self.footer = Some(f);
             }
             Err(e) => self.problem(e)?,
         }
         if !input.at_eof()? {
-            self.problem(Error::corrupt(input.pos(), "unexpected bytes after the footer"))?;
+            self.problem(Error::corrupt(
+                input.pos(),
+                "unexpected bytes after the footer",
+            ))?;
         }
         self.index = Some(index);
         Ok(())
@@ -488,7 +538,11 @@ impl PassState {
             let summary = drives
                 .iter()
                 .filter_map(|d| {
-                    let bytes: u64 = missing.iter().filter(|m| m.drive == d.id).map(|m| m.bytes.end - m.bytes.start).sum();
+                    let bytes: u64 = missing
+                        .iter()
+                        .filter(|m| m.drive == d.id)
+                        .map(|m| m.bytes.end - m.bytes.start)
+                        .sum();
                     (bytes > 0).then(|| {
                         format!(
                             "drive {} lacks {} of {} clusters ({}): {}",
@@ -496,7 +550,14 @@ impl PassState {
                             bytes.div_ceil(CLUSTER_SIZE as u64),
                             d.clusters(),
                             human_bytes(bytes),
-                            describe_ranges(&missing.iter().filter(|m| m.drive == d.id).cloned().collect::<Vec<_>>(), 3)
+                            describe_ranges(
+                                &missing
+                                    .iter()
+                                    .filter(|m| m.drive == d.id)
+                                    .cloned()
+                                    .collect::<Vec<_>>(),
+                                3
+                            )
                         )
                     })
                 })
@@ -508,7 +569,11 @@ impl PassState {
             })?;
         }
         // The stored index must be exactly what the extents say.
-        let to_check = if clean_so_far { self.index.take() } else { None };
+        let to_check = if clean_so_far {
+            self.index.take()
+        } else {
+            None
+        };
         if let Some(index) = to_check {
             let rebuilt = Index::canonical_runs(std::mem::take(&mut self.runs));
             let at = self.footer.map_or(0, |f| f.index_offset);
@@ -520,22 +585,37 @@ impl PassState {
                     .unwrap_or(rebuilt.len().min(index.runs.len()));
                 self.problem(Error::corrupt(
                     at,
-                    format!("the index disagrees with the extents (run {first} of {} differs)", index.runs.len()),
+                    format!(
+                        "the index disagrees with the extents (run {first} of {} differs)",
+                        index.runs.len()
+                    ),
                 ))?;
             }
             let ids: Vec<DriveId> = index.drives.iter().map(|r| r.drive).collect();
             let expected: Vec<DriveId> = drives.iter().map(|d| d.id).collect();
             if ids != expected {
-                self.problem(Error::corrupt(at, "the index's drive records do not match the header's drives"))?;
+                self.problem(Error::corrupt(
+                    at,
+                    "the index's drive records do not match the header's drives",
+                ))?;
             }
             self.index = Some(index);
             if let Some(f) = self.footer {
                 if f.extent_count != self.extents {
-                    self.problem(Error::corrupt(at, format!("footer counts {} extents, the archive has {}", f.extent_count, self.extents)))?;
+                    self.problem(Error::corrupt(
+                        at,
+                        format!(
+                            "footer counts {} extents, the archive has {}",
+                            f.extent_count, self.extents
+                        ),
+                    ))?;
                 }
                 let digest = std::mem::take(&mut self.digest).finish();
                 if f.archive_digest != digest {
-                    self.problem(Error::corrupt(at, "archive digest in the footer does not match the archive"))?;
+                    self.problem(Error::corrupt(
+                        at,
+                        "archive digest in the footer does not match the archive",
+                    ))?;
                 }
             }
         }
@@ -554,7 +634,9 @@ impl PassState {
             let check = match (&computed, recorded) {
                 (None, _) => DriveDigestCheck::Skipped,
                 (_, None) => DriveDigestCheck::NotRecorded,
-                (Some(_), Some(_)) if missing.iter().chain(&self.damaged).any(|m| m.drive == d.id) => {
+                (Some(_), Some(_))
+                    if missing.iter().chain(&self.damaged).any(|m| m.drive == d.id) =>
+                {
                     DriveDigestCheck::NotChecked
                 }
                 (Some(c), Some(expected)) => match c[slot] {
@@ -667,7 +749,9 @@ impl DriveHasher {
                                 }
                                 let len = cluster_len(drives[i].size, c);
                                 match data {
-                                    ClusterData::Data { mask, blocks } if mask == u16::MAX && len == CLUSTER_SIZE => {
+                                    ClusterData::Data { mask, blocks }
+                                        if mask == u16::MAX && len == CLUSTER_SIZE =>
+                                    {
                                         st.sha.update(blocks)
                                     }
                                     ClusterData::Zero => st.sha.update(&zeros[..len]),
@@ -686,7 +770,10 @@ impl DriveHasher {
                     }
                 }
                 s.into_iter()
-                    .map(|st| st.state.unwrap_or(HashOutcome::Done(st.sha.finalize().into())))
+                    .map(|st| {
+                        st.state
+                            .unwrap_or(HashOutcome::Done(st.sha.finalize().into()))
+                    })
                     .collect()
             })
             .expect("spawning the hash thread");
@@ -698,7 +785,9 @@ impl DriveHasher {
     }
 
     fn spoil(&self, entries: &[Entry]) {
-        let _ = self.tx.send(HashMsg::Spoil(entries.iter().map(|e| e.drive).collect()));
+        let _ = self
+            .tx
+            .send(HashMsg::Spoil(entries.iter().map(|e| e.drive).collect()));
     }
 
     fn finish(self) -> Vec<HashOutcome> {

@@ -13,7 +13,11 @@ use crate::stream::{ArchiveStream, DriveDigestCheck, PassOptions, PassReport};
 /// Verify an archive read from `reader` in one pass. When `seekable` names
 /// the same archive as a file, drives stored out of order are hashed again
 /// through random access so their digest is checked too.
-pub fn verify<R: Read>(stream: ArchiveStream<R>, threads: usize, seekable: Option<&Path>) -> Result<PassReport> {
+pub fn verify<R: Read>(
+    stream: ArchiveStream<R>,
+    threads: usize,
+    seekable: Option<&Path>,
+) -> Result<PassReport> {
     let options = PassOptions {
         threads,
         keep_going: true,
@@ -23,7 +27,9 @@ pub fn verify<R: Read>(stream: ArchiveStream<R>, threads: usize, seekable: Optio
     if !report.is_clean() {
         return Ok(report);
     }
-    let Some(path) = seekable else { return Ok(report) };
+    let Some(path) = seekable else {
+        return Ok(report);
+    };
     if !report.digests.contains(&DriveDigestCheck::OutOfOrder) {
         return Ok(report);
     }
@@ -32,7 +38,9 @@ pub fn verify<R: Read>(stream: ArchiveStream<R>, threads: usize, seekable: Optio
         if report.digests[slot] != DriveDigestCheck::OutOfOrder {
             continue;
         }
-        let expected = reader.index().drives[slot].digest.expect("out-of-order implies recorded");
+        let expected = reader.index().drives[slot]
+            .digest
+            .expect("out-of-order implies recorded");
         let mut sha = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut pos = 0;

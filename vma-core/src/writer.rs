@@ -205,13 +205,24 @@ impl<W: Write> Writer<W> {
                 (Codec::Zstd, l)
             }
         };
-        if options.extent_payload < BLOCK_SIZE || options.extent_payload > limits::MAX_EXTENT_RAW / 2 {
-            return Err(Error::Invalid("extent payload must be between 4 KiB and 8 MiB".into()));
+        if options.extent_payload < BLOCK_SIZE
+            || options.extent_payload > limits::MAX_EXTENT_RAW / 2
+        {
+            return Err(Error::Invalid(
+                "extent payload must be between 4 KiB and 8 MiB".into(),
+            ));
         }
         let header = Header {
             version_minor: VERSION_MINOR,
-            incompat: if codec == Codec::Zstd { INCOMPAT_ZSTD } else { 0 }
-                | if meta.parent.is_some() { INCOMPAT_PARENT } else { 0 },
+            incompat: if codec == Codec::Zstd {
+                INCOMPAT_ZSTD
+            } else {
+                0
+            } | if meta.parent.is_some() {
+                INCOMPAT_PARENT
+            } else {
+                0
+            },
             compat: 0,
             uuid: meta.uuid,
             ctime: meta.ctime,
@@ -250,9 +261,9 @@ impl<W: Write> Writer<W> {
         let compression = options.compression;
         let pool = OrderedPool::new(threads, threads * 2 + 2, move || {
             let mut compressor = match compression {
-                Compression::Zstd(level) => {
-                    Some(zstd::bulk::Compressor::new(level).expect("zstd context with a checked level"))
-                }
+                Compression::Zstd(level) => Some(
+                    zstd::bulk::Compressor::new(level).expect("zstd context with a checked level"),
+                ),
                 Compression::None => None,
             };
             move |(seq, raw): Job| encode_extent(raw, seq, compressor.as_mut())
@@ -294,7 +305,9 @@ impl<W: Write> Writer<W> {
     fn drive_mut(&mut self, drive: DriveId) -> Result<&mut DriveState> {
         match self.slot_of[drive.0 as usize] {
             Some(i) => Ok(&mut self.drives[i as usize]),
-            None => Err(Error::Invalid(format!("drive id {drive} is not in this archive"))),
+            None => Err(Error::Invalid(format!(
+                "drive id {drive} is not in this archive"
+            ))),
         }
     }
 
@@ -358,7 +371,9 @@ impl<W: Write> Writer<W> {
     /// Record clusters as unchanged from the parent (incremental archives).
     pub fn write_unchanged(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
         if self.header.parent.is_none() {
-            return Err(Error::Invalid("unchanged clusters need an archive with a parent".into()));
+            return Err(Error::Invalid(
+                "unchanged clusters need an archive with a parent".into(),
+            ));
         }
         self.write_run(drive, RunKind::Unchanged, clusters)
     }
@@ -418,7 +433,10 @@ impl<W: Write> Writer<W> {
         for d in &self.drives {
             for gap in d.written.gaps(d.clusters) {
                 let bytes = cluster_range_bytes(d.info.size, gap);
-                missing.push(format!("drive {} bytes {}..{}", d.info.name, bytes.start, bytes.end));
+                missing.push(format!(
+                    "drive {} bytes {}..{}",
+                    d.info.name, bytes.start, bytes.end
+                ));
             }
         }
         if !missing.is_empty() {

@@ -1,0 +1,300 @@
+//! Human and JSON output of `list` and `verify`, and progress bars.
+
+use std::path::Path;
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use vma_core::format::{Codec, Header};
+use vma_core::stream::{human_bytes, DriveDigestCheck};
+use vma_core::types::DriveRange;
+use vma_core::verify::verify as verify_archive;
+use vma_core::Error;
+
+use crate::{open_reader_or_stream, open_stream, progress_wanted, Damage, Opened};
+
+/// A byte progress bar on stderr, drawn only for a terminal and without `--quiet`.
+pub(crate) struct Progress(Option<ProgressBar>);
+
+impl Progress {
+    pub(crate) fn bytes(total: u64, what: &str, quiet: bool) -> Progress {
+        if !progress_wanted(quiet) {
+            return Progress(None);
+        }
+        let bar = if total > 0 {
+            ProgressBar::new(total)
+        } else {
+            ProgressBar::new_spinner()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg:8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(what.to_string());
+        Progress(Some(bar))
+    }
+
+    pub(crate) fn set(&self, pos: u64) {
+        if let Some(b) = &self.0 {
+            b.set_position(pos);
+        }
+    }
+
+    pub(crate) fn finish(&self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn uuid_str(u: &[u8; 16]) -> String {
+    uuid::Uuid::from_bytes(*u).hyphenated().to_string()
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+pub(crate) fn iso_time(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn compression_str(h: &Header) -> String {
+    match h.compression.codec {
+        Codec::None => "none".into(),
+        Codec::Zstd => format!("zstd:{}", h.compression.level),
+    }
+}
+
+/// The `list --json` document (also what `mount` will show as archive.json).
+fn list_json(opened: &Opened) -> Value {
+    let (header, reader, incomplete) = match opened {
+        Opened::Reader(r) => (r.header(), Some(r), None),
+        Opened::Stream(h, why) => (h.as_ref(), None, why.clone()),
+    };
+    let drives: Vec<Value> = header
+        .drives
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let rec = reader.map(|r| r.index().drives[i]);
+            json!({
+                "id": d.id.0,
+                "name": d.name,
+                "size": d.size,
+                "stored_bytes": rec.map(|r| r.stored_bytes),
+                "data_clusters": rec.map(|r| r.data_clusters),
+                "sha256": rec.and_then(|r| r.digest).map(hex::encode),
+            })
+        })
+        .collect();
+    let configs: Vec<Value> = header
+        .configs
+        .iter()
+        .map(|c| json!({"name": c.name, "size": c.data.len()}))
+        .collect();
+    json!({
+        "format": "vma",
+        "version": format!("2.{}", header.version_minor),
+        "uuid": uuid_str(&header.uuid),
+        "ctime": header.ctime,
+        "ctime_utc": iso_time(header.ctime),
+        "creator": header.creator,
+        "compression": compression_str(header),
+        "parent": header.parent.map(|p| json!({"uuid": uuid_str(&p.uuid), "digest": hex::encode(p.digest)})),
+        "complete": incomplete.is_none() && reader.is_some(),
+        "problem": incomplete,
+        "archive_size": reader.and_then(|r| std::fs::metadata(r.path()).ok()).map(|m| m.len()),
+        "archive_digest": reader.map(|r| hex::encode(r.footer().archive_digest)),
+        "drives": drives,
+        "configs": configs,
+    })
+}
+
+pub(crate) fn list(archive: &str, json_out: bool) -> Result<()> {
+    let opened = open_reader_or_stream(archive)?;
+    let doc = list_json(&opened);
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "format:      vma {}",
+            doc["version"].as_str().unwrap_or("?")
+        );
+        println!("uuid:        {}", doc["uuid"].as_str().unwrap_or("?"));
+        println!(
+            "created:     {} ({})",
+            doc["ctime_utc"].as_str().unwrap_or("?"),
+            doc["ctime"]
+        );
+        println!("creator:     {}", doc["creator"].as_str().unwrap_or(""));
+        println!(
+            "compression: {}",
+            doc["compression"].as_str().unwrap_or("?")
+        );
+        if let Some(size) = doc["archive_size"].as_u64() {
+            println!("archive:     {} bytes ({})", size, human_bytes(size));
+        }
+        println!("drives:");
+        for d in doc["drives"].as_array().into_iter().flatten() {
+            let size = d["size"].as_u64().unwrap_or(0);
+            let stored = d["stored_bytes"]
+                .as_u64()
+                .map_or("stored ?".to_string(), |s| {
+                    format!("stored {}", human_bytes(s))
+                });
+            println!(
+                "  {:>3}  {:<24} {:>16} bytes ({}), {}",
+                d["id"],
+                d["name"].as_str().unwrap_or(""),
+                size,
+                human_bytes(size),
+                stored
+            );
+        }
+        println!("configs:");
+        for c in doc["configs"].as_array().into_iter().flatten() {
+            println!(
+                "       {:<24} {:>8} bytes",
+                c["name"].as_str().unwrap_or(""),
+                c["size"]
+            );
+        }
+    }
+    if let Opened::Stream(_, Some(why)) = &opened {
+        eprintln!("vma: warning: {why}");
+    }
+    Ok(())
+}
+
+fn range_json(r: &DriveRange) -> Value {
+    json!({"drive": r.drive_name, "drive_id": r.drive.0, "start": r.bytes.start, "end": r.bytes.end})
+}
+
+fn problem_json(e: &Error) -> Value {
+    let (kind, offset, ranges): (&str, Option<u64>, Vec<Value>) = match e {
+        Error::Corrupt { offset, .. } => ("corrupt", Some(*offset), vec![]),
+        Error::Truncated { offset, .. } => ("truncated", Some(*offset), vec![]),
+        Error::ExtentDamaged { offset, ranges, .. } => (
+            "extent-damaged",
+            Some(*offset),
+            ranges.iter().map(range_json).collect(),
+        ),
+        Error::Incomplete { ranges, .. } => {
+            ("incomplete", None, ranges.iter().map(range_json).collect())
+        }
+        Error::DriveDigestMismatch { .. } => ("drive-digest-mismatch", None, vec![]),
+        _ => ("other", None, vec![]),
+    };
+    json!({"kind": kind, "offset": offset, "message": e.to_string(), "ranges": ranges})
+}
+
+pub(crate) fn verify(archive: &str, json_out: bool, threads: usize, quiet: bool) -> Result<()> {
+    let (stream, path) = open_stream(archive)?;
+    let total = path
+        .as_ref()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map_or(0, |m| m.len());
+    let progress = crate::output::Progress::bytes(total, "verify", quiet || json_out);
+    let _ = &progress;
+    let report = verify_archive(stream, threads, path.as_deref().map(Path::new))?;
+    progress.finish();
+    let header = &report.header;
+    let digest_word = |c: &DriveDigestCheck| match c {
+        DriveDigestCheck::Match(_) => "match",
+        DriveDigestCheck::Mismatch { .. } => "mismatch",
+        DriveDigestCheck::NotRecorded => "not-recorded",
+        DriveDigestCheck::OutOfOrder => "out-of-order",
+        DriveDigestCheck::NotChecked => "not-checked",
+        DriveDigestCheck::Skipped => "skipped",
+    };
+    if json_out {
+        let drives: Vec<Value> = header
+            .drives
+            .iter()
+            .zip(&report.digests)
+            .map(|(d, c)| {
+                json!({
+                    "id": d.id.0, "name": d.name, "size": d.size,
+                    "sha256_check": digest_word(c),
+                    "sha256": match c { DriveDigestCheck::Match(x) => Some(hex::encode(x)), _ => None },
+                })
+            })
+            .collect();
+        let doc = json!({
+            "ok": report.is_clean(),
+            "format": "vma",
+            "version": format!("2.{}", header.version_minor),
+            "uuid": uuid_str(&header.uuid),
+            "extents": report.extents,
+            "bytes": report.bytes,
+            "drives": drives,
+            "problems": report.problems.iter().map(problem_json).collect::<Vec<_>>(),
+            "damaged": report.damaged.iter().map(range_json).collect::<Vec<_>>(),
+            "missing": report.missing.iter().map(range_json).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        for p in &report.problems {
+            println!("DAMAGED: {p}");
+        }
+        if !quiet || !report.is_clean() {
+            println!(
+                "archive {} (vma 2.{}, uuid {}): {} extents, {} read",
+                archive,
+                header.version_minor,
+                uuid_str(&header.uuid),
+                report.extents,
+                human_bytes(report.bytes)
+            );
+            for (d, c) in header.drives.iter().zip(&report.digests) {
+                let detail = match c {
+                    DriveDigestCheck::Match(x) => format!("sha256 {} matches", hex::encode(x)),
+                    DriveDigestCheck::Mismatch { .. } => "sha256 MISMATCH".into(),
+                    DriveDigestCheck::NotRecorded => {
+                        "no whole-drive sha256 recorded (extent digests checked)".into()
+                    }
+                    DriveDigestCheck::OutOfOrder => {
+                        "stored out of order; whole-drive sha256 not checked from a pipe".into()
+                    }
+                    DriveDigestCheck::NotChecked => {
+                        "whole-drive sha256 not checked (damage)".into()
+                    }
+                    DriveDigestCheck::Skipped => "whole-drive sha256 skipped".into(),
+                };
+                println!("  drive {} ({}): {}", d.name, human_bytes(d.size), detail);
+            }
+            if report.is_clean() {
+                println!("OK: archive is intact");
+            } else {
+                println!("FAILED: {} problem(s) found", report.problems.len());
+            }
+        }
+    }
+    if report.is_clean() {
+        Ok(())
+    } else {
+        Err(Damage(format!(
+            "{archive}: verification failed with {} problem(s)",
+            report.problems.len()
+        ))
+        .into())
+    }
+}
