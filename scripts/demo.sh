@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Build vma and run the main job on a small generated disk:
+# create -> list -> verify -> extract -> compare.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+cargo build --release --locked -p vma-cli
+VMA=$PWD/target/release/vma
+work=${DEMO_DIR:-$(mktemp -d /tmp/vma-demo.XXXXXX)}
+mkdir -p "$work"
+echo "working in $work"
+
+# A 256 MiB sparse disk with an ext4 file system holding some files, plus
+# a config blob as Proxmox VE would store it.
+disk=$work/vm-100-disk-0.raw
+rm -f "$disk"
+truncate -s 256M "$disk"
+src=$work/src
+mkdir -p "$src"
+cp -r /usr/share/doc/bash /usr/share/doc/coreutils "$src/" 2>/dev/null || true
+head -c 20M /dev/urandom > "$src/random.bin"
+PATH=$PATH:/usr/sbin:/sbin mkfs.ext4 -q -F -d "$src" "$disk"
+printf 'boot: order=scsi0\ncores: 2\nmemory: 2048\nscsi0: local:vm-100-disk-0,size=256M\n' > "$work/qemu-server.conf"
+
+set -x
+"$VMA" create --force "$work/backup.vma" --config "$work/qemu-server.conf" drive-scsi0="$disk"
+"$VMA" list "$work/backup.vma"
+"$VMA" config "$work/backup.vma" qemu-server.conf
+"$VMA" verify "$work/backup.vma"
+"$VMA" extract --force "$work/backup.vma" "$work/restore"
+cmp "$disk" "$work/restore/drive-scsi0.raw"
+{ set +x; } 2>/dev/null
+echo "sha256 recorded: $("$VMA" list --json "$work/backup.vma" | sed -n 's/.*"sha256": "\([0-9a-f]*\)".*/\1/p')"
+echo "sha256 restored: $(sha256sum "$work/restore/drive-scsi0.raw" | cut -d' ' -f1)"
+du -h --apparent-size "$disk" | sed 's/^/logical  /'
+du -h "$disk" | sed 's/^/allocated /'
+du -h "$work/backup.vma" | sed 's/^/archive  /'
+du -h "$work/restore/drive-scsi0.raw" | sed 's/^/restored (sparse) /'
+echo "demo OK: the restored disk is identical to the original"

@@ -1,0 +1,496 @@
+//! Property tests: random drives, sizes, patterns and write orders written
+//! and read back through every reader; corruption and truncation of the
+//! results are always detected.
+
+use std::io::Write;
+
+use proptest::prelude::*;
+use vma_core::format::{limits, CLUSTER_SIZE};
+use vma_core::reader::Reader;
+use vma_core::stream::{ArchiveStream, DriveDigestCheck, PassOptions};
+use vma_core::types::{clusters_for, ClusterNo};
+use vma_core::{ArchiveMeta, Compression, ConfigBlob, DriveId, DriveInfo, Writer, WriterOptions};
+
+/// One cluster's content pattern.
+#[derive(Clone, Debug)]
+enum Pattern {
+    Zero,
+    Random(u64),
+    /// A few non-zero 4 KiB blocks, the rest zero.
+    Sparse(u16, u8),
+}
+
+fn fill(p: &Pattern, out: &mut [u8]) {
+    match p {
+        Pattern::Zero => out.fill(0),
+        Pattern::Random(seed) => {
+            let mut x = *seed | 1;
+            for b in out.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+        }
+        Pattern::Sparse(mask, v) => {
+            out.fill(0);
+            for (i, c) in out.chunks_mut(4096).enumerate() {
+                if mask & (1 << i) != 0 {
+                    c[i % c.len()] = *v | 1;
+                    let last = c.len() - 1;
+                    c[last] = v.wrapping_add(3) | 1;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    sizes: Vec<u64>,
+    patterns: Vec<Vec<Pattern>>,
+    order_seed: u64,
+    zero_runs: bool,
+    compression: Compression,
+    extent_payload: usize,
+    threads: usize,
+}
+
+fn pattern() -> impl Strategy<Value = Pattern> {
+    prop_oneof![
+        2 => Just(Pattern::Zero),
+        3 => any::<u64>().prop_map(Pattern::Random),
+        2 => (any::<u16>(), any::<u8>()).prop_map(|(m, v)| Pattern::Sparse(m, v)),
+    ]
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (1usize..5)
+        .prop_flat_map(|n| proptest::collection::vec(0u64..(40 * CLUSTER_SIZE as u64 + 12345), n))
+        .prop_flat_map(|sizes| {
+            let pats: Vec<_> = sizes
+                .iter()
+                .map(|&s| proptest::collection::vec(pattern(), clusters_for(s) as usize))
+                .collect();
+            (
+                Just(sizes),
+                pats,
+                any::<u64>(),
+                any::<bool>(),
+                prop_oneof![
+                    Just(Compression::None),
+                    (-3i32..4).prop_map(Compression::Zstd)
+                ],
+                prop_oneof![Just(4096usize), Just(65536), Just(300_000), Just(1 << 20)],
+                1usize..4,
+            )
+        })
+        .prop_map(
+            |(sizes, patterns, order_seed, zero_runs, compression, extent_payload, threads)| Case {
+                sizes,
+                patterns,
+                order_seed,
+                zero_runs,
+                compression,
+                extent_payload,
+                threads,
+            },
+        )
+}
+
+/// The drives' expected contents.
+fn images(case: &Case) -> Vec<Vec<u8>> {
+    case.sizes
+        .iter()
+        .zip(&case.patterns)
+        .map(|(&size, pats)| {
+            let mut img = vec![0u8; size as usize];
+            for (i, p) in pats.iter().enumerate() {
+                let start = i * CLUSTER_SIZE;
+                let end = (start + CLUSTER_SIZE).min(size as usize);
+                fill(p, &mut img[start..end]);
+            }
+            img
+        })
+        .collect()
+}
+
+fn meta(case: &Case) -> ArchiveMeta {
+    let drives = case
+        .sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| DriveInfo {
+            id: DriveId(i as u8 * 3 + 1),
+            name: format!("drive-{i}"),
+            size,
+        })
+        .collect();
+    let mut m = ArchiveMeta::new(
+        drives,
+        vec![ConfigBlob {
+            name: "qemu-server.conf".into(),
+            data: b"cores: 2\n".to_vec(),
+        }],
+    );
+    m.uuid = [0x42; 16];
+    m.ctime = 1_700_000_000;
+    m
+}
+
+/// Write the case's clusters in a shuffled order; returns the archive.
+fn write(case: &Case, threads: usize) -> Vec<u8> {
+    let imgs = images(case);
+    let m = meta(case);
+    let mut work: Vec<(usize, u64)> = Vec::new();
+    for (d, &size) in case.sizes.iter().enumerate() {
+        for c in 0..clusters_for(size) {
+            work.push((d, c));
+        }
+    }
+    // Deterministic Fisher-Yates shuffle.
+    let mut x = case.order_seed | 1;
+    for i in (1..work.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        work.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let options = WriterOptions {
+        compression: case.compression,
+        threads,
+        extent_payload: case.extent_payload,
+    };
+    let mut w = Writer::new(Vec::new(), m.clone(), &options).unwrap();
+    for (d, c) in work {
+        let id = m.drives[d].id;
+        let start = c as usize * CLUSTER_SIZE;
+        let end = (start + CLUSTER_SIZE).min(imgs[d].len());
+        if case.zero_runs && matches!(case.patterns[d][c as usize], Pattern::Zero) {
+            w.write_zeros(id, c..c + 1).unwrap();
+        } else {
+            w.write_cluster(id, ClusterNo(c), &imgs[d][start..end])
+                .unwrap();
+        }
+    }
+    w.finish().unwrap().0
+}
+
+fn pass_contents(archive: &[u8], n: usize, sizes: &[u64]) -> (Vec<Vec<u8>>, vma_core::PassReport) {
+    let stream = ArchiveStream::open(archive, "test").unwrap();
+    let header = stream.header().clone();
+    let mut out: Vec<Vec<u8>> = sizes.iter().map(|&s| vec![0xAA; s as usize]).collect();
+    let options = PassOptions {
+        threads: 2,
+        keep_going: false,
+        hash_drives: true,
+    };
+    let report = stream
+        .pass(&options, |ext| {
+            for (drive, cluster, data) in ext.clusters() {
+                let slot = header.drives.iter().position(|d| d.id == drive).unwrap();
+                let start = cluster.byte_offset() as usize;
+                let end = (start + CLUSTER_SIZE).min(out[slot].len());
+                data.expand_into(&mut out[slot][start..end]);
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(out.len(), n);
+    // Zero runs are not handed over as data: fill them from the index.
+    let index = report.index.clone().unwrap();
+    for r in &index.runs {
+        if r.kind == vma_core::format::RunKind::Zero {
+            let slot = header.drives.iter().position(|d| d.id == r.drive).unwrap();
+            let start = (r.start as usize * CLUSTER_SIZE).min(out[slot].len());
+            let end = ((r.start + r.count as u64) as usize * CLUSTER_SIZE).min(out[slot].len());
+            out[slot][start..end].fill(0);
+        }
+    }
+    (out, report)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    #[test]
+    fn round_trip_every_reader(case in case()) {
+        let imgs = images(&case);
+        let archive = write(&case, case.threads);
+
+        // Sequential pass: exact bytes, clean report, no digests (out of order).
+        let (got, report) = pass_contents(&archive, imgs.len(), &case.sizes);
+        prop_assert!(report.is_clean(), "{:?}", report.problems);
+        for (g, want) in got.iter().zip(&imgs) {
+            prop_assert!(g == want);
+        }
+
+        // Random access through the index, at odd offsets and lengths.
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&archive).unwrap();
+        let reader = Reader::open(f.path()).unwrap();
+        for (d, want) in reader.header().drives.clone().iter().zip(&imgs) {
+            let mut buf = vec![0u8; want.len()];
+            reader.read_at(d.id, 0, &mut buf).unwrap();
+            prop_assert!(&buf == want);
+            let mut x = case.order_seed | 1;
+            for _ in 0..8 {
+                if want.is_empty() { break; }
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                let off = (x % want.len() as u64) as usize;
+                let len = ((x >> 32) as usize % 200_000).min(want.len() - off);
+                let mut b = vec![0u8; len];
+                reader.read_at(d.id, off as u64, &mut b).unwrap();
+                prop_assert!(b[..] == want[off..off + len]);
+            }
+            let mut over = vec![0u8; 1];
+            prop_assert!(reader.read_at(d.id, want.len() as u64, &mut over).is_err());
+        }
+
+        // Output is independent of thread timing and count.
+        let again = write(&case, 1);
+        prop_assert!(again == archive, "output differs between thread counts");
+    }
+
+    #[test]
+    fn every_bit_flip_is_detected(case in case(), pos_seed in any::<u64>(), bit in 0u8..8) {
+        let archive = write(&case, 2);
+        let pos = (pos_seed % archive.len() as u64) as usize;
+        let mut bad = archive.clone();
+        bad[pos] ^= 1 << bit;
+        let detected = match ArchiveStream::open(&bad[..], "flipped") {
+            Err(_) => true,
+            Ok(stream) => {
+                let options = PassOptions { threads: 2, keep_going: true, hash_drives: true };
+                match stream.pass(&options, |_| Ok(())) {
+                    Err(_) => true,
+                    Ok(r) => !r.is_clean(),
+                }
+            }
+        };
+        prop_assert!(detected, "flip of bit {} at offset {} of {} went unnoticed", bit, pos, archive.len());
+        // The random-access reader never returns wrong bytes: it fails to
+        // open, or every drive reads back exactly or with an error.
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&bad).unwrap();
+        if let Ok(reader) = Reader::open(f.path()) {
+            for (d, want) in reader.header().drives.clone().iter().zip(images(&case)) {
+                let mut buf = vec![0u8; want.len()];
+                if reader.read_at(d.id, 0, &mut buf).is_ok() {
+                    prop_assert!(buf == want, "wrong bytes returned for drive {}", d.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_detected(case in case(), cut_seed in any::<u64>()) {
+        let archive = write(&case, 2);
+        let cut = (cut_seed % archive.len() as u64) as usize;
+        let short = &archive[..cut];
+        let clean = match ArchiveStream::open(short, "short") {
+            Err(_) => false,
+            Ok(stream) => {
+                let options = PassOptions { threads: 1, keep_going: true, hash_drives: false };
+                stream.pass(&options, |_| Ok(())).map(|r| r.is_clean()).unwrap_or(false)
+            }
+        };
+        prop_assert!(!clean, "truncation at {} of {} went unnoticed", cut, archive.len());
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(short).unwrap();
+        prop_assert!(Reader::open(f.path()).is_err());
+    }
+}
+
+#[test]
+fn in_order_writes_record_and_verify_drive_digests() {
+    use sha2::{Digest, Sha256};
+    let size = 5 * CLUSTER_SIZE as u64 + 777;
+    let mut img = vec![0u8; size as usize];
+    fill(
+        &Pattern::Random(9),
+        &mut img[CLUSTER_SIZE..3 * CLUSTER_SIZE],
+    );
+    img[size as usize - 1] = 7;
+    let mut m = ArchiveMeta::new(
+        vec![DriveInfo {
+            id: DriveId(1),
+            name: "d".into(),
+            size,
+        }],
+        vec![],
+    );
+    m.ctime = 0;
+    let mut w = Writer::new(Vec::new(), m, &WriterOptions::default()).unwrap();
+    for c in 0..clusters_for(size) {
+        let s = c as usize * CLUSTER_SIZE;
+        let e = (s + CLUSTER_SIZE).min(img.len());
+        w.write_cluster(DriveId(1), ClusterNo(c), &img[s..e])
+            .unwrap();
+    }
+    let digest: [u8; 32] = Sha256::digest(&img).into();
+    w.set_drive_digest(DriveId(1), digest).unwrap();
+    let archive = w.finish().unwrap().0;
+    let report =
+        vma_core::verify::verify(ArchiveStream::open(&archive[..], "a").unwrap(), 2, None).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(report.digests, vec![DriveDigestCheck::Match(digest)]);
+
+    // A wrong recorded digest is reported.
+    let mut m = ArchiveMeta::new(
+        vec![DriveInfo {
+            id: DriveId(1),
+            name: "d".into(),
+            size,
+        }],
+        vec![],
+    );
+    m.ctime = 0;
+    let mut w = Writer::new(Vec::new(), m, &WriterOptions::default()).unwrap();
+    for c in 0..clusters_for(size) {
+        let s = c as usize * CLUSTER_SIZE;
+        let e = (s + CLUSTER_SIZE).min(img.len());
+        w.write_cluster(DriveId(1), ClusterNo(c), &img[s..e])
+            .unwrap();
+    }
+    w.set_drive_digest(DriveId(1), [1; 32]).unwrap();
+    let archive = w.finish().unwrap().0;
+    let report =
+        vma_core::verify::verify(ArchiveStream::open(&archive[..], "a").unwrap(), 2, None).unwrap();
+    assert!(!report.is_clean());
+    assert!(
+        report.problems[0].to_string().contains("SHA-256"),
+        "{}",
+        report.problems[0]
+    );
+}
+
+#[test]
+fn writer_refuses_duplicates_gaps_and_bad_lengths() {
+    let m = ArchiveMeta::new(
+        vec![DriveInfo {
+            id: DriveId(1),
+            name: "d".into(),
+            size: 3 * CLUSTER_SIZE as u64,
+        }],
+        vec![],
+    );
+    let mut w = Writer::new(Vec::new(), m, &WriterOptions::default()).unwrap();
+    let c = vec![1u8; CLUSTER_SIZE];
+    w.write_cluster(DriveId(1), ClusterNo(1), &c).unwrap();
+    assert!(w.write_cluster(DriveId(1), ClusterNo(1), &c).is_err());
+    assert!(w.write_zeros(DriveId(1), 0..2).is_err());
+    assert!(w.write_cluster(DriveId(1), ClusterNo(3), &c).is_err());
+    assert!(w.write_cluster(DriveId(2), ClusterNo(0), &c).is_err());
+    assert!(w
+        .write_cluster(DriveId(1), ClusterNo(0), &c[..100])
+        .is_err());
+    let err = w.finish().unwrap_err().to_string();
+    assert!(
+        err.contains("never written") && err.contains("bytes 0..65536"),
+        "{err}"
+    );
+}
+
+#[test]
+fn limits_are_enforced() {
+    let drive = |i: usize| DriveInfo {
+        id: DriveId(i as u8),
+        name: format!("d{i}"),
+        size: 4096,
+    };
+    // 255 drives work.
+    let drives: Vec<_> = (1..=255).map(drive).collect();
+    let mut w = Writer::new(
+        Vec::new(),
+        ArchiveMeta::new(drives, vec![]),
+        &WriterOptions::default(),
+    )
+    .unwrap();
+    for i in 1..=255u8 {
+        w.write_zeros(DriveId(i), 0..1).unwrap();
+    }
+    let archive = w.finish().unwrap().0;
+    let stream = ArchiveStream::open(&archive[..], "a").unwrap();
+    assert_eq!(stream.header().drives.len(), 255);
+    assert!(stream
+        .pass(&PassOptions::default(), |_| Ok(()))
+        .unwrap()
+        .is_clean());
+
+    // A 256th cannot even be given an id; 256 entries are refused.
+    let mut drives: Vec<_> = (1..=255).map(drive).collect();
+    drives.push(DriveInfo {
+        id: DriveId(255),
+        name: "extra".into(),
+        size: 1,
+    });
+    assert!(Writer::new(
+        Vec::new(),
+        ArchiveMeta::new(drives, vec![]),
+        &WriterOptions::default()
+    )
+    .is_err());
+
+    let long = DriveInfo {
+        id: DriveId(1),
+        name: "n".repeat(limits::MAX_NAME_LEN + 1),
+        size: 1,
+    };
+    assert!(Writer::new(
+        Vec::new(),
+        ArchiveMeta::new(vec![long], vec![]),
+        &WriterOptions::default()
+    )
+    .is_err());
+
+    let big = ConfigBlob {
+        name: "big".into(),
+        data: vec![0; limits::MAX_CONFIG_SIZE + 1],
+    };
+    let err = Writer::new(
+        Vec::new(),
+        ArchiveMeta::new(vec![drive(1)], vec![big]),
+        &WriterOptions::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("16 MiB"), "{err}");
+    let ok = ConfigBlob {
+        name: "nvram".into(),
+        data: vec![7; limits::MAX_CONFIG_SIZE],
+    };
+    assert!(Writer::new(
+        Vec::new(),
+        ArchiveMeta::new(vec![drive(1)], vec![ok]),
+        &WriterOptions::default()
+    )
+    .is_ok());
+
+    let many: Vec<_> = (0..5)
+        .map(|i| ConfigBlob {
+            name: format!("c{i}"),
+            data: vec![0; limits::MAX_CONFIG_SIZE],
+        })
+        .collect();
+    let err = Writer::new(
+        Vec::new(),
+        ArchiveMeta::new(vec![drive(1)], many),
+        &WriterOptions::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("64 MiB"), "{err}");
+
+    let huge = DriveInfo {
+        id: DriveId(1),
+        name: "h".into(),
+        size: limits::MAX_DRIVE_SIZE + 1,
+    };
+    assert!(Writer::new(
+        Vec::new(),
+        ArchiveMeta::new(vec![huge], vec![]),
+        &WriterOptions::default()
+    )
+    .is_err());
+}
