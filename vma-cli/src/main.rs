@@ -213,7 +213,10 @@ fn open_input(archive: &str) -> Result<(Box<dyn Read>, Option<PathBuf>)> {
     }
 }
 
-fn open_stream(archive: &str) -> Result<(ArchiveStream<Box<dyn Read>>, Option<PathBuf>)> {
+/// An archive opened for one sequential pass, and its path unless stdin.
+type OpenStream = (ArchiveStream<Box<dyn Read>>, Option<PathBuf>);
+
+fn open_stream(archive: &str) -> Result<OpenStream> {
     let (input, path) = open_input(archive)?;
     let name = if archive == "-" {
         "standard input"
@@ -297,12 +300,11 @@ fn create(
     };
     let total: u64 = drives.iter().map(|d| d.size).sum();
     let progress = Progress::bytes(total, "create", quiet);
-    let summary;
-    if archive == "-" {
+    let summary = if archive == "-" {
         let stdout = std::io::stdout().lock();
         let mut writer = Writer::new(BufWriter::with_capacity(1 << 20, stdout), meta, &options)?;
         feed_images(&mut writer, &drives, &images, &progress)?;
-        summary = writer.finish()?.1;
+        writer.finish()?.1
     } else {
         let dest = Path::new(archive);
         if dest.exists() && !force {
@@ -314,8 +316,8 @@ fn create(
         let (out, s) = writer.finish()?;
         let out = out.into_inner().map_err(|e| e.into_error())?;
         out.commit()?;
-        summary = s;
-    }
+        s
+    };
     progress.finish();
     if !quiet {
         eprintln!(

@@ -252,6 +252,7 @@ impl DecodedExtent {
 pub(crate) fn decode_extent(
     bytes: &[u8],
     offset: u64,
+    zstd_allowed: bool,
     decompressor: &mut zstd::bulk::Decompressor<'static>,
 ) -> Result<DecodedExtent> {
     let hb: &[u8; EXTENT_HEADER_LEN] = bytes
@@ -259,6 +260,15 @@ pub(crate) fn decode_extent(
         .and_then(|s| s.try_into().ok())
         .ok_or_else(|| Error::truncated(offset, "extent shorter than its header"))?;
     let h = ExtentHeader::decode(hb, offset)?;
+    if h.codec == Codec::Zstd && !zstd_allowed {
+        return Err(Error::corrupt(
+            offset + 24,
+            format!(
+                "extent #{} is zstd-compressed but the header lacks the ZSTD feature",
+                h.seq
+            ),
+        ));
+    }
     if bytes.len() != h.total_len() {
         return Err(Error::truncated(
             offset,

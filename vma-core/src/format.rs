@@ -53,6 +53,8 @@ pub const INDEX_RUN_LEN: usize = 24;
 pub const DRIVE_RECORD_LEN: usize = 64;
 /// Size of the footer at the very end of a complete archive.
 pub const FOOTER_LEN: usize = 80;
+/// No drive has more clusters than this (from [`limits::MAX_DRIVE_SIZE`]).
+pub const MAX_CLUSTERS: u64 = limits::MAX_DRIVE_SIZE / CLUSTER_SIZE as u64;
 /// Size of a SHA-256 digest.
 pub const DIGEST_LEN: usize = 32;
 
@@ -331,7 +333,7 @@ impl HeaderPrefix {
                 names: names_of_bits(unknown),
             });
         }
-        if header_len < HEADER_FIXED_LEN + DIGEST_LEN || header_len > limits::MAX_HEADER_LEN {
+        if !(HEADER_FIXED_LEN + DIGEST_LEN..=limits::MAX_HEADER_LEN).contains(&header_len) {
             return Err(Error::corrupt(
                 12,
                 format!(
@@ -734,7 +736,9 @@ impl ExtentHeader {
         };
         let bad = if entry_count == 0 || entry_count as usize > limits::MAX_EXTENT_ENTRIES {
             Some(format!("entry count {entry_count} outside 1..=65536"))
-        } else if raw_len as usize > limits::MAX_EXTENT_RAW || raw_len as usize % BLOCK_SIZE != 0 {
+        } else if raw_len as usize > limits::MAX_EXTENT_RAW
+            || !(raw_len as usize).is_multiple_of(BLOCK_SIZE)
+        {
             Some(format!(
                 "decoded length {raw_len} is not a multiple of 4096 up to 16 MiB"
             ))
@@ -744,8 +748,11 @@ impl ExtentHeader {
             Some(format!(
                 "uncompressed payload has stored length {stored_len} but decoded length {raw_len}"
             ))
-        } else if mask_count as u64 > entry_count as u64 * u32::MAX as u64 {
-            Some("mask count impossible".into())
+        } else if mask_count as usize * BLOCK_SIZE > raw_len as usize {
+            Some(format!(
+                "{mask_count} data clusters need at least {} decoded bytes, header says {raw_len}",
+                mask_count as usize * BLOCK_SIZE
+            ))
         } else if mask_count as usize * CLUSTER_SIZE < raw_len as usize {
             Some(format!(
                 "{mask_count} data clusters cannot hold {raw_len} decoded bytes"
@@ -793,11 +800,11 @@ pub fn decode_entries(
         c.u16()?;
         let count = c.u32()?;
         let start = c.u64()?;
-        if count == 0 || drive.0 == 0 {
+        if count == 0 || drive.0 == 0 || start.saturating_add(count as u64) > MAX_CLUSTERS {
             return Err(Error::corrupt(
                 at,
                 format!(
-                    "extent #{}: run with drive id {} and count {count}",
+                    "extent #{}: run with drive id {}, start {start} and count {count}",
                     h.seq, drive
                 ),
             ));
@@ -1005,6 +1012,12 @@ impl Index {
             let count = c.u32()?;
             let start = c.u64()?;
             let extent_offset = c.u64()?;
+            if count == 0 || start.saturating_add(count as u64) > MAX_CLUSTERS {
+                return Err(Error::corrupt(
+                    at,
+                    format!("index: run with start {start} and count {count}"),
+                ));
+            }
             runs.push(IndexRun {
                 drive,
                 start,

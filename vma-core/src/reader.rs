@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, IoContext, Result};
-use crate::extent::{decode_extent, DecodedExtent};
+use crate::extent::{decode_extent, ClusterData, DecodedExtent};
 use crate::format::{
     ExtentHeader, Footer, Header, HeaderPrefix, Index, IndexRun, RunKind, CLUSTER_SIZE,
-    EXTENT_HEADER_LEN, FOOTER_LEN, HEADER_FIXED_LEN,
+    EXTENT_HEADER_LEN, FOOTER_LEN, HEADER_FIXED_LEN, INCOMPAT_ZSTD,
 };
 use crate::stream::ArchiveStream;
 use crate::types::{cluster_len, cluster_range_bytes, ClusterNo, DriveId, DriveRange};
@@ -205,7 +205,8 @@ impl Reader {
             .pop()
             .map_or_else(zstd::bulk::Decompressor::new, Ok)
             .map_err(|e| Error::io("creating a zstd context", e))?;
-        let result = decode_extent(&bytes, offset, &mut dec);
+        let zstd_allowed = self.header.incompat & INCOMPAT_ZSTD != 0;
+        let result = decode_extent(&bytes, offset, zstd_allowed, &mut dec);
         self.decompressors
             .lock()
             .expect("decompressor lock")
@@ -264,9 +265,18 @@ impl Reader {
                 }
                 RunKind::Data => {
                     let ext = self.extent(run.extent_offset)?;
-                    let data = ext.cluster(drive, cluster).ok_or_else(|| {
-                        Error::corrupt(run.extent_offset, format!("extent lacks cluster {cluster} of drive {} that the index places there", info.name))
-                    })?;
+                    let data = match ext.cluster(drive, cluster) {
+                        Some(d @ ClusterData::Data { .. }) => d,
+                        _ => {
+                            return Err(Error::corrupt(
+                                run.extent_offset,
+                                format!(
+                                    "extent holds no data for cluster {cluster} of drive {} where the index places it",
+                                    info.name
+                                ),
+                            ))
+                        }
+                    };
                     let clen = cluster_len(info.size, cluster);
                     data.expand_into(&mut cluster_buf[..clen]);
                     let within = (pos - cluster.byte_offset()) as usize;

@@ -15,7 +15,7 @@ use crate::extent::{decode_extent, ClusterData, DecodedExtent};
 use crate::format::{
     decode_entries, ArchiveDigest, Entry, ExtentHeader, Footer, Header, HeaderPrefix, Index,
     IndexRun, RunKind, ARCHIVE_MAGIC, CLUSTER_SIZE, EXTENT_HEADER_LEN, EXTENT_MAGIC, FOOTER_LEN,
-    HEADER_FIXED_LEN, INDEX_FIXED_LEN, INDEX_MAGIC,
+    HEADER_FIXED_LEN, INCOMPAT_ZSTD, INDEX_FIXED_LEN, INDEX_MAGIC,
 };
 use crate::input::Input;
 use crate::pipeline::OrderedPool;
@@ -150,10 +150,13 @@ impl<R: Read> ArchiveStream<R> {
         let threads = effective_threads(options.threads);
         let mut state = PassState::new(&self.header, options);
         state.digest.add(&self.header_digest);
+        let zstd_allowed = self.header.incompat & INCOMPAT_ZSTD != 0;
         let mut pool: OrderedPool<(u64, Vec<u8>), DecodeOutcome> =
             OrderedPool::new(threads, threads * 2 + 2, || {
                 let mut dec = zstd::bulk::Decompressor::new().expect("zstd decompression context");
-                move |(offset, bytes): (u64, Vec<u8>)| decode_or_claim(&bytes, offset, &mut dec)
+                move |(offset, bytes): (u64, Vec<u8>)| {
+                    decode_or_claim(&bytes, offset, zstd_allowed, &mut dec)
+                }
             });
         let input = &mut self.input;
         let mut index_at = None;
@@ -230,9 +233,10 @@ type DecodeOutcome = std::result::Result<DecodedExtent, (Error, u64, Vec<Entry>)
 fn decode_or_claim(
     bytes: &[u8],
     offset: u64,
+    zstd_allowed: bool,
     dec: &mut zstd::bulk::Decompressor<'static>,
 ) -> DecodeOutcome {
-    decode_extent(bytes, offset, dec).map_err(|e| {
+    decode_extent(bytes, offset, zstd_allowed, dec).map_err(|e| {
         let hb: [u8; EXTENT_HEADER_LEN] =
             bytes[..EXTENT_HEADER_LEN].try_into().expect("header read");
         let h = ExtentHeader::decode(&hb, offset).expect("header checked before");
@@ -620,10 +624,7 @@ impl PassState {
             }
         }
         // Whole-drive digests.
-        let computed = match self.hasher.take() {
-            Some(h) => Some(h.finish()),
-            None => None,
-        };
+        let computed = self.hasher.take().map(DriveHasher::finish);
         let mut digests = Vec::with_capacity(drives.len());
         for (slot, d) in drives.iter().enumerate() {
             let recorded = self
