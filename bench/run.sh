@@ -191,6 +191,8 @@ bench_extract() {
 bench_verify() {
 	measure -r zstd-verify vma-verify verify "vma verify" \
 		"$VMA" verify --quiet "$W/disk.vma2"
+	measure -r zstd-verify vma-verify-quick verify "vma verify --no-drive-digest" \
+		"$VMA" verify --quiet --no-drive-digest "$W/disk.vma2"
 	measure zstd-verify verify "zstd -t" \
 		zstd -q -t "$W/disk.raw.zst"
 }
@@ -264,6 +266,8 @@ report() {
 	target "extract wall vs qemu-img convert -O raw" \
 		"$(ratio "${R_WALL[vma-extract]}" "${R_WALL[qemu-extract]}")" 0.50 x
 	target "verify wall vs zstd -t" "$(ratio "${R_WALL[vma-verify]}" "${R_WALL[zstd-verify]}")" 0.60 x
+	target "verify --no-drive-digest wall vs zstd -t" \
+		"$(ratio "${R_WALL[vma-verify-quick]}" "${R_WALL[zstd-verify]}")" 0.60 x
 	for id in "${ROWS[@]}"; do
 		[[ $id == vma-* ]] || continue
 		target "${R_LABEL[$id]} peak RSS" "$(mib "${R_RSS[$id]}" 1024)" 256 " MiB"

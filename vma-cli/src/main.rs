@@ -83,6 +83,10 @@ enum Command {
         /// Decoder threads (default: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Skip the whole-drive SHA-256 (one sequential hash of every logical
+        /// byte, zeros included); every extent digest is still checked.
+        #[arg(long)]
+        no_drive_digest: bool,
     },
     /// Extract drives as sparse raw files and config blobs into a directory.
     Extract {
@@ -168,7 +172,8 @@ fn run(cli: Cli) -> Result<()> {
             archive,
             json,
             threads,
-        } => output::verify(&archive, json, threads, quiet),
+            no_drive_digest,
+        } => output::verify(&archive, json, threads, !no_drive_digest, quiet),
         Command::Extract {
             archive,
             target_dir,

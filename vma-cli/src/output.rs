@@ -206,7 +206,13 @@ fn problem_json(e: &Error) -> Value {
     json!({"kind": kind, "offset": offset, "message": e.to_string(), "ranges": ranges})
 }
 
-pub(crate) fn verify(archive: &str, json_out: bool, threads: usize, quiet: bool) -> Result<()> {
+pub(crate) fn verify(
+    archive: &str,
+    json_out: bool,
+    threads: usize,
+    drive_digests: bool,
+    quiet: bool,
+) -> Result<()> {
     let (stream, path) = open_stream(archive)?;
     let total = path
         .as_ref()
@@ -214,7 +220,12 @@ pub(crate) fn verify(archive: &str, json_out: bool, threads: usize, quiet: bool)
         .map_or(0, |m| m.len());
     let progress = crate::output::Progress::bytes(total, "verify", quiet || json_out);
     let _ = &progress;
-    let report = verify_archive(stream, threads, path.as_deref().map(Path::new))?;
+    let report = verify_archive(
+        stream,
+        threads,
+        drive_digests,
+        path.as_deref().map(Path::new),
+    )?;
     progress.finish();
     let header = &report.header;
     let digest_word = |c: &DriveDigestCheck| match c {

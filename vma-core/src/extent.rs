@@ -1,7 +1,7 @@
 //! Building, encoding and decoding extents (no file I/O): the unit of
 //! compression and of integrity checking.
 
-use sha2::{Digest, Sha256};
+use crate::digest::sha256;
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -115,7 +115,7 @@ pub(crate) fn encode_extent(
         0,
     );
     bytes.extend_from_slice(stored);
-    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+    let digest: [u8; 32] = sha256(&bytes);
     bytes.extend_from_slice(&digest);
     debug_assert_eq!(bytes.len(), header.total_len());
 
@@ -281,7 +281,7 @@ pub(crate) fn decode_extent(
         ));
     }
     let body_end = bytes.len() - DIGEST_LEN;
-    let digest: [u8; 32] = Sha256::digest(&bytes[..body_end]).into();
+    let digest: [u8; 32] = sha256(&bytes[..body_end]);
     if digest[..] != bytes[body_end..] {
         return Err(Error::corrupt(
             offset,

@@ -5,7 +5,7 @@
 //!
 //! All integers are little-endian.
 
-use sha2::{Digest, Sha256};
+use crate::digest::Sha256;
 
 use crate::error::{Error, Result};
 use crate::types::{clusters_for, DriveId};
@@ -284,10 +284,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// SHA-256 of `data`.
-pub fn sha256(data: &[u8]) -> [u8; 32] {
-    Sha256::digest(data).into()
-}
+pub use crate::digest::sha256;
 
 /// The 8-byte self-check of fixed-size headers: first 8 bytes of SHA-256.
 pub fn short_check(data: &[u8]) -> [u8; 8] {
@@ -1122,7 +1119,7 @@ impl ArchiveDigest {
     }
     /// The final value.
     pub fn finish(self) -> [u8; 32] {
-        self.0.finalize().into()
+        self.0.finish()
     }
 }
 

@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod detect;
+pub mod digest;
 pub mod error;
 pub mod extent;
 pub mod extract;

@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use crate::digest::Sha256;
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::CLUSTER_SIZE;
@@ -162,7 +162,7 @@ pub fn copy_raw_image<W: Write>(
                     }
                 }
             }
-            let digest: [u8; 32] = sha.finalize().into();
+            let digest: [u8; 32] = sha.finish();
             digest
         })
         .expect("spawning the hash thread");

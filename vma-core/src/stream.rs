@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
+use crate::digest::Sha256;
 
 use crate::detect::{not_v2_error, DETECT_LEN};
 use crate::error::{Error, Result};
@@ -771,10 +771,7 @@ impl DriveHasher {
                     }
                 }
                 s.into_iter()
-                    .map(|st| {
-                        st.state
-                            .unwrap_or(HashOutcome::Done(st.sha.finalize().into()))
-                    })
+                    .map(|st| st.state.unwrap_or(HashOutcome::Done(st.sha.finish())))
                     .collect()
             })
             .expect("spawning the hash thread");

@@ -4,24 +4,26 @@
 use std::io::Read;
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
+use crate::digest::Sha256;
 
 use crate::error::{Error, Result};
 use crate::reader::Reader;
 use crate::stream::{ArchiveStream, DriveDigestCheck, PassOptions, PassReport};
 
-/// Verify an archive read from `reader` in one pass. When `seekable` names
-/// the same archive as a file, drives stored out of order are hashed again
-/// through random access so their digest is checked too.
+/// Verify an archive read from `reader` in one pass. With `drive_digests`,
+/// every drive's whole-content SHA-256 is computed and compared too; when
+/// `seekable` names the same archive as a file, drives stored out of order
+/// are hashed again through random access so their digest is checked as well.
 pub fn verify<R: Read>(
     stream: ArchiveStream<R>,
     threads: usize,
+    drive_digests: bool,
     seekable: Option<&Path>,
 ) -> Result<PassReport> {
     let options = PassOptions {
         threads,
         keep_going: true,
-        hash_drives: true,
+        hash_drives: drive_digests,
     };
     let mut report = stream.pass(&options, |_| Ok(()))?;
     if !report.is_clean() {
@@ -50,7 +52,7 @@ pub fn verify<R: Read>(
             sha.update(&buf[..n]);
             pos += n as u64;
         }
-        let found: [u8; 32] = sha.finalize().into();
+        let found: [u8; 32] = sha.finish();
         if found == expected {
             report.digests[slot] = DriveDigestCheck::Match(found);
         } else {

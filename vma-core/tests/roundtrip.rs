@@ -331,8 +331,13 @@ fn in_order_writes_record_and_verify_drive_digests() {
     let digest: [u8; 32] = Sha256::digest(&img).into();
     w.set_drive_digest(DriveId(1), digest).unwrap();
     let archive = w.finish().unwrap().0;
-    let report =
-        vma_core::verify::verify(ArchiveStream::open(&archive[..], "a").unwrap(), 2, None).unwrap();
+    let report = vma_core::verify::verify(
+        ArchiveStream::open(&archive[..], "a").unwrap(),
+        2,
+        true,
+        None,
+    )
+    .unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
     assert_eq!(report.digests, vec![DriveDigestCheck::Match(digest)]);
 
@@ -355,8 +360,13 @@ fn in_order_writes_record_and_verify_drive_digests() {
     }
     w.set_drive_digest(DriveId(1), [1; 32]).unwrap();
     let archive = w.finish().unwrap().0;
-    let report =
-        vma_core::verify::verify(ArchiveStream::open(&archive[..], "a").unwrap(), 2, None).unwrap();
+    let report = vma_core::verify::verify(
+        ArchiveStream::open(&archive[..], "a").unwrap(),
+        2,
+        true,
+        None,
+    )
+    .unwrap();
     assert!(!report.is_clean());
     assert!(
         report.problems[0].to_string().contains("SHA-256"),
