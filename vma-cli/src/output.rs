@@ -122,7 +122,7 @@ fn list_json(opened: &Opened) -> Value {
         "complete": incomplete.is_none() && reader.is_some(),
         "problem": incomplete,
         "archive_size": reader.and_then(|r| std::fs::metadata(r.path()).ok()).map(|m| m.len()),
-        "archive_digest": reader.map(|r| hex::encode(r.footer().archive_digest)),
+        "archive_digest": reader.and_then(|r| r.footer()).map(|f| hex::encode(f.archive_digest)),
         "drives": drives,
         "configs": configs,
     })

@@ -1,7 +1,10 @@
 //! Format detection by magic bytes, never by file name.
 
-use crate::error::Error;
+use std::io::Read;
+
+use crate::error::{Error, Result};
 use crate::format::ARCHIVE_MAGIC;
+use crate::stream::ArchiveStream;
 
 /// Formats recognised from an input's first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,21 +41,89 @@ pub fn detect(prefix: &[u8]) -> Option<DetectedFormat> {
     }
 }
 
-/// The error for an input that is not a v2 archive, saying what it is.
+/// The error for an input that is not an archive this reader can open
+/// directly, saying what it is.
 pub fn not_v2_error(prefix: &[u8]) -> Error {
     match detect(prefix) {
-        Some(DetectedFormat::VmaV1) => Error::UnsupportedFormat {
-            format: "Proxmox VMA v1".into(),
-            hint: "this build reads only native vma v2 archives".into(),
+        Some(DetectedFormat::Lzo) => lzo_error(),
+        Some(f @ (DetectedFormat::Zstd | DetectedFormat::Gzip)) => Error::UnsupportedFormat {
+            format: format!("a {f:?}-compressed stream inside a compressed stream"),
+            hint: "decompress the outer layer first".into(),
         },
-        Some(f @ (DetectedFormat::Zstd | DetectedFormat::Gzip | DetectedFormat::Lzo)) => {
-            Error::UnsupportedFormat {
-                format: format!("a {f:?}-compressed stream"),
-                hint: "decompress it first (for example `zstd -d -c FILE | vma ... -`)".into(),
-            }
-        }
         _ => Error::NotAnArchive {
             found: hex::encode(&prefix[..prefix.len().min(8)]),
         },
     }
+}
+
+fn lzo_error() -> Error {
+    Error::UnsupportedFormat {
+        format: "an lzop-compressed stream (.vma.lzo)".into(),
+        hint: "decompress it on the way in: `lzop -d -c FILE.vma.lzo | vma COMMAND -`".into(),
+    }
+}
+
+/// Turns a decompressor's read errors into `InvalidData`, which the stream
+/// reader reports as damage at the current offset.
+struct DamageOnError<R>(R);
+
+impl<R: Read> Read for DamageOnError<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                e
+            } else {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("compressed stream is damaged: {e}"),
+                )
+            }
+        })
+    }
+}
+
+/// How the input of [`open_any`] was wrapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamCompression {
+    /// Read as is.
+    None,
+    /// Decompressed from a zstd stream (vzdump's `.vma.zst`).
+    Zstd,
+    /// Decompressed from a gzip stream (`.vma.gz`).
+    Gzip,
+}
+
+/// Open any archive from a reader: native v2 or VMA v1, plain or inside a
+/// whole-stream zstd or gzip compression (decompressed in-process). The
+/// format is told by magic bytes only.
+pub fn open_any<'a>(
+    mut reader: impl Read + 'a,
+    name: &str,
+) -> Result<(ArchiveStream<Box<dyn Read + 'a>>, StreamCompression)> {
+    let mut prefix = Vec::with_capacity(DETECT_LEN);
+    let mut chunk = [0u8; DETECT_LEN];
+    while prefix.len() < DETECT_LEN {
+        match reader.read(&mut chunk[..DETECT_LEN - prefix.len()]) {
+            Ok(0) => break,
+            Ok(n) => prefix.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(format!("reading {name}"), e)),
+        }
+    }
+    let kind = detect(&prefix);
+    let whole = std::io::Cursor::new(prefix).chain(reader);
+    let (input, compression): (Box<dyn Read + 'a>, _) = match kind {
+        Some(DetectedFormat::Zstd) => {
+            let dec = zstd::stream::read::Decoder::new(whole)
+                .map_err(|e| Error::io(format!("starting zstd decompression of {name}"), e))?;
+            (Box::new(DamageOnError(dec)), StreamCompression::Zstd)
+        }
+        Some(DetectedFormat::Gzip) => (
+            Box::new(DamageOnError(flate2::read::MultiGzDecoder::new(whole))),
+            StreamCompression::Gzip,
+        ),
+        Some(DetectedFormat::Lzo) => return Err(lzo_error()),
+        _ => (Box::new(whole), StreamCompression::None),
+    };
+    Ok((ArchiveStream::open(input, name)?, compression))
 }

@@ -8,6 +8,7 @@ use crate::format::{
     decode_entries, encode_entry, masks_len, Codec, Entry, ExtentHeader, RunKind, BLOCK_SIZE,
     DIGEST_LEN, EXTENT_HEADER_LEN,
 };
+use crate::format_v1::{V1ExtentHeader, EXTENT_HEADER_LEN as EXTENT_HEADER_LEN_V1};
 use crate::types::{ClusterNo, DriveId};
 
 /// Clusters gathered for one extent, before compression.
@@ -324,29 +325,80 @@ pub(crate) fn decode_extent(
             out
         }
     };
-    let mut first_mask = Vec::with_capacity(entries.len());
-    let mut next = 0u32;
-    for e in &entries {
-        first_mask.push(next);
-        if e.kind == RunKind::Data {
-            next += e.count;
-        }
-    }
-    let mut mask_payload = Vec::with_capacity(masks.len());
-    let mut pos = 0u32;
-    for m in &masks {
-        mask_payload.push(pos);
-        pos += m.count_ones() * BLOCK_SIZE as u32;
-    }
-    Ok(DecodedExtent {
-        seq: h.seq,
+    Ok(DecodedExtent::new(
+        h.seq,
         offset,
-        stored_len: bytes.len() as u64,
+        bytes.len() as u64,
         digest,
         entries,
         masks,
-        first_mask,
-        mask_payload,
         payload,
-    })
+    ))
+}
+
+impl DecodedExtent {
+    /// Assemble a decoded extent from checked parts (the masks match the
+    /// data entries and the payload holds exactly the blocks they mark).
+    fn new(
+        seq: u64,
+        offset: u64,
+        stored_len: u64,
+        digest: [u8; 32],
+        entries: Vec<Entry>,
+        masks: Vec<u16>,
+        payload: Vec<u8>,
+    ) -> Self {
+        let mut first_mask = Vec::with_capacity(entries.len());
+        let mut next = 0u32;
+        for e in &entries {
+            first_mask.push(next);
+            if e.kind == RunKind::Data {
+                next += e.count;
+            }
+        }
+        let mut mask_payload = Vec::with_capacity(masks.len());
+        let mut pos = 0u32;
+        for m in &masks {
+            mask_payload.push(pos);
+            pos += m.count_ones() * BLOCK_SIZE as u32;
+        }
+        DecodedExtent {
+            seq,
+            offset,
+            stored_len,
+            digest,
+            entries,
+            masks,
+            first_mask,
+            mask_payload,
+            payload,
+        }
+    }
+
+    /// A VMA v1 extent (header already checked) as a decoded extent; its
+    /// data is `data` (exactly the blocks the masks mark). v1 has no data
+    /// digest, so `digest` is all zero.
+    pub(crate) fn from_v1(seq: u64, offset: u64, header: &V1ExtentHeader, data: Vec<u8>) -> Self {
+        let mut raw = RawExtent::default();
+        for slot in &header.slots {
+            let kind = if slot.mask == 0 {
+                RunKind::Zero
+            } else {
+                RunKind::Data
+            };
+            raw.push_run(slot.drive, kind, slot.cluster as u64, 1);
+            if slot.mask != 0 {
+                raw.masks.push(slot.mask);
+            }
+        }
+        DecodedExtent::new(
+            seq,
+            offset,
+            (EXTENT_HEADER_LEN_V1 + data.len()) as u64,
+            [0; 32],
+            raw.entries,
+            raw.masks,
+            data,
+        )
+    }
 }

@@ -55,12 +55,9 @@ impl<R: Read> Input<R> {
                     Ok(k) => self.end += k,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(e) => {
-                        return Err(Error::io(
-                            format!(
-                                "reading {} at offset {}",
-                                self.name,
-                                self.pos + (self.end - self.start) as u64
-                            ),
+                        return Err(read_error(
+                            &self.name,
+                            self.pos + (self.end - self.start) as u64,
                             e,
                         ))
                     }
@@ -120,12 +117,7 @@ impl<R: Read> Input<R> {
                         }
                         Ok(k) => got += k,
                         Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            return Err(Error::io(
-                                format!("reading {} at offset {}", self.name, self.pos),
-                                e,
-                            ))
-                        }
+                        Err(e) => return Err(read_error(&self.name, self.pos, e)),
                     }
                 }
                 out.truncate(old + got);
@@ -151,5 +143,15 @@ impl<R: Read> Input<R> {
     /// True when no byte is left.
     pub(crate) fn at_eof(&mut self) -> Result<bool> {
         Ok(self.peek(1)?.is_empty())
+    }
+}
+
+/// A read error: damage when the data itself is bad (a decompressor said
+/// so), an I/O error otherwise.
+fn read_error(name: &str, offset: u64, e: std::io::Error) -> Error {
+    if e.kind() == ErrorKind::InvalidData {
+        Error::corrupt(offset, format!("reading {name}: {e}"))
+    } else {
+        Error::io(format!("reading {name} at offset {offset}"), e)
     }
 }

@@ -7,13 +7,16 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::detect::{detect, DetectedFormat, DETECT_LEN};
 use crate::error::{Error, IoContext, Result};
 use crate::extent::{decode_extent, ClusterData, DecodedExtent};
+use crate::format::{DriveRecord, BLOCK_SIZE};
 use crate::format::{
     ExtentHeader, Footer, Header, HeaderPrefix, Index, IndexRun, RunKind, CLUSTER_SIZE,
     EXTENT_HEADER_LEN, FOOTER_LEN, HEADER_FIXED_LEN, INCOMPAT_ZSTD,
 };
-use crate::stream::ArchiveStream;
+use crate::format_v1::{self, V1ExtentHeader};
+use crate::stream::{ArchiveFormat, ArchiveStream};
 use crate::types::{cluster_len, cluster_range_bytes, ClusterNo, DriveId, DriveRange};
 
 /// Default bytes of decoded extents kept in memory.
@@ -26,7 +29,12 @@ pub struct Reader {
     header: Header,
     header_len: u64,
     index: Index,
-    footer: Footer,
+    /// The footer (native archives only).
+    footer: Option<Footer>,
+    /// Where extents end (the index, or the end of a VMA v1 file).
+    data_end: u64,
+    /// The archive uuid of a VMA v1 archive (which repeats it in every extent).
+    v1_uuid: Option<[u8; 16]>,
     /// Per drive (header order), its runs within `index.runs`.
     drive_runs: Vec<std::ops::Range<usize>>,
     cache: Mutex<ExtentCache>,
@@ -34,8 +42,10 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Open `path`: read the header, the footer at the end and the index,
-    /// and check that the index accounts for every cluster exactly once.
+    /// Open `path`: a native archive through its footer and index, a VMA v1
+    /// archive by walking its extent headers once (one small read per
+    /// extent, no data read). Checks that every cluster of every drive is
+    /// accounted for exactly once.
     pub fn open(path: &Path) -> Result<Reader> {
         let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
         let file_len = file
@@ -43,6 +53,20 @@ impl Reader {
             .ctx(|| format!("reading the size of {}", path.display()))?
             .len();
         let name = path.display().to_string();
+        let mut magic = [0u8; DETECT_LEN];
+        let n = file
+            .read_at(&mut magic, 0)
+            .ctx(|| format!("reading {name}"))?;
+        match detect(&magic[..n]) {
+            Some(DetectedFormat::VmaV1) => return Reader::open_v1(file, path, file_len),
+            Some(DetectedFormat::Zstd | DetectedFormat::Gzip | DetectedFormat::Lzo) => {
+                return Err(Error::UnsupportedFormat {
+                    format: format!("{name}, a whole-stream compressed archive,"),
+                    hint: "random access needs an uncompressed archive file: read it through a pipe or standard input, or unpack it once with `vma convert`".into(),
+                })
+            }
+            _ => {}
+        }
         // Header through the sequential reader's code (one header parser).
         let header = ArchiveStream::open(std::io::Read::take(&file, file_len), &name)?
             .header()
@@ -76,7 +100,77 @@ impl Reader {
             header,
             header_len,
             index,
-            footer,
+            data_end: footer.index_offset,
+            footer: Some(footer),
+            v1_uuid: None,
+            drive_runs,
+            cache: Mutex::new(ExtentCache::new(DEFAULT_CACHE_BYTES)),
+            decompressors: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn open_v1(file: File, path: &Path, file_len: u64) -> Result<Reader> {
+        let name = path.display().to_string();
+        let header = ArchiveStream::open(std::io::Read::take(&file, file_len), &name)?
+            .header()
+            .clone();
+        let mut prefix = [0u8; 60];
+        read_exact_at(&file, &mut prefix, 0, &name)?;
+        let header_len = format_v1::header_len(&prefix)? as u64;
+        let uuid = header.uuid;
+        let mut runs = Vec::new();
+        let mut records: Vec<DriveRecord> = header
+            .drives
+            .iter()
+            .map(|d| DriveRecord {
+                drive: d.id,
+                data_clusters: 0,
+                stored_bytes: 0,
+                digest: None,
+            })
+            .collect();
+        let mut offset = header_len;
+        while offset < file_len {
+            let mut hb = [0u8; format_v1::EXTENT_HEADER_LEN];
+            read_exact_at(&file, &mut hb, offset, &name)?;
+            let h = V1ExtentHeader::decode(&hb, offset, &uuid)?;
+            let end = offset + (format_v1::EXTENT_HEADER_LEN + h.data_len()) as u64;
+            if end > file_len {
+                return Err(Error::truncated(
+                    file_len,
+                    format!("the VMA extent at offset {offset} needs {} bytes of data; the file ends first", h.data_len()),
+                ));
+            }
+            for s in &h.slots {
+                let data = s.mask != 0;
+                runs.push(IndexRun {
+                    drive: s.drive,
+                    start: s.cluster as u64,
+                    count: 1,
+                    kind: if data { RunKind::Data } else { RunKind::Zero },
+                    extent_offset: if data { offset } else { 0 },
+                });
+                if let Some(r) = records.iter_mut().find(|r| r.drive == s.drive) {
+                    r.data_clusters += data as u64;
+                    r.stored_bytes += s.mask.count_ones() as u64 * BLOCK_SIZE as u64;
+                }
+            }
+            offset = end;
+        }
+        let index = Index {
+            runs: Index::canonical_runs(runs),
+            drives: records,
+        };
+        let drive_runs = check_index(&header, &index, header_len, file_len)?;
+        Ok(Reader {
+            file,
+            path: path.to_path_buf(),
+            header,
+            header_len,
+            index,
+            footer: None,
+            data_end: file_len,
+            v1_uuid: Some(uuid),
             drive_runs,
             cache: Mutex::new(ExtentCache::new(DEFAULT_CACHE_BYTES)),
             decompressors: Mutex::new(Vec::new()),
@@ -98,9 +192,18 @@ impl Reader {
         &self.index
     }
 
-    /// The footer.
-    pub fn footer(&self) -> &Footer {
-        &self.footer
+    /// The footer (native archives; VMA v1 has none).
+    pub fn footer(&self) -> Option<&Footer> {
+        self.footer.as_ref()
+    }
+
+    /// The archive's format.
+    pub fn format(&self) -> ArchiveFormat {
+        if self.v1_uuid.is_some() {
+            ArchiveFormat::VmaV1
+        } else {
+            ArchiveFormat::V2
+        }
     }
 
     /// Length of the header block.
@@ -179,6 +282,7 @@ impl Reader {
 
     /// The sequence number in the extent header at `offset`, if readable.
     fn extent_seq(&self, offset: u64) -> Option<u64> {
+        self.v1_uuid.is_none().then_some(())?;
         let mut hb = [0u8; EXTENT_HEADER_LEN];
         self.file.read_exact_at(&mut hb, offset).ok()?;
         ExtentHeader::decode(&hb, offset).ok().map(|h| h.seq)
@@ -186,11 +290,24 @@ impl Reader {
 
     fn load_extent(&self, offset: u64) -> Result<DecodedExtent> {
         let name = self.path.display().to_string();
+        if let Some(uuid) = self.v1_uuid {
+            let mut hb = [0u8; format_v1::EXTENT_HEADER_LEN];
+            read_exact_at(&self.file, &mut hb, offset, &name)?;
+            let h = V1ExtentHeader::decode(&hb, offset, &uuid)?;
+            let mut data = vec![0u8; h.data_len()];
+            read_exact_at(
+                &self.file,
+                &mut data,
+                offset + format_v1::EXTENT_HEADER_LEN as u64,
+                &name,
+            )?;
+            return Ok(DecodedExtent::from_v1(0, offset, &h, data));
+        }
         let mut hb = [0u8; EXTENT_HEADER_LEN];
         read_exact_at(&self.file, &mut hb, offset, &name)?;
         let h = ExtentHeader::decode(&hb, offset)?;
         let end = offset + h.total_len() as u64;
-        if end > self.footer.index_offset {
+        if end > self.data_end {
             return Err(Error::corrupt(
                 offset,
                 format!("extent #{} would run past the index", h.seq),
@@ -245,7 +362,7 @@ impl Reader {
             let cluster = ClusterNo::containing(pos);
             let run = *self.run_at(drive, cluster).ok_or_else(|| {
                 Error::corrupt(
-                    self.footer.index_offset,
+                    self.data_end,
                     format!("index has no run for drive {} cluster {cluster}", info.name),
                 )
             })?;

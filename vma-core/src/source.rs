@@ -3,7 +3,7 @@
 //! to the Writer in order while another thread hashes the whole drive.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -13,7 +13,7 @@ use crate::digest::Sha256;
 use crate::error::{Error, IoContext, Result};
 use crate::format::CLUSTER_SIZE;
 use crate::types::{cluster_len, clusters_for, ClusterNo, DriveId};
-use crate::writer::Writer;
+use crate::writer::ClusterWriter;
 
 /// Clusters read per request.
 const CHUNK_CLUSTERS: u64 = 16;
@@ -127,8 +127,8 @@ enum HashPiece {
 
 /// Feed the whole image into `drive` of `writer` in order and record the
 /// drive's SHA-256. `progress` is called with bytes of the drive done.
-pub fn copy_raw_image<W: Write>(
-    writer: &mut Writer<W>,
+pub fn copy_raw_image(
+    writer: &mut dyn ClusterWriter,
     drive: DriveId,
     image: &RawImage,
     progress: &mut dyn FnMut(u64),
@@ -169,7 +169,7 @@ pub fn copy_raw_image<W: Write>(
 
     let result = (|| -> Result<()> {
         let mut next = 0u64;
-        let zero_run = |writer: &mut Writer<W>, from: u64, to: u64| -> Result<()> {
+        let zero_run = |writer: &mut dyn ClusterWriter, from: u64, to: u64| -> Result<()> {
             if to > from {
                 writer.write_zeros(drive, from..to)?;
                 let bytes =

@@ -17,6 +17,8 @@ use crate::format::{
     IndexRun, RunKind, ARCHIVE_MAGIC, CLUSTER_SIZE, EXTENT_HEADER_LEN, EXTENT_MAGIC, FOOTER_LEN,
     HEADER_FIXED_LEN, INCOMPAT_ZSTD, INDEX_FIXED_LEN, INDEX_MAGIC,
 };
+use crate::format::{Codec, CompressionInfo};
+use crate::format_v1::{self, V1ExtentHeader, V1Header};
 use crate::input::Input;
 use crate::pipeline::OrderedPool;
 use crate::ranges::RangeSet;
@@ -94,12 +96,60 @@ impl PassReport {
 pub struct ArchiveStream<R: Read> {
     input: Input<R>,
     header: Header,
-    header_digest: [u8; 32],
+    flavor: Flavor,
+}
+
+/// The archive formats a stream can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArchiveFormat {
+    /// Native vma, version 2.
+    V2,
+    /// Proxmox VMA version 1.
+    VmaV1,
+}
+
+/// Format-specific state of an open stream.
+#[derive(Clone, Copy)]
+enum Flavor {
+    V2 { header_digest: [u8; 32] },
+    V1 { uuid: [u8; 16] },
+}
+
+/// The v2 header a VMA v1 header corresponds to (no features, no digests).
+fn header_from_v1(h: V1Header) -> Header {
+    Header {
+        version_minor: 0,
+        incompat: 0,
+        compat: 0,
+        uuid: h.uuid,
+        ctime: h.ctime.min(i64::MAX as u64) as i64,
+        compression: CompressionInfo {
+            codec: Codec::None,
+            level: 0,
+        },
+        creator: String::new(),
+        parent: None,
+        drives: h.drives,
+        configs: h.configs,
+    }
+}
+
+/// Read a VMA v1 header from `input`.
+fn read_v1_header<R: Read>(input: &mut Input<R>) -> Result<(Header, Flavor)> {
+    let prefix = input.peek(60)?.to_vec();
+    let len = format_v1::header_len(&prefix)?;
+    let block = input.read_vec(len, "VMA header")?;
+    let v1 = V1Header::decode(&block)?;
+    let uuid = v1.uuid;
+    Ok((header_from_v1(v1), Flavor::V1 { uuid }))
 }
 
 /// Read the header block from `input` (after detecting the format).
-fn read_header<R: Read>(input: &mut Input<R>) -> Result<(Header, [u8; 32])> {
+fn read_header<R: Read>(input: &mut Input<R>) -> Result<(Header, Flavor)> {
     let prefix = input.peek(HEADER_FIXED_LEN)?;
+    if prefix.starts_with(&format_v1::MAGIC) {
+        return read_v1_header(input);
+    }
     if !prefix.starts_with(&ARCHIVE_MAGIC) {
         let p = prefix[..prefix.len().min(DETECT_LEN)].to_vec();
         if p.len() < 8 {
@@ -119,20 +169,28 @@ fn read_header<R: Read>(input: &mut Input<R>) -> Result<(Header, [u8; 32])> {
         "archive header",
     )?;
     let header = Header::decode(&block)?;
-    let digest = block[block.len() - 32..].try_into().expect("32");
-    Ok((header, digest))
+    let header_digest = block[block.len() - 32..].try_into().expect("32");
+    Ok((header, Flavor::V2 { header_digest }))
 }
 
 impl<R: Read> ArchiveStream<R> {
     /// Open an archive from `reader`; `name` appears in error messages.
     pub fn open(reader: R, name: &str) -> Result<Self> {
         let mut input = Input::new(reader, name);
-        let (header, header_digest) = read_header(&mut input)?;
+        let (header, flavor) = read_header(&mut input)?;
         Ok(ArchiveStream {
             input,
             header,
-            header_digest,
+            flavor,
         })
+    }
+
+    /// Which format the archive is in.
+    pub fn format(&self) -> ArchiveFormat {
+        match self.flavor {
+            Flavor::V2 { .. } => ArchiveFormat::V2,
+            Flavor::V1 { .. } => ArchiveFormat::VmaV1,
+        }
     }
 
     /// The archive's header.
@@ -147,9 +205,13 @@ impl<R: Read> ArchiveStream<R> {
         options: &PassOptions,
         mut sink: impl FnMut(&Arc<DecodedExtent>) -> Result<()>,
     ) -> Result<PassReport> {
+        let header_digest = match self.flavor {
+            Flavor::V2 { header_digest } => header_digest,
+            Flavor::V1 { uuid } => return self.pass_v1(uuid, options, sink),
+        };
         let threads = effective_threads(options.threads);
         let mut state = PassState::new(&self.header, options);
-        state.digest.add(&self.header_digest);
+        state.digest.add(&header_digest);
         let zstd_allowed = self.header.incompat & INCOMPAT_ZSTD != 0;
         let mut pool: OrderedPool<(u64, Vec<u8>), DecodeOutcome> =
             OrderedPool::new(threads, threads * 2 + 2, || {
@@ -223,6 +285,88 @@ impl<R: Read> ArchiveStream<R> {
         }
         state.bytes = input.pos();
         state.finish()
+    }
+}
+
+impl<R: Read> ArchiveStream<R> {
+    /// The pass over a VMA v1 archive: 512-byte extent headers (MD5
+    /// checked), their blocks, up to the end of the input. v1 has no data
+    /// checksums, no index and no footer; completeness is still checked.
+    fn pass_v1(
+        mut self,
+        uuid: [u8; 16],
+        options: &PassOptions,
+        mut sink: impl FnMut(&Arc<DecodedExtent>) -> Result<()>,
+    ) -> Result<PassReport> {
+        let mut state = PassState::new(&self.header, options);
+        let input = &mut self.input;
+        let mut seq = 0;
+        loop {
+            let offset = input.pos();
+            let hb = input.peek(format_v1::EXTENT_HEADER_LEN)?;
+            if hb.is_empty() {
+                break;
+            }
+            if hb.len() < format_v1::EXTENT_HEADER_LEN {
+                state.problem(Error::truncated(
+                    offset,
+                    "the archive ends inside a VMA extent header",
+                ))?;
+                break;
+            }
+            let hb: [u8; format_v1::EXTENT_HEADER_LEN] = hb.try_into().expect("512");
+            let h = match V1ExtentHeader::decode(&hb, offset, &uuid) {
+                Ok(h) => h,
+                Err(e) => {
+                    state.problem(e)?;
+                    resync_v1(input, &uuid)?;
+                    continue;
+                }
+            };
+            input.consume(format_v1::EXTENT_HEADER_LEN);
+            let data = match input.read_vec(h.data_len(), "VMA extent data") {
+                Ok(d) => d,
+                Err(e) => {
+                    state.problem(e)?;
+                    break;
+                }
+            };
+            let ext = DecodedExtent::from_v1(seq, offset, &h, data);
+            seq += 1;
+            state.handle(Ok(ext), &mut sink)?;
+        }
+        state.bytes = input.pos();
+        state.finish()
+    }
+}
+
+/// Skip forward to the next VMA v1 extent header of this archive.
+fn resync_v1<R: Read>(input: &mut Input<R>, uuid: &[u8; 16]) -> Result<()> {
+    input.consume(1);
+    loop {
+        let buf = input.peek(1 << 20)?;
+        if buf.len() < format_v1::EXTENT_HEADER_LEN {
+            let n = buf.len();
+            input.consume(n);
+            return Ok(());
+        }
+        let last = buf.len() - format_v1::EXTENT_HEADER_LEN;
+        let found = (0..=last).find(|&i| {
+            buf[i..i + 4] == format_v1::EXTENT_MAGIC && &buf[i + 8..i + 24] == uuid && {
+                let hb: [u8; format_v1::EXTENT_HEADER_LEN] = buf
+                    [i..i + format_v1::EXTENT_HEADER_LEN]
+                    .try_into()
+                    .expect("512");
+                V1ExtentHeader::decode(&hb, 0, uuid).is_ok()
+            }
+        });
+        match found {
+            Some(i) => {
+                input.consume(i);
+                return Ok(());
+            }
+            None => input.consume(last + 1),
+        }
     }
 }
 

@@ -16,6 +16,29 @@ use crate::pipeline::OrderedPool;
 use crate::ranges::RangeSet;
 use crate::types::{block_mask, cluster_len, cluster_range_bytes, ClusterNo, DriveId};
 
+/// Anything that takes clusters of drives in any order: the native
+/// [`Writer`] and the VMA v1 writer. Sources feed archives through it.
+pub trait ClusterWriter {
+    /// Store one cluster (`data` is the cluster's exact length).
+    fn write_cluster(&mut self, drive: DriveId, cluster: ClusterNo, data: &[u8]) -> Result<()>;
+    /// Record clusters as all zero.
+    fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()>;
+    /// Record the SHA-256 of the whole logical drive, where the format has room.
+    fn set_drive_digest(&mut self, drive: DriveId, digest: [u8; 32]) -> Result<()>;
+}
+
+impl<W: Write> ClusterWriter for Writer<W> {
+    fn write_cluster(&mut self, drive: DriveId, cluster: ClusterNo, data: &[u8]) -> Result<()> {
+        Writer::write_cluster(self, drive, cluster, data)
+    }
+    fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
+        Writer::write_zeros(self, drive, clusters)
+    }
+    fn set_drive_digest(&mut self, drive: DriveId, digest: [u8; 32]) -> Result<()> {
+        Writer::set_drive_digest(self, drive, digest)
+    }
+}
+
 /// How extent payloads are compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {

@@ -1,0 +1,463 @@
+//! On-disk structures of Proxmox VMA version 1 (the format of `vzdump`
+//! backups) and their byte encodings. No I/O here. Described in the
+//! appendix of `format-spec.md`; follows Proxmox's `vma_spec.txt` and, where
+//! the two differ, what Proxmox's own writer produces.
+//!
+//! All integers are big-endian except the 2-byte little-endian length in
+//! front of each blob.
+
+use md5::{Digest, Md5};
+
+use crate::error::{Error, Result};
+use crate::format::{check_name, ConfigBlob, DriveInfo, BLOCK_SIZE, CLUSTER_SIZE};
+use crate::types::DriveId;
+
+/// Magic at offset 0. Never change.
+pub const MAGIC: [u8; 4] = *b"VMA\0";
+/// Magic of every extent header. Never change.
+pub const EXTENT_MAGIC: [u8; 4] = *b"VMAE";
+/// The only version.
+pub const VERSION: u32 = 1;
+/// Offset of the blob buffer in every header Proxmox writes; the device
+/// table ends here.
+pub const FIXED_HEADER_LEN: usize = 12288;
+/// Size of an extent header.
+pub const EXTENT_HEADER_LEN: usize = 512;
+/// Cluster slots per extent header.
+pub const SLOTS_PER_EXTENT: usize = 59;
+/// Config slots in the header.
+pub const MAX_CONFIGS: usize = 256;
+/// Device ids run 1..=254.
+pub const MAX_DEVICE_ID: u8 = 254;
+/// A blob holds at most this many bytes (2-byte length).
+pub const MAX_BLOB: usize = u16::MAX as usize;
+/// A header is at most this large (12 KiB of tables plus a blob buffer).
+pub const MAX_HEADER_LEN: usize = FIXED_HEADER_LEN + (17 << 20);
+/// Largest extent: header and 59 full clusters.
+pub const MAX_EXTENT_LEN: usize = EXTENT_HEADER_LEN + SLOTS_PER_EXTENT * CLUSTER_SIZE;
+
+const MD5_AT: usize = 32;
+const CONFIG_NAMES_AT: usize = 2044;
+const CONFIG_DATA_AT: usize = 3068;
+const DEV_INFO_AT: usize = 4096;
+const DEV_INFO_LEN: usize = 32;
+
+/// The parts of a v1 header this toolkit uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct V1Header {
+    /// Archive uuid (repeated in every extent header).
+    pub uuid: [u8; 16],
+    /// Backup time, seconds since the epoch.
+    pub ctime: u64,
+    /// Devices (id = index in the device table).
+    pub drives: Vec<DriveInfo>,
+    /// Config blobs in slot order.
+    pub configs: Vec<ConfigBlob>,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// MD5 of `bytes` with the 16-byte checksum field at `at` taken as zero.
+fn md5_with_hole(bytes: &[u8], at: usize) -> [u8; 16] {
+    let mut h = Md5::new();
+    h.update(&bytes[..at]);
+    h.update([0u8; 16]);
+    h.update(&bytes[at + 16..]);
+    h.finalize().into()
+}
+
+/// Where an extent header keeps its MD5.
+const EXTENT_MD5_AT: usize = 24;
+
+/// The header size declared in the first 60 bytes, checked for sanity.
+pub fn header_len(prefix: &[u8]) -> Result<usize> {
+    if prefix.len() < 60 {
+        return Err(Error::truncated(
+            prefix.len() as u64,
+            "VMA header shorter than 60 bytes",
+        ));
+    }
+    if prefix[..4] != MAGIC {
+        return Err(Error::corrupt(
+            0,
+            "not a VMA v1 archive (magic VMA\\0 missing)",
+        ));
+    }
+    let version = be32(prefix, 4);
+    if version != VERSION {
+        return Err(Error::UnsupportedFormat {
+            format: format!("Proxmox VMA version {version}"),
+            hint: "only VMA version 1 exists and is supported".into(),
+        });
+    }
+    let size = be32(prefix, 56) as usize;
+    if !(FIXED_HEADER_LEN..=MAX_HEADER_LEN).contains(&size) {
+        return Err(Error::corrupt(
+            56,
+            format!("VMA header size {size} is outside {FIXED_HEADER_LEN}..={MAX_HEADER_LEN}"),
+        ));
+    }
+    Ok(size)
+}
+
+impl V1Header {
+    /// Decode and check a whole header (`header_len` bytes).
+    pub fn decode(b: &[u8]) -> Result<V1Header> {
+        let size = header_len(b)?;
+        if b.len() != size {
+            return Err(Error::truncated(
+                b.len() as u64,
+                format!("VMA header needs {size} bytes"),
+            ));
+        }
+        if md5_with_hole(b, MD5_AT)[..] != b[MD5_AT..MD5_AT + 16] {
+            return Err(Error::corrupt(
+                MD5_AT as u64,
+                "VMA header MD5 does not match the header bytes",
+            ));
+        }
+        let uuid: [u8; 16] = b[8..24].try_into().expect("16");
+        let ctime = be64(b, 24);
+        let blob_at = be32(b, 48) as usize;
+        let blob_len = be32(b, 52) as usize;
+        if blob_at < FIXED_HEADER_LEN || blob_at.checked_add(blob_len).is_none_or(|e| e > size) {
+            return Err(Error::corrupt(
+                48,
+                format!("blob buffer {blob_at}+{blob_len} lies outside the {size}-byte header"),
+            ));
+        }
+        let blobs = &b[blob_at..blob_at + blob_len];
+        let blob = |ptr: u32, field_at: usize| -> Result<&[u8]> {
+            let p = ptr as usize;
+            let bad = || {
+                Error::corrupt(
+                    field_at as u64,
+                    format!("blob offset {p} points outside the blob buffer ({blob_len} bytes)"),
+                )
+            };
+            let len_bytes = blobs.get(p..p + 2).ok_or_else(bad)?;
+            let len = u16::from_le_bytes([len_bytes[0], len_bytes[1]]) as usize;
+            blobs.get(p + 2..p + 2 + len).ok_or_else(bad)
+        };
+        let text = |bytes: &[u8], field_at: usize, what: &str| -> Result<String> {
+            let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+            let s = std::str::from_utf8(bytes)
+                .map_err(|_| Error::corrupt(field_at as u64, format!("{what} is not valid UTF-8")))?
+                .to_string();
+            check_name(&s).map_err(|e| Error::corrupt(field_at as u64, e.to_string()))?;
+            Ok(s)
+        };
+        let mut configs = Vec::new();
+        for i in 0..MAX_CONFIGS {
+            let name_at = CONFIG_NAMES_AT + 4 * i;
+            let data_at = CONFIG_DATA_AT + 4 * i;
+            let (name_ptr, data_ptr) = (be32(b, name_at), be32(b, data_at));
+            if name_ptr == 0 && data_ptr == 0 {
+                continue;
+            }
+            if name_ptr == 0 || data_ptr == 0 {
+                return Err(Error::corrupt(
+                    name_at as u64,
+                    format!("config slot {i} has a name or data but not both"),
+                ));
+            }
+            let name = text(blob(name_ptr, name_at)?, name_at, "config name")?;
+            let data = blob(data_ptr, data_at)?.to_vec();
+            configs.push(ConfigBlob { name, data });
+        }
+        let mut drives = Vec::new();
+        for id in 1..=255usize {
+            let at = DEV_INFO_AT + DEV_INFO_LEN * id;
+            let name_ptr = be32(b, at);
+            if name_ptr == 0 {
+                continue;
+            }
+            if id > MAX_DEVICE_ID as usize {
+                return Err(Error::corrupt(
+                    at as u64,
+                    format!("device id {id} is outside 1..=254"),
+                ));
+            }
+            let name = text(blob(name_ptr, at)?, at, "device name")?;
+            let size = be64(b, at + 8);
+            if size > crate::format::limits::MAX_DRIVE_SIZE {
+                return Err(Error::corrupt(
+                    at as u64 + 8,
+                    format!("device {name} claims {size} bytes"),
+                ));
+            }
+            drives.push(DriveInfo {
+                id: DriveId(id as u8),
+                name,
+                size,
+            });
+        }
+        if drives.is_empty() {
+            return Err(Error::corrupt(
+                DEV_INFO_AT as u64,
+                "the VMA header lists no devices",
+            ));
+        }
+        Ok(V1Header {
+            uuid,
+            ctime,
+            drives,
+            configs,
+        })
+    }
+
+    /// Encode the header as Proxmox's writer lays it out: blob buffer at
+    /// 12288, blob offsets from 1, names NUL-terminated, size rounded to 512.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        if self.configs.len() > MAX_CONFIGS {
+            return Err(Error::Limit(format!(
+                "VMA v1 holds at most {MAX_CONFIGS} configs"
+            )));
+        }
+        let mut blobs: Vec<u8> = vec![0]; // offset 0 means "none"
+        let mut add = |data: &[u8], what: &str| -> Result<u32> {
+            if data.len() > MAX_BLOB {
+                return Err(Error::Limit(format!(
+                    "{what} is {} bytes; a VMA v1 blob holds at most {MAX_BLOB} (use the native format)",
+                    data.len()
+                )));
+            }
+            let at = blobs.len() as u32;
+            blobs.extend_from_slice(&(data.len() as u16).to_le_bytes());
+            blobs.extend_from_slice(data);
+            Ok(at)
+        };
+        let cstr = |s: &str| {
+            let mut v = s.as_bytes().to_vec();
+            v.push(0);
+            v
+        };
+        let mut header = vec![0u8; FIXED_HEADER_LEN];
+        for (i, c) in self.configs.iter().enumerate() {
+            let n = add(&cstr(&c.name), &format!("config name {:?}", c.name))?;
+            let d = add(&c.data, &format!("config {:?}", c.name))?;
+            header[CONFIG_NAMES_AT + 4 * i..][..4].copy_from_slice(&n.to_be_bytes());
+            header[CONFIG_DATA_AT + 4 * i..][..4].copy_from_slice(&d.to_be_bytes());
+        }
+        for d in &self.drives {
+            if d.id.0 == 0 || d.id.0 > MAX_DEVICE_ID {
+                return Err(Error::Limit(format!(
+                    "VMA v1 device ids are 1..=254; drive {} has {}",
+                    d.name, d.id
+                )));
+            }
+            if d.size.div_ceil(CLUSTER_SIZE as u64) > u32::MAX as u64 {
+                return Err(Error::Limit(format!(
+                    "drive {} is too large for VMA v1",
+                    d.name
+                )));
+            }
+            let n = add(&cstr(&d.name), &format!("drive name {:?}", d.name))?;
+            let at = DEV_INFO_AT + DEV_INFO_LEN * d.id.0 as usize;
+            header[at..at + 4].copy_from_slice(&n.to_be_bytes());
+            header[at + 8..at + 16].copy_from_slice(&d.size.to_be_bytes());
+        }
+        let blob_len = blobs.len();
+        header.extend_from_slice(&blobs);
+        let size = header.len().next_multiple_of(512);
+        header.resize(size, 0);
+        header[..4].copy_from_slice(&MAGIC);
+        header[4..8].copy_from_slice(&VERSION.to_be_bytes());
+        header[8..24].copy_from_slice(&self.uuid);
+        header[24..32].copy_from_slice(&self.ctime.to_be_bytes());
+        header[48..52].copy_from_slice(&(FIXED_HEADER_LEN as u32).to_be_bytes());
+        header[52..56].copy_from_slice(&(blob_len as u32).to_be_bytes());
+        header[56..60].copy_from_slice(&(size as u32).to_be_bytes());
+        let md5 = md5_with_hole(&header, MD5_AT);
+        header[MD5_AT..MD5_AT + 16].copy_from_slice(&md5);
+        Ok(header)
+    }
+}
+
+/// One used slot of an extent header: a cluster of a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// Which 4 KiB blocks are stored (0: the cluster is all zero).
+    pub mask: u16,
+    /// Device id.
+    pub drive: DriveId,
+    /// Cluster number.
+    pub cluster: u32,
+}
+
+/// A decoded 512-byte extent header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct V1ExtentHeader {
+    /// Stored 4 KiB blocks following the header.
+    pub block_count: u16,
+    /// Used slots in order (slots with device id 0 are skipped).
+    pub slots: Vec<Slot>,
+}
+
+impl V1ExtentHeader {
+    /// Bytes of block data after the header.
+    pub fn data_len(&self) -> usize {
+        self.block_count as usize * BLOCK_SIZE
+    }
+
+    /// Decode and check an extent header at absolute `offset`.
+    pub fn decode(b: &[u8; EXTENT_HEADER_LEN], offset: u64, uuid: &[u8; 16]) -> Result<Self> {
+        if b[..4] != EXTENT_MAGIC {
+            return Err(Error::corrupt(
+                offset,
+                format!(
+                    "expected a VMA extent (magic VMAE), found {}",
+                    hex::encode(&b[..4])
+                ),
+            ));
+        }
+        if md5_with_hole(b, EXTENT_MD5_AT)[..] != b[EXTENT_MD5_AT..EXTENT_MD5_AT + 16] {
+            return Err(Error::corrupt(
+                offset + 24,
+                "VMA extent header MD5 does not match its bytes",
+            ));
+        }
+        if &b[8..24] != uuid {
+            return Err(Error::corrupt(
+                offset + 8,
+                "VMA extent carries another archive's uuid",
+            ));
+        }
+        let block_count = u16::from_be_bytes([b[6], b[7]]);
+        let mut slots = Vec::new();
+        let mut blocks = 0u32;
+        for i in 0..SLOTS_PER_EXTENT {
+            let s = &b[40 + 8 * i..48 + 8 * i];
+            let drive = s[3];
+            if drive == 0 {
+                continue;
+            }
+            let mask = u16::from_be_bytes([s[0], s[1]]);
+            blocks += mask.count_ones();
+            slots.push(Slot {
+                mask,
+                drive: DriveId(drive),
+                cluster: be32(s, 4),
+            });
+        }
+        if blocks != block_count as u32 {
+            return Err(Error::corrupt(
+                offset + 6,
+                format!("VMA extent declares {block_count} blocks but its masks mark {blocks}"),
+            ));
+        }
+        Ok(V1ExtentHeader { block_count, slots })
+    }
+
+    /// Encode with the archive's uuid and the header MD5.
+    pub fn encode(&self, uuid: &[u8; 16]) -> [u8; EXTENT_HEADER_LEN] {
+        let mut b = [0u8; EXTENT_HEADER_LEN];
+        b[..4].copy_from_slice(&EXTENT_MAGIC);
+        b[6..8].copy_from_slice(&self.block_count.to_be_bytes());
+        b[8..24].copy_from_slice(uuid);
+        for (i, s) in self.slots.iter().enumerate() {
+            let at = 40 + 8 * i;
+            b[at..at + 2].copy_from_slice(&s.mask.to_be_bytes());
+            b[at + 3] = s.drive.0;
+            b[at + 4..at + 8].copy_from_slice(&s.cluster.to_be_bytes());
+        }
+        let md5 = md5_with_hole(&b, EXTENT_MD5_AT);
+        b[EXTENT_MD5_AT..EXTENT_MD5_AT + 16].copy_from_slice(&md5);
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> V1Header {
+        V1Header {
+            uuid: [3; 16],
+            ctime: 1_635_680_622,
+            drives: vec![
+                DriveInfo {
+                    id: DriveId(1),
+                    name: "drive-scsi0".into(),
+                    size: (10 << 30) + 512,
+                },
+                DriveInfo {
+                    id: DriveId(254),
+                    name: "drive-efidisk0".into(),
+                    size: 528 * 1024,
+                },
+            ],
+            configs: vec![
+                ConfigBlob {
+                    name: "qemu-server.conf".into(),
+                    data: b"boot: order=scsi0\n".to_vec(),
+                },
+                ConfigBlob {
+                    name: "qemu-server.fw".into(),
+                    data: vec![],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn header_round_trip_and_layout() {
+        let h = sample();
+        let b = h.encode().unwrap();
+        assert_eq!(b.len() % 512, 0);
+        assert_eq!(be32(&b, 48), 12288);
+        // Blob offsets start at 1 and lengths are little-endian.
+        assert_eq!(be32(&b, CONFIG_NAMES_AT), 1);
+        assert_eq!(&b[12289..12291], &17u16.to_le_bytes());
+        assert_eq!(&b[12291..12308], b"qemu-server.conf\0");
+        assert_eq!(V1Header::decode(&b).unwrap(), h);
+        // The blob buffer size is what was used, not a multiple of 512.
+        assert_ne!(be32(&b, 52) % 512, 0);
+    }
+
+    #[test]
+    fn header_md5_catches_any_flip() {
+        let b = sample().encode().unwrap();
+        for i in (0..b.len()).step_by(97) {
+            let mut bad = b.clone();
+            bad[i] ^= 4;
+            assert!(V1Header::decode(&bad).is_err(), "flip at {i}");
+        }
+    }
+
+    #[test]
+    fn extent_header_round_trip() {
+        let h = V1ExtentHeader {
+            block_count: 17,
+            slots: vec![
+                Slot {
+                    mask: 0xffff,
+                    drive: DriveId(1),
+                    cluster: 0,
+                },
+                Slot {
+                    mask: 0,
+                    drive: DriveId(1),
+                    cluster: 1,
+                },
+                Slot {
+                    mask: 0x8000,
+                    drive: DriveId(2),
+                    cluster: 70_000,
+                },
+            ],
+        };
+        let b = h.encode(&[9; 16]);
+        assert_eq!(V1ExtentHeader::decode(&b, 0, &[9; 16]).unwrap(), h);
+        assert!(V1ExtentHeader::decode(&b, 0, &[8; 16]).is_err());
+        let mut bad = b;
+        bad[45] ^= 1;
+        assert!(V1ExtentHeader::decode(&bad, 0, &[9; 16]).is_err());
+    }
+}

@@ -1,0 +1,176 @@
+//! A writer of Proxmox VMA v1 archives, for `create --format vma1` and
+//! `convert`: clusters in any order, 59 to an extent, straight to any
+//! `Write`, as Proxmox's own writer lays them out.
+
+use std::io::Write;
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+use crate::format::{ConfigBlob, DriveInfo, BLOCK_SIZE};
+use crate::format_v1::{Slot, V1ExtentHeader, V1Header, SLOTS_PER_EXTENT};
+use crate::ranges::RangeSet;
+use crate::types::{
+    block_mask, cluster_len, cluster_range_bytes, clusters_for, ClusterNo, DriveId,
+};
+use crate::writer::ClusterWriter;
+
+/// Writes one VMA v1 archive.
+pub struct V1Writer<W: Write> {
+    out: W,
+    pos: u64,
+    uuid: [u8; 16],
+    drives: Vec<DriveInfo>,
+    written: Vec<RangeSet>,
+    slots: Vec<Slot>,
+    data: Vec<u8>,
+    extents: u64,
+}
+
+impl<W: Write> V1Writer<W> {
+    /// Write the header for `drives` and `configs` and get ready for clusters.
+    pub fn new(
+        mut out: W,
+        uuid: [u8; 16],
+        ctime: u64,
+        drives: Vec<DriveInfo>,
+        configs: Vec<ConfigBlob>,
+    ) -> Result<Self> {
+        let header = V1Header {
+            uuid,
+            ctime,
+            drives: drives.clone(),
+            configs,
+        }
+        .encode()?;
+        out.write_all(&header)
+            .map_err(|e| Error::io("writing the VMA header", e))?;
+        Ok(V1Writer {
+            out,
+            pos: header.len() as u64,
+            uuid,
+            written: vec![RangeSet::new(); drives.len()],
+            drives,
+            slots: Vec::with_capacity(SLOTS_PER_EXTENT),
+            data: Vec::with_capacity(SLOTS_PER_EXTENT * 16 * BLOCK_SIZE),
+            extents: 0,
+        })
+    }
+
+    fn slot_of(&self, drive: DriveId) -> Result<usize> {
+        self.drives
+            .iter()
+            .position(|d| d.id == drive)
+            .ok_or_else(|| Error::Invalid(format!("drive id {drive} is not in this archive")))
+    }
+
+    fn claim(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<usize> {
+        let i = self.slot_of(drive)?;
+        let d = &self.drives[i];
+        if clusters.end > clusters_for(d.size) {
+            return Err(Error::Invalid(format!(
+                "drive {}: cluster {} is beyond its end",
+                d.name,
+                clusters.end - 1
+            )));
+        }
+        if let Err(dup) = self.written[i].insert(clusters) {
+            return Err(Error::Invalid(format!(
+                "drive {}: bytes {:?} were already written to this archive",
+                d.name,
+                cluster_range_bytes(d.size, dup)
+            )));
+        }
+        Ok(i)
+    }
+
+    fn push(&mut self, slot: Slot) -> Result<()> {
+        self.slots.push(slot);
+        if self.slots.len() == SLOTS_PER_EXTENT {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.slots.is_empty() {
+            return Ok(());
+        }
+        let header = V1ExtentHeader {
+            block_count: (self.data.len() / BLOCK_SIZE) as u16,
+            slots: std::mem::take(&mut self.slots),
+        };
+        let at = self.pos;
+        self.out
+            .write_all(&header.encode(&self.uuid))
+            .and_then(|_| self.out.write_all(&self.data))
+            .map_err(|e| Error::io(format!("writing the VMA archive at offset {at}"), e))?;
+        self.pos += (crate::format_v1::EXTENT_HEADER_LEN + self.data.len()) as u64;
+        self.data.clear();
+        self.slots = header.slots;
+        self.slots.clear();
+        self.extents += 1;
+        Ok(())
+    }
+
+    /// Write the last extent, check every cluster was given, flush. Returns the output.
+    pub fn finish(mut self) -> Result<W> {
+        self.flush()?;
+        for (d, w) in self.drives.iter().zip(&self.written) {
+            if let Some(gap) = w.gaps(clusters_for(d.size)).first() {
+                let b = cluster_range_bytes(d.size, gap.clone());
+                return Err(Error::Invalid(format!(
+                    "cannot finish the archive: drive {} bytes {}..{} were never written",
+                    d.name, b.start, b.end
+                )));
+            }
+        }
+        self.out
+            .flush()
+            .map_err(|e| Error::io("flushing the VMA archive", e))?;
+        Ok(self.out)
+    }
+}
+
+impl<W: Write> ClusterWriter for V1Writer<W> {
+    fn write_cluster(&mut self, drive: DriveId, cluster: ClusterNo, data: &[u8]) -> Result<()> {
+        let i = self.slot_of(drive)?;
+        let expected = cluster_len(self.drives[i].size, cluster);
+        if data.len() != expected || expected == 0 {
+            return Err(Error::Invalid(format!(
+                "drive {}: cluster {cluster} takes {expected} bytes, {} given",
+                self.drives[i].name,
+                data.len()
+            )));
+        }
+        self.claim(drive, cluster.0..cluster.0 + 1)?;
+        let mask = block_mask(data);
+        for (b, block) in data.chunks(BLOCK_SIZE).enumerate() {
+            if mask & (1 << b) != 0 {
+                self.data.extend_from_slice(block);
+                self.data
+                    .resize(self.data.len() + BLOCK_SIZE - block.len(), 0);
+            }
+        }
+        self.push(Slot {
+            mask,
+            drive,
+            cluster: cluster.0 as u32,
+        })
+    }
+
+    fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
+        self.claim(drive, clusters.clone())?;
+        for c in clusters {
+            self.push(Slot {
+                mask: 0,
+                drive,
+                cluster: c as u32,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn set_drive_digest(&mut self, _drive: DriveId, _digest: [u8; 32]) -> Result<()> {
+        Ok(()) // VMA v1 has no place for it.
+    }
+}
