@@ -11,13 +11,16 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
+use vma_core::convert::{copy_extent, AnyWriter};
+use vma_core::detect::{open_any, StreamCompression};
 use vma_core::extract::{extract, AtomicFile, ExtractOptions};
 use vma_core::format::{check_name, limits};
 use vma_core::source::{copy_raw_image, RawImage};
 use vma_core::stream::human_bytes;
+use vma_core::stream::ArchiveFormat;
 use vma_core::{
-    ArchiveMeta, ArchiveStream, Compression, ConfigBlob, DriveId, DriveInfo, Reader, Writer,
-    WriterOptions,
+    ArchiveMeta, ArchiveStream, ClusterWriter, Compression, ConfigBlob, DriveId, DriveInfo,
+    PassOptions, Reader, WriterOptions,
 };
 
 use output::Progress;
@@ -36,25 +39,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create an archive from raw disk images or block devices.
-    Create {
-        /// Archive to write, or `-` for standard output.
-        archive: String,
-        /// Disk images as [NAME=]PATH; NAME defaults to the file stem.
-        #[arg(required = true, value_name = "[NAME=]IMAGE")]
-        images: Vec<String>,
-        /// Config blob as [NAME=]FILE; NAME defaults to the file name. Repeatable.
-        #[arg(long = "config", value_name = "[NAME=]FILE")]
-        configs: Vec<String>,
-        /// Extent compression: `zstd`, `zstd:LEVEL` or `none`.
-        #[arg(long, default_value = "zstd:1", value_name = "zstd[:LEVEL]|none")]
-        compress: String,
-        /// Worker threads (default: one per core).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// Replace an existing archive file.
-        #[arg(long)]
-        force: bool,
-    },
+    Create(CreateArgs),
     /// Show an archive's drives, configs and identity.
     List {
         /// Archive file, or `-` for standard input.
@@ -103,7 +88,64 @@ enum Command {
         /// Decoder threads (default: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Write everything intact even if the archive is damaged or
+        /// incomplete; lost ranges become zeros and are reported (exit 1).
+        #[arg(long)]
+        salvage: bool,
     },
+    /// Convert an archive between the native format and Proxmox VMA v1.
+    Convert {
+        /// Input archive (any format, plain or zstd/gzip-compressed), or `-`.
+        input: String,
+        /// Output archive, or `-` for standard output.
+        output: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "v2")]
+        format: OutputFormat,
+        /// Extent compression of a v2 output: `zstd`, `zstd:LEVEL` or `none`.
+        #[arg(long, default_value = "zstd:1", value_name = "zstd[:LEVEL]|none")]
+        compress: String,
+        /// Worker threads (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Arguments of `vma create`.
+#[derive(clap::Args)]
+struct CreateArgs {
+    /// Archive to write, or `-` for standard output.
+    archive: String,
+    /// Disk images as [NAME=]PATH; NAME defaults to the file stem.
+    #[arg(required = true, value_name = "[NAME=]IMAGE")]
+    images: Vec<String>,
+    /// Config blob as [NAME=]FILE; NAME defaults to the file name. Repeatable.
+    #[arg(long = "config", value_name = "[NAME=]FILE")]
+    configs: Vec<String>,
+    /// Extent compression: `zstd`, `zstd:LEVEL` or `none`.
+    #[arg(long, default_value = "zstd:1", value_name = "zstd[:LEVEL]|none")]
+    compress: String,
+    /// Worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Replace an existing archive file.
+    #[arg(long)]
+    force: bool,
+    /// Archive format: the native v2, or Proxmox VMA v1 for `qmrestore`.
+    #[arg(long, value_enum, default_value = "v2")]
+    format: OutputFormat,
+}
+
+/// Archive formats `create` and `convert` can write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OutputFormat {
+    /// The native format (version 2).
+    V2,
+    /// Proxmox VMA version 1, as `vzdump` writes it.
+    Vma1,
 }
 
 /// Errors whose exit code is decided by the command (1 = damage found).
@@ -152,16 +194,7 @@ fn one_line(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> Result<()> {
     let quiet = cli.quiet;
     match cli.command {
-        Command::Create {
-            archive,
-            images,
-            configs,
-            compress,
-            threads,
-            force,
-        } => create(
-            &archive, &images, &configs, &compress, threads, force, quiet,
-        ),
+        Command::Create(args) => create(&args, quiet),
         Command::List { archive, json } => output::list(&archive, json),
         Command::Config {
             archive,
@@ -180,7 +213,24 @@ fn run(cli: Cli) -> Result<()> {
             drives,
             force,
             threads,
-        } => extract_cmd(&archive, &target_dir, drives, force, threads, quiet),
+            salvage,
+        } => {
+            let options = ExtractOptions {
+                drives,
+                force,
+                threads,
+                salvage,
+            };
+            extract_cmd(&archive, &target_dir, options, quiet)
+        }
+        Command::Convert {
+            input,
+            output,
+            format,
+            compress,
+            threads,
+            force,
+        } => convert(&input, &output, format, &compress, threads, force, quiet),
     }
 }
 
@@ -218,28 +268,37 @@ fn open_input(archive: &str) -> Result<(Box<dyn Read>, Option<PathBuf>)> {
     }
 }
 
-/// An archive opened for one sequential pass, and its path unless stdin.
-type OpenStream = (ArchiveStream<Box<dyn Read>>, Option<PathBuf>);
+/// An archive opened for one sequential pass, its path unless stdin, and
+/// the whole-stream compression it was read through.
+pub(crate) type OpenStream = (
+    ArchiveStream<Box<dyn Read>>,
+    Option<PathBuf>,
+    StreamCompression,
+);
 
-fn open_stream(archive: &str) -> Result<OpenStream> {
+/// Open any archive (v2 or VMA v1; plain, zstd or gzip) for one pass.
+pub(crate) fn open_stream(archive: &str) -> Result<OpenStream> {
     let (input, path) = open_input(archive)?;
     let name = if archive == "-" {
         "standard input"
     } else {
         archive
     };
-    Ok((ArchiveStream::open(input, name)?, path))
+    let (stream, compression) = open_any(input, name)?;
+    Ok((stream, path, compression))
 }
 
-fn create(
-    archive: &str,
-    image_args: &[String],
-    config_args: &[String],
-    compress: &str,
-    threads: usize,
-    force: bool,
-    quiet: bool,
-) -> Result<()> {
+fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
+    let CreateArgs {
+        archive,
+        images: image_args,
+        configs: config_args,
+        compress,
+        threads,
+        force,
+        format,
+    } = args;
+    let (threads, force, format) = (*threads, *force, *format);
     let compression = parse_compression(compress)?;
     if image_args.len() > limits::MAX_DRIVES {
         bail!(
@@ -305,40 +364,136 @@ fn create(
     };
     let total: u64 = drives.iter().map(|d| d.size).sum();
     let progress = Progress::bytes(total, "create", quiet);
-    let summary = if archive == "-" {
-        let stdout = std::io::stdout().lock();
-        let mut writer = Writer::new(BufWriter::with_capacity(1 << 20, stdout), meta, &options)?;
+    let written = write_archive(archive, force, |out| {
+        let mut writer = AnyWriter::new(out, meta, format == OutputFormat::Vma1, &options)?;
         feed_images(&mut writer, &drives, &images, &progress)?;
-        writer.finish()?.1
-    } else {
-        let dest = Path::new(archive);
-        if dest.exists() && !force {
-            bail!("{archive} exists; use --force to replace it");
-        }
-        let out = AtomicFile::create(dest)?;
-        let mut writer = Writer::new(BufWriter::with_capacity(1 << 20, out), meta, &options)?;
-        feed_images(&mut writer, &drives, &images, &progress)?;
-        let (out, s) = writer.finish()?;
-        let out = out.into_inner().map_err(|e| e.into_error())?;
-        out.commit()?;
-        s
-    };
+        writer.finish()?;
+        Ok(())
+    })?;
     progress.finish();
     if !quiet {
         eprintln!(
-            "vma: wrote {} ({} drives, {} logical, {} stored, {} extents)",
+            "vma: wrote {} ({} drives, {} logical, {} stored)",
             archive,
             drives.len(),
             human_bytes(total),
-            human_bytes(summary.bytes_written),
-            summary.extents
+            human_bytes(written.1),
         );
     }
     Ok(())
 }
 
-fn feed_images<W: Write>(
-    writer: &mut Writer<W>,
+/// Write an archive to `archive` (`-`: standard output) through `body`:
+/// a file appears under its name only once complete and fsynced. Returns
+/// the body's result and the bytes written.
+fn write_archive<T>(
+    archive: &str,
+    force: bool,
+    body: impl FnOnce(&mut dyn Write) -> Result<T>,
+) -> Result<(T, u64)> {
+    if archive == "-" {
+        let mut out = Counting(
+            BufWriter::with_capacity(1 << 20, std::io::stdout().lock()),
+            0,
+        );
+        let result = body(&mut out)?;
+        out.flush().context("writing standard output")?;
+        return Ok((result, out.1));
+    }
+    let dest = Path::new(archive);
+    if dest.exists() && !force {
+        bail!("{archive} exists; use --force to replace it");
+    }
+    let mut out = Counting(
+        BufWriter::with_capacity(1 << 20, AtomicFile::create(dest)?),
+        0,
+    );
+    let result = body(&mut out)?;
+    let file = out.0.into_inner().map_err(|e| e.into_error())?;
+    file.commit()?;
+    Ok((result, out.1))
+}
+
+/// A writer that counts the bytes through it.
+struct Counting<W: Write>(W, u64);
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.1 += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+fn convert(
+    input: &str,
+    output: &str,
+    format: OutputFormat,
+    compress: &str,
+    threads: usize,
+    force: bool,
+    quiet: bool,
+) -> Result<()> {
+    let compression = parse_compression(compress)?;
+    let (stream, path, stream_compression) = open_stream(input)?;
+    let header = stream.header().clone();
+    let meta = ArchiveMeta {
+        uuid: header.uuid,
+        ctime: header.ctime,
+        creator: format!("vma {}", env!("CARGO_PKG_VERSION")),
+        drives: header.drives.clone(),
+        configs: header.configs.clone(),
+        parent: header.parent,
+    };
+    let options = WriterOptions {
+        compression,
+        threads,
+        ..Default::default()
+    };
+    let total = match (&path, stream_compression) {
+        (Some(p), StreamCompression::None) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+        _ => 0,
+    };
+    let progress = Progress::bytes(total, "convert", quiet);
+    let pass_options = PassOptions {
+        threads,
+        keep_going: false,
+        hash_drives: false,
+    };
+    let (_, bytes) = write_archive(output, force, |out| {
+        let mut writer = AnyWriter::new(out, meta, format == OutputFormat::Vma1, &options)?;
+        let report = stream.pass(&pass_options, |ext| {
+            progress.set(ext.offset + ext.stored_len);
+            copy_extent(ext, &header.drives, &mut writer)
+        })?;
+        // Whole-drive digests hold for the same bytes in the new archive.
+        for record in report.index.iter().flat_map(|i| &i.drives) {
+            if let Some(digest) = record.digest {
+                writer.set_drive_digest(record.drive, digest)?;
+            }
+        }
+        writer.finish()?;
+        Ok(())
+    })?;
+    progress.finish();
+    if !quiet {
+        eprintln!(
+            "vma: wrote {output} ({}, {})",
+            match format {
+                OutputFormat::V2 => "vma v2",
+                OutputFormat::Vma1 => "Proxmox VMA v1",
+            },
+            human_bytes(bytes)
+        );
+    }
+    Ok(())
+}
+
+fn feed_images(
+    writer: &mut dyn ClusterWriter,
     drives: &[DriveInfo],
     images: &[RawImage],
     progress: &Progress,
@@ -353,7 +508,7 @@ fn feed_images<W: Write>(
 }
 
 fn config(archive: &str, name: Option<&str>, list: bool) -> Result<()> {
-    let (stream, _) = open_stream(archive)?;
+    let (stream, _, _) = open_stream(archive)?;
     let header = stream.header();
     let mut out = std::io::stdout().lock();
     if list {
@@ -380,25 +535,13 @@ fn config(archive: &str, name: Option<&str>, list: bool) -> Result<()> {
     Ok(())
 }
 
-fn extract_cmd(
-    archive: &str,
-    dir: &Path,
-    drives: Vec<String>,
-    force: bool,
-    threads: usize,
-    quiet: bool,
-) -> Result<()> {
-    let (stream, path) = open_stream(archive)?;
-    let total = match &path {
-        Some(p) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
-        None => 0,
+fn extract_cmd(archive: &str, dir: &Path, options: ExtractOptions, quiet: bool) -> Result<()> {
+    let (stream, path, compression) = open_stream(archive)?;
+    let total = match (&path, compression) {
+        (Some(p), StreamCompression::None) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+        _ => 0,
     };
     let progress = Progress::bytes(total, "extract", quiet);
-    let options = ExtractOptions {
-        drives,
-        force,
-        threads,
-    };
     let summary = extract(stream, dir, &options, |pos| progress.set(pos))?;
     progress.finish();
     if !quiet {
@@ -407,35 +550,60 @@ fn extract_cmd(
             eprintln!("vma: wrote {} ({})", f.display(), human_bytes(size));
         }
     }
-    Ok(())
+    let report = &summary.report;
+    if report.is_clean() {
+        return Ok(());
+    }
+    for p in &report.problems {
+        eprintln!("vma: damaged: {p}");
+    }
+    for r in report.missing.iter().chain(&report.damaged) {
+        eprintln!("vma: lost (written as zeros): {r}");
+    }
+    let lost: u64 = report
+        .missing
+        .iter()
+        .chain(&report.damaged)
+        .map(|r| r.bytes.end - r.bytes.start)
+        .sum();
+    Err(Damage(format!(
+        "salvaged what was intact; {} in {} range(s) could not be recovered",
+        human_bytes(lost),
+        report.missing.len() + report.damaged.len()
+    ))
+    .into())
 }
 
-/// Used by `output` to open archives for reading.
-pub(crate) fn open_reader_or_stream(archive: &str) -> Result<Opened> {
-    if archive == "-" {
-        let (stream, _) = open_stream(archive)?;
-        return Ok(Opened::Stream(Box::new(stream.header().clone()), None));
-    }
-    match Reader::open(Path::new(archive)) {
-        Ok(r) => Ok(Opened::Reader(Box::new(r))),
-        Err(e) if e.is_damage() => {
-            // Show what the header says and why the rest is unavailable.
-            let (stream, _) = open_stream(archive)?;
-            Ok(Opened::Stream(
-                Box::new(stream.header().clone()),
-                Some(e.to_string()),
-            ))
+/// An archive opened for listing: with its index when it is a complete
+/// uncompressed file, otherwise just its header and why that is all.
+pub(crate) struct Opened {
+    pub(crate) header: vma_core::Header,
+    pub(crate) format: ArchiveFormat,
+    pub(crate) compression: StreamCompression,
+    pub(crate) reader: Option<Reader>,
+    pub(crate) problem: Option<String>,
+}
+
+/// Open an archive for `list`: through the Reader when possible (stored
+/// sizes, digests), else from its header alone.
+pub(crate) fn open_for_listing(archive: &str) -> Result<Opened> {
+    let (stream, _, compression) = open_stream(archive)?;
+    let mut opened = Opened {
+        header: stream.header().clone(),
+        format: stream.format(),
+        compression,
+        reader: None,
+        problem: None,
+    };
+    drop(stream);
+    if archive != "-" && compression == StreamCompression::None {
+        match Reader::open(Path::new(archive)) {
+            Ok(r) => opened.reader = Some(r),
+            Err(e) if e.is_damage() => opened.problem = Some(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => Err(e.into()),
     }
-}
-
-/// An archive opened for listing.
-pub(crate) enum Opened {
-    /// A complete archive file with its index.
-    Reader(Box<Reader>),
-    /// Only the header (stdin, or a file whose end is damaged: the reason).
-    Stream(Box<vma_core::Header>, Option<String>),
+    Ok(opened)
 }
 
 pub(crate) use DamageFound as Damage;

@@ -11,7 +11,9 @@ use vma_core::types::DriveRange;
 use vma_core::verify::verify as verify_archive;
 use vma_core::Error;
 
-use crate::{open_reader_or_stream, open_stream, progress_wanted, Damage, Opened};
+use crate::{open_for_listing, open_stream, progress_wanted, Damage, Opened};
+use vma_core::detect::StreamCompression;
+use vma_core::stream::ArchiveFormat;
 
 /// A byte progress bar on stderr, drawn only for a terminal and without `--quiet`.
 pub(crate) struct Progress(Option<ProgressBar>);
@@ -83,12 +85,18 @@ fn compression_str(h: &Header) -> String {
     }
 }
 
+/// `format` and `version` values of the JSON documents.
+fn format_names(format: ArchiveFormat, header: &Header) -> (&'static str, String) {
+    match format {
+        ArchiveFormat::V2 => ("vma", format!("2.{}", header.version_minor)),
+        ArchiveFormat::VmaV1 => ("proxmox-vma", "1".to_string()),
+    }
+}
+
 /// The `list --json` document (also what `mount` will show as archive.json).
 fn list_json(opened: &Opened) -> Value {
-    let (header, reader, incomplete) = match opened {
-        Opened::Reader(r) => (r.header(), Some(r), None),
-        Opened::Stream(h, why) => (h.as_ref(), None, why.clone()),
-    };
+    let header = &opened.header;
+    let reader = opened.reader.as_ref();
     let drives: Vec<Value> = header
         .drives
         .iter()
@@ -110,17 +118,24 @@ fn list_json(opened: &Opened) -> Value {
         .iter()
         .map(|c| json!({"name": c.name, "size": c.data.len()}))
         .collect();
+    let (format, version) = format_names(opened.format, header);
+    let compression = match (opened.format, opened.compression) {
+        (_, StreamCompression::Zstd) => "zstd (whole stream)".to_string(),
+        (_, StreamCompression::Gzip) => "gzip (whole stream)".to_string(),
+        (ArchiveFormat::VmaV1, StreamCompression::None) => "none".to_string(),
+        (ArchiveFormat::V2, StreamCompression::None) => compression_str(header),
+    };
     json!({
-        "format": "vma",
-        "version": format!("2.{}", header.version_minor),
+        "format": format,
+        "version": version,
         "uuid": uuid_str(&header.uuid),
         "ctime": header.ctime,
         "ctime_utc": iso_time(header.ctime),
         "creator": header.creator,
-        "compression": compression_str(header),
+        "compression": compression,
         "parent": header.parent.map(|p| json!({"uuid": uuid_str(&p.uuid), "digest": hex::encode(p.digest)})),
-        "complete": incomplete.is_none() && reader.is_some(),
-        "problem": incomplete,
+        "complete": reader.is_some(),
+        "problem": opened.problem,
         "archive_size": reader.and_then(|r| std::fs::metadata(r.path()).ok()).map(|m| m.len()),
         "archive_digest": reader.and_then(|r| r.footer()).map(|f| hex::encode(f.archive_digest)),
         "drives": drives,
@@ -129,13 +144,14 @@ fn list_json(opened: &Opened) -> Value {
 }
 
 pub(crate) fn list(archive: &str, json_out: bool) -> Result<()> {
-    let opened = open_reader_or_stream(archive)?;
+    let opened = open_for_listing(archive)?;
     let doc = list_json(&opened);
     if json_out {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         println!(
-            "format:      vma {}",
+            "format:      {} {}",
+            doc["format"].as_str().unwrap_or("?"),
             doc["version"].as_str().unwrap_or("?")
         );
         println!("uuid:        {}", doc["uuid"].as_str().unwrap_or("?"));
@@ -178,7 +194,7 @@ pub(crate) fn list(archive: &str, json_out: bool) -> Result<()> {
             );
         }
     }
-    if let Opened::Stream(_, Some(why)) = &opened {
+    if let Some(why) = &opened.problem {
         eprintln!("vma: warning: {why}");
     }
     Ok(())
@@ -213,7 +229,9 @@ pub(crate) fn verify(
     drive_digests: bool,
     quiet: bool,
 ) -> Result<()> {
-    let (stream, path) = open_stream(archive)?;
+    let (stream, path, compression) = open_stream(archive)?;
+    let format = stream.format();
+    let path = path.filter(|_| compression == StreamCompression::None);
     let total = path
         .as_ref()
         .and_then(|p| std::fs::metadata(p).ok())
@@ -251,8 +269,9 @@ pub(crate) fn verify(
             .collect();
         let doc = json!({
             "ok": report.is_clean(),
-            "format": "vma",
-            "version": format!("2.{}", header.version_minor),
+            "format": format_names(format, header).0,
+            "version": format_names(format, header).1,
+            "data_checksums": format == ArchiveFormat::V2,
             "uuid": uuid_str(&header.uuid),
             "extents": report.extents,
             "bytes": report.bytes,
@@ -267,18 +286,26 @@ pub(crate) fn verify(
             println!("DAMAGED: {p}");
         }
         if !quiet || !report.is_clean() {
+            let (name, version) = format_names(format, header);
             println!(
-                "archive {} (vma 2.{}, uuid {}): {} extents, {} read",
+                "archive {} ({name} {version}, uuid {}): {} extents, {} read",
                 archive,
-                header.version_minor,
                 uuid_str(&header.uuid),
                 report.extents,
                 human_bytes(report.bytes)
             );
+            if format == ArchiveFormat::VmaV1 {
+                println!(
+                    "  note: VMA v1 carries no checksums over the data; checked were the header and extent-header MD5s, the structure and that every cluster is present exactly once"
+                );
+            }
             for (d, c) in header.drives.iter().zip(&report.digests) {
                 let detail = match c {
                     DriveDigestCheck::Match(x) => format!("sha256 {} matches", hex::encode(x)),
                     DriveDigestCheck::Mismatch { .. } => "sha256 MISMATCH".into(),
+                    DriveDigestCheck::NotRecorded if format == ArchiveFormat::VmaV1 => {
+                        "no checksum of the data exists in VMA v1".into()
+                    }
                     DriveDigestCheck::NotRecorded => {
                         "no whole-drive sha256 recorded (extent digests checked)".into()
                     }

@@ -138,6 +138,9 @@ pub struct ExtractOptions {
     pub force: bool,
     /// Decoder threads (0: one per core).
     pub threads: usize,
+    /// Go on past damage and gaps: write everything intact, leave what is
+    /// lost as zeros (holes), and report it in the summary.
+    pub salvage: bool,
 }
 
 /// Result of an extraction.
@@ -201,7 +204,10 @@ fn plan(header: &Header, dir: &Path, options: &ExtractOptions) -> Result<Plan> {
 }
 
 /// Extract from an archive stream (file or pipe, one pass) into `dir`:
-/// `<drive>.raw` sparse files and one file per config blob.
+/// `<drive>.raw` sparse files and one file per config blob. Without
+/// `salvage`, the first problem stops it and nothing appears under a final
+/// name; with it, everything intact is written and the report lists what
+/// was lost.
 pub fn extract<R: Read>(
     stream: ArchiveStream<R>,
     dir: &Path,
@@ -222,7 +228,7 @@ pub fn extract<R: Read>(
     }
     let pass_options = PassOptions {
         threads: options.threads,
-        keep_going: false,
+        keep_going: options.salvage,
         hash_drives: false,
     };
     let report = stream.pass(&pass_options, |ext| {

@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod convert;
 pub mod detect;
 pub mod digest;
 pub mod error;

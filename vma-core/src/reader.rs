@@ -16,7 +16,7 @@ use crate::format::{
     EXTENT_HEADER_LEN, FOOTER_LEN, HEADER_FIXED_LEN, INCOMPAT_ZSTD,
 };
 use crate::format_v1::{self, V1ExtentHeader};
-use crate::stream::{ArchiveFormat, ArchiveStream};
+use crate::stream::{incomplete_error, ArchiveFormat, ArchiveStream};
 use crate::types::{cluster_len, cluster_range_bytes, ClusterNo, DriveId, DriveRange};
 
 /// Default bytes of decoded extents kept in memory.
@@ -429,6 +429,7 @@ fn check_index(
     index_offset: u64,
 ) -> Result<Vec<std::ops::Range<usize>>> {
     let mut out = Vec::with_capacity(header.drives.len());
+    let mut gaps = Vec::new();
     let mut i = 0;
     let runs = &index.runs;
     for d in &header.drives {
@@ -436,10 +437,13 @@ fn check_index(
         let mut next = 0u64;
         while i < runs.len() && runs[i].drive == d.id {
             let r = &runs[i];
-            if r.start != next || r.count == 0 {
+            if r.start < next || r.count == 0 || r.start + r.count as u64 > d.clusters() {
                 return Err(Error::corrupt(
                     index_offset,
-                    format!("index: drive {} has a gap or overlap at cluster {next} (run {i} starts at {})", d.name, r.start),
+                    format!(
+                        "index: run {i} (clusters {}+{}) of drive {} overlaps another or lies past its end",
+                        r.start, r.count, d.name
+                    ),
                 ));
             }
             if r.kind == RunKind::Data
@@ -459,22 +463,14 @@ fn check_index(
                     "index: unchanged run in an archive without parent",
                 ));
             }
-            next += r.count as u64;
+            if r.start > next {
+                gaps.push((d.id, next..r.start));
+            }
+            next = r.start + r.count as u64;
             i += 1;
         }
-        if next != d.clusters() {
-            return Err(Error::Incomplete {
-                summary: format!(
-                    "the index accounts for {next} of the {} clusters of drive {}",
-                    d.clusters(),
-                    d.name
-                ),
-                ranges: vec![DriveRange {
-                    drive: d.id,
-                    drive_name: d.name.clone(),
-                    bytes: cluster_range_bytes(d.size, next..d.clusters()),
-                }],
-            });
+        if next < d.clusters() {
+            gaps.push((d.id, next..d.clusters()));
         }
         out.push(first..i);
     }
@@ -483,6 +479,9 @@ fn check_index(
             index_offset,
             format!("index: run {i} names an unknown drive or is out of order"),
         ));
+    }
+    if !gaps.is_empty() {
+        return Err(incomplete_error(&header.drives, &gaps));
     }
     if index.drives.len() != header.drives.len()
         || index

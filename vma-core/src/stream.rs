@@ -17,7 +17,7 @@ use crate::format::{
     IndexRun, RunKind, ARCHIVE_MAGIC, CLUSTER_SIZE, EXTENT_HEADER_LEN, EXTENT_MAGIC, FOOTER_LEN,
     HEADER_FIXED_LEN, INCOMPAT_ZSTD, INDEX_FIXED_LEN, INDEX_MAGIC,
 };
-use crate::format::{Codec, CompressionInfo};
+use crate::format::{Codec, CompressionInfo, DriveInfo};
 use crate::format_v1::{self, V1ExtentHeader, V1Header};
 use crate::input::Input;
 use crate::pipeline::OrderedPool;
@@ -671,50 +671,24 @@ impl PassState {
     fn finish(mut self) -> Result<PassReport> {
         let drives = self.header.drives.clone();
         // Completeness: every cluster exactly once.
-        let mut missing = Vec::new();
-        for (slot, d) in drives.iter().enumerate() {
-            for gap in self.coverage[slot].gaps(d.clusters()) {
-                missing.push(DriveRange {
-                    drive: d.id,
-                    drive_name: d.name.clone(),
-                    bytes: cluster_range_bytes(d.size, gap),
-                });
-            }
-        }
+        let gaps: Vec<(DriveId, std::ops::Range<u64>)> = drives
+            .iter()
+            .enumerate()
+            .flat_map(|(slot, d)| {
+                self.coverage[slot]
+                    .gaps(d.clusters())
+                    .into_iter()
+                    .map(move |g| (d.id, g))
+            })
+            .collect();
         let clean_so_far = self.problems.is_empty();
-        if !missing.is_empty() {
-            let summary = drives
-                .iter()
-                .filter_map(|d| {
-                    let bytes: u64 = missing
-                        .iter()
-                        .filter(|m| m.drive == d.id)
-                        .map(|m| m.bytes.end - m.bytes.start)
-                        .sum();
-                    (bytes > 0).then(|| {
-                        format!(
-                            "drive {} lacks {} of {} clusters ({}): {}",
-                            d.name,
-                            bytes.div_ceil(CLUSTER_SIZE as u64),
-                            d.clusters(),
-                            human_bytes(bytes),
-                            describe_ranges(
-                                &missing
-                                    .iter()
-                                    .filter(|m| m.drive == d.id)
-                                    .cloned()
-                                    .collect::<Vec<_>>(),
-                                3
-                            )
-                        )
-                    })
-                })
-                .collect::<Vec<_>>()
-                .join("; ");
-            self.problem(Error::Incomplete {
-                summary,
-                ranges: missing.clone(),
-            })?;
+        let mut missing = Vec::new();
+        if !gaps.is_empty() {
+            let err = incomplete_error(&drives, &gaps);
+            if let Error::Incomplete { ranges, .. } = &err {
+                missing = ranges.clone();
+            }
+            self.problem(err)?;
         }
         // The stored index must be exactly what the extents say.
         let to_check = if clean_so_far {
@@ -812,6 +786,48 @@ impl PassState {
             digests,
             out_of_order: self.out_of_order,
         })
+    }
+}
+
+/// The error for clusters that never appear: per drive how many of how
+/// many are missing, and where (drive byte ranges).
+pub(crate) fn incomplete_error(
+    drives: &[DriveInfo],
+    gaps: &[(DriveId, std::ops::Range<u64>)],
+) -> Error {
+    let mut ranges = Vec::new();
+    let mut parts = Vec::new();
+    for d in drives {
+        let mine: Vec<DriveRange> = gaps
+            .iter()
+            .filter(|(id, _)| *id == d.id)
+            .map(|(_, g)| DriveRange {
+                drive: d.id,
+                drive_name: d.name.clone(),
+                bytes: cluster_range_bytes(d.size, g.clone()),
+            })
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let clusters: u64 = gaps
+            .iter()
+            .filter(|(id, _)| *id == d.id)
+            .map(|(_, g)| g.end - g.start)
+            .sum();
+        let bytes: u64 = mine.iter().map(|r| r.bytes.end - r.bytes.start).sum();
+        parts.push(format!(
+            "drive {} lacks {clusters} of its {} clusters ({}): {}",
+            d.name,
+            d.clusters(),
+            human_bytes(bytes),
+            describe_ranges(&mine, 3)
+        ));
+        ranges.extend(mine);
+    }
+    Error::Incomplete {
+        summary: parts.join("; "),
+        ranges,
     }
 }
 
