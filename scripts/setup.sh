@@ -9,6 +9,7 @@ command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 [ -x /usr/bin/time ] || need+=(time)
 command -v cmp >/dev/null 2>&1 || need+=(diffutils)
+command -v gzip >/dev/null 2>&1 || need+=(gzip)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -18,6 +19,20 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+
+command -v python3 >/dev/null 2>&1 || { echo "python3 is missing" >&2; exit 2; }
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_venv=1
+if [ "${need_venv:-0}" = 1 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+fi
+
+# An independent VMA v1 reader for the interoperability tests.
+venv=$(dirname "$0")/../target/interop-venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import dissect.hypervisor.backup.vma' 2>/dev/null; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check dissect.hypervisor==3.13
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -258,10 +258,15 @@ fn foreign_and_future_files_are_refused() {
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("version 3.0"), "{}", stderr(&o));
 
-    // A VMA v1 or compressed stream is named, not called garbage.
+    // A broken zstd stream is recognised as one and reported as damage.
     std::fs::write(&junk, b"\x28\xb5\x2f\xfd\x00\x00\x00\x00\x00").unwrap();
     let o = vma(&["list", p(&junk)]);
-    assert!(stderr(&o).contains("Zstd"), "{}", stderr(&o));
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains("zstd") && stderr(&o).contains("damaged"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Every byte of an archive is covered by a check: flips anywhere make

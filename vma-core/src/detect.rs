@@ -125,5 +125,10 @@ pub fn open_any<'a>(
         Some(DetectedFormat::Lzo) => return Err(lzo_error()),
         _ => (Box::new(whole), StreamCompression::None),
     };
-    Ok((ArchiveStream::open(input, name)?, compression))
+    let name = match compression {
+        StreamCompression::None => name.to_string(),
+        StreamCompression::Zstd => format!("{name} (after zstd decompression)"),
+        StreamCompression::Gzip => format!("{name} (after gzip decompression)"),
+    };
+    Ok((ArchiveStream::open(input, &name)?, compression))
 }
