@@ -197,6 +197,29 @@ bench_verify() {
 		zstd -q -t "$W/disk.raw.zst"
 }
 
+rm_out_v1() { rm -rf "$W/out-vma1"; }
+rm_out_v1zstd() { rm -f "$W/out-v1.vma"; }
+
+# Proxmox VMA v1: vzdump's .vma.zst read through a pipe, and opening a large
+# uncompressed v1 file for random access (one read per extent header).
+bench_vma1() {
+	log "vma1: preparing disk.vma (vma create --format vma1) and disk.vma.zst (zstd -1 -T0)"
+	"$VMA" create --quiet --force --format vma1 "$W/disk.vma" "disk=$W/disk.raw"
+	zstd -1 -T0 -q -f -o "$W/disk.vma.zst" "$W/disk.vma"
+	measure -b rm_out_v1 -a "$W/out-vma1/disk.raw" -r zstd-v1-extract \
+		vma1-extract vma1 "vma extract - < disk.vma.zst" \
+		sh -c '"$0" extract --quiet --force - "$1" < "$2"' "$VMA" "$W/out-vma1" "$W/disk.vma.zst"
+	log "checking round trip: out-vma1/disk.raw vs disk.raw"
+	cmp "$W/disk.raw" "$W/out-vma1/disk.raw" >&2 || die "vma extract of the .vma.zst did NOT reproduce disk.raw"
+	rm_out_v1
+	measure -b rm_out_v1zstd -o "$W/out-v1.vma" -a "$W/out-v1.vma" \
+		zstd-v1-extract vma1 "zstd -d -c disk.vma.zst > file" \
+		zstd -d -q -c "$W/disk.vma.zst"
+	rm_out_v1zstd
+	measure -s "$W/disk.vma" vma1-list vma1 "vma list disk.vma (uncompressed v1)" \
+		"$VMA" list "$W/disk.vma"
+}
+
 # --- report ------------------------------------------------------------------
 
 # ratio A B: A/B with two decimals, or "-" if either is unknown or B is 0.
@@ -266,6 +289,8 @@ report() {
 	target "extract wall vs qemu-img convert -O raw" \
 		"$(ratio "${R_WALL[vma-extract]}" "${R_WALL[qemu-extract]}")" 0.50 x
 	target "verify wall vs zstd -t" "$(ratio "${R_WALL[vma-verify]}" "${R_WALL[zstd-verify]}")" 0.60 x
+	target "extract of .vma.zst from a pipe vs zstd -d -c > file" \
+		"$(ratio "${R_WALL[vma1-extract]}" "${R_WALL[zstd-v1-extract]}")" 1.30 x
 	target "verify --no-drive-digest wall vs zstd -t" \
 		"$(ratio "${R_WALL[vma-verify-quick]}" "${R_WALL[zstd-verify]}")" 0.60 x
 	for id in "${ROWS[@]}"; do
@@ -291,6 +316,7 @@ main() {
 	bench_create
 	bench_extract
 	bench_verify
+	bench_vma1
 
 	report | tee "$W/results.md.tmp"
 	mv "$W/results.md.tmp" "$W/results.md"
