@@ -259,9 +259,9 @@ fn parse_compression(s: &str) -> Result<Compression> {
 }
 
 /// Open an archive argument: a file, or standard input for `-`.
-fn open_input(archive: &str) -> Result<(Box<dyn Read>, Option<PathBuf>)> {
+fn open_input(archive: &str) -> Result<(Box<dyn Read + Send>, Option<PathBuf>)> {
     if archive == "-" {
-        Ok((Box::new(std::io::stdin().lock()), None))
+        Ok((Box::new(std::io::stdin()), None))
     } else {
         let f = File::open(archive).with_context(|| format!("opening {archive}"))?;
         Ok((Box::new(f), Some(PathBuf::from(archive))))

@@ -96,10 +96,11 @@ pub enum StreamCompression {
 /// Open any archive from a reader: native v2 or VMA v1, plain or inside a
 /// whole-stream zstd or gzip compression (decompressed in-process). The
 /// format is told by magic bytes only.
-pub fn open_any<'a>(
-    mut reader: impl Read + 'a,
+/// Decompression runs on a thread of its own, ahead of the reader.
+pub fn open_any(
+    mut reader: impl Read + Send + 'static,
     name: &str,
-) -> Result<(ArchiveStream<Box<dyn Read + 'a>>, StreamCompression)> {
+) -> Result<(ArchiveStream<Box<dyn Read>>, StreamCompression)> {
     let mut prefix = Vec::with_capacity(DETECT_LEN);
     let mut chunk = [0u8; DETECT_LEN];
     while prefix.len() < DETECT_LEN {
@@ -112,14 +113,19 @@ pub fn open_any<'a>(
     }
     let kind = detect(&prefix);
     let whole = std::io::Cursor::new(prefix).chain(reader);
-    let (input, compression): (Box<dyn Read + 'a>, _) = match kind {
+    let (input, compression): (Box<dyn Read>, _) = match kind {
         Some(DetectedFormat::Zstd) => {
             let dec = zstd::stream::read::Decoder::new(whole)
                 .map_err(|e| Error::io(format!("starting zstd decompression of {name}"), e))?;
-            (Box::new(DamageOnError(dec)), StreamCompression::Zstd)
+            (
+                Box::new(ReadAhead::new(DamageOnError(dec))),
+                StreamCompression::Zstd,
+            )
         }
         Some(DetectedFormat::Gzip) => (
-            Box::new(DamageOnError(flate2::read::MultiGzDecoder::new(whole))),
+            Box::new(ReadAhead::new(DamageOnError(
+                flate2::read::MultiGzDecoder::new(whole),
+            ))),
             StreamCompression::Gzip,
         ),
         Some(DetectedFormat::Lzo) => return Err(lzo_error()),
@@ -131,4 +137,74 @@ pub fn open_any<'a>(
         StreamCompression::Gzip => format!("{name} (after gzip decompression)"),
     };
     Ok((ArchiveStream::open(input, &name)?, compression))
+}
+
+/// Reads from an inner reader on a thread of its own, up to 8 MiB ahead, so
+/// that decompressing a stream overlaps with the work done on its data.
+struct ReadAhead {
+    rx: crossbeam_channel::Receiver<std::io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl ReadAhead {
+    fn new(mut inner: impl Read + Send + 'static) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded(8);
+        std::thread::Builder::new()
+            .name("vma-read-ahead".into())
+            .spawn(move || loop {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut filled = 0;
+                let result = loop {
+                    match inner.read(&mut buf[filled..]) {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => {
+                            filled += n;
+                            if filled == buf.len() {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                buf.truncate(filled);
+                let end = filled == 0;
+                if !buf.is_empty() && tx.send(Ok(buf)).is_err() {
+                    return;
+                }
+                if let Err(e) = result {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                if end {
+                    return;
+                }
+            })
+            .expect("spawning the read-ahead thread");
+        ReadAhead {
+            rx,
+            current: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for ReadAhead {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.current.len() {
+            match self.rx.recv() {
+                Ok(Ok(buf)) => {
+                    self.current = buf;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len() - self.pos);
+        out[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }

@@ -872,7 +872,8 @@ pub struct DriveRecord {
     pub drive: DriveId,
     /// Clusters stored as data.
     pub data_clusters: u64,
-    /// Stored (compressed) payload bytes attributed to this drive.
+    /// Archive bytes attributed to this drive: each extent's whole length,
+    /// shared between its drives by their numbers of stored blocks.
     pub stored_bytes: u64,
     /// SHA-256 of the whole logical drive, when the writer saw it in order.
     pub digest: Option<[u8; 32]>,

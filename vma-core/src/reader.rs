@@ -457,6 +457,12 @@ fn check_index(
                     ),
                 ));
             }
+            if r.kind != RunKind::Data && r.extent_offset != 0 {
+                return Err(Error::corrupt(
+                    index_offset,
+                    format!("index: run {i} holds no data but points to an extent"),
+                ));
+            }
             if r.kind == RunKind::Unchanged && header.parent.is_none() {
                 return Err(Error::corrupt(
                     index_offset,

@@ -713,8 +713,22 @@ impl PassState {
                     ),
                 ))?;
             }
-            let ids: Vec<DriveId> = index.drives.iter().map(|r| r.drive).collect();
-            let expected: Vec<DriveId> = drives.iter().map(|d| d.id).collect();
+            let ids: Vec<(DriveId, u64)> = index
+                .drives
+                .iter()
+                .map(|r| (r.drive, r.data_clusters))
+                .collect();
+            let expected: Vec<(DriveId, u64)> = drives
+                .iter()
+                .map(|d| {
+                    let data = rebuilt
+                        .iter()
+                        .filter(|r| r.drive == d.id && r.kind == RunKind::Data)
+                        .map(|r| r.count as u64)
+                        .sum();
+                    (d.id, data)
+                })
+                .collect();
             if ids != expected {
                 self.problem(Error::corrupt(
                     at,

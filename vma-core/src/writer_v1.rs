@@ -1,6 +1,8 @@
 //! A writer of Proxmox VMA v1 archives, for `create --format vma1` and
 //! `convert`: clusters in any order, 59 to an extent, straight to any
-//! `Write`, as Proxmox's own writer lays them out.
+//! `Write`. The layout follows what Proxmox writes (blob buffer at 12288,
+//! NUL-terminated names), except that extents use all 59 slots where
+//! Proxmox fills 58; Proxmox's reader accepts 59.
 
 use std::io::Write;
 use std::ops::Range;
