@@ -244,6 +244,25 @@ fn split_named(arg: &str) -> (Option<String>, PathBuf) {
     (None, PathBuf::from(arg))
 }
 
+/// A checked member name and path from `[NAME=]PATH`; without NAME,
+/// `default` derives it from the path (file stem for drives, file name
+/// for configs).
+fn named_arg(
+    arg: &str,
+    what: &str,
+    default: fn(&Path) -> Option<&std::ffi::OsStr>,
+) -> Result<(String, PathBuf)> {
+    let (name, path) = split_named(arg);
+    let name = match name {
+        Some(n) => n,
+        None => default(&path)
+            .map(|s| s.to_string_lossy().into_owned())
+            .ok_or_else(|| anyhow!("cannot derive a {what} name from {arg:?}; use NAME={arg}"))?,
+    };
+    check_name(&name).with_context(|| format!("{what} name for {}", path.display()))?;
+    Ok((name, path))
+}
+
 fn parse_compression(s: &str) -> Result<Compression> {
     match s.split_once(':') {
         None if s == "none" => Ok(Compression::None),
@@ -310,17 +329,7 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     let mut images = Vec::new();
     let mut drives = Vec::new();
     for (i, arg) in image_args.iter().enumerate() {
-        let (name, path) = split_named(arg);
-        let name = match name {
-            Some(n) => n,
-            None => path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .ok_or_else(|| {
-                    anyhow!("cannot derive a drive name from {arg:?}; use NAME={arg}")
-                })?,
-        };
-        check_name(&name).with_context(|| format!("drive name for {}", path.display()))?;
+        let (name, path) = named_arg(arg, "drive", Path::file_stem)?;
         let image = RawImage::open(&path)?;
         drives.push(DriveInfo {
             id: DriveId(i as u8 + 1),
@@ -331,17 +340,7 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     }
     let mut configs = Vec::new();
     for arg in config_args {
-        let (name, path) = split_named(arg);
-        let name = match name {
-            Some(n) => n,
-            None => path
-                .file_name()
-                .map(|s| s.to_string_lossy().into_owned())
-                .ok_or_else(|| {
-                    anyhow!("cannot derive a config name from {arg:?}; use NAME={arg}")
-                })?,
-        };
-        check_name(&name).with_context(|| format!("config name for {}", path.display()))?;
+        let (name, path) = named_arg(arg, "config", Path::file_name)?;
         let size = std::fs::metadata(&path)
             .with_context(|| format!("reading config {}", path.display()))?
             .len();

@@ -302,71 +302,46 @@ proptest! {
     }
 }
 
+/// One drive written in order with `digest` recorded as its SHA-256.
+fn in_order_archive(img: &[u8], digest: [u8; 32]) -> Vec<u8> {
+    let drive = DriveInfo {
+        id: DriveId(1),
+        name: "d".into(),
+        size: img.len() as u64,
+    };
+    let mut m = ArchiveMeta::new(vec![drive], vec![]);
+    m.ctime = 0;
+    let mut w = Writer::new(Vec::new(), m, &WriterOptions::default()).unwrap();
+    for c in 0..clusters_for(img.len() as u64) {
+        let s = c as usize * CLUSTER_SIZE;
+        let e = (s + CLUSTER_SIZE).min(img.len());
+        w.write_cluster(DriveId(1), ClusterNo(c), &img[s..e])
+            .unwrap();
+    }
+    w.set_drive_digest(DriveId(1), digest).unwrap();
+    w.finish().unwrap().0
+}
+
 #[test]
 fn in_order_writes_record_and_verify_drive_digests() {
     use sha2::{Digest, Sha256};
-    let size = 5 * CLUSTER_SIZE as u64 + 777;
-    let mut img = vec![0u8; size as usize];
+    let size = 5 * CLUSTER_SIZE + 777;
+    let mut img = vec![0u8; size];
     fill(
         &Pattern::Random(9),
         &mut img[CLUSTER_SIZE..3 * CLUSTER_SIZE],
     );
-    img[size as usize - 1] = 7;
-    let mut m = ArchiveMeta::new(
-        vec![DriveInfo {
-            id: DriveId(1),
-            name: "d".into(),
-            size,
-        }],
-        vec![],
-    );
-    m.ctime = 0;
-    let mut w = Writer::new(Vec::new(), m, &WriterOptions::default()).unwrap();
-    for c in 0..clusters_for(size) {
-        let s = c as usize * CLUSTER_SIZE;
-        let e = (s + CLUSTER_SIZE).min(img.len());
-        w.write_cluster(DriveId(1), ClusterNo(c), &img[s..e])
-            .unwrap();
-    }
+    img[size - 1] = 7;
     let digest: [u8; 32] = Sha256::digest(&img).into();
-    w.set_drive_digest(DriveId(1), digest).unwrap();
-    let archive = w.finish().unwrap().0;
-    let report = vma_core::verify::verify(
-        ArchiveStream::open(&archive[..], "a").unwrap(),
-        2,
-        true,
-        None,
-    )
-    .unwrap();
+    let verify = |archive: &[u8]| {
+        vma_core::verify::verify(ArchiveStream::open(archive, "a").unwrap(), 2, true, None).unwrap()
+    };
+    let report = verify(&in_order_archive(&img, digest));
     assert!(report.is_clean(), "{:?}", report.problems);
     assert_eq!(report.digests, vec![DriveDigestCheck::Match(digest)]);
 
     // A wrong recorded digest is reported.
-    let mut m = ArchiveMeta::new(
-        vec![DriveInfo {
-            id: DriveId(1),
-            name: "d".into(),
-            size,
-        }],
-        vec![],
-    );
-    m.ctime = 0;
-    let mut w = Writer::new(Vec::new(), m, &WriterOptions::default()).unwrap();
-    for c in 0..clusters_for(size) {
-        let s = c as usize * CLUSTER_SIZE;
-        let e = (s + CLUSTER_SIZE).min(img.len());
-        w.write_cluster(DriveId(1), ClusterNo(c), &img[s..e])
-            .unwrap();
-    }
-    w.set_drive_digest(DriveId(1), [1; 32]).unwrap();
-    let archive = w.finish().unwrap().0;
-    let report = vma_core::verify::verify(
-        ArchiveStream::open(&archive[..], "a").unwrap(),
-        2,
-        true,
-        None,
-    )
-    .unwrap();
+    let report = verify(&in_order_archive(&img, [1; 32]));
     assert!(!report.is_clean());
     assert!(
         report.problems[0].to_string().contains("SHA-256"),
