@@ -121,6 +121,24 @@ pub enum Error {
         reason: String,
     },
 
+    /// A disk image (qcow2 input) is malformed or inconsistent.
+    #[error("disk image {path}: {what}")]
+    Image {
+        /// The image file.
+        path: String,
+        /// What is wrong, with the offset where it applies.
+        what: String,
+    },
+
+    /// A disk image uses a feature this build cannot read.
+    #[error("disk image {path} uses {feature}, which vma does not support; convert it first (e.g. `qemu-img convert -O qcow2`)")]
+    UnsupportedImage {
+        /// The image file.
+        path: String,
+        /// The feature, by name.
+        feature: String,
+    },
+
     /// The caller used the API wrongly (unknown drive, duplicate cluster, ...).
     #[error("{0}")]
     Invalid(String),

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::error::{Error, IoContext, Result};
 use crate::extent::{ClusterData, DecodedExtent};
 use crate::format::{check_name, Header, BLOCK_SIZE};
+use crate::qcow2::{compress_cluster, Qcow2Writer};
 use crate::stream::{ArchiveStream, PassOptions, PassReport};
 use crate::types::{cluster_len, DriveId};
 
@@ -129,9 +130,34 @@ impl Drop for AtomicFile {
     }
 }
 
+/// How extracted drives are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DriveFormat {
+    /// `<drive>.raw`, sparse: zero regions stay holes.
+    #[default]
+    Raw,
+    /// `<drive>.qcow2` (version 3); only non-zero clusters are allocated.
+    Qcow2 {
+        /// zstd-compress clusters (QEMU 5.1 and later read them).
+        compress: bool,
+    },
+}
+
+impl DriveFormat {
+    /// File name extension of drive files in this format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            DriveFormat::Raw => "raw",
+            DriveFormat::Qcow2 { .. } => "qcow2",
+        }
+    }
+}
+
 /// What to extract.
 #[derive(Clone, Debug, Default)]
 pub struct ExtractOptions {
+    /// Format of the drive files.
+    pub format: DriveFormat,
     /// Drive names to extract (empty: all).
     pub drives: Vec<String>,
     /// Overwrite existing files.
@@ -170,7 +196,7 @@ fn plan(header: &Header, dir: &Path, options: &ExtractOptions) -> Result<Plan> {
     let mut drives = Vec::new();
     for d in &header.drives {
         if options.drives.is_empty() || options.drives.contains(&d.name) {
-            let file = format!("{}.raw", d.name);
+            let file = format!("{}.{}", d.name, options.format.extension());
             check_name(&file)?;
             drives.push((d.id, dir.join(file)));
         }
@@ -217,14 +243,30 @@ pub fn extract<R: Read>(
     let header = stream.header().clone();
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
     let (drive_plan, config_plan) = plan(&header, dir, options)?;
-    let mut targets: Vec<Option<(AtomicFile, u64)>> = (0..=255).map(|_| None).collect();
+    let mut targets: Vec<Option<DriveTarget>> = (0..=255).map(|_| None).collect();
     for (id, path) in &drive_plan {
         let out = AtomicFile::create(path)?;
         let size = header.drive(*id).expect("planned drive").size;
-        out.file
-            .set_len(size)
-            .ctx(|| format!("sizing {}", path.display()))?;
-        targets[id.0 as usize] = Some((out, size));
+        targets[id.0 as usize] = Some(match options.format {
+            DriveFormat::Raw => {
+                out.file
+                    .set_len(size)
+                    .ctx(|| format!("sizing {}", path.display()))?;
+                DriveTarget::Raw { out, size }
+            }
+            DriveFormat::Qcow2 { compress } => DriveTarget::Qcow2 {
+                out: Qcow2Writer::new(out, size, compress)?,
+                size,
+                compress,
+            },
+        });
+    }
+    let threads = crate::writer::effective_threads(options.threads);
+    let mut compressors = Vec::new();
+    if matches!(options.format, DriveFormat::Qcow2 { compress: true }) {
+        for _ in 0..threads {
+            compressors.push(crate::qcow2::write::cluster_compressor()?);
+        }
     }
     let pass_options = PassOptions {
         threads: options.threads,
@@ -233,7 +275,7 @@ pub fn extract<R: Read>(
     };
     let report = stream.pass(&pass_options, |ext| {
         progress(ext.offset + ext.stored_len);
-        write_extent(ext, &targets)
+        write_extent(ext, &mut targets, &mut compressors)
     })?;
     let mut files = Vec::new();
     for (i, path) in &config_plan {
@@ -244,26 +286,121 @@ pub fn extract<R: Read>(
         files.push(path.clone());
     }
     for (id, path) in &drive_plan {
-        let (out, _) = targets[id.0 as usize].take().expect("target");
-        out.commit()?;
+        match targets[id.0 as usize].take().expect("target") {
+            DriveTarget::Raw { out, .. } => out.commit()?,
+            DriveTarget::Qcow2 { out, .. } => out.finish()?.commit()?,
+        }
         files.push(path.clone());
     }
     Ok(ExtractSummary { files, report })
 }
 
-/// Write the data clusters of one extent to the drive files selected,
+/// Where one selected drive is written.
+enum DriveTarget {
+    /// A sparse raw file of the drive's size.
+    Raw { out: AtomicFile, size: u64 },
+    /// A qcow2 image.
+    Qcow2 {
+        out: Qcow2Writer,
+        size: u64,
+        compress: bool,
+    },
+}
+
+/// Write the data clusters of one extent to the drive files selected;
+/// zero clusters and zero blocks are never written.
+fn write_extent(
+    ext: &Arc<DecodedExtent>,
+    targets: &mut [Option<DriveTarget>],
+    compressors: &mut [zstd::bulk::Compressor<'static>],
+) -> Result<()> {
+    write_raw(ext, targets)?;
+    let mut to_compress = Vec::new();
+    for (drive, cluster, data) in ext.clusters() {
+        let ClusterData::Data { mask, blocks } = data else {
+            continue;
+        };
+        match &mut targets[drive.0 as usize] {
+            Some(DriveTarget::Qcow2 {
+                out,
+                compress: false,
+                ..
+            }) => out.write_blocks(cluster.0, mask, blocks)?,
+            Some(DriveTarget::Qcow2 {
+                size,
+                compress: true,
+                ..
+            }) => {
+                let mut full = vec![0u8; cluster_len(*size, cluster)];
+                data.expand_into(&mut full);
+                to_compress.push((drive, cluster, full));
+            }
+            _ => {}
+        }
+    }
+    if to_compress.is_empty() {
+        return Ok(());
+    }
+    // Compress on every core, then store in archive order.
+    let per_thread = to_compress.len().div_ceil(compressors.len().max(1));
+    let compressed: Vec<Result<Vec<Option<Vec<u8>>>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = to_compress
+            .chunks(per_thread)
+            .zip(compressors.iter_mut())
+            .map(|(chunk, zstd)| {
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|(_, _, data)| compress_cluster(data, zstd))
+                        .collect::<Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("compression thread"))
+            .collect()
+    });
+    let mut results = Vec::with_capacity(to_compress.len());
+    for part in compressed {
+        results.extend(part?);
+    }
+    for ((drive, cluster, data), packed) in to_compress.iter().zip(results) {
+        let Some(DriveTarget::Qcow2 { out, .. }) = &mut targets[drive.0 as usize] else {
+            continue;
+        };
+        match packed {
+            Some(bytes) => out.write_compressed(cluster.0, &bytes)?,
+            None => {
+                let mask = crate::types::block_mask(data);
+                let mut blocks = Vec::with_capacity(data.len());
+                for (i, b) in data.chunks(BLOCK_SIZE).enumerate() {
+                    if mask & (1 << i) != 0 {
+                        blocks.extend_from_slice(b);
+                        blocks.resize(blocks.len() + BLOCK_SIZE - b.len(), 0);
+                    }
+                }
+                out.write_blocks(cluster.0, mask, &blocks)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Write the data clusters of one extent to the raw drive files selected,
 /// coalescing contiguous blocks into single writes; zero blocks stay holes.
-fn write_extent(ext: &Arc<DecodedExtent>, targets: &[Option<(AtomicFile, u64)>]) -> Result<()> {
+fn write_raw(ext: &Arc<DecodedExtent>, targets: &[Option<DriveTarget>]) -> Result<()> {
     let mut pending: Option<(DriveId, u64, &[u8])> = None;
     let flush = |p: &mut Option<(DriveId, u64, &[u8])>| -> Result<()> {
         if let Some((drive, offset, bytes)) = p.take() {
-            let (out, _) = targets[drive.0 as usize].as_ref().expect("selected drive");
-            out.write_all_at(bytes, offset)?;
+            if let Some(DriveTarget::Raw { out, .. }) = &targets[drive.0 as usize] {
+                out.write_all_at(bytes, offset)?;
+            }
         }
         Ok(())
     };
     for (drive, cluster, data) in ext.clusters() {
-        let Some((_, size)) = &targets[drive.0 as usize] else {
+        let Some(DriveTarget::Raw { size, .. }) = &targets[drive.0 as usize] else {
             continue;
         };
         let ClusterData::Data { mask, blocks } = data else {

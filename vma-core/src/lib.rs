@@ -19,6 +19,7 @@ pub mod format;
 pub mod format_v1;
 mod input;
 mod pipeline;
+pub mod qcow2;
 pub mod ranges;
 pub mod reader;
 pub mod source;

@@ -25,13 +25,6 @@ pub struct RawImage {
     size: u64,
 }
 
-/// A stretch of the image: data to read, or a hole known to be zero.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Segment {
-    Data(std::ops::Range<u64>),
-    Hole(std::ops::Range<u64>),
-}
-
 impl RawImage {
     /// Open `path` read-only; its size is the file's length (or the block device's).
     pub fn open(path: &Path) -> Result<RawImage> {
@@ -39,84 +32,138 @@ impl RawImage {
         let meta = file
             .metadata()
             .ctx(|| format!("inspecting {}", path.display()))?;
-        let size = if meta.is_file() {
-            meta.len()
-        } else {
-            file.seek(SeekFrom::End(0))
-                .ctx(|| format!("finding the size of {}", path.display()))?
-        };
         if meta.is_dir() {
             return Err(Error::Invalid(format!(
                 "{} is a directory, not a disk image",
                 path.display()
             )));
         }
+        let size = if meta.is_file() {
+            meta.len()
+        } else {
+            file.seek(SeekFrom::End(0))
+                .ctx(|| format!("finding the size of {}", path.display()))?
+        };
         Ok(RawImage {
             file,
             path: path.to_path_buf(),
             size,
         })
     }
+}
 
-    /// Size in bytes.
-    pub fn size(&self) -> u64 {
+impl DiskImage for RawImage {
+    fn size(&self) -> u64 {
         self.size
     }
 
-    /// Data and hole segments; everything is data where the file system
-    /// cannot tell.
-    fn segments(&self) -> Vec<Segment> {
-        let fd = self.file.as_raw_fd();
-        let mut out = Vec::new();
-        let mut pos: u64 = 0;
-        while pos < self.size {
-            // SAFETY: lseek on a file descriptor we own; no memory is touched.
-            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-            if data < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::ENXIO) {
-                    out.push(Segment::Hole(pos..self.size));
-                } else {
-                    out.push(Segment::Data(pos..self.size));
-                }
-                break;
-            }
-            let data = (data as u64).min(self.size);
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-            let hole = if hole < 0 {
-                self.size
-            } else {
-                (hole as u64).min(self.size)
-            };
-            if data > pos {
-                out.push(Segment::Hole(pos..data));
-            }
-            if hole > data {
-                out.push(Segment::Data(data..hole));
-            } else {
-                out.push(Segment::Data(data..self.size));
-                break;
-            }
-            pos = hole;
-        }
-        out
+    fn path(&self) -> &Path {
+        &self.path
     }
 
-    /// Cluster ranges to read; the clusters between them are all zero.
-    fn data_clusters(&self) -> Vec<std::ops::Range<u64>> {
-        let cs = CLUSTER_SIZE as u64;
-        let mut out: Vec<std::ops::Range<u64>> = Vec::new();
-        for seg in self.segments() {
-            if let Segment::Data(r) = seg {
-                let c = r.start / cs..r.end.div_ceil(cs);
-                match out.last_mut() {
-                    Some(last) if last.end >= c.start => last.end = last.end.max(c.end),
-                    _ => out.push(c),
+    /// SEEK_DATA/SEEK_HOLE; everything is data where the file system cannot tell.
+    fn status(&self, offset: u64) -> Result<Stretch> {
+        let fd = self.file.as_raw_fd();
+        let rest = self.size - offset;
+        // SAFETY: lseek on a file descriptor we own; no memory is touched.
+        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            return Ok(if err.raw_os_error() == Some(libc::ENXIO) {
+                Stretch::Zero(rest)
+            } else {
+                Stretch::Data(rest)
+            });
+        }
+        let data = data as u64;
+        if data > offset {
+            return Ok(Stretch::Zero((data - offset).min(rest)));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
+        let len = if hole < 0 {
+            rest
+        } else {
+            (hole as u64).saturating_sub(offset).min(rest)
+        };
+        Ok(Stretch::Data(len.max(1)))
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            Error::io(
+                format!(
+                    "reading {} at offset {offset} ({} bytes)",
+                    self.path.display(),
+                    buf.len()
+                ),
+                e,
+            )
+        })
+    }
+}
+
+/// What the bytes from some offset of an image hold, and for how many bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stretch {
+    /// May hold non-zero bytes: must be read.
+    Data(u64),
+    /// Known to read as zeros: never read.
+    Zero(u64),
+}
+
+/// A disk image to archive: raw file, block device or qcow2 (with its
+/// backing chain). One trait, so every command reads images the same way.
+pub trait DiskImage: Send {
+    /// Guest-visible size in bytes.
+    fn size(&self) -> u64;
+    /// Where it was opened from (for messages).
+    fn path(&self) -> &Path;
+    /// What the bytes from `offset` (< size) hold; the length is at least
+    /// 1 and at most `size - offset`.
+    fn status(&self, offset: u64) -> Result<Stretch>;
+    /// Read exactly `buf.len()` guest bytes at `offset` (within the size).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+}
+
+/// Open a disk image, recognised by its magic bytes: qcow2 (any backing
+/// chain) or else raw (files and block devices).
+pub fn open_image(path: &Path) -> Result<Box<dyn DiskImage>> {
+    crate::qcow2::open_image_chain(path, None, 0)
+}
+
+/// The next run of clusters, at or after `from`, that may hold data; the
+/// clusters between `from` and the run (and after the last run) are zero.
+fn next_data_run(image: &dyn DiskImage, from: u64) -> Result<Option<std::ops::Range<u64>>> {
+    let cs = CLUSTER_SIZE as u64;
+    let size = image.size();
+    let mut pos = from * cs;
+    // Skip zero stretches.
+    let data_start = loop {
+        if pos >= size {
+            return Ok(None);
+        }
+        match image.status(pos)? {
+            Stretch::Zero(len) => pos += len,
+            Stretch::Data(_) => break pos,
+        }
+    };
+    let start = data_start / cs;
+    // Extend over data and over zero stretches that cover no whole cluster.
+    loop {
+        if pos >= size {
+            return Ok(Some(start..clusters_for(size)));
+        }
+        match image.status(pos)? {
+            Stretch::Data(len) => pos += len,
+            Stretch::Zero(len) => {
+                let boundary = pos.div_ceil(cs) * cs;
+                if boundary < size && pos + len >= (boundary + cs).min(size) {
+                    return Ok(Some(start..boundary / cs));
                 }
+                pos += len;
             }
         }
-        out
     }
 }
 
@@ -126,14 +173,15 @@ enum HashPiece {
 }
 
 /// Feed the whole image into `drive` of `writer` in order and record the
-/// drive's SHA-256. `progress` is called with bytes of the drive done.
-pub fn copy_raw_image(
+/// drive's SHA-256. Zero stretches become zero runs without being read.
+/// `progress` is called with bytes of the drive done.
+pub fn copy_image(
     writer: &mut dyn ClusterWriter,
     drive: DriveId,
-    image: &RawImage,
+    image: &dyn DiskImage,
     progress: &mut dyn FnMut(u64),
 ) -> Result<[u8; 32]> {
-    let size = image.size;
+    let size = image.size();
     let total = clusters_for(size);
     const BUFFERS: usize = 8;
     let chunk_bytes = CHUNK_CLUSTERS as usize * CLUSTER_SIZE;
@@ -180,7 +228,7 @@ pub fn copy_raw_image(
             }
             Ok(())
         };
-        for range in image.data_clusters() {
+        while let Some(range) = next_data_run(image, next)? {
             zero_run(writer, next, range.start)?;
             progress(range.start * CLUSTER_SIZE as u64);
             let mut c = range.start;
@@ -191,18 +239,7 @@ pub fn copy_raw_image(
                 let mut buf = free_rx
                     .recv()
                     .map_err(|_| Error::Invalid("hash thread stopped".into()))?;
-                image
-                    .file
-                    .read_exact_at(&mut buf[..len as usize], start)
-                    .map_err(|e| {
-                        Error::io(
-                            format!(
-                                "reading {} at offset {start} ({len} bytes)",
-                                image.path.display()
-                            ),
-                            e,
-                        )
-                    })?;
+                image.read_at(&mut buf[..len as usize], start)?;
                 for k in 0..n {
                     let cl = ClusterNo(c + k);
                     let off = (k as usize) * CLUSTER_SIZE;
@@ -228,9 +265,21 @@ pub fn copy_raw_image(
     Ok(digest)
 }
 
+/// Every run [`next_data_run`] finds, from the start (for tests and tools).
+pub fn data_runs(image: &dyn DiskImage) -> Result<Vec<std::ops::Range<u64>>> {
+    let mut out = Vec::new();
+    let mut next = 0;
+    while let Some(r) = next_data_run(image, next)? {
+        next = r.end;
+        out.push(r);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn sparse_file_segments() {
@@ -241,10 +290,86 @@ mod tests {
         f.write_at(&[1u8; 100], 3 << 20).unwrap();
         drop(f);
         let img = RawImage::open(&p).unwrap();
-        let data = img.data_clusters();
+        let data = data_runs(&img).unwrap();
         let covered: u64 = data.iter().map(|r| r.end - r.start).sum();
         assert!(data.iter().any(|r| r.contains(&48)), "{data:?}");
         // A file system with hole support reports far less than the whole file.
         assert!(covered <= 160, "{data:?}");
+    }
+
+    /// An image described by stretches, to test the run arithmetic alone.
+    struct Stretches(Vec<Stretch>, PathBuf);
+
+    impl DiskImage for Stretches {
+        fn size(&self) -> u64 {
+            self.0
+                .iter()
+                .map(|s| match s {
+                    Stretch::Data(n) | Stretch::Zero(n) => *n,
+                })
+                .sum()
+        }
+        fn path(&self) -> &Path {
+            &self.1
+        }
+        fn status(&self, offset: u64) -> Result<Stretch> {
+            let mut at = 0;
+            for s in &self.0 {
+                let (Stretch::Data(n) | Stretch::Zero(n)) = *s;
+                if offset < at + n {
+                    let rest = at + n - offset;
+                    return Ok(match s {
+                        Stretch::Data(_) => Stretch::Data(rest),
+                        Stretch::Zero(_) => Stretch::Zero(rest),
+                    });
+                }
+                at += n;
+            }
+            unreachable!("offset {offset} beyond the size")
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> Result<()> {
+            unreachable!()
+        }
+    }
+
+    proptest! {
+        /// Runs are ordered and disjoint, cover every cluster touching data,
+        /// and leave out only clusters that are wholly zero.
+        #[test]
+        fn runs_cover_exactly_the_data(parts in proptest::collection::vec((any::<bool>(), 1u64..300_000), 1..20)) {
+            let stretches: Vec<Stretch> = parts
+                .iter()
+                .map(|&(d, n)| if d { Stretch::Data(n) } else { Stretch::Zero(n) })
+                .collect();
+            let img = Stretches(stretches.clone(), PathBuf::from("x"));
+            let size = img.size();
+            let runs = data_runs(&img).unwrap();
+            let cs = CLUSTER_SIZE as u64;
+            let mut has_data = vec![false; clusters_for(size) as usize];
+            let mut at = 0;
+            for s in &stretches {
+                let (Stretch::Data(n) | Stretch::Zero(n)) = *s;
+                if matches!(s, Stretch::Data(_)) {
+                    for c in at / cs..(at + n).div_ceil(cs) {
+                        has_data[c as usize] = true;
+                    }
+                }
+                at += n;
+            }
+            let mut in_run = vec![false; has_data.len()];
+            let mut last_end = 0;
+            for r in &runs {
+                prop_assert!(r.start >= last_end && r.start < r.end, "{:?}", runs);
+                last_end = r.end;
+                for c in r.clone() {
+                    in_run[c as usize] = true;
+                }
+                // A run starts and ends with data.
+                prop_assert!(has_data[r.start as usize] && has_data[r.end as usize - 1]);
+            }
+            for c in 0..has_data.len() {
+                prop_assert!(!has_data[c] || in_run[c], "cluster {} has data, runs {:?}", c, runs);
+            }
+        }
     }
 }
