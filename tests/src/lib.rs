@@ -97,3 +97,16 @@ pub fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).expect("stat").blocks() * 512
 }
+
+/// Fail (never skip) when a peer tool the test needs is missing.
+pub fn require(tool: &str) {
+    let found = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{tool} is not installed: the tests need it (scripts/setup.sh installs it)"
+    );
+}

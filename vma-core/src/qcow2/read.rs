@@ -193,7 +193,7 @@ impl Qcow2Image {
             return Ok(hit.1);
         }
         let cs = self.header.cluster_size();
-        if offset % cs != 0 || offset + cs > self.file_len {
+        if !offset.is_multiple_of(cs) || offset + cs > self.file_len {
             return Err(image_error(
                 &self.path,
                 format!(
