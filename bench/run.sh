@@ -220,6 +220,46 @@ bench_vma1() {
 		"$VMA" list "$W/disk.vma"
 }
 
+rm_q_vma2() { rm -f "$W/disk-q.vma2"; }
+rm_out_q() { rm -rf "$W/out-q"; }
+rm_out_qc() { rm -rf "$W/out-qc"; }
+rm_out_chain() { rm -rf "$W/out-chain" "$W/out-chain.qcow2"; }
+
+# qcow2 in and out: create from an uncompressed qcow2 of the same disk, and
+# extract straight to qcow2 against extract to raw followed by qemu-img convert.
+bench_qcow2() {
+	log "qcow2: preparing disk-plain.qcow2 (qemu-img convert -O qcow2 disk.raw)"
+	rm -f "$W/disk-plain.qcow2"
+	qemu-img convert -O qcow2 "$W/disk.raw" "$W/disk-plain.qcow2"
+	cat "$W/disk-plain.qcow2" >/dev/null
+	measure -b rm_q_vma2 -s "$W/disk-q.vma2" -r vma-create -z vma-create \
+		vma-create-qcow2 qcow2 "vma create from qcow2" \
+		"$VMA" create --quiet "$W/disk-q.vma2" "disk=$W/disk-plain.qcow2"
+	log "checking: the archive from qcow2 holds the same drive digest as the one from raw"
+	[[ $("$VMA" list --json "$W/disk-q.vma2" | grep -o '"sha256": *"[0-9a-f]*"') == \
+		$("$VMA" list --json "$W/disk.vma2" | grep -o '"sha256": *"[0-9a-f]*"') ]] ||
+		die "create from qcow2 recorded a different drive digest than create from raw"
+	rm_q_vma2
+	measure -b rm_out_q -a "$W/out-q/disk.qcow2" -r vma-extract \
+		vma-extract-qcow2 qcow2 "vma extract --format qcow2" \
+		"$VMA" extract --quiet --format qcow2 "$W/disk.vma2" "$W/out-q"
+	log "checking: qemu-img check and compare of out-q/disk.qcow2"
+	qemu-img check "$W/out-q/disk.qcow2" >&2 || die "qemu-img check found errors in vma's qcow2"
+	qemu-img compare "$W/out-q/disk.qcow2" "$W/disk.raw" >&2 || die "vma's qcow2 differs from disk.raw"
+	rm_out_q
+	measure -b rm_out_chain -a "$W/out-chain.qcow2" \
+		chain-extract-qcow2 qcow2 "vma extract, then qemu-img convert -O qcow2" \
+		sh -c '"$0" extract --quiet "$1" "$2" && qemu-img convert -O qcow2 "$2/disk.raw" "$3"' \
+		"$VMA" "$W/disk.vma2" "$W/out-chain" "$W/out-chain.qcow2"
+	rm_out_chain
+	measure -b rm_out_qc -a "$W/out-qc/disk.qcow2" -r qemu-create \
+		vma-extract-qcow2c qcow2 "vma extract --format qcow2 --compress" \
+		"$VMA" extract --quiet --format qcow2 --compress "$W/disk.vma2" "$W/out-qc"
+	qemu-img check "$W/out-qc/disk.qcow2" >&2 || die "qemu-img check found errors in vma's compressed qcow2"
+	rm_out_qc
+	rm -f "$W/disk-plain.qcow2"
+}
+
 # --- report ------------------------------------------------------------------
 
 # ratio A B: A/B with two decimals, or "-" if either is unknown or B is 0.
@@ -291,6 +331,12 @@ report() {
 	target "verify wall vs zstd -t" "$(ratio "${R_WALL[vma-verify]}" "${R_WALL[zstd-verify]}")" 0.60 x
 	target "extract of .vma.zst from a pipe vs zstd -d -c > file" \
 		"$(ratio "${R_WALL[vma1-extract]}" "${R_WALL[zstd-v1-extract]}")" 1.30 x
+	target "create from qcow2 vs create from raw" \
+		"$(ratio "${R_WALL[vma-create-qcow2]}" "${R_WALL[vma-create]}")" 1.20 x
+	target "extract to qcow2 vs extract to raw" \
+		"$(ratio "${R_WALL[vma-extract-qcow2]}" "${R_WALL[vma-extract]}")" 1.20 x
+	target "extract to qcow2 vs extract + qemu-img convert -O qcow2" \
+		"$(ratio "${R_WALL[vma-extract-qcow2]}" "${R_WALL[chain-extract-qcow2]}")" 1.00 x
 	target "verify --no-drive-digest wall vs zstd -t" \
 		"$(ratio "${R_WALL[vma-verify-quick]}" "${R_WALL[zstd-verify]}")" 0.60 x
 	for id in "${ROWS[@]}"; do
@@ -317,6 +363,7 @@ main() {
 	bench_extract
 	bench_verify
 	bench_vma1
+	bench_qcow2
 
 	report | tee "$W/results.md.tmp"
 	mv "$W/results.md.tmp" "$W/results.md"

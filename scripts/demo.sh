@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build vma and run the main job on a small generated disk:
-# create -> list -> verify -> extract -> compare.
+# create -> list -> verify -> extract (raw and qcow2) -> compare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +30,9 @@ set -x
 "$VMA" verify "$work/backup.vma"
 "$VMA" extract --force "$work/backup.vma" "$work/restore"
 cmp "$disk" "$work/restore/drive-scsi0.raw"
+"$VMA" extract --force --format qcow2 "$work/backup.vma" "$work/restore-qcow2"
+qemu-img check "$work/restore-qcow2/drive-scsi0.qcow2"
+qemu-img compare "$work/restore-qcow2/drive-scsi0.qcow2" "$disk"
 { set +x; } 2>/dev/null
 echo "sha256 recorded: $("$VMA" list --json "$work/backup.vma" | sed -n 's/.*"sha256": "\([0-9a-f]*\)".*/\1/p')"
 echo "sha256 restored: $(sha256sum "$work/restore/drive-scsi0.raw" | cut -d' ' -f1)"
@@ -37,4 +40,4 @@ du -h --apparent-size "$disk" | sed 's/^/logical  /'
 du -h "$disk" | sed 's/^/allocated /'
 du -h "$work/backup.vma" | sed 's/^/archive  /'
 du -h "$work/restore/drive-scsi0.raw" | sed 's/^/restored (sparse) /'
-echo "demo OK: the restored disk is identical to the original"
+echo "demo OK: the restored disks (raw and qcow2) are identical to the original"
