@@ -134,7 +134,7 @@ pub fn open_image(path: &Path) -> Result<Box<dyn DiskImage>> {
 
 /// The next run of clusters, at or after `from`, that may hold data; the
 /// clusters between `from` and the run (and after the last run) are zero.
-fn next_data_run(image: &dyn DiskImage, from: u64) -> Result<Option<std::ops::Range<u64>>> {
+pub(crate) fn next_data_run(image: &dyn DiskImage, from: u64) -> Result<Option<std::ops::Range<u64>>> {
     let cs = CLUSTER_SIZE as u64;
     let size = image.size();
     let mut pos = from * cs;

@@ -59,12 +59,14 @@ impl Qcow2Image {
         let header = Qcow2Header::decode(&first).map_err(|e| image_error(path, e))?;
         let cluster_size = header.cluster_size();
         let ext_area_end = (cluster_size as usize).min(first.len());
+        let ext_area = first
+            .get(header.header_length as usize..ext_area_end)
+            .unwrap_or_default();
         let extensions = if header.version >= 3 {
-            decode_extensions(&first[header.header_length as usize..ext_area_end])
-                .map_err(|e| image_error(path, e))?
+            decode_extensions(ext_area).map_err(|e| image_error(path, e))?
         } else {
-            decode_extensions(&first[crate::qcow2::format::V2_HEADER_LEN..ext_area_end])
-                .unwrap_or_default()
+            // Version 2 images may have anything after the header.
+            decode_extensions(ext_area).unwrap_or_default()
         };
         let unsupported = |feature: &str| Error::UnsupportedImage {
             path: path.display().to_string(),
@@ -147,9 +149,9 @@ impl Qcow2Image {
             .collect();
 
         let backing = if header.backing_file_offset != 0 {
-            let start = header.backing_file_offset as usize;
-            let end = start + header.backing_file_size as usize;
-            if end > first.len() {
+            let start = header.backing_file_offset;
+            let end = start.saturating_add(header.backing_file_size as u64);
+            if end > first.len() as u64 {
                 return Err(image_error(
                     path,
                     format!(
@@ -157,7 +159,7 @@ impl Qcow2Image {
                     ),
                 ));
             }
-            let name = String::from_utf8(first[start..end].to_vec())
+            let name = String::from_utf8(first[start as usize..end as usize].to_vec())
                 .map_err(|_| image_error(path, "the backing file name is not UTF-8"))?;
             let format = extensions
                 .iter()
@@ -409,8 +411,13 @@ impl DiskImage for Qcow2Image {
         let first = class(self.entry(gc)?);
         let table_end = (gc / per + 1) * per;
         let mut end = gc + 1;
-        if self.l1[(gc / per) as usize] & OFFSET_MASK == 0 {
-            end = table_end;
+        let mut l1_index = (gc / per) as usize;
+        if self.l1[l1_index] & OFFSET_MASK == 0 {
+            // Skip every L1 entry without a table in one step.
+            while l1_index + 1 < self.l1.len() && self.l1[l1_index + 1] & OFFSET_MASK == 0 {
+                l1_index += 1;
+            }
+            end = (l1_index as u64 + 1) * per;
         } else {
             while end < table_end
                 && end - gc < MAX_STRETCH_CLUSTERS
@@ -420,7 +427,7 @@ impl DiskImage for Qcow2Image {
                 end += 1;
             }
         }
-        let len = (end << bits).min(size) - offset;
+        let len = end.saturating_mul(1 << bits).min(size) - offset;
         Ok(match first {
             Class::Data => Stretch::Data(len),
             Class::Zero => Stretch::Zero(len),
@@ -481,5 +488,75 @@ impl DiskImage for Qcow2Image {
             done += n;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extract::AtomicFile;
+    use crate::qcow2::write::{cluster_compressor, compress_cluster, Qcow2Writer};
+    use proptest::prelude::*;
+
+    /// A small image from our writer: plain and compressed clusters.
+    fn sample(path: &Path, compress: bool) {
+        let mut w =
+            Qcow2Writer::new(AtomicFile::create(path).unwrap(), 40 << 20, compress).unwrap();
+        let mut zstd = cluster_compressor().unwrap();
+        for c in [0u64, 1, 2, 17, 300, 639] {
+            let data: Vec<u8> = (0..65536u32).map(|i| (i / 700 + c as u32) as u8).collect();
+            match compress
+                .then(|| compress_cluster(&data, &mut zstd).unwrap())
+                .flatten()
+            {
+                Some(packed) => w.write_compressed(c, &packed).unwrap(),
+                None => w.write_blocks(c, u16::MAX, &data).unwrap(),
+            }
+        }
+        w.finish().unwrap().commit().unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Damaged images never panic or run away: opening, mapping and
+        /// reading either work or return an error.
+        #[test]
+        fn damaged_images_give_errors_not_panics(
+            compress in any::<bool>(),
+            hits in proptest::collection::vec((any::<bool>(), any::<u64>(), any::<u8>()), 1..8),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("d.qcow2");
+            sample(&path, compress);
+            let mut bytes = std::fs::read(&path).unwrap();
+            let header = Qcow2Header::decode(&bytes).unwrap();
+            for (in_header, at, value) in hits {
+                // Half the hits go to the header, the rest to the tables.
+                let pos = if in_header {
+                    at % 128
+                } else {
+                    let tables = [header.l1_table_offset, header.refcount_table_offset, 65536];
+                    tables[(at % 3) as usize] + (at >> 8) % 1024
+                };
+                if let Some(b) = bytes.get_mut(pos as usize) {
+                    *b = value;
+                }
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            let Ok(img) = Qcow2Image::open(&path, 0) else { return Ok(()) };
+            let mut buf = vec![0u8; 1 << 20];
+            let mut read = 0u64;
+            let mut next = 0;
+            while let Ok(Some(run)) = crate::source::next_data_run(&img, next) {
+                next = run.end;
+                let start = run.start * 65536;
+                let len = ((run.end - run.start) * 65536).min(img.size() - start).min(1 << 20);
+                let _ = img.read_at(&mut buf[..len as usize], start);
+                read += len;
+                if read > 256 << 20 {
+                    break;
+                }
+            }
+        }
     }
 }
