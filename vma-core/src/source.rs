@@ -134,7 +134,10 @@ pub fn open_image(path: &Path) -> Result<Box<dyn DiskImage>> {
 
 /// The next run of clusters, at or after `from`, that may hold data; the
 /// clusters between `from` and the run (and after the last run) are zero.
-pub(crate) fn next_data_run(image: &dyn DiskImage, from: u64) -> Result<Option<std::ops::Range<u64>>> {
+pub(crate) fn next_data_run(
+    image: &dyn DiskImage,
+    from: u64,
+) -> Result<Option<std::ops::Range<u64>>> {
     let cs = CLUSTER_SIZE as u64;
     let size = image.size();
     let mut pos = from * cs;
@@ -149,18 +152,26 @@ pub(crate) fn next_data_run(image: &dyn DiskImage, from: u64) -> Result<Option<s
         }
     };
     let start = data_start / cs;
-    // Extend over data and over zero stretches that cover no whole cluster.
+    // Extend over data and over zeros that cover no whole cluster; adjacent
+    // zero stretches count as one.
+    let mut zeros_from: Option<u64> = None;
     loop {
+        if let Some(z) = zeros_from {
+            let boundary = z.div_ceil(cs) * cs;
+            if boundary < size && pos >= (boundary + cs).min(size) {
+                return Ok(Some(start..boundary / cs));
+            }
+        }
         if pos >= size {
             return Ok(Some(start..clusters_for(size)));
         }
         match image.status(pos)? {
-            Stretch::Data(len) => pos += len,
+            Stretch::Data(len) => {
+                zeros_from = None;
+                pos += len;
+            }
             Stretch::Zero(len) => {
-                let boundary = pos.div_ceil(cs) * cs;
-                if boundary < size && pos + len >= (boundary + cs).min(size) {
-                    return Ok(Some(start..boundary / cs));
-                }
+                zeros_from.get_or_insert(pos);
                 pos += len;
             }
         }
