@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success; 1 archive damaged or verification failed; 2 usage or I/O error.
 
+mod mount;
 mod output;
 
 use std::fs::File;
@@ -13,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use vma_core::convert::{copy_extent, AnyWriter};
 use vma_core::detect::{open_any, StreamCompression};
-use vma_core::extract::{extract, AtomicFile, DriveFormat, ExtractOptions};
+use vma_core::extract::{check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions};
 use vma_core::format::{check_name, limits};
 use vma_core::source::{copy_image, open_image, DiskImage};
 use vma_core::stream::human_bytes;
@@ -98,6 +99,13 @@ enum Command {
         /// With `--format qcow2`: zstd-compress the clusters (QEMU 5.1+ reads them).
         #[arg(long)]
         compress: bool,
+    },
+    /// Mount an archive read-only: each drive as a file (FUSE).
+    Mount(mount::MountArgs),
+    /// Unmount what `vma mount` mounted.
+    Umount {
+        /// The mount point.
+        mountpoint: PathBuf,
     },
     /// Convert an archive between the native format and Proxmox VMA v1.
     Convert {
@@ -195,7 +203,7 @@ fn main() -> ExitCode {
 }
 
 /// The error chain on one line, outermost first.
-fn one_line(e: &anyhow::Error) -> String {
+pub(crate) fn one_line(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for c in e.chain() {
         let s = c.to_string();
@@ -250,6 +258,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             extract_cmd(&archive, &target_dir, options, quiet)
         }
+        Command::Mount(args) => mount::mount(&args),
+        Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Convert {
             input,
             output,
@@ -382,6 +392,10 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
             std::fs::read(&path).with_context(|| format!("reading config {}", path.display()))?;
         configs.push(ConfigBlob { name, data });
     }
+    check_member_names(
+        drives.iter().map(|d| d.name.as_str()),
+        configs.iter().map(|c| c.name.as_str()),
+    )?;
     let meta = ArchiveMeta::new(drives.clone(), configs);
     let options = WriterOptions {
         compression,

@@ -94,7 +94,7 @@ fn format_names(format: ArchiveFormat, header: &Header) -> (&'static str, String
 }
 
 /// The `list --json` document (also what `mount` will show as archive.json).
-fn list_json(opened: &Opened) -> Value {
+pub(crate) fn list_json(opened: &Opened) -> Value {
     let header = &opened.header;
     let reader = opened.reader.as_ref();
     let drives: Vec<Value> = header

@@ -70,6 +70,12 @@ impl<W: Write> ClusterWriter for AnyWriter<W> {
             AnyWriter::V1(w) => w.set_drive_digest(drive, digest),
         }
     }
+    fn keeps_drive_digest(&self) -> bool {
+        match self {
+            AnyWriter::V2(w) => w.keeps_drive_digest(),
+            AnyWriter::V1(w) => w.keeps_drive_digest(),
+        }
+    }
 }
 
 /// Re-emit every cluster of a decoded extent into `out`, in the same order:

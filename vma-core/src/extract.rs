@@ -30,24 +30,39 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
-    /// Create `.NAME.partial-PID` beside `dest`.
+    /// Create a new temporary file beside `dest` (`.NAME.partial-PID`,
+    /// the name cut so it stays a valid file name). It is created
+    /// exclusively: whatever already sits under that name, a planted
+    /// symlink included, is never opened or followed.
     pub fn create(dest: &Path) -> Result<AtomicFile> {
         let dir = dest.parent().unwrap_or(Path::new("."));
         let name = dest
             .file_name()
-            .ok_or_else(|| Error::Invalid(format!("{} has no file name", dest.display())))?;
-        let tmp = dir.join(format!(
-            ".{}.partial-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .ctx(|| format!("creating {}", tmp.display()))?;
+            .ok_or_else(|| Error::Invalid(format!("{} has no file name", dest.display())))?
+            .to_string_lossy();
+        let suffix = format!(".partial-{}", std::process::id());
+        let mut keep = name.len().min(255 - 1 - suffix.len());
+        while !name.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        let tmp = dir.join(format!(".{}{suffix}", &name[..keep]));
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+        };
+        let file = match open() {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // A leftover of an earlier run with our pid: remove the
+                // entry itself (never what a symlink points to) and retry.
+                let _ = std::fs::remove_file(&tmp);
+                open()
+            }
+            other => other,
+        }
+        .ctx(|| format!("creating {}", tmp.display()))?;
         Ok(AtomicFile {
             file,
             tmp,
@@ -151,6 +166,39 @@ impl DriveFormat {
             DriveFormat::Qcow2 { .. } => "qcow2",
         }
     }
+}
+
+/// Check, before an archive is written, that its members can be extracted
+/// and mounted side by side: every drive file name (`.raw`, `.qcow2`) is a
+/// valid file name, and no two members (nor `archive.json`, which `mount`
+/// adds) share a name.
+pub fn check_member_names<'a>(
+    drives: impl IntoIterator<Item = &'a str>,
+    configs: impl IntoIterator<Item = &'a str>,
+) -> Result<()> {
+    let mut seen: Vec<String> = vec!["archive.json".into()];
+    let mut claim = |name: String, what: &str| -> Result<()> {
+        check_name(&name)?;
+        if seen.contains(&name) {
+            return Err(Error::Invalid(format!(
+                "{what} would be extracted as {name:?}, which another member (or the mount's archive.json) already uses"
+            )));
+        }
+        seen.push(name);
+        Ok(())
+    };
+    for d in drives {
+        for format in [DriveFormat::Raw, DriveFormat::Qcow2 { compress: false }] {
+            claim(
+                format!("{d}.{}", format.extension()),
+                &format!("drive {d:?}"),
+            )?;
+        }
+    }
+    for c in configs {
+        claim(c.to_string(), &format!("config {c:?}"))?;
+    }
+    Ok(())
 }
 
 /// What to extract.
@@ -271,7 +319,9 @@ pub fn extract<R: Read>(
     let pass_options = PassOptions {
         threads: options.threads,
         keep_going: options.salvage,
-        hash_drives: false,
+        // Check each drive's recorded SHA-256 too, so a wrong drive is never
+        // committed (salvage writes what it can and says what is lost).
+        hash_drives: !options.salvage,
     };
     let report = stream.pass(&pass_options, |ext| {
         progress(ext.offset + ext.stored_len);

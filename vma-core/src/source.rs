@@ -32,9 +32,20 @@ impl RawImage {
         let meta = file
             .metadata()
             .ctx(|| format!("inspecting {}", path.display()))?;
-        if meta.is_dir() {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = meta.file_type();
+        if !kind.is_file() && !kind.is_block_device() {
+            let what = if kind.is_dir() {
+                "a directory"
+            } else if kind.is_char_device() {
+                "a character device"
+            } else if kind.is_fifo() {
+                "a pipe"
+            } else {
+                "not a regular file or block device"
+            };
             return Err(Error::Invalid(format!(
-                "{} is a directory, not a disk image",
+                "{} is {what}, not a disk image (images are regular files or block devices)",
                 path.display()
             )));
         }
@@ -201,6 +212,9 @@ pub fn copy_image(
         free_tx.send(vec![0u8; chunk_bytes]).expect("fresh channel");
     }
     let (hash_tx, hash_rx) = crossbeam_channel::bounded::<HashPiece>(BUFFERS);
+    // Hashing every logical byte (zeros too) costs about as much as the
+    // rest together; skip it when the digest would be thrown away.
+    let hash = writer.keeps_drive_digest();
     let hasher = std::thread::Builder::new()
         .name("vma-drive-hash".into())
         .spawn(move || {
@@ -209,9 +223,12 @@ pub fn copy_image(
             for piece in hash_rx {
                 match piece {
                     HashPiece::Data(buf, len) => {
-                        sha.update(&buf[..len]);
+                        if hash {
+                            sha.update(&buf[..len]);
+                        }
                         let _ = free_tx.send(buf);
                     }
+                    HashPiece::Zeros(_) if !hash => {}
                     HashPiece::Zeros(mut n) => {
                         while n > 0 {
                             let k = n.min(zeros.len() as u64) as usize;

@@ -298,6 +298,11 @@ impl<R: Read> ArchiveStream<R> {
         options: &PassOptions,
         mut sink: impl FnMut(&Arc<DecodedExtent>) -> Result<()>,
     ) -> Result<PassReport> {
+        // VMA v1 records no drive digests: nothing to hash against.
+        let options = &PassOptions {
+            hash_drives: false,
+            ..options.clone()
+        };
         let mut state = PassState::new(&self.header, options);
         let input = &mut self.input;
         let mut seq = 0;

@@ -25,6 +25,11 @@ pub trait ClusterWriter {
     fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()>;
     /// Record the SHA-256 of the whole logical drive, where the format has room.
     fn set_drive_digest(&mut self, drive: DriveId, digest: [u8; 32]) -> Result<()>;
+    /// Whether [`ClusterWriter::set_drive_digest`] keeps the digest (so
+    /// sources know whether hashing a whole drive is worth its cost).
+    fn keeps_drive_digest(&self) -> bool {
+        true
+    }
 }
 
 impl<W: Write> ClusterWriter for Writer<W> {
@@ -85,12 +90,16 @@ impl Default for WriterOptions {
     }
 }
 
-/// Number of worker threads to use for `requested` (0 = one per core).
+/// Most worker threads any pool starts, whatever is asked.
+pub const MAX_THREADS: usize = 64;
+
+/// Number of worker threads to use for `requested` (0 = one per core),
+/// at most [`MAX_THREADS`].
 pub fn effective_threads(requested: usize) -> usize {
     if requested > 0 {
-        requested
+        requested.min(MAX_THREADS)
     } else {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
+        std::thread::available_parallelism().map_or(2, |n| n.get().min(MAX_THREADS))
     }
 }
 

@@ -134,6 +134,11 @@ impl<W: Write> V1Writer<W> {
 }
 
 impl<W: Write> ClusterWriter for V1Writer<W> {
+    /// VMA v1 has no room for drive digests.
+    fn keeps_drive_digest(&self) -> bool {
+        false
+    }
+
     fn write_cluster(&mut self, drive: DriveId, cluster: ClusterNo, data: &[u8]) -> Result<()> {
         let i = self.slot_of(drive)?;
         let expected = cluster_len(self.drives[i].size, cluster);

@@ -1,1 +1,532 @@
-//! Read-only FUSE view of vma archives (each drive as a file). Filled in by the mount work.
+//! A read-only FUSE view of a vma archive: one file per drive
+//! (`<drive>.raw`, its exact size), one per config blob, and any extra
+//! files the caller adds (the CLI adds `archive.json`).
+//!
+//! Reads go through [`vma_core::Reader`]: random access through the index,
+//! a bounded cache of decoded extents, zero runs answered without I/O.
+//! Requests are served concurrently on a blocking thread pool, holes are
+//! reported through SEEK_DATA/SEEK_HOLE, and a read touching a damaged
+//! extent fails with EIO (and is logged with the drive and byte range)
+//! while every other read goes on working.
+
+use std::ffi::{OsStr, OsString};
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fuse3::raw::prelude::*;
+use fuse3::{Errno, MountOptions, Result as FuseResult, Timestamp};
+use futures_util::stream::{self, Stream};
+use vma_core::format::{check_name, IndexRun, RunKind, CLUSTER_SIZE};
+use vma_core::{DriveId, Reader};
+
+/// Inode of the root directory.
+const ROOT: u64 = 1;
+/// How long the kernel may cache attributes and names (they never change).
+const TTL: Duration = Duration::from_secs(3600);
+/// FOPEN_KEEP_CACHE: the kernel keeps cached pages across opens.
+const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+
+/// Where a message about a failed read goes.
+pub type Logger = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// What a file of the mount holds.
+#[derive(Clone)]
+enum Content {
+    /// A drive of the archive.
+    Drive { id: DriveId, size: u64, stored: u64 },
+    /// Bytes held in memory (config blobs, archive.json).
+    Bytes(Arc<Vec<u8>>),
+}
+
+/// One file in the root directory.
+#[derive(Clone)]
+struct Node {
+    name: String,
+    content: Content,
+}
+
+impl Node {
+    fn size(&self) -> u64 {
+        match &self.content {
+            Content::Drive { size, .. } => *size,
+            Content::Bytes(b) => b.len() as u64,
+        }
+    }
+}
+
+/// The mounted file system.
+pub struct ArchiveFs {
+    reader: Arc<Reader>,
+    /// Files; file i has inode i + 2.
+    nodes: Vec<Node>,
+    time: Timestamp,
+    uid: u32,
+    gid: u32,
+    log: Logger,
+}
+
+/// Errors found before mounting (bad names, name clashes).
+#[derive(Debug)]
+pub struct LayoutError(pub String);
+
+impl std::fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LayoutError {}
+
+impl ArchiveFs {
+    /// The view of `reader`, plus `extra` files (name, bytes) such as
+    /// `archive.json`. Refuses names that are unsafe or clash.
+    /// Failed reads are logged to stderr until [`ArchiveFs::set_logger`].
+    pub fn new(reader: Reader, extra: Vec<(String, Vec<u8>)>) -> Result<ArchiveFs, LayoutError> {
+        let header = reader.header();
+        let mut nodes = Vec::new();
+        for (i, d) in header.drives.iter().enumerate() {
+            nodes.push(Node {
+                name: format!("{}.raw", d.name),
+                content: Content::Drive {
+                    id: d.id,
+                    size: d.size,
+                    stored: reader.index().drives.get(i).map_or(0, |r| r.stored_bytes),
+                },
+            });
+        }
+        for c in &header.configs {
+            nodes.push(Node {
+                name: c.name.clone(),
+                content: Content::Bytes(Arc::new(c.data.clone())),
+            });
+        }
+        for (name, bytes) in extra {
+            nodes.push(Node {
+                name,
+                content: Content::Bytes(Arc::new(bytes)),
+            });
+        }
+        let mut names: Vec<&str> = Vec::new();
+        for n in &nodes {
+            check_name(&n.name).map_err(|e| LayoutError(e.to_string()))?;
+            if names.contains(&n.name.as_str()) {
+                return Err(LayoutError(format!(
+                    "two archive members would both appear as {:?} in the mount",
+                    n.name
+                )));
+            }
+            names.push(&n.name);
+        }
+        let time = Timestamp::new(header.ctime, 0);
+        // SAFETY: getuid/getgid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Ok(ArchiveFs {
+            reader: Arc::new(reader),
+            nodes,
+            time,
+            uid,
+            gid,
+            log: Arc::new(|msg: &str| eprintln!("vma mount: {msg}")),
+        })
+    }
+
+    /// Where messages about failed reads go.
+    pub fn set_logger(&mut self, log: Logger) {
+        self.log = log;
+    }
+
+    fn node(&self, inode: u64) -> Option<&Node> {
+        inode
+            .checked_sub(2)
+            .and_then(|i| self.nodes.get(i as usize))
+    }
+
+    fn attr(&self, inode: u64) -> Option<FileAttr> {
+        let (kind, perm, size, blocks, nlink) = if inode == ROOT {
+            (FileType::Directory, 0o555, 0, 0, 2)
+        } else {
+            let node = self.node(inode)?;
+            let blocks = match &node.content {
+                Content::Drive { stored, .. } => stored.div_ceil(512),
+                Content::Bytes(b) => (b.len() as u64).div_ceil(512),
+            };
+            (FileType::RegularFile, 0o444, node.size(), blocks, 1)
+        };
+        Some(FileAttr {
+            ino: inode,
+            size,
+            blocks,
+            atime: self.time,
+            mtime: self.time,
+            ctime: self.time,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: CLUSTER_SIZE as u32,
+        })
+    }
+
+    /// Every entry of the root directory, `.` and `..` first.
+    fn entries(&self) -> Vec<(u64, FileType, OsString)> {
+        let mut out = vec![
+            (ROOT, FileType::Directory, OsString::from(".")),
+            (ROOT, FileType::Directory, OsString::from("..")),
+        ];
+        for (i, n) in self.nodes.iter().enumerate() {
+            out.push((i as u64 + 2, FileType::RegularFile, OsString::from(&n.name)));
+        }
+        out
+    }
+}
+
+/// SEEK_DATA / SEEK_HOLE over a drive's runs: the first offset at or after
+/// `offset` in data (`want_data`) or in a hole; `None` for "no more data".
+/// The end of the drive counts as a hole.
+pub fn seek_in_runs(runs: &[IndexRun], size: u64, offset: u64, want_data: bool) -> Option<u64> {
+    if offset >= size {
+        return None;
+    }
+    let cs = CLUSTER_SIZE as u64;
+    let first = runs.partition_point(|r| (r.start + r.count as u64) * cs <= offset);
+    for r in &runs[first..] {
+        let is_data = r.kind != RunKind::Zero;
+        if is_data == want_data {
+            return Some((r.start * cs).max(offset).min(size));
+        }
+    }
+    if want_data {
+        None
+    } else {
+        Some(size)
+    }
+}
+
+impl Filesystem for ArchiveFs {
+    async fn init(&self, _req: Request) -> FuseResult<ReplyInit> {
+        let mut reply = ReplyInit::new(NonZeroU32::new(1 << 20).expect("non-zero"));
+        reply.max_background = Some(64);
+        Ok(reply)
+    }
+
+    async fn destroy(&self, _req: Request) {}
+
+    async fn lookup(&self, _req: Request, parent: u64, name: &OsStr) -> FuseResult<ReplyEntry> {
+        if parent != ROOT {
+            return Err(Errno::new_not_exist());
+        }
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| OsStr::new(&n.name) == name)
+            .ok_or_else(Errno::new_not_exist)?;
+        Ok(ReplyEntry {
+            ttl: TTL,
+            attr: self.attr(i as u64 + 2).expect("node exists"),
+            generation: 0,
+        })
+    }
+
+    async fn getattr(
+        &self,
+        _req: Request,
+        inode: u64,
+        _fh: Option<u64>,
+        _flags: u32,
+    ) -> FuseResult<ReplyAttr> {
+        let attr = self.attr(inode).ok_or_else(Errno::new_not_exist)?;
+        Ok(ReplyAttr { ttl: TTL, attr })
+    }
+
+    async fn open(&self, _req: Request, inode: u64, flags: u32) -> FuseResult<ReplyOpen> {
+        if self.node(inode).is_none() {
+            return Err(Errno::new_not_exist());
+        }
+        if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
+            return Err(libc::EROFS.into());
+        }
+        Ok(ReplyOpen {
+            fh: 0,
+            flags: FOPEN_KEEP_CACHE,
+        })
+    }
+
+    async fn read(
+        &self,
+        _req: Request,
+        inode: u64,
+        _fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> FuseResult<ReplyData> {
+        let node = self.node(inode).ok_or_else(Errno::new_not_exist)?;
+        let end = (offset.saturating_add(size as u64)).min(node.size());
+        if offset >= end {
+            return Ok(ReplyData { data: Bytes::new() });
+        }
+        match &node.content {
+            Content::Bytes(b) => Ok(ReplyData {
+                data: Bytes::copy_from_slice(&b[offset as usize..end as usize]),
+            }),
+            Content::Drive { id, .. } => {
+                let reader = self.reader.clone();
+                let id = *id;
+                let len = (end - offset) as usize;
+                let result = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; len];
+                    reader.read_at(id, offset, &mut buf).map(|()| buf)
+                })
+                .await
+                .map_err(|_| Errno::from(libc::EIO))?;
+                match result {
+                    Ok(buf) => Ok(ReplyData {
+                        data: Bytes::from(buf),
+                    }),
+                    Err(e) => {
+                        (self.log)(&format!(
+                            "read of {} bytes {offset}..{end} failed with EIO: {e}",
+                            node.name
+                        ));
+                        Err(libc::EIO.into())
+                    }
+                }
+            }
+        }
+    }
+
+    async fn statfs(&self, _req: Request, _inode: u64) -> FuseResult<ReplyStatFs> {
+        let size = std::fs::metadata(self.reader.path()).map_or(0, |m| m.len());
+        Ok(ReplyStatFs {
+            blocks: size.div_ceil(4096),
+            bfree: 0,
+            bavail: 0,
+            files: self.nodes.len() as u64 + 1,
+            ffree: 0,
+            bsize: 4096,
+            namelen: 255,
+            frsize: 4096,
+        })
+    }
+
+    async fn release(
+        &self,
+        _req: Request,
+        _inode: u64,
+        _fh: u64,
+        _flags: u32,
+        _lock_owner: u64,
+        _flush: bool,
+    ) -> FuseResult<()> {
+        Ok(())
+    }
+
+    async fn flush(
+        &self,
+        _req: Request,
+        _inode: u64,
+        _fh: u64,
+        _lock_owner: u64,
+    ) -> FuseResult<()> {
+        Ok(())
+    }
+
+    async fn opendir(&self, _req: Request, inode: u64, _flags: u32) -> FuseResult<ReplyOpen> {
+        if inode != ROOT {
+            return Err(Errno::new_is_not_dir());
+        }
+        Ok(ReplyOpen { fh: 0, flags: 0 })
+    }
+
+    async fn readdir<'a>(
+        &'a self,
+        _req: Request,
+        parent: u64,
+        _fh: u64,
+        offset: i64,
+    ) -> FuseResult<ReplyDirectory<impl Stream<Item = FuseResult<DirectoryEntry>> + Send + 'a>>
+    {
+        if parent != ROOT {
+            return Err(Errno::new_is_not_dir());
+        }
+        let entries: Vec<FuseResult<DirectoryEntry>> = self
+            .entries()
+            .into_iter()
+            .enumerate()
+            .skip(offset.max(0) as usize)
+            .map(|(i, (inode, kind, name))| {
+                Ok(DirectoryEntry {
+                    inode,
+                    kind,
+                    name,
+                    offset: i as i64 + 1,
+                })
+            })
+            .collect();
+        Ok(ReplyDirectory {
+            entries: stream::iter(entries),
+        })
+    }
+
+    async fn readdirplus<'a>(
+        &'a self,
+        _req: Request,
+        parent: u64,
+        _fh: u64,
+        offset: u64,
+        _lock_owner: u64,
+    ) -> FuseResult<
+        ReplyDirectoryPlus<impl Stream<Item = FuseResult<DirectoryEntryPlus>> + Send + 'a>,
+    > {
+        if parent != ROOT {
+            return Err(Errno::new_is_not_dir());
+        }
+        let entries: Vec<FuseResult<DirectoryEntryPlus>> = self
+            .entries()
+            .into_iter()
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, (inode, kind, name))| {
+                Ok(DirectoryEntryPlus {
+                    inode,
+                    generation: 0,
+                    kind,
+                    name,
+                    offset: i as i64 + 1,
+                    attr: self.attr(inode).expect("listed inode"),
+                    entry_ttl: TTL,
+                    attr_ttl: TTL,
+                })
+            })
+            .collect();
+        Ok(ReplyDirectoryPlus {
+            entries: stream::iter(entries),
+        })
+    }
+
+    async fn access(&self, _req: Request, inode: u64, mask: u32) -> FuseResult<()> {
+        if self.attr(inode).is_none() {
+            return Err(Errno::new_not_exist());
+        }
+        if mask as i32 & libc::W_OK != 0 {
+            return Err(libc::EROFS.into());
+        }
+        Ok(())
+    }
+
+    async fn lseek(
+        &self,
+        _req: Request,
+        inode: u64,
+        _fh: u64,
+        offset: u64,
+        whence: u32,
+    ) -> FuseResult<ReplyLSeek> {
+        let node = self.node(inode).ok_or_else(Errno::new_not_exist)?;
+        let want_data = match whence as i32 {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            _ => return Err(libc::EINVAL.into()),
+        };
+        let size = node.size();
+        let found = match &node.content {
+            Content::Drive { id, .. } => {
+                seek_in_runs(self.reader.runs(*id), size, offset, want_data)
+            }
+            Content::Bytes(_) if offset >= size => None,
+            Content::Bytes(_) => Some(if want_data { offset } else { size }),
+        };
+        found
+            .map(|offset| ReplyLSeek { offset })
+            .ok_or_else(|| libc::ENXIO.into())
+    }
+}
+
+/// How to mount.
+#[derive(Clone, Debug, Default)]
+pub struct MountConfig {
+    /// Let other users see the mount (needs `user_allow_other` for non-root).
+    pub allow_other: bool,
+}
+
+/// Mount `fs` at `mountpoint` and serve it until it is unmounted (by
+/// `umount`/`vma umount`) or the process gets SIGINT or SIGTERM (which
+/// unmount it). `ready` is called once the mount is in place.
+pub fn serve(
+    fs: ArchiveFs,
+    mountpoint: &Path,
+    config: &MountConfig,
+    ready: impl FnOnce(),
+) -> std::io::Result<()> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(2))
+        .max_blocking_threads(threads * 4)
+        .thread_name("vma-fuse")
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut options = MountOptions::default();
+        options
+            .fs_name("vma")
+            .read_only(true)
+            .allow_other(config.allow_other)
+            .custom_options(format!("subtype=vma,max_read={}", 1 << 20));
+        let mut handle = Session::new(options).mount(fs, mountpoint).await?;
+        ready();
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        tokio::select! {
+            result = &mut handle => result,
+            _ = terminate.recv() => handle.unmount().await,
+            _ = interrupt.recv() => handle.unmount().await,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(start: u64, count: u32, kind: RunKind) -> IndexRun {
+        IndexRun {
+            drive: DriveId(1),
+            start,
+            count,
+            kind,
+            extent_offset: 0,
+        }
+    }
+
+    #[test]
+    fn seeking_data_and_holes() {
+        let cs = CLUSTER_SIZE as u64;
+        let runs = [
+            run(0, 2, RunKind::Data),
+            run(2, 3, RunKind::Zero),
+            run(5, 1, RunKind::Data),
+            run(6, 4, RunKind::Zero),
+        ];
+        let size = 9 * cs + 100;
+        assert_eq!(seek_in_runs(&runs, size, 0, true), Some(0));
+        assert_eq!(seek_in_runs(&runs, size, 10, false), Some(2 * cs));
+        assert_eq!(seek_in_runs(&runs, size, 2 * cs + 7, true), Some(5 * cs));
+        assert_eq!(
+            seek_in_runs(&runs, size, 5 * cs + 7, true),
+            Some(5 * cs + 7)
+        );
+        assert_eq!(seek_in_runs(&runs, size, 5 * cs + 7, false), Some(6 * cs));
+        assert_eq!(seek_in_runs(&runs, size, 6 * cs, true), None);
+        assert_eq!(seek_in_runs(&runs, size, 7 * cs, false), Some(7 * cs));
+        assert_eq!(seek_in_runs(&runs, size, size, false), None);
+        // A drive that is all data has its only hole at the end.
+        let full = [run(0, 10, RunKind::Data)];
+        assert_eq!(seek_in_runs(&full, size, 3, false), Some(size));
+    }
+}

@@ -1,0 +1,229 @@
+//! `vma mount` and `vma umount`: flags, detaching, and where the mount's
+//! messages go. The file system itself is `vma-fuse`.
+
+use std::ffi::CString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+use vma_core::detect::StreamCompression;
+use vma_core::Reader;
+use vma_fuse::{serve, ArchiveFs, Logger, MountConfig};
+
+use crate::output::list_json;
+use crate::Opened;
+
+/// Arguments of `vma mount`.
+#[derive(clap::Args, Clone)]
+pub(crate) struct MountArgs {
+    /// Archive file (native, or uncompressed Proxmox VMA v1).
+    archive: PathBuf,
+    /// Empty directory to mount on.
+    mountpoint: PathBuf,
+    /// Stay in the foreground (messages on stderr; Ctrl-C unmounts).
+    #[arg(long)]
+    foreground: bool,
+    /// Let other users see the files (FUSE `allow_other`).
+    #[arg(long)]
+    allow_other: bool,
+    /// MiB of decoded extents to keep in memory.
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    cache_size: usize,
+    /// Append messages (failed reads) to this file; detached mounts log to
+    /// syslog without it.
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// Internal: run as the detached serving process, reporting readiness
+    /// on standard output.
+    #[arg(long, hide = true)]
+    daemon_child: bool,
+}
+
+/// `vma mount`: check everything, then serve in the foreground or in a
+/// detached process; returns once the mount is ready.
+pub(crate) fn mount(args: &MountArgs) -> Result<()> {
+    if args.daemon_child {
+        return daemon_child(args);
+    }
+    let mut fs = prepare(args)?;
+    if args.foreground {
+        fs.set_logger(logger(args.log.as_deref(), true)?);
+        let mp = args.mountpoint.display().to_string();
+        serve(fs, &args.mountpoint, &config(args), || {
+            eprintln!("vma: mounted on {mp}; Ctrl-C or `vma umount {mp}` unmounts")
+        })
+        .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
+        return Ok(());
+    }
+    drop(fs);
+    // Re-run ourselves detached; it prints "ready" or an error on stdout.
+    let exe = std::env::current_exe().context("finding the vma executable")?;
+    let mut cmd = Command::new(exe);
+    // The child runs in `/`: hand it absolute paths.
+    cmd.arg("mount")
+        .arg(absolute(&args.archive)?)
+        .arg(absolute(&args.mountpoint)?)
+        .arg("--cache-size")
+        .arg(args.cache_size.to_string())
+        .arg("--daemon-child");
+    if args.allow_other {
+        cmd.arg("--allow-other");
+    }
+    if let Some(log) = &args.log {
+        cmd.arg("--log").arg(absolute(log)?);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .current_dir("/");
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount process")?;
+    let out = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .context("waiting for the mount process")?;
+    match line.trim_end() {
+        "ready" => Ok(()),
+        "" => {
+            let status = child.wait().ok();
+            bail!("the mount process ended before the mount was ready ({status:?})")
+        }
+        msg => {
+            let _ = child.wait();
+            Err(anyhow!("{}", msg.trim_start_matches("error: ")))
+        }
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
+}
+
+fn config(args: &MountArgs) -> MountConfig {
+    MountConfig {
+        allow_other: args.allow_other,
+    }
+}
+
+/// Open the archive and build the file system (before mounting, so every
+/// error reaches the terminal).
+fn prepare(args: &MountArgs) -> Result<ArchiveFs> {
+    let meta = std::fs::metadata(&args.mountpoint)
+        .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+    if !meta.is_dir() {
+        bail!(
+            "mount point {} is not a directory",
+            args.mountpoint.display()
+        );
+    }
+    let reader = Reader::open(&args.archive)
+        .with_context(|| format!("opening {}", args.archive.display()))?;
+    reader.set_cache_bytes(args.cache_size.max(1) << 20);
+    let mut opened = Opened {
+        header: reader.header().clone(),
+        format: reader.format(),
+        compression: StreamCompression::None,
+        reader: Some(reader),
+        problem: None,
+    };
+    let mut json = serde_json::to_vec_pretty(&list_json(&opened))?;
+    json.push(b'\n');
+    let reader = opened.reader.take().expect("reader");
+    Ok(ArchiveFs::new(reader, vec![("archive.json".into(), json)])?)
+}
+
+/// Where failed reads are reported: a file, stderr (foreground), or syslog.
+fn logger(file: Option<&Path>, foreground: bool) -> Result<Logger> {
+    if let Some(path) = file {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening log file {}", path.display()))?;
+        let f = Mutex::new(f);
+        return Ok(Arc::new(move |msg: &str| {
+            if let Ok(mut f) = f.lock() {
+                let _ = writeln!(f, "vma mount: {msg}");
+            }
+        }));
+    }
+    if foreground {
+        return Ok(Arc::new(|msg: &str| eprintln!("vma mount: {msg}")));
+    }
+    static IDENT: &[u8] = b"vma-mount\0";
+    // SAFETY: IDENT is a static NUL-terminated string, as openlog requires.
+    unsafe { libc::openlog(IDENT.as_ptr().cast(), libc::LOG_PID, libc::LOG_DAEMON) };
+    Ok(Arc::new(|msg: &str| {
+        let c = CString::new(msg.replace('\0', " ")).expect("no NUL left");
+        // SAFETY: both strings are NUL-terminated; "%s" takes one string.
+        unsafe { libc::syslog(libc::LOG_ERR, c"%s".as_ptr(), c.as_ptr()) };
+    }))
+}
+
+/// The detached serving process: report readiness or the error on stdout,
+/// then let stdout go.
+fn daemon_child(args: &MountArgs) -> Result<()> {
+    let result = (|| -> Result<()> {
+        let mut fs = prepare(args)?;
+        fs.set_logger(logger(args.log.as_deref(), false)?);
+        serve(fs, &args.mountpoint, &config(args), || {
+            report("ready");
+            release_stdout();
+        })
+        .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
+        Ok(())
+    })();
+    if let Err(e) = &result {
+        report(&format!("error: {}", crate::one_line(e)));
+    }
+    result
+}
+
+/// One line to the parent waiting on our stdout.
+fn report(msg: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{msg}");
+    let _ = out.flush();
+}
+
+/// Point stdout at /dev/null so the parent's pipe closes.
+fn release_stdout() {
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: dup2 onto our own stdout descriptor.
+        unsafe { libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO) };
+    }
+}
+
+/// `vma umount MOUNTPOINT`.
+pub(crate) fn umount(mountpoint: &Path) -> Result<()> {
+    let c = CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| anyhow!("mount point contains a NUL byte"))?;
+    // SAFETY: c is a NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EPERM) {
+        // Not root: the FUSE helper unmounts what the user mounted.
+        for helper in ["fusermount3", "fusermount"] {
+            if let Ok(s) = Command::new(helper).arg("-u").arg(mountpoint).status() {
+                if s.success() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Err(err).with_context(|| format!("unmounting {}", mountpoint.display()))
+}
