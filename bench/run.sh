@@ -40,7 +40,8 @@ check_tools() {
 	local missing=() spec
 	# tool:debian-package
 	for spec in zstd:zstd mkfs.ext4:e2fsprogs qemu-img:qemu-utils /usr/bin/time:time \
-		cmp:diffutils truncate:coreutils; do
+		cmp:diffutils truncate:coreutils python3:python3 \
+		qemu-storage-daemon:qemu-system-common; do
 		command -v "${spec%%:*}" >/dev/null 2>&1 || missing+=("${spec#*:}")
 	done
 	((${#missing[@]} == 0)) && return
@@ -177,6 +178,10 @@ bench_extract() {
 	fi
 	log "round trip OK"
 	rm_out_vma # free disk and page cache for the following rows
+	measure -b rm_out_vma -a "$W/out-vma/disk.raw" -r qemu-extract \
+		vma-extract-digest extract "vma extract --drive-digest" \
+		"$VMA" extract --quiet --force --drive-digest "$W/disk.vma2" "$W/out-vma"
+	rm_out_vma
 
 	measure -b rm_out_zstd -o "$W/out-zstd.raw" -a "$W/out-zstd.raw" \
 		zstd-extract extract "zstd -d" \
@@ -260,6 +265,70 @@ bench_qcow2() {
 	rm -f "$W/disk-plain.qcow2"
 }
 
+MNT=$W/mnt
+QSD_FILE=$W/qsd-export
+QSD_PID=$W/qsd.pid
+
+# A fresh `vma mount` of disk.vma2 (cold caches).
+vma_mount() {
+	vma_umount
+	mkdir -p "$MNT"
+	"$VMA" mount "$W/disk.vma2" "$MNT"
+}
+vma_umount() { ! grep -qs " $MNT fuse" /proc/mounts || "$VMA" umount "$MNT"; }
+
+# A fresh qemu-storage-daemon FUSE export of disk.qcow2 (zstd clusters): the
+# way to read a compressed disk image as a file without restoring it today.
+qsd_mount() {
+	qsd_umount
+	: >"$QSD_FILE"
+	qemu-storage-daemon \
+		--blockdev "driver=file,node-name=file0,filename=$W/disk.qcow2,read-only=on" \
+		--blockdev driver=qcow2,node-name=disk0,file=file0,read-only=on \
+		--export "type=fuse,id=exp0,node-name=disk0,mountpoint=$QSD_FILE,writable=off" \
+		--pidfile "$QSD_PID" --daemonize
+}
+qsd_umount() {
+	local pid
+	if [[ -f $QSD_PID ]]; then
+		pid=$(<"$QSD_PID")
+		kill "$pid" 2>/dev/null || true
+		while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+		rm -f "$QSD_PID"
+	fi
+	! grep -qs " $QSD_FILE fuse" /proc/mounts || umount "$QSD_FILE"
+}
+
+# Random 4 KiB read latency: "reads=N p50_us=X p99_us=Y mean_us=Z" per reader.
+declare -A RAND
+RAND_ROWS=()
+
+# vma mount vs qemu-storage-daemon's FUSE export: sequential dd (each run on a
+# fresh mount) and random 4 KiB reads of data (readahead off).
+bench_mount() {
+	trap 'vma_umount; qsd_umount' EXIT
+	vma_mount
+	log "mount: checking the mounted drive against disk.raw"
+	cmp "$W/disk.raw" "$MNT/disk.raw" >&2 || die "the mounted drive differs from disk.raw"
+	measure -b vma_mount -r vma-extract mount-dd mount "dd bs=1M of the drive file on vma mount" \
+		dd if="$MNT/disk.raw" of=/dev/null bs=1M
+	measure -b qsd_mount -r mount-dd qsd-dd mount \
+		"dd bs=1M of qemu-storage-daemon's FUSE export of disk.qcow2 (zstd)" \
+		dd if="$QSD_FILE" of=/dev/null bs=1M
+	local reads=${BENCH_RANDOM_READS:-2000}
+	log "mount: $reads random 4 KiB reads, vma mount"
+	vma_mount
+	RAND[vma]=$(python3 "$ROOT/bench/randread.py" "$MNT/disk.raw" "$W/disk.raw" "$reads" 1)
+	RAND_ROWS+=(vma)
+	log "mount: $reads random 4 KiB reads, qemu-storage-daemon"
+	qsd_mount
+	RAND[qsd]=$(python3 "$ROOT/bench/randread.py" "$QSD_FILE" "$W/disk.raw" "$reads" 1)
+	RAND_ROWS+=(qsd)
+	vma_umount
+	qsd_umount
+	trap - EXIT
+}
+
 # --- report ------------------------------------------------------------------
 
 # ratio A B: A/B with two decimals, or "-" if either is unknown or B is 0.
@@ -337,6 +406,10 @@ report() {
 		"$(ratio "${R_WALL[vma-extract-qcow2]}" "${R_WALL[vma-extract]}")" 1.20 x
 	target "extract to qcow2 vs extract + qemu-img convert -O qcow2" \
 		"$(ratio "${R_WALL[vma-extract-qcow2]}" "${R_WALL[chain-extract-qcow2]}")" 1.00 x
+	target "dd of a vma mount's drive vs vma extract (wall; 1.25 = 0.8x throughput)" \
+		"$(ratio "${R_WALL[mount-dd]}" "${R_WALL[vma-extract]}")" 1.25 x
+	target "dd of a vma mount's drive vs dd of qemu-storage-daemon's FUSE export" \
+		"$(ratio "${R_WALL[mount-dd]}" "${R_WALL[qsd-dd]}")" 1.00 x
 	target "verify --no-drive-digest wall vs zstd -t" \
 		"$(ratio "${R_WALL[vma-verify-quick]}" "${R_WALL[zstd-verify]}")" 0.60 x
 	for id in "${ROWS[@]}"; do
@@ -345,6 +418,21 @@ report() {
 	done
 	echo
 	echo "$PASSED of $TOTAL targets met."
+	if ((${#RAND_ROWS[@]})); then
+		echo
+		echo "### random 4 KiB reads of data through FUSE (fresh mount, readahead off)"
+		echo
+		echo "| reader | reads | p50 µs | p99 µs | mean µs |"
+		echo "|---|--:|--:|--:|--:|"
+		local r
+		for r in "${RAND_ROWS[@]}"; do
+			# shellcheck disable=SC2086 # word splitting of key=value pairs is intended
+			set -- ${RAND[$r]}
+			printf '| %s | %s | %s | %s | %s |\n' \
+				"$([[ $r == vma ]] && echo "vma mount" || echo "qemu-storage-daemon FUSE export (qcow2, zstd)")" \
+				"${1#*=}" "${2#*=}" "${3#*=}" "${4#*=}"
+		done
+	fi
 }
 
 # --- main --------------------------------------------------------------------
@@ -364,6 +452,7 @@ main() {
 	bench_verify
 	bench_vma1
 	bench_qcow2
+	bench_mount
 
 	report | tee "$W/results.md.tmp"
 	mv "$W/results.md.tmp" "$W/results.md"

@@ -21,7 +21,7 @@ use vma_core::stream::human_bytes;
 use vma_core::stream::ArchiveFormat;
 use vma_core::{
     ArchiveMeta, ArchiveStream, ClusterWriter, Compression, ConfigBlob, DriveId, DriveInfo,
-    PassOptions, Reader, WriterOptions,
+    HashDrives, PassOptions, Reader, WriterOptions,
 };
 
 use output::Progress;
@@ -99,6 +99,11 @@ enum Command {
         /// With `--format qcow2`: zstd-compress the clusters (QEMU 5.1+ reads them).
         #[arg(long)]
         compress: bool,
+        /// Also check each extracted drive's whole-content SHA-256 and keep
+        /// no file on a mismatch. Every extent's SHA-256 is always checked;
+        /// this adds one sequential hash per drive (zeros included).
+        #[arg(long)]
+        drive_digest: bool,
     },
     /// Mount an archive read-only: each drive as a file (FUSE).
     Mount(mount::MountArgs),
@@ -239,6 +244,7 @@ fn run(cli: Cli) -> Result<()> {
             salvage,
             format,
             compress,
+            drive_digest,
         } => {
             let format = match (format, compress) {
                 (ExtractFormat::Raw, true) => {
@@ -255,6 +261,7 @@ fn run(cli: Cli) -> Result<()> {
                 force,
                 threads,
                 salvage,
+                check_drive_digests: drive_digest,
             };
             extract_cmd(&archive, &target_dir, options, quiet)
         }
@@ -501,7 +508,7 @@ fn convert(
     let pass_options = PassOptions {
         threads,
         keep_going: false,
-        hash_drives: false,
+        hash_drives: HashDrives::None,
     };
     let (_, bytes) = write_archive(output, force, |out| {
         let mut writer = AnyWriter::new(out, meta, format == OutputFormat::Vma1, &options)?;

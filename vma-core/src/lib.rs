@@ -32,6 +32,6 @@ pub mod writer_v1;
 pub use error::{Error, Result};
 pub use format::{ConfigBlob, DriveInfo, Header};
 pub use reader::Reader;
-pub use stream::{ArchiveStream, PassOptions, PassReport};
+pub use stream::{ArchiveStream, HashDrives, PassOptions, PassReport};
 pub use types::{ClusterNo, DriveId, DriveRange};
 pub use writer::{ArchiveMeta, ClusterWriter, Compression, Writer, WriterOptions};

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::detect::{detect, DetectedFormat, DETECT_LEN};
 use crate::error::{Error, IoContext, Result};
@@ -255,29 +255,85 @@ impl Reader {
             .collect()
     }
 
-    /// Read, verify and decode the extent at `offset` (cached).
+    /// Read, verify and decode the extent at `offset` (cached). Concurrent
+    /// callers asking for the same extent share one decode: kernel readahead
+    /// sends many requests into one extent at once.
     pub fn extent(&self, offset: u64) -> Result<Arc<DecodedExtent>> {
-        if let Some(e) = self.cache.lock().expect("cache lock").get(offset) {
-            return Ok(e);
-        }
-        let decoded = self.load_extent(offset).map_err(|e| match e {
-            Error::Corrupt { offset: at, what } | Error::Truncated { offset: at, what } => {
-                let _ = at;
-                Error::ExtentDamaged {
-                    seq: self.extent_seq(offset),
-                    offset,
-                    what,
-                    ranges: self.ranges_in_extent(offset),
-                }
+        let slot = {
+            let mut cache = self.cache.lock().expect("cache lock");
+            if let Some(e) = cache.get(offset) {
+                return Ok(e);
             }
+            cache.loading.entry(offset).or_default().clone()
+        };
+        let mut failure = None;
+        let loaded = slot.get_or_init(|| match self.load_extent_named(offset) {
+            Ok(ext) => {
+                let ext = Arc::new(ext);
+                let mut cache = self.cache.lock().expect("cache lock");
+                cache.insert(offset, ext.clone());
+                cache.loading.remove(&offset);
+                Some(ext)
+            }
+            Err(e) => {
+                self.cache
+                    .lock()
+                    .expect("cache lock")
+                    .loading
+                    .remove(&offset);
+                failure = Some(e);
+                None
+            }
+        });
+        match (loaded, failure) {
+            (Some(ext), _) => Ok(ext.clone()),
+            (None, Some(e)) => Err(e),
+            // Another caller's load failed: load again for an error of our own.
+            (None, None) => self.load_extent_named(offset).map(Arc::new),
+        }
+    }
+
+    /// Offsets of the data extents holding bytes `range` of `drive` that are
+    /// neither cached nor being decoded, in drive order: what a reader about
+    /// to read that range sequentially can decode ahead of time.
+    pub fn extents_to_prefetch(&self, drive: DriveId, range: std::ops::Range<u64>) -> Vec<u64> {
+        let Some(size) = self.slot(drive).map(|s| self.header.drives[s].size) else {
+            return Vec::new();
+        };
+        let end = range.end.min(size);
+        if range.start >= end {
+            return Vec::new();
+        }
+        let first = ClusterNo::containing(range.start).0;
+        let last = ClusterNo::containing(end - 1).0;
+        let runs = self.runs(drive);
+        let from = runs.partition_point(|r| r.start + r.count as u64 <= first);
+        let cache = self.cache.lock().expect("cache lock");
+        let mut offsets: Vec<u64> = Vec::new();
+        for r in runs[from..].iter().take_while(|r| r.start <= last) {
+            let off = r.extent_offset;
+            if r.kind == RunKind::Data
+                && !cache.map.contains_key(&off)
+                && !cache.loading.contains_key(&off)
+                && !offsets.contains(&off)
+            {
+                offsets.push(off);
+            }
+        }
+        offsets
+    }
+
+    /// [`Self::load_extent`], with damage reported as the drive ranges lost.
+    fn load_extent_named(&self, offset: u64) -> Result<DecodedExtent> {
+        self.load_extent(offset).map_err(|e| match e {
+            Error::Corrupt { what, .. } | Error::Truncated { what, .. } => Error::ExtentDamaged {
+                seq: self.extent_seq(offset),
+                offset,
+                what,
+                ranges: self.ranges_in_extent(offset),
+            },
             other => other,
-        })?;
-        let decoded = Arc::new(decoded);
-        self.cache
-            .lock()
-            .expect("cache lock")
-            .insert(offset, decoded.clone());
-        Ok(decoded)
+        })
     }
 
     /// The sequence number in the extent header at `offset`, if readable.
@@ -510,6 +566,8 @@ struct ExtentCache {
     used: usize,
     map: HashMap<u64, Arc<DecodedExtent>>,
     order: VecDeque<u64>,
+    /// Extents being decoded right now; later callers wait on the cell.
+    loading: HashMap<u64, Arc<OnceLock<Option<Arc<DecodedExtent>>>>>,
 }
 
 impl ExtentCache {
@@ -519,6 +577,7 @@ impl ExtentCache {
             used: 0,
             map: HashMap::new(),
             order: VecDeque::new(),
+            loading: HashMap::new(),
         }
     }
 

@@ -32,9 +32,33 @@ pub struct PassOptions {
     pub threads: usize,
     /// Record damage and go on (verify) instead of stopping at the first problem.
     pub keep_going: bool,
-    /// Compute the SHA-256 of every drive read in order and compare it with
-    /// the digest the writer recorded.
-    pub hash_drives: bool,
+    /// Which drives get their SHA-256 computed (when read in order) and
+    /// compared with the digest the writer recorded.
+    pub hash_drives: HashDrives,
+}
+
+/// The drives whose whole-content SHA-256 a pass computes. Hashing is one
+/// sequential stream per drive (zeros included), so it is the slowest part
+/// of a pass: skip it where per-extent digests are enough.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum HashDrives {
+    /// Hash no drive.
+    #[default]
+    None,
+    /// Hash every drive.
+    All,
+    /// Hash only these drives.
+    Only(Vec<DriveId>),
+}
+
+impl HashDrives {
+    fn includes(&self, drive: DriveId) -> bool {
+        match self {
+            HashDrives::None => false,
+            HashDrives::All => true,
+            HashDrives::Only(ids) => ids.contains(&drive),
+        }
+    }
 }
 
 /// Outcome of checking one drive's whole-content digest.
@@ -300,7 +324,7 @@ impl<R: Read> ArchiveStream<R> {
     ) -> Result<PassReport> {
         // VMA v1 records no drive digests: nothing to hash against.
         let options = &PassOptions {
-            hash_drives: false,
+            hash_drives: HashDrives::None,
             ..options.clone()
         };
         let mut state = PassState::new(&self.header, options);
@@ -475,7 +499,8 @@ impl PassState {
             footer: None,
             high_water: vec![0; n],
             out_of_order: vec![false; n],
-            hasher: options.hash_drives.then(|| DriveHasher::start(header)),
+            hasher: (options.hash_drives != HashDrives::None)
+                .then(|| DriveHasher::start(header, &options.hash_drives)),
         }
     }
 
@@ -782,6 +807,7 @@ impl PassState {
                     HashOutcome::Done(found) => DriveDigestCheck::Mismatch { expected, found },
                     HashOutcome::OutOfOrder => DriveDigestCheck::OutOfOrder,
                     HashOutcome::Spoiled => DriveDigestCheck::NotChecked,
+                    HashOutcome::Skipped => DriveDigestCheck::Skipped,
                 },
             };
             if let DriveDigestCheck::Mismatch { expected, found } = &check {
@@ -871,6 +897,7 @@ enum HashOutcome {
     Done([u8; 32]),
     OutOfOrder,
     Spoiled,
+    Skipped,
 }
 
 enum HashMsg {
@@ -885,9 +912,10 @@ struct DriveHasher {
 }
 
 impl DriveHasher {
-    fn start(header: &Header) -> Self {
+    fn start(header: &Header, which: &HashDrives) -> Self {
         let drives = header.drives.clone();
-        let (tx, rx) = crossbeam_channel::bounded::<HashMsg>(8);
+        let skip: Vec<bool> = drives.iter().map(|d| !which.includes(d.id)).collect();
+        let (tx, rx) = crossbeam_channel::bounded::<HashMsg>(32);
         let thread = std::thread::Builder::new()
             .name("vma-drive-hash".into())
             .spawn(move || {
@@ -896,12 +924,12 @@ impl DriveHasher {
                     next: u64,
                     state: Option<HashOutcome>,
                 }
-                let mut s: Vec<S> = drives
+                let mut s: Vec<S> = skip
                     .iter()
-                    .map(|_| S {
+                    .map(|&skipped| S {
                         sha: Sha256::new(),
                         next: 0,
-                        state: None,
+                        state: skipped.then_some(HashOutcome::Skipped),
                     })
                     .collect();
                 let zeros = vec![0u8; CLUSTER_SIZE];
@@ -912,7 +940,7 @@ impl DriveHasher {
                         HashMsg::Spoil(ids) => {
                             for id in ids {
                                 if let Some(i) = slot(id) {
-                                    s[i].state = Some(HashOutcome::Spoiled);
+                                    s[i].state.get_or_insert(HashOutcome::Spoiled);
                                 }
                             }
                         }

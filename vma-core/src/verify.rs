@@ -8,7 +8,7 @@ use crate::digest::Sha256;
 
 use crate::error::{Error, Result};
 use crate::reader::Reader;
-use crate::stream::{ArchiveStream, DriveDigestCheck, PassOptions, PassReport};
+use crate::stream::{ArchiveStream, DriveDigestCheck, HashDrives, PassOptions, PassReport};
 
 /// Verify an archive read from `reader` in one pass. With `drive_digests`,
 /// every drive's whole-content SHA-256 is computed and compared too; when
@@ -23,7 +23,11 @@ pub fn verify<R: Read>(
     let options = PassOptions {
         threads,
         keep_going: true,
-        hash_drives: drive_digests,
+        hash_drives: if drive_digests {
+            HashDrives::All
+        } else {
+            HashDrives::None
+        },
     };
     let mut report = stream.pass(&options, |_| Ok(()))?;
     if !report.is_clean() {

@@ -64,7 +64,7 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 
 /// Default decoded payload per extent: large enough for zstd to reach its
 /// stream ratio, small enough that a random read decodes little.
-pub const DEFAULT_EXTENT_PAYLOAD: usize = 1 << 20;
+pub const DEFAULT_EXTENT_PAYLOAD: usize = 256 << 10;
 
 /// An extent is closed once it has this many run entries.
 const MAX_WRITER_ENTRIES: usize = 4096;

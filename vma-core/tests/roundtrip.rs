@@ -7,7 +7,7 @@ use std::io::Write;
 use proptest::prelude::*;
 use vma_core::format::{limits, CLUSTER_SIZE};
 use vma_core::reader::Reader;
-use vma_core::stream::{ArchiveStream, DriveDigestCheck, PassOptions};
+use vma_core::stream::{ArchiveStream, DriveDigestCheck, HashDrives, PassOptions};
 use vma_core::types::{clusters_for, ClusterNo};
 use vma_core::{ArchiveMeta, Compression, ConfigBlob, DriveId, DriveInfo, Writer, WriterOptions};
 
@@ -183,7 +183,7 @@ fn pass_contents(archive: &[u8], n: usize, sizes: &[u64]) -> (Vec<Vec<u8>>, vma_
     let options = PassOptions {
         threads: 2,
         keep_going: false,
-        hash_drives: true,
+        hash_drives: HashDrives::All,
     };
     let report = stream
         .pass(&options, |ext| {
@@ -261,7 +261,7 @@ proptest! {
         let detected = match ArchiveStream::open(&bad[..], "flipped") {
             Err(_) => true,
             Ok(stream) => {
-                let options = PassOptions { threads: 2, keep_going: true, hash_drives: true };
+                let options = PassOptions { threads: 2, keep_going: true, hash_drives: HashDrives::All };
                 match stream.pass(&options, |_| Ok(())) {
                     Err(_) => true,
                     Ok(r) => !r.is_clean(),
@@ -291,7 +291,7 @@ proptest! {
         let clean = match ArchiveStream::open(short, "short") {
             Err(_) => false,
             Ok(stream) => {
-                let options = PassOptions { threads: 1, keep_going: true, hash_drives: false };
+                let options = PassOptions { threads: 1, keep_going: true, hash_drives: HashDrives::None };
                 stream.pass(&options, |_| Ok(())).map(|r| r.is_clean()).unwrap_or(false)
             }
         };
@@ -348,6 +348,34 @@ fn in_order_writes_record_and_verify_drive_digests() {
         "{}",
         report.problems[0]
     );
+
+    // Extract checks the drive digest only when asked; on a mismatch it
+    // leaves no drive file behind.
+    let extract = |archive: &[u8], check: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let options = vma_core::extract::ExtractOptions {
+            format: vma_core::extract::DriveFormat::Raw,
+            drives: vec![],
+            force: false,
+            threads: 2,
+            salvage: false,
+            check_drive_digests: check,
+        };
+        let stream = ArchiveStream::open(archive, "a").unwrap();
+        let result = vma_core::extract::extract(stream, dir.path(), &options, |_| {});
+        let out = std::fs::read(dir.path().join("d.raw")).ok();
+        (result.map(|_| ()), out)
+    };
+    let (result, out) = extract(&in_order_archive(&img, digest), true);
+    result.unwrap();
+    assert_eq!(out.as_deref(), Some(&img[..]));
+    let (result, out) = extract(&in_order_archive(&img, [1; 32]), true);
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("SHA-256") && err.contains('d'), "{err}");
+    assert_eq!(out, None, "a drive with a wrong digest was committed");
+    let (result, out) = extract(&in_order_archive(&img, [1; 32]), false);
+    result.unwrap();
+    assert_eq!(out.as_deref(), Some(&img[..]));
 }
 
 #[test]
@@ -559,7 +587,7 @@ proptest! {
         if v1.len() > header_len {
             let cut = header_len + (cut_seed % (v1.len() - header_len) as u64) as usize;
             let stream = ArchiveStream::open(&v1[..cut], "short").unwrap();
-            let options = PassOptions { threads: 1, keep_going: true, hash_drives: false };
+            let options = PassOptions { threads: 1, keep_going: true, hash_drives: HashDrives::None };
             let r = stream.pass(&options, |_| Ok(())).unwrap();
             prop_assert!(!r.is_clean(), "cut at {} of {} unnoticed", cut, v1.len());
         }
@@ -575,7 +603,7 @@ fn pass_contents_v1(archive: &[u8], sizes: &[u64]) -> (Vec<Vec<u8>>, vma_core::P
             &PassOptions {
                 threads: 1,
                 keep_going: false,
-                hash_drives: false,
+                hash_drives: HashDrives::None,
             },
             |ext| {
                 for (drive, cluster, data) in ext.clusters() {
@@ -666,4 +694,27 @@ fn vma1_pitfalls_by_hand() {
             .contains("drive-virtio1 lacks 2 of its 2 clusters"),
         "{err}"
     );
+}
+
+#[test]
+fn concurrent_readers_of_one_extent_share_one_decode() {
+    let mut img = vec![0u8; 8 * CLUSTER_SIZE];
+    fill(&Pattern::Random(3), &mut img);
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(&in_order_archive(&img, [0; 32])).unwrap();
+    let reader = Reader::open(f.path()).unwrap();
+    let offset = reader.runs(DriveId(1))[0].extent_offset;
+    let decoded: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| reader.extent(offset).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(decoded
+        .iter()
+        .all(|d| std::sync::Arc::ptr_eq(d, &decoded[0])));
+    assert!(reader
+        .extents_to_prefetch(DriveId(1), 0..img.len() as u64)
+        .iter()
+        .all(|&o| o != offset));
 }

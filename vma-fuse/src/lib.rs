@@ -12,7 +12,8 @@
 use std::ffi::{OsStr, OsString};
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,8 +27,28 @@ use vma_core::{DriveId, Reader};
 const ROOT: u64 = 1;
 /// How long the kernel may cache attributes and names (they never change).
 const TTL: Duration = Duration::from_secs(3600);
+/// FOPEN_DIRECT_IO: reads bypass the kernel page cache and reach us at the
+/// reader's own size (up to [`MAX_READ`]). Drive files use it: the kernel's
+/// readahead for FUSE sends 128 KiB requests one or two at a time, which
+/// halves sequential throughput, and caching holes and data we already
+/// cache decoded would only double the memory used.
+const FOPEN_DIRECT_IO: u32 = 1 << 0;
 /// FOPEN_KEEP_CACHE: the kernel keeps cached pages across opens.
 const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+/// Largest read request the kernel sends (FUSE's limit of 256 pages).
+const MAX_READ: usize = 1 << 20;
+/// What reads that fall entirely in a hole are answered with, without copying.
+static ZEROS: [u8; MAX_READ] = [0; MAX_READ];
+/// Read buffers kept for reuse (fresh 1 MiB buffers cost a page fault per 4 KiB).
+const POOLED_BUFFERS: usize = 16;
+
+/// How far past a sequential read extents are decoded ahead of time.
+const PREFETCH_BYTES: u64 = 8 << 20;
+/// Reads that start within this distance of where the previous read of the
+/// same file ended count as sequential (readahead requests arrive unordered).
+const SEQUENTIAL_SLACK: u64 = 4 << 20;
+/// Threads decoding extents ahead of sequential readers.
+const PREFETCH_THREADS: usize = 2;
 
 /// Where a message about a failed read goes.
 pub type Logger = Arc<dyn Fn(&str) + Send + Sync>;
@@ -36,7 +57,14 @@ pub type Logger = Arc<dyn Fn(&str) + Send + Sync>;
 #[derive(Clone)]
 enum Content {
     /// A drive of the archive.
-    Drive { id: DriveId, size: u64, stored: u64 },
+    Drive {
+        id: DriveId,
+        size: u64,
+        stored: u64,
+        /// Where the latest read ended (for detecting sequential reading
+        /// and for prefetching ahead of it).
+        last_end: Arc<AtomicU64>,
+    },
     /// Bytes held in memory (config blobs, archive.json).
     Bytes(Arc<Vec<u8>>),
 }
@@ -66,6 +94,45 @@ pub struct ArchiveFs {
     uid: u32,
     gid: u32,
     log: Logger,
+    /// Requests for the prefetch threads (see [`start_prefetchers`]).
+    prefetch_queue: crossbeam_channel::Sender<(DriveId, Arc<AtomicU64>)>,
+    /// Read buffers for reuse.
+    buffers: BufferPool,
+}
+
+type BufferPool = Arc<Mutex<Vec<Vec<u8>>>>;
+
+/// A read buffer that goes back to its pool once the reply is sent.
+struct PooledBuffer {
+    bytes: Vec<u8>,
+    pool: BufferPool,
+}
+
+impl PooledBuffer {
+    /// A buffer of `len` bytes (contents unspecified: the reader overwrites them).
+    fn take(pool: &BufferPool, len: usize) -> PooledBuffer {
+        let mut bytes = pool.lock().expect("buffer pool").pop().unwrap_or_default();
+        bytes.resize(len, 0);
+        PooledBuffer {
+            bytes,
+            pool: pool.clone(),
+        }
+    }
+}
+
+impl AsRef<[u8]> for PooledBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        let mut pool = self.pool.lock().expect("buffer pool");
+        if pool.len() < POOLED_BUFFERS {
+            pool.push(std::mem::take(&mut self.bytes));
+        }
+    }
 }
 
 /// Errors found before mounting (bad names, name clashes).
@@ -94,6 +161,7 @@ impl ArchiveFs {
                     id: d.id,
                     size: d.size,
                     stored: reader.index().drives.get(i).map_or(0, |r| r.stored_bytes),
+                    last_end: Arc::new(AtomicU64::new(u64::MAX)),
                 },
             });
         }
@@ -123,19 +191,29 @@ impl ArchiveFs {
         let time = Timestamp::new(header.ctime, 0);
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let reader = Arc::new(reader);
         Ok(ArchiveFs {
-            reader: Arc::new(reader),
+            prefetch_queue: start_prefetchers(&reader),
+            reader,
             nodes,
             time,
             uid,
             gid,
             log: Arc::new(|msg: &str| eprintln!("vma mount: {msg}")),
+            buffers: Arc::default(),
         })
     }
 
     /// Where messages about failed reads go.
     pub fn set_logger(&mut self, log: Logger) {
         self.log = log;
+    }
+
+    /// Ask the prefetch threads to decode ahead of a sequential reader of
+    /// drive `id` now at `reading_at`.
+    fn prefetch(&self, id: DriveId, reading_at: &Arc<AtomicU64>) {
+        // Full queue: every thread is busy ahead of some reader already.
+        let _ = self.prefetch_queue.try_send((id, reading_at.clone()));
     }
 
     fn node(&self, inode: u64) -> Option<&Node> {
@@ -207,9 +285,43 @@ pub fn seek_in_runs(runs: &[IndexRun], size: u64, offset: u64, want_data: bool) 
     }
 }
 
+/// Start [`PREFETCH_THREADS`] threads that keep the extents of the
+/// [`PREFETCH_BYTES`] ahead of a sequential reader decoded and cached: given
+/// a drive and where its reader is, a thread decodes the nearest extent in
+/// that window not yet cached, then the next, until the window is full, so
+/// the reader finds its data ready while the other core serves it. The
+/// threads end when the file system is dropped. Damage found here is not
+/// logged (the read that needs the extent reports it) and ends that request.
+fn start_prefetchers(reader: &Arc<Reader>) -> crossbeam_channel::Sender<(DriveId, Arc<AtomicU64>)> {
+    let (tx, rx) = crossbeam_channel::bounded::<(DriveId, Arc<AtomicU64>)>(PREFETCH_THREADS);
+    for n in 0..PREFETCH_THREADS {
+        let reader = reader.clone();
+        let rx = rx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("vma-prefetch-{n}"))
+            .spawn(move || {
+                for (id, reading_at) in rx {
+                    loop {
+                        let at = reading_at.load(Ordering::Relaxed);
+                        let window = at..at.saturating_add(PREFETCH_BYTES);
+                        let Some(&offset) = reader.extents_to_prefetch(id, window).first() else {
+                            break;
+                        };
+                        if reader.extent(offset).is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+        // Without prefetch threads reads still work, only slower.
+        drop(spawned);
+    }
+    tx
+}
+
 impl Filesystem for ArchiveFs {
     async fn init(&self, _req: Request) -> FuseResult<ReplyInit> {
-        let mut reply = ReplyInit::new(NonZeroU32::new(1 << 20).expect("non-zero"));
+        let mut reply = ReplyInit::new(NonZeroU32::new(MAX_READ as u32).expect("non-zero"));
         reply.max_background = Some(64);
         Ok(reply)
     }
@@ -244,15 +356,16 @@ impl Filesystem for ArchiveFs {
     }
 
     async fn open(&self, _req: Request, inode: u64, flags: u32) -> FuseResult<ReplyOpen> {
-        if self.node(inode).is_none() {
-            return Err(Errno::new_not_exist());
-        }
+        let node = self.node(inode).ok_or_else(Errno::new_not_exist)?;
         if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
             return Err(libc::EROFS.into());
         }
         Ok(ReplyOpen {
             fh: 0,
-            flags: FOPEN_KEEP_CACHE,
+            flags: match node.content {
+                Content::Drive { .. } => FOPEN_DIRECT_IO,
+                Content::Bytes(_) => FOPEN_KEEP_CACHE,
+            },
         })
     }
 
@@ -273,19 +386,30 @@ impl Filesystem for ArchiveFs {
             Content::Bytes(b) => Ok(ReplyData {
                 data: Bytes::copy_from_slice(&b[offset as usize..end as usize]),
             }),
-            Content::Drive { id, .. } => {
+            Content::Drive { id, last_end, .. } => {
+                let hole = seek_in_runs(self.reader.runs(*id), node.size(), offset, true)
+                    .is_none_or(|data| data >= end);
+                if hole && end - offset <= MAX_READ as u64 {
+                    return Ok(ReplyData {
+                        data: Bytes::from_static(&ZEROS[..(end - offset) as usize]),
+                    });
+                }
+                let previous_end = last_end.swap(end, Ordering::Relaxed);
+                if previous_end.abs_diff(offset) <= SEQUENTIAL_SLACK {
+                    self.prefetch(*id, last_end);
+                }
                 let reader = self.reader.clone();
                 let id = *id;
                 let len = (end - offset) as usize;
+                let mut buf = PooledBuffer::take(&self.buffers, len);
                 let result = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len];
-                    reader.read_at(id, offset, &mut buf).map(|()| buf)
+                    reader.read_at(id, offset, &mut buf.bytes).map(|()| buf)
                 })
                 .await
                 .map_err(|_| Errno::from(libc::EIO))?;
                 match result {
                     Ok(buf) => Ok(ReplyData {
-                        data: Bytes::from(buf),
+                        data: Bytes::from_owner(buf),
                     }),
                     Err(e) => {
                         (self.log)(&format!(
@@ -475,7 +599,7 @@ pub fn serve(
             .fs_name("vma")
             .read_only(true)
             .allow_other(config.allow_other)
-            .custom_options(format!("subtype=vma,max_read={}", 1 << 20));
+            .custom_options(format!("subtype=vma,max_read={MAX_READ}"));
         let mut handle = Session::new(options).mount(fs, mountpoint).await?;
         ready();
         let mut terminate =
