@@ -1,1 +1,10 @@
-//! Live capture of running QEMU VMs over QMP and NBD into vma archives. Filled in by the capture work.
+//! Live capture of running QEMU VMs into vma archives.
+//!
+//! QEMU's own backup job does the copy-before-write: a `blockdev-backup`
+//! job per drive whose target is an NBD client node connected to the NBD
+//! server in [`nbd`]; what the job writes (clusters in the order the guest
+//! overwrites them, then the rest) goes straight into the archive Writer.
+//! [`qmp`] drives QEMU over its monitor socket.
+
+pub mod nbd;
+pub mod qmp;

@@ -1,0 +1,1 @@
+//! NBD server (fixed newstyle) that hands what clients write to a sink.

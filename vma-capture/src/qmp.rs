@@ -1,0 +1,1 @@
+//! QMP client: commands, replies and events over a unix socket.
