@@ -6,5 +6,7 @@
 //! overwrites them, then the rest) goes straight into the archive Writer.
 //! [`qmp`] drives QEMU over its monitor socket.
 
+pub mod assemble;
+pub mod capture;
 pub mod nbd;
 pub mod qmp;

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success; 1 archive damaged or verification failed; 2 usage or I/O error.
 
+mod capture;
 mod mount;
 mod output;
 
@@ -107,6 +108,8 @@ enum Command {
     },
     /// Mount an archive read-only: each drive as a file (FUSE).
     Mount(mount::MountArgs),
+    /// Back up drives of a running QEMU over QMP (full or incremental).
+    Capture(capture::CaptureArgs),
     /// Unmount what `vma mount` mounted.
     Umount {
         /// The mount point.
@@ -266,6 +269,7 @@ fn run(cli: Cli) -> Result<()> {
             extract_cmd(&archive, &target_dir, options, quiet)
         }
         Command::Mount(args) => mount::mount(&args),
+        Command::Capture(args) => capture::capture(&args, quiet),
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Convert {
             input,
@@ -382,23 +386,7 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
         });
         images.push(image);
     }
-    let mut configs = Vec::new();
-    for arg in config_args {
-        let (name, path) = named_arg(arg, "config", Path::file_name)?;
-        let size = std::fs::metadata(&path)
-            .with_context(|| format!("reading config {}", path.display()))?
-            .len();
-        if size > limits::MAX_CONFIG_SIZE as u64 {
-            bail!(
-                "config {} is {size} bytes; a config blob holds at most {} (16 MiB)",
-                path.display(),
-                limits::MAX_CONFIG_SIZE
-            );
-        }
-        let data =
-            std::fs::read(&path).with_context(|| format!("reading config {}", path.display()))?;
-        configs.push(ConfigBlob { name, data });
-    }
+    let configs = read_configs(config_args)?;
     check_member_names(
         drives.iter().map(|d| d.name.as_str()),
         configs.iter().map(|c| c.name.as_str()),
@@ -428,6 +416,29 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Config blobs from `--config [NAME=]FILE` arguments (NAME defaults to
+/// the file name), each within the size limit.
+pub(crate) fn read_configs(args: &[String]) -> Result<Vec<ConfigBlob>> {
+    let mut configs = Vec::new();
+    for arg in args {
+        let (name, path) = named_arg(arg, "config", Path::file_name)?;
+        let size = std::fs::metadata(&path)
+            .with_context(|| format!("reading config {}", path.display()))?
+            .len();
+        if size > limits::MAX_CONFIG_SIZE as u64 {
+            bail!(
+                "config {} is {size} bytes; a config blob holds at most {} (16 MiB)",
+                path.display(),
+                limits::MAX_CONFIG_SIZE
+            );
+        }
+        let data =
+            std::fs::read(&path).with_context(|| format!("reading config {}", path.display()))?;
+        configs.push(ConfigBlob { name, data });
+    }
+    Ok(configs)
 }
 
 /// Write an archive to `archive` (`-`: standard output) through `body`:

@@ -45,6 +45,13 @@ impl Progress {
         }
     }
 
+    /// Change the total (for work whose size grows as it runs).
+    pub(crate) fn set_total(&self, total: u64) {
+        if let Some(b) = &self.0 {
+            b.set_length(total);
+        }
+    }
+
     pub(crate) fn finish(&self) {
         if let Some(b) = &self.0 {
             b.finish_and_clear();

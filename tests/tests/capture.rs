@@ -1,0 +1,503 @@
+//! `vma capture` against a real `qemu-storage-daemon`: qcow2 and raw nodes,
+//! guest writes through a writable NBD export of the same nodes while the
+//! (speed-limited) backup job runs, full and incremental captures restored
+//! and compared byte for byte, and failures that must leave no archive.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vma_capture::qmp::Qmp;
+use vma_core::format::{RunKind, CLUSTER_SIZE};
+use vma_core::{DriveId, Reader};
+use vma_tests::{code, noise, require, stderr, vma, vma_bin};
+
+const CS: u64 = CLUSTER_SIZE as u64;
+
+/// A qemu-storage-daemon with a QMP socket and an NBD server for "guest"
+/// writes; killed on drop.
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    /// Start with `nodes` (name, image path, format) exported writable.
+    fn start(dir: &Path, nodes: &[(&str, &Path, &str)]) -> Daemon {
+        require("qemu-storage-daemon");
+        require("qemu-io");
+        let mut cmd = Command::new("qemu-storage-daemon");
+        cmd.arg("--chardev")
+            .arg(format!(
+                "socket,id=qmp0,path={},server=on,wait=off",
+                dir.join("qmp.sock").display()
+            ))
+            .arg("--monitor")
+            .arg("chardev=qmp0")
+            .arg("--nbd-server")
+            .arg(format!(
+                "addr.type=unix,addr.path={}",
+                dir.join("guest.sock").display()
+            ));
+        for (name, path, format) in nodes {
+            cmd.arg("--blockdev").arg(format!(
+                "driver=file,node-name={name}-file,filename={}",
+                path.display()
+            ));
+            cmd.arg("--blockdev")
+                .arg(format!("driver={format},node-name={name},file={name}-file"));
+            cmd.arg("--export").arg(format!(
+                "type=nbd,id={name}-exp,node-name={name},name={name},writable=on"
+            ));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting qemu-storage-daemon");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dir.join("guest.sock").exists() || !dir.join("qmp.sock").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn qmp_path(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
+    fn qmp(&self) -> Qmp {
+        Qmp::connect(&self.qmp_path()).expect("QMP connect")
+    }
+
+    /// A guest write of `len` bytes of `pattern` at `offset` of `node`.
+    fn guest_write(&self, node: &str, offset: u64, len: u64, pattern: u8) {
+        let uri = format!(
+            "nbd+unix:///{node}?socket={}",
+            self.dir.join("guest.sock").display()
+        );
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", &uri, "-c"])
+            .arg(format!("write -P {pattern} {offset} {len}"))
+            .output()
+            .expect("qemu-io");
+        assert!(
+            out.status.success(),
+            "qemu-io: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// What the guest sees on `node` now, as raw bytes.
+    fn contents(&self, node: &str) -> Vec<u8> {
+        let uri = format!(
+            "nbd+unix:///{node}?socket={}",
+            self.dir.join("guest.sock").display()
+        );
+        let raw = self.dir.join(format!("{node}-now.raw"));
+        let out = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &uri])
+            .arg(&raw)
+            .output()
+            .expect("qemu-img");
+        assert!(
+            out.status.success(),
+            "qemu-img: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let data = std::fs::read(&raw).unwrap();
+        std::fs::remove_file(&raw).unwrap();
+        data
+    }
+
+    /// Names of the dirty bitmaps of `node`.
+    fn bitmaps(&self, node: &str) -> Vec<String> {
+        let nodes = self
+            .qmp()
+            .execute("query-named-block-nodes", json!({"flat": true}))
+            .unwrap();
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["node-name"] == node)
+            .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+            .map(|b| b["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A qcow2 image of `size` bytes with noise in some clusters, zeros elsewhere.
+fn make_qcow2(path: &Path, size: u64, seed: u64) {
+    let raw = path.with_extension("seed.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    for i in 0..size / CS {
+        if !(i * 7 + seed).is_multiple_of(3) {
+            f.write_all_at(&noise(seed * 1000 + i, CS as usize), i * CS)
+                .unwrap();
+        }
+    }
+    let tail = size % CS;
+    if tail > 0 {
+        f.write_all_at(&noise(seed + 77, tail as usize), size - tail)
+            .unwrap();
+    }
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(raw).unwrap();
+}
+
+fn capture_cmd(d: &Daemon, archive: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(vma_bin());
+    cmd.arg("capture")
+        .arg("--qmp")
+        .arg(d.qmp_path())
+        .arg(archive)
+        .args(extra)
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn run_capture(d: &Daemon, archive: &Path, extra: &[&str]) -> String {
+    let out = capture_cmd(d, archive, extra).output().unwrap();
+    assert_eq!(code(&out), 0, "capture failed: {}", stderr(&out));
+    stderr(&out)
+}
+
+/// Restore drive `name` of `archive`, applying its chain of parents
+/// (`chain`, oldest first, ending with `archive`): the parent's contents
+/// under every cluster the archive marks unchanged.
+fn restore(chain: &[&Path], name: &str) -> Vec<u8> {
+    let mut image: Option<Vec<u8>> = None;
+    for path in chain {
+        let r = Reader::open(path).unwrap();
+        let d = r
+            .header()
+            .drives
+            .iter()
+            .find(|d| d.name == name)
+            .unwrap()
+            .clone();
+        let mut img = image.take().unwrap_or_else(|| vec![0u8; d.size as usize]);
+        img.resize(d.size as usize, 0);
+        for run in r.runs(d.id) {
+            if run.kind == RunKind::Unchanged {
+                continue;
+            }
+            let start = run.start * CS;
+            let end = ((run.start + run.count as u64) * CS).min(d.size);
+            r.read_at(d.id, start, &mut img[start as usize..end as usize])
+                .unwrap();
+        }
+        image = Some(img);
+    }
+    image.unwrap()
+}
+
+/// Clusters of drive `name` an archive stores (data or zero, not unchanged).
+fn stored_clusters(archive: &Path, name: &str) -> Vec<u64> {
+    let r = Reader::open(archive).unwrap();
+    let d = r
+        .header()
+        .drives
+        .iter()
+        .find(|d| d.name == name)
+        .unwrap()
+        .clone();
+    r.runs(d.id)
+        .iter()
+        .filter(|run| run.kind != RunKind::Unchanged)
+        .flat_map(|run| run.start..run.start + run.count as u64)
+        .collect()
+}
+
+fn drive_id(archive: &Path, name: &str) -> DriveId {
+    let r = Reader::open(archive).unwrap();
+    r.header()
+        .drives
+        .iter()
+        .find(|d| d.name == name)
+        .unwrap()
+        .id
+}
+
+#[test]
+fn full_capture_during_guest_writes_is_the_disk_at_job_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 24 * CS * 16 + 512; // 24 MiB and a 512-byte tail
+    let img = dir.path().join("disk0.qcow2");
+    make_qcow2(&img, size, 1);
+    let d = Daemon::start(dir.path(), &[("disk0", &img, "qcow2")]);
+    let before = d.contents("disk0");
+    assert_eq!(before.len() as u64, size);
+
+    let archive = dir.path().join("full.vma");
+    // 4 MiB/s: the job runs about six seconds, the guest writes meanwhile,
+    // from the end of the disk backwards (clusters the job has not reached).
+    let job = capture_cmd(&d, &archive, &["--drive", "disk0", "--speed", "4194304"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    for i in 0..12u64 {
+        let offset = size - 512 - (i * 2 + 1) * CS * 8;
+        d.guest_write("disk0", offset, CS, 0xA0 + i as u8);
+    }
+    d.guest_write("disk0", size - 512, 512, 0xEE);
+    let out = job.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "capture failed: {}", stderr(&out));
+    let msg = stderr(&out);
+    let ooo: u64 = msg
+        .split(" clusters arrived out of order")
+        .next()
+        .and_then(|s| s.rsplit(", ").next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no out-of-order count in: {msg}"));
+    assert!(ooo > 0, "the writer saw no out-of-order data: {msg}");
+
+    let now = d.contents("disk0");
+    assert_ne!(now, before, "the guest writes did not land");
+    assert!(
+        restore(&[&archive], "disk0") == before,
+        "the capture is not the disk at job start"
+    );
+    let x = dir.path().join("x");
+    let out = vma(&["extract", archive.to_str().unwrap(), x.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(std::fs::read(x.join("disk0.raw")).unwrap() == before);
+    let out = vma(&["verify", archive.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // The checkpoint bitmap was left on the node, named in the archive.
+    let bitmaps = d.bitmaps("disk0");
+    assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
+    let record = vma(&["config", archive.to_str().unwrap(), "vma-capture.json"]);
+    assert!(vma_tests::stdout(&record).contains(&bitmaps[0]));
+}
+
+#[test]
+fn incremental_chain_restores_every_point_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * 1024 * 1024;
+    let a_img = dir.path().join("a.qcow2");
+    let b_img = dir.path().join("b.qcow2");
+    let c_img = dir.path().join("c.raw");
+    make_qcow2(&a_img, size, 2);
+    make_qcow2(&b_img, size + 512, 3);
+    std::fs::write(&c_img, noise(4, 3 * CS as usize)).unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            ("a", &a_img, "qcow2"),
+            ("b", &b_img, "qcow2"),
+            ("c", &c_img, "raw"),
+        ],
+    );
+    let drives = ["--drive", "a", "--drive", "b", "--drive", "c"];
+    let full = dir.path().join("0.vma");
+    run_capture(&d, &full, &drives);
+    let points0 = [d.contents("a"), d.contents("b"), d.contents("c")];
+
+    // Incremental 1: a few writes on a and b; c is raw (no persistent
+    // bitmap needed: bitmaps live as long as the daemon).
+    d.guest_write("a", 3 * CS, 2 * CS, 0x11);
+    d.guest_write("b", size, 512, 0x22);
+    d.guest_write("c", 100, 10, 0x33);
+    let inc1 = dir.path().join("1.vma");
+    let msg = run_capture(
+        &d,
+        &inc1,
+        &[&drives[..], &["--incremental-from", full.to_str().unwrap()]].concat(),
+    );
+    assert!(msg.contains("incremental backup"), "{msg}");
+    let points1 = [d.contents("a"), d.contents("b"), d.contents("c")];
+    assert_eq!(stored_clusters(&inc1, "a"), vec![3, 4]);
+    assert_eq!(stored_clusters(&inc1, "b"), vec![size / CS]);
+    assert_eq!(stored_clusters(&inc1, "c"), vec![0]);
+
+    // Incremental 2, with a fourth drive added since: it alone is full.
+    let d_img = dir.path().join("d.qcow2");
+    make_qcow2(&d_img, 2 * 1024 * 1024, 5);
+    // One QMP client at a time: this one is gone before the capture connects.
+    d.qmp()
+        .execute(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "d", "file": {"driver": "file", "filename": d_img}}),
+        )
+        .unwrap();
+    d.guest_write("a", 0, CS, 0x44);
+    let inc2 = dir.path().join("2.vma");
+    let msg = run_capture(
+        &d,
+        &inc2,
+        &[
+            &drives[..],
+            &["--drive", "d", "--incremental-from", inc1.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    assert!(
+        msg.contains("drive d (node d): full backup (not in the parent archive)"),
+        "{msg}"
+    );
+    let points2 = [d.contents("a"), d.contents("b"), d.contents("c")];
+    assert_eq!(stored_clusters(&inc2, "a"), vec![0]);
+    assert!(stored_clusters(&inc2, "b").is_empty());
+
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        assert!(restore(&[&full], name) == points0[i], "{name} at point 0");
+        assert!(
+            restore(&[&full, &inc1], name) == points1[i],
+            "{name} at point 1"
+        );
+        assert!(
+            restore(&[&full, &inc1, &inc2], name) == points2[i],
+            "{name} at point 2"
+        );
+    }
+    let mut d_raw = vec![0u8; 2 * 1024 * 1024];
+    let r = Reader::open(&inc2).unwrap();
+    r.read_at(drive_id(&inc2, "d"), 0, &mut d_raw).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(&d_img)
+        .arg(dir.path().join("d-now.raw"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(std::fs::read(dir.path().join("d-now.raw")).unwrap() == d_raw);
+
+    // on-success: each node keeps only the newest checkpoint.
+    let record = vma_tests::stdout(&vma(&[
+        "config",
+        inc2.to_str().unwrap(),
+        "vma-capture.json",
+    ]));
+    for name in ["a", "b", "c", "d"] {
+        let bitmaps = d.bitmaps(name);
+        assert_eq!(bitmaps.len(), 1, "{name}: {bitmaps:?}");
+        assert!(
+            record.contains(&bitmaps[0]),
+            "{name}: {bitmaps:?} not in {record}"
+        );
+    }
+}
+
+#[test]
+fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk0.qcow2");
+    make_qcow2(&img, 16 * 1024 * 1024, 6);
+    let d = Daemon::start(dir.path(), &[("disk0", &img, "qcow2")]);
+    let full = dir.path().join("full.vma");
+    run_capture(&d, &full, &["--drive", "disk0"]);
+    let checkpoint = d.bitmaps("disk0");
+    assert_eq!(checkpoint.len(), 1);
+    d.guest_write("disk0", 0, 8 * 1024 * 1024, 0x55);
+
+    // Ctrl-C during a slow incremental: nothing kept, the parent's bitmap
+    // is untouched (still everything since the full), no new bitmap, no
+    // job or NBD node left behind.
+    let inc = dir.path().join("inc.vma");
+    let child = capture_cmd(
+        &d,
+        &inc,
+        &[
+            "--drive",
+            "disk0",
+            "--speed",
+            "1048576",
+            "--incremental-from",
+            full.to_str().unwrap(),
+        ],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on our own child's pid touches no memory.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_ne!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("cancelled"), "{}", stderr(&out));
+    assert!(!inc.exists());
+    assert_eq!(d.bitmaps("disk0"), checkpoint);
+    let jobs = d.qmp().execute("query-jobs", json!({})).unwrap();
+    assert_eq!(jobs, json!([]));
+    let nodes = d
+        .qmp()
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    assert!(!nodes.to_string().contains("vma-target"), "{nodes}");
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
+
+    // The retry copies everything written since the full backup.
+    run_capture(
+        &d,
+        &inc,
+        &[
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            full.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(stored_clusters(&inc, "disk0").len(), 128);
+    std::fs::remove_file(&inc).unwrap();
+
+    // The daemon dies mid-job: a clear error and no archive.
+    let mut child = capture_cmd(&d, &inc, &["--drive", "disk0", "--speed", "1048576"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    drop(d);
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(!inc.exists());
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
+}
+
+/// Temporary archive files left in `dir`.
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp") || n.contains("partial"))
+        .collect()
+}

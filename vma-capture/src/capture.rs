@@ -1,0 +1,865 @@
+//! Back up drives of a running QEMU into an archive.
+//!
+//! One `transaction` starts, for every drive, a `blockdev-backup` job whose
+//! target is an NBD client node connected to our own NBD server, together
+//! with the drive's new checkpoint bitmap. QEMU's copy-before-write sends
+//! the old contents of every cluster the guest is about to overwrite first,
+//! then the rest; the server hands every write to a [`ClusterAssembler`]
+//! and whole clusters go through a bounded queue to the archive Writer on
+//! a thread of its own. The jobs run with `auto-finalize=false`, so QEMU
+//! touches no bitmap until the archive is complete, synced and renamed
+//! into place; only then are the jobs finalized.
+//!
+//! Checkpoints live in the archives: the `vma-capture.json` config blob
+//! names each drive's node, its checkpoint bitmap and whether the drive was
+//! backed up in full or incrementally (and why it was not incremental).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use vma_core::extract::AtomicFile;
+use vma_core::format::ParentRef;
+use vma_core::types::clusters_for;
+use vma_core::writer::WriteSummary;
+use vma_core::{ArchiveMeta, ConfigBlob, DriveId, DriveInfo, Reader, Writer, WriterOptions};
+
+use crate::assemble::{ClusterAssembler, Piece};
+use crate::nbd::{Export, NbdServer, NbdSink};
+use crate::qmp::{self, JobStatus, QemuVersion, Qmp};
+
+/// Name of the config blob that records how an archive was captured.
+pub const CAPTURE_BLOB: &str = "vma-capture.json";
+
+/// Pieces waiting for the archive writer, at most (64 KiB each: 64 MiB).
+const QUEUE_PIECES: usize = 1024;
+
+/// What can go wrong during a capture.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// Talking to QEMU failed.
+    #[error("QMP: {0}")]
+    Qmp(#[from] qmp::Error),
+    /// The archive could not be written.
+    #[error("archive: {0}")]
+    Archive(#[from] vma_core::Error),
+    /// Local I/O (the NBD socket, for example).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A drive or option that cannot be used.
+    #[error("{0}")]
+    Invalid(String),
+    /// A backup job failed.
+    #[error("backup job of drive {drive} failed: {error}")]
+    Job {
+        /// Drive name.
+        drive: String,
+        /// QEMU's message.
+        error: String,
+    },
+    /// Interrupted (Ctrl-C).
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Result of capture operations.
+pub type Result<T> = std::result::Result<T, CaptureError>;
+
+/// What QEMU does with the bitmap an incremental backup reads from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BitmapMode {
+    /// Consumed only if the backup succeeds; after a failure or cancel it
+    /// still holds everything since the parent, so the next incremental
+    /// from the same parent copies all of it again.
+    OnSuccess,
+    /// Never changed by the backup: the parent's checkpoint stays usable
+    /// for more backups against the same parent (differential backups).
+    Never,
+}
+
+impl BitmapMode {
+    fn qemu_name(self) -> &'static str {
+        match self {
+            BitmapMode::OnSuccess => "on-success",
+            BitmapMode::Never => "never",
+        }
+    }
+}
+
+/// A drive to capture: a block node (or a device's id) and the drive's name
+/// in the archive.
+#[derive(Clone, Debug)]
+pub struct DriveSpec {
+    /// Node name, or the device/qdev id `query-block` lists.
+    pub node: String,
+    /// Name in the archive (default: the device id, else the node name).
+    pub name: Option<String>,
+}
+
+/// Everything a capture needs.
+#[derive(Clone, Debug)]
+pub struct CaptureOptions {
+    /// QMP unix socket of the running QEMU.
+    pub qmp: PathBuf,
+    /// Archive to write (atomically).
+    pub archive: PathBuf,
+    /// Replace an existing archive.
+    pub force: bool,
+    /// Drives (empty: every device with a medium that `query-block` lists).
+    pub drives: Vec<DriveSpec>,
+    /// Config blobs stored with the drives.
+    pub configs: Vec<ConfigBlob>,
+    /// The archive whose checkpoints an incremental backup starts from.
+    pub parent: Option<PathBuf>,
+    /// Bitmap policy of incremental backups.
+    pub bitmap_mode: BitmapMode,
+    /// Job speed limit in bytes per second (0: none).
+    pub speed: u64,
+    /// Archive compression and threads.
+    pub writer: WriterOptions,
+    /// Directory for the NBD socket (default: the system temp dir).
+    pub socket_dir: Option<PathBuf>,
+}
+
+/// How one drive was captured; stored in [`CAPTURE_BLOB`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveCheckpoint {
+    /// Drive name in the archive.
+    pub name: String,
+    /// QEMU block node the drive was read from.
+    pub node: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Dirty bitmap started with this archive (the next incremental's base).
+    pub bitmap: String,
+    /// `full` or `incremental`.
+    pub backup: String,
+    /// Why an incremental capture backed this drive up in full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Content of [`CAPTURE_BLOB`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureRecord {
+    /// One entry per drive, in archive order.
+    pub drives: Vec<DriveCheckpoint>,
+}
+
+/// Job progress over all drives.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JobProgress {
+    /// Bytes the jobs have processed.
+    pub done: u64,
+    /// Bytes the jobs will process in total (grows while they run).
+    pub total: u64,
+}
+
+/// Outcome of a capture.
+#[derive(Debug)]
+pub struct CaptureSummary {
+    /// Per drive: how it was captured.
+    pub drives: Vec<DriveCheckpoint>,
+    /// The archive writer's summary.
+    pub write: WriteSummary,
+    /// Clusters per drive that arrived as data or zeros (the rest is
+    /// unchanged from the parent).
+    pub clusters_stored: Vec<u64>,
+}
+
+/// One drive as found in QEMU.
+struct Drive {
+    id: DriveId,
+    name: String,
+    node: String,
+    size: u64,
+    /// Parent checkpoint bitmap to read from, when incremental.
+    base_bitmap: Option<String>,
+    reason: Option<String>,
+    bitmap: String,
+    persistent: bool,
+}
+
+/// Capture the drives of the QEMU at `options.qmp` into `options.archive`.
+/// `cancel` is polled: once set, the jobs are cancelled and nothing is
+/// kept. `progress` is called a few times a second.
+pub fn capture(
+    options: &CaptureOptions,
+    cancel: &AtomicBool,
+    mut progress: impl FnMut(JobProgress),
+) -> Result<CaptureSummary> {
+    if options.archive.exists() && !options.force {
+        return Err(CaptureError::Invalid(format!(
+            "{} exists (use --force to replace it)",
+            options.archive.display()
+        )));
+    }
+    let qmp = Qmp::connect(&options.qmp)?;
+    let parent = options.parent.as_deref().map(read_parent).transpose()?;
+    let mut meta = ArchiveMeta::new(Vec::new(), options.configs.clone());
+    let uuid_hex = hex_uuid(&meta.uuid);
+    let mut drives = find_drives(&qmp, &options.drives)?;
+    for d in &mut drives {
+        d.bitmap = format!("vma-{uuid_hex}");
+        if let Some((_, record)) = &parent {
+            decide_incremental(&qmp, d, record)?;
+        }
+    }
+    let any_incremental = drives.iter().any(|d| d.base_bitmap.is_some());
+    meta.parent = parent.as_ref().filter(|_| any_incremental).map(|(p, _)| *p);
+    meta.drives = drives
+        .iter()
+        .map(|d| DriveInfo {
+            id: d.id,
+            name: d.name.clone(),
+            size: d.size,
+        })
+        .collect();
+    let record = CaptureRecord {
+        drives: drives.iter().map(checkpoint_of).collect(),
+    };
+    if meta.configs.iter().any(|c| c.name == CAPTURE_BLOB) {
+        return Err(CaptureError::Invalid(format!(
+            "the config name {CAPTURE_BLOB} is reserved for the capture record"
+        )));
+    }
+    meta.configs.push(ConfigBlob {
+        name: CAPTURE_BLOB.into(),
+        data: serde_json::to_vec_pretty(&record).expect("serializable"),
+    });
+
+    let out = AtomicFile::create(&options.archive)?;
+    let writer = Writer::new(out, meta, &options.writer)?;
+    let (tx, rx) = crossbeam_channel::bounded::<Piece>(QUEUE_PIECES);
+    let failure: Arc<Mutex<Option<String>>> = Arc::default();
+    let writer_thread = {
+        let failure = failure.clone();
+        std::thread::Builder::new()
+            .name("vma-capture-writer".into())
+            .spawn(move || write_pieces(writer, rx, &failure))
+            .map_err(|e| io_err("starting the archive writer", e))?
+    };
+    let sinks: Vec<Arc<DriveSink>> = drives
+        .iter()
+        .map(|d| {
+            Arc::new(DriveSink {
+                assembler: Mutex::new(ClusterAssembler::new(d.id, d.size)),
+                queue: Mutex::new(Some(tx.clone())),
+                failure: failure.clone(),
+            })
+        })
+        .collect();
+    drop(tx);
+    let socket_dir = options
+        .socket_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    let socket = socket_dir.join(format!(
+        "vma-capture-{}-{}.sock",
+        std::process::id(),
+        &uuid_hex[..8]
+    ));
+    let server = NbdServer::bind_unix(
+        &socket,
+        drives
+            .iter()
+            .zip(&sinks)
+            .map(|(d, s)| Export {
+                name: d.name.clone(),
+                size: d.size,
+                sink: s.clone() as Arc<dyn NbdSink>,
+            })
+            .collect(),
+    )
+    .map_err(|e| {
+        io_err(
+            &format!("starting the NBD server on {}", socket.display()),
+            e,
+        )
+    })?;
+
+    let mut session = Session {
+        qmp: &qmp,
+        drives: &drives,
+        targets: Vec::new(),
+        jobs: Vec::new(),
+        new_bitmaps: Vec::new(),
+    };
+    let ran = session.run(&socket, options, cancel, &failure, &mut progress);
+    if ran.is_err() {
+        // Stop QEMU first (cancel the jobs, drop the NBD nodes), so nothing
+        // is writing when the server goes.
+        session.abort();
+    }
+    // After success every job is pending: all its writes were acknowledged.
+    server.shutdown();
+    for s in &sinks {
+        s.close();
+    }
+    // Joining drops the writer, and with it the temporary file, on failure.
+    let written = writer_thread
+        .join()
+        .map_err(|_| CaptureError::Invalid("the archive writer panicked".into()))
+        .and_then(|w| w);
+    let finished = ran
+        .and(written)
+        .and_then(|writer| finish_archive(writer, &drives, &sinks))
+        .and_then(|(file, summary, stored)| {
+            // The archive is complete: make it durable under its name, then
+            // let QEMU finalize (bitmaps change only now).
+            file.commit()?;
+            Ok((summary, stored))
+        });
+    match finished {
+        Ok((summary, stored)) => {
+            session.finalize(options.bitmap_mode)?;
+            Ok(CaptureSummary {
+                drives: record.drives,
+                write: summary,
+                clusters_stored: stored,
+            })
+        }
+        Err(e) => {
+            session.abort();
+            Err(e)
+        }
+    }
+}
+
+/// The QEMU-side objects one capture created, for finalizing or undoing.
+struct Session<'a> {
+    qmp: &'a Qmp,
+    drives: &'a [Drive],
+    /// NBD client nodes added.
+    targets: Vec<String>,
+    /// Job ids started.
+    jobs: Vec<String>,
+    /// (node, bitmap) added by the transaction.
+    new_bitmaps: Vec<(String, String)>,
+}
+
+impl Session<'_> {
+    /// Add the targets, start the jobs, wait until every job is pending.
+    fn run(
+        &mut self,
+        socket: &Path,
+        options: &CaptureOptions,
+        cancel: &AtomicBool,
+        failure: &Mutex<Option<String>>,
+        progress: &mut impl FnMut(JobProgress),
+    ) -> Result<()> {
+        for (i, d) in self.drives.iter().enumerate() {
+            let target = format!("vma-target-{i}");
+            self.qmp.execute(
+                "blockdev-add",
+                json!({
+                    "driver": "nbd",
+                    "node-name": target,
+                    "server": {"type": "unix", "path": socket},
+                    "export": d.name,
+                }),
+            )?;
+            self.targets.push(target);
+        }
+        let mut actions = Vec::new();
+        for (i, d) in self.drives.iter().enumerate() {
+            actions.push(json!({
+                "type": "block-dirty-bitmap-add",
+                "data": {
+                    "node": d.node,
+                    "name": d.bitmap,
+                    "granularity": 65536,
+                    "persistent": d.persistent,
+                },
+            }));
+            let mut backup = json!({
+                "job-id": format!("vma-backup-{i}"),
+                "device": d.node,
+                "target": self.targets[i],
+                "sync": "full",
+                "auto-finalize": false,
+                "auto-dismiss": false,
+            });
+            if let Some(base) = &d.base_bitmap {
+                backup["sync"] = json!("bitmap");
+                backup["bitmap"] = json!(base);
+                backup["bitmap-mode"] = json!(options.bitmap_mode.qemu_name());
+            }
+            if options.speed > 0 {
+                backup["speed"] = json!(options.speed);
+            }
+            // Cluster size 64 KiB even on sources with smaller clusters
+            // (`x-perf.min-cluster-size` exists since QEMU 9.1).
+            if self.qmp.version() >= QemuVersion::new(9, 1, 0) {
+                backup["x-perf"] = json!({"min-cluster-size": 65536});
+            }
+            actions.push(json!({"type": "blockdev-backup", "data": backup}));
+        }
+        self.qmp
+            .execute("transaction", json!({ "actions": actions }))?;
+        self.jobs = (0..self.drives.len())
+            .map(|i| format!("vma-backup-{i}"))
+            .collect();
+        self.new_bitmaps = self
+            .drives
+            .iter()
+            .map(|d| (d.node.clone(), d.bitmap.clone()))
+            .collect();
+        self.wait_pending(cancel, failure, progress)
+    }
+
+    fn wait_pending(
+        &self,
+        cancel: &AtomicBool,
+        failure: &Mutex<Option<String>>,
+        progress: &mut impl FnMut(JobProgress),
+    ) -> Result<()> {
+        let mut last_poll = Instant::now() - Duration::from_secs(1);
+        loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(CaptureError::Cancelled);
+            }
+            if let Some(msg) = failure.lock().expect("failure lock").clone() {
+                return Err(CaptureError::Invalid(msg));
+            }
+            // Events only wake us up; query-jobs is the truth.
+            let _ = self.qmp.next_event(Duration::from_millis(200))?;
+            if last_poll.elapsed() < Duration::from_millis(200) {
+                continue;
+            }
+            last_poll = Instant::now();
+            let jobs = self.qmp.query_jobs()?;
+            let mut p = JobProgress::default();
+            let mut pending = 0;
+            for (i, id) in self.jobs.iter().enumerate() {
+                let Some(j) = jobs.iter().find(|j| &j.id == id) else {
+                    return Err(CaptureError::Job {
+                        drive: self.drives[i].name.clone(),
+                        error: "the job disappeared".into(),
+                    });
+                };
+                p.done += j.current_progress;
+                p.total += j.total_progress;
+                match j.status {
+                    JobStatus::Pending => pending += 1,
+                    JobStatus::Aborting | JobStatus::Concluded | JobStatus::Null => {
+                        return Err(CaptureError::Job {
+                            drive: self.drives[i].name.clone(),
+                            error: j
+                                .error
+                                .clone()
+                                .unwrap_or_else(|| format!("job {}", j.status)),
+                        })
+                    }
+                    _ => {}
+                }
+            }
+            progress(p);
+            if pending == self.jobs.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Finalize and dismiss the jobs, then drop what the capture added
+    /// besides the new checkpoints. With `on-success`, the parent's
+    /// bitmaps were consumed by the jobs and are removed.
+    fn finalize(&mut self, mode: BitmapMode) -> Result<()> {
+        for id in &self.jobs {
+            self.qmp.execute("job-finalize", json!({ "id": id }))?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for id in std::mem::take(&mut self.jobs) {
+            loop {
+                let jobs = self.qmp.query_jobs()?;
+                match jobs.iter().find(|j| j.id == id) {
+                    Some(j) if j.status == JobStatus::Concluded => break,
+                    Some(_) if Instant::now() < deadline => {
+                        let _ = self.qmp.next_event(Duration::from_millis(50))?;
+                    }
+                    _ => break,
+                }
+            }
+            let _ = self.qmp.execute("job-dismiss", json!({ "id": id }));
+        }
+        self.remove_targets();
+        if mode == BitmapMode::OnSuccess {
+            for d in self.drives {
+                if let Some(base) = &d.base_bitmap {
+                    let _ = self.qmp.execute(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": d.node, "name": base}),
+                    );
+                }
+            }
+        }
+        self.new_bitmaps.clear();
+        Ok(())
+    }
+
+    /// Undo: cancel and dismiss the jobs, remove the targets and the new
+    /// checkpoint bitmaps (no archive holds them). Best effort: QEMU may
+    /// be gone.
+    fn abort(&mut self) {
+        for id in &self.jobs {
+            let _ = self.qmp.job_cancel(id);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for id in std::mem::take(&mut self.jobs) {
+            while Instant::now() < deadline {
+                match self.qmp.query_jobs() {
+                    Ok(jobs) => match jobs.iter().find(|j| j.id == id) {
+                        Some(j) if j.status != JobStatus::Concluded => {
+                            let _ = self.qmp.next_event(Duration::from_millis(50));
+                        }
+                        _ => break,
+                    },
+                    Err(_) => break,
+                }
+            }
+            let _ = self.qmp.execute("job-dismiss", json!({ "id": id }));
+        }
+        self.remove_targets();
+        for (node, name) in std::mem::take(&mut self.new_bitmaps) {
+            let _ = self.qmp.execute(
+                "block-dirty-bitmap-remove",
+                json!({"node": node, "name": name}),
+            );
+        }
+    }
+
+    fn remove_targets(&mut self) {
+        for t in std::mem::take(&mut self.targets) {
+            let _ = self.qmp.execute("blockdev-del", json!({ "node-name": t }));
+        }
+    }
+}
+
+/// The NBD sink of one drive: assembles clusters and queues them for the
+/// archive writer.
+struct DriveSink {
+    assembler: Mutex<ClusterAssembler>,
+    /// None once closed.
+    queue: Mutex<Option<crossbeam_channel::Sender<Piece>>>,
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+impl DriveSink {
+    fn close(&self) {
+        self.queue.lock().expect("queue lock").take();
+    }
+
+    fn push(&self, pieces: Vec<Piece>) -> std::io::Result<()> {
+        let queue = self.queue.lock().expect("queue lock").clone();
+        let Some(queue) = queue else {
+            return Err(std::io::Error::other("the capture has ended"));
+        };
+        for p in pieces {
+            queue
+                .send(p)
+                .map_err(|_| std::io::Error::other("the archive writer has stopped"))?;
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> std::io::Result<()> {
+        match self.failure.lock().expect("failure lock").as_ref() {
+            Some(msg) => Err(std::io::Error::other(msg.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&self, msg: String) -> std::io::Error {
+        self.failure
+            .lock()
+            .expect("failure lock")
+            .get_or_insert(msg.clone());
+        std::io::Error::other(msg)
+    }
+}
+
+impl NbdSink for DriveSink {
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.check()?;
+        let pieces = self
+            .assembler
+            .lock()
+            .expect("assembler lock")
+            .write(offset, data)
+            .map_err(|e| self.fail(e.to_string()))?;
+        self.push(pieces)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.check()?;
+        let pieces = self
+            .assembler
+            .lock()
+            .expect("assembler lock")
+            .write_zeroes(offset, len)
+            .map_err(|e| self.fail(e.to_string()))?;
+        self.push(pieces)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        // The archive is synced once, when complete; a backup target needs
+        // no durability before that (the job is not finalized until then).
+        self.check()
+    }
+}
+
+/// The writer thread: store pieces until every sender is gone.
+fn write_pieces(
+    mut writer: Writer<AtomicFile>,
+    rx: crossbeam_channel::Receiver<Piece>,
+    failure: &Mutex<Option<String>>,
+) -> Result<Writer<AtomicFile>> {
+    for piece in rx {
+        let stored = match piece {
+            Piece::Data {
+                drive,
+                cluster,
+                bytes,
+            } => writer.write_cluster(drive, cluster, &bytes),
+            Piece::Zeros { drive, clusters } => writer.write_zeros(drive, clusters),
+        };
+        if let Err(e) = stored {
+            failure
+                .lock()
+                .expect("failure lock")
+                .get_or_insert(format!("writing the archive: {e}"));
+            return Err(e.into());
+        }
+    }
+    Ok(writer)
+}
+
+/// After the jobs: check every drive, mark what an incremental job did not
+/// copy as unchanged, and write the index.
+fn finish_archive(
+    mut writer: Writer<AtomicFile>,
+    drives: &[Drive],
+    sinks: &[Arc<DriveSink>],
+) -> Result<(AtomicFile, WriteSummary, Vec<u64>)> {
+    let mut stored = Vec::new();
+    for (d, s) in drives.iter().zip(sinks) {
+        let a = s.assembler.lock().expect("assembler lock");
+        if let Some(r) = a.incomplete().first() {
+            return Err(CaptureError::Invalid(format!(
+                "drive {}: QEMU wrote only part of bytes {}..{}",
+                d.name, r.start, r.end
+            )));
+        }
+        let gaps = a.done().gaps(clusters_for(d.size));
+        stored.push(a.done().len());
+        if gaps.is_empty() {
+            continue;
+        }
+        if d.base_bitmap.is_none() {
+            let g = &gaps[0];
+            return Err(CaptureError::Invalid(format!(
+                "drive {}: the full backup job finished without sending clusters {}..{} (bytes {}..{})",
+                d.name,
+                g.start,
+                g.end,
+                g.start * 65536,
+                (g.end * 65536).min(d.size)
+            )));
+        }
+        for g in gaps {
+            writer.write_unchanged(d.id, g)?;
+        }
+    }
+    let (out, summary) = writer.finish()?;
+    Ok((out, summary, stored))
+}
+
+fn checkpoint_of(d: &Drive) -> DriveCheckpoint {
+    DriveCheckpoint {
+        name: d.name.clone(),
+        node: d.node.clone(),
+        size: d.size,
+        bitmap: d.bitmap.clone(),
+        backup: if d.base_bitmap.is_some() {
+            "incremental".into()
+        } else {
+            "full".into()
+        },
+        reason: d.reason.clone(),
+    }
+}
+
+/// The parent's reference (uuid + archive digest) and capture record.
+fn read_parent(path: &Path) -> Result<(ParentRef, CaptureRecord)> {
+    let reader = Reader::open(path)?;
+    let footer = reader.footer().ok_or_else(|| {
+        CaptureError::Invalid(format!(
+            "{}: a VMA v1 archive cannot be the parent of an incremental capture",
+            path.display()
+        ))
+    })?;
+    let header = reader.header();
+    let blob = header
+        .configs
+        .iter()
+        .find(|c| c.name == CAPTURE_BLOB)
+        .ok_or_else(|| {
+            CaptureError::Invalid(format!(
+                "{} was not made by vma capture (it has no {CAPTURE_BLOB}), so it has no checkpoints",
+                path.display()
+            ))
+        })?;
+    let record: CaptureRecord = serde_json::from_slice(&blob.data).map_err(|e| {
+        CaptureError::Invalid(format!(
+            "{}: unreadable {CAPTURE_BLOB}: {e}",
+            path.display()
+        ))
+    })?;
+    Ok((
+        ParentRef {
+            uuid: header.uuid,
+            digest: footer.archive_digest,
+        },
+        record,
+    ))
+}
+
+/// Decide whether drive `d` can be backed up incrementally from `parent`:
+/// the parent captured it with a bitmap that is still present, recording,
+/// consistent and not in use, and its size has not changed. Otherwise it is
+/// backed up in full and `d.reason` says why.
+fn decide_incremental(qmp: &Qmp, d: &mut Drive, parent: &CaptureRecord) -> Result<()> {
+    let Some(p) = parent.drives.iter().find(|p| p.name == d.name) else {
+        d.reason = Some("not in the parent archive".into());
+        return Ok(());
+    };
+    if p.size != d.size {
+        d.reason = Some(format!("size changed from {} to {} bytes", p.size, d.size));
+        return Ok(());
+    }
+    let nodes = qmp.query_named_block_nodes()?;
+    let bitmaps = nodes
+        .iter()
+        .find(|n| n.node_name == d.node)
+        .and_then(|n| n.dirty_bitmaps.clone())
+        .unwrap_or_default();
+    let reason = match bitmaps.iter().find(|b| b.name == p.bitmap) {
+        None => Some(format!("bitmap {} is missing on node {}", p.bitmap, d.node)),
+        Some(b) if b.inconsistent => Some(format!("bitmap {} is inconsistent", p.bitmap)),
+        Some(b) if !b.recording => Some(format!("bitmap {} is not recording", p.bitmap)),
+        Some(b) if b.busy => Some(format!("bitmap {} is in use by another job", p.bitmap)),
+        Some(_) => None,
+    };
+    match reason {
+        Some(r) => d.reason = Some(r),
+        None => d.base_bitmap = Some(p.bitmap.clone()),
+    }
+    Ok(())
+}
+
+/// Resolve the drives to capture: each spec names a node (`query-named-
+/// block-nodes`) or a device (`query-block`, whose medium's node is used).
+fn find_drives(qmp: &Qmp, specs: &[DriveSpec]) -> Result<Vec<Drive>> {
+    let nodes = qmp.query_named_block_nodes()?;
+    let devices = qmp.query_block()?;
+    let mut chosen: Vec<(String, String)> = Vec::new(); // (node, name)
+    if specs.is_empty() {
+        for dev in &devices {
+            let Some(ins) = &dev.inserted else { continue };
+            let name = if dev.device.is_empty() {
+                dev.qdev.clone().unwrap_or_else(|| ins.node_name.clone())
+            } else {
+                dev.device.clone()
+            };
+            chosen.push((ins.node_name.clone(), name));
+        }
+        if chosen.is_empty() {
+            return Err(CaptureError::Invalid(
+                "QEMU lists no device with a medium; name the nodes with --drive NODE[=NAME]"
+                    .into(),
+            ));
+        }
+    }
+    for spec in specs {
+        let (node, default_name) = if nodes.iter().any(|n| n.node_name == spec.node) {
+            (spec.node.clone(), spec.node.clone())
+        } else if let Some(ins) = devices
+            .iter()
+            .find(|d| d.device == spec.node || d.qdev.as_deref() == Some(&spec.node))
+            .and_then(|d| d.inserted.as_ref())
+        {
+            (ins.node_name.clone(), spec.node.clone())
+        } else {
+            return Err(CaptureError::Invalid(format!(
+                "QEMU has no block node or device named {:?}",
+                spec.node
+            )));
+        };
+        chosen.push((node, spec.name.clone().unwrap_or(default_name)));
+    }
+    let mut seen = HashMap::new();
+    let mut drives = Vec::new();
+    for (i, (node, name)) in chosen.into_iter().enumerate() {
+        vma_core::format::check_name(&name).map_err(|e| {
+            CaptureError::Invalid(format!(
+                "drive name {name:?}: {e} (give one with --drive NODE=NAME)"
+            ))
+        })?;
+        if let Some(prev) = seen.insert(name.clone(), node.clone()) {
+            return Err(CaptureError::Invalid(format!(
+                "nodes {prev} and {node} would both be drive {name:?}"
+            )));
+        }
+        let info = nodes.iter().find(|n| n.node_name == node).ok_or_else(|| {
+            CaptureError::Invalid(format!(
+                "block node {node} is not listed by query-named-block-nodes"
+            ))
+        })?;
+        if i >= 255 {
+            return Err(CaptureError::Invalid(
+                "an archive holds at most 255 drives".into(),
+            ));
+        }
+        drives.push(Drive {
+            id: DriveId(i as u8 + 1),
+            name,
+            node: node.clone(),
+            size: info.image.virtual_size,
+            base_bitmap: None,
+            reason: None,
+            bitmap: String::new(),
+            persistent: info.drv == "qcow2",
+        });
+    }
+    Ok(drives)
+}
+
+fn hex_uuid(uuid: &[u8; 16]) -> String {
+    uuid.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn io_err(what: &str, source: std::io::Error) -> CaptureError {
+    CaptureError::Io {
+        what: what.into(),
+        source,
+    }
+}
+
+/// Value helper for tests and callers that want the record of an archive.
+pub fn capture_record(header: &vma_core::Header) -> Option<CaptureRecord> {
+    header
+        .configs
+        .iter()
+        .find(|c| c.name == CAPTURE_BLOB)
+        .and_then(|c| serde_json::from_slice(&c.data).ok())
+}

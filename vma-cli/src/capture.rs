@@ -1,0 +1,133 @@
+//! `vma capture`: back up drives of a running QEMU over QMP.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Context, Result};
+use vma_capture::capture::{capture as run_capture, BitmapMode, CaptureOptions, DriveSpec};
+use vma_core::stream::human_bytes;
+use vma_core::WriterOptions;
+
+use crate::output::Progress;
+use crate::{parse_compression, read_configs};
+
+/// Arguments of `vma capture`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct CaptureArgs {
+    /// QMP unix socket of the running QEMU (or qemu-storage-daemon).
+    #[arg(long, value_name = "SOCKET")]
+    qmp: PathBuf,
+    /// Archive to write.
+    archive: PathBuf,
+    /// Block node or device to back up, optionally named in the archive
+    /// (repeatable; default: every device with a medium).
+    #[arg(long = "drive", value_name = "NODE[=NAME]")]
+    drives: Vec<String>,
+    /// Config blob as [NAME=]FILE (repeatable).
+    #[arg(long = "config", value_name = "[NAME=]FILE")]
+    configs: Vec<String>,
+    /// Back up only what changed since this archive (made by `vma capture`),
+    /// using the dirty bitmaps it started.
+    #[arg(long, value_name = "PARENT_ARCHIVE")]
+    incremental_from: Option<PathBuf>,
+    /// What an incremental backup does to the parent's bitmap.
+    #[arg(long, value_enum, default_value = "on-success")]
+    bitmap_mode: BitmapModeArg,
+    /// Job speed limit in bytes per second (0: none).
+    #[arg(long, value_name = "BYTES_PER_SEC", default_value_t = 0)]
+    speed: u64,
+    /// Extent compression: `zstd`, `zstd:LEVEL` or `none`.
+    #[arg(long, default_value = "zstd:1", value_name = "zstd[:LEVEL]|none")]
+    compress: String,
+    /// Worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Replace an existing archive file.
+    #[arg(long)]
+    force: bool,
+}
+
+/// `--bitmap-mode` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BitmapModeArg {
+    /// The parent's bitmap is consumed only when the backup succeeds.
+    OnSuccess,
+    /// The parent's bitmap is left as it is (differential backups).
+    Never,
+}
+
+/// Set by SIGINT/SIGTERM: the capture cancels its jobs and keeps nothing.
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    CANCEL.store(true, Ordering::Relaxed);
+}
+
+pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
+    let drives = args
+        .drives
+        .iter()
+        .map(|d| match d.split_once('=') {
+            Some((node, name)) if !node.is_empty() && !name.is_empty() => Ok(DriveSpec {
+                node: node.into(),
+                name: Some(name.into()),
+            }),
+            None if !d.is_empty() => Ok(DriveSpec {
+                node: d.clone(),
+                name: None,
+            }),
+            _ => bail!("--drive {d:?}: expected NODE or NODE=NAME"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let options = CaptureOptions {
+        qmp: args.qmp.clone(),
+        archive: args.archive.clone(),
+        force: args.force,
+        drives,
+        configs: read_configs(&args.configs)?,
+        parent: args.incremental_from.clone(),
+        bitmap_mode: match args.bitmap_mode {
+            BitmapModeArg::OnSuccess => BitmapMode::OnSuccess,
+            BitmapModeArg::Never => BitmapMode::Never,
+        },
+        speed: args.speed,
+        writer: WriterOptions {
+            compression: parse_compression(&args.compress)?,
+            threads: args.threads,
+            ..Default::default()
+        },
+        socket_dir: None,
+    };
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let progress = Progress::bytes(1, "capture", quiet);
+    let result = run_capture(&options, &CANCEL, |p| {
+        progress.set_total(p.total);
+        progress.set(p.done);
+    });
+    progress.finish();
+    let summary = result.with_context(|| format!("capturing into {}", args.archive.display()))?;
+    if !quiet {
+        for (d, stored) in summary.drives.iter().zip(&summary.clusters_stored) {
+            let why = d
+                .reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default();
+            eprintln!(
+                "vma: drive {} (node {}): {} backup{why}, {} clusters copied, checkpoint {}",
+                d.name, d.node, d.backup, stored, d.bitmap
+            );
+        }
+        eprintln!(
+            "vma: wrote {} ({} stored, {} clusters arrived out of order)",
+            args.archive.display(),
+            human_bytes(summary.write.bytes_written),
+            summary.write.out_of_order_clusters
+        );
+    }
+    Ok(())
+}
