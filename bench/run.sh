@@ -11,6 +11,8 @@
 #   BENCH_SOURCE     directory copied into the ext4 disk (default /usr/lib)
 #   BENCH_RUNS       runs per command, fastest reported  (default 1)
 #   BENCH_INSTALL=1  as root: apt-get install missing tools instead of exiting 2
+#   BENCH_ONLY       groups to run, e.g. "mount capture" (default: all; the later
+#                    groups reuse disk.vma2 and disk.qcow2 from create)
 #   VMA              vma binary (default: cargo build, then target/release/vma)
 #
 # The markdown report goes to stdout and to $BENCH_DIR/results.md; progress goes
@@ -329,6 +331,90 @@ bench_mount() {
 	trap - EXIT
 }
 
+CAP_DIR=$W/capture
+CAP_PID=$CAP_DIR/qsd.pid
+
+# qemu-storage-daemon serving disk4.qcow2 as node disk0, with a QMP socket
+# and a writable NBD export for "guest" writes.
+cap_daemon_start() {
+	cap_daemon_stop
+	qemu-storage-daemon \
+		--chardev "socket,id=qmp0,path=$CAP_DIR/qmp.sock,server=on,wait=off" --monitor chardev=qmp0 \
+		--blockdev "driver=file,node-name=file0,filename=$CAP_DIR/disk4.qcow2" \
+		--blockdev driver=qcow2,node-name=disk0,file=file0 \
+		--nbd-server "addr.type=unix,addr.path=$CAP_DIR/guest.sock" \
+		--export type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on \
+		--pidfile "$CAP_PID" --daemonize
+}
+cap_daemon_stop() {
+	local pid
+	if [[ -f $CAP_PID ]]; then
+		pid=$(<"$CAP_PID")
+		kill "$pid" 2>/dev/null || true
+		while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+		rm -f "$CAP_PID"
+	fi
+}
+rm_cap_out() { rm -f "$CAP_DIR/out.vma" "$CAP_DIR/out.raw"; }
+
+# COUNT random 4 KiB guest writes (qemu-io through the NBD export, no flush
+# per write) within the first 4 GiB; prints "writes=N p50_us=X p99_us=Y".
+# qemu-io reports each write's rate; its latency is 1 / (ops/sec).
+guest_write_latency() {
+	local count=$1 i cmds=()
+	RANDOM=42
+	for ((i = 0; i < count; i++)); do
+		cmds+=(-c "write -P $((i % 250 + 1)) $(((RANDOM * 32768 + RANDOM) % 1048576 * 4096)) 4k")
+	done
+	qemu-io -f raw -t writeback "nbd+unix:///disk0?socket=$CAP_DIR/guest.sock" "${cmds[@]}" |
+		awk '/ops\/sec/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ /^ops\/sec/) print 1e6 / $i }' |
+		sort -n |
+		awk '{ a[NR] = $1 } END { printf "writes=%d p50_us=%.0f p99_us=%.0f\n", NR, a[int(NR * 0.5) + 1], a[int(NR * 0.99) + 1] }'
+}
+declare -A WLAT
+
+# Live capture: vma capture of a 4 GiB qcow2 node served by
+# qemu-storage-daemon vs qemu-img convert of the same image to raw, and
+# guest write latency with and without a capture running.
+bench_capture() {
+	mkdir -p "$CAP_DIR"
+	trap 'cap_daemon_stop' EXIT
+	log "capture: preparing disk4.qcow2 (first 4 GiB of disk.raw)"
+	rm -f "$CAP_DIR/disk4.qcow2"
+	qemu-img convert -O qcow2 --image-opts \
+		"driver=raw,size=4294967296,file.driver=file,file.filename=$W/disk.raw" "$CAP_DIR/disk4.qcow2"
+	cap_daemon_start
+	measure -b rm_cap_out -s "$CAP_DIR/out.vma" -r qemu-convert-4g \
+		vma-capture capture "vma capture of a 4 GiB qcow2 node (qemu-storage-daemon)" \
+		"$VMA" capture --quiet --qmp "$CAP_DIR/qmp.sock" --drive disk0 "$CAP_DIR/out.vma"
+	log "capture: checking the archive against the image"
+	"$VMA" extract --quiet --force "$CAP_DIR/out.vma" "$CAP_DIR/x" >&2
+	qemu-img compare -U -f raw -F qcow2 "$CAP_DIR/x/disk0.raw" "$CAP_DIR/disk4.qcow2" >&2 ||
+		die "the captured disk differs from the image"
+	rm -rf "$CAP_DIR/x"
+	cap_daemon_stop
+	# vma fsyncs its archive; the peer's output is synced too, so both
+	# times end with the data on disk.
+	measure -b rm_cap_out -a "$CAP_DIR/out.raw" \
+		qemu-convert-4g capture "qemu-img convert -O raw of the same image, then sync of it" \
+		sh -c 'qemu-img convert -O raw "$0" "$1" && sync "$1"' "$CAP_DIR/disk4.qcow2" "$CAP_DIR/out.raw"
+	rm_cap_out
+	local writes=${BENCH_GUEST_WRITES:-1000}
+	cap_daemon_start
+	log "capture: $writes guest writes, idle"
+	WLAT[idle]=$(guest_write_latency "$writes")
+	log "capture: $writes guest writes during a capture (--speed 128 MiB/s)"
+	"$VMA" capture --quiet --qmp "$CAP_DIR/qmp.sock" --drive disk0 --speed 134217728 \
+		"$CAP_DIR/out.vma" &
+	local cap=$!
+	sleep 1
+	WLAT[capture]=$(guest_write_latency "$writes")
+	wait "$cap" || die "the capture during guest writes failed"
+	rm_cap_out
+	cap_daemon_stop
+	trap - EXIT
+}
+
 # --- report ------------------------------------------------------------------
 
 # ratio A B: A/B with two decimals, or "-" if either is unknown or B is 0.
@@ -342,6 +428,10 @@ mib() { awk -v x="$1" -v d="$2" 'BEGIN { if (x == "") print "-"; else printf "%.
 PASSED=0 TOTAL=0
 target() {
 	local verdict
+	if [[ $2 == "-" || -z $2 ]]; then
+		printf -- '- %s: not measured in this run\n' "$1"
+		return
+	fi
 	verdict=$(awk -v v="$2" -v l="$3" 'BEGIN { print (v != "-" && v != "" && v + 0 <= l + 0) ? "PASS" : "MISS" }')
 	TOTAL=$((TOTAL + 1))
 	[[ $verdict == MISS ]] || PASSED=$((PASSED + 1))
@@ -393,25 +483,27 @@ report() {
 	echo
 	echo "### targets"
 	echo
-	target "create wall vs zstd -1 -T0" "$(ratio "${R_WALL[vma-create]}" "${R_WALL[zstd-create]}")" 0.60 x
-	target "create size vs zstd -1 -T0" "$(ratio "${R_SIZE[vma-create]}" "${R_SIZE[zstd-create]}")" 1.05 x
+	target "create wall vs zstd -1 -T0" "$(ratio "${R_WALL[vma-create]:-}" "${R_WALL[zstd-create]:-}")" 0.60 x
+	target "create size vs zstd -1 -T0" "$(ratio "${R_SIZE[vma-create]:-}" "${R_SIZE[zstd-create]:-}")" 1.05 x
 	target "extract wall vs qemu-img convert -O raw" \
-		"$(ratio "${R_WALL[vma-extract]}" "${R_WALL[qemu-extract]}")" 0.50 x
-	target "verify wall vs zstd -t" "$(ratio "${R_WALL[vma-verify]}" "${R_WALL[zstd-verify]}")" 0.60 x
+		"$(ratio "${R_WALL[vma-extract]:-}" "${R_WALL[qemu-extract]:-}")" 0.50 x
+	target "verify wall vs zstd -t" "$(ratio "${R_WALL[vma-verify]:-}" "${R_WALL[zstd-verify]:-}")" 0.60 x
 	target "extract of .vma.zst from a pipe vs zstd -d -c > file" \
-		"$(ratio "${R_WALL[vma1-extract]}" "${R_WALL[zstd-v1-extract]}")" 1.30 x
+		"$(ratio "${R_WALL[vma1-extract]:-}" "${R_WALL[zstd-v1-extract]:-}")" 1.30 x
 	target "create from qcow2 vs create from raw" \
-		"$(ratio "${R_WALL[vma-create-qcow2]}" "${R_WALL[vma-create]}")" 1.20 x
+		"$(ratio "${R_WALL[vma-create-qcow2]:-}" "${R_WALL[vma-create]:-}")" 1.20 x
 	target "extract to qcow2 vs extract to raw" \
-		"$(ratio "${R_WALL[vma-extract-qcow2]}" "${R_WALL[vma-extract]}")" 1.20 x
+		"$(ratio "${R_WALL[vma-extract-qcow2]:-}" "${R_WALL[vma-extract]:-}")" 1.20 x
 	target "extract to qcow2 vs extract + qemu-img convert -O qcow2" \
-		"$(ratio "${R_WALL[vma-extract-qcow2]}" "${R_WALL[chain-extract-qcow2]}")" 1.00 x
+		"$(ratio "${R_WALL[vma-extract-qcow2]:-}" "${R_WALL[chain-extract-qcow2]:-}")" 1.00 x
 	target "dd of a vma mount's drive vs vma extract (wall; 1.25 = 0.8x throughput)" \
-		"$(ratio "${R_WALL[mount-dd]}" "${R_WALL[vma-extract]}")" 1.25 x
+		"$(ratio "${R_WALL[mount-dd]:-}" "${R_WALL[vma-extract]:-}")" 1.25 x
 	target "dd of a vma mount's drive vs dd of qemu-storage-daemon's FUSE export" \
-		"$(ratio "${R_WALL[mount-dd]}" "${R_WALL[qsd-dd]}")" 1.00 x
+		"$(ratio "${R_WALL[mount-dd]:-}" "${R_WALL[qsd-dd]:-}")" 1.00 x
+	target "capture of a 4 GiB qcow2 node vs qemu-img convert -O raw" \
+		"$(ratio "${R_WALL[vma-capture]:-}" "${R_WALL[qemu-convert-4g]:-}")" 1.20 x
 	target "verify --no-drive-digest wall vs zstd -t" \
-		"$(ratio "${R_WALL[vma-verify-quick]}" "${R_WALL[zstd-verify]}")" 0.60 x
+		"$(ratio "${R_WALL[vma-verify-quick]:-}" "${R_WALL[zstd-verify]:-}")" 0.60 x
 	for id in "${ROWS[@]}"; do
 		[[ $id == vma-* ]] || continue
 		target "${R_LABEL[$id]} peak RSS" "$(mib "${R_RSS[$id]}" 1024)" 256 " MiB"
@@ -433,6 +525,21 @@ report() {
 				"${1#*=}" "${2#*=}" "${3#*=}" "${4#*=}"
 		done
 	fi
+	if [[ -n ${WLAT[idle]:-} ]]; then
+		echo
+		echo "### guest write latency (random 4 KiB writes through qemu-storage-daemon's NBD export)"
+		echo
+		echo "| while | writes | p50 µs | p99 µs |"
+		echo "|---|--:|--:|--:|"
+		local w
+		for w in idle capture; do
+			# shellcheck disable=SC2086 # word splitting of key=value pairs is intended
+			set -- ${WLAT[$w]}
+			printf '| %s | %s | %s | %s |\n' \
+				"$([[ $w == idle ]] && echo "no capture" || echo "vma capture running")" \
+				"${1#*=}" "${2#*=}" "${3#*=}"
+		done
+	fi
 }
 
 # --- main --------------------------------------------------------------------
@@ -447,12 +554,11 @@ main() {
 	log "warming the page cache with disk.raw"
 	cat "$W/disk.raw" >/dev/null
 
-	bench_create
-	bench_extract
-	bench_verify
-	bench_vma1
-	bench_qcow2
-	bench_mount
+	local b
+	for b in create extract verify vma1 qcow2 mount capture; do
+		[[ -z ${BENCH_ONLY:-} || " $BENCH_ONLY " == *" $b "* ]] || continue
+		"bench_$b"
+	done
 
 	report | tee "$W/results.md.tmp"
 	mv "$W/results.md.tmp" "$W/results.md"

@@ -501,3 +501,157 @@ fn leftovers(dir: &Path) -> Vec<String> {
         .filter(|n| n.contains(".tmp") || n.contains("partial"))
         .collect()
 }
+
+#[test]
+fn always_keeps_what_was_copied_and_the_retry_copies_only_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk0.qcow2");
+    make_qcow2(&img, 16 * 1024 * 1024, 7);
+    let d = Daemon::start(dir.path(), &[("disk0", &img, "qcow2")]);
+    let full = dir.path().join("full.vma");
+    run_capture(&d, &full, &["--drive", "disk0"]);
+    d.guest_write("disk0", 0, 8 * 1024 * 1024, 0x55);
+
+    // Interrupt a slow incremental in `always` mode.
+    let inc = dir.path().join("inc.vma");
+    let args = [
+        "--drive",
+        "disk0",
+        "--bitmap-mode",
+        "always",
+        "--incremental-from",
+        full.to_str().unwrap(),
+    ];
+    let child = capture_cmd(&d, &inc, &[&args[..], &["--speed", "1048576"]].concat())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    // SAFETY: kill(2) on our own child's pid touches no memory.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_ne!(code(&out), 0, "{}", stderr(&out));
+    let partial = dir.path().join("inc.vma.partial");
+    assert!(stderr(&out).contains("inc.vma.partial"), "{}", stderr(&out));
+    assert!(!inc.exists() && partial.exists());
+    let copied = stored_clusters(&partial, "disk0");
+    assert!(
+        !copied.is_empty() && copied.len() < 128,
+        "{} copied",
+        copied.len()
+    );
+    assert!(copied.iter().all(|&c| c < 128));
+    let r = Reader::open(&partial).unwrap();
+    assert!(r.index().drives[0].interrupted);
+    // Neither restorable nor mountable on its own.
+    let out = vma(&[
+        "extract",
+        partial.to_str().unwrap(),
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert_ne!(code(&out), 0);
+    assert!(stderr(&out).contains("incremental"), "{}", stderr(&out));
+    // The only bitmap left is the partial archive's checkpoint.
+    let record = vma_tests::stdout(&vma(&[
+        "config",
+        partial.to_str().unwrap(),
+        "vma-capture.json",
+    ]));
+    let bitmaps = d.bitmaps("disk0");
+    assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
+    assert!(record.contains(&bitmaps[0]));
+
+    // The guest rewrites a copied cluster; the retry copies the rest and it.
+    let rewritten = copied[0];
+    d.guest_write("disk0", rewritten * CS, CS, 0x66);
+    let retry = dir.path().join("retry.vma");
+    run_capture(
+        &d,
+        &retry,
+        &[
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            partial.to_str().unwrap(),
+        ],
+    );
+    let mut want: Vec<u64> = (0..128).filter(|c| !copied.contains(c)).collect();
+    want.push(rewritten);
+    want.sort_unstable();
+    assert_eq!(stored_clusters(&retry, "disk0"), want);
+    assert!(restore(&[&full, &partial, &retry], "disk0") == d.contents("disk0"));
+}
+
+/// A fake guest agent on a unix socket: answers `guest-sync` and the
+/// freeze commands (freeze fails when `fail_freeze`), and records every
+/// command it receives.
+fn fake_agent(path: &Path, fail_freeze: bool) -> std::thread::JoinHandle<Vec<String>> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut out = stream.try_clone().unwrap();
+        let mut seen = Vec::new();
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            let msg: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let cmd = msg["execute"].as_str().unwrap().to_string();
+            let reply = match cmd.as_str() {
+                "guest-sync" => json!({"return": msg["arguments"]["id"]}),
+                "guest-fsfreeze-freeze" if fail_freeze => {
+                    json!({"error": {"class": "GenericError", "desc": "freeze is broken"}})
+                }
+                _ => json!({"return": 2}),
+            };
+            seen.push(cmd);
+            writeln!(out, "{reply}").unwrap();
+        }
+        seen
+    })
+}
+
+#[test]
+fn fsfreeze_freezes_around_the_transaction_and_always_thaws() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk0.qcow2");
+    make_qcow2(&img, 4 * 1024 * 1024, 8);
+    let d = Daemon::start(dir.path(), &[("disk0", &img, "qcow2")]);
+
+    let agent = dir.path().join("qga.sock");
+    let seen = fake_agent(&agent, false);
+    let archive = dir.path().join("a.vma");
+    run_capture(
+        &d,
+        &archive,
+        &["--drive", "disk0", "--fsfreeze", agent.to_str().unwrap()],
+    );
+    assert_eq!(
+        seen.join().unwrap(),
+        ["guest-sync", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    );
+    assert!(restore(&[&archive], "disk0") == d.contents("disk0"));
+
+    // A failing freeze: thawed anyway, no job started, no archive.
+    std::fs::remove_file(&agent).unwrap();
+    let seen = fake_agent(&agent, true);
+    let archive = dir.path().join("b.vma");
+    let out = capture_cmd(
+        &d,
+        &archive,
+        &["--drive", "disk0", "--fsfreeze", agent.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
+    assert_ne!(code(&out), 0);
+    assert!(
+        stderr(&out).contains("freeze is broken"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        seen.join().unwrap(),
+        ["guest-sync", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    );
+    assert!(!archive.exists());
+    assert_eq!(d.qmp().execute("query-jobs", json!({})).unwrap(), json!([]));
+}

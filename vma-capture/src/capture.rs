@@ -30,6 +30,7 @@ use vma_core::{ArchiveMeta, ConfigBlob, DriveId, DriveInfo, Reader, Writer, Writ
 
 use crate::assemble::{ClusterAssembler, Piece};
 use crate::nbd::{Export, NbdServer, NbdSink};
+use crate::qga::{AgentError, GuestAgent};
 use crate::qmp::{self, JobStatus, QemuVersion, Qmp};
 
 /// Name of the config blob that records how an archive was captured.
@@ -66,9 +67,20 @@ pub enum CaptureError {
         /// QEMU's message.
         error: String,
     },
+    /// The guest agent could not freeze or thaw the guest.
+    #[error("{0}")]
+    Agent(#[from] AgentError),
     /// Interrupted (Ctrl-C).
     #[error("cancelled")]
     Cancelled,
+    /// The capture failed, and what was copied was kept for a retry.
+    #[error("{cause}; what was copied is kept in {}: capture again with --incremental-from {} to copy only the rest", partial.display(), partial.display())]
+    KeptForRetry {
+        /// Why the capture failed.
+        cause: Box<CaptureError>,
+        /// The partial archive.
+        partial: PathBuf,
+    },
 }
 
 /// Result of capture operations.
@@ -85,6 +97,11 @@ pub enum BitmapMode {
     /// Never changed by the backup: the parent's checkpoint stays usable
     /// for more backups against the same parent (differential backups).
     Never,
+    /// Synchronised even when the backup fails: what was copied is kept in
+    /// `ARCHIVE.partial` (marked interrupted), and the drive's checkpoint
+    /// then holds exactly what was not copied plus what the guest wrote
+    /// since, so a retry from the partial archive copies only the rest.
+    Always,
 }
 
 impl BitmapMode {
@@ -92,6 +109,7 @@ impl BitmapMode {
         match self {
             BitmapMode::OnSuccess => "on-success",
             BitmapMode::Never => "never",
+            BitmapMode::Always => "always",
         }
     }
 }
@@ -129,6 +147,9 @@ pub struct CaptureOptions {
     pub writer: WriterOptions,
     /// Directory for the NBD socket (default: the system temp dir).
     pub socket_dir: Option<PathBuf>,
+    /// Guest agent socket: freeze the guest's file systems for the moment
+    /// the jobs start (the transaction), then thaw them.
+    pub fsfreeze: Option<PathBuf>,
 }
 
 /// How one drive was captured; stored in [`CAPTURE_BLOB`].
@@ -296,10 +317,25 @@ pub fn capture(
         new_bitmaps: Vec::new(),
     };
     let ran = session.run(&socket, options, cancel, &failure, &mut progress);
-    if ran.is_err() {
+    // With `always`, a failed incremental keeps what was copied: the jobs
+    // are cancelled (QEMU then clears the copied clusters from the base
+    // bitmaps), and each base bitmap is folded into the new checkpoint,
+    // which the partial archive names as its drives' checkpoint.
+    let keep_partial = ran.is_err()
+        && options.bitmap_mode == BitmapMode::Always
+        && drives.iter().all(|d| d.base_bitmap.is_some())
+        && session.abort_for_retry().is_ok();
+    if ran.is_err() && !keep_partial {
         // Stop QEMU first (cancel the jobs, drop the NBD nodes), so nothing
         // is writing when the server goes.
         session.abort();
+        if options.bitmap_mode == BitmapMode::Always {
+            // QEMU cleared what was copied from the base bitmaps, but no
+            // archive keeps it: the bitmaps no longer describe the change
+            // since the parent. Drop them, so the next capture of these
+            // drives is full instead of silently incomplete.
+            session.drop_base_bitmaps();
+        }
     }
     // After success every job is pending: all its writes were acknowledged.
     server.shutdown();
@@ -311,9 +347,27 @@ pub fn capture(
         .join()
         .map_err(|_| CaptureError::Invalid("the archive writer panicked".into()))
         .and_then(|w| w);
+    if keep_partial {
+        let cause = ran.expect_err("failed");
+        let partial = partial_name(&options.archive);
+        return match written
+            .and_then(|w| finish_archive(w, &drives, &sinks, true))
+            .and_then(|(mut file, _, _)| {
+                file.set_dest(partial.clone());
+                Ok(file.commit()?)
+            }) {
+            Ok(()) => Err(CaptureError::KeptForRetry {
+                cause: Box::new(cause),
+                partial,
+            }),
+            Err(e) => Err(CaptureError::Invalid(format!(
+                "{cause}; keeping what was copied failed too: {e}"
+            ))),
+        };
+    }
     let finished = ran
         .and(written)
-        .and_then(|writer| finish_archive(writer, &drives, &sinks))
+        .and_then(|writer| finish_archive(writer, &drives, &sinks, false))
         .and_then(|(file, summary, stored)| {
             // The archive is complete: make it durable under its name, then
             // let QEMU finalize (bitmaps change only now).
@@ -334,6 +388,13 @@ pub fn capture(
             Err(e)
         }
     }
+}
+
+/// Where an interrupted `always` capture keeps what it copied.
+pub fn partial_name(archive: &Path) -> PathBuf {
+    let mut name = archive.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
 }
 
 /// The QEMU-side objects one capture created, for finalizing or undoing.
@@ -405,8 +466,25 @@ impl Session<'_> {
             }
             actions.push(json!({"type": "blockdev-backup", "data": backup}));
         }
-        self.qmp
-            .execute("transaction", json!({ "actions": actions }))?;
+        // Freeze only around the transaction: from then on copy-before-write
+        // keeps the point in time, however long the copy takes.
+        let mut agent = options
+            .fsfreeze
+            .as_deref()
+            .map(GuestAgent::connect)
+            .transpose()?;
+        if let Some(a) = agent.as_mut() {
+            if let Err(e) = a.freeze() {
+                // A freeze that failed half-way may have frozen some file systems.
+                let _ = a.thaw();
+                return Err(e.into());
+            }
+        }
+        let started = self
+            .qmp
+            .execute("transaction", json!({ "actions": actions }));
+        let thawed = agent.as_mut().map(GuestAgent::thaw).transpose();
+        started?;
         self.jobs = (0..self.drives.len())
             .map(|i| format!("vma-backup-{i}"))
             .collect();
@@ -415,6 +493,7 @@ impl Session<'_> {
             .iter()
             .map(|d| (d.node.clone(), d.bitmap.clone()))
             .collect();
+        thawed?;
         self.wait_pending(cancel, failure, progress)
     }
 
@@ -472,8 +551,8 @@ impl Session<'_> {
     }
 
     /// Finalize and dismiss the jobs, then drop what the capture added
-    /// besides the new checkpoints. With `on-success`, the parent's
-    /// bitmaps were consumed by the jobs and are removed.
+    /// besides the new checkpoints. Unless the mode is `never`, the
+    /// parent's bitmaps were consumed by the jobs and are removed.
     fn finalize(&mut self, mode: BitmapMode) -> Result<()> {
         for id in &self.jobs {
             self.qmp.execute("job-finalize", json!({ "id": id }))?;
@@ -493,15 +572,9 @@ impl Session<'_> {
             let _ = self.qmp.execute("job-dismiss", json!({ "id": id }));
         }
         self.remove_targets();
-        if mode == BitmapMode::OnSuccess {
-            for d in self.drives {
-                if let Some(base) = &d.base_bitmap {
-                    let _ = self.qmp.execute(
-                        "block-dirty-bitmap-remove",
-                        json!({"node": d.node, "name": base}),
-                    );
-                }
-            }
+        if mode != BitmapMode::Never {
+            // Consumed by the jobs: the new checkpoints carry on from here.
+            self.drop_base_bitmaps();
         }
         self.new_bitmaps.clear();
         Ok(())
@@ -535,6 +608,56 @@ impl Session<'_> {
                 "block-dirty-bitmap-remove",
                 json!({"node": node, "name": name}),
             );
+        }
+    }
+
+    /// Undo for a retry (`always`): cancel and dismiss the jobs, remove the
+    /// targets, fold each base bitmap into the new checkpoint and drop it.
+    fn abort_for_retry(&mut self) -> Result<()> {
+        for id in &self.jobs {
+            self.qmp.job_cancel(id)?;
+        }
+        self.wait_concluded(Duration::from_secs(30))?;
+        for id in std::mem::take(&mut self.jobs) {
+            self.qmp.job_dismiss(&id)?;
+        }
+        self.remove_targets();
+        for d in self.drives {
+            let base = d.base_bitmap.as_deref().expect("incremental");
+            self.qmp
+                .block_dirty_bitmap_merge(&d.node, &d.bitmap, &[base])?;
+            self.qmp.block_dirty_bitmap_remove(&d.node, base)?;
+        }
+        self.new_bitmaps.clear();
+        Ok(())
+    }
+
+    /// Remove the base bitmaps of incremental drives (best effort).
+    fn drop_base_bitmaps(&self) {
+        for d in self.drives {
+            if let Some(base) = &d.base_bitmap {
+                let _ = self.qmp.block_dirty_bitmap_remove(&d.node, base);
+            }
+        }
+    }
+
+    /// Wait until every job has concluded (cancelled or failed).
+    fn wait_concluded(&self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let jobs = self.qmp.query_jobs()?;
+            let running = jobs
+                .iter()
+                .any(|j| self.jobs.contains(&j.id) && j.status != JobStatus::Concluded);
+            if !running {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(CaptureError::Invalid(
+                    "the backup jobs did not stop within 30 s of being cancelled".into(),
+                ));
+            }
+            let _ = self.qmp.next_event(Duration::from_millis(50))?;
         }
     }
 
@@ -646,15 +769,21 @@ fn write_pieces(
 
 /// After the jobs: check every drive, mark what an incremental job did not
 /// copy as unchanged, and write the index.
+/// With `interrupted`, every drive is marked so (see
+/// [`vma_core::format::DriveRecord::interrupted`]).
 fn finish_archive(
     mut writer: Writer<AtomicFile>,
     drives: &[Drive],
     sinks: &[Arc<DriveSink>],
+    interrupted: bool,
 ) -> Result<(AtomicFile, WriteSummary, Vec<u64>)> {
     let mut stored = Vec::new();
     for (d, s) in drives.iter().zip(sinks) {
         let a = s.assembler.lock().expect("assembler lock");
-        if let Some(r) = a.incomplete().first() {
+        if interrupted {
+            // Clusters QEMU only started are still dirty in its bitmap.
+            writer.mark_interrupted(d.id)?;
+        } else if let Some(r) = a.incomplete().first() {
             return Err(CaptureError::Invalid(format!(
                 "drive {}: QEMU wrote only part of bytes {}..{}",
                 d.name, r.start, r.end
@@ -665,7 +794,7 @@ fn finish_archive(
         if gaps.is_empty() {
             continue;
         }
-        if d.base_bitmap.is_none() {
+        if d.base_bitmap.is_none() && !interrupted {
             let g = &gaps[0];
             return Err(CaptureError::Invalid(format!(
                 "drive {}: the full backup job finished without sending clusters {}..{} (bytes {}..{})",

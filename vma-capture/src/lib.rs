@@ -9,4 +9,5 @@
 pub mod assemble;
 pub mod capture;
 pub mod nbd;
+pub mod qga;
 pub mod qmp;

@@ -569,30 +569,3 @@ fn shutdown_closes_connections_and_removes_the_socket() {
     assert!(handshaking.closed());
     assert!(!path.exists());
 }
-
-struct NullSink;
-impl NbdSink for NullSink {
-    fn write(&self, _: u64, _: &[u8]) -> io::Result<()> {
-        Ok(())
-    }
-    fn write_zeroes(&self, _: u64, _: u64) -> io::Result<()> {
-        Ok(())
-    }
-    fn flush(&self) -> io::Result<()> {
-        Ok(())
-    }
-}
-#[test]
-#[ignore]
-fn scratch_serve() {
-    let dir = std::path::Path::new("/tmp/nbdscratch");
-    let _ = std::fs::remove_file(dir.join("s.sock"));
-    let exports = vec![Export {
-        name: "big".into(),
-        size: 1 << 30,
-        sink: Arc::new(NullSink),
-    }];
-    let server = NbdServer::bind_unix(&dir.join("s.sock"), exports).unwrap();
-    std::thread::sleep(Duration::from_secs(30));
-    server.shutdown();
-}

@@ -45,6 +45,10 @@ pub(crate) struct CaptureArgs {
     /// Replace an existing archive file.
     #[arg(long)]
     force: bool,
+    /// Guest agent socket: freeze the guest's file systems while the jobs
+    /// start (only then), and always thaw them.
+    #[arg(long, value_name = "QGA_SOCKET")]
+    fsfreeze: Option<PathBuf>,
 }
 
 /// `--bitmap-mode` values.
@@ -54,6 +58,9 @@ enum BitmapModeArg {
     OnSuccess,
     /// The parent's bitmap is left as it is (differential backups).
     Never,
+    /// Also on failure: what was copied is kept in ARCHIVE.partial, and a
+    /// retry from it copies only the rest.
+    Always,
 }
 
 /// Set by SIGINT/SIGTERM: the capture cancels its jobs and keeps nothing.
@@ -89,6 +96,7 @@ pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
         bitmap_mode: match args.bitmap_mode {
             BitmapModeArg::OnSuccess => BitmapMode::OnSuccess,
             BitmapModeArg::Never => BitmapMode::Never,
+            BitmapModeArg::Always => BitmapMode::Always,
         },
         speed: args.speed,
         writer: WriterOptions {
@@ -97,6 +105,7 @@ pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
             ..Default::default()
         },
         socket_dir: None,
+        fsfreeze: args.fsfreeze.clone(),
     };
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {

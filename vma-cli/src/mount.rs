@@ -129,6 +129,10 @@ fn prepare(args: &MountArgs) -> Result<ArchiveFs> {
     }
     let reader = Reader::open(&args.archive)
         .with_context(|| format!("opening {}", args.archive.display()))?;
+    vma_core::extract::refuse_incremental(reader.header())?;
+    reader
+        .index()
+        .refuse_interrupted(reader.header(), |_| true)?;
     reader.set_cache_bytes(args.cache_size.max(1) << 20);
     let mut opened = Opened {
         header: reader.header().clone(),

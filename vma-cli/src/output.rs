@@ -59,9 +59,7 @@ impl Progress {
     }
 }
 
-fn uuid_str(u: &[u8; 16]) -> String {
-    uuid::Uuid::from_bytes(*u).hyphenated().to_string()
-}
+use vma_core::types::uuid_text as uuid_str;
 
 /// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
 pub(crate) fn iso_time(secs: i64) -> String {

@@ -104,6 +104,12 @@ impl AtomicFile {
         &self.dest
     }
 
+    /// Commit under `dest` instead (in the same directory as the first
+    /// name, so the rename stays within one file system).
+    pub fn set_dest(&mut self, dest: PathBuf) {
+        self.dest = dest;
+    }
+
     /// fsync, rename to the final name, fsync the directory.
     pub fn commit(mut self) -> Result<()> {
         self.file
@@ -294,6 +300,7 @@ pub fn extract<R: Read>(
     mut progress: impl FnMut(u64),
 ) -> Result<ExtractSummary> {
     let header = stream.header().clone();
+    refuse_incremental(&header)?;
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
     let (drive_plan, config_plan) = plan(&header, dir, options)?;
     let mut targets: Vec<Option<DriveTarget>> = (0..=255).map(|_| None).collect();
@@ -336,6 +343,9 @@ pub fn extract<R: Read>(
         progress(ext.offset + ext.stored_len);
         write_extent(ext, &mut targets, &mut compressors)
     })?;
+    if let Some(index) = &report.index {
+        index.refuse_interrupted(&header, |id| targets[id.0 as usize].is_some())?;
+    }
     let mut files = Vec::new();
     for (i, path) in &config_plan {
         let mut out = AtomicFile::create(path)?;
@@ -352,6 +362,18 @@ pub fn extract<R: Read>(
         files.push(path.clone());
     }
     Ok(ExtractSummary { files, report })
+}
+
+/// Refuse an incremental archive: it holds only what changed since its
+/// parent, and restoring it alone would leave the rest as zeros.
+pub fn refuse_incremental(header: &Header) -> Result<()> {
+    match &header.parent {
+        None => Ok(()),
+        Some(p) => Err(Error::Invalid(format!(
+            "this archive is incremental: it holds only what changed since its parent (uuid {}), so it cannot be restored or mounted on its own",
+            crate::types::uuid_text(&p.uuid)
+        ))),
+    }
 }
 
 /// Where one selected drive is written.

@@ -877,7 +877,17 @@ pub struct DriveRecord {
     pub stored_bytes: u64,
     /// SHA-256 of the whole logical drive, when the writer saw it in order.
     pub digest: Option<[u8; 32]>,
+    /// The capture that wrote this drive was interrupted: what the archive
+    /// holds (with its parents) is no point in time. It only serves as the
+    /// parent of the retry that completes it, and is never restored alone.
+    pub interrupted: bool,
 }
+
+/// Drive record flag: `digest` is present.
+pub const DRIVE_DIGEST_PRESENT: u8 = 1;
+/// Drive record flag: the drive's capture was interrupted (see
+/// [`DriveRecord::interrupted`]).
+pub const DRIVE_INTERRUPTED: u8 = 2;
 
 /// The trailing index: every cluster run and per-drive records.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -886,6 +896,24 @@ pub struct Index {
     pub runs: Vec<IndexRun>,
     /// One record per drive, in id order.
     pub drives: Vec<DriveRecord>,
+}
+
+impl Index {
+    /// Refuse drives (those `selected`) written by an interrupted capture:
+    /// their content is no point in time (see [`DriveRecord::interrupted`]).
+    pub fn refuse_interrupted(
+        &self,
+        header: &Header,
+        selected: impl Fn(DriveId) -> bool,
+    ) -> Result<()> {
+        match self.drives.iter().find(|r| r.interrupted && selected(r.drive)) {
+            None => Ok(()),
+            Some(r) => Err(Error::Invalid(format!(
+                "drive {} comes from an interrupted capture: it is no point in time, only the parent of the capture that retried it (restore that one)",
+                header.drive(r.drive).map_or("?", |d| d.name.as_str())
+            ))),
+        }
+    }
 }
 
 impl Index {
@@ -934,7 +962,13 @@ impl Index {
         }
         for d in &self.drives {
             b.push(d.drive.0);
-            b.push(d.digest.is_some() as u8);
+            b.push(
+                if d.digest.is_some() {
+                    DRIVE_DIGEST_PRESENT
+                } else {
+                    0
+                } | if d.interrupted { DRIVE_INTERRUPTED } else { 0 },
+            );
             b.extend_from_slice(&[0u8; 6]);
             b.extend_from_slice(&d.data_clusters.to_le_bytes());
             b.extend_from_slice(&d.stored_bytes.to_le_bytes());
@@ -1037,7 +1071,8 @@ impl Index {
                 drive,
                 data_clusters,
                 stored_bytes,
-                digest: (flags & 1 != 0).then_some(digest),
+                digest: (flags & DRIVE_DIGEST_PRESENT != 0).then_some(digest),
+                interrupted: flags & DRIVE_INTERRUPTED != 0,
             });
         }
         Ok(Index { runs, drives })

@@ -127,6 +127,7 @@ impl Reader {
                 data_clusters: 0,
                 stored_bytes: 0,
                 digest: None,
+                interrupted: false,
             })
             .collect();
         let mut offset = header_len;

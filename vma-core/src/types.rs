@@ -104,6 +104,11 @@ pub fn cluster_range_bytes(size: u64, clusters: Range<u64>) -> Range<u64> {
     start..end
 }
 
+/// A uuid in its usual 8-4-4-4-12 hex form.
+pub fn uuid_text(u: &[u8; 16]) -> String {
+    uuid::Uuid::from_bytes(*u).hyphenated().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -285,6 +285,7 @@ impl<W: Write> Writer<W> {
                         data_clusters: 0,
                         stored_bytes: 0,
                         digest: None,
+                        interrupted: false,
                     },
                 }
             })
@@ -422,6 +423,13 @@ impl<W: Write> Writer<W> {
             start += count as u64;
             self.maybe_flush()?;
         }
+        Ok(())
+    }
+
+    /// Mark `drive` as captured by an interrupted capture (see
+    /// [`DriveRecord::interrupted`]): readers refuse to present it alone.
+    pub fn mark_interrupted(&mut self, drive: DriveId) -> Result<()> {
+        self.drive_mut(drive)?.record.interrupted = true;
         Ok(())
     }
 
