@@ -655,3 +655,90 @@ fn fsfreeze_freezes_around_the_transaction_and_always_thaws() {
     assert!(!archive.exists());
     assert_eq!(d.qmp().execute("query-jobs", json!({})).unwrap(), json!([]));
 }
+
+/// A size-limited tmpfs, unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount tmpfs (the tests run as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallFs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk0.qcow2");
+    make_qcow2(&img, 16 * 1024 * 1024, 9);
+    let d = Daemon::start(dir.path(), &[("disk0", &img, "qcow2")]);
+    let full = dir.path().join("full.vma");
+    run_capture(&d, &full, &["--drive", "disk0", "--compress", "none"]);
+    let checkpoint = d.bitmaps("disk0");
+    let small = SmallFs::mount(&dir.path().join("small"), "2m");
+    for mode in ["on-success", "never", "always"] {
+        d.guest_write("disk0", 0, 8 * 1024 * 1024, 0x70);
+        let archive = small.0.join(format!("{mode}.vma"));
+        let out = capture_cmd(
+            &d,
+            &archive,
+            &[
+                "--drive",
+                "disk0",
+                "--compress",
+                "none",
+                "--bitmap-mode",
+                mode,
+                "--incremental-from",
+                full.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+        assert_ne!(code(&out), 0, "{mode}: {}", stderr(&out));
+        let msg = stderr(&out);
+        assert!(msg.contains("No space left on device"), "{mode}: {msg}");
+        assert!(
+            std::fs::read_dir(&small.0).unwrap().next().is_none(),
+            "{mode}: files left on the full disk"
+        );
+        assert_eq!(d.qmp().execute("query-jobs", json!({})).unwrap(), json!([]));
+        if mode == "always" {
+            // What was copied could not be kept: the base bitmap no longer
+            // describes the change since the parent and is gone, so the
+            // next capture of the drive is full.
+            assert!(d.bitmaps("disk0").is_empty(), "{:?}", d.bitmaps("disk0"));
+        } else {
+            assert_eq!(d.bitmaps("disk0"), checkpoint, "{mode}");
+        }
+    }
+    let next = dir.path().join("next.vma");
+    let msg = run_capture(
+        &d,
+        &next,
+        &[
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            full.to_str().unwrap(),
+        ],
+    );
+    assert!(msg.contains("full backup (bitmap"), "{msg}");
+    assert!(restore(&[&next], "disk0") == d.contents("disk0"));
+}
