@@ -15,6 +15,14 @@ use vma_tests::{code, noise, require, stderr, vma, vma_bin};
 
 const CS: u64 = CLUSTER_SIZE as u64;
 
+/// The tests time guest writes and signals against speed-limited jobs:
+/// run them one at a time so they do not slow each other down.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A qemu-storage-daemon with a QMP socket and an NBD server for "guest"
 /// writes; killed on drop.
 struct Daemon {
@@ -250,6 +258,7 @@ fn drive_id(archive: &Path, name: &str) -> DriveId {
 
 #[test]
 fn full_capture_during_guest_writes_is_the_disk_at_job_start() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let size = 24 * CS * 16 + 512; // 24 MiB and a 512-byte tail
     let img = dir.path().join("disk0.qcow2");
@@ -303,6 +312,7 @@ fn full_capture_during_guest_writes_is_the_disk_at_job_start() {
 
 #[test]
 fn incremental_chain_restores_every_point_in_time() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let size = 4 * 1024 * 1024;
     let a_img = dir.path().join("a.qcow2");
@@ -393,6 +403,58 @@ fn incremental_chain_restores_every_point_in_time() {
     assert!(out.status.success());
     assert!(std::fs::read(dir.path().join("d-now.raw")).unwrap() == d_raw);
 
+    // The CLI restores each point in time, finding the parents beside the
+    // archive by uuid: extract, and a mount.
+    for (archive, points) in [(&inc1, &points1), (&inc2, &points2)] {
+        let x = dir.path().join(format!(
+            "x-{}",
+            archive.file_name().unwrap().to_string_lossy()
+        ));
+        let out = vma(&["extract", archive.to_str().unwrap(), x.to_str().unwrap()]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            assert!(
+                std::fs::read(x.join(format!("{name}.raw"))).unwrap() == points[i],
+                "{name}"
+            );
+        }
+    }
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let out = vma(&["mount", inc2.to_str().unwrap(), mnt.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let seen: Vec<Vec<u8>> = ["a", "b", "c"]
+        .iter()
+        .map(|n| std::fs::read(mnt.join(format!("{n}.raw"))).unwrap())
+        .collect();
+    let out = vma(&["umount", mnt.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for i in 0..3 {
+        assert!(seen[i] == points2[i], "mounted drive {i}");
+    }
+    // Without its parent, a clear error naming the uuid it needs.
+    let moved = dir.path().join("elsewhere");
+    std::fs::create_dir(&moved).unwrap();
+    std::fs::rename(&full, moved.join("0.vma")).unwrap();
+    let out = vma(&[
+        "extract",
+        inc2.to_str().unwrap(),
+        dir.path().join("y").to_str().unwrap(),
+    ]);
+    assert_ne!(code(&out), 0);
+    let full_uuid =
+        vma_core::types::uuid_text(&Reader::open(&moved.join("0.vma")).unwrap().header().uuid);
+    assert!(stderr(&out).contains(&full_uuid), "{}", stderr(&out));
+    let out = vma(&[
+        "extract",
+        "--parent",
+        moved.join("0.vma").to_str().unwrap(),
+        inc2.to_str().unwrap(),
+        dir.path().join("y").to_str().unwrap(),
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    std::fs::rename(moved.join("0.vma"), &full).unwrap();
+
     // on-success: each node keeps only the newest checkpoint.
     let record = vma_tests::stdout(&vma(&[
         "config",
@@ -411,6 +473,7 @@ fn incremental_chain_restores_every_point_in_time() {
 
 #[test]
 fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk0.qcow2");
     make_qcow2(&img, 16 * 1024 * 1024, 6);
@@ -504,6 +567,7 @@ fn leftovers(dir: &Path) -> Vec<String> {
 
 #[test]
 fn always_keeps_what_was_copied_and_the_retry_copies_only_the_rest() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk0.qcow2");
     make_qcow2(&img, 16 * 1024 * 1024, 7);
@@ -550,7 +614,20 @@ fn always_keeps_what_was_copied_and_the_retry_copies_only_the_rest() {
         dir.path().join("x").to_str().unwrap(),
     ]);
     assert_ne!(code(&out), 0);
-    assert!(stderr(&out).contains("incremental"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("interrupted capture"),
+        "{}",
+        stderr(&out)
+    );
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let out = vma(&["mount", partial.to_str().unwrap(), mnt.to_str().unwrap()]);
+    assert_ne!(code(&out), 0);
+    assert!(
+        stderr(&out).contains("interrupted capture"),
+        "{}",
+        stderr(&out)
+    );
     // The only bitmap left is the partial archive's checkpoint.
     let record = vma_tests::stdout(&vma(&[
         "config",
@@ -580,6 +657,10 @@ fn always_keeps_what_was_copied_and_the_retry_copies_only_the_rest() {
     want.sort_unstable();
     assert_eq!(stored_clusters(&retry, "disk0"), want);
     assert!(restore(&[&full, &partial, &retry], "disk0") == d.contents("disk0"));
+    let x = dir.path().join("x");
+    let out = vma(&["extract", retry.to_str().unwrap(), x.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(std::fs::read(x.join("disk0.raw")).unwrap() == d.contents("disk0"));
 }
 
 /// A fake guest agent on a unix socket: answers `guest-sync` and the
@@ -612,6 +693,7 @@ fn fake_agent(path: &Path, fail_freeze: bool) -> std::thread::JoinHandle<Vec<Str
 
 #[test]
 fn fsfreeze_freezes_around_the_transaction_and_always_thaws() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk0.qcow2");
     make_qcow2(&img, 4 * 1024 * 1024, 8);
@@ -684,6 +766,7 @@ impl Drop for SmallFs {
 
 #[test]
 fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk0.qcow2");
     make_qcow2(&img, 16 * 1024 * 1024, 9);

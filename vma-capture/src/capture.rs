@@ -324,6 +324,7 @@ pub fn capture(
     let keep_partial = ran.is_err()
         && options.bitmap_mode == BitmapMode::Always
         && drives.iter().all(|d| d.base_bitmap.is_some())
+        && failure.lock().expect("failure lock").is_none()
         && session.abort_for_retry().is_ok();
     if ran.is_err() && !keep_partial {
         // Stop QEMU first (cancel the jobs, drop the NBD nodes), so nothing
@@ -360,9 +361,16 @@ pub fn capture(
                 cause: Box::new(cause),
                 partial,
             }),
-            Err(e) => Err(CaptureError::Invalid(format!(
-                "{cause}; keeping what was copied failed too: {e}"
-            ))),
+            Err(e) => {
+                // No archive names the checkpoints the retry would start
+                // from: drop them (the next capture is full).
+                for d in &drives {
+                    let _ = qmp.block_dirty_bitmap_remove(&d.node, &d.bitmap);
+                }
+                Err(CaptureError::Invalid(format!(
+                    "{cause}; keeping what was copied failed too: {e}"
+                )))
+            }
         };
     }
     let finished = ran

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
+use vma_core::chain::Chain;
 use vma_core::convert::{copy_extent, AnyWriter};
 use vma_core::detect::{open_any, StreamCompression};
 use vma_core::extract::{check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions};
@@ -100,6 +101,10 @@ enum Command {
         /// With `--format qcow2`: zstd-compress the clusters (QEMU 5.1+ reads them).
         #[arg(long)]
         compress: bool,
+        /// An ancestor of an incremental archive (repeatable); by default
+        /// they are looked for beside the archive, by uuid.
+        #[arg(long = "parent", value_name = "PATH")]
+        parents: Vec<PathBuf>,
         /// Also check each extracted drive's whole-content SHA-256 and keep
         /// no file on a mismatch. Every extent's SHA-256 is always checked;
         /// this adds one sequential hash per drive (zeros included).
@@ -248,6 +253,7 @@ fn run(cli: Cli) -> Result<()> {
             format,
             compress,
             drive_digest,
+            parents,
         } => {
             let format = match (format, compress) {
                 (ExtractFormat::Raw, true) => {
@@ -266,7 +272,7 @@ fn run(cli: Cli) -> Result<()> {
                 salvage,
                 check_drive_digests: drive_digest,
             };
-            extract_cmd(&archive, &target_dir, options, quiet)
+            extract_cmd(&archive, &target_dir, options, &parents, quiet)
         }
         Command::Mount(args) => mount::mount(&args),
         Command::Capture(args) => capture::capture(&args, quiet),
@@ -595,14 +601,23 @@ fn config(archive: &str, name: Option<&str>, list: bool) -> Result<()> {
     Ok(())
 }
 
-fn extract_cmd(archive: &str, dir: &Path, options: ExtractOptions, quiet: bool) -> Result<()> {
+fn extract_cmd(
+    archive: &str,
+    dir: &Path,
+    options: ExtractOptions,
+    parents: &[PathBuf],
+    quiet: bool,
+) -> Result<()> {
     let (stream, path, compression) = open_stream(archive)?;
+    let ancestors = Chain::open_parent(stream.header(), path.as_deref(), parents)?;
     let total = match (&path, compression) {
         (Some(p), StreamCompression::None) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
         _ => 0,
     };
     let progress = Progress::bytes(total, "extract", quiet);
-    let summary = extract(stream, dir, &options, |pos| progress.set(pos))?;
+    let summary = extract(stream, dir, &options, ancestors.as_ref(), |pos| {
+        progress.set(pos)
+    })?;
     progress.finish();
     if !quiet {
         for f in &summary.files {

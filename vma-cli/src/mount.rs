@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
+use vma_core::chain::Chain;
 use vma_core::detect::StreamCompression;
 use vma_core::Reader;
 use vma_fuse::{serve, ArchiveFs, Logger, MountConfig};
@@ -30,6 +31,10 @@ pub(crate) struct MountArgs {
     /// Let other users see the files (FUSE `allow_other`).
     #[arg(long)]
     allow_other: bool,
+    /// An ancestor of an incremental archive (repeatable); by default they
+    /// are looked for beside the archive, by uuid.
+    #[arg(long = "parent", value_name = "PATH")]
+    parents: Vec<PathBuf>,
     /// MiB of decoded extents to keep in memory.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     cache_size: usize,
@@ -75,6 +80,9 @@ pub(crate) fn mount(args: &MountArgs) -> Result<()> {
     }
     if let Some(log) = &args.log {
         cmd.arg("--log").arg(absolute(log)?);
+    }
+    for parent in &args.parents {
+        cmd.arg("--parent").arg(absolute(parent)?);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -127,14 +135,14 @@ fn prepare(args: &MountArgs) -> Result<ArchiveFs> {
             args.mountpoint.display()
         );
     }
+    let chain = Chain::open(&args.archive, &args.parents)
+        .with_context(|| format!("opening {}", args.archive.display()))?;
+    chain.refuse_interrupted(|_| true)?;
+    chain.newest().set_cache_bytes(args.cache_size.max(1) << 20);
+    // archive.json describes the newest archive, as `vma list --json` does.
     let reader = Reader::open(&args.archive)
         .with_context(|| format!("opening {}", args.archive.display()))?;
-    vma_core::extract::refuse_incremental(reader.header())?;
-    reader
-        .index()
-        .refuse_interrupted(reader.header(), |_| true)?;
-    reader.set_cache_bytes(args.cache_size.max(1) << 20);
-    let mut opened = Opened {
+    let opened = Opened {
         header: reader.header().clone(),
         format: reader.format(),
         compression: StreamCompression::None,
@@ -143,8 +151,7 @@ fn prepare(args: &MountArgs) -> Result<ArchiveFs> {
     };
     let mut json = serde_json::to_vec_pretty(&list_json(&opened))?;
     json.push(b'\n');
-    let reader = opened.reader.take().expect("reader");
-    Ok(ArchiveFs::new(reader, vec![("archive.json".into(), json)])?)
+    Ok(ArchiveFs::new(chain, vec![("archive.json".into(), json)])?)
 }
 
 /// Where failed reads are reported: a file, stderr (foreground), or syslog.

@@ -9,12 +9,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::chain::Chain;
 use crate::error::{Error, IoContext, Result};
 use crate::extent::{ClusterData, DecodedExtent};
+use crate::format::RunKind;
 use crate::format::{check_name, Header, BLOCK_SIZE};
 use crate::qcow2::{compress_cluster, Qcow2Writer};
 use crate::stream::{ArchiveStream, HashDrives, PassOptions, PassReport};
-use crate::types::{cluster_len, DriveId};
+use crate::types::{cluster_len, ClusterNo, DriveId};
 
 /// Start write-back of dirty pages after this many bytes were written, so
 /// the final fsync finds little left and disk writes overlap the work.
@@ -228,6 +230,10 @@ pub struct ExtractOptions {
     pub check_drive_digests: bool,
 }
 
+/// The ancestors of an incremental archive, for [`extract`]: what its
+/// "unchanged" clusters hold. See [`Chain::open_parent`].
+pub type Ancestors<'a> = Option<&'a Chain>;
+
 /// Result of an extraction.
 #[derive(Debug)]
 pub struct ExtractSummary {
@@ -297,10 +303,13 @@ pub fn extract<R: Read>(
     stream: ArchiveStream<R>,
     dir: &Path,
     options: &ExtractOptions,
+    ancestors: Ancestors,
     mut progress: impl FnMut(u64),
 ) -> Result<ExtractSummary> {
     let header = stream.header().clone();
-    refuse_incremental(&header)?;
+    if ancestors.is_none() {
+        refuse_incremental(&header)?;
+    }
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
     let (drive_plan, config_plan) = plan(&header, dir, options)?;
     let mut targets: Vec<Option<DriveTarget>> = (0..=255).map(|_| None).collect();
@@ -345,6 +354,9 @@ pub fn extract<R: Read>(
     })?;
     if let Some(index) = &report.index {
         index.refuse_interrupted(&header, |id| targets[id.0 as usize].is_some())?;
+        if let Some(chain) = ancestors {
+            fill_unchanged(&header, index, chain, &mut targets, &mut compressors)?;
+        }
     }
     let mut files = Vec::new();
     for (i, path) in &config_plan {
@@ -374,6 +386,63 @@ pub fn refuse_incremental(header: &Header) -> Result<()> {
             crate::types::uuid_text(&p.uuid)
         ))),
     }
+}
+
+/// Write what the archive marks unchanged from its ancestors, cluster by
+/// cluster; all-zero clusters stay holes.
+fn fill_unchanged(
+    header: &Header,
+    index: &crate::format::Index,
+    chain: &Chain,
+    targets: &mut [Option<DriveTarget>],
+    compressors: &mut [zstd::bulk::Compressor<'static>],
+) -> Result<()> {
+    let cs = crate::format::CLUSTER_SIZE as u64;
+    let mut buf = vec![0u8; cs as usize];
+    for run in index.runs.iter().filter(|r| r.kind == RunKind::Unchanged) {
+        let Some(target) = targets[run.drive.0 as usize].as_mut() else {
+            continue;
+        };
+        let Some(d) = header.drive(run.drive) else {
+            continue;
+        };
+        for c in run.start..run.start + run.count as u64 {
+            let len = cluster_len(d.size, ClusterNo(c));
+            let data = &mut buf[..len];
+            chain.read_named(&d.name, c * cs, data)?;
+            let mask = crate::types::block_mask(data);
+            if mask == 0 {
+                continue;
+            }
+            match target {
+                DriveTarget::Raw { out, .. } => out.write_all_at(data, c * cs)?,
+                DriveTarget::Qcow2 { out, compress, .. } => {
+                    let packed = match (compress, compressors.first_mut()) {
+                        (true, Some(zstd)) => compress_cluster(data, zstd)?,
+                        _ => None,
+                    };
+                    match packed {
+                        Some(bytes) => out.write_compressed(c, &bytes)?,
+                        None => out.write_blocks(c, mask, &stored_blocks(data, mask))?,
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The 4 KiB blocks of `data` that `mask` marks, each padded to 4 KiB (the
+/// form a stored cluster takes).
+fn stored_blocks(data: &[u8], mask: u16) -> Vec<u8> {
+    let mut blocks = Vec::with_capacity(data.len());
+    for (i, b) in data.chunks(BLOCK_SIZE).enumerate() {
+        if mask & (1 << i) != 0 {
+            blocks.extend_from_slice(b);
+            blocks.resize(blocks.len() + BLOCK_SIZE - b.len(), 0);
+        }
+    }
+    blocks
 }
 
 /// Where one selected drive is written.
@@ -454,14 +523,7 @@ fn write_extent(
             Some(bytes) => out.write_compressed(cluster.0, &bytes)?,
             None => {
                 let mask = crate::types::block_mask(data);
-                let mut blocks = Vec::with_capacity(data.len());
-                for (i, b) in data.chunks(BLOCK_SIZE).enumerate() {
-                    if mask & (1 << i) != 0 {
-                        blocks.extend_from_slice(b);
-                        blocks.resize(blocks.len() + BLOCK_SIZE - b.len(), 0);
-                    }
-                }
-                out.write_blocks(cluster.0, mask, &blocks)?;
+                out.write_blocks(cluster.0, mask, &stored_blocks(data, mask))?;
             }
         }
     }

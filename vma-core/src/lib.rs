@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod chain;
 pub mod convert;
 pub mod detect;
 pub mod digest;

@@ -362,7 +362,7 @@ fn in_order_writes_record_and_verify_drive_digests() {
             check_drive_digests: check,
         };
         let stream = ArchiveStream::open(archive, "a").unwrap();
-        let result = vma_core::extract::extract(stream, dir.path(), &options, |_| {});
+        let result = vma_core::extract::extract(stream, dir.path(), &options, None, |_| {});
         let out = std::fs::read(dir.path().join("d.raw")).ok();
         (result.map(|_| ()), out)
     };

@@ -20,8 +20,9 @@ use bytes::Bytes;
 use fuse3::raw::prelude::*;
 use fuse3::{Errno, MountOptions, Result as FuseResult, Timestamp};
 use futures_util::stream::{self, Stream};
+use vma_core::chain::Chain;
 use vma_core::format::{check_name, IndexRun, RunKind, CLUSTER_SIZE};
-use vma_core::{DriveId, Reader};
+use vma_core::DriveId;
 
 /// Inode of the root directory.
 const ROOT: u64 = 1;
@@ -87,7 +88,8 @@ impl Node {
 
 /// The mounted file system.
 pub struct ArchiveFs {
-    reader: Arc<Reader>,
+    /// The archive (with its ancestors, when incremental).
+    chain: Arc<Chain>,
     /// Files; file i has inode i + 2.
     nodes: Vec<Node>,
     time: Timestamp,
@@ -148,10 +150,12 @@ impl std::fmt::Display for LayoutError {
 impl std::error::Error for LayoutError {}
 
 impl ArchiveFs {
-    /// The view of `reader`, plus `extra` files (name, bytes) such as
+    /// The view of `chain` (an archive, with its ancestors when it is
+    /// incremental), plus `extra` files (name, bytes) such as
     /// `archive.json`. Refuses names that are unsafe or clash.
     /// Failed reads are logged to stderr until [`ArchiveFs::set_logger`].
-    pub fn new(reader: Reader, extra: Vec<(String, Vec<u8>)>) -> Result<ArchiveFs, LayoutError> {
+    pub fn new(chain: Chain, extra: Vec<(String, Vec<u8>)>) -> Result<ArchiveFs, LayoutError> {
+        let reader = chain.newest();
         let header = reader.header();
         let mut nodes = Vec::new();
         for (i, d) in header.drives.iter().enumerate() {
@@ -191,10 +195,10 @@ impl ArchiveFs {
         let time = Timestamp::new(header.ctime, 0);
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        let reader = Arc::new(reader);
+        let chain = Arc::new(chain);
         Ok(ArchiveFs {
-            prefetch_queue: start_prefetchers(&reader),
-            reader,
+            prefetch_queue: start_prefetchers(&chain),
+            chain,
             nodes,
             time,
             uid,
@@ -292,10 +296,10 @@ pub fn seek_in_runs(runs: &[IndexRun], size: u64, offset: u64, want_data: bool) 
 /// the reader finds its data ready while the other core serves it. The
 /// threads end when the file system is dropped. Damage found here is not
 /// logged (the read that needs the extent reports it) and ends that request.
-fn start_prefetchers(reader: &Arc<Reader>) -> crossbeam_channel::Sender<(DriveId, Arc<AtomicU64>)> {
+fn start_prefetchers(chain: &Arc<Chain>) -> crossbeam_channel::Sender<(DriveId, Arc<AtomicU64>)> {
     let (tx, rx) = crossbeam_channel::bounded::<(DriveId, Arc<AtomicU64>)>(PREFETCH_THREADS);
     for n in 0..PREFETCH_THREADS {
-        let reader = reader.clone();
+        let chain = chain.clone();
         let rx = rx.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("vma-prefetch-{n}"))
@@ -304,6 +308,7 @@ fn start_prefetchers(reader: &Arc<Reader>) -> crossbeam_channel::Sender<(DriveId
                     loop {
                         let at = reading_at.load(Ordering::Relaxed);
                         let window = at..at.saturating_add(PREFETCH_BYTES);
+                        let reader = chain.newest();
                         let Some(&offset) = reader.extents_to_prefetch(id, window).first() else {
                             break;
                         };
@@ -387,7 +392,7 @@ impl Filesystem for ArchiveFs {
                 data: Bytes::copy_from_slice(&b[offset as usize..end as usize]),
             }),
             Content::Drive { id, last_end, .. } => {
-                let hole = seek_in_runs(self.reader.runs(*id), node.size(), offset, true)
+                let hole = seek_in_runs(self.chain.newest().runs(*id), node.size(), offset, true)
                     .is_none_or(|data| data >= end);
                 if hole && end - offset <= MAX_READ as u64 {
                     return Ok(ReplyData {
@@ -398,12 +403,12 @@ impl Filesystem for ArchiveFs {
                 if previous_end.abs_diff(offset) <= SEQUENTIAL_SLACK {
                     self.prefetch(*id, last_end);
                 }
-                let reader = self.reader.clone();
+                let chain = self.chain.clone();
                 let id = *id;
                 let len = (end - offset) as usize;
                 let mut buf = PooledBuffer::take(&self.buffers, len);
                 let result = tokio::task::spawn_blocking(move || {
-                    reader.read_at(id, offset, &mut buf.bytes).map(|()| buf)
+                    chain.read_at(id, offset, &mut buf.bytes).map(|()| buf)
                 })
                 .await
                 .map_err(|_| Errno::from(libc::EIO))?;
@@ -424,7 +429,7 @@ impl Filesystem for ArchiveFs {
     }
 
     async fn statfs(&self, _req: Request, _inode: u64) -> FuseResult<ReplyStatFs> {
-        let size = std::fs::metadata(self.reader.path()).map_or(0, |m| m.len());
+        let size = std::fs::metadata(self.chain.newest().path()).map_or(0, |m| m.len());
         Ok(ReplyStatFs {
             blocks: size.div_ceil(4096),
             bfree: 0,
@@ -559,7 +564,7 @@ impl Filesystem for ArchiveFs {
         let size = node.size();
         let found = match &node.content {
             Content::Drive { id, .. } => {
-                seek_in_runs(self.reader.runs(*id), size, offset, want_data)
+                seek_in_runs(self.chain.newest().runs(*id), size, offset, want_data)
             }
             Content::Bytes(_) if offset >= size => None,
             Content::Bytes(_) => Some(if want_data { offset } else { size }),

@@ -1,0 +1,287 @@
+//! Incremental chains: an archive and the ancestors its "unchanged"
+//! clusters come from, read as one point in time.
+//!
+//! Each incremental archive names its parent by uuid and archive digest.
+//! Ancestors are found among the paths given, else among the files in the
+//! archive's directory, and every link is checked against that identity.
+//! Drives are matched by name from link to link (ids may differ when
+//! drives were added), and must keep their size.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::format::{Header, ParentRef, RunKind, CLUSTER_SIZE};
+use crate::reader::Reader;
+use crate::types::{uuid_text, DriveId};
+
+/// Links of a chain deeper than this are refused (a loop, or a chain that
+/// should be merged).
+pub const MAX_CHAIN: usize = 1000;
+
+/// An archive and its ancestors, newest first.
+pub struct Chain {
+    links: Vec<Reader>,
+}
+
+impl Chain {
+    /// Open `path` and, if it is incremental, its ancestors: each is looked
+    /// for among `parents` first, then among the files beside `path`.
+    pub fn open(path: &Path, parents: &[PathBuf]) -> Result<Chain> {
+        let newest = Reader::open(path)?;
+        let mut links = vec![newest];
+        // uuid of every file looked at (None: not an archive).
+        let mut known: HashMap<PathBuf, Option<[u8; 16]>> = HashMap::new();
+        let mut beside: Option<Vec<PathBuf>> = None;
+        while let Some(want) = links.last().expect("non-empty").header().parent {
+            if links.len() > MAX_CHAIN {
+                return Err(Error::Invalid(format!(
+                    "{}: the chain of parents is longer than {MAX_CHAIN} archives",
+                    path.display()
+                )));
+            }
+            if links.iter().any(|l| l.header().uuid == want.uuid) {
+                return Err(Error::Invalid(format!(
+                    "{}: the chain of parents loops back to uuid {}",
+                    path.display(),
+                    uuid_text(&want.uuid)
+                )));
+            }
+            let found = match find_parent(&want, parents, &mut known)? {
+                Some(r) => Some(r),
+                None => {
+                    let files = beside.get_or_insert_with(|| {
+                        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+                        list_dir(dir.unwrap_or(Path::new(".")))
+                    });
+                    find_parent(&want, files, &mut known)?
+                }
+            };
+            let Some(parent) = found else {
+                return Err(Error::Invalid(format!(
+                    "{} needs its parent archive (uuid {}), which is neither beside it nor given with --parent",
+                    links.last().expect("non-empty").path().display(),
+                    uuid_text(&want.uuid)
+                )));
+            };
+            links.push(parent);
+        }
+        let chain = Chain { links };
+        chain.check_drives()?;
+        Ok(chain)
+    }
+
+    /// The chain a child archive (header `child`, read from `beside` when it
+    /// is a file) stands on, from its parent back; None for a full archive.
+    pub fn open_parent(
+        child: &Header,
+        beside: Option<&Path>,
+        parents: &[PathBuf],
+    ) -> Result<Option<Chain>> {
+        let Some(want) = child.parent else {
+            return Ok(None);
+        };
+        let mut known = HashMap::new();
+        let mut found = find_parent(&want, parents, &mut known)?;
+        if found.is_none() {
+            if let Some(path) = beside {
+                let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+                found = find_parent(&want, &list_dir(dir.unwrap_or(Path::new("."))), &mut known)?;
+            }
+        }
+        let Some(parent) = found else {
+            return Err(Error::Invalid(format!(
+                "the archive needs its parent (uuid {}), which is neither beside it nor given with --parent",
+                uuid_text(&want.uuid)
+            )));
+        };
+        let path = parent.path().to_path_buf();
+        drop(parent);
+        Chain::open(&path, parents).map(Some)
+    }
+
+    /// Read bytes of the drive named `name` as of the newest point in time.
+    pub fn read_named(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_link(0, name, offset, buf)
+    }
+
+    /// The newest archive (whose point in time the chain presents).
+    pub fn newest(&self) -> &Reader {
+        &self.links[0]
+    }
+
+    /// The newest archive's header.
+    pub fn header(&self) -> &Header {
+        self.links[0].header()
+    }
+
+    /// Every link, newest first.
+    pub fn links(&self) -> &[Reader] {
+        &self.links
+    }
+
+    /// Refuse a chain that is no point in time: its newest archive holds
+    /// drives of an interrupted capture (only a retry completes them).
+    pub fn refuse_interrupted(&self, selected: impl Fn(DriveId) -> bool) -> Result<()> {
+        self.links[0]
+            .index()
+            .refuse_interrupted(self.header(), selected)
+    }
+
+    /// Read bytes `offset..offset + buf.len()` of drive `drive` (an id of
+    /// the newest archive) as of the newest point in time.
+    pub fn read_at(&self, drive: DriveId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let name = &self
+            .header()
+            .drive(drive)
+            .ok_or_else(|| Error::Invalid(format!("no drive with id {drive}")))?
+            .name;
+        self.read_link(0, name, offset, buf)
+    }
+
+    /// Byte ranges of `drive` (newest ids) that the newest archive marks
+    /// unchanged: what extraction fills from the ancestors.
+    pub fn unchanged_ranges(&self, drive: DriveId) -> Vec<Range<u64>> {
+        let size = self.header().drive(drive).map_or(0, |d| d.size);
+        let cs = CLUSTER_SIZE as u64;
+        self.links[0]
+            .runs(drive)
+            .iter()
+            .filter(|r| r.kind == RunKind::Unchanged)
+            .map(|r| r.start * cs..((r.start + r.count as u64) * cs).min(size))
+            .collect()
+    }
+
+    fn read_link(&self, link: usize, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let reader = &self.links[link];
+        let d = reader
+            .header()
+            .drives
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{} has no drive {name} although a later archive marks it unchanged",
+                    reader.path().display()
+                ))
+            })?;
+        let end = offset + buf.len() as u64;
+        let cs = CLUSTER_SIZE as u64;
+        let mut pos = offset;
+        while pos < end {
+            let Some(run) = reader
+                .run_at(d.id, crate::types::ClusterNo(pos / cs))
+                .copied()
+            else {
+                // Let the reader produce its own error for a hole in the index.
+                return reader.read_at(d.id, pos, &mut buf[(pos - offset) as usize..]);
+            };
+            let run_end = ((run.start + run.count as u64) * cs).min(end);
+            let piece = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+            if run.kind == RunKind::Unchanged {
+                if link + 1 >= self.links.len() {
+                    return Err(Error::Invalid(format!(
+                        "{}: drive {name} bytes {pos}..{run_end} are unchanged from a parent that is not open",
+                        reader.path().display()
+                    )));
+                }
+                self.read_link(link + 1, name, pos, piece)?;
+            } else {
+                reader.read_at(d.id, pos, piece)?;
+            }
+            pos = run_end;
+        }
+        Ok(())
+    }
+
+    /// Every drive a link marks unchanged exists in its parent with the
+    /// same size.
+    fn check_drives(&self) -> Result<()> {
+        for pair in self.links.windows(2) {
+            let (child, parent) = (&pair[0], &pair[1]);
+            for d in &child.header().drives {
+                if !child
+                    .runs(d.id)
+                    .iter()
+                    .any(|r| r.kind == RunKind::Unchanged)
+                {
+                    continue;
+                }
+                match parent.header().drives.iter().find(|p| p.name == d.name) {
+                    Some(p) if p.size == d.size => {}
+                    Some(p) => {
+                        return Err(Error::Invalid(format!(
+                            "drive {} is {} bytes in {} but {} bytes in its parent {}",
+                            d.name,
+                            d.size,
+                            child.path().display(),
+                            p.size,
+                            parent.path().display()
+                        )))
+                    }
+                    None => {
+                        return Err(Error::Invalid(format!(
+                            "{} marks drive {} unchanged, but its parent {} has no such drive",
+                            child.path().display(),
+                            d.name,
+                            parent.path().display()
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Open the archive with `want`'s uuid among `candidates`; it must also
+/// carry `want`'s digest. Files that are not archives are skipped.
+fn find_parent(
+    want: &ParentRef,
+    candidates: &[PathBuf],
+    known: &mut HashMap<PathBuf, Option<[u8; 16]>>,
+) -> Result<Option<Reader>> {
+    let mut mismatch = None;
+    for path in candidates {
+        if known.get(path).is_some_and(|u| *u != Some(want.uuid)) {
+            continue;
+        }
+        let Ok(reader) = Reader::open(path) else {
+            known.insert(path.clone(), None);
+            continue;
+        };
+        known.insert(path.clone(), Some(reader.header().uuid));
+        if reader.header().uuid != want.uuid {
+            continue;
+        }
+        match reader.footer() {
+            Some(f) if f.archive_digest == want.digest => return Ok(Some(reader)),
+            _ => mismatch = Some(path.clone()),
+        }
+    }
+    match mismatch {
+        Some(p) => Err(Error::Invalid(format!(
+            "{} has the parent's uuid {} but not its digest: it is not the archive the child was made from",
+            p.display(),
+            uuid_text(&want.uuid)
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Regular files in `dir`, sorted (best effort: an unreadable directory
+/// lists nothing).
+fn list_dir(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
