@@ -182,6 +182,17 @@ fn make_qcow2(path: &Path, size: u64, seed: u64) {
     std::fs::remove_file(raw).unwrap();
 }
 
+/// A daemon serving one 16 MiB qcow2 node `disk0` (contents from `seed`),
+/// and a full capture of it (`full.vma`, made with `args`).
+fn one_disk_with_full(dir: &Path, seed: u64, args: &[&str]) -> (Daemon, PathBuf) {
+    let img = dir.join("disk0.qcow2");
+    make_qcow2(&img, 16 * 1024 * 1024, seed);
+    let d = Daemon::start(dir, &[("disk0", &img, "qcow2")]);
+    let full = dir.join("full.vma");
+    run_capture(&d, &full, args);
+    (d, full)
+}
+
 fn capture_cmd(d: &Daemon, archive: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(vma_bin());
     cmd.arg("capture")
@@ -475,11 +486,7 @@ fn incremental_chain_restores_every_point_in_time() {
 fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk0.qcow2");
-    make_qcow2(&img, 16 * 1024 * 1024, 6);
-    let d = Daemon::start(dir.path(), &[("disk0", &img, "qcow2")]);
-    let full = dir.path().join("full.vma");
-    run_capture(&d, &full, &["--drive", "disk0"]);
+    let (d, full) = one_disk_with_full(dir.path(), 6, &["--drive", "disk0"]);
     let checkpoint = d.bitmaps("disk0");
     assert_eq!(checkpoint.len(), 1);
     d.guest_write("disk0", 0, 8 * 1024 * 1024, 0x55);
@@ -569,11 +576,7 @@ fn leftovers(dir: &Path) -> Vec<String> {
 fn always_keeps_what_was_copied_and_the_retry_copies_only_the_rest() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk0.qcow2");
-    make_qcow2(&img, 16 * 1024 * 1024, 7);
-    let d = Daemon::start(dir.path(), &[("disk0", &img, "qcow2")]);
-    let full = dir.path().join("full.vma");
-    run_capture(&d, &full, &["--drive", "disk0"]);
+    let (d, full) = one_disk_with_full(dir.path(), 7, &["--drive", "disk0"]);
     d.guest_write("disk0", 0, 8 * 1024 * 1024, 0x55);
 
     // Interrupt a slow incremental in `always` mode.
@@ -768,11 +771,7 @@ impl Drop for SmallFs {
 fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk0.qcow2");
-    make_qcow2(&img, 16 * 1024 * 1024, 9);
-    let d = Daemon::start(dir.path(), &[("disk0", &img, "qcow2")]);
-    let full = dir.path().join("full.vma");
-    run_capture(&d, &full, &["--drive", "disk0", "--compress", "none"]);
+    let (d, full) = one_disk_with_full(dir.path(), 9, &["--drive", "disk0", "--compress", "none"]);
     let checkpoint = d.bitmaps("disk0");
     let small = SmallFs::mount(&dir.path().join("small"), "2m");
     for mode in ["on-success", "never", "always"] {

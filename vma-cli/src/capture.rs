@@ -6,10 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{bail, Context, Result};
 use vma_capture::capture::{capture as run_capture, BitmapMode, CaptureOptions, DriveSpec};
 use vma_core::stream::human_bytes;
-use vma_core::WriterOptions;
 
 use crate::output::Progress;
-use crate::{parse_compression, read_configs};
+use crate::{read_configs, OutputArgs};
 
 /// Arguments of `vma capture`.
 #[derive(clap::Args, Debug)]
@@ -36,15 +35,8 @@ pub(crate) struct CaptureArgs {
     /// Job speed limit in bytes per second (0: none).
     #[arg(long, value_name = "BYTES_PER_SEC", default_value_t = 0)]
     speed: u64,
-    /// Extent compression: `zstd`, `zstd:LEVEL` or `none`.
-    #[arg(long, default_value = "zstd:1", value_name = "zstd[:LEVEL]|none")]
-    compress: String,
-    /// Worker threads (default: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// Replace an existing archive file.
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    output_options: OutputArgs,
     /// Guest agent socket: freeze the guest's file systems while the jobs
     /// start (only then), and always thaw them.
     #[arg(long, value_name = "QGA_SOCKET")]
@@ -89,7 +81,7 @@ pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
     let options = CaptureOptions {
         qmp: args.qmp.clone(),
         archive: args.archive.clone(),
-        force: args.force,
+        force: args.output_options.force,
         drives,
         configs: read_configs(&args.configs)?,
         parent: args.incremental_from.clone(),
@@ -99,11 +91,7 @@ pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
             BitmapModeArg::Always => BitmapMode::Always,
         },
         speed: args.speed,
-        writer: WriterOptions {
-            compression: parse_compression(&args.compress)?,
-            threads: args.threads,
-            ..Default::default()
-        },
+        writer: args.output_options.writer_options()?,
         socket_dir: None,
         fsfreeze: args.fsfreeze.clone(),
     };

@@ -129,16 +129,34 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "v2")]
         format: OutputFormat,
-        /// Extent compression of a v2 output: `zstd`, `zstd:LEVEL` or `none`.
-        #[arg(long, default_value = "zstd:1", value_name = "zstd[:LEVEL]|none")]
-        compress: String,
-        /// Worker threads (default: one per core).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// Replace an existing output file.
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        output_options: OutputArgs,
     },
+}
+
+/// Options of every command that writes an archive.
+#[derive(clap::Args, Debug)]
+pub(crate) struct OutputArgs {
+    /// Extent compression: `zstd`, `zstd:LEVEL` or `none` (native archives).
+    #[arg(long, default_value = "zstd:1", value_name = "zstd[:LEVEL]|none")]
+    compress: String,
+    /// Worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Replace an existing archive file.
+    #[arg(long)]
+    pub(crate) force: bool,
+}
+
+impl OutputArgs {
+    /// The writer's options.
+    pub(crate) fn writer_options(&self) -> Result<WriterOptions> {
+        Ok(WriterOptions {
+            compression: parse_compression(&self.compress)?,
+            threads: self.threads,
+            ..Default::default()
+        })
+    }
 }
 
 /// Arguments of `vma create`.
@@ -152,15 +170,8 @@ struct CreateArgs {
     /// Config blob as [NAME=]FILE; NAME defaults to the file name. Repeatable.
     #[arg(long = "config", value_name = "[NAME=]FILE")]
     configs: Vec<String>,
-    /// Extent compression: `zstd`, `zstd:LEVEL` or `none`.
-    #[arg(long, default_value = "zstd:1", value_name = "zstd[:LEVEL]|none")]
-    compress: String,
-    /// Worker threads (default: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// Replace an existing archive file.
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    output_options: OutputArgs,
     /// Archive format: the native v2, or Proxmox VMA v1 for `qmrestore`.
     #[arg(long, value_enum, default_value = "v2")]
     format: OutputFormat,
@@ -281,10 +292,8 @@ fn run(cli: Cli) -> Result<()> {
             input,
             output,
             format,
-            compress,
-            threads,
-            force,
-        } => convert(&input, &output, format, &compress, threads, force, quiet),
+            output_options,
+        } => convert(&input, &output, format, &output_options, quiet),
     }
 }
 
@@ -366,13 +375,11 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
         archive,
         images: image_args,
         configs: config_args,
-        compress,
-        threads,
-        force,
+        output_options,
         format,
     } = args;
-    let (threads, force, format) = (*threads, *force, *format);
-    let compression = parse_compression(compress)?;
+    let (force, format) = (output_options.force, *format);
+    let options = output_options.writer_options()?;
     if image_args.len() > limits::MAX_DRIVES {
         bail!(
             "{} images given; an archive holds at most {} drives",
@@ -398,11 +405,6 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
         configs.iter().map(|c| c.name.as_str()),
     )?;
     let meta = ArchiveMeta::new(drives.clone(), configs);
-    let options = WriterOptions {
-        compression,
-        threads,
-        ..Default::default()
-    };
     let total: u64 = drives.iter().map(|d| d.size).sum();
     let progress = Progress::bytes(total, "create", quiet);
     let written = write_archive(archive, force, |out| {
@@ -496,12 +498,11 @@ fn convert(
     input: &str,
     output: &str,
     format: OutputFormat,
-    compress: &str,
-    threads: usize,
-    force: bool,
+    output_options: &OutputArgs,
     quiet: bool,
 ) -> Result<()> {
-    let compression = parse_compression(compress)?;
+    let options = output_options.writer_options()?;
+    let (threads, force) = (output_options.threads, output_options.force);
     let (stream, path, stream_compression) = open_stream(input)?;
     let header = stream.header().clone();
     let meta = ArchiveMeta {
@@ -511,11 +512,6 @@ fn convert(
         drives: header.drives.clone(),
         configs: header.configs.clone(),
         parent: header.parent,
-    };
-    let options = WriterOptions {
-        compression,
-        threads,
-        ..Default::default()
     };
     let total = match (&path, stream_compression) {
         (Some(p), StreamCompression::None) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
