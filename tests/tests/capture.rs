@@ -824,3 +824,98 @@ fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
     assert!(msg.contains("full backup (bitmap"), "{msg}");
     assert!(restore(&[&next], "disk0") == d.contents("disk0"));
 }
+
+#[test]
+fn a_chain_of_six_restores_every_point_and_merges_into_a_synthetic_full() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (d, full) = one_disk_with_full(dir.path(), 10, &["--drive", "disk0"]);
+    let mut points = vec![(full.clone(), d.contents("disk0"))];
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for i in 1..6 {
+        for _ in 0..(next() % 6 + 1) {
+            // Random 512-byte aligned writes of up to 200 KiB.
+            let len = (next() % 400 + 1) * 512;
+            let offset = (next() % (16 * 1024 * 1024 - len)) / 512 * 512;
+            d.guest_write("disk0", offset, len, (next() % 255 + 1) as u8);
+        }
+        let archive = dir.path().join(format!("{i}.vma"));
+        let parent = points.last().unwrap().0.clone();
+        run_capture(
+            &d,
+            &archive,
+            &[
+                "--drive",
+                "disk0",
+                "--incremental-from",
+                parent.to_str().unwrap(),
+            ],
+        );
+        points.push((archive, d.contents("disk0")));
+    }
+    for (i, (archive, want)) in points.iter().enumerate() {
+        let x = dir.path().join(format!("x{i}"));
+        let out = vma(&["extract", archive.to_str().unwrap(), x.to_str().unwrap()]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert!(
+            std::fs::read(x.join("disk0.raw")).unwrap() == *want,
+            "point {i}"
+        );
+    }
+    let newest = &points.last().unwrap().0;
+    let listed = vma(&["list", "--json", "--chain", newest.to_str().unwrap()]);
+    assert_eq!(code(&listed), 0, "{}", stderr(&listed));
+    let doc: serde_json::Value = serde_json::from_str(&vma_tests::stdout(&listed)).unwrap();
+    let links = doc["chain"].as_array().unwrap();
+    assert_eq!(links.len(), 6);
+    assert_eq!(links[5]["incremental"], json!(false));
+    assert!(links[..5].iter().all(|l| l["incremental"] == json!(true)));
+    let merged = dir.path().join("merged.vma");
+    let out = vma(&[
+        "merge",
+        newest.to_str().unwrap(),
+        "-o",
+        merged.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r = Reader::open(&merged).unwrap();
+    assert!(r.header().parent.is_none());
+    let mut got = vec![0u8; 16 * 1024 * 1024];
+    r.read_at(DriveId(1), 0, &mut got).unwrap();
+    assert!(
+        got == points.last().unwrap().1,
+        "the synthetic full differs from the newest point"
+    );
+    let out = vma(&["verify", merged.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        vma_tests::stdout(&out).contains("match") || stderr(&out).contains("match"),
+        "{}{}",
+        vma_tests::stdout(&out),
+        stderr(&out)
+    );
+    // The merged archive keeps the checkpoint: a capture continues from it.
+    d.guest_write("disk0", 5 * CS, 3 * CS, 0x99);
+    let after = dir.path().join("after-merge.vma");
+    run_capture(
+        &d,
+        &after,
+        &[
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            merged.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(stored_clusters(&after, "disk0"), vec![5, 6, 7]);
+    let x = dir.path().join("x-after");
+    let out = vma(&["extract", after.to_str().unwrap(), x.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(std::fs::read(x.join("disk0.raw")).unwrap() == d.contents("disk0"));
+}

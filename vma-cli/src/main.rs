@@ -10,10 +10,11 @@ use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
-use vma_core::chain::Chain;
+use vma_core::chain::{Chain, ChainDrive};
 use vma_core::convert::{copy_extent, AnyWriter};
 use vma_core::detect::{open_any, StreamCompression};
 use vma_core::extract::{check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions};
@@ -50,6 +51,13 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also list the chain of ancestors of an incremental archive.
+        #[arg(long)]
+        chain: bool,
+        /// An ancestor (repeatable), for `--chain`; by default they are
+        /// looked for beside the archive, by uuid.
+        #[arg(long = "parent", value_name = "PATH")]
+        parents: Vec<PathBuf>,
     },
     /// Write a config blob to standard output.
     Config {
@@ -119,6 +127,21 @@ enum Command {
     Umount {
         /// The mount point.
         mountpoint: PathBuf,
+    },
+    /// Write the newest point in time of an incremental chain as one
+    /// self-contained archive (a synthetic full), streaming from the chain.
+    Merge {
+        /// The newest archive of the chain.
+        archive: PathBuf,
+        /// The full archive to write, or `-` for standard output.
+        #[arg(short, long, value_name = "FULL")]
+        output: String,
+        /// An ancestor (repeatable); by default they are looked for beside
+        /// the archive, by uuid.
+        #[arg(long = "parent", value_name = "PATH")]
+        parents: Vec<PathBuf>,
+        #[command(flatten)]
+        output_options: OutputArgs,
     },
     /// Convert an archive between the native format and Proxmox VMA v1.
     Convert {
@@ -242,7 +265,12 @@ fn run(cli: Cli) -> Result<()> {
     let quiet = cli.quiet;
     match cli.command {
         Command::Create(args) => create(&args, quiet),
-        Command::List { archive, json } => output::list(&archive, json),
+        Command::List {
+            archive,
+            json,
+            chain,
+            parents,
+        } => output::list(&archive, json, chain.then_some(&parents[..])),
         Command::Config {
             archive,
             name,
@@ -294,6 +322,12 @@ fn run(cli: Cli) -> Result<()> {
             format,
             output_options,
         } => convert(&input, &output, format, &output_options, quiet),
+        Command::Merge {
+            archive,
+            output,
+            parents,
+            output_options,
+        } => merge(&archive, &output, &parents, &output_options, quiet),
     }
 }
 
@@ -421,6 +455,50 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
             drives.len(),
             human_bytes(total),
             human_bytes(written.1),
+        );
+    }
+    Ok(())
+}
+
+/// `vma merge`: the chain's newest point in time, written like `create`
+/// writes images (each drive read in order, so its SHA-256 is recorded).
+/// The uuid is new; time, drives and configs (the capture record with its
+/// checkpoints included) are the newest archive's, so a later capture can
+/// continue incrementally from the merged archive.
+fn merge(
+    archive: &Path,
+    output: &str,
+    parents: &[PathBuf],
+    output_options: &OutputArgs,
+    quiet: bool,
+) -> Result<()> {
+    let chain = Arc::new(
+        Chain::open(archive, parents).with_context(|| format!("opening {}", archive.display()))?,
+    );
+    chain.refuse_interrupted(|_| true)?;
+    let header = chain.header().clone();
+    let mut meta = ArchiveMeta::new(header.drives.clone(), header.configs.clone());
+    meta.ctime = header.ctime;
+    let images = header
+        .drives
+        .iter()
+        .map(|d| Ok(Box::new(ChainDrive::new(chain.clone(), d.id)?) as Box<dyn DiskImage>))
+        .collect::<Result<Vec<_>>>()?;
+    let options = output_options.writer_options()?;
+    let total: u64 = header.drives.iter().map(|d| d.size).sum();
+    let progress = Progress::bytes(total, "merge", quiet);
+    let written = write_archive(output, output_options.force, |out| {
+        let mut writer = AnyWriter::new(out, meta, false, &options)?;
+        feed_images(&mut writer, &header.drives, &images, &progress)?;
+        writer.finish()?;
+        Ok(())
+    })?;
+    progress.finish();
+    if !quiet {
+        eprintln!(
+            "vma: wrote {output} from {} archives ({} stored)",
+            chain.links().len(),
+            human_bytes(written.1)
         );
     }
     Ok(())

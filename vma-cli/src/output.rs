@@ -1,6 +1,8 @@
 //! Human and JSON output of `list` and `verify`, and progress bars.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use vma_core::chain::Chain;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -148,9 +150,29 @@ pub(crate) fn list_json(opened: &Opened) -> Value {
     })
 }
 
-pub(crate) fn list(archive: &str, json_out: bool) -> Result<()> {
+pub(crate) fn list(archive: &str, json_out: bool, chain_parents: Option<&[PathBuf]>) -> Result<()> {
     let opened = open_for_listing(archive)?;
-    let doc = list_json(&opened);
+    let mut doc = list_json(&opened);
+    if let Some(parents) = chain_parents {
+        if archive == "-" {
+            anyhow::bail!("--chain needs an archive file, not standard input");
+        }
+        let chain = Chain::open(Path::new(archive), parents)?;
+        doc["chain"] = chain
+            .links()
+            .iter()
+            .map(|r| {
+                json!({
+                    "path": r.path().display().to_string(),
+                    "uuid": uuid_str(&r.header().uuid),
+                    "ctime": r.header().ctime,
+                    "ctime_utc": iso_time(r.header().ctime),
+                    "incremental": r.header().parent.is_some(),
+                    "interrupted": r.index().drives.iter().any(|d| d.interrupted),
+                })
+            })
+            .collect();
+    }
     if json_out {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -197,6 +219,27 @@ pub(crate) fn list(archive: &str, json_out: bool) -> Result<()> {
                 c["name"].as_str().unwrap_or(""),
                 c["size"]
             );
+        }
+        if let Some(links) = doc["chain"].as_array() {
+            println!("chain (newest first):");
+            for l in links {
+                println!(
+                    "       {}  {}  {}{}  {}",
+                    l["uuid"].as_str().unwrap_or(""),
+                    l["ctime_utc"].as_str().unwrap_or(""),
+                    if l["incremental"] == true {
+                        "incremental"
+                    } else {
+                        "full"
+                    },
+                    if l["interrupted"] == true {
+                        " (interrupted)"
+                    } else {
+                        ""
+                    },
+                    l["path"].as_str().unwrap_or("")
+                );
+            }
         }
     }
     if let Some(why) = &opened.problem {

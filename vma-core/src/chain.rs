@@ -10,10 +10,12 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::{Header, ParentRef, RunKind, CLUSTER_SIZE};
 use crate::reader::Reader;
+use crate::source::{DiskImage, Stretch};
 use crate::types::{uuid_text, DriveId};
 
 /// Links of a chain deeper than this are refused (a loop, or a chain that
@@ -153,6 +155,42 @@ impl Chain {
             .collect()
     }
 
+    /// What bytes from `offset` of drive `name` hold at link `link`:
+    /// data or zeros, and for how long (within one run of that link).
+    fn status_link(&self, link: usize, name: &str, offset: u64) -> Result<Stretch> {
+        let reader = &self.links[link];
+        let d = reader
+            .header()
+            .drives
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| {
+                Error::Invalid(format!("{} has no drive {name}", reader.path().display()))
+            })?;
+        let cs = CLUSTER_SIZE as u64;
+        let run = reader
+            .run_at(d.id, crate::types::ClusterNo(offset / cs))
+            .copied()
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: the index has no run for drive {name} byte {offset}",
+                    reader.path().display()
+                ))
+            })?;
+        let len = ((run.start + run.count as u64) * cs).min(d.size) - offset;
+        Ok(match run.kind {
+            RunKind::Zero => Stretch::Zero(len),
+            RunKind::Data => Stretch::Data(len),
+            RunKind::Unchanged if link + 1 < self.links.len() => {
+                match self.status_link(link + 1, name, offset)? {
+                    Stretch::Zero(n) => Stretch::Zero(n.min(len)),
+                    Stretch::Data(n) => Stretch::Data(n.min(len)),
+                }
+            }
+            RunKind::Unchanged => Stretch::Data(len),
+        })
+    }
+
     fn read_link(&self, link: usize, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
         let reader = &self.links[link];
         let d = reader
@@ -232,6 +270,50 @@ impl Chain {
             }
         }
         Ok(())
+    }
+}
+
+/// One drive of a chain at its newest point in time, as a source image
+/// (so `merge` writes a synthetic full archive the way `create` writes one).
+pub struct ChainDrive {
+    chain: Arc<Chain>,
+    id: DriveId,
+    name: String,
+    size: u64,
+}
+
+impl ChainDrive {
+    /// Drive `id` (of the newest archive) of `chain`.
+    pub fn new(chain: Arc<Chain>, id: DriveId) -> Result<ChainDrive> {
+        let d = chain
+            .header()
+            .drive(id)
+            .ok_or_else(|| Error::Invalid(format!("no drive with id {id}")))?
+            .clone();
+        Ok(ChainDrive {
+            chain,
+            id,
+            name: d.name,
+            size: d.size,
+        })
+    }
+}
+
+impl DiskImage for ChainDrive {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn path(&self) -> &Path {
+        self.chain.newest().path()
+    }
+
+    fn status(&self, offset: u64) -> Result<Stretch> {
+        self.chain.status_link(0, &self.name, offset)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.chain.read_at(self.id, offset, buf)
     }
 }
 
