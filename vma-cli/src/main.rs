@@ -440,21 +440,17 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     )?;
     let meta = ArchiveMeta::new(drives.clone(), configs);
     let total: u64 = drives.iter().map(|d| d.size).sum();
-    let progress = Progress::bytes(total, "create", quiet);
-    let written = write_archive(archive, force, |out| {
-        let mut writer = AnyWriter::new(out, meta, format == OutputFormat::Vma1, &options)?;
-        feed_images(&mut writer, &drives, &images, &progress)?;
-        writer.finish()?;
-        Ok(())
-    })?;
-    progress.finish();
+    let vma1 = format == OutputFormat::Vma1;
+    let stored = archive_images(
+        archive, force, meta, vma1, &options, &images, "create", quiet,
+    )?;
     if !quiet {
         eprintln!(
             "vma: wrote {} ({} drives, {} logical, {} stored)",
             archive,
             drives.len(),
             human_bytes(total),
-            human_bytes(written.1),
+            human_bytes(stored),
         );
     }
     Ok(())
@@ -485,23 +481,44 @@ fn merge(
         .map(|d| Ok(Box::new(ChainDrive::new(chain.clone(), d.id)?) as Box<dyn DiskImage>))
         .collect::<Result<Vec<_>>>()?;
     let options = output_options.writer_options()?;
-    let total: u64 = header.drives.iter().map(|d| d.size).sum();
-    let progress = Progress::bytes(total, "merge", quiet);
-    let written = write_archive(output, output_options.force, |out| {
-        let mut writer = AnyWriter::new(out, meta, false, &options)?;
-        feed_images(&mut writer, &header.drives, &images, &progress)?;
-        writer.finish()?;
-        Ok(())
-    })?;
-    progress.finish();
+    let force = output_options.force;
+    let stored = archive_images(
+        output, force, meta, false, &options, &images, "merge", quiet,
+    )?;
     if !quiet {
         eprintln!(
             "vma: wrote {output} from {} archives ({} stored)",
             chain.links().len(),
-            human_bytes(written.1)
+            human_bytes(stored)
         );
     }
     Ok(())
+}
+
+/// Write `images` as the drives of `meta` into `output` (`-`: stdout),
+/// with a progress bar named `what`; returns the archive's size.
+#[allow(clippy::too_many_arguments)]
+fn archive_images(
+    output: &str,
+    force: bool,
+    meta: ArchiveMeta,
+    vma1: bool,
+    options: &WriterOptions,
+    images: &[Box<dyn DiskImage>],
+    what: &str,
+    quiet: bool,
+) -> Result<u64> {
+    let drives = meta.drives.clone();
+    let total: u64 = drives.iter().map(|d| d.size).sum();
+    let progress = Progress::bytes(total, what, quiet);
+    let written = write_archive(output, force, |out| {
+        let mut writer = AnyWriter::new(out, meta, vma1, options)?;
+        feed_images(&mut writer, &drives, images, &progress)?;
+        writer.finish()?;
+        Ok(())
+    })?;
+    progress.finish();
+    Ok(written.1)
 }
 
 /// Config blobs from `--config [NAME=]FILE` arguments (NAME defaults to

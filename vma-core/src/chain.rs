@@ -155,18 +155,27 @@ impl Chain {
             .collect()
     }
 
-    /// What bytes from `offset` of drive `name` hold at link `link`:
-    /// data or zeros, and for how long (within one run of that link).
-    fn status_link(&self, link: usize, name: &str, offset: u64) -> Result<Stretch> {
+    /// Drive `name` of link `link`.
+    fn drive_named(&self, link: usize, name: &str) -> Result<&crate::format::DriveInfo> {
         let reader = &self.links[link];
-        let d = reader
+        reader
             .header()
             .drives
             .iter()
             .find(|d| d.name == name)
             .ok_or_else(|| {
-                Error::Invalid(format!("{} has no drive {name}", reader.path().display()))
-            })?;
+                Error::Invalid(format!(
+                    "{} has no drive {name} although a later archive marks it unchanged",
+                    reader.path().display()
+                ))
+            })
+    }
+
+    /// What bytes from `offset` of drive `name` hold at link `link`:
+    /// data or zeros, and for how long (within one run of that link).
+    fn status_link(&self, link: usize, name: &str, offset: u64) -> Result<Stretch> {
+        let reader = &self.links[link];
+        let d = self.drive_named(link, name)?;
         let cs = CLUSTER_SIZE as u64;
         let run = reader
             .run_at(d.id, crate::types::ClusterNo(offset / cs))
@@ -193,17 +202,7 @@ impl Chain {
 
     fn read_link(&self, link: usize, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
         let reader = &self.links[link];
-        let d = reader
-            .header()
-            .drives
-            .iter()
-            .find(|d| d.name == name)
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{} has no drive {name} although a later archive marks it unchanged",
-                    reader.path().display()
-                ))
-            })?;
+        let d = self.drive_named(link, name)?;
         let end = offset + buf.len() as u64;
         let cs = CLUSTER_SIZE as u64;
         let mut pos = offset;
