@@ -869,6 +869,24 @@ fn a_chain_of_six_restores_every_point_and_merges_into_a_synthetic_full() {
         );
     }
     let newest = &points.last().unwrap().0;
+    // verify checks every link of the chain; a damaged ancestor fails it.
+    let out = vma(&["verify", "--json", newest.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_str(&vma_tests::stdout(&out)).unwrap();
+    assert_eq!(doc["chain"].as_array().unwrap().len(), 5);
+    let middle = &points[2].0;
+    let saved = std::fs::read(middle).unwrap();
+    let mut bad = saved.clone();
+    bad[4096] ^= 0x40;
+    std::fs::write(middle, &bad).unwrap();
+    let out = vma(&["verify", newest.to_str().unwrap()]);
+    assert_eq!(code(&out), 1, "{}{}", vma_tests::stdout(&out), stderr(&out));
+    assert!(
+        vma_tests::stdout(&out).contains("ancestor"),
+        "{}",
+        vma_tests::stdout(&out)
+    );
+    std::fs::write(middle, &saved).unwrap();
     let listed = vma(&["list", "--json", "--chain", newest.to_str().unwrap()]);
     assert_eq!(code(&listed), 0, "{}", stderr(&listed));
     let doc: serde_json::Value = serde_json::from_str(&vma_tests::stdout(&listed)).unwrap();

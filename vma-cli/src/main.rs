@@ -83,6 +83,10 @@ enum Command {
         /// byte, zeros included); every extent digest is still checked.
         #[arg(long)]
         no_drive_digest: bool,
+        /// An ancestor of an incremental archive (repeatable); by default
+        /// they are looked for beside the archive, by uuid.
+        #[arg(long = "parent", value_name = "PATH")]
+        parents: Vec<PathBuf>,
     },
     /// Extract drives (sparse raw or qcow2) and config blobs into a directory.
     Extract {
@@ -281,7 +285,8 @@ fn run(cli: Cli) -> Result<()> {
             json,
             threads,
             no_drive_digest,
-        } => output::verify(&archive, json, threads, !no_drive_digest, quiet),
+            parents,
+        } => output::verify(&archive, json, threads, !no_drive_digest, &parents, quiet),
         Command::Extract {
             archive,
             target_dir,

@@ -275,10 +275,14 @@ pub(crate) fn verify(
     json_out: bool,
     threads: usize,
     drive_digests: bool,
+    parents: &[PathBuf],
     quiet: bool,
 ) -> Result<()> {
     let (stream, path, compression) = open_stream(archive)?;
     let format = stream.format();
+    // An incremental archive is checked with its ancestors: each link must
+    // be found (uuid and digest) and intact.
+    let ancestors = Chain::open_parent(stream.header(), path.as_deref(), parents)?;
     let path = path.filter(|_| compression == StreamCompression::None);
     let total = path
         .as_ref()
@@ -293,6 +297,14 @@ pub(crate) fn verify(
         path.as_deref().map(Path::new),
     )?;
     progress.finish();
+    let mut links = Vec::new();
+    for link in ancestors.iter().flat_map(|c| c.links()) {
+        let link_path = link.path().display().to_string();
+        let (stream, _, _) = open_stream(&link_path)?;
+        let link_report = verify_archive(stream, threads, drive_digests, Some(link.path()))?;
+        links.push((link_path, link_report));
+    }
+    let chain_ok = links.iter().all(|(_, r)| r.is_clean());
     let header = &report.header;
     let digest_word = |c: &DriveDigestCheck| match c {
         DriveDigestCheck::Match(_) => "match",
@@ -327,6 +339,12 @@ pub(crate) fn verify(
             "problems": report.problems.iter().map(problem_json).collect::<Vec<_>>(),
             "damaged": report.damaged.iter().map(range_json).collect::<Vec<_>>(),
             "missing": report.missing.iter().map(range_json).collect::<Vec<_>>(),
+            "chain": links.iter().map(|(p, r)| json!({
+                "path": p,
+                "uuid": uuid_str(&r.header.uuid),
+                "ok": r.is_clean(),
+                "problems": r.problems.iter().map(problem_json).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -367,12 +385,25 @@ pub(crate) fn verify(
                 };
                 println!("  drive {} ({}): {}", d.name, human_bytes(d.size), detail);
             }
-            if report.is_clean() {
+            for (p, r) in &links {
+                for problem in &r.problems {
+                    println!("DAMAGED: ancestor {p}: {problem}");
+                }
+                println!(
+                    "  ancestor {} ({p}): {}",
+                    uuid_str(&r.header.uuid),
+                    if r.is_clean() { "intact" } else { "DAMAGED" }
+                );
+            }
+            if report.is_clean() && chain_ok {
                 println!("OK: archive is intact");
             } else {
                 println!("FAILED: {} problem(s) found", report.problems.len());
             }
         }
+    }
+    if !chain_ok {
+        return Err(Damage(format!("{archive}: an ancestor archive is damaged")).into());
     }
     if report.is_clean() {
         Ok(())
