@@ -74,6 +74,10 @@ pub struct ClusterAssembler {
     partial: BTreeMap<u64, Partial>,
     /// Clusters passed on.
     done: RangeSet,
+    /// One past the highest cluster passed on.
+    high_water: u64,
+    /// Clusters passed on behind one with a higher number.
+    out_of_order: u64,
 }
 
 impl ClusterAssembler {
@@ -84,6 +88,8 @@ impl ClusterAssembler {
             size,
             partial: BTreeMap::new(),
             done: RangeSet::new(),
+            high_water: 0,
+            out_of_order: 0,
         }
     }
 
@@ -100,6 +106,12 @@ impl ClusterAssembler {
     /// Clusters passed on so far.
     pub fn done(&self) -> &RangeSet {
         &self.done
+    }
+
+    /// Clusters passed on after a cluster with a higher number (what
+    /// copy-before-write sends ahead of the job's sequential copy).
+    pub fn out_of_order(&self) -> u64 {
+        self.out_of_order
     }
 
     /// Byte ranges of clusters that were started but never completed.
@@ -182,6 +194,10 @@ impl ClusterAssembler {
             // Cannot overlap: checked against `done` above, and each cluster
             // of this write is visited once.
             let _ = self.done.insert(c..c + 1);
+            if c < self.high_water {
+                self.out_of_order += 1;
+            }
+            self.high_water = self.high_water.max(c + 1);
         }
         Ok(merge_zero_pieces(pieces))
     }
@@ -265,6 +281,8 @@ mod tests {
         );
         assert!(a.incomplete().is_empty());
         assert_eq!(a.done().len(), 4);
+        // Clusters 1, 2, then 0 (behind 2), then 3.
+        assert_eq!(a.out_of_order(), 1);
     }
 
     #[test]

@@ -193,9 +193,19 @@ pub struct CaptureSummary {
     pub drives: Vec<DriveCheckpoint>,
     /// The archive writer's summary.
     pub write: WriteSummary,
-    /// Clusters per drive that arrived as data or zeros (the rest is
-    /// unchanged from the parent).
-    pub clusters_stored: Vec<u64>,
+    /// Per drive: clusters that arrived as data or zeros (the rest is
+    /// unchanged from the parent) and how many of them arrived behind a
+    /// cluster with a higher number (copy-before-write at work).
+    pub clusters_stored: Vec<DriveStats>,
+}
+
+/// What arrived for one drive.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DriveStats {
+    /// Clusters stored (data or zero).
+    pub clusters: u64,
+    /// Of those, clusters that arrived out of order.
+    pub out_of_order: u64,
 }
 
 /// One drive as found in QEMU.
@@ -784,7 +794,7 @@ fn finish_archive(
     drives: &[Drive],
     sinks: &[Arc<DriveSink>],
     interrupted: bool,
-) -> Result<(AtomicFile, WriteSummary, Vec<u64>)> {
+) -> Result<(AtomicFile, WriteSummary, Vec<DriveStats>)> {
     let mut stored = Vec::new();
     for (d, s) in drives.iter().zip(sinks) {
         let a = s.assembler.lock().expect("assembler lock");
@@ -798,7 +808,10 @@ fn finish_archive(
             )));
         }
         let gaps = a.done().gaps(clusters_for(d.size));
-        stored.push(a.done().len());
+        stored.push(DriveStats {
+            clusters: a.done().len(),
+            out_of_order: a.out_of_order(),
+        });
         if gaps.is_empty() {
             continue;
         }

@@ -115,8 +115,14 @@ pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default();
             eprintln!(
-                "vma: drive {} (node {}): {} backup{why}, {} clusters copied, checkpoint {}",
-                d.name, d.node, d.backup, stored, d.bitmap
+                "vma: drive {} (node {}): {} backup{why}, {} clusters ({}) copied, {} out of order, checkpoint {}",
+                d.name,
+                d.node,
+                d.backup,
+                stored.clusters,
+                human_bytes(stored.clusters * 65536),
+                stored.out_of_order,
+                d.bitmap
             );
         }
         eprintln!(
