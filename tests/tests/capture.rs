@@ -937,3 +937,65 @@ fn a_chain_of_six_restores_every_point_and_merges_into_a_synthetic_full() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(std::fs::read(x.join("disk0.raw")).unwrap() == d.contents("disk0"));
 }
+
+#[test]
+fn a_diff_stores_what_a_bitmap_incremental_stores() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (d, full) = one_disk_with_full(dir.path(), 11, &["--drive", "disk0"]);
+    for (offset, len, pattern) in [
+        (0, CS, 1u8),
+        (7 * CS + 512, 3 * CS, 2),
+        (200 * CS, 512, 3),
+        (255 * CS, CS, 4),
+    ] {
+        d.guest_write("disk0", offset, len, pattern);
+    }
+    let inc = dir.path().join("inc.vma");
+    run_capture(
+        &d,
+        &inc,
+        &[
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            full.to_str().unwrap(),
+        ],
+    );
+    let now = d.contents("disk0");
+    // Stop QEMU cleanly, then compare its image file with the full archive.
+    d.qmp().execute("quit", json!({})).unwrap();
+    drop(d);
+    let img = dir.path().join("disk0.qcow2");
+    let diff = dir.path().join("diff.vma");
+    run_diff(&full, &img, &diff);
+    assert_eq!(
+        stored_clusters(&diff, "disk0"),
+        stored_clusters(&inc, "disk0")
+    );
+    assert_eq!(
+        stored_clusters(&diff, "disk0"),
+        vec![0, 7, 8, 9, 10, 200, 255]
+    );
+    let x = dir.path().join("x");
+    let out = vma(&["extract", diff.to_str().unwrap(), x.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(std::fs::read(x.join("disk0.raw")).unwrap() == now);
+    // Nothing changed since: a second diff stores nothing.
+    let again = dir.path().join("again.vma");
+    run_diff(&diff, &img, &again);
+    assert!(stored_clusters(&again, "disk0").is_empty());
+}
+
+/// `vma diff --against parent disk0=image -o output`, which must succeed.
+fn run_diff(parent: &Path, image: &Path, output: &Path) {
+    let out = vma(&[
+        "diff",
+        "--against",
+        parent.to_str().unwrap(),
+        &format!("disk0={}", image.display()),
+        "-o",
+        output.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}

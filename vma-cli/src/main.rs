@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 use vma_core::chain::{Chain, ChainDrive};
 use vma_core::convert::{copy_extent, AnyWriter};
 use vma_core::detect::{open_any, StreamCompression};
+use vma_core::diff::diff_image;
 use vma_core::extract::{check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions};
 use vma_core::format::{check_name, limits};
 use vma_core::source::{copy_image, open_image, DiskImage};
@@ -24,7 +25,7 @@ use vma_core::stream::human_bytes;
 use vma_core::stream::ArchiveFormat;
 use vma_core::{
     ArchiveMeta, ArchiveStream, ClusterWriter, Compression, ConfigBlob, DriveId, DriveInfo,
-    HashDrives, PassOptions, Reader, WriterOptions,
+    HashDrives, PassOptions, Reader, Writer, WriterOptions,
 };
 
 use output::Progress;
@@ -144,6 +145,30 @@ enum Command {
         /// the archive, by uuid.
         #[arg(long = "parent", value_name = "PATH")]
         parents: Vec<PathBuf>,
+        #[command(flatten)]
+        output_options: OutputArgs,
+    },
+    /// Write an incremental archive of disk images against an earlier
+    /// archive (chain): only the clusters that differ are stored.
+    Diff {
+        /// The archive (the newest of its chain) to compare against; it
+        /// becomes the new archive's parent.
+        #[arg(long, value_name = "PARENT")]
+        against: PathBuf,
+        /// Current disk images as [NAME=]PATH (raw, block device or qcow2);
+        /// NAME defaults to the file stem and matches a drive of PARENT.
+        #[arg(required = true, value_name = "[NAME=]IMAGE")]
+        images: Vec<String>,
+        /// The incremental archive to write, or `-` for standard output.
+        #[arg(short, long, value_name = "ARCHIVE")]
+        output: String,
+        /// An ancestor of PARENT (repeatable); by default they are looked
+        /// for beside it, by uuid.
+        #[arg(long = "parent", value_name = "PATH")]
+        parents: Vec<PathBuf>,
+        /// Config blob as [NAME=]FILE (repeatable).
+        #[arg(long = "config", value_name = "[NAME=]FILE")]
+        configs: Vec<String>,
         #[command(flatten)]
         output_options: OutputArgs,
     },
@@ -327,6 +352,22 @@ fn run(cli: Cli) -> Result<()> {
             format,
             output_options,
         } => convert(&input, &output, format, &output_options, quiet),
+        Command::Diff {
+            against,
+            images,
+            output,
+            parents,
+            configs,
+            output_options,
+        } => diff(
+            &against,
+            &images,
+            &output,
+            &parents,
+            &configs,
+            &output_options,
+            quiet,
+        ),
         Command::Merge {
             archive,
             output,
@@ -496,6 +537,110 @@ fn merge(
             chain.links().len(),
             human_bytes(stored)
         );
+    }
+    Ok(())
+}
+
+/// `vma diff`: each image against the same-named drive of the chain ending
+/// at `against`; a drive PARENT lacks, or whose size changed, is stored in
+/// full.
+fn diff(
+    against: &Path,
+    image_args: &[String],
+    output: &str,
+    parents: &[PathBuf],
+    config_args: &[String],
+    output_options: &OutputArgs,
+    quiet: bool,
+) -> Result<()> {
+    let chain = Arc::new(
+        Chain::open(against, parents).with_context(|| format!("opening {}", against.display()))?,
+    );
+    chain.refuse_interrupted(|_| true)?;
+    let footer = chain
+        .newest()
+        .footer()
+        .ok_or_else(|| anyhow!("{}: a VMA v1 archive cannot be a parent", against.display()))?;
+    let parent = vma_core::format::ParentRef {
+        uuid: chain.header().uuid,
+        digest: footer.archive_digest,
+    };
+    if image_args.len() > limits::MAX_DRIVES {
+        bail!(
+            "{} images given; an archive holds at most {} drives",
+            image_args.len(),
+            limits::MAX_DRIVES
+        );
+    }
+    let mut drives = Vec::new();
+    let mut sources = Vec::new();
+    for (i, arg) in image_args.iter().enumerate() {
+        let (name, path) = named_arg(arg, "drive", Path::file_stem)?;
+        let image = open_image(&path)?;
+        let base = chain
+            .header()
+            .drives
+            .iter()
+            .find(|d| d.name == name && d.size == image.size())
+            .map(|d| ChainDrive::new(chain.clone(), d.id))
+            .transpose()?;
+        drives.push(DriveInfo {
+            id: DriveId(i as u8 + 1),
+            name,
+            size: image.size(),
+        });
+        sources.push((image, base));
+    }
+    let configs = read_configs(config_args)?;
+    check_member_names(
+        drives.iter().map(|d| d.name.as_str()),
+        configs.iter().map(|c| c.name.as_str()),
+    )?;
+    let mut meta = ArchiveMeta::new(drives.clone(), configs);
+    meta.parent = Some(parent);
+    let options = output_options.writer_options()?;
+    let total: u64 = drives.iter().map(|d| d.size).sum();
+    let progress = Progress::bytes(total, "diff", quiet);
+    let mut stats = Vec::new();
+    let written = write_archive(output, output_options.force, |out| {
+        let mut writer = Writer::new(out, meta, &options)?;
+        let mut done = 0;
+        for (d, (image, base)) in drives.iter().zip(&sources) {
+            let mut report = |n| progress.set(done + n);
+            let s = match base {
+                Some(base) => Some(diff_image(
+                    &mut writer,
+                    d.id,
+                    image.as_ref(),
+                    base,
+                    &mut report,
+                )?),
+                None => {
+                    copy_image(&mut writer, d.id, image.as_ref(), &mut report)?;
+                    None
+                }
+            };
+            stats.push(s);
+            done += d.size;
+        }
+        writer.finish()?;
+        Ok(())
+    })?;
+    progress.finish();
+    if !quiet {
+        for (d, s) in drives.iter().zip(&stats) {
+            match s {
+                Some(s) => eprintln!(
+                    "vma: drive {}: {} clusters differ, {} unchanged",
+                    d.name, s.changed, s.unchanged
+                ),
+                None => eprintln!(
+                    "vma: drive {}: stored in full (not in the parent with this size)",
+                    d.name
+                ),
+            }
+        }
+        eprintln!("vma: wrote {output} ({} stored)", human_bytes(written.1));
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 pub mod chain;
 pub mod convert;
 pub mod detect;
+pub mod diff;
 pub mod digest;
 pub mod error;
 pub mod extent;
