@@ -415,6 +415,58 @@ bench_capture() {
 	trap - EXIT
 }
 
+CH_DIR=$W/chain
+
+# COUNT random 64 KiB writes (a fixed seed per overlay) into a qcow2 image.
+scatter_writes() {
+	local image=$1 count=$2 seed=$3 i cmds=()
+	RANDOM=$seed
+	for ((i = 0; i < count; i++)); do
+		cmds+=(-c "write -P $((i % 250 + 1)) $(((RANDOM * 32768 + RANDOM) % 131072 * 65536)) 64k")
+	done
+	qemu-io -f qcow2 "$image" "${cmds[@]}" >/dev/null
+}
+rm_chain_out() { rm -rf "$CH_DIR/merged.vma" "$CH_DIR/x" "$CH_DIR/full2.vma" "$CH_DIR/d1.vma" "$CH_DIR/full-ov1.vma"; }
+
+# Chains: five incrementals made by `vma diff` against qcow2 overlays of the
+# disk, each changing 1% of its clusters; merge of the full + 5 against
+# extracting the newest point and creating a new full from it; a diff
+# against a new full create of the same image.
+bench_chain() {
+	mkdir -p "$CH_DIR"
+	rm -f "$CH_DIR"/*.qcow2 "$CH_DIR"/*.vma
+	local i prev=$W/disk.raw prev_fmt=raw parent=$W/disk.vma2
+	for i in 1 2 3 4 5; do
+		log "chain: overlay $i with 1% of the clusters rewritten, then vma diff"
+		qemu-img create -q -f qcow2 -b "$prev" -F "$prev_fmt" "$CH_DIR/ov$i.qcow2"
+		scatter_writes "$CH_DIR/ov$i.qcow2" 1311 "$i"
+		if ((i == 1)); then
+			measure -b rm_chain_out -s "$CH_DIR/d1.vma" -r vma-create-ov1 \
+				vma-diff chain "vma diff of the disk with 1% of clusters changed" \
+				"$VMA" diff --quiet --against "$parent" "disk=$CH_DIR/ov1.qcow2" -o "$CH_DIR/d1.vma"
+			measure -b rm_chain_out -s "$CH_DIR/full-ov1.vma" \
+				vma-create-ov1 chain "vma create of the same image (a new full)" \
+				"$VMA" create --quiet "$CH_DIR/full-ov1.vma" "disk=$CH_DIR/ov1.qcow2"
+		fi
+		"$VMA" diff --quiet --parent "$W/disk.vma2" --against "$parent" "disk=$CH_DIR/ov$i.qcow2" \
+			-o "$CH_DIR/inc$i.vma"
+		prev=$CH_DIR/ov$i.qcow2 prev_fmt=qcow2 parent=$CH_DIR/inc$i.vma
+	done
+	measure -b rm_chain_out -s "$CH_DIR/merged.vma" -r chain-extract-create \
+		vma-merge chain "vma merge of the full + 5 incrementals" \
+		"$VMA" merge --quiet --parent "$W/disk.vma2" "$CH_DIR/inc5.vma" -o "$CH_DIR/merged.vma"
+	log "chain: checking the merged archive against the newest overlay"
+	"$VMA" extract --quiet --force "$CH_DIR/merged.vma" "$CH_DIR/x" >&2
+	qemu-img compare -q -f raw -F qcow2 "$CH_DIR/x/disk.raw" "$CH_DIR/ov5.qcow2" >&2 ||
+		die "the merged archive differs from the newest point"
+	measure -b rm_chain_out -s "$CH_DIR/full2.vma" \
+		chain-extract-create chain "vma extract of the newest point, then vma create" \
+		sh -c '"$0" extract --quiet --parent "$1" "$2" "$3" && "$0" create --quiet "$4" "disk=$3/disk.raw"' \
+		"$VMA" "$W/disk.vma2" "$CH_DIR/inc5.vma" "$CH_DIR/x" "$CH_DIR/full2.vma"
+	rm_chain_out
+	rm -f "$CH_DIR"/*.qcow2 "$CH_DIR"/*.vma
+}
+
 # --- report ------------------------------------------------------------------
 
 # ratio A B: A/B with two decimals, or "-" if either is unknown or B is 0.
@@ -502,6 +554,8 @@ report() {
 		"$(ratio "${R_WALL[mount-dd]:-}" "${R_WALL[qsd-dd]:-}")" 1.00 x
 	target "capture of a 4 GiB qcow2 node vs qemu-img convert -O raw" \
 		"$(ratio "${R_WALL[vma-capture]:-}" "${R_WALL[qemu-convert-4g]:-}")" 1.20 x
+	target "merge of a full + 5 incrementals vs extract + create" \
+		"$(ratio "${R_WALL[vma-merge]:-}" "${R_WALL[chain-extract-create]:-}")" 0.50 x
 	target "verify --no-drive-digest wall vs zstd -t" \
 		"$(ratio "${R_WALL[vma-verify-quick]:-}" "${R_WALL[zstd-verify]:-}")" 0.60 x
 	for id in "${ROWS[@]}"; do
@@ -555,7 +609,7 @@ main() {
 	cat "$W/disk.raw" >/dev/null
 
 	local b
-	for b in create extract verify vma1 qcow2 mount capture; do
+	for b in create extract verify vma1 qcow2 mount capture chain; do
 		[[ -z ${BENCH_ONLY:-} || " $BENCH_ONLY " == *" $b "* ]] || continue
 		"bench_$b"
 	done

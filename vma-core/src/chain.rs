@@ -69,6 +69,14 @@ impl Chain {
             };
             links.push(parent);
         }
+        // Memory stays bounded however long the chain: the ancestors share
+        // one default-sized cache budget.
+        if links.len() > 1 {
+            let share = (crate::reader::DEFAULT_CACHE_BYTES / (links.len() - 1)).max(4 << 20);
+            for link in &links[1..] {
+                link.set_cache_bytes(share);
+            }
+        }
         let chain = Chain { links };
         chain.check_drives()?;
         Ok(chain)
