@@ -98,6 +98,114 @@ pub fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path).expect("stat").blocks() * 512
 }
 
+/// A path as text (test paths are UTF-8).
+pub fn p(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+/// True when `dir` is a mount point (listed in /proc/self/mounts).
+pub fn is_mount_point(dir: &Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(p(&dir)))
+}
+
+/// A mount that is undone when the test ends, whatever happens.
+pub struct Mounted {
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+}
+
+impl Mounted {
+    /// `vma mount ARCHIVE MOUNTPOINT EXTRA...`, which must succeed.
+    pub fn new(archive: &Path, mountpoint: &Path, extra: &[&str]) -> Mounted {
+        let (m, o) = Mounted::attempt(archive, mountpoint, extra, 0);
+        assert!(m.is_some(), "mount failed: {}", stderr(&o));
+        m.expect("mounted")
+    }
+
+    /// `vma mount ARCHIVE MOUNTPOINT EXTRA...`, which must exit with
+    /// `want_code`; the mount (if one was made) and the command's output.
+    pub fn attempt(
+        archive: &Path,
+        mountpoint: &Path,
+        extra: &[&str],
+        want_code: i32,
+    ) -> (Option<Mounted>, Output) {
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "/dev/fuse is missing: the mount tests need FUSE (run as root with /dev/fuse)"
+        );
+        std::fs::create_dir_all(mountpoint).expect("create mount point");
+        let mut args = vec!["mount", p(archive), p(mountpoint)];
+        args.extend_from_slice(extra);
+        let o = vma(&args);
+        let mounted = is_mount_point(mountpoint).then(|| Mounted {
+            mountpoint: mountpoint.to_path_buf(),
+        });
+        assert_eq!(code(&o), want_code, "vma mount: {}", stderr(&o));
+        (mounted, o)
+    }
+
+    /// A file of the mount.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.mountpoint.join(name)
+    }
+
+    /// Unmount and check that the serving process is gone.
+    pub fn unmount(self) {
+        let mp = self.mountpoint.clone();
+        std::mem::forget(self);
+        let o = vma(&["umount", p(&mp)]);
+        if code(&o) != 0 {
+            let _ = sh(&format!("umount -l {}", p(&mp)));
+            panic!("vma umount failed: {}", stderr(&o));
+        }
+        for _ in 0..100 {
+            if serving_processes(&mp).is_empty() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "mount process still running after umount: {:?}",
+            serving_processes(&mp)
+        );
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if code(&vma(&["umount", p(&self.mountpoint)])) != 0 {
+            let _ = sh(&format!("umount -l {}", p(&self.mountpoint)));
+        }
+    }
+}
+
+/// Pids of `vma mount` processes serving `mountpoint`.
+pub fn serving_processes(mountpoint: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if args.iter().any(|a| *a == b"mount")
+            && args.contains(&mountpoint.as_os_str().as_encoded_bytes())
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 /// Fail (never skip) when a peer tool the test needs is missing.
 pub fn require(tool: &str) {
     let found = std::process::Command::new("sh")

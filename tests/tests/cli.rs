@@ -5,10 +5,6 @@ use std::path::Path;
 
 use vma_tests::*;
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 /// Two drives (one sparse with an odd size, one small) and two configs.
 fn sample(dir: &Path) -> std::path::PathBuf {
     let disk = dir.join("disk0.raw");
@@ -428,4 +424,21 @@ fn unsafe_names_never_escape() {
     assert!(stderr(&o).contains("path separator"), "{}", stderr(&o));
     assert!(!t.path().join("inner").join("evil.raw").exists());
     assert!(!t.path().join("evil.raw").exists());
+}
+
+#[test]
+fn a_closed_output_pipe_is_an_error_not_a_panic() {
+    let t = tempfile::tempdir().unwrap();
+    let archive = sample(t.path());
+    for cmd in ["list --json", "list", "verify --json", "config"] {
+        // The reader is gone before vma writes a byte.
+        let o = sh(&format!(
+            "(sleep 0.3; \"$VMA\" {cmd} {}; echo \"status $?\" >&2) | true",
+            p(&archive)
+        ));
+        let err = stderr(&o);
+        assert!(!err.contains("panicked"), "vma {cmd}: {err}");
+        assert!(err.contains("status 2"), "vma {cmd}: {err}");
+        assert!(err.contains("Broken pipe"), "vma {cmd}: {err}");
+    }
 }

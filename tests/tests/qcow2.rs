@@ -8,10 +8,6 @@ use vma_core::types::ClusterNo;
 use vma_core::{ArchiveMeta, DriveId, DriveInfo, Writer, WriterOptions};
 use vma_tests::*;
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 /// Run a shell script in `dir`; panics with its output on failure.
 fn run(dir: &Path, script: &str) -> String {
     require("qemu-img");

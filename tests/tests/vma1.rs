@@ -6,10 +6,6 @@ use std::path::{Path, PathBuf};
 
 use vma_tests::*;
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 /// The real, truncated Proxmox VE backup (never copied into this repository).
 fn fixture() -> PathBuf {
     let path = std::env::var_os("VMA_PROXMOX_FIXTURE")

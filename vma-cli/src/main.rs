@@ -2,6 +2,16 @@
 //!
 //! Exit codes: 0 success; 1 archive damaged or verification failed; 2 usage or I/O error.
 
+/// `println!` that returns an error instead of panicking when standard
+/// output is gone (a closed pipe, a full disk).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+            .map_err(|e| anyhow::anyhow!("writing standard output: {e}"))?
+    }};
+}
+
 mod capture;
 mod mount;
 mod output;
@@ -123,6 +133,9 @@ enum Command {
         /// this adds one sequential hash per drive (zeros included).
         #[arg(long)]
         drive_digest: bool,
+        /// Print what was written, and what was lost, as JSON on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Mount an archive read-only: each drive as a file (FUSE).
     Mount(mount::MountArgs),
@@ -263,19 +276,24 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let damage = e.downcast_ref::<DamageFound>().is_some()
-                || e.chain().any(|c| {
-                    c.downcast_ref::<vma_core::Error>()
-                        .is_some_and(|v| v.is_damage())
-                });
             eprintln!("vma: error: {}", one_line(&e));
-            if damage {
+            if is_damage(&e) {
                 ExitCode::from(1)
             } else {
                 ExitCode::from(2)
             }
         }
     }
+}
+
+/// True when an error means damage found in an archive (exit code 1)
+/// rather than a usage or I/O error (2).
+pub(crate) fn is_damage(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<DamageFound>().is_some()
+        || e.chain().any(|c| {
+            c.downcast_ref::<vma_core::Error>()
+                .is_some_and(|v| v.is_damage())
+        })
 }
 
 /// The error chain on one line, outermost first.
@@ -323,6 +341,7 @@ fn run(cli: Cli) -> Result<()> {
             compress,
             drive_digest,
             parents,
+            json,
         } => {
             let format = match (format, compress) {
                 (ExtractFormat::Raw, true) => {
@@ -341,7 +360,7 @@ fn run(cli: Cli) -> Result<()> {
                 salvage,
                 check_drive_digests: drive_digest,
             };
-            extract_cmd(&archive, &target_dir, options, &parents, quiet)
+            extract_cmd(&archive, &target_dir, options, &parents, json, quiet)
         }
         Command::Mount(args) => mount::mount(&args),
         Command::Capture(args) => capture::capture(&args, quiet),
@@ -847,6 +866,7 @@ fn extract_cmd(
     dir: &Path,
     options: ExtractOptions,
     parents: &[PathBuf],
+    json: bool,
     quiet: bool,
 ) -> Result<()> {
     let (stream, path, compression) = open_stream(archive)?;
@@ -855,36 +875,39 @@ fn extract_cmd(
         (Some(p), StreamCompression::None) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
         _ => 0,
     };
-    let progress = Progress::bytes(total, "extract", quiet);
+    let progress = Progress::bytes(total, "extract", quiet || json);
     let summary = extract(stream, dir, &options, ancestors.as_ref(), |pos| {
         progress.set(pos)
     })?;
     progress.finish();
-    if !quiet {
+    let report = &summary.report;
+    let damage = output::damage_json(&report.problems, &report.damaged, &report.missing, None);
+    if json {
+        let mut doc = damage.clone();
+        doc["files"] = summary
+            .files
+            .iter()
+            .map(|f| {
+                let size = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+                serde_json::json!({"path": f.display().to_string(), "size": size})
+            })
+            .collect();
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
+    } else if !quiet {
         for f in &summary.files {
             let size = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
             eprintln!("vma: wrote {} ({})", f.display(), human_bytes(size));
         }
     }
-    let report = &summary.report;
     if report.is_clean() {
         return Ok(());
     }
-    for p in &report.problems {
-        eprintln!("vma: damaged: {p}");
+    if !json {
+        output::print_damage_text(&damage, "written as zeros");
     }
-    for r in report.missing.iter().chain(&report.damaged) {
-        eprintln!("vma: lost (written as zeros): {r}");
-    }
-    let lost: u64 = report
-        .missing
-        .iter()
-        .chain(&report.damaged)
-        .map(|r| r.bytes.end - r.bytes.start)
-        .sum();
     Err(Damage(format!(
         "salvaged what was intact; {} in {} range(s) could not be recovered",
-        human_bytes(lost),
+        human_bytes(damage["lost_bytes"].as_u64().unwrap_or(0)),
         report.missing.len() + report.damaged.len()
     ))
     .into())

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
 use vma_core::chain::Chain;
 use vma_core::detect::StreamCompression;
 use vma_core::Reader;
@@ -42,6 +43,15 @@ pub(crate) struct MountArgs {
     /// syslog without it.
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
+    /// Mount a damaged or truncated archive: one pass first checks every
+    /// extent and rebuilds the index from the intact ones; what is lost
+    /// reads as zeros, is listed (and shown as `salvage.json` in the
+    /// mount), and the command exits 1.
+    #[arg(long)]
+    salvage: bool,
+    /// With `--salvage`: print the report of lost ranges as JSON.
+    #[arg(long, requires = "salvage")]
+    json: bool,
     /// Internal: run as the detached serving process, reporting readiness
     /// on standard output.
     #[arg(long, hide = true)]
@@ -54,17 +64,24 @@ pub(crate) fn mount(args: &MountArgs) -> Result<()> {
     if args.daemon_child {
         return daemon_child(args);
     }
-    let mut fs = prepare(args)?;
     if args.foreground {
+        let (mut fs, salvage) = prepare(args)?;
+        if let Some(report) = &salvage {
+            print_salvage(args, report)?;
+        }
         fs.set_logger(logger(args.log.as_deref(), true)?);
         let mp = args.mountpoint.display().to_string();
         serve(fs, &args.mountpoint, &config(args), || {
             eprintln!("vma: mounted on {mp}; Ctrl-C or `vma umount {mp}` unmounts")
         })
         .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
-        return Ok(());
+        return salvage_outcome(salvage.as_ref());
     }
-    drop(fs);
+    // Check everything here first, so errors reach the terminal; a salvage
+    // pass reads the whole archive, so only the serving process does it.
+    if !args.salvage {
+        drop(prepare(args)?);
+    }
     // Re-run ourselves detached; it prints "ready" or an error on stdout.
     let exe = std::env::current_exe().context("finding the vma executable")?;
     let mut cmd = Command::new(exe);
@@ -77,6 +94,9 @@ pub(crate) fn mount(args: &MountArgs) -> Result<()> {
         .arg("--daemon-child");
     if args.allow_other {
         cmd.arg("--allow-other");
+    }
+    if args.salvage {
+        cmd.arg("--salvage");
     }
     if let Some(log) = &args.log {
         cmd.arg("--log").arg(absolute(log)?);
@@ -97,19 +117,36 @@ pub(crate) fn mount(args: &MountArgs) -> Result<()> {
     }
     let mut child = cmd.spawn().context("starting the mount process")?;
     let out = child.stdout.take().expect("piped stdout");
+    let mut out = BufReader::new(out);
     let mut line = String::new();
-    BufReader::new(out)
-        .read_line(&mut line)
+    out.read_line(&mut line)
         .context("waiting for the mount process")?;
+    let mut salvage = None;
+    if let Some(doc) = line.strip_prefix("salvage ") {
+        let report: Value =
+            serde_json::from_str(doc).context("reading the mount process's salvage report")?;
+        line.clear();
+        out.read_line(&mut line)
+            .context("waiting for the mount process")?;
+        salvage = Some(report);
+    }
     match line.trim_end() {
-        "ready" => Ok(()),
+        "ready" => {
+            if let Some(report) = &salvage {
+                print_salvage(args, report)?;
+            }
+            salvage_outcome(salvage.as_ref())
+        }
         "" => {
             let status = child.wait().ok();
             bail!("the mount process ended before the mount was ready ({status:?})")
         }
         msg => {
             let _ = child.wait();
-            Err(anyhow!("{}", msg.trim_start_matches("error: ")))
+            match msg.strip_prefix("damage: ") {
+                Some(damage) => Err(crate::Damage(damage.to_string()).into()),
+                None => Err(anyhow!("{}", msg.trim_start_matches("error: "))),
+            }
         }
     }
 }
@@ -124,9 +161,32 @@ fn config(args: &MountArgs) -> MountConfig {
     }
 }
 
+/// Print a salvage report (JSON with `--json`, else one line per problem
+/// and lost range on stderr).
+fn print_salvage(args: &MountArgs, report: &Value) -> Result<()> {
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        crate::output::print_damage_text(report, "read as zeros");
+    }
+    Ok(())
+}
+
+/// Exit 1 (damage) when a salvage report lists problems or lost ranges.
+fn salvage_outcome(report: Option<&Value>) -> Result<()> {
+    match report {
+        Some(r) if r["ok"] != Value::Bool(true) => Err(crate::Damage(format!(
+            "mounted with damage: {} lost range(s) read as zeros",
+            r["lost"].as_array().map_or(0, Vec::len)
+        ))
+        .into()),
+        _ => Ok(()),
+    }
+}
+
 /// Open the archive and build the file system (before mounting, so every
-/// error reaches the terminal).
-fn prepare(args: &MountArgs) -> Result<ArchiveFs> {
+/// error reaches the terminal). With `--salvage`, also the salvage report.
+fn prepare(args: &MountArgs) -> Result<(ArchiveFs, Option<Value>)> {
     let meta = std::fs::metadata(&args.mountpoint)
         .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
     if !meta.is_dir() {
@@ -135,23 +195,39 @@ fn prepare(args: &MountArgs) -> Result<ArchiveFs> {
             args.mountpoint.display()
         );
     }
-    let chain = Chain::open(&args.archive, &args.parents)
-        .with_context(|| format!("opening {}", args.archive.display()))?;
-    chain.refuse_interrupted(|_| true)?;
-    chain.newest().set_cache_bytes(args.cache_size.max(1) << 20);
-    // archive.json describes the newest archive, as `vma list --json` does.
-    let reader = Reader::open(&args.archive)
-        .with_context(|| format!("opening {}", args.archive.display()))?;
-    let opened = Opened {
-        header: reader.header().clone(),
-        format: reader.format(),
+    let opening = || format!("opening {}", args.archive.display());
+    let (newest, salvage) = if args.salvage {
+        let (reader, salvage) = Reader::open_salvage(&args.archive, 0).with_context(opening)?;
+        (reader, Some(salvage))
+    } else {
+        (Reader::open(&args.archive).with_context(opening)?, None)
+    };
+    // archive.json describes the newest archive, as `vma list --json` does
+    // (a salvaged archive: as its intact extents describe it).
+    let mut opened = Opened {
+        header: newest.header().clone(),
+        format: newest.format(),
         compression: StreamCompression::None,
-        reader: Some(reader),
+        reader: Some(newest),
         problem: None,
     };
     let mut json = serde_json::to_vec_pretty(&list_json(&opened))?;
     json.push(b'\n');
-    Ok(ArchiveFs::new(chain, vec![("archive.json".into(), json)])?)
+    let newest = opened.reader.take().expect("reader just placed");
+    let chain = Chain::with_newest(newest, &args.parents).with_context(opening)?;
+    chain.refuse_interrupted(|_| true)?;
+    chain.newest().set_cache_bytes(args.cache_size.max(1) << 20);
+    let mut extra = vec![("archive.json".to_string(), json)];
+    let report = salvage
+        .map(|s| crate::output::damage_json(&s.problems, &s.damaged, &s.missing, Some(&s.lost)));
+    if let Some(report) = &report {
+        let mut doc = serde_json::to_vec_pretty(report)?;
+        doc.push(b'\n');
+        extra.push(("salvage.json".to_string(), doc));
+    }
+    let mut fs = ArchiveFs::new(chain, extra)?;
+    fs.set_salvage(args.salvage);
+    Ok((fs, report))
 }
 
 /// Where failed reads are reported: a file, stderr (foreground), or syslog.
@@ -186,7 +262,10 @@ fn logger(file: Option<&Path>, foreground: bool) -> Result<Logger> {
 /// then let stdout go.
 fn daemon_child(args: &MountArgs) -> Result<()> {
     let result = (|| -> Result<()> {
-        let mut fs = prepare(args)?;
+        let (mut fs, salvage) = prepare(args)?;
+        if let Some(doc) = &salvage {
+            report(&format!("salvage {}", serde_json::to_string(doc)?));
+        }
         fs.set_logger(logger(args.log.as_deref(), false)?);
         serve(fs, &args.mountpoint, &config(args), || {
             report("ready");
@@ -196,7 +275,12 @@ fn daemon_child(args: &MountArgs) -> Result<()> {
         Ok(())
     })();
     if let Err(e) = &result {
-        report(&format!("error: {}", crate::one_line(e)));
+        let kind = if crate::is_damage(e) {
+            "damage"
+        } else {
+            "error"
+        };
+        report(&format!("{kind}: {}", crate::one_line(e)));
     }
     result
 }

@@ -174,28 +174,28 @@ pub(crate) fn list(archive: &str, json_out: bool, chain_parents: Option<&[PathBu
             .collect();
     }
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        println!(
+        outln!(
             "format:      {} {}",
             doc["format"].as_str().unwrap_or("?"),
             doc["version"].as_str().unwrap_or("?")
         );
-        println!("uuid:        {}", doc["uuid"].as_str().unwrap_or("?"));
-        println!(
+        outln!("uuid:        {}", doc["uuid"].as_str().unwrap_or("?"));
+        outln!(
             "created:     {} ({})",
             doc["ctime_utc"].as_str().unwrap_or("?"),
             doc["ctime"]
         );
-        println!("creator:     {}", doc["creator"].as_str().unwrap_or(""));
-        println!(
+        outln!("creator:     {}", doc["creator"].as_str().unwrap_or(""));
+        outln!(
             "compression: {}",
             doc["compression"].as_str().unwrap_or("?")
         );
         if let Some(size) = doc["archive_size"].as_u64() {
-            println!("archive:     {} bytes ({})", size, human_bytes(size));
+            outln!("archive:     {} bytes ({})", size, human_bytes(size));
         }
-        println!("drives:");
+        outln!("drives:");
         for d in doc["drives"].as_array().into_iter().flatten() {
             let size = d["size"].as_u64().unwrap_or(0);
             let stored = d["stored_bytes"]
@@ -203,7 +203,7 @@ pub(crate) fn list(archive: &str, json_out: bool, chain_parents: Option<&[PathBu
                 .map_or("stored ?".to_string(), |s| {
                     format!("stored {}", human_bytes(s))
                 });
-            println!(
+            outln!(
                 "  {:>3}  {:<24} {:>16} bytes ({}), {}",
                 d["id"],
                 d["name"].as_str().unwrap_or(""),
@@ -212,18 +212,18 @@ pub(crate) fn list(archive: &str, json_out: bool, chain_parents: Option<&[PathBu
                 stored
             );
         }
-        println!("configs:");
+        outln!("configs:");
         for c in doc["configs"].as_array().into_iter().flatten() {
-            println!(
+            outln!(
                 "       {:<24} {:>8} bytes",
                 c["name"].as_str().unwrap_or(""),
                 c["size"]
             );
         }
         if let Some(links) = doc["chain"].as_array() {
-            println!("chain (newest first):");
+            outln!("chain (newest first):");
             for l in links {
-                println!(
+                outln!(
                     "       {}  {}  {}{}  {}",
                     l["uuid"].as_str().unwrap_or(""),
                     l["ctime_utc"].as_str().unwrap_or(""),
@@ -268,6 +268,50 @@ fn problem_json(e: &Error) -> Value {
         _ => ("other", None, vec![]),
     };
     json!({"kind": kind, "offset": offset, "message": e.to_string(), "ranges": ranges})
+}
+
+/// The report of what a salvage lost (`extract --salvage`, `mount
+/// --salvage`): `ok`, `problems`, `damaged`, `missing`, and `lost`: every
+/// range written or read as zeros, sorted by drive and offset (`lost`
+/// given, or the damaged and missing ranges together).
+pub(crate) fn damage_json(
+    problems: &[Error],
+    damaged: &[DriveRange],
+    missing: &[DriveRange],
+    lost: Option<&[DriveRange]>,
+) -> Value {
+    let mut all: Vec<&DriveRange> = match lost {
+        Some(l) => l.iter().collect(),
+        None => damaged.iter().chain(missing).collect(),
+    };
+    all.sort_by_key(|r| (r.drive, r.bytes.start));
+    let lost_bytes: u64 = all.iter().map(|r| r.bytes.end - r.bytes.start).sum();
+    json!({
+        "ok": problems.is_empty() && all.is_empty(),
+        "problems": problems.iter().map(problem_json).collect::<Vec<_>>(),
+        "damaged": damaged.iter().map(range_json).collect::<Vec<_>>(),
+        "missing": missing.iter().map(range_json).collect::<Vec<_>>(),
+        "lost": all.iter().map(|r| range_json(r)).collect::<Vec<_>>(),
+        "lost_bytes": lost_bytes,
+    })
+}
+
+/// A [`damage_json`] report as lines on stderr: each problem, then each
+/// lost range with what became of it (`fate`, e.g. "written as zeros").
+pub(crate) fn print_damage_text(report: &Value, fate: &str) {
+    let list = |key: &str| report[key].as_array().cloned().unwrap_or_default();
+    for p in list("problems") {
+        eprintln!("vma: damaged: {}", p["message"].as_str().unwrap_or("?"));
+    }
+    for r in list("lost") {
+        eprintln!(
+            "vma: lost ({fate}): drive {} ({}) bytes {}..{}",
+            r["drive"].as_str().unwrap_or("?"),
+            r["drive_id"],
+            r["start"],
+            r["end"]
+        );
+    }
 }
 
 pub(crate) fn verify(
@@ -346,14 +390,14 @@ pub(crate) fn verify(
                 "problems": r.problems.iter().map(problem_json).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         for p in &report.problems {
-            println!("DAMAGED: {p}");
+            outln!("DAMAGED: {p}");
         }
         if !quiet || !report.is_clean() {
             let (name, version) = format_names(format, header);
-            println!(
+            outln!(
                 "archive {} ({name} {version}, uuid {}): {} extents, {} read",
                 archive,
                 uuid_str(&header.uuid),
@@ -361,7 +405,7 @@ pub(crate) fn verify(
                 human_bytes(report.bytes)
             );
             if format == ArchiveFormat::VmaV1 {
-                println!(
+                outln!(
                     "  note: VMA v1 carries no checksums over the data; checked were the header and extent-header MD5s, the structure and that every cluster is present exactly once"
                 );
             }
@@ -383,22 +427,22 @@ pub(crate) fn verify(
                     }
                     DriveDigestCheck::Skipped => "whole-drive sha256 skipped".into(),
                 };
-                println!("  drive {} ({}): {}", d.name, human_bytes(d.size), detail);
+                outln!("  drive {} ({}): {}", d.name, human_bytes(d.size), detail);
             }
             for (p, r) in &links {
                 for problem in &r.problems {
-                    println!("DAMAGED: ancestor {p}: {problem}");
+                    outln!("DAMAGED: ancestor {p}: {problem}");
                 }
-                println!(
+                outln!(
                     "  ancestor {} ({p}): {}",
                     uuid_str(&r.header.uuid),
                     if r.is_clean() { "intact" } else { "DAMAGED" }
                 );
             }
             if report.is_clean() && chain_ok {
-                println!("OK: archive is intact");
+                outln!("OK: archive is intact");
             } else {
-                println!("FAILED: {} problem(s) found", report.problems.len());
+                outln!("FAILED: {} problem(s) found", report.problems.len());
             }
         }
     }

@@ -31,7 +31,13 @@ impl Chain {
     /// Open `path` and, if it is incremental, its ancestors: each is looked
     /// for among `parents` first, then among the files beside `path`.
     pub fn open(path: &Path, parents: &[PathBuf]) -> Result<Chain> {
-        let newest = Reader::open(path)?;
+        Chain::with_newest(Reader::open(path)?, parents)
+    }
+
+    /// The chain of an archive already open (for example through
+    /// [`Reader::open_salvage`]): its ancestors are found as for [`Chain::open`].
+    pub fn with_newest(newest: Reader, parents: &[PathBuf]) -> Result<Chain> {
+        let path = &newest.path().to_path_buf();
         let mut links = vec![newest];
         // uuid of every file looked at (None: not an archive).
         let mut known: HashMap<PathBuf, Option<[u8; 16]>> = HashMap::new();

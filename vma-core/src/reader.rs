@@ -178,6 +178,97 @@ impl Reader {
         })
     }
 
+    /// Open `path` however damaged or truncated it is, for salvage: one
+    /// sequential pass (`threads` decoders) checks and decodes every
+    /// extent, and the index is rebuilt from the intact extents alone (a
+    /// stored index is never trusted here). What no intact extent holds
+    /// reads as zeros and is listed in the returned [`Salvage`]. Only an
+    /// unreadable header, or I/O errors, make it fail.
+    pub fn open_salvage(path: &Path, threads: usize) -> Result<(Reader, Salvage)> {
+        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        let file_len = file
+            .metadata()
+            .ctx(|| format!("reading the size of {}", path.display()))?
+            .len();
+        let name = path.display().to_string();
+        let stream = ArchiveStream::open(
+            std::io::Read::take(
+                file.try_clone()
+                    .ctx(|| format!("opening {}", path.display()))?,
+                file_len,
+            ),
+            &name,
+        )?;
+        let header = stream.header().clone();
+        let format = stream.format();
+        let mut prefix = [0u8; HEADER_FIXED_LEN];
+        read_exact_at(&file, &mut prefix, 0, &name)?;
+        let (header_len, v1_uuid) = match format {
+            ArchiveFormat::V2 => (HeaderPrefix::decode(&prefix)?.header_len as u64, None),
+            ArchiveFormat::VmaV1 => (format_v1::header_len(&prefix)? as u64, Some(header.uuid)),
+        };
+        // Stored bytes per drive slot, from the extents actually read.
+        let mut stored = vec![0u64; header.drives.len()];
+        let options = crate::stream::PassOptions {
+            threads,
+            keep_going: true,
+            hash_drives: crate::stream::HashDrives::None,
+        };
+        let report = stream.pass(&options, |ext| {
+            for (drive, _, data) in ext.clusters() {
+                if let (ClusterData::Data { mask, .. }, Ok(slot)) =
+                    (data, header.drives.binary_search_by_key(&drive, |d| d.id))
+                {
+                    stored[slot] += mask.count_ones() as u64 * BLOCK_SIZE as u64;
+                }
+            }
+            Ok(())
+        })?;
+        let (runs, lost) = fill_lost(&header, report.runs);
+        let trusted = report.index.as_ref();
+        let drives = header
+            .drives
+            .iter()
+            .zip(&stored)
+            .map(|(d, &stored_bytes)| {
+                let recorded = trusted.and_then(|i| i.drives.iter().find(|r| r.drive == d.id));
+                DriveRecord {
+                    drive: d.id,
+                    data_clusters: runs
+                        .iter()
+                        .filter(|r| r.drive == d.id && r.kind == RunKind::Data)
+                        .map(|r| r.count as u64)
+                        .sum(),
+                    stored_bytes,
+                    digest: recorded.and_then(|r| r.digest),
+                    interrupted: recorded.is_some_and(|r| r.interrupted),
+                }
+            })
+            .collect();
+        let index = Index { runs, drives };
+        let drive_runs = check_index(&header, &index, header_len, file_len.max(header_len + 1))?;
+        let reader = Reader {
+            file,
+            path: path.to_path_buf(),
+            header,
+            header_len,
+            index,
+            footer: report.footer,
+            data_end: file_len,
+            v1_uuid,
+            drive_runs,
+            cache: Mutex::new(ExtentCache::new(DEFAULT_CACHE_BYTES)),
+            decompressors: Mutex::new(Vec::new()),
+        };
+        let salvage = Salvage {
+            problems: report.problems,
+            damaged: report.damaged,
+            missing: report.missing,
+            lost,
+        };
+        Ok((reader, salvage))
+    }
+
     /// Change how many bytes of decoded extents are cached.
     pub fn set_cache_bytes(&self, bytes: usize) {
         self.cache.lock().expect("cache lock").capacity = bytes;
@@ -462,6 +553,69 @@ impl Reader {
         }
         Ok(())
     }
+}
+
+/// What [`Reader::open_salvage`] found.
+#[derive(Debug)]
+pub struct Salvage {
+    /// Every problem of the archive, in file order.
+    pub problems: Vec<Error>,
+    /// Drive ranges held by damaged extents.
+    pub damaged: Vec<DriveRange>,
+    /// Drive ranges that no extent holds (lost with a truncated tail, an
+    /// unreadable extent header, or never written).
+    pub missing: Vec<DriveRange>,
+    /// Every drive range the salvaging reader answers with zeros because no
+    /// intact extent holds it, merged and sorted by drive and offset.
+    pub lost: Vec<DriveRange>,
+}
+
+impl Salvage {
+    /// True when the archive is intact: nothing lost, nothing wrong.
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty() && self.lost.is_empty()
+    }
+}
+
+/// Complete canonical `runs` (of intact extents) with zero runs wherever a
+/// drive's clusters are not covered; returns the runs and those lost ranges.
+fn fill_lost(header: &Header, runs: Vec<IndexRun>) -> (Vec<IndexRun>, Vec<DriveRange>) {
+    let mut out = Vec::with_capacity(runs.len());
+    let mut lost = Vec::new();
+    let mut runs = runs.into_iter().peekable();
+    for d in &header.drives {
+        let mut next = 0u64;
+        let mut gap = |out: &mut Vec<IndexRun>, from: u64, to: u64| {
+            let mut start = from;
+            while start < to {
+                let count = (to - start).min(u32::MAX as u64);
+                out.push(IndexRun {
+                    drive: d.id,
+                    start,
+                    count: count as u32,
+                    kind: RunKind::Zero,
+                    extent_offset: 0,
+                });
+                start += count;
+            }
+            lost.push(DriveRange {
+                drive: d.id,
+                drive_name: d.name.clone(),
+                bytes: cluster_range_bytes(d.size, from..to),
+            });
+        };
+        while let Some(r) = runs.next_if(|r| r.drive == d.id) {
+            if r.start > next {
+                gap(&mut out, next, r.start);
+            }
+            next = r.start + r.count as u64;
+            out.push(r);
+        }
+        if next < d.clusters() {
+            gap(&mut out, next, d.clusters());
+        }
+    }
+    (Index::canonical_runs(out), lost)
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, name: &str) -> Result<()> {

@@ -101,6 +101,9 @@ pub struct PassReport {
     pub missing: Vec<DriveRange>,
     /// The stored index, if it was read and is intact.
     pub index: Option<Index>,
+    /// The runs of every intact extent in canonical form: the index as
+    /// rebuilt from the data itself (what a salvaging reader trusts).
+    pub runs: Vec<IndexRun>,
     /// The footer, if it was read and is intact.
     pub footer: Option<Footer>,
     /// Per drive (header order), the digest check.
@@ -720,6 +723,7 @@ impl PassState {
             }
             self.problem(err)?;
         }
+        let rebuilt = Index::canonical_runs(std::mem::take(&mut self.runs));
         // The stored index must be exactly what the extents say.
         let to_check = if clean_so_far {
             self.index.take()
@@ -727,7 +731,6 @@ impl PassState {
             None
         };
         if let Some(index) = to_check {
-            let rebuilt = Index::canonical_runs(std::mem::take(&mut self.runs));
             let at = self.footer.map_or(0, |f| f.index_offset);
             if rebuilt != index.runs {
                 let first = rebuilt
@@ -827,6 +830,7 @@ impl PassState {
             damaged: self.damaged,
             missing,
             index: self.index,
+            runs: rebuilt,
             footer: self.footer,
             digests,
             out_of_order: self.out_of_order,

@@ -100,6 +100,8 @@ pub struct ArchiveFs {
     prefetch_queue: crossbeam_channel::Sender<(DriveId, Arc<AtomicU64>)>,
     /// Read buffers for reuse.
     buffers: BufferPool,
+    /// Answer damaged data with zeros (logged) instead of EIO.
+    salvage: bool,
 }
 
 type BufferPool = Arc<Mutex<Vec<Vec<u8>>>>;
@@ -205,7 +207,15 @@ impl ArchiveFs {
             gid,
             log: Arc::new(|msg: &str| eprintln!("vma mount: {msg}")),
             buffers: Arc::default(),
+            salvage: false,
         })
+    }
+
+    /// Salvage mode: a read touching damaged data (an ancestor's extent
+    /// that fails its checks, say) returns zeros for the clusters that
+    /// cannot be read, logging each, instead of failing with EIO.
+    pub fn set_salvage(&mut self, salvage: bool) {
+        self.salvage = salvage;
     }
 
     /// Where messages about failed reads go.
@@ -287,6 +297,35 @@ pub fn seek_in_runs(runs: &[IndexRun], size: u64, offset: u64, want_data: bool) 
     } else {
         Some(size)
     }
+}
+
+/// Fill `buf` from `offset` of drive `id` one cluster at a time, answering
+/// each cluster that cannot be read because of damage with zeros and
+/// logging it; other errors still fail the read.
+fn read_salvaging(
+    chain: &Chain,
+    id: DriveId,
+    offset: u64,
+    buf: &mut [u8],
+    log: &dyn Fn(&str),
+) -> vma_core::Result<()> {
+    let cs = CLUSTER_SIZE as u64;
+    let end = offset + buf.len() as u64;
+    let mut pos = offset;
+    while pos < end {
+        let next = ((pos / cs + 1) * cs).min(end);
+        let part = &mut buf[(pos - offset) as usize..(next - offset) as usize];
+        match chain.read_at(id, pos, part) {
+            Ok(()) => {}
+            Err(e) if e.is_damage() => {
+                part.fill(0);
+                log(&format!("bytes {pos}..{next} read as zeros (salvage): {e}"));
+            }
+            Err(e) => return Err(e),
+        }
+        pos = next;
+    }
+    Ok(())
 }
 
 /// Start [`PREFETCH_THREADS`] threads that keep the extents of the
@@ -407,8 +446,17 @@ impl Filesystem for ArchiveFs {
                 let id = *id;
                 let len = (end - offset) as usize;
                 let mut buf = PooledBuffer::take(&self.buffers, len);
+                let (salvage, log, name) = (self.salvage, self.log.clone(), node.name.clone());
                 let result = tokio::task::spawn_blocking(move || {
-                    chain.read_at(id, offset, &mut buf.bytes).map(|()| buf)
+                    match chain.read_at(id, offset, &mut buf.bytes) {
+                        Err(e) if salvage && e.is_damage() => {
+                            read_salvaging(&chain, id, offset, &mut buf.bytes, &|msg| {
+                                log(&format!("{name}: {msg}"))
+                            })
+                        }
+                        other => other,
+                    }
+                    .map(|()| buf)
                 })
                 .await
                 .map_err(|_| Errno::from(libc::EIO))?;
