@@ -16,14 +16,16 @@ const KILLS: usize = 12;
 /// disk: the same with some clusters changed (for diff and merge).
 fn disks(d: &Path) -> (PathBuf, PathBuf) {
     let disk = d.join("disk.raw");
-    let regions: Vec<(u64, usize, u64)> = (0..20)
-        .map(|i| (i * (2 << 20), 1 << 20, 100 + i))
-        .collect();
+    let regions: Vec<(u64, usize, u64)> =
+        (0..20).map(|i| (i * (2 << 20), 1 << 20, 100 + i)).collect();
     sparse_image(&disk, 40 << 20, &regions);
     let newer = d.join("newer").join("disk.raw");
     std::fs::create_dir_all(newer.parent().unwrap()).unwrap();
     std::fs::copy(&disk, &newer).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&newer).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newer)
+        .unwrap();
     use std::os::unix::fs::FileExt;
     for i in 0..10u64 {
         f.write_all_at(&noise(900 + i, 65536), i * (4 << 20) + 65536)
@@ -82,7 +84,9 @@ fn kill_loop(
         }
         check(&format!("{what}, killed after {delay:?} (round {round})"));
     }
-    eprintln!("{what}: {cut_short} of {KILLS} runs killed before they finished ({full:?} uninterrupted)");
+    eprintln!(
+        "{what}: {cut_short} of {KILLS} runs killed before they finished ({full:?} uninterrupted)"
+    );
     cut_short
 }
 
@@ -134,7 +138,15 @@ fn killed_writers_never_leave_an_incomplete_file_under_the_final_name() {
     let full = d.join("full.vma");
     assert_eq!(code(&vma(&["create", "--quiet", p(&full), p(&disk)])), 0);
     let inc = d.join("inc.vma");
-    let o = vma(&["diff", "--quiet", "--against", p(&full), p(&newer), "-o", p(&inc)]);
+    let o = vma(&[
+        "diff",
+        "--quiet",
+        "--against",
+        p(&full),
+        p(&newer),
+        "-o",
+        p(&inc),
+    ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 
     let out = d.join("out.vma");
@@ -171,7 +183,15 @@ fn killed_writers_never_leave_an_incomplete_file_under_the_final_name() {
     // diff writes an incremental archive: verify finds its parent beside it.
     cut_short += kill_loop(
         "diff",
-        &["diff", "--quiet", "--against", p(&full), p(&newer), "-o", p(&out)],
+        &[
+            "diff",
+            "--quiet",
+            "--against",
+            p(&full),
+            p(&newer),
+            "-o",
+            p(&out),
+        ],
         &mut dice,
         &reset,
         &check,
@@ -185,7 +205,10 @@ fn killed_writers_never_leave_an_incomplete_file_under_the_final_name() {
     let raw_ok = |ctx: &str| {
         let f = dir.join("disk.raw");
         if f.exists() {
-            assert!(std::fs::read(&f).unwrap() == src, "{ctx}: disk.raw is incomplete");
+            assert!(
+                std::fs::read(&f).unwrap() == src,
+                "{ctx}: disk.raw is incomplete"
+            );
         }
     };
     cut_short += kill_loop(
@@ -223,13 +246,11 @@ struct SmallFs(PathBuf);
 impl SmallFs {
     fn new(dir: &Path, size: &str) -> SmallFs {
         std::fs::create_dir_all(dir).unwrap();
-        let o = sh(&format!("mount -t tmpfs -o size={size} vma-test {}", p(dir)));
-        assert_eq!(
-            code(&o),
-            0,
-            "mounting a tmpfs needs root: {}",
-            stderr(&o)
-        );
+        let o = sh(&format!(
+            "mount -t tmpfs -o size={size} vma-test {}",
+            p(dir)
+        ));
+        assert_eq!(code(&o), 0, "mounting a tmpfs needs root: {}", stderr(&o));
         SmallFs(dir.to_path_buf())
     }
 
@@ -257,21 +278,42 @@ fn a_full_file_system_is_reported_and_cleaned_up() {
     let (disk, newer) = disks(d);
     let full = d.join("full.vma");
     assert_eq!(
-        code(&vma(&["create", "--quiet", "--compress", "none", p(&full), p(&disk)])),
+        code(&vma(&[
+            "create",
+            "--quiet",
+            "--compress",
+            "none",
+            p(&full),
+            p(&disk)
+        ])),
         0
     );
     let inc = d.join("inc.vma");
-    let o = vma(&["diff", "--quiet", "--against", p(&full), p(&newer), "-o", p(&inc)]);
+    let o = vma(&[
+        "diff",
+        "--quiet",
+        "--against",
+        p(&full),
+        p(&newer),
+        "-o",
+        p(&inc),
+    ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     // 8 MiB of room for 20 MiB of incompressible data.
     let fs = SmallFs::new(&d.join("small"), "8m");
     let target = fs.0.join("out.vma");
     let cases: Vec<(&str, Vec<&str>)> = vec![
-        ("create", vec!["create", "--compress", "none", p(&target), p(&disk)]),
+        (
+            "create",
+            vec!["create", "--compress", "none", p(&target), p(&disk)],
+        ),
         ("convert", vec!["convert", p(&full), p(&target)]),
         ("merge", vec!["merge", p(&inc), "-o", p(&target)]),
         ("extract", vec!["extract", p(&full), p(&fs.0)]),
-        ("extract --format qcow2", vec!["extract", "--format", "qcow2", p(&full), p(&fs.0)]),
+        (
+            "extract --format qcow2",
+            vec!["extract", "--format", "qcow2", p(&full), p(&fs.0)],
+        ),
     ];
     for (what, args) in cases {
         let o = vma(&args);

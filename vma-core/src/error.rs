@@ -76,7 +76,7 @@ pub enum Error {
     },
 
     /// An extent failed its checks; its clusters cannot be trusted.
-    #[error("extent {}at offset {offset} is damaged ({what}); affected: {}", seq.map(|s| format!("#{s} ")).unwrap_or_default(), describe_ranges(ranges, 4))]
+    #[error("extent {}at offset {offset} is damaged ({what}); affected: {}", seq.map(|s| format!("#{s} ")).unwrap_or_default(), if ranges.is_empty() { "no drive range can be named (its entries are unreadable)".to_string() } else { describe_ranges(ranges, 4) })]
     ExtentDamaged {
         /// Extent sequence number, when its header could be read.
         seq: Option<u64>,

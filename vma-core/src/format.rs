@@ -797,12 +797,21 @@ pub fn decode_entries(
         c.u16()?;
         let count = c.u32()?;
         let start = c.u64()?;
-        if count == 0 || drive.0 == 0 || start.saturating_add(count as u64) > MAX_CLUSTERS {
+        let why = if drive.0 == 0 {
+            Some("drive id 0 is not a drive")
+        } else if count == 0 {
+            Some("a run holds at least one cluster")
+        } else if start.saturating_add(count as u64) > MAX_CLUSTERS {
+            Some("it lies beyond the largest drive the format allows (128 TiB)")
+        } else {
+            None
+        };
+        if let Some(why) = why {
             return Err(Error::corrupt(
                 at,
                 format!(
-                    "extent #{}: run with drive id {}, start {start} and count {count}",
-                    h.seq, drive
+                    "extent #{}: invalid run of drive id {drive}, clusters {start}+{count}: {why}",
+                    h.seq
                 ),
             ));
         }
@@ -1045,9 +1054,16 @@ impl Index {
             let start = c.u64()?;
             let extent_offset = c.u64()?;
             if count == 0 || start.saturating_add(count as u64) > MAX_CLUSTERS {
+                let why = if count == 0 {
+                    "a run holds at least one cluster"
+                } else {
+                    "it lies beyond the largest drive the format allows (128 TiB)"
+                };
                 return Err(Error::corrupt(
                     at,
-                    format!("index: run with start {start} and count {count}"),
+                    format!(
+                        "index: invalid run of drive id {drive}, clusters {start}+{count}: {why}"
+                    ),
                 ));
             }
             runs.push(IndexRun {
