@@ -277,3 +277,62 @@ fn a_cut_inside_the_header_is_a_clear_error_not_a_mount() {
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(!d.join("out").join("disk0.raw").exists());
 }
+
+#[test]
+fn damage_in_an_ancestor_is_salvaged_through_the_chain() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let (full, sources) = sample(d, "none", "v2");
+    // The newer disk: the first MiB rewritten, the rest as in the full.
+    let newer = d.join("newer").join("disk0.raw");
+    std::fs::create_dir_all(newer.parent().unwrap()).unwrap();
+    let mut disk = sources[0].1.clone();
+    disk[..1 << 20].copy_from_slice(&noise(99, 1 << 20));
+    std::fs::write(&newer, &disk).unwrap();
+    let inc = d.join("inc.vma");
+    let o = vma(&[
+        "diff",
+        "--quiet",
+        "--against",
+        p(&full),
+        p(&newer),
+        "-o",
+        p(&inc),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // Damage the full where the incremental says "unchanged".
+    flip(
+        &full,
+        find(&full, &noise(13, 6 << 20)[3 << 20..(3 << 20) + 64]) as u64,
+    );
+
+    let out = d.join("out");
+    let o = vma(&["extract", p(&inc), p(&out), "--drive", "disk0"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(!out.join("disk0.raw").exists());
+    let o = vma(&[
+        "extract",
+        "--salvage",
+        "--json",
+        p(&inc),
+        p(&out),
+        "--drive",
+        "disk0",
+    ]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let lost = lost_of(&report, "disk0");
+    assert!(!lost.is_empty(), "{report}");
+    let got = std::fs::read(out.join("disk0.raw")).unwrap();
+    assert_salvaged("extract through the chain", &got, &disk, &lost);
+
+    // The mount answers the same ranges with zeros and logs them.
+    let log = d.join("mount.log");
+    let (m, _) = Mounted::attempt(&inc, &d.join("mnt"), &["--salvage", "--log", p(&log)], 0);
+    let m = m.unwrap();
+    let via_mount = std::fs::read(m.path("disk0.raw")).unwrap();
+    assert_salvaged("mount through the chain", &via_mount, &disk, &lost);
+    m.unmount();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("read as zeros (salvage)"), "{logged}");
+}

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use crate::chain::Chain;
 use crate::error::{Error, IoContext, Result};
 use crate::extent::{ClusterData, DecodedExtent};
-use crate::format::RunKind;
 use crate::format::{check_name, Header, BLOCK_SIZE};
+use crate::format::{IndexRun, RunKind};
 use crate::qcow2::{compress_cluster, Qcow2Writer};
 use crate::stream::{ArchiveStream, HashDrives, PassOptions, PassReport};
-use crate::types::{cluster_len, ClusterNo, DriveId};
+use crate::types::{cluster_len, ClusterNo, DriveId, DriveRange};
 
 /// Start write-back of dirty pages after this many bytes were written, so
 /// the final fsync finds little left and disk writes overlap the work.
@@ -348,15 +348,36 @@ pub fn extract<R: Read>(
             HashDrives::None
         },
     };
-    let report = stream.pass(&pass_options, |ext| {
+    let mut report = stream.pass(&pass_options, |ext| {
         progress(ext.offset + ext.stored_len);
         write_extent(ext, &mut targets, &mut compressors)
     })?;
-    if let Some(index) = &report.index {
-        index.refuse_interrupted(&header, |id| targets[id.0 as usize].is_some())?;
-        if let Some(chain) = ancestors {
-            fill_unchanged(&header, index, chain, &mut targets, &mut compressors)?;
+    if let Some(chain) = ancestors {
+        if let Some(index) = &report.index {
+            index.refuse_interrupted(&header, |id| targets[id.0 as usize].is_some())?;
         }
+        // What the pass found unchanged (the rebuilt index: the stored one
+        // is only kept when intact), filled from the ancestors.
+        let unchanged: Vec<IndexRun> = report
+            .runs
+            .iter()
+            .filter(|r| r.kind == RunKind::Unchanged)
+            .copied()
+            .collect();
+        let lost = fill_unchanged(
+            &header,
+            &unchanged,
+            chain,
+            &mut targets,
+            &mut compressors,
+            options.salvage,
+        )?;
+        for (range, e) in lost {
+            report.damaged.push(range);
+            report.problems.push(e);
+        }
+    } else if let Some(index) = &report.index {
+        index.refuse_interrupted(&header, |id| targets[id.0 as usize].is_some())?;
     }
     let mut files = Vec::new();
     for (i, path) in &config_plan {
@@ -388,18 +409,22 @@ pub fn refuse_incremental(header: &Header) -> Result<()> {
     }
 }
 
-/// Write what the archive marks unchanged from its ancestors, cluster by
-/// cluster; all-zero clusters stay holes.
+/// Write what the archive marks unchanged (`runs`) from its ancestors,
+/// cluster by cluster; all-zero clusters stay holes. With `salvage`, a
+/// cluster an ancestor cannot give (damage) stays zeros and is returned
+/// with the error; without it, the first such error fails.
 fn fill_unchanged(
     header: &Header,
-    index: &crate::format::Index,
+    runs: &[IndexRun],
     chain: &Chain,
     targets: &mut [Option<DriveTarget>],
     compressors: &mut [zstd::bulk::Compressor<'static>],
-) -> Result<()> {
+    salvage: bool,
+) -> Result<Vec<(DriveRange, Error)>> {
     let cs = crate::format::CLUSTER_SIZE as u64;
     let mut buf = vec![0u8; cs as usize];
-    for run in index.runs.iter().filter(|r| r.kind == RunKind::Unchanged) {
+    let mut lost: Vec<(DriveRange, Error)> = Vec::new();
+    for run in runs {
         let Some(target) = targets[run.drive.0 as usize].as_mut() else {
             continue;
         };
@@ -409,7 +434,27 @@ fn fill_unchanged(
         for c in run.start..run.start + run.count as u64 {
             let len = cluster_len(d.size, ClusterNo(c));
             let data = &mut buf[..len];
-            chain.read_named(&d.name, c * cs, data)?;
+            match chain.read_named(&d.name, c * cs, data) {
+                Ok(()) => {}
+                Err(e) if salvage && e.is_damage() => {
+                    let bytes = c * cs..c * cs + len as u64;
+                    match lost.last_mut() {
+                        Some((r, _)) if r.drive == d.id && r.bytes.end == bytes.start => {
+                            r.bytes.end = bytes.end
+                        }
+                        _ => lost.push((
+                            DriveRange {
+                                drive: d.id,
+                                drive_name: d.name.clone(),
+                                bytes,
+                            },
+                            e,
+                        )),
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             let mask = crate::types::block_mask(data);
             if mask == 0 {
                 continue;
@@ -429,7 +474,7 @@ fn fill_unchanged(
             }
         }
     }
-    Ok(())
+    Ok(lost)
 }
 
 /// The 4 KiB blocks of `data` that `mask` marks, each padded to 4 KiB (the
