@@ -9,8 +9,13 @@ use std::time::{Duration, Instant};
 
 use vma_tests::*;
 
-/// Kills per command.
-const KILLS: usize = 12;
+/// Kills per command (`VMA_CRASH_KILLS` overrides, for longer runs).
+fn kills() -> usize {
+    std::env::var("VMA_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12)
+}
 
 /// A 40 MiB disk with incompressible data spread over it, and a second
 /// disk: the same with some clusters changed (for diff and merge).
@@ -46,7 +51,7 @@ impl Dice {
     }
 }
 
-/// Run `args` once to completion (timing it), then `KILLS` times killed
+/// Run `args` once to completion (timing it), then [`kills`] times killed
 /// after a random delay within that time. After each run `check` judges
 /// what is under the final names (it must accept a missing file and a
 /// complete one, and fail on anything else); `reset` removes outputs.
@@ -65,7 +70,7 @@ fn kill_loop(
     let full = start.elapsed();
     check(&format!("{what}, uninterrupted"));
     let mut cut_short = 0;
-    for round in 0..KILLS {
+    for round in 0..kills() {
         reset();
         let delay = Duration::from_micros(dice.below(full.as_micros() as u64 + 1));
         let mut child = Command::new(vma_bin())
@@ -85,7 +90,8 @@ fn kill_loop(
         check(&format!("{what}, killed after {delay:?} (round {round})"));
     }
     eprintln!(
-        "{what}: {cut_short} of {KILLS} runs killed before they finished ({full:?} uninterrupted)"
+        "{what}: {cut_short} of {} runs killed before they finished ({full:?} uninterrupted)",
+        kills()
     );
     cut_short
 }
@@ -235,7 +241,7 @@ fn killed_writers_never_leave_an_incomplete_file_under_the_final_name() {
     );
     // The loop must really have cut runs short, or it proved nothing.
     assert!(
-        cut_short >= KILLS * 7 / 2,
+        cut_short >= kills() * 7 / 2,
         "only {cut_short} runs were killed before finishing"
     );
 }
