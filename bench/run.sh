@@ -41,7 +41,7 @@ die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
 check_tools() {
 	local missing=() spec
 	# tool:debian-package
-	for spec in zstd:zstd mkfs.ext4:e2fsprogs qemu-img:qemu-utils /usr/bin/time:time \
+	for spec in zstd:zstd lzop:lzop mkfs.ext4:e2fsprogs qemu-img:qemu-utils /usr/bin/time:time \
 		cmp:diffutils truncate:coreutils python3:python3 \
 		qemu-storage-daemon:qemu-system-common; do
 		command -v "${spec%%:*}" >/dev/null 2>&1 || missing+=("${spec#*:}")
@@ -223,6 +223,18 @@ bench_vma1() {
 		zstd-v1-extract vma1 "zstd -d -c disk.vma.zst > file" \
 		zstd -d -q -c "$W/disk.vma.zst"
 	rm_out_v1zstd
+	log "vma1: preparing disk.vma.lzo (lzop -1, what vzdump --compress lzo writes)"
+	lzop -1 -q -f -o "$W/disk.vma.lzo" "$W/disk.vma"
+	measure -b rm_out_v1 -a "$W/out-vma1/disk.raw" -r lzop-v1-extract \
+		vma1-extract-lzo vma1 "vma extract - < disk.vma.lzo" \
+		sh -c '"$0" extract --quiet --force - "$1" < "$2"' "$VMA" "$W/out-vma1" "$W/disk.vma.lzo"
+	cmp "$W/disk.raw" "$W/out-vma1/disk.raw" >&2 || die "vma extract of the .vma.lzo did NOT reproduce disk.raw"
+	rm_out_v1
+	measure -b rm_out_v1zstd -o "$W/out-v1.vma" -a "$W/out-v1.vma" \
+		lzop-v1-extract vma1 "lzop -d -c disk.vma.lzo > file" \
+		lzop -d -q -c "$W/disk.vma.lzo"
+	rm_out_v1zstd
+	rm -f "$W/disk.vma.lzo"
 	measure -s "$W/disk.vma" vma1-list vma1 "vma list disk.vma (uncompressed v1)" \
 		"$VMA" list "$W/disk.vma"
 }

@@ -10,6 +10,7 @@ command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 [ -x /usr/bin/time ] || need+=(time)
 command -v cmp >/dev/null 2>&1 || need+=(diffutils)
 command -v gzip >/dev/null 2>&1 || need+=(gzip)
+command -v lzop >/dev/null 2>&1 || need+=(lzop)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -212,7 +212,13 @@ fn compressed_streams_pipes_and_conversions() {
         0
     );
 
-    for (tool, ext) in [("zstd -q -c", "zst"), ("gzip -c", "gz")] {
+    require("lzop");
+    for (tool, ext) in [
+        ("zstd -q -c", "zst"),
+        ("gzip -c", "gz"),
+        ("lzop -1 -c", "lzo"),
+        ("lzop -9 --crc32 -c", "lzo9"),
+    ] {
         let out = t.path().join(format!("pipe-{ext}"));
         let o = sh(&format!(
             "{tool} {} | \"$VMA\" extract -q - {}",
@@ -229,19 +235,25 @@ fn compressed_streams_pipes_and_conversions() {
         let o = vma(&["verify", p(&file)]);
         assert_eq!(code(&o), 0, "{}", stdout(&o));
     }
-    // A damaged compressed stream is damage (exit 1), not an I/O error.
-    let gz = t.path().join("a.vma.gz");
-    let mut bytes = std::fs::read(&gz).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xff;
-    std::fs::write(&gz, &bytes).unwrap();
-    assert_eq!(code(&vma(&["verify", p(&gz)])), 1);
-    // lzop streams get a pipeline to use.
+    // A damaged compressed stream is damage (exit 1), not an I/O error,
+    // and an lzop checksum names the block.
+    for (ext, says) in [("gz", "damaged"), ("lzo", "checksum")] {
+        let file = t.path().join(format!("a.vma.{ext}"));
+        let mut bytes = std::fs::read(&file).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&file, &bytes).unwrap();
+        let o = vma(&["verify", p(&file)]);
+        assert_eq!(code(&o), 1, "{ext}: {}", stderr(&o));
+        let said = format!("{}{}", stdout(&o), stderr(&o));
+        assert!(said.contains(says), "{ext}: {said}");
+    }
+    // A truncated lzop header is damage, said plainly.
     let lzo = t.path().join("b.vma.lzo");
     std::fs::write(&lzo, b"\x89LZO\x00\r\n\x1a\n\x10\x30").unwrap();
     let o = vma(&["list", p(&lzo)]);
-    assert_eq!(code(&o), 2);
-    assert!(stderr(&o).contains("lzop -d -c"), "{}", stderr(&o));
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("lzop stream"), "{}", stderr(&o));
 
     // v1 -> v2 -> v1 keeps every byte; v2 verifies; from stdin too.
     let v2 = t.path().join("b.vma2");

@@ -187,7 +187,7 @@ enum Command {
     },
     /// Convert an archive between the native format and Proxmox VMA v1.
     Convert {
-        /// Input archive (any format, plain or zstd/gzip-compressed), or `-`.
+        /// Input archive (any format, plain or zstd/gzip/lzop-compressed), or `-`.
         input: String,
         /// Output archive, or `-` for standard output.
         output: String,
@@ -457,7 +457,7 @@ pub(crate) type OpenStream = (
     StreamCompression,
 );
 
-/// Open any archive (v2 or VMA v1; plain, zstd or gzip) for one pass.
+/// Open any archive (v2 or VMA v1; plain, zstd, gzip or lzop) for one pass.
 pub(crate) fn open_stream(archive: &str) -> Result<OpenStream> {
     let (input, path) = open_input(archive)?;
     let name = if archive == "-" {

@@ -129,6 +129,7 @@ pub(crate) fn list_json(opened: &Opened) -> Value {
     let compression = match (opened.format, opened.compression) {
         (_, StreamCompression::Zstd) => "zstd (whole stream)".to_string(),
         (_, StreamCompression::Gzip) => "gzip (whole stream)".to_string(),
+        (_, StreamCompression::Lzo) => "lzo (whole stream)".to_string(),
         (ArchiveFormat::VmaV1, StreamCompression::None) => "none".to_string(),
         (ArchiveFormat::V2, StreamCompression::None) => compression_str(header),
     };

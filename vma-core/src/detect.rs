@@ -45,21 +45,15 @@ pub fn detect(prefix: &[u8]) -> Option<DetectedFormat> {
 /// directly, saying what it is.
 pub fn not_v2_error(prefix: &[u8]) -> Error {
     match detect(prefix) {
-        Some(DetectedFormat::Lzo) => lzo_error(),
-        Some(f @ (DetectedFormat::Zstd | DetectedFormat::Gzip)) => Error::UnsupportedFormat {
-            format: format!("a {f:?}-compressed stream inside a compressed stream"),
-            hint: "decompress the outer layer first".into(),
-        },
+        Some(f @ (DetectedFormat::Zstd | DetectedFormat::Gzip | DetectedFormat::Lzo)) => {
+            Error::UnsupportedFormat {
+                format: format!("a {f:?}-compressed stream inside a compressed stream"),
+                hint: "decompress the outer layer first".into(),
+            }
+        }
         _ => Error::NotAnArchive {
             found: hex::encode(&prefix[..prefix.len().min(8)]),
         },
-    }
-}
-
-fn lzo_error() -> Error {
-    Error::UnsupportedFormat {
-        format: "an lzop-compressed stream (.vma.lzo)".into(),
-        hint: "decompress it on the way in: `lzop -d -c FILE.vma.lzo | vma COMMAND -`".into(),
     }
 }
 
@@ -91,10 +85,12 @@ pub enum StreamCompression {
     Zstd,
     /// Decompressed from a gzip stream (`.vma.gz`).
     Gzip,
+    /// Decompressed from an lzop stream (`.vma.lzo`).
+    Lzo,
 }
 
 /// Open any archive from a reader: native v2 or VMA v1, plain or inside a
-/// whole-stream zstd or gzip compression (decompressed in-process). The
+/// whole-stream zstd, gzip or lzop compression (decompressed in-process). The
 /// format is told by magic bytes only.
 /// Decompression runs on a thread of its own, ahead of the reader.
 pub fn open_any(
@@ -128,13 +124,26 @@ pub fn open_any(
             ))),
             StreamCompression::Gzip,
         ),
-        Some(DetectedFormat::Lzo) => return Err(lzo_error()),
+        Some(DetectedFormat::Lzo) => {
+            let dec = crate::lzop::LzopReader::new(whole).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    Error::corrupt(0, e.to_string())
+                } else {
+                    Error::io(format!("reading {name}"), e)
+                }
+            })?;
+            (
+                Box::new(ReadAhead::new(DamageOnError(dec))),
+                StreamCompression::Lzo,
+            )
+        }
         _ => (Box::new(whole), StreamCompression::None),
     };
     let name = match compression {
         StreamCompression::None => name.to_string(),
         StreamCompression::Zstd => format!("{name} (after zstd decompression)"),
         StreamCompression::Gzip => format!("{name} (after gzip decompression)"),
+        StreamCompression::Lzo => format!("{name} (after lzop decompression)"),
     };
     Ok((ArchiveStream::open(input, &name)?, compression))
 }
