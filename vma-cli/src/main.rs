@@ -20,6 +20,7 @@ use vma_core::detect::{open_any, StreamCompression};
 use vma_core::diff::diff_image;
 use vma_core::extract::{check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions};
 use vma_core::format::{check_name, limits};
+use vma_core::merge::{merge_chain, synthetic_meta, MergeOptions};
 use vma_core::source::{copy_image, open_image, DiskImage};
 use vma_core::stream::human_bytes;
 use vma_core::stream::ArchiveFormat;
@@ -145,6 +146,10 @@ enum Command {
         /// the archive, by uuid.
         #[arg(long = "parent", value_name = "PATH")]
         parents: Vec<PathBuf>,
+        /// Record no whole-drive SHA-256: extents copied as stored are then
+        /// not decoded at all (every extent digest is still checked).
+        #[arg(long)]
+        no_drive_digest: bool,
         #[command(flatten)]
         output_options: OutputArgs,
     },
@@ -372,8 +377,16 @@ fn run(cli: Cli) -> Result<()> {
             archive,
             output,
             parents,
+            no_drive_digest,
             output_options,
-        } => merge(&archive, &output, &parents, &output_options, quiet),
+        } => merge(
+            &archive,
+            &output,
+            &parents,
+            !no_drive_digest,
+            &output_options,
+            quiet,
+        ),
     }
 }
 
@@ -502,43 +515,79 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// `vma merge`: the chain's newest point in time, written like `create`
-/// writes images (each drive read in order, so its SHA-256 is recorded).
-/// The uuid is new; time, drives and configs (the capture record with its
-/// checkpoints included) are the newest archive's, so a later capture can
-/// continue incrementally from the merged archive.
+/// `vma merge`: the chain's newest point in time as a synthetic full,
+/// streamed from the chain's extents (see `vma_core::merge`). The uuid is
+/// new; time, drives and configs (the capture record with its checkpoints
+/// included) are the newest archive's, and the output stands in for the
+/// newest archive, so archives made on top of it resolve against it.
 fn merge(
     archive: &Path,
     output: &str,
     parents: &[PathBuf],
+    drive_digests: bool,
     output_options: &OutputArgs,
     quiet: bool,
 ) -> Result<()> {
     let chain = Arc::new(
         Chain::open(archive, parents).with_context(|| format!("opening {}", archive.display()))?,
     );
-    chain.refuse_interrupted(|_| true)?;
-    let header = chain.header().clone();
-    let mut meta = ArchiveMeta::new(header.drives.clone(), header.configs.clone());
-    meta.ctime = header.ctime;
-    let images = header
-        .drives
-        .iter()
-        .map(|d| Ok(Box::new(ChainDrive::new(chain.clone(), d.id)?) as Box<dyn DiskImage>))
-        .collect::<Result<Vec<_>>>()?;
-    let options = output_options.writer_options()?;
-    let force = output_options.force;
-    let stored = archive_images(
-        output, force, meta, false, &options, &images, "merge", quiet,
-    )?;
+    let (summary, stored) =
+        write_synthetic_full(&chain, output, output_options, drive_digests, quiet, |_| {
+            Ok(())
+        })?;
     if !quiet {
         eprintln!(
-            "vma: wrote {output} from {} archives ({} stored)",
-            chain.links().len(),
-            human_bytes(stored)
+            "vma: wrote {output} from {} archives ({} stored): {}",
+            summary.links,
+            human_bytes(stored),
+            merge_words(&summary)
         );
     }
     Ok(())
+}
+
+/// What a merge copied and encoded again, in words.
+fn merge_words(s: &vma_core::merge::MergeSummary) -> String {
+    format!(
+        "{} extents ({} clusters) copied as stored, {} partly superseded extents encoded again ({} clusters)",
+        s.copied_extents, s.copied_clusters, s.reencoded_extents, s.reencoded_clusters
+    )
+}
+
+/// Write the synthetic full of `chain`'s newest point to `output` (`-`:
+/// standard output); `check` sees the finished archive file before it is
+/// renamed into place. Returns what the merge did and the bytes written.
+fn write_synthetic_full(
+    chain: &Arc<Chain>,
+    output: &str,
+    output_options: &OutputArgs,
+    drive_digests: bool,
+    quiet: bool,
+    check: impl FnOnce(&File) -> Result<()>,
+) -> Result<(vma_core::merge::MergeSummary, u64)> {
+    chain.refuse_interrupted(|_| true)?;
+    let meta = synthetic_meta(chain);
+    let options = output_options.writer_options()?;
+    let merge_options = MergeOptions {
+        threads: output_options.threads,
+        drive_digests,
+    };
+    let total: u64 = meta.drives.iter().map(|d| d.size).sum();
+    let progress = Progress::bytes(total, "merge", quiet);
+    let written = write_archive_checked(
+        output,
+        output_options.force,
+        |out| {
+            let mut writer = Writer::new(out, meta, &options)?;
+            let summary =
+                merge_chain(chain, &mut writer, &merge_options, &mut |n| progress.set(n))?;
+            writer.finish()?;
+            Ok(summary)
+        },
+        check,
+    )?;
+    progress.finish();
+    Ok(written)
 }
 
 /// `vma diff`: each image against the same-named drive of the chain ending
@@ -702,6 +751,17 @@ fn write_archive<T>(
     force: bool,
     body: impl FnOnce(&mut dyn Write) -> Result<T>,
 ) -> Result<(T, u64)> {
+    write_archive_checked(archive, force, body, |_| Ok(()))
+}
+
+/// [`write_archive`], with `check` called on the finished, fsynced-to-be
+/// file before it is renamed into place (not for standard output).
+fn write_archive_checked<T>(
+    archive: &str,
+    force: bool,
+    body: impl FnOnce(&mut dyn Write) -> Result<T>,
+    check: impl FnOnce(&File) -> Result<()>,
+) -> Result<(T, u64)> {
     if archive == "-" {
         let mut out = Counting(
             BufWriter::with_capacity(1 << 20, std::io::stdout().lock()),
@@ -721,6 +781,7 @@ fn write_archive<T>(
     );
     let result = body(&mut out)?;
     let file = out.0.into_inner().map_err(|e| e.into_error())?;
+    check(file.file())?;
     file.commit()?;
     Ok((result, out.1))
 }
@@ -757,6 +818,7 @@ fn convert(
         drives: header.drives.clone(),
         configs: header.configs.clone(),
         parent: header.parent,
+        stands_for: header.stands_for.clone(),
     };
     let total = match (&path, stream_compression) {
         (Some(p), StreamCompression::None) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),

@@ -20,6 +20,7 @@ pub mod extract;
 pub mod format;
 pub mod format_v1;
 mod input;
+pub mod merge;
 mod pipeline;
 pub mod qcow2;
 pub mod ranges;

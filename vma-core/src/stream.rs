@@ -155,6 +155,7 @@ fn header_from_v1(h: V1Header) -> Header {
         parent: None,
         drives: h.drives,
         configs: h.configs,
+        stands_for: Vec::new(),
     }
 }
 
