@@ -110,3 +110,90 @@ pub fn require(tool: &str) {
         "{tool} is not installed: the tests need it (scripts/setup.sh installs it)"
     );
 }
+
+/// A path as `&str` (test paths are UTF-8).
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 test path")
+}
+
+/// A mount that is undone when the test ends, whatever happens.
+pub struct Mounted {
+    mountpoint: PathBuf,
+}
+
+impl Mounted {
+    /// Mount `archive` at `mountpoint` (created if missing) with `extra` flags.
+    pub fn new(archive: &Path, mountpoint: &Path, extra: &[&str]) -> Mounted {
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "/dev/fuse is missing: the mount tests need FUSE (run as root with /dev/fuse)"
+        );
+        std::fs::create_dir_all(mountpoint).unwrap();
+        let mut args = vec!["mount", path_str(archive), path_str(mountpoint)];
+        args.extend_from_slice(extra);
+        let o = vma(&args);
+        assert_eq!(code(&o), 0, "mount failed: {}", stderr(&o));
+        Mounted {
+            mountpoint: mountpoint.to_path_buf(),
+        }
+    }
+
+    /// The mount point.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// A file in the mount.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.mountpoint.join(name)
+    }
+
+    /// Unmount and check that the serving process is gone.
+    pub fn unmount(self) {
+        let mp = self.mountpoint.clone();
+        std::mem::forget(self);
+        let o = vma(&["umount", path_str(&mp)]);
+        if code(&o) != 0 {
+            let _ = sh(&format!("umount -l {}", path_str(&mp)));
+            panic!("vma umount failed: {}", stderr(&o));
+        }
+        for _ in 0..100 {
+            if serving_processes(&mp).is_empty() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "mount process still running after umount: {:?}",
+            serving_processes(&mp)
+        );
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if code(&vma(&["umount", path_str(&self.mountpoint)])) != 0 {
+            let _ = sh(&format!("umount -l {}", path_str(&self.mountpoint)));
+        }
+    }
+}
+
+/// Pids of `vma mount` processes serving `mountpoint`.
+pub fn serving_processes(mountpoint: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if args.iter().any(|a| *a == b"mount")
+            && args.contains(&mountpoint.as_os_str().as_encoded_bytes())
+        {
+            out.push(pid);
+        }
+    }
+    out
+}

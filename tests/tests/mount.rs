@@ -12,81 +12,6 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
-/// A mount that is undone when the test ends, whatever happens.
-struct Mounted {
-    mountpoint: PathBuf,
-}
-
-impl Mounted {
-    fn new(archive: &Path, mountpoint: &Path, extra: &[&str]) -> Mounted {
-        assert!(
-            Path::new("/dev/fuse").exists(),
-            "/dev/fuse is missing: the mount tests need FUSE (run as root with /dev/fuse)"
-        );
-        std::fs::create_dir_all(mountpoint).unwrap();
-        let mut args = vec!["mount", p(archive), p(mountpoint)];
-        args.extend_from_slice(extra);
-        let o = vma(&args);
-        assert_eq!(code(&o), 0, "mount failed: {}", stderr(&o));
-        Mounted {
-            mountpoint: mountpoint.to_path_buf(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.mountpoint.join(name)
-    }
-
-    /// Unmount and check that the serving process is gone.
-    fn unmount(self) {
-        let mp = self.mountpoint.clone();
-        std::mem::forget(self);
-        let o = vma(&["umount", p(&mp)]);
-        if code(&o) != 0 {
-            let _ = sh(&format!("umount -l {}", p(&mp)));
-            panic!("vma umount failed: {}", stderr(&o));
-        }
-        for _ in 0..100 {
-            if serving_processes(&mp).is_empty() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        panic!(
-            "mount process still running after umount: {:?}",
-            serving_processes(&mp)
-        );
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if code(&vma(&["umount", p(&self.mountpoint)])) != 0 {
-            let _ = sh(&format!("umount -l {}", p(&self.mountpoint)));
-        }
-    }
-}
-
-/// Pids of `vma mount` processes serving `mountpoint`.
-fn serving_processes(mountpoint: &Path) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        if args.iter().any(|a| *a == b"mount")
-            && args.contains(&mountpoint.as_os_str().as_encoded_bytes())
-        {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 /// Two drives (one sparse with an odd size) and two configs.
 fn sample(d: &Path, compress: &str) -> PathBuf {
     let disk = d.join("disk0.raw");
@@ -145,7 +70,7 @@ fn mounted_archive_shows_exact_drives_configs_and_listing() {
     let archive = sample(d, "zstd:1");
     let m = Mounted::new(&archive, &d.join("mnt"), &[]);
 
-    let mut names: Vec<String> = std::fs::read_dir(&m.mountpoint)
+    let mut names: Vec<String> = std::fs::read_dir(m.mountpoint())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();

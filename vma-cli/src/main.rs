@@ -21,6 +21,7 @@ use vma_core::diff::diff_image;
 use vma_core::extract::{check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions};
 use vma_core::format::{check_name, limits};
 use vma_core::merge::{merge_chain, synthetic_meta, MergeOptions};
+use vma_core::prune::{archives_in, files_in, plan_prune};
 use vma_core::source::{copy_image, open_image, DiskImage};
 use vma_core::stream::human_bytes;
 use vma_core::stream::ArchiveFormat;
@@ -152,6 +153,26 @@ enum Command {
         no_drive_digest: bool,
         #[command(flatten)]
         output_options: OutputArgs,
+    },
+    /// Keep the newest points in time of archive chains and delete the
+    /// rest, folding what the kept ones need into a synthetic full.
+    Prune {
+        /// A directory of archives, or the archives themselves.
+        #[arg(required = true, value_name = "DIR|ARCHIVE")]
+        paths: Vec<PathBuf>,
+        /// How many points in time to keep, newest first.
+        #[arg(long, value_name = "N")]
+        keep_last: usize,
+        /// Print what would be done and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Extent compression of the synthetic fulls: `zstd`, `zstd:LEVEL`
+        /// or `none`.
+        #[arg(long, default_value = "zstd:1", value_name = "zstd[:LEVEL]|none")]
+        compress: String,
+        /// Worker threads (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
     /// Write an incremental archive of disk images against an earlier
     /// archive (chain): only the clusters that differ are stored.
@@ -373,6 +394,20 @@ fn run(cli: Cli) -> Result<()> {
             &output_options,
             quiet,
         ),
+        Command::Prune {
+            paths,
+            keep_last,
+            dry_run,
+            compress,
+            threads,
+        } => {
+            let output_options = OutputArgs {
+                compress,
+                threads,
+                force: true,
+            };
+            prune(&paths, keep_last, dry_run, &output_options, quiet)
+        }
         Command::Merge {
             archive,
             output,
@@ -588,6 +623,149 @@ fn write_synthetic_full(
     )?;
     progress.finish();
     Ok(written)
+}
+
+/// `vma prune`: plan (vma_core::prune), then write each synthetic full over
+/// the point it replaces (checked before it is renamed into place), check
+/// that every remaining chain resolves, and only then delete.
+fn prune(
+    paths: &[PathBuf],
+    keep: usize,
+    dry_run: bool,
+    output_options: &OutputArgs,
+    quiet: bool,
+) -> Result<()> {
+    let (archives, dirs) = match paths {
+        [dir] if dir.is_dir() => (archives_in(dir)?, vec![dir.clone()]),
+        _ => {
+            let mut dirs: Vec<PathBuf> = Vec::new();
+            for p in paths {
+                if !p.is_file() {
+                    bail!(
+                        "{} is not an archive file (give one directory, or archive files)",
+                        p.display()
+                    );
+                }
+                let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+                let dir = dir.unwrap_or(Path::new(".")).to_path_buf();
+                if !dirs.contains(&dir) {
+                    dirs.push(dir);
+                }
+            }
+            (paths.to_vec(), dirs)
+        }
+    };
+    if archives.is_empty() {
+        bail!("no archives in {}", paths[0].display());
+    }
+    let mut beside = Vec::new();
+    for d in &dirs {
+        beside.extend(files_in(d)?);
+    }
+    let plan = plan_prune(&archives, keep, &beside)?;
+    let say = |line: String| {
+        if !quiet {
+            println!("{line}");
+        }
+    };
+    let names = |ps: &[PathBuf]| {
+        ps.iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for c in &plan.chains {
+        say(format!(
+            "chain of {} archive(s), full {}:",
+            c.links.len(),
+            c.links[0].display()
+        ));
+        if let Some(k) = &c.fold {
+            say(format!(
+                "  fold: {} becomes a synthetic full of its point in time ({} older archive(s) folded in)",
+                k.display(),
+                c.delete.len()
+            ));
+        }
+        if !c.keep.is_empty() {
+            say(format!("  keep: {}", names(&c.keep)));
+        }
+        if !c.delete.is_empty() {
+            say(format!("  delete: {}", names(&c.delete)));
+        }
+    }
+    if plan.is_empty() {
+        say(format!(
+            "nothing to prune: the newest {keep} point(s) in time need every archive"
+        ));
+        return Ok(());
+    }
+    if dry_run {
+        say("dry run: nothing changed".into());
+        return Ok(());
+    }
+    let threads = output_options.threads;
+    for c in &plan.chains {
+        let Some(k) = &c.fold else { continue };
+        let chain = Arc::new(
+            Chain::open(k, &archives).with_context(|| format!("opening {}", k.display()))?,
+        );
+        let dest = k
+            .to_str()
+            .ok_or_else(|| anyhow!("{} is not valid UTF-8", k.display()))?;
+        let (summary, stored) =
+            write_synthetic_full(&chain, dest, output_options, true, quiet, |file| {
+                check_written(file, threads)
+                    .with_context(|| format!("checking the synthetic full for {dest}"))
+            })?;
+        say(format!(
+            "wrote {dest}: synthetic full of its point in time from {} archives ({} stored; {})",
+            summary.links,
+            human_bytes(stored),
+            merge_words(&summary)
+        ));
+    }
+    // Every archive that stays must still restore before anything goes.
+    let deleted: Vec<&PathBuf> = plan.chains.iter().flat_map(|c| &c.delete).collect();
+    let remaining: Vec<PathBuf> = archives
+        .iter()
+        .filter(|a| !deleted.contains(a))
+        .cloned()
+        .collect();
+    for c in &plan.chains {
+        if let Some(tip) = c.keep.last().or(c.fold.as_ref()) {
+            Chain::open(tip, &remaining).with_context(|| {
+                format!("{} no longer resolves; nothing was deleted", tip.display())
+            })?;
+        }
+    }
+    for c in &plan.chains {
+        for d in &c.delete {
+            std::fs::remove_file(d).with_context(|| format!("deleting {}", d.display()))?;
+            say(format!("deleted {}", d.display()));
+        }
+    }
+    for d in &dirs {
+        if let Ok(f) = File::open(d) {
+            let _ = f.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Check a freshly written archive file from its start: every extent's
+/// SHA-256, the structure, index, footer and archive digest.
+fn check_written(file: &File, threads: usize) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file.try_clone().context("reopening the new archive")?;
+    let len = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    let stream = ArchiveStream::open(f.take(len), "the new archive")?;
+    let report = vma_core::verify::verify(stream, threads, false, None)?;
+    match report.problems.first() {
+        None => Ok(()),
+        Some(p) => Err(Damage(format!("the archive just written does not verify: {p}")).into()),
+    }
 }
 
 /// `vma diff`: each image against the same-named drive of the chain ending

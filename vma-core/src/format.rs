@@ -162,7 +162,7 @@ pub struct ConfigBlob {
 /// An archive's identity: its uuid and archive digest. An incremental
 /// archive names its parent this way; a stand-in names the archives whose
 /// point in time it holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ParentRef {
     /// The archive's uuid.
     pub uuid: [u8; 16],

@@ -22,6 +22,7 @@ pub mod format_v1;
 mod input;
 pub mod merge;
 mod pipeline;
+pub mod prune;
 pub mod qcow2;
 pub mod ranges;
 pub mod reader;

@@ -155,6 +155,13 @@ pub fn merge_chain<W: Write>(
     Ok(summary)
 }
 
+/// An extent of the chain: (link, offset of the extent in it).
+type ExtentKey = (usize, u64);
+
+/// Clusters of a drive at the newest point, and the extent holding them
+/// (None: they are zero).
+type RawPiece = (Range<u64>, Option<ExtentKey>);
+
 /// Where the clusters of one piece of a drive come from.
 #[derive(Clone, Copy, Debug)]
 enum Source {
@@ -224,9 +231,9 @@ impl Plan {
         let mut current = vec![vec![RangeSet::new(); newest.len()]; links.len()];
         let mut drives = Vec::with_capacity(newest.len());
         // Data clusters from each extent at the newest point.
-        let mut current_count: HashMap<(usize, u64), u64> = HashMap::new();
+        let mut current_count: HashMap<ExtentKey, u64> = HashMap::new();
         // The raw pieces: clusters, and (link, extent offset) for data.
-        let mut raw: Vec<Vec<(Range<u64>, Option<(usize, u64)>)>> = Vec::new();
+        let mut raw: Vec<Vec<RawPiece>> = Vec::new();
         for (slot, d) in newest.iter().enumerate() {
             let mut pieces = Vec::new();
             resolve(chain, 0, &d.name, 0..d.clusters(), &mut pieces)?;
@@ -247,7 +254,7 @@ impl Plan {
             });
         }
         // Data clusters each extent holds, from the indexes.
-        let mut stored_count: HashMap<(usize, u64), u64> = HashMap::new();
+        let mut stored_count: HashMap<ExtentKey, u64> = HashMap::new();
         for (link, l) in links.iter().enumerate() {
             for r in l.index().runs.iter().filter(|r| r.kind == RunKind::Data) {
                 *stored_count.entry((link, r.extent_offset)).or_default() += r.count as u64;
@@ -263,17 +270,17 @@ impl Plan {
             .collect();
         // Number the data pieces in walk order and find each one's next use
         // of the same extent.
-        let keys: Vec<(usize, u64)> = raw.iter().flatten().filter_map(|(_, s)| *s).collect();
+        let keys: Vec<ExtentKey> = raw.iter().flatten().filter_map(|(_, s)| *s).collect();
         let mut next_use = vec![None; keys.len()];
-        let mut later: HashMap<(usize, u64), usize> = HashMap::new();
+        let mut later: HashMap<ExtentKey, usize> = HashMap::new();
         for (g, key) in keys.iter().enumerate().rev() {
             next_use[g] = later.insert(*key, g);
         }
         let mut loads: Vec<Load> = Vec::new();
         // Extents whose decoded form is kept for later pieces: key -> load.
-        let mut live: HashMap<(usize, u64), usize> = HashMap::new();
+        let mut live: HashMap<ExtentKey, usize> = HashMap::new();
         let mut live_bytes = 0u64;
-        let mut seen: HashSet<(usize, u64)> = HashSet::new();
+        let mut seen: HashSet<ExtentKey> = HashSet::new();
         let mut g = 0;
         for (dp, pieces) in drives.iter_mut().zip(raw) {
             for (clusters, src) in pieces {
@@ -404,7 +411,7 @@ fn resolve(
     link: usize,
     name: &str,
     range: Range<u64>,
-    out: &mut Vec<(Range<u64>, Option<(usize, u64)>)>,
+    out: &mut Vec<RawPiece>,
 ) -> Result<()> {
     let reader = &chain.links()[link];
     let d = reader
@@ -450,11 +457,7 @@ fn resolve(
     Ok(())
 }
 
-fn push_piece(
-    out: &mut Vec<(Range<u64>, Option<(usize, u64)>)>,
-    clusters: Range<u64>,
-    src: Option<(usize, u64)>,
-) {
+fn push_piece(out: &mut Vec<RawPiece>, clusters: Range<u64>, src: Option<ExtentKey>) {
     if let Some((last, s)) = out.last_mut() {
         if *s == src && last.end == clusters.start {
             last.end = clusters.end;
