@@ -115,7 +115,7 @@ pub fn plan_prune(archives: &[PathBuf], keep: usize, beside: &[PathBuf]) -> Resu
     for (j, c) in children.iter().enumerate() {
         if c.len() > 1 {
             return Err(Error::Invalid(format!(
-                "{} is the parent of both {} and {}: prune works on chains without branches; give each branch's archives on their own",
+                "{} is the parent of both {} and {}: prune works on chains without branches (fold branched chains with `vma merge`)",
                 readers[j].path().display(),
                 readers[c[0]].path().display(),
                 readers[c[1]].path().display()
