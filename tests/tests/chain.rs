@@ -384,3 +384,66 @@ fn an_interrupted_merge_leaves_nothing_under_the_final_name() {
         names(&chain_dir)
     );
 }
+
+#[test]
+fn convert_copies_extents_already_encoded_as_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let chain_dir = dir.path().join("chain");
+    std::fs::create_dir_all(&chain_dir).unwrap();
+    let points = make_chain(&chain_dir, 2);
+    let list = |a: &Path| -> serde_json::Value {
+        serde_json::from_str(&ok(&["list", "--json", p(a)])).unwrap()
+    };
+    for (i, (archive, want)) in points.iter().enumerate() {
+        // Same compression, through a pipe: every extent is copied as stored.
+        let same = chain_dir.join(format!("same{i}.vma"));
+        let o = sh(&format!(
+            "cat {} | \"$VMA\" convert -q - - > {}",
+            p(archive),
+            p(&same)
+        ));
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        let (a, b) = (list(archive), list(&same));
+        assert_eq!(a["uuid"], b["uuid"]);
+        assert_eq!(a["parent"], b["parent"]);
+        assert_eq!(
+            a["drives"][0]["stored_bytes"],
+            b["drives"][0]["stored_bytes"]
+        );
+        assert_eq!(a["drives"][0]["sha256"], b["drives"][0]["sha256"]);
+        assert_eq!(
+            std::fs::metadata(archive).unwrap().len(),
+            std::fs::metadata(&same).unwrap().len()
+        );
+        ok(&["verify", "--quiet", p(&same)]);
+        // Other compression: encoded again, same contents.
+        let raw = chain_dir.join(format!("raw{i}.vma"));
+        ok(&[
+            "convert",
+            "--quiet",
+            "--compress",
+            "none",
+            p(archive),
+            p(&raw),
+        ]);
+        assert_eq!(list(&raw)["compression"], "none");
+        for converted in [&same, &raw] {
+            let x = dir.path().join("x");
+            let _ = std::fs::remove_dir_all(&x);
+            ok(&["extract", "--quiet", p(converted), p(&x)]);
+            assert!(std::fs::read(x.join("disk0.raw")).unwrap() == *want);
+        }
+        std::fs::remove_file(&raw).unwrap();
+        std::fs::remove_file(&same).unwrap();
+    }
+    // A damaged extent stops the copy (exit 1) and leaves no output.
+    let mut bad = std::fs::read(&points[0].0).unwrap();
+    bad[150_000] ^= 4;
+    let damaged = dir.path().join("damaged.vma");
+    std::fs::write(&damaged, &bad).unwrap();
+    let out = dir.path().join("out.vma");
+    let o = vma(&["convert", p(&damaged), p(&out)]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("damaged"), "{}", stderr(&o));
+    assert!(!out.exists());
+}

@@ -1010,10 +1010,22 @@ fn convert(
     };
     let (_, bytes) = write_archive(output, force, |out| {
         let mut writer = AnyWriter::new(out, meta, format == OutputFormat::Vma1, &options)?;
-        let report = stream.pass(&pass_options, |ext| {
-            progress.set(ext.offset + ext.stored_len);
-            copy_extent(ext, &header.drives, &mut writer)
-        })?;
+        // Extents already encoded as asked are copied as they are stored.
+        let report = match &mut writer {
+            AnyWriter::V2(w)
+                if stream.format() == ArchiveFormat::V2
+                    && w.header().compression == header.compression =>
+            {
+                stream.pass_stored(&pass_options, |ext| {
+                    progress.set(ext.offset() + ext.stored_len());
+                    w.append_stored(ext)
+                })?
+            }
+            _ => stream.pass(&pass_options, |ext| {
+                progress.set(ext.offset + ext.stored_len);
+                copy_extent(ext, &header.drives, &mut writer)
+            })?,
+        };
         // Whole-drive digests hold for the same bytes in the new archive.
         for record in report.index.iter().flat_map(|i| &i.drives) {
             if let Some(digest) = record.digest {

@@ -301,20 +301,39 @@ impl StoredExtent {
     /// Check a whole extent (`bytes` from its magic through its digest)
     /// found at absolute `offset`: header, length, SHA-256, entries and
     /// masks. Damage is [`Error::Corrupt`] or [`Error::Truncated`].
-    pub(crate) fn check(bytes: Vec<u8>, offset: u64, zstd_allowed: bool) -> Result<StoredExtent> {
-        let (header, entries, masks) = check_extent(&bytes, offset, zstd_allowed)?;
-        Ok(StoredExtent {
-            offset,
-            header,
-            bytes,
-            entries,
-            masks,
-        })
+    /// On damage, the bytes come back with the error.
+    pub(crate) fn check(
+        bytes: Vec<u8>,
+        offset: u64,
+        zstd_allowed: bool,
+    ) -> std::result::Result<StoredExtent, (Error, Vec<u8>)> {
+        match check_extent(&bytes, offset, zstd_allowed) {
+            Ok((header, entries, masks)) => Ok(StoredExtent {
+                offset,
+                header,
+                bytes,
+                entries,
+                masks,
+            }),
+            Err(e) => Err((e, bytes)),
+        }
     }
 
     /// Where it was read from.
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    /// Its sequence number in the archive it was read from.
+    pub fn seq(&self) -> u64 {
+        self.header.seq
+    }
+
+    /// Its digest (as stored and checked).
+    pub fn digest(&self) -> [u8; 32] {
+        self.bytes[self.bytes.len() - DIGEST_LEN..]
+            .try_into()
+            .expect("32")
     }
 
     /// Its run entries.

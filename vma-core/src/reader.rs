@@ -392,7 +392,7 @@ impl Reader {
         let mut bytes = vec![0u8; h.total_len()];
         read_exact_at(&self.file, &mut bytes, offset, &name)?;
         let zstd_allowed = self.header.incompat & INCOMPAT_ZSTD != 0;
-        let ext = StoredExtent::check(bytes, offset, zstd_allowed)?;
+        let ext = StoredExtent::check(bytes, offset, zstd_allowed).map_err(|(e, _)| e)?;
         if !ext.entries().iter().any(|e| e.kind == RunKind::Data) {
             return Err(Error::corrupt(
                 offset,

@@ -23,6 +23,13 @@ pub trait ClusterWriter {
     fn write_cluster(&mut self, drive: DriveId, cluster: ClusterNo, data: &[u8]) -> Result<()>;
     /// Record clusters as all zero.
     fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()>;
+    /// Record clusters as unchanged from the parent, where the format has
+    /// incremental archives.
+    fn write_unchanged(&mut self, _drive: DriveId, _clusters: Range<u64>) -> Result<()> {
+        Err(Error::Invalid(
+            "this archive format cannot hold an incremental archive (unchanged clusters)".into(),
+        ))
+    }
     /// Record the SHA-256 of the whole logical drive, where the format has room.
     fn set_drive_digest(&mut self, drive: DriveId, digest: [u8; 32]) -> Result<()>;
     /// Whether [`ClusterWriter::set_drive_digest`] keeps the digest (so
@@ -38,6 +45,9 @@ impl<W: Write> ClusterWriter for Writer<W> {
     }
     fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
         Writer::write_zeros(self, drive, clusters)
+    }
+    fn write_unchanged(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
+        Writer::write_unchanged(self, drive, clusters)
     }
     fn set_drive_digest(&mut self, drive: DriveId, digest: [u8; 32]) -> Result<()> {
         Writer::set_drive_digest(self, drive, digest)
