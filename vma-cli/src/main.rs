@@ -572,7 +572,7 @@ fn merge(
         })?;
     if !quiet {
         eprintln!(
-            "vma: wrote {output} from {} archives ({} stored): {}",
+            "vma: wrote {output} from {} archive(s) ({} stored): {}",
             summary.links,
             human_bytes(stored),
             merge_words(&summary)
@@ -584,7 +584,7 @@ fn merge(
 /// What a merge copied and encoded again, in words.
 fn merge_words(s: &vma_core::merge::MergeSummary) -> String {
     format!(
-        "{} extents ({} clusters) copied as stored, {} partly superseded extents encoded again ({} clusters)",
+        "{} extents ({} clusters) copied as stored, {} extents decoded to encode their current clusters again ({} clusters)",
         s.copied_extents, s.copied_clusters, s.reencoded_extents, s.reencoded_clusters
     )
 }
@@ -719,7 +719,7 @@ fn prune(
                     .with_context(|| format!("checking the synthetic full for {dest}"))
             })?;
         say(format!(
-            "wrote {dest}: synthetic full of its point in time from {} archives ({} stored; {})",
+            "wrote {dest}: synthetic full of its point in time from {} archive(s) ({} stored; {})",
             summary.links,
             human_bytes(stored),
             merge_words(&summary)

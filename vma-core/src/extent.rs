@@ -252,6 +252,21 @@ impl DecodedExtent {
         })
     }
 
+    /// Every data cluster in entry order (zero and unchanged runs, however
+    /// long, are skipped in one step each).
+    pub fn data_clusters(
+        &self,
+    ) -> impl Iterator<Item = (DriveId, ClusterNo, ClusterData<'_>)> + '_ {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.kind == RunKind::Data)
+            .flat_map(move |(i, e)| {
+                (0..e.count as u64)
+                    .map(move |k| (e.drive, ClusterNo(e.start + k), self.entry_cluster(i, e, k)))
+            })
+    }
+
     fn entry_cluster(&self, i: usize, e: &Entry, k: u64) -> ClusterData<'_> {
         match e.kind {
             RunKind::Zero => ClusterData::Zero,

@@ -527,10 +527,8 @@ impl<W: Write> Exec<'_, W> {
     /// Write the current data clusters of a decoded extent of `link`.
     fn encode_current(&mut self, link: usize, ext: &DecodedExtent) -> Result<()> {
         let mut buf = vec![0u8; CLUSTER_SIZE];
-        for (drive, cluster, data) in ext.clusters() {
-            if !matches!(data, ClusterData::Data { .. })
-                || !self.plan.is_current(link, drive, cluster.0..cluster.0 + 1)
-            {
+        for (drive, cluster, data) in ext.data_clusters() {
+            if !self.plan.is_current(link, drive, cluster.0..cluster.0 + 1) {
                 continue;
             }
             let slot = self
