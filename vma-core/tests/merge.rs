@@ -470,3 +470,52 @@ fn prune_plans_keep_the_newest_points_over_every_chain() {
     assert!(plan_prune(&all, 9, &beside).unwrap().is_empty());
     assert!(plan_prune(&all, 0, &beside).is_err());
 }
+
+/// A stored extent is claimed like any submission, and a zstd extent needs
+/// an archive with the ZSTD feature.
+#[test]
+fn append_stored_checks_like_any_submission() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.vma");
+    small_link(&src, 1, None, false);
+    let r = Reader::open(&src).unwrap();
+    let offset = r.runs(DriveId(1))[0].extent_offset;
+    let drive = r.header().drives.clone();
+    let new_writer = |compression| {
+        Writer::new(
+            Vec::new(),
+            ArchiveMeta::new(drive.clone(), vec![]),
+            &WriterOptions {
+                compression,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    // The small link's extent is zstd-compressed (its cluster repeats a byte).
+    let mut plain = new_writer(Compression::None);
+    let err = plain
+        .append_stored(r.stored_extent(offset).unwrap())
+        .unwrap_err();
+    assert!(err.to_string().contains("zstd"), "{err}");
+    let mut w = new_writer(Compression::Zstd(1));
+    w.append_stored(r.stored_extent(offset).unwrap()).unwrap();
+    let err = w
+        .append_stored(r.stored_extent(offset).unwrap())
+        .unwrap_err();
+    assert!(err.to_string().contains("already written"), "{err}");
+    // Copied as it was: the same payload, a new digest, a valid archive.
+    let (bytes, _) = w.finish().unwrap();
+    let copy = dir.path().join("copy.vma");
+    std::fs::write(&copy, &bytes).unwrap();
+    let c = Reader::open(&copy).unwrap();
+    let mut a = vec![0u8; 3 * CLUSTER_SIZE];
+    let mut b = a.clone();
+    r.read_at(DriveId(1), 0, &mut a).unwrap();
+    c.read_at(DriveId(1), 0, &mut b).unwrap();
+    assert!(a == b);
+    let stream = ArchiveStream::open(&bytes[..], "copy").unwrap();
+    assert!(vma_core::verify::verify(stream, 1, true, None)
+        .unwrap()
+        .is_clean());
+}
