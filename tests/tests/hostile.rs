@@ -34,6 +34,7 @@ fn header(size: u64, name: &str) -> Vec<u8> {
         },
         creator: "forged".into(),
         parent: None,
+        stands_for: vec![],
         drives: vec![DriveInfo {
             id: DriveId(1),
             name: name.into(),

@@ -30,6 +30,8 @@ use vma_core::detect::{open_any, StreamCompression};
 use vma_core::diff::diff_image;
 use vma_core::extract::{check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions};
 use vma_core::format::{check_name, limits};
+use vma_core::merge::{merge_chain, synthetic_meta, MergeOptions};
+use vma_core::prune::{archives_in, files_in, plan_prune};
 use vma_core::source::{copy_image, open_image, DiskImage};
 use vma_core::stream::human_bytes;
 use vma_core::stream::ArchiveFormat;
@@ -158,8 +160,32 @@ enum Command {
         /// the archive, by uuid.
         #[arg(long = "parent", value_name = "PATH")]
         parents: Vec<PathBuf>,
+        /// Record no whole-drive SHA-256: extents copied as stored are then
+        /// not decoded at all (every extent digest is still checked).
+        #[arg(long)]
+        no_drive_digest: bool,
         #[command(flatten)]
         output_options: OutputArgs,
+    },
+    /// Keep the newest points in time of archive chains and delete the
+    /// rest, folding what the kept ones need into a synthetic full.
+    Prune {
+        /// A directory of archives, or the archives themselves.
+        #[arg(required = true, value_name = "DIR|ARCHIVE")]
+        paths: Vec<PathBuf>,
+        /// How many points in time to keep, newest first.
+        #[arg(long, value_name = "N")]
+        keep_last: usize,
+        /// Print what would be done and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Extent compression of the synthetic fulls: `zstd`, `zstd:LEVEL`
+        /// or `none`.
+        #[arg(long, default_value = "zstd:1", value_name = "zstd[:LEVEL]|none")]
+        compress: String,
+        /// Worker threads (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
     /// Write an incremental archive of disk images against an earlier
     /// archive (chain): only the clusters that differ are stored.
@@ -387,12 +413,34 @@ fn run(cli: Cli) -> Result<()> {
             &output_options,
             quiet,
         ),
+        Command::Prune {
+            paths,
+            keep_last,
+            dry_run,
+            compress,
+            threads,
+        } => {
+            let output_options = OutputArgs {
+                compress,
+                threads,
+                force: true,
+            };
+            prune(&paths, keep_last, dry_run, &output_options, quiet)
+        }
         Command::Merge {
             archive,
             output,
             parents,
+            no_drive_digest,
             output_options,
-        } => merge(&archive, &output, &parents, &output_options, quiet),
+        } => merge(
+            &archive,
+            &output,
+            &parents,
+            !no_drive_digest,
+            &output_options,
+            quiet,
+        ),
     }
 }
 
@@ -521,43 +569,224 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// `vma merge`: the chain's newest point in time, written like `create`
-/// writes images (each drive read in order, so its SHA-256 is recorded).
-/// The uuid is new; time, drives and configs (the capture record with its
-/// checkpoints included) are the newest archive's, so a later capture can
-/// continue incrementally from the merged archive.
+/// `vma merge`: the chain's newest point in time as a synthetic full,
+/// streamed from the chain's extents (see `vma_core::merge`). The uuid is
+/// new; time, drives and configs (the capture record with its checkpoints
+/// included) are the newest archive's, and the output stands in for the
+/// newest archive, so archives made on top of it resolve against it.
 fn merge(
     archive: &Path,
     output: &str,
     parents: &[PathBuf],
+    drive_digests: bool,
     output_options: &OutputArgs,
     quiet: bool,
 ) -> Result<()> {
     let chain = Arc::new(
         Chain::open(archive, parents).with_context(|| format!("opening {}", archive.display()))?,
     );
-    chain.refuse_interrupted(|_| true)?;
-    let header = chain.header().clone();
-    let mut meta = ArchiveMeta::new(header.drives.clone(), header.configs.clone());
-    meta.ctime = header.ctime;
-    let images = header
-        .drives
-        .iter()
-        .map(|d| Ok(Box::new(ChainDrive::new(chain.clone(), d.id)?) as Box<dyn DiskImage>))
-        .collect::<Result<Vec<_>>>()?;
-    let options = output_options.writer_options()?;
-    let force = output_options.force;
-    let stored = archive_images(
-        output, force, meta, false, &options, &images, "merge", quiet,
-    )?;
+    let (summary, stored) =
+        write_synthetic_full(&chain, output, output_options, drive_digests, quiet, |_| {
+            Ok(())
+        })?;
     if !quiet {
         eprintln!(
-            "vma: wrote {output} from {} archives ({} stored)",
-            chain.links().len(),
-            human_bytes(stored)
+            "vma: wrote {output} from {} archive(s) ({} stored): {}",
+            summary.links,
+            human_bytes(stored),
+            merge_words(&summary)
         );
     }
     Ok(())
+}
+
+/// What a merge copied and encoded again, in words.
+fn merge_words(s: &vma_core::merge::MergeSummary) -> String {
+    format!(
+        "{} extents ({} clusters) copied as stored, {} extents decoded to encode their current clusters again ({} clusters)",
+        s.copied_extents, s.copied_clusters, s.reencoded_extents, s.reencoded_clusters
+    )
+}
+
+/// Write the synthetic full of `chain`'s newest point to `output` (`-`:
+/// standard output); `check` sees the finished archive file before it is
+/// renamed into place. Returns what the merge did and the bytes written.
+fn write_synthetic_full(
+    chain: &Arc<Chain>,
+    output: &str,
+    output_options: &OutputArgs,
+    drive_digests: bool,
+    quiet: bool,
+    check: impl FnOnce(&File) -> Result<()>,
+) -> Result<(vma_core::merge::MergeSummary, u64)> {
+    chain.refuse_interrupted(|_| true)?;
+    let meta = synthetic_meta(chain);
+    let options = output_options.writer_options()?;
+    let merge_options = MergeOptions {
+        threads: output_options.threads,
+        drive_digests,
+    };
+    let total: u64 = meta.drives.iter().map(|d| d.size).sum();
+    let progress = Progress::bytes(total, "merge", quiet);
+    let written = write_archive_checked(
+        output,
+        output_options.force,
+        |out| {
+            let mut writer = Writer::new(out, meta, &options)?;
+            let summary =
+                merge_chain(chain, &mut writer, &merge_options, &mut |n| progress.set(n))?;
+            writer.finish()?;
+            Ok(summary)
+        },
+        check,
+    )?;
+    progress.finish();
+    Ok(written)
+}
+
+/// `vma prune`: plan (vma_core::prune), then write each synthetic full over
+/// the point it replaces (checked before it is renamed into place), check
+/// that every remaining chain resolves, and only then delete.
+fn prune(
+    paths: &[PathBuf],
+    keep: usize,
+    dry_run: bool,
+    output_options: &OutputArgs,
+    quiet: bool,
+) -> Result<()> {
+    let (archives, dirs) = match paths {
+        [dir] if dir.is_dir() => (archives_in(dir)?, vec![dir.clone()]),
+        _ => {
+            let mut dirs: Vec<PathBuf> = Vec::new();
+            for p in paths {
+                if !p.is_file() {
+                    bail!(
+                        "{} is not an archive file (give one directory, or archive files)",
+                        p.display()
+                    );
+                }
+                let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+                let dir = dir.unwrap_or(Path::new(".")).to_path_buf();
+                if !dirs.contains(&dir) {
+                    dirs.push(dir);
+                }
+            }
+            (paths.to_vec(), dirs)
+        }
+    };
+    if archives.is_empty() {
+        bail!("no archives in {}", paths[0].display());
+    }
+    let mut beside = Vec::new();
+    for d in &dirs {
+        beside.extend(files_in(d)?);
+    }
+    let plan = plan_prune(&archives, keep, &beside)?;
+    // What prune does is said as it goes; a closed stdout must not stop
+    // it half-way, so write errors are ignored here.
+    let say = |line: String| {
+        if !quiet {
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
+        }
+    };
+    let names = |ps: &[PathBuf]| {
+        ps.iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for c in &plan.chains {
+        say(format!(
+            "chain of {} archive(s), full {}:",
+            c.links.len(),
+            c.links[0].display()
+        ));
+        if let Some(k) = &c.fold {
+            say(format!(
+                "  fold: {} becomes a synthetic full of its point in time ({} older archive(s) folded in)",
+                k.display(),
+                c.delete.len()
+            ));
+        }
+        if !c.keep.is_empty() {
+            say(format!("  keep: {}", names(&c.keep)));
+        }
+        if !c.delete.is_empty() {
+            say(format!("  delete: {}", names(&c.delete)));
+        }
+    }
+    if plan.is_empty() {
+        say(format!(
+            "nothing to prune: the newest {keep} point(s) in time need every archive"
+        ));
+        return Ok(());
+    }
+    if dry_run {
+        say("dry run: nothing changed".into());
+        return Ok(());
+    }
+    let threads = output_options.threads;
+    for c in &plan.chains {
+        let Some(k) = &c.fold else { continue };
+        let chain = Arc::new(
+            Chain::open(k, &archives).with_context(|| format!("opening {}", k.display()))?,
+        );
+        let dest = k
+            .to_str()
+            .ok_or_else(|| anyhow!("{} is not valid UTF-8", k.display()))?;
+        let (summary, stored) =
+            write_synthetic_full(&chain, dest, output_options, true, quiet, |file| {
+                check_written(file, threads)
+                    .with_context(|| format!("checking the synthetic full for {dest}"))
+            })?;
+        say(format!(
+            "wrote {dest}: synthetic full of its point in time from {} archive(s) ({} stored; {})",
+            summary.links,
+            human_bytes(stored),
+            merge_words(&summary)
+        ));
+    }
+    // Every archive that stays must still restore before anything goes.
+    let deleted: Vec<&PathBuf> = plan.chains.iter().flat_map(|c| &c.delete).collect();
+    let remaining: Vec<PathBuf> = archives
+        .iter()
+        .filter(|a| !deleted.contains(a))
+        .cloned()
+        .collect();
+    for c in &plan.chains {
+        if let Some(tip) = c.keep.last().or(c.fold.as_ref()) {
+            Chain::open(tip, &remaining).with_context(|| {
+                format!("{} no longer resolves; nothing was deleted", tip.display())
+            })?;
+        }
+    }
+    for c in &plan.chains {
+        for d in &c.delete {
+            std::fs::remove_file(d).with_context(|| format!("deleting {}", d.display()))?;
+            say(format!("deleted {}", d.display()));
+        }
+    }
+    for d in &dirs {
+        if let Ok(f) = File::open(d) {
+            let _ = f.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Check a freshly written archive file from its start: every extent's
+/// SHA-256, the structure, index, footer and archive digest.
+fn check_written(file: &File, threads: usize) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file.try_clone().context("reopening the new archive")?;
+    let len = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    let stream = ArchiveStream::open(f.take(len), "the new archive")?;
+    let report = vma_core::verify::verify(stream, threads, false, None)?;
+    match report.problems.first() {
+        None => Ok(()),
+        Some(p) => Err(Damage(format!("the archive just written does not verify: {p}")).into()),
+    }
 }
 
 /// `vma diff`: each image against the same-named drive of the chain ending
@@ -721,6 +950,17 @@ fn write_archive<T>(
     force: bool,
     body: impl FnOnce(&mut dyn Write) -> Result<T>,
 ) -> Result<(T, u64)> {
+    write_archive_checked(archive, force, body, |_| Ok(()))
+}
+
+/// [`write_archive`], with `check` called on the finished, fsynced-to-be
+/// file before it is renamed into place (not for standard output).
+fn write_archive_checked<T>(
+    archive: &str,
+    force: bool,
+    body: impl FnOnce(&mut dyn Write) -> Result<T>,
+    check: impl FnOnce(&File) -> Result<()>,
+) -> Result<(T, u64)> {
     if archive == "-" {
         let mut out = Counting(
             BufWriter::with_capacity(1 << 20, std::io::stdout().lock()),
@@ -740,6 +980,7 @@ fn write_archive<T>(
     );
     let result = body(&mut out)?;
     let file = out.0.into_inner().map_err(|e| e.into_error())?;
+    check(file.file())?;
     file.commit()?;
     Ok((result, out.1))
 }
@@ -776,6 +1017,7 @@ fn convert(
         drives: header.drives.clone(),
         configs: header.configs.clone(),
         parent: header.parent,
+        stands_for: header.stands_for.clone(),
     };
     let total = match (&path, stream_compression) {
         (Some(p), StreamCompression::None) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
@@ -789,10 +1031,22 @@ fn convert(
     };
     let (_, bytes) = write_archive(output, force, |out| {
         let mut writer = AnyWriter::new(out, meta, format == OutputFormat::Vma1, &options)?;
-        let report = stream.pass(&pass_options, |ext| {
-            progress.set(ext.offset + ext.stored_len);
-            copy_extent(ext, &header.drives, &mut writer)
-        })?;
+        // Extents already encoded as asked are copied as they are stored.
+        let report = match &mut writer {
+            AnyWriter::V2(w)
+                if stream.format() == ArchiveFormat::V2
+                    && w.header().compression == header.compression =>
+            {
+                stream.pass_stored(&pass_options, |ext| {
+                    progress.set(ext.offset() + ext.stored_len());
+                    w.append_stored(ext)
+                })?
+            }
+            _ => stream.pass(&pass_options, |ext| {
+                progress.set(ext.offset + ext.stored_len);
+                copy_extent(ext, &header.drives, &mut writer)
+            })?,
+        };
         // Whole-drive digests hold for the same bytes in the new archive.
         for record in report.index.iter().flat_map(|i| &i.drives) {
             if let Some(digest) = record.digest {

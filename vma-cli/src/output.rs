@@ -142,6 +142,7 @@ pub(crate) fn list_json(opened: &Opened) -> Value {
         "creator": header.creator,
         "compression": compression,
         "parent": header.parent.map(|p| json!({"uuid": uuid_str(&p.uuid), "digest": hex::encode(p.digest)})),
+        "stands_for": header.stands_for.iter().map(|p| json!({"uuid": uuid_str(&p.uuid), "digest": hex::encode(p.digest)})).collect::<Vec<_>>(),
         "complete": reader.is_some(),
         "problem": opened.problem,
         "archive_size": reader.and_then(|r| std::fs::metadata(r.path()).ok()).map(|m| m.len()),
@@ -159,10 +160,16 @@ pub(crate) fn list(archive: &str, json_out: bool, chain_parents: Option<&[PathBu
             anyhow::bail!("--chain needs an archive file, not standard input");
         }
         let chain = Chain::open(Path::new(archive), parents)?;
-        doc["chain"] = chain
-            .links()
+        let links = chain.links();
+        doc["chain"] = links
             .iter()
-            .map(|r| {
+            .enumerate()
+            .map(|(i, r)| {
+                // A link found as a stand-in for the parent its child names.
+                let wanted = i
+                    .checked_sub(1)
+                    .and_then(|c| links[c].header().parent)
+                    .filter(|p| p.uuid != r.header().uuid);
                 json!({
                     "path": r.path().display().to_string(),
                     "uuid": uuid_str(&r.header().uuid),
@@ -170,6 +177,7 @@ pub(crate) fn list(archive: &str, json_out: bool, chain_parents: Option<&[PathBu
                     "ctime_utc": iso_time(r.header().ctime),
                     "incremental": r.header().parent.is_some(),
                     "interrupted": r.index().drives.iter().any(|d| d.interrupted),
+                    "stands_in_for": wanted.map(|p| uuid_str(&p.uuid)),
                 })
             })
             .collect();
@@ -189,6 +197,15 @@ pub(crate) fn list(archive: &str, json_out: bool, chain_parents: Option<&[PathBu
             doc["ctime"]
         );
         outln!("creator:     {}", doc["creator"].as_str().unwrap_or(""));
+        if let Some(p) = doc["parent"]["uuid"].as_str() {
+            outln!("parent:      {p}");
+        }
+        for s in doc["stands_for"].as_array().into_iter().flatten() {
+            outln!(
+                "stands for:  {} (a synthetic full of its point in time)",
+                s["uuid"].as_str().unwrap_or("?")
+            );
+        }
         outln!(
             "compression: {}",
             doc["compression"].as_str().unwrap_or("?")
@@ -225,7 +242,7 @@ pub(crate) fn list(archive: &str, json_out: bool, chain_parents: Option<&[PathBu
             outln!("chain (newest first):");
             for l in links {
                 outln!(
-                    "       {}  {}  {}{}  {}",
+                    "       {}  {}  {}{}{}  {}",
                     l["uuid"].as_str().unwrap_or(""),
                     l["ctime_utc"].as_str().unwrap_or(""),
                     if l["incremental"] == true {
@@ -238,6 +255,10 @@ pub(crate) fn list(archive: &str, json_out: bool, chain_parents: Option<&[PathBu
                     } else {
                         ""
                     },
+                    l["stands_in_for"]
+                        .as_str()
+                        .map(|u| format!(" (stands in for {u})"))
+                        .unwrap_or_default(),
                     l["path"].as_str().unwrap_or("")
                 );
             }

@@ -3,9 +3,11 @@
 //!
 //! Each incremental archive names its parent by uuid and archive digest.
 //! Ancestors are found among the paths given, else among the files in the
-//! archive's directory, and every link is checked against that identity.
-//! Drives are matched by name from link to link (ids may differ when
-//! drives were added), and must keep their size.
+//! archive's directory, and every link is checked against that identity:
+//! the archive itself, or a stand-in for it (a synthetic full whose header
+//! lists that identity among the points in time it holds, see
+//! [`Header::stands_for`]). Drives are matched by name from link to link
+//! (ids may differ when drives were added), and must keep their size.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -39,8 +41,8 @@ impl Chain {
     pub fn with_newest(newest: Reader, parents: &[PathBuf]) -> Result<Chain> {
         let path = &newest.path().to_path_buf();
         let mut links = vec![newest];
-        // uuid of every file looked at (None: not an archive).
-        let mut known: HashMap<PathBuf, Option<[u8; 16]>> = HashMap::new();
+        // Uuids every file looked at answers to (None: not an archive).
+        let mut known: HashMap<PathBuf, Option<Vec<[u8; 16]>>> = HashMap::new();
         let mut beside: Option<Vec<PathBuf>> = None;
         while let Some(want) = links.last().expect("non-empty").header().parent {
             if links.len() > MAX_CHAIN {
@@ -49,7 +51,10 @@ impl Chain {
                     path.display()
                 )));
             }
-            if links.iter().any(|l| l.header().uuid == want.uuid) {
+            if links
+                .iter()
+                .any(|l| l.header().uuid == want.uuid || l.header().stands_for.contains(&want))
+            {
                 return Err(Error::Invalid(format!(
                     "{}: the chain of parents loops back to uuid {}",
                     path.display(),
@@ -330,38 +335,63 @@ impl DiskImage for ChainDrive {
     }
 }
 
-/// Open the archive with `want`'s uuid among `candidates`; it must also
-/// carry `want`'s digest. Files that are not archives are skipped.
+/// Whether `reader` is the archive `want` names: that archive itself (uuid
+/// and archive digest), or a stand-in that holds its point in time.
+pub fn answers_to(reader: &Reader, want: &ParentRef) -> bool {
+    is_exactly(reader, want) || reader.header().stands_for.contains(want)
+}
+
+fn is_exactly(reader: &Reader, want: &ParentRef) -> bool {
+    reader.header().uuid == want.uuid
+        && reader
+            .footer()
+            .is_some_and(|f| f.archive_digest == want.digest)
+}
+
+/// Open the archive `want` names among `candidates`: the archive itself if
+/// it is there, else a stand-in for it. A file with `want`'s uuid but
+/// another digest is an error unless a stand-in is found. Files that are
+/// not archives are skipped.
 fn find_parent(
     want: &ParentRef,
     candidates: &[PathBuf],
-    known: &mut HashMap<PathBuf, Option<[u8; 16]>>,
+    known: &mut HashMap<PathBuf, Option<Vec<[u8; 16]>>>,
 ) -> Result<Option<Reader>> {
     let mut mismatch = None;
+    let mut stand_in = None;
     for path in candidates {
-        if known.get(path).is_some_and(|u| *u != Some(want.uuid)) {
+        if known
+            .get(path)
+            .is_some_and(|u| !u.as_ref().is_some_and(|u| u.contains(&want.uuid)))
+        {
             continue;
         }
         let Ok(reader) = Reader::open(path) else {
             known.insert(path.clone(), None);
             continue;
         };
-        known.insert(path.clone(), Some(reader.header().uuid));
-        if reader.header().uuid != want.uuid {
-            continue;
+        let h = reader.header();
+        let uuids = std::iter::once(h.uuid)
+            .chain(h.stands_for.iter().map(|r| r.uuid))
+            .collect::<Vec<_>>();
+        known.insert(path.clone(), Some(uuids));
+        if is_exactly(&reader, want) {
+            return Ok(Some(reader));
         }
-        match reader.footer() {
-            Some(f) if f.archive_digest == want.digest => return Ok(Some(reader)),
-            _ => mismatch = Some(path.clone()),
+        if reader.header().uuid == want.uuid {
+            mismatch = Some(path.clone());
+        } else if stand_in.is_none() && answers_to(&reader, want) {
+            stand_in = Some(reader);
         }
     }
-    match mismatch {
-        Some(p) => Err(Error::Invalid(format!(
+    match (stand_in, mismatch) {
+        (Some(r), _) => Ok(Some(r)),
+        (None, Some(p)) => Err(Error::Invalid(format!(
             "{} has the parent's uuid {} but not its digest: it is not the archive the child was made from",
             p.display(),
             uuid_text(&want.uuid)
         ))),
-        None => Ok(None),
+        (None, None) => Ok(None),
     }
 }
 

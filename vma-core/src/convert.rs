@@ -64,6 +64,12 @@ impl<W: Write> ClusterWriter for AnyWriter<W> {
             AnyWriter::V1(w) => w.write_zeros(drive, clusters),
         }
     }
+    fn write_unchanged(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
+        match self {
+            AnyWriter::V2(w) => w.write_unchanged(drive, clusters),
+            AnyWriter::V1(w) => w.write_unchanged(drive, clusters),
+        }
+    }
     fn set_drive_digest(&mut self, drive: DriveId, digest: [u8; 32]) -> Result<()> {
         match self {
             AnyWriter::V2(w) => w.set_drive_digest(drive, digest),
@@ -95,12 +101,7 @@ pub fn copy_extent(
         let clusters = e.start..e.start + e.count as u64;
         match e.kind {
             RunKind::Zero => out.write_zeros(e.drive, clusters)?,
-            RunKind::Unchanged => {
-                return Err(Error::Invalid(
-                    "incremental archives (unchanged clusters) cannot be converted on their own"
-                        .into(),
-                ))
-            }
+            RunKind::Unchanged => out.write_unchanged(e.drive, clusters)?,
             RunKind::Data => {
                 for c in clusters {
                     let cluster = ClusterNo(c);

@@ -142,6 +142,16 @@ pub enum Error {
     /// The caller used the API wrongly (unknown drive, duplicate cluster, ...).
     #[error("{0}")]
     Invalid(String),
+
+    /// An error while reading one archive of several (a chain's link).
+    #[error("{path}: {source}")]
+    InArchive {
+        /// The archive's path.
+        path: String,
+        /// What went wrong there.
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 impl Error {
@@ -150,6 +160,14 @@ impl Error {
         Error::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// `self`, as it happened in the archive at `path`.
+    pub fn in_archive(self, path: &std::path::Path) -> Self {
+        Error::InArchive {
+            path: path.display().to_string(),
+            source: Box::new(self),
         }
     }
 
@@ -172,6 +190,9 @@ impl Error {
     /// True when the error means the archive's bytes are bad (as opposed to
     /// a usage or I/O problem); the CLI maps this to exit code 1.
     pub fn is_damage(&self) -> bool {
+        if let Error::InArchive { source, .. } = self {
+            return source.is_damage();
+        }
         matches!(
             self,
             Error::NotAnArchive { .. }

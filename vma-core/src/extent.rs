@@ -6,7 +6,7 @@ use crate::digest::sha256;
 use crate::error::{Error, Result};
 use crate::format::{
     decode_entries, encode_entry, masks_len, Codec, Entry, ExtentHeader, RunKind, BLOCK_SIZE,
-    DIGEST_LEN, EXTENT_HEADER_LEN,
+    DIGEST_LEN, ENTRY_LEN, EXTENT_HEADER_LEN,
 };
 use crate::format_v1::{V1ExtentHeader, EXTENT_HEADER_LEN as EXTENT_HEADER_LEN_V1};
 use crate::types::{ClusterNo, DriveId};
@@ -72,7 +72,9 @@ pub(crate) struct EncodedExtent {
     /// Stored 4 KiB blocks per drive (for attributing stored bytes).
     pub(crate) blocks_per_drive: Vec<(DriveId, u64)>,
     pub(crate) stored_len: u64,
-    pub(crate) raw: RawExtent,
+    /// The emptied raw extent, to be filled again (None for a re-framed
+    /// stored extent).
+    pub(crate) raw: Option<RawExtent>,
 }
 
 /// Compress (when it helps) and frame one extent.
@@ -120,19 +122,7 @@ pub(crate) fn encode_extent(
     bytes.extend_from_slice(&digest);
     debug_assert_eq!(bytes.len(), header.total_len());
 
-    let mut blocks_per_drive: Vec<(DriveId, u64)> = Vec::new();
-    let mut mask_iter = raw.masks.iter();
-    for e in raw.entries.iter().filter(|e| e.kind == RunKind::Data) {
-        let blocks: u64 = mask_iter
-            .by_ref()
-            .take(e.count as usize)
-            .map(|m| m.count_ones() as u64)
-            .sum();
-        match blocks_per_drive.iter_mut().find(|(d, _)| *d == e.drive) {
-            Some((_, n)) => *n += blocks,
-            None => blocks_per_drive.push((e.drive, blocks)),
-        }
-    }
+    let blocks_per_drive = blocks_per_drive(&raw.entries, &raw.masks);
     let entries = std::mem::take(&mut raw.entries);
     raw.masks.clear();
     raw.payload.clear();
@@ -142,8 +132,54 @@ pub(crate) fn encode_extent(
         digest,
         entries,
         blocks_per_drive,
-        raw,
+        raw: Some(raw),
     })
+}
+
+/// Stored 4 KiB blocks per drive of an extent's data entries.
+fn blocks_per_drive(entries: &[Entry], masks: &[u16]) -> Vec<(DriveId, u64)> {
+    let mut out: Vec<(DriveId, u64)> = Vec::new();
+    let mut mask_iter = masks.iter();
+    for e in entries.iter().filter(|e| e.kind == RunKind::Data) {
+        let blocks: u64 = mask_iter
+            .by_ref()
+            .take(e.count as usize)
+            .map(|m| m.count_ones() as u64)
+            .sum();
+        match out.iter_mut().find(|(d, _)| *d == e.drive) {
+            Some((_, n)) => *n += blocks,
+            None => out.push((e.drive, blocks)),
+        }
+    }
+    out
+}
+
+/// Frame a stored extent again as extent `seq` of another archive: a new
+/// header and entries, the masks and the stored payload as they were, a
+/// new digest. Nothing is decoded or compressed.
+pub(crate) fn reframe_stored(ext: StoredExtent, seq: u64) -> EncodedExtent {
+    let header = ExtentHeader {
+        seq,
+        entry_count: ext.entries.len() as u32,
+        ..ext.header
+    };
+    let mut bytes = Vec::with_capacity(header.total_len());
+    bytes.extend_from_slice(&header.encode());
+    for e in &ext.entries {
+        encode_entry(e, &mut bytes);
+    }
+    bytes.extend_from_slice(ext.masks_and_payload());
+    let digest: [u8; 32] = sha256(&bytes);
+    bytes.extend_from_slice(&digest);
+    debug_assert_eq!(bytes.len(), header.total_len());
+    EncodedExtent {
+        stored_len: bytes.len() as u64,
+        bytes,
+        digest,
+        blocks_per_drive: blocks_per_drive(&ext.entries, &ext.masks),
+        entries: ext.entries,
+        raw: None,
+    }
 }
 
 /// One cluster's contents as held by a decoded extent.
@@ -216,6 +252,21 @@ impl DecodedExtent {
         })
     }
 
+    /// Every data cluster in entry order (zero and unchanged runs, however
+    /// long, are skipped in one step each).
+    pub fn data_clusters(
+        &self,
+    ) -> impl Iterator<Item = (DriveId, ClusterNo, ClusterData<'_>)> + '_ {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.kind == RunKind::Data)
+            .flat_map(move |(i, e)| {
+                (0..e.count as u64)
+                    .map(move |k| (e.drive, ClusterNo(e.start + k), self.entry_cluster(i, e, k)))
+            })
+    }
+
     fn entry_cluster(&self, i: usize, e: &Entry, k: u64) -> ClusterData<'_> {
         match e.kind {
             RunKind::Zero => ClusterData::Zero,
@@ -247,15 +298,119 @@ impl DecodedExtent {
     }
 }
 
-/// Verify and decode a whole extent (`bytes` from its magic through its
-/// digest) found at absolute `offset`. Returns the damage as
-/// [`Error::Corrupt`] for the caller to attribute.
-pub(crate) fn decode_extent(
+/// An extent as stored in an archive, with its digest, entries and masks
+/// checked but its payload not decoded: what a writer can append to another
+/// archive as it is (see [`crate::Writer::append_stored`]), since nothing in
+/// an extent depends on where it sits but its sequence number.
+#[derive(Debug)]
+pub struct StoredExtent {
+    offset: u64,
+    header: ExtentHeader,
+    /// Magic through digest, as read.
+    bytes: Vec<u8>,
+    entries: Vec<Entry>,
+    masks: Vec<u16>,
+}
+
+impl StoredExtent {
+    /// Check a whole extent (`bytes` from its magic through its digest)
+    /// found at absolute `offset`: header, length, SHA-256, entries and
+    /// masks. Damage is [`Error::Corrupt`] or [`Error::Truncated`].
+    /// On damage, the bytes come back with the error.
+    pub(crate) fn check(
+        bytes: Vec<u8>,
+        offset: u64,
+        zstd_allowed: bool,
+    ) -> std::result::Result<StoredExtent, (Error, Vec<u8>)> {
+        match check_extent(&bytes, offset, zstd_allowed) {
+            Ok((header, entries, masks)) => Ok(StoredExtent {
+                offset,
+                header,
+                bytes,
+                entries,
+                masks,
+            }),
+            Err(e) => Err((e, bytes)),
+        }
+    }
+
+    /// Where it was read from.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Its sequence number in the archive it was read from.
+    pub fn seq(&self) -> u64 {
+        self.header.seq
+    }
+
+    /// Its digest (as stored and checked).
+    pub fn digest(&self) -> [u8; 32] {
+        self.bytes[self.bytes.len() - DIGEST_LEN..]
+            .try_into()
+            .expect("32")
+    }
+
+    /// Its run entries.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// How its payload is encoded.
+    pub fn codec(&self) -> Codec {
+        self.header.codec
+    }
+
+    /// Bytes it occupies in its archive.
+    pub fn stored_len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    /// Keep only the data entries (zero and unchanged entries hold no
+    /// payload, so dropping them leaves masks and payload as they are),
+    /// each with its drive id changed by `map`.
+    pub fn keep_data_entries(&mut self, map: impl Fn(DriveId) -> DriveId) {
+        self.entries.retain(|e| e.kind == RunKind::Data);
+        for e in &mut self.entries {
+            e.drive = map(e.drive);
+        }
+    }
+
+    /// The masks (with their padding) and the stored payload.
+    fn masks_and_payload(&self) -> &[u8] {
+        let original = EXTENT_HEADER_LEN + self.header.entry_count as usize * ENTRY_LEN;
+        &self.bytes[original..self.bytes.len() - DIGEST_LEN]
+    }
+
+    /// Decompress the payload.
+    pub(crate) fn decode(
+        &self,
+        decompressor: &mut zstd::bulk::Decompressor<'static>,
+    ) -> Result<DecodedExtent> {
+        let h = &self.header;
+        let stored = &self.bytes[h.payload_start()..self.bytes.len() - DIGEST_LEN];
+        let payload = decode_payload(h, stored, self.offset, decompressor)?;
+        let digest = self.bytes[self.bytes.len() - DIGEST_LEN..]
+            .try_into()
+            .expect("32");
+        Ok(DecodedExtent::new(
+            h.seq,
+            self.offset,
+            self.bytes.len() as u64,
+            digest,
+            self.entries.clone(),
+            self.masks.clone(),
+            payload,
+        ))
+    }
+}
+
+/// Check a whole extent's header, length, SHA-256, entries and masks.
+fn check_extent(
     bytes: &[u8],
     offset: u64,
     zstd_allowed: bool,
-    decompressor: &mut zstd::bulk::Decompressor<'static>,
-) -> Result<DecodedExtent> {
+) -> Result<(ExtentHeader, Vec<Entry>, Vec<u16>)> {
     let hb: &[u8; EXTENT_HEADER_LEN] = bytes
         .get(..EXTENT_HEADER_LEN)
         .and_then(|s| s.try_into().ok())
@@ -297,9 +452,18 @@ pub(crate) fn decode_extent(
         &bytes[EXTENT_HEADER_LEN..],
         offset + EXTENT_HEADER_LEN as u64,
     )?;
-    let stored = &bytes[h.payload_start()..body_end];
-    let payload = match h.codec {
-        Codec::None => stored.to_vec(),
+    Ok((h, entries, masks))
+}
+
+/// The decoded payload of a checked extent (`stored`: its stored payload).
+fn decode_payload(
+    h: &ExtentHeader,
+    stored: &[u8],
+    offset: u64,
+    decompressor: &mut zstd::bulk::Decompressor<'static>,
+) -> Result<Vec<u8>> {
+    match h.codec {
+        Codec::None => Ok(stored.to_vec()),
         Codec::Zstd => {
             let mut out = Vec::with_capacity(h.raw_len as usize);
             let n = decompressor
@@ -322,14 +486,33 @@ pub(crate) fn decode_extent(
                     ),
                 ));
             }
-            out
+            Ok(out)
         }
-    };
+    }
+}
+
+/// Verify and decode a whole extent (`bytes` from its magic through its
+/// digest) found at absolute `offset`. Returns the damage as
+/// [`Error::Corrupt`] for the caller to attribute.
+pub(crate) fn decode_extent(
+    bytes: &[u8],
+    offset: u64,
+    zstd_allowed: bool,
+    decompressor: &mut zstd::bulk::Decompressor<'static>,
+) -> Result<DecodedExtent> {
+    let (h, entries, masks) = check_extent(bytes, offset, zstd_allowed)?;
+    let body_end = bytes.len() - DIGEST_LEN;
+    let payload = decode_payload(
+        &h,
+        &bytes[h.payload_start()..body_end],
+        offset,
+        decompressor,
+    )?;
     Ok(DecodedExtent::new(
         h.seq,
         offset,
         bytes.len() as u64,
-        digest,
+        bytes[body_end..].try_into().expect("32"),
         entries,
         masks,
         payload,

@@ -38,6 +38,15 @@ pub const INCOMPAT_ZSTD: u64 = 1 << 0;
 pub const INCOMPAT_PARENT: u64 = 1 << 1;
 /// Every incompatible feature this code understands.
 pub const KNOWN_INCOMPAT: u64 = INCOMPAT_ZSTD | INCOMPAT_PARENT;
+/// Compatible feature: the archive holds the point in time of other
+/// archives (it stands in for them as a parent); the list is the header's
+/// last config entry, named [`STANDS_FOR_CONFIG`].
+pub const COMPAT_STANDS_FOR: u64 = 1 << 0;
+/// Name of the config entry that holds the stand-in list (with
+/// [`COMPAT_STANDS_FOR`]). Never change.
+pub const STANDS_FOR_CONFIG: &str = "vma-stands-for";
+/// Bytes of one stand-in list item: uuid and archive digest.
+pub const ARCHIVE_REF_LEN: usize = 48;
 
 /// Size of the fixed part of the header.
 pub const HEADER_FIXED_LEN: usize = 64;
@@ -62,8 +71,10 @@ pub const DIGEST_LEN: usize = 32;
 pub mod limits {
     /// At most this many drives (ids 1..=255).
     pub const MAX_DRIVES: usize = 255;
-    /// At most this many config blobs.
+    /// At most this many config blobs (the stand-in list counts as one).
     pub const MAX_CONFIGS: usize = 256;
+    /// A stand-in list names at most this many archives.
+    pub const MAX_STANDS_FOR: usize = 64;
     /// A config blob holds at most 16 MiB.
     pub const MAX_CONFIG_SIZE: usize = 16 << 20;
     /// The whole header block (configs included) is at most 64 MiB.
@@ -148,13 +159,22 @@ pub struct ConfigBlob {
     pub data: Vec<u8>,
 }
 
-/// Reference from an incremental archive to its parent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// An archive's identity: its uuid and archive digest. An incremental
+/// archive names its parent this way; a stand-in names the archives whose
+/// point in time it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ParentRef {
-    /// The parent archive's uuid.
+    /// The archive's uuid.
     pub uuid: [u8; 16],
-    /// The parent archive's archive digest (see [`Footer::archive_digest`]).
+    /// The archive's archive digest (see [`Footer::archive_digest`]).
     pub digest: [u8; 32],
+}
+
+impl ParentRef {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.uuid);
+        out.extend_from_slice(&self.digest);
+    }
 }
 
 /// Informational record of how the writer compressed (not needed to read).
@@ -187,8 +207,13 @@ pub struct Header {
     pub parent: Option<ParentRef>,
     /// Drives, in id order.
     pub drives: Vec<DriveInfo>,
-    /// Config blobs, in archive order.
+    /// Config blobs, in archive order (without the stand-in list).
     pub configs: Vec<ConfigBlob>,
+    /// The archives whose point in time this one holds (a synthetic full
+    /// stands in for the archive it was merged from), newest first; their
+    /// children resolve against this archive. Stored with
+    /// [`COMPAT_STANDS_FOR`] as the last config entry.
+    pub stands_for: Vec<ParentRef>,
 }
 
 /// Reasons a name is refused; names become file names on extraction.
@@ -357,11 +382,34 @@ impl Header {
                 limits::MAX_DRIVES
             )));
         }
-        if self.configs.len() > limits::MAX_CONFIGS {
+        let stand_in = !self.stands_for.is_empty();
+        if self.configs.len() + stand_in as usize > limits::MAX_CONFIGS {
             return Err(Error::Limit(format!(
-                "{} config blobs given; an archive holds at most {}",
+                "{} config blobs given; an archive holds at most {}{}",
                 self.configs.len(),
-                limits::MAX_CONFIGS
+                limits::MAX_CONFIGS,
+                if stand_in {
+                    " (one of them the stand-in list)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if self.stands_for.len() > limits::MAX_STANDS_FOR {
+            return Err(Error::Limit(format!(
+                "a stand-in list names at most {} archives, {} given",
+                limits::MAX_STANDS_FOR,
+                self.stands_for.len()
+            )));
+        }
+        if stand_in != (self.compat & COMPAT_STANDS_FOR != 0) {
+            return Err(Error::Invalid(
+                "stand-in list and STANDS_FOR feature bit disagree".into(),
+            ));
+        }
+        if stand_in && self.configs.iter().any(|c| c.name == STANDS_FOR_CONFIG) {
+            return Err(Error::Invalid(format!(
+                "a config named {STANDS_FOR_CONFIG:?} clashes with the stand-in list"
             )));
         }
         if self.creator.len() > limits::MAX_CREATOR_LEN {
@@ -433,7 +481,17 @@ impl Header {
                 .iter()
                 .map(|c| 8 + c.name.len() + c.data.len())
                 .sum::<usize>()
+            + if self.stands_for.is_empty() {
+                0
+            } else {
+                8 + STANDS_FOR_CONFIG.len() + ARCHIVE_REF_LEN * self.stands_for.len()
+            }
             + DIGEST_LEN
+    }
+
+    /// Config entries as stored: the configs, then the stand-in list.
+    fn stored_config_count(&self) -> usize {
+        self.configs.len() + !self.stands_for.is_empty() as usize
     }
 
     /// Encode the header block, ending with its SHA-256. Validates first.
@@ -450,7 +508,7 @@ impl Header {
         b.extend_from_slice(&self.uuid);
         b.extend_from_slice(&self.ctime.to_le_bytes());
         b.extend_from_slice(&(self.drives.len() as u16).to_le_bytes());
-        b.extend_from_slice(&(self.configs.len() as u16).to_le_bytes());
+        b.extend_from_slice(&(self.stored_config_count() as u16).to_le_bytes());
         b.push(match self.compression.codec {
             Codec::None => 0,
             Codec::Zstd => 1,
@@ -460,8 +518,7 @@ impl Header {
         debug_assert_eq!(b.len(), HEADER_FIXED_LEN);
         b.extend_from_slice(self.creator.as_bytes());
         if let Some(p) = &self.parent {
-            b.extend_from_slice(&p.uuid);
-            b.extend_from_slice(&p.digest);
+            p.encode(&mut b);
         }
         for d in &self.drives {
             b.push(d.id.0);
@@ -477,6 +534,16 @@ impl Header {
             b.extend_from_slice(&(c.data.len() as u32).to_le_bytes());
             b.extend_from_slice(c.name.as_bytes());
             b.extend_from_slice(&c.data);
+        }
+        if !self.stands_for.is_empty() {
+            let len = ARCHIVE_REF_LEN * self.stands_for.len();
+            b.extend_from_slice(&(STANDS_FOR_CONFIG.len() as u16).to_le_bytes());
+            b.extend_from_slice(&0u16.to_le_bytes());
+            b.extend_from_slice(&(len as u32).to_le_bytes());
+            b.extend_from_slice(STANDS_FOR_CONFIG.as_bytes());
+            for r in &self.stands_for {
+                r.encode(&mut b);
+            }
         }
         let digest = sha256(&b);
         b.extend_from_slice(&digest);
@@ -589,6 +656,11 @@ impl Header {
                 ),
             ));
         }
+        let stands_for = if compat & COMPAT_STANDS_FOR != 0 {
+            decode_stands_for(&mut configs, body_len as u64)?
+        } else {
+            Vec::new()
+        };
         let header = Header {
             version_minor,
             incompat,
@@ -600,6 +672,7 @@ impl Header {
             parent,
             drives,
             configs,
+            stands_for,
         };
         header
             .validate()
@@ -614,6 +687,39 @@ impl Header {
             .ok()
             .map(|i| &self.drives[i])
     }
+}
+
+/// Take the stand-in list (the last config entry, [`STANDS_FOR_CONFIG`])
+/// out of `configs`. `at` is where the header's digest starts, for errors.
+fn decode_stands_for(configs: &mut Vec<ConfigBlob>, at: u64) -> Result<Vec<ParentRef>> {
+    let list = match configs.last() {
+        Some(c) if c.name == STANDS_FOR_CONFIG => configs.pop().expect("present"),
+        _ => {
+            return Err(Error::corrupt(
+                at,
+                format!("the header has the STANDS_FOR feature but its last config entry is not {STANDS_FOR_CONFIG:?}"),
+            ))
+        }
+    };
+    let n = list.data.len() / ARCHIVE_REF_LEN;
+    if list.data.len() % ARCHIVE_REF_LEN != 0 || n == 0 || n > limits::MAX_STANDS_FOR {
+        return Err(Error::corrupt(
+            at,
+            format!(
+                "the stand-in list is {} bytes; it holds 1 to {} entries of {ARCHIVE_REF_LEN} bytes",
+                list.data.len(),
+                limits::MAX_STANDS_FOR
+            ),
+        ));
+    }
+    Ok(list
+        .data
+        .chunks_exact(ARCHIVE_REF_LEN)
+        .map(|r| ParentRef {
+            uuid: r[..16].try_into().expect("16"),
+            digest: r[16..].try_into().expect("32"),
+        })
+        .collect())
 }
 
 /// One run of clusters inside an extent: `count` clusters of one drive
@@ -1208,7 +1314,60 @@ mod tests {
                 name: "qemu-server.conf".into(),
                 data: b"memory: 512\n".to_vec(),
             }],
+            stands_for: Vec::new(),
         }
+    }
+
+    #[test]
+    fn stand_in_list_is_the_last_config_entry() {
+        let mut h = sample_header();
+        let a = ParentRef {
+            uuid: [7; 16],
+            digest: [8; 32],
+        };
+        let b = ParentRef {
+            uuid: [9; 16],
+            digest: [10; 32],
+        };
+        h.stands_for = vec![a, b];
+        // The bit must agree with the list.
+        assert!(h.encode().is_err());
+        h.compat |= COMPAT_STANDS_FOR;
+        let bytes = h.encode().unwrap();
+        assert_eq!(Header::decode(&bytes).unwrap(), h);
+        // Laid out as one more config entry (what a 2.0 reader sees).
+        assert_eq!(u16::from_le_bytes([bytes[58], bytes[59]]), 2);
+        let name_at = bytes.len() - 32 - 96 - STANDS_FOR_CONFIG.len();
+        assert_eq!(
+            &bytes[name_at..name_at + STANDS_FOR_CONFIG.len()],
+            STANDS_FOR_CONFIG.as_bytes()
+        );
+        assert_eq!(
+            &bytes[bytes.len() - 32 - 96..bytes.len() - 32 - 80],
+            &[7; 16]
+        );
+        // A user config of that name clashes with the list.
+        let mut clash = h.clone();
+        clash.configs.push(ConfigBlob {
+            name: STANDS_FOR_CONFIG.into(),
+            data: vec![],
+        });
+        assert!(clash.encode().is_err());
+        // The bit without the list (here: the list renamed) is damage.
+        let mut plain = sample_header();
+        plain.compat = COMPAT_STANDS_FOR;
+        plain.configs.push(ConfigBlob {
+            name: "vma-stands-fox".into(),
+            data: vec![0; 48],
+        });
+        plain.compat = 0;
+        let mut bytes = plain.encode().unwrap();
+        bytes[24] = COMPAT_STANDS_FOR as u8;
+        let body = bytes.len() - 32;
+        let digest = sha256(&bytes[..body]);
+        bytes[body..].copy_from_slice(&digest);
+        let err = Header::decode(&bytes).unwrap_err();
+        assert!(err.to_string().contains("STANDS_FOR"), "{err}");
     }
 
     #[test]

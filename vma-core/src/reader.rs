@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::detect::{detect, DetectedFormat, DETECT_LEN};
 use crate::error::{Error, IoContext, Result};
-use crate::extent::{decode_extent, ClusterData, DecodedExtent};
+use crate::extent::{ClusterData, DecodedExtent, StoredExtent};
 use crate::format::{DriveRecord, BLOCK_SIZE};
 use crate::format::{
     ExtentHeader, Footer, Header, HeaderPrefix, Index, IndexRun, RunKind, CLUSTER_SIZE,
@@ -417,7 +417,13 @@ impl Reader {
 
     /// [`Self::load_extent`], with damage reported as the drive ranges lost.
     fn load_extent_named(&self, offset: u64) -> Result<DecodedExtent> {
-        self.load_extent(offset).map_err(|e| match e {
+        self.load_extent(offset)
+            .map_err(|e| self.damage_named(offset, e))
+    }
+
+    /// Damage of the extent at `offset` as the drive ranges it loses.
+    fn damage_named(&self, offset: u64, e: Error) -> Error {
+        match e {
             Error::Corrupt { what, .. } | Error::Truncated { what, .. } => Error::ExtentDamaged {
                 seq: self.extent_seq(offset),
                 offset,
@@ -425,7 +431,7 @@ impl Reader {
                 ranges: self.ranges_in_extent(offset),
             },
             other => other,
-        })
+        }
     }
 
     /// The sequence number in the extent header at `offset`, if readable.
@@ -451,6 +457,19 @@ impl Reader {
             )?;
             return Ok(DecodedExtent::from_v1(0, offset, &h, data));
         }
+        let stored = self.read_stored(offset)?;
+        self.decompress(&stored)
+    }
+
+    /// Read and check (SHA-256, entries, masks) the native extent the index
+    /// points to at `offset`.
+    fn read_stored(&self, offset: u64) -> Result<StoredExtent> {
+        let name = self.path.display().to_string();
+        if self.v1_uuid.is_some() {
+            return Err(Error::Invalid(format!(
+                "{name} is a VMA v1 archive, whose extents have no stored form to copy"
+            )));
+        }
         let mut hb = [0u8; EXTENT_HEADER_LEN];
         read_exact_at(&self.file, &mut hb, offset, &name)?;
         let h = ExtentHeader::decode(&hb, offset)?;
@@ -463,6 +482,18 @@ impl Reader {
         }
         let mut bytes = vec![0u8; h.total_len()];
         read_exact_at(&self.file, &mut bytes, offset, &name)?;
+        let zstd_allowed = self.header.incompat & INCOMPAT_ZSTD != 0;
+        let ext = StoredExtent::check(bytes, offset, zstd_allowed).map_err(|(e, _)| e)?;
+        if !ext.entries().iter().any(|e| e.kind == RunKind::Data) {
+            return Err(Error::corrupt(
+                offset,
+                "the index points to an extent without data",
+            ));
+        }
+        Ok(ext)
+    }
+
+    fn decompress(&self, stored: &StoredExtent) -> Result<DecodedExtent> {
         let mut dec = self
             .decompressors
             .lock()
@@ -470,20 +501,26 @@ impl Reader {
             .pop()
             .map_or_else(zstd::bulk::Decompressor::new, Ok)
             .map_err(|e| Error::io("creating a zstd context", e))?;
-        let zstd_allowed = self.header.incompat & INCOMPAT_ZSTD != 0;
-        let result = decode_extent(&bytes, offset, zstd_allowed, &mut dec);
+        let result = stored.decode(&mut dec);
         self.decompressors
             .lock()
             .expect("decompressor lock")
             .push(dec);
-        let ext = result?;
-        if !ext.entries.iter().any(|e| e.kind == RunKind::Data) {
-            return Err(Error::corrupt(
-                offset,
-                "the index points to an extent without data",
-            ));
-        }
-        Ok(ext)
+        result
+    }
+
+    /// The native extent at `offset` as stored, checked (SHA-256, entries,
+    /// masks) but not decoded, for copying into another archive; damage is
+    /// reported as the drive ranges lost.
+    pub fn stored_extent(&self, offset: u64) -> Result<StoredExtent> {
+        self.read_stored(offset)
+            .map_err(|e| self.damage_named(offset, e))
+    }
+
+    /// Decode an extent [`Reader::stored_extent`] returned (not cached).
+    pub fn decode_stored(&self, stored: &StoredExtent) -> Result<DecodedExtent> {
+        self.decompress(stored)
+            .map_err(|e| self.damage_named(stored.offset(), e))
     }
 
     /// Fill `buf` with drive bytes starting at `offset`. Fails if the range

@@ -11,7 +11,7 @@ use crate::digest::Sha256;
 
 use crate::detect::{not_v2_error, DETECT_LEN};
 use crate::error::{Error, Result};
-use crate::extent::{decode_extent, ClusterData, DecodedExtent};
+use crate::extent::{decode_extent, ClusterData, DecodedExtent, StoredExtent};
 use crate::format::{
     decode_entries, ArchiveDigest, Entry, ExtentHeader, Footer, Header, HeaderPrefix, Index,
     IndexRun, RunKind, ARCHIVE_MAGIC, CLUSTER_SIZE, EXTENT_HEADER_LEN, EXTENT_MAGIC, FOOTER_LEN,
@@ -158,6 +158,7 @@ fn header_from_v1(h: V1Header) -> Header {
         parent: None,
         drives: h.drives,
         configs: h.configs,
+        stands_for: Vec::new(),
     }
 }
 
@@ -228,24 +229,76 @@ impl<R: Read> ArchiveStream<R> {
     /// Read every extent, the index and the footer; hand each intact
     /// extent to `sink` in archive order.
     pub fn pass(
-        mut self,
+        self,
         options: &PassOptions,
         mut sink: impl FnMut(&Arc<DecodedExtent>) -> Result<()>,
     ) -> Result<PassReport> {
-        let header_digest = match self.flavor {
-            Flavor::V2 { header_digest } => header_digest,
-            Flavor::V1 { uuid } => return self.pass_v1(uuid, options, sink),
+        if let Flavor::V1 { uuid } = self.flavor {
+            return self.pass_v1(uuid, options, sink);
+        }
+        self.pass_v2(
+            options,
+            |bytes, offset, zstd_allowed, dec| {
+                decode_extent(&bytes, offset, zstd_allowed, dec)
+                    .map_err(|e| claimed(e, &bytes, offset))
+            },
+            feed_and_sink(&mut sink),
+        )
+    }
+
+    /// [`ArchiveStream::pass`], handing each intact extent over as it is
+    /// stored (checked: SHA-256, entries, masks; not decoded), for copying
+    /// into another archive with [`crate::Writer::append_stored`]. Native
+    /// archives only; no drive is hashed.
+    pub fn pass_stored(
+        self,
+        options: &PassOptions,
+        mut sink: impl FnMut(StoredExtent) -> Result<()>,
+    ) -> Result<PassReport> {
+        if self.flavor_is_v1() {
+            return Err(Error::Invalid(
+                "VMA v1 extents have no stored form to copy".into(),
+            ));
+        }
+        let options = PassOptions {
+            hash_drives: HashDrives::None,
+            ..options.clone()
+        };
+        self.pass_v2(
+            &options,
+            |bytes, offset, zstd_allowed, _| match StoredExtent::check(bytes, offset, zstd_allowed)
+            {
+                Ok(ext) => Ok(ext),
+                Err((e, bytes)) => Err(claimed(e, &bytes, offset)),
+            },
+            |_, ext| sink(ext),
+        )
+    }
+
+    fn flavor_is_v1(&self) -> bool {
+        matches!(self.flavor, Flavor::V1 { .. })
+    }
+
+    /// The pass over a native archive: extents are checked by `work` on
+    /// worker threads and handed, in archive order and accounted for, to
+    /// `handle`.
+    fn pass_v2<T: Checked + Send + 'static>(
+        mut self,
+        options: &PassOptions,
+        work: fn(Vec<u8>, u64, bool, &mut zstd::bulk::Decompressor<'static>) -> Outcome<T>,
+        mut handle: impl FnMut(&PassState, T) -> Result<()>,
+    ) -> Result<PassReport> {
+        let Flavor::V2 { header_digest } = self.flavor else {
+            unreachable!("checked by the callers")
         };
         let threads = effective_threads(options.threads);
         let mut state = PassState::new(&self.header, options);
         state.digest.add(&header_digest);
         let zstd_allowed = self.header.incompat & INCOMPAT_ZSTD != 0;
-        let mut pool: OrderedPool<(u64, Vec<u8>), DecodeOutcome> =
+        let mut pool: OrderedPool<(u64, Vec<u8>), Outcome<T>> =
             OrderedPool::new(threads, threads * 2 + 2, || {
                 let mut dec = zstd::bulk::Decompressor::new().expect("zstd decompression context");
-                move |(offset, bytes): (u64, Vec<u8>)| {
-                    decode_or_claim(&bytes, offset, zstd_allowed, &mut dec)
-                }
+                move |(offset, bytes): (u64, Vec<u8>)| work(bytes, offset, zstd_allowed, &mut dec)
             });
         let input = &mut self.input;
         let mut index_at = None;
@@ -302,10 +355,10 @@ impl<R: Read> ArchiveStream<R> {
                 }
             };
             let st = &mut state;
-            pool.submit((offset, bytes), |out| st.handle(out, &mut sink))?;
+            pool.submit((offset, bytes), |out| st.handle(out, &mut handle))?;
         }
         let st = &mut state;
-        pool.finish(|out| st.handle(out, &mut sink))?;
+        pool.finish(|out| st.handle(out, &mut handle))?;
         drop(pool);
         if let Some(at) = index_at {
             state.read_trailer(input, at)?;
@@ -365,7 +418,7 @@ impl<R: Read> ArchiveStream<R> {
             };
             let ext = DecodedExtent::from_v1(seq, offset, &h, data);
             seq += 1;
-            state.handle(Ok(ext), &mut sink)?;
+            state.handle(Ok(ext), &mut feed_and_sink(&mut sink))?;
         }
         state.bytes = input.pos();
         state.finish()
@@ -402,25 +455,70 @@ fn resync_v1<R: Read>(input: &mut Input<R>, uuid: &[u8; 16]) -> Result<()> {
     }
 }
 
-/// A worker's result: the decoded extent, or the damage with whatever
+/// A worker's result: the checked extent, or the damage with whatever
 /// entries the extent claims (to say which ranges are affected).
-type DecodeOutcome = std::result::Result<DecodedExtent, (Error, u64, Vec<Entry>)>;
+type Outcome<T> = std::result::Result<T, (Error, u64, Vec<Entry>)>;
 
-fn decode_or_claim(
-    bytes: &[u8],
-    offset: u64,
-    zstd_allowed: bool,
-    dec: &mut zstd::bulk::Decompressor<'static>,
-) -> DecodeOutcome {
-    decode_extent(bytes, offset, zstd_allowed, dec).map_err(|e| {
-        let hb: [u8; EXTENT_HEADER_LEN] =
-            bytes[..EXTENT_HEADER_LEN].try_into().expect("header read");
-        let h = ExtentHeader::decode(&hb, offset).expect("header checked before");
-        let claimed = decode_entries(&h, &bytes[EXTENT_HEADER_LEN..], offset)
-            .map(|(e, _)| e)
-            .unwrap_or_default();
-        (e, h.seq, claimed)
-    })
+/// What the pass needs to know of every checked extent.
+trait Checked {
+    fn seq(&self) -> u64;
+    fn offset(&self) -> u64;
+    fn entries(&self) -> &[Entry];
+    fn digest(&self) -> [u8; 32];
+}
+
+impl Checked for DecodedExtent {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+    fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+    fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+}
+
+impl Checked for StoredExtent {
+    fn seq(&self) -> u64 {
+        self.seq()
+    }
+    fn offset(&self) -> u64 {
+        self.offset()
+    }
+    fn entries(&self) -> &[Entry] {
+        self.entries()
+    }
+    fn digest(&self) -> [u8; 32] {
+        self.digest()
+    }
+}
+
+/// The damage `e` of the extent `bytes` at `offset`, with the entries it
+/// claims if they still decode.
+fn claimed(e: Error, bytes: &[u8], offset: u64) -> (Error, u64, Vec<Entry>) {
+    let hb: [u8; EXTENT_HEADER_LEN] = bytes[..EXTENT_HEADER_LEN].try_into().expect("header read");
+    let h = ExtentHeader::decode(&hb, offset).expect("header checked before");
+    let claimed = decode_entries(&h, &bytes[EXTENT_HEADER_LEN..], offset)
+        .map(|(e, _)| e)
+        .unwrap_or_default();
+    (e, h.seq, claimed)
+}
+
+/// A pass sink for decoded extents: the drive hasher sees each first.
+fn feed_and_sink(
+    sink: &mut impl FnMut(&Arc<DecodedExtent>) -> Result<()>,
+) -> impl FnMut(&PassState, DecodedExtent) -> Result<()> + '_ {
+    move |st, ext| {
+        let ext = Arc::new(ext);
+        if let Some(h) = &st.hasher {
+            h.feed(&ext);
+        }
+        sink(&ext)
+    }
 }
 
 /// Skip forward to the next plausible extent header or index.
@@ -584,42 +682,35 @@ impl PassState {
         Ok(true)
     }
 
-    fn handle(
+    fn handle<T: Checked>(
         &mut self,
-        outcome: DecodeOutcome,
-        sink: &mut impl FnMut(&Arc<DecodedExtent>) -> Result<()>,
+        outcome: Outcome<T>,
+        sink: &mut impl FnMut(&PassState, T) -> Result<()>,
     ) -> Result<()> {
         match outcome {
             Ok(ext) => {
-                if ext.seq != self.next_seq {
+                let (seq, offset) = (ext.seq(), ext.offset());
+                if seq != self.next_seq {
                     self.problem(Error::corrupt(
-                        ext.offset,
-                        format!("found extent #{} where extent #{} was expected (extents lost or reordered)", ext.seq, self.next_seq),
+                        offset,
+                        format!("found extent #{} where extent #{} was expected (extents lost or reordered)", seq, self.next_seq),
                     ))?;
                 }
-                self.next_seq = ext.seq + 1;
-                for e in &ext.entries {
-                    if self.account(e, ext.offset, ext.seq)? {
+                self.next_seq = seq + 1;
+                for e in ext.entries() {
+                    if self.account(e, offset, seq)? {
                         self.runs.push(IndexRun {
                             drive: e.drive,
                             start: e.start,
                             count: e.count,
                             kind: e.kind,
-                            extent_offset: if e.kind == RunKind::Data {
-                                ext.offset
-                            } else {
-                                0
-                            },
+                            extent_offset: if e.kind == RunKind::Data { offset } else { 0 },
                         });
                     }
                 }
-                self.digest.add(&ext.digest);
+                self.digest.add(&ext.digest());
                 self.extents += 1;
-                let ext = Arc::new(ext);
-                if let Some(h) = &self.hasher {
-                    h.feed(&ext);
-                }
-                sink(&ext)
+                sink(self, ext)
             }
             Err((e, seq, claimed)) => {
                 self.next_seq = seq + 1;

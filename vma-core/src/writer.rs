@@ -6,11 +6,11 @@ use std::io::Write;
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::extent::{encode_extent, EncodedExtent, RawExtent};
+use crate::extent::{encode_extent, reframe_stored, EncodedExtent, RawExtent, StoredExtent};
 use crate::format::{
     limits, ArchiveDigest, Codec, CompressionInfo, ConfigBlob, DriveInfo, DriveRecord, Footer,
-    Header, Index, IndexRun, ParentRef, RunKind, BLOCK_SIZE, INCOMPAT_PARENT, INCOMPAT_ZSTD,
-    VERSION_MINOR,
+    Header, Index, IndexRun, ParentRef, RunKind, BLOCK_SIZE, COMPAT_STANDS_FOR, INCOMPAT_PARENT,
+    INCOMPAT_ZSTD, VERSION_MINOR,
 };
 use crate::pipeline::OrderedPool;
 use crate::ranges::RangeSet;
@@ -23,6 +23,13 @@ pub trait ClusterWriter {
     fn write_cluster(&mut self, drive: DriveId, cluster: ClusterNo, data: &[u8]) -> Result<()>;
     /// Record clusters as all zero.
     fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()>;
+    /// Record clusters as unchanged from the parent, where the format has
+    /// incremental archives.
+    fn write_unchanged(&mut self, _drive: DriveId, _clusters: Range<u64>) -> Result<()> {
+        Err(Error::Invalid(
+            "this archive format cannot hold an incremental archive (unchanged clusters)".into(),
+        ))
+    }
     /// Record the SHA-256 of the whole logical drive, where the format has room.
     fn set_drive_digest(&mut self, drive: DriveId, digest: [u8; 32]) -> Result<()>;
     /// Whether [`ClusterWriter::set_drive_digest`] keeps the digest (so
@@ -38,6 +45,9 @@ impl<W: Write> ClusterWriter for Writer<W> {
     }
     fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
         Writer::write_zeros(self, drive, clusters)
+    }
+    fn write_unchanged(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
+        Writer::write_unchanged(self, drive, clusters)
     }
     fn set_drive_digest(&mut self, drive: DriveId, digest: [u8; 32]) -> Result<()> {
         Writer::set_drive_digest(self, drive, digest)
@@ -118,6 +128,9 @@ pub struct ArchiveMeta {
     pub configs: Vec<ConfigBlob>,
     /// Parent, for incremental archives.
     pub parent: Option<ParentRef>,
+    /// The archives whose point in time this one holds (see
+    /// [`Header::stands_for`]); empty for a new backup.
+    pub stands_for: Vec<ParentRef>,
 }
 
 impl ArchiveMeta {
@@ -132,6 +145,7 @@ impl ArchiveMeta {
             drives,
             configs,
             parent: None,
+            stands_for: Vec::new(),
         }
     }
 }
@@ -199,12 +213,19 @@ impl<W: Write> Output<W> {
         for (d, blocks) in &enc.blocks_per_drive {
             self.stored_by_drive[d.0 as usize] += enc.stored_len * blocks / total_blocks.max(1);
         }
-        self.spare.push(enc.raw);
+        if let Some(raw) = enc.raw {
+            self.spare.push(raw);
+        }
         Ok(())
     }
 }
 
-type Job = (u64, RawExtent);
+/// Work for the encoding threads: an extent to compress and frame, or a
+/// stored extent to frame again; each with its sequence number.
+enum Job {
+    Raw(u64, RawExtent),
+    Stored(u64, StoredExtent),
+}
 
 /// Writes one archive. Feed it clusters with [`Writer::write_cluster`] and
 /// [`Writer::write_zeros`] in any order, then call [`Writer::finish`].
@@ -255,7 +276,11 @@ impl<W: Write> Writer<W> {
             } else {
                 0
             },
-            compat: 0,
+            compat: if meta.stands_for.is_empty() {
+                0
+            } else {
+                COMPAT_STANDS_FOR
+            },
             uuid: meta.uuid,
             ctime: meta.ctime,
             compression: CompressionInfo {
@@ -266,6 +291,7 @@ impl<W: Write> Writer<W> {
             parent: meta.parent,
             drives: meta.drives,
             configs: meta.configs,
+            stands_for: meta.stands_for,
         };
         let header_bytes = header.encode()?;
         let mut slot_of = [None; 256];
@@ -299,7 +325,10 @@ impl<W: Write> Writer<W> {
                 ),
                 Compression::None => None,
             };
-            move |(seq, raw): Job| encode_extent(raw, seq, compressor.as_mut())
+            move |job: Job| match job {
+                Job::Raw(seq, raw) => encode_extent(raw, seq, compressor.as_mut()),
+                Job::Stored(seq, stored) => Ok(reframe_stored(stored, seq)),
+            }
         });
         let mut output = Output {
             out,
@@ -460,7 +489,51 @@ impl<W: Write> Writer<W> {
         let seq = self.next_seq;
         self.next_seq += 1;
         let output = &mut self.output;
-        self.pool.submit((seq, raw), |enc| output.append(enc))
+        self.pool
+            .submit(Job::Raw(seq, raw), |enc| output.append(enc))
+    }
+
+    /// Append an extent of another archive as it is stored (see
+    /// [`StoredExtent`]): its payload is neither decoded nor compressed
+    /// again; it gets this archive's next sequence number and a new digest.
+    /// Its entries must name drives of this archive (ids as here) and are
+    /// checked like any submission: within the drive, none given before,
+    /// unchanged runs only with a parent. The extent being filled stays
+    /// open, so clusters written around stored extents still share extents.
+    pub fn append_stored(&mut self, extent: StoredExtent) -> Result<()> {
+        if extent.codec() == Codec::Zstd && self.header.incompat & INCOMPAT_ZSTD == 0 {
+            return Err(Error::Invalid(format!(
+                "the extent at offset {} is zstd-compressed, and this archive is written without compression",
+                extent.offset()
+            )));
+        }
+        if extent.entries().is_empty() {
+            return Err(Error::Invalid(format!(
+                "the extent at offset {} has no entries left to append",
+                extent.offset()
+            )));
+        }
+        for e in extent.entries() {
+            if e.kind == RunKind::Unchanged && self.header.parent.is_none() {
+                return Err(Error::Invalid(
+                    "unchanged clusters need an archive with a parent".into(),
+                ));
+            }
+            self.claim(e.drive, e.start..e.start + e.count as u64)?;
+            if e.kind == RunKind::Data {
+                self.drive_mut(e.drive)?.record.data_clusters += e.count as u64;
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let output = &mut self.output;
+        self.pool
+            .submit(Job::Stored(seq, extent), |enc| output.append(enc))
+    }
+
+    /// Whether extents of `codec` can be appended as they are.
+    pub fn accepts_codec(&self, codec: Codec) -> bool {
+        codec == Codec::None || self.header.incompat & INCOMPAT_ZSTD != 0
     }
 
     /// Write what is buffered, check that every cluster of every drive was

@@ -573,7 +573,7 @@ proptest! {
         let convert = |input: &[u8], to_v1: bool| -> Vec<u8> {
             let stream = ArchiveStream::open(input, "in").unwrap();
             let h = stream.header().clone();
-            let meta = ArchiveMeta { uuid: h.uuid, ctime: h.ctime, creator: "t".into(), drives: h.drives.clone(), configs: h.configs.clone(), parent: None };
+            let meta = ArchiveMeta { uuid: h.uuid, ctime: h.ctime, creator: "t".into(), drives: h.drives.clone(), configs: h.configs.clone(), parent: None, stands_for: Vec::new() };
             let mut w = AnyWriter::new(Vec::new(), meta, to_v1, &WriterOptions::default()).unwrap();
             stream.pass(&PassOptions::default(), |ext| copy_extent(ext, &h.drives, &mut w)).unwrap();
             w.finish().unwrap().0
