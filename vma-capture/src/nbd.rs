@@ -218,9 +218,19 @@ const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 fn serve_connection(stream: &UnixStream, exports: &[Export]) -> io::Result<()> {
     let mut reader = io::BufReader::with_capacity(READ_BUFFER, stream.try_clone()?);
-    let mut writer = stream;
-    match handshake(&mut reader, &mut writer, exports)? {
-        Some(index) => transmission(&mut reader, writer, &exports[index]),
+    serve(&mut reader, stream, exports)
+}
+
+/// Serve one client connection: what the client sends is read from
+/// `reader`, replies go to `writer`. Returns when the client disconnects,
+/// ends the handshake, or breaks the protocol (an `InvalidData` error).
+pub fn serve<R: Read, W: Write + Send>(
+    reader: &mut R,
+    mut writer: W,
+    exports: &[Export],
+) -> io::Result<()> {
+    match handshake(reader, &mut writer, exports)? {
+        Some(index) => transmission(reader, writer, &exports[index]),
         None => Ok(()),
     }
 }

@@ -945,6 +945,16 @@ impl Qmp {
             source,
         };
         let stream = UnixStream::connect(path).map_err(connect_error)?;
+        Qmp::from_stream(stream, path)
+    }
+
+    /// Like [`Qmp::connect`], over a stream already connected to QEMU's
+    /// monitor (`path` names it in messages).
+    pub fn from_stream(stream: UnixStream, path: &Path) -> Result<Qmp> {
+        let connect_error = |source| Error::Connect {
+            path: path.to_owned(),
+            source,
+        };
         stream
             .set_read_timeout(Some(GREETING_TIMEOUT))
             .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))

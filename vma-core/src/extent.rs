@@ -1,7 +1,7 @@
 //! Building, encoding and decoding extents (no file I/O): the unit of
 //! compression and of integrity checking.
 
-use crate::digest::sha256;
+use crate::digest::{check_matches, sha256};
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -283,7 +283,7 @@ pub(crate) fn decode_extent(
     }
     let body_end = bytes.len() - DIGEST_LEN;
     let digest: [u8; 32] = sha256(&bytes[..body_end]);
-    if digest[..] != bytes[body_end..] {
+    if !check_matches(&bytes[body_end..], &digest) {
         return Err(Error::corrupt(
             offset,
             format!(

@@ -19,6 +19,8 @@ pub mod extent;
 pub mod extract;
 pub mod format;
 pub mod format_v1;
+#[doc(hidden)]
+pub mod fuzzing;
 mod input;
 mod pipeline;
 pub mod qcow2;

@@ -48,6 +48,15 @@ impl Reader {
     /// accounted for exactly once.
     pub fn open(path: &Path) -> Result<Reader> {
         let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        Reader::open_file(file, path)
+    }
+
+    /// Like [`Reader::open`], for a file already open (`path` names it in
+    /// messages), read from its start whatever its current position.
+    pub fn open_file(mut file: File, path: &Path) -> Result<Reader> {
+        use std::io::{Seek, SeekFrom};
+        file.seek(SeekFrom::Start(0))
+            .ctx(|| format!("seeking to the start of {}", path.display()))?;
         let file_len = file
             .metadata()
             .ctx(|| format!("reading the size of {}", path.display()))?

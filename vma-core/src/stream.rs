@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::sync::Arc;
 
-use crate::digest::Sha256;
+use crate::digest::{check_matches, Sha256};
 
 use crate::detect::{not_v2_error, DETECT_LEN};
 use crate::error::{Error, Result};
@@ -777,7 +777,7 @@ impl PassState {
                     ))?;
                 }
                 let digest = std::mem::take(&mut self.digest).finish();
-                if f.archive_digest != digest {
+                if !check_matches(&f.archive_digest, &digest) {
                     self.problem(Error::corrupt(
                         at,
                         "archive digest in the footer does not match the archive",

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Coverage-guided fuzzing with cargo-fuzz (libFuzzer), on the stable toolchain.
+#
+#   scripts/fuzz.sh list                  the targets
+#   scripts/fuzz.sh run TARGET [SECONDS]  fuzz TARGET (default 600 s); extra
+#                                         libFuzzer flags may follow SECONDS
+#   scripts/fuzz.sh cmin TARGET           fold what runs found into
+#                                         fuzz/corpus/TARGET (seeds kept,
+#                                         only inputs adding coverage added)
+#   scripts/fuzz.sh replay TARGET FILE... run inputs once (e.g. a crash)
+#
+# Inputs a run finds go to fuzz/target/work-corpus/TARGET (not committed);
+# crashes, timeouts and out-of-memory inputs to fuzz/artifacts/TARGET/.
+# A crash input belongs, minimized, in fuzz/regressions/TARGET/ with a unit
+# test next to the fixed code; `cargo test` replays both directories.
+#
+# cargo-fuzz needs nightly flags (-Zsanitizer, -Cpasses=sancov); stable
+# rustc accepts them with RUSTC_BOOTSTRAP=1. AddressSanitizer works so.
+set -euo pipefail
+cd "$(dirname "$0")/../fuzz"
+
+CARGO_FUZZ_VERSION=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
+fi
+export RUSTC_BOOTSTRAP=1
+build_flags=(-O -s address)
+# Hangs and memory blow-ups count as findings.
+limits=(-rss_limit_mb=2048 -timeout=10 -max_len=65536)
+
+usage() { sed -n '3,11p' "$0" >&2; exit 2; }
+targets() { sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.toml | grep -v '^vma-fuzz$'; }
+check_target() {
+  targets | grep -qx "$1" || { echo "unknown target $1; targets: $(targets | tr '\n' ' ')" >&2; exit 2; }
+}
+
+cmd=${1:-}
+case "$cmd" in
+  list)
+    targets
+    ;;
+  run)
+    target=${2:-}; [ -n "$target" ] || usage
+    check_target "$target"
+    seconds=${3:-600}
+    shift $(($# < 3 ? $# : 3))
+    work=target/work-corpus/$target
+    mkdir -p "$work" "artifacts/$target" "corpus/$target" "regressions/$target"
+    cargo fuzz run "${build_flags[@]}" "$target" "$work" "corpus/$target" "regressions/$target" -- \
+      "${limits[@]}" -max_total_time="$seconds" -print_final_stats=1 \
+      -artifact_prefix="artifacts/$target/" "$@"
+    ;;
+  cmin)
+    target=${2:-}; [ -n "$target" ] || usage
+    check_target "$target"
+    work=target/work-corpus/$target
+    merged=$(mktemp -d)
+    trap 'rm -rf "$merged"' EXIT
+    cp corpus/"$target"/seed-* "$merged"/
+    cargo fuzz run "${build_flags[@]}" "$target" "$merged" "corpus/$target" "$work" -- \
+      "${limits[@]}" -merge=1
+    rm -f corpus/"$target"/*
+    cp "$merged"/* corpus/"$target"/
+    echo "corpus/$target: $(ls corpus/"$target" | wc -l) files, $(du -sh corpus/"$target" | cut -f1)"
+    ;;
+  replay)
+    target=${2:-}; [ -n "$target" ] && [ $# -ge 3 ] || usage
+    check_target "$target"
+    shift 2
+    cargo fuzz run "${build_flags[@]}" "$target" "$@" -- "${limits[@]}"
+    ;;
+  *)
+    usage
+    ;;
+esac
