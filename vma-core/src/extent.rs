@@ -206,7 +206,8 @@ pub struct DecodedExtent {
 }
 
 impl DecodedExtent {
-    /// Every cluster in entry order: (drive, cluster, contents).
+    /// Every cluster in entry order: (drive, cluster, contents). Zero and
+    /// unchanged runs count one item per cluster; see [`Self::data_clusters`].
     pub fn clusters(&self) -> impl Iterator<Item = (DriveId, ClusterNo, ClusterData<'_>)> + '_ {
         self.entries.iter().enumerate().flat_map(move |(i, e)| {
             (0..e.count as u64).map(move |k| {
@@ -214,6 +215,24 @@ impl DecodedExtent {
                 (e.drive, ClusterNo(e.start + k), data)
             })
         })
+    }
+
+    /// The clusters of data entries only, in entry order: what sinks that
+    /// skip zero and unchanged clusters iterate, in time bounded by the
+    /// stored data rather than by the (declared) lengths of zero runs.
+    pub fn data_clusters(
+        &self,
+    ) -> impl Iterator<Item = (DriveId, ClusterNo, ClusterData<'_>)> + '_ {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.kind == RunKind::Data)
+            .flat_map(move |(i, e)| {
+                (0..e.count as u64).map(move |k| {
+                    let data = self.entry_cluster(i, e, k);
+                    (e.drive, ClusterNo(e.start + k), data)
+                })
+            })
     }
 
     fn entry_cluster(&self, i: usize, e: &Entry, k: u64) -> ClusterData<'_> {

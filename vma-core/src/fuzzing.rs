@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use crate::detect::open_any;
 use crate::error::Result;
-use crate::extent::{ClusterData, DecodedExtent};
+use crate::extent::DecodedExtent;
 use crate::format::{RunKind, CLUSTER_SIZE};
 use crate::qcow2::Qcow2Image;
 use crate::reader::Reader;
@@ -23,8 +23,9 @@ use crate::stream::{HashDrives, PassOptions};
 use crate::types::{cluster_len, ClusterNo, DriveId};
 
 /// Drives whose total size is at most this get their whole-content SHA-256
-/// computed in the pass (hashing is linear in the declared size).
-const HASH_DRIVES_UP_TO: u64 = 8 << 20;
+/// computed in the pass going past damage (hashing is linear in the
+/// declared size, zeros included).
+const HASH_DRIVES_UP_TO: u64 = 1 << 20;
 /// Bytes of decoded clusters kept to compare the two readers.
 const KEEP_CLUSTER_BYTES: usize = 32 << 20;
 /// Bytes read through random access per input.
@@ -90,7 +91,7 @@ fn sequential_pass(data: &[u8], keep_going: bool) -> Option<(Clusters, bool)> {
     let options = PassOptions {
         threads: 1,
         keep_going,
-        hash_drives: if total <= HASH_DRIVES_UP_TO {
+        hash_drives: if keep_going && total <= HASH_DRIVES_UP_TO {
             HashDrives::All
         } else {
             HashDrives::None
@@ -100,7 +101,7 @@ fn sequential_pass(data: &[u8], keep_going: bool) -> Option<(Clusters, bool)> {
     let mut kept = 0usize;
     let report = stream
         .pass(&options, |ext: &Arc<DecodedExtent>| {
-            for (drive, cluster, contents) in ext.clusters() {
+            for (drive, cluster, contents) in ext.data_clusters() {
                 let Some(info) = header.drive(drive) else {
                     continue;
                 };
@@ -108,12 +109,7 @@ fn sequential_pass(data: &[u8], keep_going: bool) -> Option<(Clusters, bool)> {
                     continue;
                 }
                 let mut bytes = vec![0u8; cluster_len(info.size, cluster)];
-                match contents {
-                    ClusterData::Unchanged => continue,
-                    ClusterData::Zero | ClusterData::Data { .. } => {
-                        contents.expand_into(&mut bytes)
-                    }
-                }
+                contents.expand_into(&mut bytes);
                 kept += bytes.len();
                 clusters.insert((drive, cluster.0), bytes);
             }

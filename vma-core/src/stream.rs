@@ -22,7 +22,9 @@ use crate::format_v1::{self, V1ExtentHeader, V1Header};
 use crate::input::Input;
 use crate::pipeline::OrderedPool;
 use crate::ranges::RangeSet;
-use crate::types::{cluster_len, cluster_range_bytes, describe_ranges, DriveId, DriveRange};
+use crate::types::{
+    cluster_len, cluster_range_bytes, clusters_for, describe_ranges, ClusterNo, DriveId, DriveRange,
+};
 use crate::writer::effective_threads;
 
 /// Options of a sequential pass.
@@ -932,7 +934,7 @@ impl DriveHasher {
                         state: skipped.then_some(HashOutcome::Skipped),
                     })
                     .collect();
-                let zeros = vec![0u8; CLUSTER_SIZE];
+                let zeros = vec![0u8; 1 << 20];
                 let slot = |id: DriveId| drives.binary_search_by_key(&id, |d| d.id).ok();
                 let mut cluster_buf = vec![0u8; CLUSTER_SIZE];
                 for msg in rx {
@@ -945,34 +947,57 @@ impl DriveHasher {
                             }
                         }
                         HashMsg::Extent(ext) => {
-                            for (drive, c, data) in ext.clusters() {
-                                let Some(i) = slot(drive) else { continue };
+                            // Data clusters in entry order, taken entry by entry.
+                            let mut data = ext.data_clusters().map(|(_, _, d)| d);
+                            for e in &ext.entries {
+                                let run_data = data.by_ref().take(match e.kind {
+                                    RunKind::Data => e.count as usize,
+                                    _ => 0,
+                                });
+                                let Some(i) = slot(e.drive) else {
+                                    run_data.for_each(drop);
+                                    continue;
+                                };
                                 let st = &mut s[i];
-                                if st.state.is_some() {
-                                    continue;
-                                }
-                                if c.0 != st.next {
+                                let size = drives[i].size;
+                                let end = e.start + e.count as u64;
+                                if st.state.is_none() && e.start != st.next {
                                     st.state = Some(HashOutcome::OutOfOrder);
+                                }
+                                // A run past the drive's end is damage the pass reports.
+                                if st.state.is_none()
+                                    && (end > clusters_for(size) || e.kind == RunKind::Unchanged)
+                                {
+                                    st.state = Some(HashOutcome::Spoiled);
+                                }
+                                if st.state.is_some() {
+                                    run_data.for_each(drop);
                                     continue;
                                 }
-                                let len = cluster_len(drives[i].size, c);
-                                match data {
-                                    ClusterData::Data { mask, blocks }
-                                        if mask == u16::MAX && len == CLUSTER_SIZE =>
-                                    {
-                                        st.sha.update(blocks)
-                                    }
-                                    ClusterData::Zero => st.sha.update(&zeros[..len]),
-                                    ClusterData::Unchanged => {
-                                        st.state = Some(HashOutcome::Spoiled);
-                                        continue;
-                                    }
-                                    other => {
-                                        other.expand_into(&mut cluster_buf[..len]);
-                                        st.sha.update(&cluster_buf[..len]);
+                                if e.kind == RunKind::Zero {
+                                    let bytes = cluster_range_bytes(size, e.start..end);
+                                    let mut left = bytes.end - bytes.start;
+                                    while left > 0 {
+                                        let n = left.min(zeros.len() as u64) as usize;
+                                        st.sha.update(&zeros[..n]);
+                                        left -= n as u64;
                                     }
                                 }
-                                st.next += 1;
+                                for (k, d) in run_data.enumerate() {
+                                    let len = cluster_len(size, ClusterNo(e.start + k as u64));
+                                    match d {
+                                        ClusterData::Data { mask, blocks }
+                                            if mask == u16::MAX && len == CLUSTER_SIZE =>
+                                        {
+                                            st.sha.update(blocks)
+                                        }
+                                        other => {
+                                            other.expand_into(&mut cluster_buf[..len]);
+                                            st.sha.update(&cluster_buf[..len]);
+                                        }
+                                    }
+                                }
+                                st.next = end;
                             }
                         }
                     }
@@ -998,5 +1023,74 @@ impl DriveHasher {
     fn finish(self) -> Vec<HashOutcome> {
         drop(self.tx);
         self.thread.join().expect("hash thread")
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::extent::{encode_extent, RawExtent};
+    use crate::format::MAX_CLUSTERS;
+    use std::time::{Duration, Instant};
+
+    /// A header of one 64 KiB drive, followed by one extent holding its
+    /// data cluster and a zero run of `zero_count` clusters after it (no
+    /// index: the archive is incomplete).
+    pub(crate) fn archive_with_zero_run(zero_count: u32) -> Vec<u8> {
+        let header = Header {
+            version_minor: 0,
+            incompat: 0,
+            compat: 0,
+            uuid: [7; 16],
+            ctime: 0,
+            compression: CompressionInfo {
+                codec: Codec::None,
+                level: 0,
+            },
+            creator: String::new(),
+            parent: None,
+            drives: vec![DriveInfo {
+                id: DriveId(1),
+                name: "d".into(),
+                size: CLUSTER_SIZE as u64,
+            }],
+            configs: Vec::new(),
+        };
+        let mut bytes = header.encode().unwrap();
+        let mut raw = RawExtent::default();
+        raw.push_data(DriveId(1), ClusterNo(0), 1, &[5u8; CLUSTER_SIZE]);
+        raw.push_run(DriveId(1), RunKind::Zero, 1, zero_count);
+        bytes.extend_from_slice(&encode_extent(raw, 0, None).unwrap().bytes);
+        bytes
+    }
+
+    /// An extent whose zero run claims two billion clusters of a one-cluster
+    /// drive once made the drive hasher step through every claimed cluster
+    /// (minutes of work from 300 bytes); the run is now reported and the
+    /// hash given up at once.
+    #[test]
+    fn a_zero_run_past_the_drive_end_costs_no_time() {
+        let bytes = archive_with_zero_run((MAX_CLUSTERS - 1) as u32);
+        let started = Instant::now();
+        let stream = ArchiveStream::open(&bytes[..], "test").unwrap();
+        let options = PassOptions {
+            threads: 1,
+            keep_going: true,
+            hash_drives: HashDrives::All,
+        };
+        let report = stream.pass(&options, |_| Ok(())).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            report.problems.iter().any(|p| p
+                .to_string()
+                .contains("extent #0 holds clusters 1..2147483648 of drive d which has only 1")),
+            "{:?}",
+            report.problems
+        );
+        assert_eq!(report.digests, vec![DriveDigestCheck::NotRecorded]);
     }
 }
