@@ -481,7 +481,16 @@ struct PassState {
     high_water: Vec<u64>,
     out_of_order: Vec<bool>,
     hasher: Option<DriveHasher>,
+    /// Problems past [`MAX_LISTED_PROBLEMS`], counted only.
+    unlisted_problems: u64,
+    /// Set once the extents are done: later problems are always listed.
+    finishing: bool,
 }
+
+/// Problems a pass going past damage lists one by one; the rest are counted,
+/// so that a small input (a decompression bomb of damaged extents) cannot
+/// make the report grow without bound.
+pub const MAX_LISTED_PROBLEMS: usize = 1000;
 
 impl PassState {
     fn new(header: &Header, options: &PassOptions) -> Self {
@@ -503,16 +512,21 @@ impl PassState {
             out_of_order: vec![false; n],
             hasher: (options.hash_drives != HashDrives::None)
                 .then(|| DriveHasher::start(header, &options.hash_drives)),
+            unlisted_problems: 0,
+            finishing: false,
         }
     }
 
     fn problem(&mut self, e: Error) -> Result<()> {
-        if self.keep_going {
-            self.problems.push(e);
-            Ok(())
-        } else {
-            Err(e)
+        if !self.keep_going {
+            return Err(e);
         }
+        if self.problems.len() < MAX_LISTED_PROBLEMS || self.finishing {
+            self.problems.push(e);
+        } else {
+            self.unlisted_problems += 1;
+        }
+        Ok(())
     }
 
     fn slot(&self, drive: DriveId) -> Option<usize> {
@@ -622,12 +636,22 @@ impl PassState {
             }
             Err((e, seq, claimed)) => {
                 self.next_seq = seq + 1;
-                let ranges = self.ranges_of(&claimed);
-                for c in &claimed {
-                    if let Some(slot) = self.slot(c.drive) {
-                        let _ = self.coverage[slot].insert(c.start..c.start + c.count as u64);
-                    }
-                }
+                // Only clusters not accounted for yet are lost here: a claim
+                // repeating earlier ones (intact or damaged) loses nothing
+                // new, and a partly overlapping claim leaves its clusters
+                // to be reported missing.
+                let newly_claimed: Vec<Entry> = claimed
+                    .iter()
+                    .filter(|c| {
+                        self.slot(c.drive).is_some_and(|slot| {
+                            self.coverage[slot]
+                                .insert(c.start..c.start + c.count as u64)
+                                .is_ok()
+                        })
+                    })
+                    .copied()
+                    .collect();
+                let ranges = self.ranges_of(&newly_claimed);
                 self.damaged.extend(ranges.iter().cloned());
                 let (offset, what) = match &e {
                     Error::Corrupt { offset, what } | Error::Truncated { offset, what } => {
@@ -701,6 +725,14 @@ impl PassState {
     }
 
     fn finish(mut self) -> Result<PassReport> {
+        // What is found about the whole archive is always listed.
+        self.finishing = true;
+        if self.unlisted_problems > 0 {
+            let n = self.unlisted_problems;
+            self.problem(Error::Limit(format!(
+                "{n} more problems in extents were found after the first {MAX_LISTED_PROBLEMS} and are not listed"
+            )))?;
+        }
         let drives = self.header.drives.clone();
         // Completeness: every cluster exactly once.
         let gaps: Vec<(DriveId, std::ops::Range<u64>)> = drives
@@ -1031,6 +1063,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::extent::{encode_extent, RawExtent};
     use crate::format::MAX_CLUSTERS;
+    use std::io::Write;
     use std::time::{Duration, Instant};
 
     /// A header of one 64 KiB drive, followed by one extent holding its
@@ -1062,6 +1095,50 @@ pub(crate) mod tests {
         raw.push_run(DriveId(1), RunKind::Zero, 1, zero_count);
         bytes.extend_from_slice(&encode_extent(raw, 0, None).unwrap().bytes);
         bytes
+    }
+
+    /// A few kilobytes of zstd holding 200,000 copies of one damaged
+    /// extent: the pass going past damage listed a problem and the damaged
+    /// range for every copy (over 100 MiB of report); it now lists the first
+    /// thousand problems, counts the rest, and the range once.
+    #[test]
+    fn a_bomb_of_damaged_extents_keeps_the_report_small() {
+        let mut header = archive_with_zero_run(1);
+        let extent_at = header.windows(8).position(|w| w == EXTENT_MAGIC).unwrap();
+        header.truncate(extent_at);
+        let mut raw = RawExtent::default();
+        raw.push_run(DriveId(1), RunKind::Zero, 0, 1);
+        let mut extent = encode_extent(raw, 0, None).unwrap().bytes;
+        let n = extent.len();
+        extent[n - 1] ^= 1; // its SHA-256
+        let mut packer = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        packer.write_all(&header).unwrap();
+        for _ in 0..200_000 {
+            packer.write_all(&extent).unwrap();
+        }
+        let packed = packer.finish().unwrap();
+        assert!(packed.len() < 64 << 10, "{} bytes", packed.len());
+        let (stream, _) = crate::detect::open_any(std::io::Cursor::new(packed), "bomb").unwrap();
+        let options = PassOptions {
+            threads: 1,
+            keep_going: true,
+            hash_drives: HashDrives::All,
+        };
+        let report = stream.pass(&options, |_| Ok(())).unwrap();
+        assert!(
+            report.problems.len() <= MAX_LISTED_PROBLEMS + 2,
+            "{}",
+            report.problems.len()
+        );
+        assert!(
+            report.problems.iter().any(|p| p
+                .to_string()
+                .contains("199001 more problems in extents were found after the first 1000")),
+            "{}",
+            report.problems.last().unwrap()
+        );
+        assert_eq!(report.damaged.len(), 1);
+        assert_eq!(report.damaged[0].bytes, 0..CLUSTER_SIZE as u64);
     }
 
     /// An extent whose zero run claims two billion clusters of a one-cluster
