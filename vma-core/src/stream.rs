@@ -1097,7 +1097,7 @@ pub(crate) mod tests {
         bytes
     }
 
-    /// A few kilobytes of zstd holding 200,000 copies of one damaged
+    /// Two kilobytes of zstd holding 200,000 copies of one damaged
     /// extent: the pass going past damage listed a problem and the damaged
     /// range for every copy (over 100 MiB of report); it now lists the first
     /// thousand problems, counts the rest, and the range once.
