@@ -492,11 +492,17 @@ fn transmission<R: Read, W: Write + Send>(
     thread::scope(|scope| {
         let sink = &*export.sink;
         let budget = &budget;
-        thread::Builder::new()
+        let worker = thread::Builder::new()
             .name("nbd-reply".into())
             .spawn_scoped(scope, move || reply_worker(queue, sink, out, budget))?;
         let result = read_requests(reader, export.size, &jobs, budget);
         drop(jobs);
+        // Joined here, not only waited for by the scope: the thread has
+        // fully exited (its thread-local state freed) when the connection's
+        // serving returns.
+        if let Err(panic) = worker.join() {
+            std::panic::resume_unwind(panic);
+        }
         result
     })
 }
