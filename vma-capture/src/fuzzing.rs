@@ -140,20 +140,32 @@ pub struct QmpOutcome {
     pub events: usize,
 }
 
+/// How long the server of [`qmp`] waits for the client's next command
+/// before it sends the rest at once (the client may be waiting itself, for
+/// the end of a line or for a reply the input does not hold). A client
+/// slower than this only sees replies early, which it must survive too.
+const QMP_STEP_WAIT: Duration = Duration::from_millis(20);
+
 /// The server side of [`qmp`]: one step per command line received.
 fn serve_qmp(server: UnixStream, steps: Vec<Vec<u8>>) {
     let Ok(read_half) = server.try_clone() else {
         return;
     };
+    if read_half.set_read_timeout(Some(QMP_STEP_WAIT)).is_err() {
+        return;
+    }
     let mut commands = BufReader::new(read_half);
     let mut out = &server;
     let mut line = Vec::new();
+    let mut waiting = true;
     for (i, step) in steps.iter().enumerate() {
-        if i > 0 {
+        if i > 0 && waiting {
             line.clear();
             match commands.read_until(b'\n', &mut line) {
                 Ok(n) if n > 0 => {}
-                _ => break,
+                Ok(_) => break,
+                // No command in time: send everything else unasked.
+                Err(_) => waiting = false,
             }
         }
         if out.write_all(step).is_err() {
