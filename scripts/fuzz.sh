@@ -4,9 +4,10 @@
 #   scripts/fuzz.sh list                  the targets
 #   scripts/fuzz.sh run TARGET [SECONDS]  fuzz TARGET (default 600 s); extra
 #                                         libFuzzer flags may follow SECONDS
-#   scripts/fuzz.sh cmin TARGET           fold what runs found into
+#   scripts/fuzz.sh cmin TARGET [MAX_LEN] fold what runs found into
 #                                         fuzz/corpus/TARGET (seeds kept,
-#                                         only inputs adding coverage added)
+#                                         only inputs adding coverage added,
+#                                         read cut to MAX_LEN bytes)
 #   scripts/fuzz.sh replay TARGET FILE... run inputs once (e.g. a crash)
 #
 # Inputs a run finds go to fuzz/target/work-corpus/TARGET (not committed);
@@ -17,7 +18,8 @@
 # cargo-fuzz needs nightly flags (-Zsanitizer, -Cpasses=sancov); stable
 # rustc accepts them with RUSTC_BOOTSTRAP=1. AddressSanitizer works so.
 set -euo pipefail
-cd "$(dirname "$0")/../fuzz"
+self=$(realpath "$0")
+cd "$(dirname "$self")/../fuzz"
 
 CARGO_FUZZ_VERSION=0.13.2
 if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
@@ -39,7 +41,7 @@ leak_check() {
   esac
 }
 
-usage() { sed -n '3,11p' "$0" >&2; exit 2; }
+usage() { sed -n '3,11p' "$self" >&2; exit 2; }
 targets() { sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.toml | grep -v '^vma-fuzz$'; }
 check_target() {
   targets | grep -qx "$1" || { echo "unknown target $1; targets: $(targets | tr '\n' ' ')" >&2; exit 2; }
@@ -68,8 +70,9 @@ case "$cmd" in
     merged=$(mktemp -d)
     trap 'rm -rf "$merged"' EXIT
     cp corpus/"$target"/seed-* "$merged"/
+    max_len=${3:-65536}
     cargo fuzz run "${build_flags[@]}" "$target" "$merged" "corpus/$target" "$work" -- \
-      "${limits[@]}" "$(leak_check "$target")" -merge=1
+      "${limits[@]}" "$(leak_check "$target")" -max_len="$max_len" -merge=1
     rm -f corpus/"$target"/*
     cp "$merged"/* corpus/"$target"/
     echo "corpus/$target: $(ls corpus/"$target" | wc -l) files, $(du -sh corpus/"$target" | cut -f1)"
