@@ -8,8 +8,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Cursor, Seek, Write};
-use std::os::fd::FromRawFd;
-use std::path::Path;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::detect::open_any;
@@ -21,6 +21,7 @@ use crate::reader::Reader;
 use crate::source::{next_data_run, DiskImage, RawImage};
 use crate::stream::{HashDrives, PassOptions};
 use crate::types::{cluster_len, ClusterNo, DriveId};
+use crate::verify::verify;
 
 /// Drives whose total size is at most this get their whole-content SHA-256
 /// computed in the pass going past damage (hashing is linear in the
@@ -45,9 +46,10 @@ pub fn memory_file(data: &[u8]) -> File {
 }
 
 /// Any archive bytes (native v2, VMA v1, whole-stream zstd/gzip): the
-/// sequential pass (`verify`, `extract -`), stopping at the first problem
-/// and going on past damage; random access through the index (`mount`,
-/// `extract FILE`), reading every drive's start, end and a spread of runs.
+/// sequential pass (`extract -`, `verify -`), stopping at the first problem
+/// and going on past damage; `verify FILE`; random access through the index
+/// (`mount`, `extract FILE`), reading every drive's start, end and a spread
+/// of runs.
 /// Where both readers accept the archive, every cluster the pass decoded
 /// must read back identically through random access.
 pub fn archive(data: &[u8]) -> ArchiveOutcome {
@@ -57,7 +59,15 @@ pub fn archive(data: &[u8]) -> ArchiveOutcome {
         pass_clean: matches!(pass, Some((_, true))),
         ..ArchiveOutcome::default()
     };
-    if let Ok(reader) = Reader::open_file(memory_file(data), Path::new("fuzz-input")) {
+    let file = memory_file(data);
+    // `vma verify FILE`: the pass, then drives stored out of order hashed
+    // again through random access on the same file.
+    if let Ok((stream, _)) = open_any(Cursor::new(data.to_vec()), "fuzz-input") {
+        let total: u64 = stream.header().drives.iter().map(|d| d.size).sum();
+        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let _ = verify(stream, 1, total <= HASH_DRIVES_UP_TO, Some(&path));
+    }
+    if let Ok(reader) = Reader::open_file(file, Path::new("fuzz-input")) {
         outcome.opened = true;
         random_access(&reader);
         if let Some((clusters, true)) = &pass {
