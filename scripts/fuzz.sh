@@ -5,7 +5,7 @@
 #   scripts/fuzz.sh run TARGET [SECONDS]  fuzz TARGET (default 600 s); extra
 #                                         libFuzzer flags may follow SECONDS
 #   scripts/fuzz.sh cmin TARGET [MAX_LEN] fold what runs found into
-#                                         fuzz/corpus/TARGET (seeds kept,
+#                                         fuzz/corpus/TARGET (named inputs kept,
 #                                         only inputs adding coverage added,
 #                                         read cut to MAX_LEN bytes)
 #   scripts/fuzz.sh replay TARGET FILE... run inputs once (e.g. a crash)
@@ -69,7 +69,10 @@ case "$cmd" in
     work=target/work-corpus/$target
     merged=$(mktemp -d)
     trap 'rm -rf "$merged"' EXIT
-    cp corpus/"$target"/seed-* "$merged"/
+    # Named inputs (seeds, hand-made ones) stay; found ones are named by hash.
+    for f in corpus/"$target"/*; do
+      [[ $(basename "$f") =~ ^[0-9a-f]{40}$ ]] || cp "$f" "$merged"/
+    done
     max_len=${3:-65536}
     cargo fuzz run "${build_flags[@]}" "$target" "$merged" "corpus/$target" "$work" -- \
       "${limits[@]}" "$(leak_check "$target")" -max_len="$max_len" -merge=1
