@@ -8,6 +8,8 @@
 
 pub mod assemble;
 pub mod capture;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod nbd;
 pub mod qga;
 pub mod qmp;

@@ -218,9 +218,19 @@ const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 fn serve_connection(stream: &UnixStream, exports: &[Export]) -> io::Result<()> {
     let mut reader = io::BufReader::with_capacity(READ_BUFFER, stream.try_clone()?);
-    let mut writer = stream;
-    match handshake(&mut reader, &mut writer, exports)? {
-        Some(index) => transmission(&mut reader, writer, &exports[index]),
+    serve(&mut reader, stream, exports)
+}
+
+/// Serve one client connection: what the client sends is read from
+/// `reader`, replies go to `writer`. Returns when the client disconnects,
+/// ends the handshake, or breaks the protocol (an `InvalidData` error).
+pub fn serve<R: Read, W: Write + Send>(
+    reader: &mut R,
+    mut writer: W,
+    exports: &[Export],
+) -> io::Result<()> {
+    match handshake(reader, &mut writer, exports)? {
+        Some(index) => transmission(reader, writer, &exports[index]),
         None => Ok(()),
     }
 }
@@ -482,11 +492,17 @@ fn transmission<R: Read, W: Write + Send>(
     thread::scope(|scope| {
         let sink = &*export.sink;
         let budget = &budget;
-        thread::Builder::new()
+        let worker = thread::Builder::new()
             .name("nbd-reply".into())
             .spawn_scoped(scope, move || reply_worker(queue, sink, out, budget))?;
         let result = read_requests(reader, export.size, &jobs, budget);
         drop(jobs);
+        // Joined here, not only waited for by the scope: the thread has
+        // fully exited (its thread-local state freed) when the connection's
+        // serving returns.
+        if let Err(panic) = worker.join() {
+            std::panic::resume_unwind(panic);
+        }
         result
     })
 }

@@ -49,6 +49,10 @@ pub const MAX_LINE_LEN: usize = 64 << 20;
 /// in [`Qmp::dropped_events`].
 pub const MAX_PENDING_EVENTS: usize = 65_536;
 
+/// Most bytes (as received) of events kept unread, the greeting's early
+/// events included; past this the oldest are dropped as above.
+pub const MAX_PENDING_EVENT_BYTES: usize = 16 << 20;
+
 /// Errors of the QMP client.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -809,8 +813,10 @@ fn read_line_bounded<R: BufRead>(
 struct State {
     /// Commands in flight by id; `Some` once the reply arrived.
     waiting: HashMap<u64, Option<Reply>>,
-    /// Events nobody has taken yet, oldest first.
-    events: VecDeque<Event>,
+    /// Events nobody has taken yet, oldest first, with their size as received.
+    events: VecDeque<(Event, usize)>,
+    /// Sum of the sizes in `events`.
+    event_bytes: usize,
     /// Events dropped because the queue was full.
     dropped_events: u64,
     /// Why the connection ended, once it has.
@@ -818,8 +824,9 @@ struct State {
 }
 
 impl State {
-    /// Files one message; returns whether waiting callers should look.
-    fn deliver(&mut self, message: Message) -> bool {
+    /// Files one message (`bytes` long as received); returns whether
+    /// waiting callers should look.
+    fn deliver(&mut self, message: Message, bytes: usize) -> bool {
         match message {
             Message::Reply { id, reply } => match self.waiting.get_mut(&id) {
                 Some(slot) if slot.is_none() => {
@@ -830,24 +837,38 @@ impl State {
                 _ => false,
             },
             Message::Event(event) => {
-                self.push_event(event);
+                self.push_event(event, bytes);
                 true
             }
             Message::Greeting(_) | Message::Ignored(_) => false,
         }
     }
 
-    fn push_event(&mut self, event: Event) {
-        if self.events.len() >= MAX_PENDING_EVENTS {
-            self.events.pop_front();
-            self.dropped_events += 1;
+    /// Queue an event `bytes` long as received, dropping the oldest past
+    /// [`MAX_PENDING_EVENTS`] or [`MAX_PENDING_EVENT_BYTES`].
+    fn push_event(&mut self, event: Event, bytes: usize) {
+        while self.events.len() >= MAX_PENDING_EVENTS
+            || (!self.events.is_empty() && self.event_bytes + bytes > MAX_PENDING_EVENT_BYTES)
+        {
+            if let Some((_, old)) = self.events.pop_front() {
+                self.event_bytes -= old;
+                self.dropped_events += 1;
+            }
         }
-        self.events.push_back(event);
+        self.event_bytes += bytes;
+        self.events.push_back((event, bytes));
     }
 
     fn take_event(&mut self, matches: &mut dyn FnMut(&Event) -> bool) -> Option<Event> {
-        let index = self.events.iter().position(matches)?;
-        self.events.remove(index)
+        let index = self.events.iter().position(|(e, _)| matches(e))?;
+        let (event, bytes) = self.events.remove(index)?;
+        self.event_bytes -= bytes;
+        Some(event)
+    }
+
+    fn drain_events(&mut self) -> Vec<Event> {
+        self.event_bytes = 0;
+        self.events.drain(..).map(|(e, _)| e).collect()
     }
 
     fn close(&mut self, reason: String) {
@@ -874,8 +895,8 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn deliver(&self, message: Message) {
-        if self.lock().deliver(message) {
+    fn deliver(&self, message: Message, bytes: usize) {
+        if self.lock().deliver(message, bytes) {
             self.changed.notify_all();
         }
     }
@@ -914,7 +935,7 @@ fn read_loop(mut reader: BufReader<UnixStream>, shared: Arc<Shared>) {
     let mut line = Vec::new();
     let reason = loop {
         match read_line_bounded(&mut reader, &mut line, MAX_LINE_LEN) {
-            Ok(true) => shared.deliver(parse_message(&line)),
+            Ok(true) => shared.deliver(parse_message(&line), line.len()),
             Ok(false) => break "QEMU closed the monitor connection".to_owned(),
             Err(e) => break format!("reading from QEMU failed: {e}"),
         }
@@ -945,20 +966,26 @@ impl Qmp {
             source,
         };
         let stream = UnixStream::connect(path).map_err(connect_error)?;
+        Qmp::from_stream(stream, path)
+    }
+
+    /// Like [`Qmp::connect`], over a stream already connected to QEMU's
+    /// monitor (`path` names it in messages).
+    pub fn from_stream(stream: UnixStream, path: &Path) -> Result<Qmp> {
+        let connect_error = |source| Error::Connect {
+            path: path.to_owned(),
+            source,
+        };
         stream
             .set_read_timeout(Some(GREETING_TIMEOUT))
             .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
             .map_err(connect_error)?;
         let mut reader = BufReader::new(stream.try_clone().map_err(connect_error)?);
 
-        let mut early_events = Vec::new();
-        let greeting = read_greeting(&mut reader, &mut early_events)?;
+        let mut state = State::default();
+        let greeting = read_greeting(&mut reader, &mut state)?;
         stream.set_read_timeout(None).map_err(connect_error)?;
 
-        let mut state = State::default();
-        for event in early_events {
-            state.push_event(event);
-        }
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             changed: Condvar::new(),
@@ -1141,11 +1168,11 @@ impl Qmp {
 
     /// Takes all pending events, oldest first, without waiting.
     pub fn drain_events(&self) -> Vec<Event> {
-        self.shared.lock().events.drain(..).collect()
+        self.shared.lock().drain_events()
     }
 
     /// Number of events dropped because nobody took them and the queue
-    /// reached [`MAX_PENDING_EVENTS`].
+    /// reached [`MAX_PENDING_EVENTS`] or [`MAX_PENDING_EVENT_BYTES`].
     pub fn dropped_events(&self) -> u64 {
         self.shared.lock().dropped_events
     }
@@ -1272,11 +1299,8 @@ impl Drop for Qmp {
     }
 }
 
-/// Reads lines until the greeting, keeping events that come first.
-fn read_greeting(
-    reader: &mut BufReader<UnixStream>,
-    early_events: &mut Vec<Event>,
-) -> Result<Greeting> {
+/// Reads lines until the greeting, queueing events that come first in `state`.
+fn read_greeting<R: BufRead>(reader: &mut R, state: &mut State) -> Result<Greeting> {
     let deadline = deadline_after(GREETING_TIMEOUT);
     let mut line = Vec::new();
     loop {
@@ -1303,7 +1327,7 @@ fn read_greeting(
         }
         match parse_message(&line) {
             Message::Greeting(greeting) => return Ok(greeting),
-            Message::Event(event) => early_events.push(event),
+            Message::Event(event) => state.push_event(event, line.len()),
             Message::Reply { .. } => {
                 return Err(Error::Protocol(
                     "QEMU sent a reply before its greeting".to_owned(),
@@ -1595,15 +1619,15 @@ mod tests {
         let mut state = State::default();
         state.waiting.insert(5, None);
         // Unknown id: dropped.
-        assert!(!state.deliver(parse(r#"{"return": 1, "id": 6}"#)));
+        assert!(!state.deliver(parse(r#"{"return": 1, "id": 6}"#), 0));
         assert_eq!(state.waiting.len(), 1);
-        assert!(state.deliver(parse(r#"{"return": 2, "id": 5}"#)));
+        assert!(state.deliver(parse(r#"{"return": 2, "id": 5}"#), 0));
         // A second reply for the same id does not replace the first.
-        assert!(!state.deliver(parse(r#"{"return": 3, "id": 5}"#)));
+        assert!(!state.deliver(parse(r#"{"return": 3, "id": 5}"#), 0));
         assert_eq!(state.waiting.get(&5), Some(&Some(Ok(json!(2)))));
         // Greetings and garbage change nothing.
-        assert!(!state.deliver(parse(GREETING)));
-        assert!(!state.deliver(parse("garbage")));
+        assert!(!state.deliver(parse(GREETING), 0));
+        assert!(!state.deliver(parse("garbage"), 0));
         assert!(state.events.is_empty());
     }
 
@@ -1611,18 +1635,76 @@ mod tests {
     fn event_queue_is_bounded() {
         let mut state = State::default();
         for i in 0..MAX_PENDING_EVENTS + 3 {
-            state.push_event(Event {
-                name: format!("E{i}"),
-                data: Value::Null,
-                timestamp: None,
-            });
+            state.push_event(
+                Event {
+                    name: format!("E{i}"),
+                    data: Value::Null,
+                    timestamp: None,
+                },
+                20,
+            );
         }
         assert_eq!(state.events.len(), MAX_PENDING_EVENTS);
         assert_eq!(state.dropped_events, 3);
-        assert_eq!(state.events.front().map(|e| e.name.as_str()), Some("E3"));
+        assert_eq!(state.events.front().map(|e| e.0.name.as_str()), Some("E3"));
         let taken = state.take_event(&mut |e| e.name == "E10").unwrap();
         assert_eq!(taken.name, "E10");
         assert_eq!(state.events.len(), MAX_PENDING_EVENTS - 1);
+        assert_eq!(state.event_bytes, (MAX_PENDING_EVENTS - 1) * 20);
+    }
+
+    /// Unread events were bounded in number only: 65,536 events of 60 MiB
+    /// each could pile up. Now their bytes are bounded too.
+    #[test]
+    fn event_queue_is_bounded_in_bytes() {
+        let mut state = State::default();
+        let big = MAX_PENDING_EVENT_BYTES / 4 + 1;
+        for i in 0..10 {
+            let event = Event {
+                name: format!("E{i}"),
+                data: Value::Null,
+                timestamp: None,
+            };
+            state.push_event(event, big);
+            assert!(state.event_bytes <= MAX_PENDING_EVENT_BYTES);
+        }
+        assert_eq!(state.events.len(), 3);
+        assert_eq!(state.dropped_events, 7);
+        assert_eq!(state.drain_events().len(), 3);
+        assert_eq!(state.event_bytes, 0);
+        // One event larger than the whole budget is still delivered.
+        state.push_event(
+            Event {
+                name: "huge".into(),
+                data: Value::Null,
+                timestamp: None,
+            },
+            2 * MAX_PENDING_EVENT_BYTES,
+        );
+        assert_eq!(state.events.len(), 1);
+    }
+
+    /// Events before the greeting were kept without any bound; they now go
+    /// into the same bounded queue.
+    #[test]
+    fn early_events_are_bounded() {
+        let event = format!(
+            r#"{{"event": "X", "data": {{"pad": "{}"}}}}"#,
+            "x".repeat(1 << 20)
+        );
+        let mut text = String::new();
+        for _ in 0..40 {
+            text.push_str(&event);
+            text.push('\n');
+        }
+        text.push_str(GREETING);
+        text.push('\n');
+        let mut state = State::default();
+        let greeting = read_greeting(&mut Cursor::new(text.into_bytes()), &mut state).unwrap();
+        assert_eq!(greeting.version, QemuVersion::new(10, 0, 2));
+        assert!(state.event_bytes <= MAX_PENDING_EVENT_BYTES);
+        assert_eq!(state.events.len() as u64 + state.dropped_events, 40);
+        assert!(state.dropped_events > 0);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Building, encoding and decoding extents (no file I/O): the unit of
 //! compression and of integrity checking.
 
-use crate::digest::sha256;
+use crate::digest::{check_matches, sha256};
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -242,7 +242,8 @@ pub struct DecodedExtent {
 }
 
 impl DecodedExtent {
-    /// Every cluster in entry order: (drive, cluster, contents).
+    /// Every cluster in entry order: (drive, cluster, contents). Zero and
+    /// unchanged runs count one item per cluster; see [`Self::data_clusters`].
     pub fn clusters(&self) -> impl Iterator<Item = (DriveId, ClusterNo, ClusterData<'_>)> + '_ {
         self.entries.iter().enumerate().flat_map(move |(i, e)| {
             (0..e.count as u64).map(move |k| {
@@ -252,8 +253,9 @@ impl DecodedExtent {
         })
     }
 
-    /// Every data cluster in entry order (zero and unchanged runs, however
-    /// long, are skipped in one step each).
+    /// The clusters of data entries only, in entry order: what sinks that
+    /// skip zero and unchanged clusters iterate, in time bounded by the
+    /// stored data rather than by the (declared) lengths of zero runs.
     pub fn data_clusters(
         &self,
     ) -> impl Iterator<Item = (DriveId, ClusterNo, ClusterData<'_>)> + '_ {
@@ -262,8 +264,10 @@ impl DecodedExtent {
             .enumerate()
             .filter(|(_, e)| e.kind == RunKind::Data)
             .flat_map(move |(i, e)| {
-                (0..e.count as u64)
-                    .map(move |k| (e.drive, ClusterNo(e.start + k), self.entry_cluster(i, e, k)))
+                (0..e.count as u64).map(move |k| {
+                    let data = self.entry_cluster(i, e, k);
+                    (e.drive, ClusterNo(e.start + k), data)
+                })
             })
     }
 
@@ -438,7 +442,7 @@ fn check_extent(
     }
     let body_end = bytes.len() - DIGEST_LEN;
     let digest: [u8; 32] = sha256(&bytes[..body_end]);
-    if digest[..] != bytes[body_end..] {
+    if !check_matches(&bytes[body_end..], &digest) {
         return Err(Error::corrupt(
             offset,
             format!(

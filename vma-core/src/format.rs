@@ -5,7 +5,7 @@
 //!
 //! All integers are little-endian.
 
-use crate::digest::Sha256;
+use crate::digest::{check_matches, Sha256};
 
 use crate::error::{Error, Result};
 use crate::types::{clusters_for, DriveId};
@@ -567,7 +567,7 @@ impl Header {
         }
         let body_len = block.len() - DIGEST_LEN;
         let stored: [u8; 32] = block[body_len..].try_into().expect("32 bytes");
-        if sha256(&block[..body_len]) != stored {
+        if !check_matches(&stored, &sha256(&block[..body_len])) {
             return Err(Error::corrupt(
                 body_len as u64,
                 "header SHA-256 does not match the header and config bytes (offset 0..)",
@@ -805,7 +805,7 @@ impl ExtentHeader {
                 ),
             ));
         }
-        if short_check(&b[..56]) != b[56..] {
+        if !check_matches(&b[56..], &short_check(&b[..56])) {
             return Err(Error::corrupt(
                 offset,
                 "extent header self-check does not match (header bytes damaged)",
@@ -1137,7 +1137,7 @@ impl Index {
             ));
         }
         let body = &block[..len - DIGEST_LEN];
-        if sha256(body) != block[len - DIGEST_LEN..] {
+        if !check_matches(&block[len - DIGEST_LEN..], &sha256(body)) {
             return Err(Error::corrupt(
                 offset + body.len() as u64,
                 "index SHA-256 does not match the index bytes",
@@ -1241,7 +1241,7 @@ impl Footer {
                 ),
             ));
         }
-        if short_check(&b[..72]) != b[72..] {
+        if !check_matches(&b[72..], &short_check(&b[..72])) {
             return Err(Error::corrupt(
                 offset,
                 "footer self-check does not match (footer damaged)",

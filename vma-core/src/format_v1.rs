@@ -8,6 +8,7 @@
 
 use md5::{Digest, Md5};
 
+use crate::digest::check_matches;
 use crate::error::{Error, Result};
 use crate::format::{check_name, ConfigBlob, DriveInfo, BLOCK_SIZE, CLUSTER_SIZE};
 use crate::types::DriveId;
@@ -116,7 +117,7 @@ impl V1Header {
                 format!("VMA header needs {size} bytes"),
             ));
         }
-        if md5_with_hole(b, MD5_AT)[..] != b[MD5_AT..MD5_AT + 16] {
+        if !check_matches(&b[MD5_AT..MD5_AT + 16], &md5_with_hole(b, MD5_AT)) {
             return Err(Error::corrupt(
                 MD5_AT as u64,
                 "VMA header MD5 does not match the header bytes",
@@ -317,7 +318,10 @@ impl V1ExtentHeader {
                 ),
             ));
         }
-        if md5_with_hole(b, EXTENT_MD5_AT)[..] != b[EXTENT_MD5_AT..EXTENT_MD5_AT + 16] {
+        if !check_matches(
+            &b[EXTENT_MD5_AT..EXTENT_MD5_AT + 16],
+            &md5_with_hole(b, EXTENT_MD5_AT),
+        ) {
             return Err(Error::corrupt(
                 offset + 24,
                 "VMA extent header MD5 does not match its bytes",

@@ -104,9 +104,12 @@ impl<R: Read> Input<R> {
                 ));
             }
             if left >= BUF_SIZE {
-                // Large reads go straight into the destination.
+                // Large reads go straight into the destination, which grows
+                // with what arrives (at most doubling), not with what a
+                // header declares.
                 let old = out.len();
-                let chunk = left.min(16 << 20);
+                let arrived = n - left;
+                let chunk = left.min(16 << 20).min(arrived.max(BUF_SIZE));
                 out.resize(old + chunk, 0);
                 let mut got = 0;
                 while got < chunk {
@@ -153,5 +156,41 @@ fn read_error(name: &str, offset: u64, e: std::io::Error) -> Error {
         Error::corrupt(offset, format!("reading {name}: {e}"))
     } else {
         Error::io(format!("reading {name} at offset {offset}"), e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A short input behind a huge declared length: the header reader once
+    /// zeroed 16 MiB for a 64 MiB header before finding the input 2 MiB
+    /// long; now the buffer stays within twice what arrived.
+    #[test]
+    fn a_huge_declared_length_allocates_only_what_arrives() {
+        let data = vec![7u8; 2 << 20];
+        let mut input = Input::new(&data[..], "short");
+        let mut out = Vec::new();
+        let err = input.read_into(&mut out, 64 << 20, "header").unwrap_err();
+        assert!(
+            matches!(err, Error::Truncated { offset, .. } if offset == 2 << 20),
+            "{err}"
+        );
+        assert_eq!(out.len(), 2 << 20);
+        assert!(out.capacity() <= 5 << 20, "capacity {}", out.capacity());
+    }
+
+    #[test]
+    fn large_reads_are_exact() {
+        let data: Vec<u8> = (0..(40u32 << 20) / 4)
+            .flat_map(|i| i.to_le_bytes())
+            .collect();
+        let mut input = Input::new(&data[..], "long");
+        assert_eq!(input.read_vec(3, "a").unwrap(), data[..3]);
+        let big = input.read_vec(data.len() - 5, "b").unwrap();
+        assert_eq!(big, data[3..data.len() - 2]);
+        assert_eq!(input.pos(), data.len() as u64 - 2);
+        assert_eq!(input.read_vec(2, "c").unwrap(), data[data.len() - 2..]);
+        assert!(input.at_eof().unwrap());
     }
 }

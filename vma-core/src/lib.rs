@@ -19,6 +19,8 @@ pub mod extent;
 pub mod extract;
 pub mod format;
 pub mod format_v1;
+#[doc(hidden)]
+pub mod fuzzing;
 mod input;
 pub mod lzop;
 pub mod merge;

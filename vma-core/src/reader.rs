@@ -13,7 +13,7 @@ use crate::extent::{ClusterData, DecodedExtent, StoredExtent};
 use crate::format::{DriveRecord, BLOCK_SIZE};
 use crate::format::{
     ExtentHeader, Footer, Header, HeaderPrefix, Index, IndexRun, RunKind, CLUSTER_SIZE,
-    EXTENT_HEADER_LEN, FOOTER_LEN, HEADER_FIXED_LEN, INCOMPAT_ZSTD,
+    EXTENT_HEADER_LEN, FOOTER_LEN, HEADER_FIXED_LEN, INCOMPAT_ZSTD, INDEX_FIXED_LEN,
 };
 use crate::format_v1::{self, V1ExtentHeader};
 use crate::stream::{incomplete_error, ArchiveFormat, ArchiveStream};
@@ -48,6 +48,15 @@ impl Reader {
     /// accounted for exactly once.
     pub fn open(path: &Path) -> Result<Reader> {
         let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        Reader::open_file(file, path)
+    }
+
+    /// Like [`Reader::open`], for a file already open (`path` names it in
+    /// messages), read from its start whatever its current position.
+    pub fn open_file(mut file: File, path: &Path) -> Result<Reader> {
+        use std::io::{Seek, SeekFrom};
+        file.seek(SeekFrom::Start(0))
+            .ctx(|| format!("seeking to the start of {}", path.display()))?;
         let file_len = file
             .metadata()
             .ctx(|| format!("reading the size of {}", path.display()))?
@@ -88,6 +97,21 @@ impl Reader {
             return Err(Error::corrupt(
                 footer_at,
                 "footer points to an index inside the header",
+            ));
+        }
+        // The index's own counts, checked against the footer and the
+        // drives, before its length decides an allocation.
+        let mut fixed = [0u8; INDEX_FIXED_LEN];
+        read_exact_at(&file, &mut fixed, footer.index_offset, &name)?;
+        Index::block_len(&fixed, footer.index_offset, footer.index_len)?;
+        let runs = u64::from_le_bytes(fixed[8..16].try_into().expect("8 bytes"));
+        let clusters: u64 = header.drives.iter().map(|d| d.clusters()).sum();
+        if runs > clusters.max(1) {
+            return Err(Error::corrupt(
+                footer.index_offset + 8,
+                format!(
+                    "index claims {runs} runs, more than the {clusters} clusters of the drives"
+                ),
             ));
         }
         let mut block = vec![0u8; footer.index_len as usize];
@@ -796,5 +820,62 @@ impl ExtentCache {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::DriveInfo;
+    use crate::writer::{ArchiveMeta, Writer, WriterOptions};
+
+    /// A one-drive archive followed by a hole, `extra` bytes long, and a
+    /// footer saying the index fills everything after the header.
+    fn archive_with_footer_claiming_everything(extra: u64) -> (tempfile::TempDir, PathBuf) {
+        let meta = ArchiveMeta::new(
+            vec![DriveInfo {
+                id: DriveId(1),
+                name: "d".into(),
+                size: 3 * CLUSTER_SIZE as u64,
+            }],
+            Vec::new(),
+        );
+        let mut w = Writer::new(Vec::new(), meta, &WriterOptions::default()).unwrap();
+        w.write_zeros(DriveId(1), 0..1).unwrap();
+        w.write_cluster(DriveId(1), ClusterNo(1), &[9u8; CLUSTER_SIZE])
+            .unwrap();
+        w.write_zeros(DriveId(1), 2..3).unwrap();
+        let (mut bytes, _) = w.finish().unwrap();
+        let header_len = HeaderPrefix::decode(bytes[..HEADER_FIXED_LEN].try_into().unwrap())
+            .unwrap()
+            .header_len as u64;
+        let footer_at = bytes.len() - FOOTER_LEN;
+        let old = Footer::decode(bytes[footer_at..].try_into().unwrap(), footer_at as u64).unwrap();
+        bytes.truncate(footer_at);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.vma");
+        let file = File::create(&path).unwrap();
+        file.write_all_at(&bytes, 0).unwrap();
+        let new_footer_at = bytes.len() as u64 + extra;
+        let footer = Footer {
+            index_offset: header_len,
+            index_len: new_footer_at - header_len,
+            ..old
+        };
+        file.write_all_at(&footer.encode(), new_footer_at).unwrap();
+        (dir, path)
+    }
+
+    /// A damaged footer of a large archive, pointing the index at the
+    /// first extent, made open allocate the whole file (here 64 GiB, sparse)
+    /// for the index; the index's own magic and counts are now checked first.
+    #[test]
+    fn a_footer_claiming_a_huge_index_is_refused_before_allocating() {
+        let (_dir, path) = archive_with_footer_claiming_everything(64 << 30);
+        let err = Reader::open(&path).err().expect("a damaged footer");
+        assert!(
+            matches!(&err, Error::Corrupt { what, .. } if what.contains("expected the index")),
+            "{err}"
+        );
     }
 }

@@ -28,7 +28,13 @@ pub struct RawImage {
 impl RawImage {
     /// Open `path` read-only; its size is the file's length (or the block device's).
     pub fn open(path: &Path) -> Result<RawImage> {
-        let mut file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        RawImage::open_file(file, path)
+    }
+
+    /// Like [`RawImage::open`], for a file already open (`path` names it in
+    /// messages).
+    pub fn open_file(mut file: File, path: &Path) -> Result<RawImage> {
         let meta = file
             .metadata()
             .ctx(|| format!("inspecting {}", path.display()))?;

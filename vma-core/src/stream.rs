@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::sync::Arc;
 
-use crate::digest::Sha256;
+use crate::digest::{check_matches, Sha256};
 
 use crate::detect::{not_v2_error, DETECT_LEN};
 use crate::error::{Error, Result};
@@ -22,7 +22,9 @@ use crate::format_v1::{self, V1ExtentHeader, V1Header};
 use crate::input::Input;
 use crate::pipeline::OrderedPool;
 use crate::ranges::RangeSet;
-use crate::types::{cluster_len, cluster_range_bytes, describe_ranges, DriveId, DriveRange};
+use crate::types::{
+    cluster_len, cluster_range_bytes, clusters_for, describe_ranges, ClusterNo, DriveId, DriveRange,
+};
 use crate::writer::effective_threads;
 
 /// Options of a sequential pass.
@@ -580,7 +582,16 @@ struct PassState {
     high_water: Vec<u64>,
     out_of_order: Vec<bool>,
     hasher: Option<DriveHasher>,
+    /// Problems past [`MAX_LISTED_PROBLEMS`], counted only.
+    unlisted_problems: u64,
+    /// Set once the extents are done: later problems are always listed.
+    finishing: bool,
 }
+
+/// Problems a pass going past damage lists one by one; the rest are counted,
+/// so that a small input (a decompression bomb of damaged extents) cannot
+/// make the report grow without bound.
+pub const MAX_LISTED_PROBLEMS: usize = 1000;
 
 impl PassState {
     fn new(header: &Header, options: &PassOptions) -> Self {
@@ -602,16 +613,21 @@ impl PassState {
             out_of_order: vec![false; n],
             hasher: (options.hash_drives != HashDrives::None)
                 .then(|| DriveHasher::start(header, &options.hash_drives)),
+            unlisted_problems: 0,
+            finishing: false,
         }
     }
 
     fn problem(&mut self, e: Error) -> Result<()> {
-        if self.keep_going {
-            self.problems.push(e);
-            Ok(())
-        } else {
-            Err(e)
+        if !self.keep_going {
+            return Err(e);
         }
+        if self.problems.len() < MAX_LISTED_PROBLEMS || self.finishing {
+            self.problems.push(e);
+        } else {
+            self.unlisted_problems += 1;
+        }
+        Ok(())
     }
 
     fn slot(&self, drive: DriveId) -> Option<usize> {
@@ -714,12 +730,22 @@ impl PassState {
             }
             Err((e, seq, claimed)) => {
                 self.next_seq = seq + 1;
-                let ranges = self.ranges_of(&claimed);
-                for c in &claimed {
-                    if let Some(slot) = self.slot(c.drive) {
-                        let _ = self.coverage[slot].insert(c.start..c.start + c.count as u64);
-                    }
-                }
+                // Only clusters not accounted for yet are lost here: a claim
+                // repeating earlier ones (intact or damaged) loses nothing
+                // new, and a partly overlapping claim leaves its clusters
+                // to be reported missing.
+                let newly_claimed: Vec<Entry> = claimed
+                    .iter()
+                    .filter(|c| {
+                        self.slot(c.drive).is_some_and(|slot| {
+                            self.coverage[slot]
+                                .insert(c.start..c.start + c.count as u64)
+                                .is_ok()
+                        })
+                    })
+                    .copied()
+                    .collect();
+                let ranges = self.ranges_of(&newly_claimed);
                 self.damaged.extend(ranges.iter().cloned());
                 let (offset, what) = match &e {
                     Error::Corrupt { offset, what } | Error::Truncated { offset, what } => {
@@ -793,6 +819,14 @@ impl PassState {
     }
 
     fn finish(mut self) -> Result<PassReport> {
+        // What is found about the whole archive is always listed.
+        self.finishing = true;
+        if self.unlisted_problems > 0 {
+            let n = self.unlisted_problems;
+            self.problem(Error::Limit(format!(
+                "{n} more problems in extents were found after the first {MAX_LISTED_PROBLEMS} and are not listed"
+            )))?;
+        }
         let drives = self.header.drives.clone();
         // Completeness: every cluster exactly once.
         let gaps: Vec<(DriveId, std::ops::Range<u64>)> = drives
@@ -871,7 +905,7 @@ impl PassState {
                     ))?;
                 }
                 let digest = std::mem::take(&mut self.digest).finish();
-                if f.archive_digest != digest {
+                if !check_matches(&f.archive_digest, &digest) {
                     self.problem(Error::corrupt(
                         at,
                         "archive digest in the footer does not match the archive",
@@ -1027,7 +1061,7 @@ impl DriveHasher {
                         state: skipped.then_some(HashOutcome::Skipped),
                     })
                     .collect();
-                let zeros = vec![0u8; CLUSTER_SIZE];
+                let zeros = vec![0u8; 1 << 20];
                 let slot = |id: DriveId| drives.binary_search_by_key(&id, |d| d.id).ok();
                 let mut cluster_buf = vec![0u8; CLUSTER_SIZE];
                 for msg in rx {
@@ -1040,34 +1074,57 @@ impl DriveHasher {
                             }
                         }
                         HashMsg::Extent(ext) => {
-                            for (drive, c, data) in ext.clusters() {
-                                let Some(i) = slot(drive) else { continue };
+                            // Data clusters in entry order, taken entry by entry.
+                            let mut data = ext.data_clusters().map(|(_, _, d)| d);
+                            for e in &ext.entries {
+                                let run_data = data.by_ref().take(match e.kind {
+                                    RunKind::Data => e.count as usize,
+                                    _ => 0,
+                                });
+                                let Some(i) = slot(e.drive) else {
+                                    run_data.for_each(drop);
+                                    continue;
+                                };
                                 let st = &mut s[i];
-                                if st.state.is_some() {
-                                    continue;
-                                }
-                                if c.0 != st.next {
+                                let size = drives[i].size;
+                                let end = e.start + e.count as u64;
+                                if st.state.is_none() && e.start != st.next {
                                     st.state = Some(HashOutcome::OutOfOrder);
+                                }
+                                // A run past the drive's end is damage the pass reports.
+                                if st.state.is_none()
+                                    && (end > clusters_for(size) || e.kind == RunKind::Unchanged)
+                                {
+                                    st.state = Some(HashOutcome::Spoiled);
+                                }
+                                if st.state.is_some() {
+                                    run_data.for_each(drop);
                                     continue;
                                 }
-                                let len = cluster_len(drives[i].size, c);
-                                match data {
-                                    ClusterData::Data { mask, blocks }
-                                        if mask == u16::MAX && len == CLUSTER_SIZE =>
-                                    {
-                                        st.sha.update(blocks)
-                                    }
-                                    ClusterData::Zero => st.sha.update(&zeros[..len]),
-                                    ClusterData::Unchanged => {
-                                        st.state = Some(HashOutcome::Spoiled);
-                                        continue;
-                                    }
-                                    other => {
-                                        other.expand_into(&mut cluster_buf[..len]);
-                                        st.sha.update(&cluster_buf[..len]);
+                                if e.kind == RunKind::Zero {
+                                    let bytes = cluster_range_bytes(size, e.start..end);
+                                    let mut left = bytes.end - bytes.start;
+                                    while left > 0 {
+                                        let n = left.min(zeros.len() as u64) as usize;
+                                        st.sha.update(&zeros[..n]);
+                                        left -= n as u64;
                                     }
                                 }
-                                st.next += 1;
+                                for (k, d) in run_data.enumerate() {
+                                    let len = cluster_len(size, ClusterNo(e.start + k as u64));
+                                    match d {
+                                        ClusterData::Data { mask, blocks }
+                                            if mask == u16::MAX && len == CLUSTER_SIZE =>
+                                        {
+                                            st.sha.update(blocks)
+                                        }
+                                        other => {
+                                            other.expand_into(&mut cluster_buf[..len]);
+                                            st.sha.update(&cluster_buf[..len]);
+                                        }
+                                    }
+                                }
+                                st.next = end;
                             }
                         }
                     }
@@ -1093,5 +1150,120 @@ impl DriveHasher {
     fn finish(self) -> Vec<HashOutcome> {
         drop(self.tx);
         self.thread.join().expect("hash thread")
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::extent::{encode_extent, RawExtent};
+    use crate::format::MAX_CLUSTERS;
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    /// A header of one 64 KiB drive, followed by one extent holding its
+    /// data cluster and a zero run of `zero_count` clusters after it (no
+    /// index: the archive is incomplete).
+    pub(crate) fn archive_with_zero_run(zero_count: u32) -> Vec<u8> {
+        let header = Header {
+            version_minor: 0,
+            incompat: 0,
+            compat: 0,
+            uuid: [7; 16],
+            ctime: 0,
+            compression: CompressionInfo {
+                codec: Codec::None,
+                level: 0,
+            },
+            creator: String::new(),
+            parent: None,
+            stands_for: Vec::new(),
+            drives: vec![DriveInfo {
+                id: DriveId(1),
+                name: "d".into(),
+                size: CLUSTER_SIZE as u64,
+            }],
+            configs: Vec::new(),
+        };
+        let mut bytes = header.encode().unwrap();
+        let mut raw = RawExtent::default();
+        raw.push_data(DriveId(1), ClusterNo(0), 1, &[5u8; CLUSTER_SIZE]);
+        raw.push_run(DriveId(1), RunKind::Zero, 1, zero_count);
+        bytes.extend_from_slice(&encode_extent(raw, 0, None).unwrap().bytes);
+        bytes
+    }
+
+    /// Two kilobytes of zstd holding 200,000 copies of one damaged
+    /// extent: the pass going past damage listed a problem and the damaged
+    /// range for every copy (over 100 MiB of report); it now lists the first
+    /// thousand problems, counts the rest, and the range once.
+    #[test]
+    fn a_bomb_of_damaged_extents_keeps_the_report_small() {
+        let mut header = archive_with_zero_run(1);
+        let extent_at = header.windows(8).position(|w| w == EXTENT_MAGIC).unwrap();
+        header.truncate(extent_at);
+        let mut raw = RawExtent::default();
+        raw.push_run(DriveId(1), RunKind::Zero, 0, 1);
+        let mut extent = encode_extent(raw, 0, None).unwrap().bytes;
+        let n = extent.len();
+        extent[n - 1] ^= 1; // its SHA-256
+        let mut packer = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        packer.write_all(&header).unwrap();
+        for _ in 0..200_000 {
+            packer.write_all(&extent).unwrap();
+        }
+        let packed = packer.finish().unwrap();
+        assert!(packed.len() < 64 << 10, "{} bytes", packed.len());
+        let (stream, _) = crate::detect::open_any(std::io::Cursor::new(packed), "bomb").unwrap();
+        let options = PassOptions {
+            threads: 1,
+            keep_going: true,
+            hash_drives: HashDrives::All,
+        };
+        let report = stream.pass(&options, |_| Ok(())).unwrap();
+        assert!(
+            report.problems.len() <= MAX_LISTED_PROBLEMS + 2,
+            "{}",
+            report.problems.len()
+        );
+        assert!(
+            report.problems.iter().any(|p| p
+                .to_string()
+                .contains("199001 more problems in extents were found after the first 1000")),
+            "{}",
+            report.problems.last().unwrap()
+        );
+        assert_eq!(report.damaged.len(), 1);
+        assert_eq!(report.damaged[0].bytes, 0..CLUSTER_SIZE as u64);
+    }
+
+    /// An extent whose zero run claims two billion clusters of a one-cluster
+    /// drive once made the drive hasher step through every claimed cluster
+    /// (minutes of work from 300 bytes); the run is now reported and the
+    /// hash given up at once.
+    #[test]
+    fn a_zero_run_past_the_drive_end_costs_no_time() {
+        let bytes = archive_with_zero_run((MAX_CLUSTERS - 1) as u32);
+        let started = Instant::now();
+        let stream = ArchiveStream::open(&bytes[..], "test").unwrap();
+        let options = PassOptions {
+            threads: 1,
+            keep_going: true,
+            hash_drives: HashDrives::All,
+        };
+        let report = stream.pass(&options, |_| Ok(())).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            report.problems.iter().any(|p| p
+                .to_string()
+                .contains("extent #0 holds clusters 1..2147483648 of drive d which has only 1")),
+            "{:?}",
+            report.problems
+        );
+        assert_eq!(report.digests, vec![DriveDigestCheck::NotRecorded]);
     }
 }

@@ -44,11 +44,28 @@ fn image_error(path: &Path, what: impl std::fmt::Display) -> Error {
     }
 }
 
+/// Opens the backing image an image names: called with the naming image's
+/// path, the backing file name and format from its header, and the naming
+/// image's depth.
+pub type OpenBacking<'a> =
+    dyn Fn(&Path, &str, Option<&str>, usize) -> Result<Box<dyn DiskImage>> + 'a;
+
 impl Qcow2Image {
     /// Open the qcow2 image at `path` and its backing chain; `depth` is the
     /// number of images above it (chains deeper than 64 are refused).
     pub fn open(path: &Path, depth: usize) -> Result<Qcow2Image> {
         let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        Qcow2Image::open_file(file, path, depth, &open_backing)
+    }
+
+    /// Like [`Qcow2Image::open`], for a file already open (`path` names it
+    /// in messages), with its backing image opened by `open_backing`.
+    pub fn open_file(
+        file: File,
+        path: &Path,
+        depth: usize,
+        open_backing: &OpenBacking<'_>,
+    ) -> Result<Qcow2Image> {
         let file_len = file
             .metadata()
             .ctx(|| format!("inspecting {}", path.display()))?

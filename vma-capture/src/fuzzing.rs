@@ -1,0 +1,177 @@
+//! Bodies of the fuzz targets in `fuzz/` for the network parsers, kept in
+//! the library so that their corpora are also replayed by an ordinary
+//! `cargo test` (`tests/fuzz_corpus.rs`). They panic only where the
+//! library broke a promise.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::nbd::{self, Export, NbdSink};
+use crate::qmp::Qmp;
+
+/// An export's writes, checked against its size.
+struct CheckedSink {
+    name: &'static str,
+    size: u64,
+    written: Mutex<u64>,
+}
+
+impl CheckedSink {
+    fn record(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.checked_add(len);
+        assert!(
+            end.is_some_and(|end| end <= self.size),
+            "export {:?} ({} bytes) was handed {len} bytes at {offset}",
+            self.name,
+            self.size
+        );
+        *self.written.lock().unwrap_or_else(|e| e.into_inner()) += len;
+        // Let some writes fail, as a full disk would.
+        if offset % 7 == 3 {
+            return Err(io::Error::other("the sink is full"));
+        }
+        Ok(())
+    }
+}
+
+impl NbdSink for CheckedSink {
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.record(offset, data.len() as u64)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.record(offset, len)
+    }
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.record(offset, len)
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Client bytes to the NBD server: handshake (options), then requests,
+/// served to completion with the replies collected in memory. Every range
+/// that reaches a sink must lie inside its export.
+pub fn nbd(client_bytes: &[u8]) -> NbdOutcome {
+    // The default export, and one whose size is not a multiple of 512.
+    let sinks = [("", 1 << 20), ("drive-scsi0", 70_001)].map(|(name, size)| {
+        Arc::new(CheckedSink {
+            name,
+            size,
+            written: Mutex::new(0),
+        })
+    });
+    let exports = sinks.clone().map(|sink| Export {
+        name: sink.name.to_owned(),
+        size: sink.size,
+        sink,
+    });
+    let mut replies = Vec::new();
+    let mut input = client_bytes;
+    let _ = nbd::serve(&mut input, &mut replies, &exports);
+    NbdOutcome {
+        reply_bytes: replies.len(),
+        written: sinks
+            .iter()
+            .map(|s| *s.written.lock().unwrap_or_else(|e| e.into_inner()))
+            .sum(),
+    }
+}
+
+/// What [`nbd`] saw (for tests of the corpora).
+#[derive(Debug, Default)]
+pub struct NbdOutcome {
+    /// Bytes the server sent (greeting, option replies, replies).
+    pub reply_bytes: usize,
+    /// Bytes of writes, write-zeroes and trims that reached the sinks.
+    pub written: u64,
+}
+
+/// Separates what the QMP server sends at each step in [`qmp`]'s input.
+pub const QMP_STEP: u8 = 0;
+
+/// Server bytes to the QMP client, over a real socket pair. The input is
+/// split at [`QMP_STEP`] bytes: the first part is sent at once (greeting,
+/// early events), each later part after the client's next command line.
+/// The client connects and then runs the queries capture uses, decoding
+/// every reply and event it gets.
+pub fn qmp(server_bytes: &[u8]) -> QmpOutcome {
+    let mut outcome = QmpOutcome::default();
+    let (client, server) = UnixStream::pair().expect("socketpair");
+    let steps: Vec<Vec<u8>> = server_bytes
+        .split(|&b| b == QMP_STEP)
+        .map(<[u8]>::to_vec)
+        .collect();
+    let server_thread = std::thread::spawn(move || serve_qmp(server, steps));
+    if let Ok(mut qmp) = Qmp::from_stream(client, Path::new("fuzz-qmp")) {
+        outcome.connected = true;
+        qmp.set_command_timeout(Duration::from_secs(5));
+        let _ = qmp.version();
+        let replies = [
+            qmp.query_block().is_ok(),
+            qmp.query_named_block_nodes().is_ok(),
+            qmp.query_jobs().is_ok(),
+            qmp.execute("query-status", serde_json::Value::Null).is_ok(),
+        ];
+        outcome.replies_decoded = replies.iter().filter(|&&ok| ok).count();
+        for event in qmp.drain_events() {
+            outcome.events += 1;
+            let _ = event.job_status_change();
+            let _ = event.block_job();
+            let _ = event.data_as::<serde_json::Value>();
+        }
+        let _ = qmp.next_event(Duration::ZERO);
+    }
+    let _ = server_thread.join();
+    outcome
+}
+
+/// What [`qmp`] got (for tests of the corpora).
+#[derive(Debug, Default)]
+pub struct QmpOutcome {
+    /// The greeting and capabilities negotiation succeeded.
+    pub connected: bool,
+    /// Queries answered with a reply that decoded.
+    pub replies_decoded: usize,
+    /// Events received.
+    pub events: usize,
+}
+
+/// How long the server of [`qmp`] waits for the client's next command
+/// before it sends the rest at once (the client may be waiting itself, for
+/// the end of a line or for a reply the input does not hold). A client
+/// slower than this only sees replies early, which it must survive too.
+const QMP_STEP_WAIT: Duration = Duration::from_millis(20);
+
+/// The server side of [`qmp`]: one step per command line received.
+fn serve_qmp(server: UnixStream, steps: Vec<Vec<u8>>) {
+    let Ok(read_half) = server.try_clone() else {
+        return;
+    };
+    if read_half.set_read_timeout(Some(QMP_STEP_WAIT)).is_err() {
+        return;
+    }
+    let mut commands = BufReader::new(read_half);
+    let mut out = &server;
+    let mut line = Vec::new();
+    let mut waiting = true;
+    for (i, step) in steps.iter().enumerate() {
+        if i > 0 && waiting {
+            line.clear();
+            match commands.read_until(b'\n', &mut line) {
+                Ok(n) if n > 0 => {}
+                Ok(_) => break,
+                // No command in time: send everything else unasked.
+                Err(_) => waiting = false,
+            }
+        }
+        if out.write_all(step).is_err() {
+            break;
+        }
+    }
+    // End of what the server says: the client sees the connection close.
+    let _ = server.shutdown(std::net::Shutdown::Both);
+}
