@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 root=$PWD
 cargo build -q -p vma-cli --locked
 vma=$root/target/debug/vma
-for t in qemu-img qemu-io zstd gzip python3; do
-  command -v "$t" >/dev/null || { echo "seeds.sh needs $t (apt-get install qemu-utils zstd gzip python3)" >&2; exit 2; }
+for t in qemu-img qemu-io zstd gzip lzop python3; do
+  command -v "$t" >/dev/null || { echo "seeds.sh needs $t (apt-get install qemu-utils zstd gzip lzop python3)" >&2; exit 2; }
 done
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -51,6 +51,7 @@ q=$root/fuzz/corpus/qcow2
 zstd -q -19 -c "$v1/seed-three-drives-config" >"$st/seed-vma1-zst"
 gzip -9 -c "$v1/seed-two-drives" >"$st/seed-vma1-gz"
 zstd -q -19 -c "$v2/seed-one-drive-plain" >"$st/seed-v2-zst"
+lzop -9 -c "$v1/seed-two-drives" >"$st/seed-vma1-lzo"
 
 # qcow2: small clusters keep the images small; plain, zlib and zstd
 # compressed clusters, zero clusters, version 2, and a backing file name.

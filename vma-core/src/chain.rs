@@ -174,6 +174,18 @@ impl Chain {
             .collect()
     }
 
+    /// What bytes from `offset` of drive `drive` (newest ids) hold at the
+    /// newest point in time: data or zeros, and for how long (within one
+    /// run), found from the indexes alone.
+    pub fn status(&self, drive: DriveId, offset: u64) -> Result<Stretch> {
+        let name = &self
+            .header()
+            .drive(drive)
+            .ok_or_else(|| Error::Invalid(format!("no drive with id {drive}")))?
+            .name;
+        self.status_link(0, name, offset)
+    }
+
     /// Drive `name` of link `link`.
     fn drive_named(&self, link: usize, name: &str) -> Result<&crate::format::DriveInfo> {
         let reader = &self.links[link];

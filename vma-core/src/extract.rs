@@ -431,50 +431,75 @@ fn fill_unchanged(
         let Some(d) = header.drive(run.drive) else {
             continue;
         };
-        for c in run.start..run.start + run.count as u64 {
-            let len = cluster_len(d.size, ClusterNo(c));
-            let data = &mut buf[..len];
-            match chain.read_named(&d.name, c * cs, data) {
-                Ok(()) => {}
-                Err(e) if salvage && e.is_damage() => {
-                    let bytes = c * cs..c * cs + len as u64;
-                    match lost.last_mut() {
-                        Some((r, _)) if r.drive == d.id && r.bytes.end == bytes.start => {
-                            r.bytes.end = bytes.end
+        // Zero stretches of the ancestors cost one step each, however long.
+        let run_end = ((run.start + run.count as u64) * cs).min(d.size);
+        let mut pos = run.start * cs;
+        let mut next_cluster = run.start;
+        while pos < run_end {
+            let (n, data) = match chain.status(d.id, pos)? {
+                crate::source::Stretch::Zero(n) => (n, false),
+                crate::source::Stretch::Data(n) => (n, true),
+            };
+            let next = (pos + n.max(1)).min(run_end);
+            if data {
+                for c in (pos / cs).max(next_cluster)..next.div_ceil(cs) {
+                    let len = cluster_len(d.size, ClusterNo(c));
+                    let data = &mut buf[..len];
+                    match chain.read_named(&d.name, c * cs, data) {
+                        Ok(()) => fill_cluster(target, c, data, compressors)?,
+                        Err(e) if salvage && e.is_damage() => {
+                            let bytes = c * cs..c * cs + len as u64;
+                            match lost.last_mut() {
+                                Some((r, _)) if r.drive == d.id && r.bytes.end == bytes.start => {
+                                    r.bytes.end = bytes.end
+                                }
+                                _ => lost.push((
+                                    DriveRange {
+                                        drive: d.id,
+                                        drive_name: d.name.clone(),
+                                        bytes,
+                                    },
+                                    e,
+                                )),
+                            }
                         }
-                        _ => lost.push((
-                            DriveRange {
-                                drive: d.id,
-                                drive_name: d.name.clone(),
-                                bytes,
-                            },
-                            e,
-                        )),
+                        Err(e) => return Err(e),
                     }
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-            let mask = crate::types::block_mask(data);
-            if mask == 0 {
-                continue;
-            }
-            match target {
-                DriveTarget::Raw { out, .. } => out.write_all_at(data, c * cs)?,
-                DriveTarget::Qcow2 { out, compress, .. } => {
-                    let packed = match (compress, compressors.first_mut()) {
-                        (true, Some(zstd)) => compress_cluster(data, zstd)?,
-                        _ => None,
-                    };
-                    match packed {
-                        Some(bytes) => out.write_compressed(c, &bytes)?,
-                        None => out.write_blocks(c, mask, &stored_blocks(data, mask))?,
-                    }
+                    next_cluster = c + 1;
                 }
             }
+            pos = next;
         }
     }
     Ok(lost)
+}
+
+/// Write one cluster's bytes (`data`) to a drive file; all-zero clusters
+/// stay holes.
+fn fill_cluster(
+    target: &mut DriveTarget,
+    cluster: u64,
+    data: &[u8],
+    compressors: &mut [zstd::bulk::Compressor<'static>],
+) -> Result<()> {
+    let mask = crate::types::block_mask(data);
+    if mask == 0 {
+        return Ok(());
+    }
+    let cs = crate::format::CLUSTER_SIZE as u64;
+    match target {
+        DriveTarget::Raw { out, .. } => out.write_all_at(data, cluster * cs),
+        DriveTarget::Qcow2 { out, compress, .. } => {
+            let packed = match (compress, compressors.first_mut()) {
+                (true, Some(zstd)) => compress_cluster(data, zstd)?,
+                _ => None,
+            };
+            match packed {
+                Some(bytes) => out.write_compressed(cluster, &bytes),
+                None => out.write_blocks(cluster, mask, &stored_blocks(data, mask)),
+            }
+        }
+    }
 }
 
 /// The 4 KiB blocks of `data` that `mask` marks, each padded to 4 KiB (the

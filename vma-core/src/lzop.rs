@@ -161,7 +161,7 @@ impl<R: Read> LzopReader<R> {
         } else {
             adler32(1, &h)
         };
-        if found != expected {
+        if !crate::digest::check_matches(&expected.to_be_bytes(), &found.to_be_bytes()) {
             return Err(damaged(format!(
                 "header checksum is {found:#010x}, the header records {expected:#010x}"
             )));
@@ -206,7 +206,7 @@ impl<R: Read> LzopReader<R> {
         self.take(src_len, &mut stored)?;
         let check = |what: &str, data: &[u8], want: u32, adler: bool| -> io::Result<()> {
             let found = if adler { adler32(1, data) } else { crc32(data) };
-            if found == want {
+            if crate::digest::check_matches(&want.to_be_bytes(), &found.to_be_bytes()) {
                 Ok(())
             } else {
                 Err(damaged(format!(
