@@ -9,5 +9,6 @@
 pub mod assemble;
 pub mod capture;
 pub mod nbd;
+pub mod nbd_client;
 pub mod qga;
 pub mod qmp;
