@@ -2,7 +2,12 @@
 //! guest writes through a writable NBD export of the same nodes while the
 //! (speed-limited) backup job runs, full and incremental captures restored
 //! and compared byte for byte, and failures that must leave no archive.
+//! Most tests run twice: with backup jobs reading the drives, and with
+//! `--fleecing` (backup jobs reading point-in-time views); `--diff-against`
+//! compares such views with an archive made without bitmaps.
 
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,6 +38,15 @@ struct Daemon {
 impl Daemon {
     /// Start with `nodes` (name, image path, format) exported writable.
     fn start(dir: &Path, nodes: &[(&str, &Path, &str)]) -> Daemon {
+        Daemon::spawn(dir, nodes, true)
+    }
+
+    /// Start with `nodes` and no NBD server (so none for guest writes).
+    fn start_without_nbd(dir: &Path, nodes: &[(&str, &Path, &str)]) -> Daemon {
+        Daemon::spawn(dir, nodes, false)
+    }
+
+    fn spawn(dir: &Path, nodes: &[(&str, &Path, &str)], guest_nbd: bool) -> Daemon {
         require("qemu-storage-daemon");
         require("qemu-io");
         let mut cmd = Command::new("qemu-storage-daemon");
@@ -43,11 +57,20 @@ impl Daemon {
             ))
             .arg("--monitor")
             .arg("chardev=qmp0")
-            .arg("--nbd-server")
+            // A monitor of the test's own, usable while vma holds the first.
+            .arg("--chardev")
             .arg(format!(
+                "socket,id=qmp1,path={},server=on,wait=off",
+                dir.join("test-qmp.sock").display()
+            ))
+            .arg("--monitor")
+            .arg("chardev=qmp1");
+        if guest_nbd {
+            cmd.arg("--nbd-server").arg(format!(
                 "addr.type=unix,addr.path={}",
                 dir.join("guest.sock").display()
             ));
+        }
         for (name, path, format) in nodes {
             cmd.arg("--blockdev").arg(format!(
                 "driver=file,node-name={name}-file,filename={}",
@@ -55,9 +78,11 @@ impl Daemon {
             ));
             cmd.arg("--blockdev")
                 .arg(format!("driver={format},node-name={name},file={name}-file"));
-            cmd.arg("--export").arg(format!(
-                "type=nbd,id={name}-exp,node-name={name},name={name},writable=on"
-            ));
+            if guest_nbd {
+                cmd.arg("--export").arg(format!(
+                    "type=nbd,id={name}-exp,node-name={name},name={name},writable=on"
+                ));
+            }
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -66,7 +91,10 @@ impl Daemon {
             .spawn()
             .expect("starting qemu-storage-daemon");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !dir.join("guest.sock").exists() || !dir.join("qmp.sock").exists() {
+        while (guest_nbd && !dir.join("guest.sock").exists())
+            || !dir.join("qmp.sock").exists()
+            || !dir.join("test-qmp.sock").exists()
+        {
             assert!(
                 Instant::now() < deadline,
                 "qemu-storage-daemon did not start"
@@ -83,8 +111,64 @@ impl Daemon {
         self.dir.join("qmp.sock")
     }
 
+    /// A connection to the test's own monitor.
     fn qmp(&self) -> Qmp {
-        Qmp::connect(&self.qmp_path()).expect("QMP connect")
+        Qmp::connect(&self.dir.join("test-qmp.sock")).expect("QMP connect")
+    }
+
+    /// The socket of the daemon's NBD server (the guest's).
+    fn guest_socket(&self) -> PathBuf {
+        self.dir.join("guest.sock")
+    }
+
+    /// Names of every block node.
+    fn node_names(&self) -> BTreeSet<String> {
+        let nodes = self
+            .qmp()
+            .execute("query-named-block-nodes", json!({"flat": true}))
+            .unwrap();
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node-name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Ids of the NBD exports.
+    fn exports(&self) -> Vec<String> {
+        let exports = self
+            .qmp()
+            .execute("query-block-exports", json!({}))
+            .unwrap();
+        exports
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Wait until QEMU lists the job `id` (its transaction has run).
+    fn wait_for_job(&self, id: &str) {
+        let qmp = self.qmp();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let jobs = qmp.execute("query-jobs", json!({})).unwrap();
+            if jobs.as_array().unwrap().iter().any(|j| j["id"] == id) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "job {id} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// No job is left.
+    fn assert_no_jobs(&self) {
+        assert_eq!(
+            self.qmp().execute("query-jobs", json!({})).unwrap(),
+            json!([])
+        );
     }
 
     /// A guest write of `len` bytes of `pattern` at `offset` of `node`.
@@ -184,7 +268,7 @@ fn make_qcow2(path: &Path, size: u64, seed: u64) {
 
 /// A daemon serving one 16 MiB qcow2 node `disk0` (contents from `seed`),
 /// and a full capture of it (`full.vma`, made with `args`).
-fn one_disk_with_full(dir: &Path, seed: u64, args: &[&str]) -> (Daemon, PathBuf) {
+fn one_disk_with_full(dir: &Path, seed: u64, args: &[impl AsRef<OsStr>]) -> (Daemon, PathBuf) {
     let img = dir.join("disk0.qcow2");
     make_qcow2(&img, 16 * 1024 * 1024, seed);
     let d = Daemon::start(dir, &[("disk0", &img, "qcow2")]);
@@ -193,7 +277,72 @@ fn one_disk_with_full(dir: &Path, seed: u64, args: &[&str]) -> (Daemon, PathBuf)
     (d, full)
 }
 
-fn capture_cmd(d: &Daemon, archive: &Path, extra: &[&str]) -> Command {
+/// How a test captures: backup jobs reading the drives, or `--fleecing`
+/// through scratch images in a directory of its own.
+struct Mode(Option<PathBuf>);
+
+impl Mode {
+    fn plain() -> Mode {
+        Mode(None)
+    }
+
+    /// Fleecing through `dir/scratch`.
+    fn fleecing(dir: &Path) -> Mode {
+        let scratch = dir.join("scratch");
+        std::fs::create_dir_all(&scratch).unwrap();
+        Mode(Some(scratch))
+    }
+
+    fn is_fleecing(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// `args` and the mode's own arguments.
+    fn args(&self, args: &[&str]) -> Vec<String> {
+        let mut out: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if let Some(dir) = &self.0 {
+            out.push("--fleecing".into());
+            out.push(dir.to_str().unwrap().into());
+        }
+        out
+    }
+
+    /// Files in the scratch directory (none once a capture has ended).
+    fn scratch_files(&self) -> Vec<String> {
+        match &self.0 {
+            Some(dir) => std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Bytes the scratch images take on disk now.
+    fn scratch_bytes(&self) -> u64 {
+        match &self.0 {
+            Some(dir) => std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| vma_tests::allocated(&e.unwrap().path()))
+                .sum(),
+            None => 0,
+        }
+    }
+
+    /// After a capture: the daemon has the nodes it had before, no job,
+    /// and no scratch image is left.
+    fn assert_clean(&self, d: &Daemon, nodes: &BTreeSet<String>) {
+        assert_eq!(&d.node_names(), nodes, "block nodes left behind");
+        d.assert_no_jobs();
+        assert!(
+            self.scratch_files().is_empty(),
+            "scratch files left: {:?}",
+            self.scratch_files()
+        );
+    }
+}
+
+fn capture_cmd(d: &Daemon, archive: &Path, extra: &[impl AsRef<OsStr>]) -> Command {
     let mut cmd = Command::new(vma_bin());
     cmd.arg("capture")
         .arg("--qmp")
@@ -204,7 +353,7 @@ fn capture_cmd(d: &Daemon, archive: &Path, extra: &[&str]) -> Command {
     cmd
 }
 
-fn run_capture(d: &Daemon, archive: &Path, extra: &[&str]) -> String {
+fn run_capture(d: &Daemon, archive: &Path, extra: &[impl AsRef<OsStr>]) -> String {
     let out = capture_cmd(d, archive, extra).output().unwrap();
     assert_eq!(code(&out), 0, "capture failed: {}", stderr(&out));
     stderr(&out)
@@ -269,38 +418,80 @@ fn drive_id(archive: &Path, name: &str) -> DriveId {
 
 #[test]
 fn full_capture_during_guest_writes_is_the_disk_at_job_start() {
+    full_capture_during_guest_writes(|_| Mode::plain());
+}
+
+#[test]
+fn fleecing_full_capture_during_guest_writes_is_the_disk_at_job_start() {
+    full_capture_during_guest_writes(Mode::fleecing);
+}
+
+fn full_capture_during_guest_writes(mode: fn(&Path) -> Mode) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
+    let mode = mode(dir.path());
     let size = 24 * CS * 16 + 512; // 24 MiB and a 512-byte tail
     let img = dir.path().join("disk0.qcow2");
     make_qcow2(&img, size, 1);
     let d = Daemon::start(dir.path(), &[("disk0", &img, "qcow2")]);
+    let nodes = d.node_names();
     let before = d.contents("disk0");
     assert_eq!(before.len() as u64, size);
 
     let archive = dir.path().join("full.vma");
     // 4 MiB/s: the job runs about six seconds, the guest writes meanwhile,
     // from the end of the disk backwards (clusters the job has not reached).
-    let job = capture_cmd(&d, &archive, &["--drive", "disk0", "--speed", "4194304"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    let job = capture_cmd(
+        &d,
+        &archive,
+        &mode.args(&["--drive", "disk0", "--speed", "4194304"]),
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    d.wait_for_job("vma-backup-0");
+    let scratch_before = mode.scratch_bytes();
+    let mut written = Vec::new();
     for i in 0..12u64 {
         let offset = size - 512 - (i * 2 + 1) * CS * 8;
         d.guest_write("disk0", offset, CS, 0xA0 + i as u8);
+        written.push(offset / CS);
     }
     d.guest_write("disk0", size - 512, 512, 0xEE);
+    written.push(size / CS);
+    if mode.is_fleecing() {
+        // The guest's writes went through the fleecing filter: the old
+        // contents of the clusters that held data were copied into the
+        // scratch image (zero clusters take no space there).
+        let with_data = written
+            .iter()
+            .filter(|&&c| {
+                let end = ((c + 1) * CS).min(size) as usize;
+                before[(c * CS) as usize..end].iter().any(|&b| b != 0)
+            })
+            .count() as u64;
+        let grown = mode.scratch_bytes() - scratch_before;
+        assert!(
+            with_data > 5 && grown >= with_data * CS,
+            "the scratch image grew by {grown} bytes for {with_data} clusters with data"
+        );
+    }
     let out = job.wait_with_output().unwrap();
     assert_eq!(code(&out), 0, "capture failed: {}", stderr(&out));
     let msg = stderr(&out);
-    let ooo: u64 = msg
-        .split(" clusters arrived out of order")
-        .next()
-        .and_then(|s| s.rsplit(", ").next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no out-of-order count in: {msg}"));
-    assert!(ooo > 0, "the writer saw no out-of-order data: {msg}");
+    if mode.is_fleecing() {
+        assert!(msg.contains("scratch images took at most"), "{msg}");
+    } else {
+        // Copy-before-write sent the old clusters first.
+        let ooo: u64 = msg
+            .split(" clusters arrived out of order")
+            .next()
+            .and_then(|s| s.rsplit(", ").next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no out-of-order count in: {msg}"));
+        assert!(ooo > 0, "the writer saw no out-of-order data: {msg}");
+    }
+    mode.assert_clean(&d, &nodes);
 
     let now = d.contents("disk0");
     assert_ne!(now, before, "the guest writes did not land");

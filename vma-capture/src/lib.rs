@@ -8,6 +8,8 @@
 
 pub mod assemble;
 pub mod capture;
+pub mod fleece;
+pub mod live_diff;
 pub mod nbd;
 pub mod nbd_client;
 pub mod qga;
