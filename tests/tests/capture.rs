@@ -514,8 +514,18 @@ fn full_capture_during_guest_writes(mode: fn(&Path) -> Mode) {
 
 #[test]
 fn incremental_chain_restores_every_point_in_time() {
+    incremental_chain(|_| Mode::plain());
+}
+
+#[test]
+fn fleecing_incremental_chain_restores_every_point_in_time() {
+    incremental_chain(Mode::fleecing);
+}
+
+fn incremental_chain(mode: fn(&Path) -> Mode) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
+    let mode = mode(dir.path());
     let size = 4 * 1024 * 1024;
     let a_img = dir.path().join("a.qcow2");
     let b_img = dir.path().join("b.qcow2");
@@ -531,9 +541,11 @@ fn incremental_chain_restores_every_point_in_time() {
             ("c", &c_img, "raw"),
         ],
     );
+    let nodes = d.node_names();
     let drives = ["--drive", "a", "--drive", "b", "--drive", "c"];
     let full = dir.path().join("0.vma");
-    run_capture(&d, &full, &drives);
+    run_capture(&d, &full, &mode.args(&drives));
+    mode.assert_clean(&d, &nodes);
     let points0 = [d.contents("a"), d.contents("b"), d.contents("c")];
 
     // Incremental 1: a few writes on a and b; c is raw (no persistent
@@ -545,8 +557,9 @@ fn incremental_chain_restores_every_point_in_time() {
     let msg = run_capture(
         &d,
         &inc1,
-        &[&drives[..], &["--incremental-from", full.to_str().unwrap()]].concat(),
+        &mode.args(&[&drives[..], &["--incremental-from", full.to_str().unwrap()]].concat()),
     );
+    mode.assert_clean(&d, &nodes);
     assert!(msg.contains("incremental backup"), "{msg}");
     let points1 = [d.contents("a"), d.contents("b"), d.contents("c")];
     assert_eq!(stored_clusters(&inc1, "a"), vec![3, 4]);
@@ -565,15 +578,19 @@ fn incremental_chain_restores_every_point_in_time() {
         .unwrap();
     d.guest_write("a", 0, CS, 0x44);
     let inc2 = dir.path().join("2.vma");
+    let nodes = d.node_names();
     let msg = run_capture(
         &d,
         &inc2,
-        &[
-            &drives[..],
-            &["--drive", "d", "--incremental-from", inc1.to_str().unwrap()],
-        ]
-        .concat(),
+        &mode.args(
+            &[
+                &drives[..],
+                &["--drive", "d", "--incremental-from", inc1.to_str().unwrap()],
+            ]
+            .concat(),
+        ),
     );
+    mode.assert_clean(&d, &nodes);
     assert!(
         msg.contains("drive d (node d): full backup (not in the parent archive)"),
         "{msg}"
@@ -675,9 +692,20 @@ fn incremental_chain_restores_every_point_in_time() {
 
 #[test]
 fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
+    cancel_and_daemon_death(|_| Mode::plain());
+}
+
+#[test]
+fn fleecing_cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
+    cancel_and_daemon_death(Mode::fleecing);
+}
+
+fn cancel_and_daemon_death(mode: fn(&Path) -> Mode) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let (d, full) = one_disk_with_full(dir.path(), 6, &["--drive", "disk0"]);
+    let mode = mode(dir.path());
+    let (d, full) = one_disk_with_full(dir.path(), 6, &mode.args(&["--drive", "disk0"]));
+    let nodes = d.node_names();
     let checkpoint = d.bitmaps("disk0");
     assert_eq!(checkpoint.len(), 1);
     d.guest_write("disk0", 0, 8 * 1024 * 1024, 0x55);
@@ -689,19 +717,20 @@ fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
     let child = capture_cmd(
         &d,
         &inc,
-        &[
+        &mode.args(&[
             "--drive",
             "disk0",
             "--speed",
             "1048576",
             "--incremental-from",
             full.to_str().unwrap(),
-        ],
+        ]),
     )
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    d.wait_for_job("vma-backup-0");
+    std::thread::sleep(Duration::from_millis(1000));
     // SAFETY: kill(2) on our own child's pid touches no memory.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
@@ -711,6 +740,7 @@ fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
     assert_eq!(d.bitmaps("disk0"), checkpoint);
     let jobs = d.qmp().execute("query-jobs", json!({})).unwrap();
     assert_eq!(jobs, json!([]));
+    mode.assert_clean(&d, &nodes);
     let nodes = d
         .qmp()
         .execute("query-named-block-nodes", json!({"flat": true}))
@@ -726,22 +756,27 @@ fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
     run_capture(
         &d,
         &inc,
-        &[
+        &mode.args(&[
             "--drive",
             "disk0",
             "--incremental-from",
             full.to_str().unwrap(),
-        ],
+        ]),
     );
     assert_eq!(stored_clusters(&inc, "disk0").len(), 128);
     std::fs::remove_file(&inc).unwrap();
 
     // The daemon dies mid-job: a clear error and no archive.
-    let mut child = capture_cmd(&d, &inc, &["--drive", "disk0", "--speed", "1048576"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    let mut child = capture_cmd(
+        &d,
+        &inc,
+        &mode.args(&["--drive", "disk0", "--speed", "1048576"]),
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    d.wait_for_job("vma-backup-0");
+    std::thread::sleep(Duration::from_millis(500));
     drop(d);
     let status = child.wait().unwrap();
     assert!(!status.success());
@@ -750,6 +785,11 @@ fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
         leftovers(dir.path()).is_empty(),
         "{:?}",
         leftovers(dir.path())
+    );
+    assert!(
+        mode.scratch_files().is_empty(),
+        "{:?}",
+        mode.scratch_files()
     );
 }
 
@@ -765,9 +805,20 @@ fn leftovers(dir: &Path) -> Vec<String> {
 
 #[test]
 fn always_keeps_what_was_copied_and_the_retry_copies_only_the_rest() {
+    always_keeps_what_was_copied(|_| Mode::plain());
+}
+
+#[test]
+fn fleecing_always_keeps_what_was_copied_and_the_retry_copies_only_the_rest() {
+    always_keeps_what_was_copied(Mode::fleecing);
+}
+
+fn always_keeps_what_was_copied(mode: fn(&Path) -> Mode) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let (d, full) = one_disk_with_full(dir.path(), 7, &["--drive", "disk0"]);
+    let mode = mode(dir.path());
+    let (d, full) = one_disk_with_full(dir.path(), 7, &mode.args(&["--drive", "disk0"]));
+    let nodes = d.node_names();
     d.guest_write("disk0", 0, 8 * 1024 * 1024, 0x55);
 
     // Interrupt a slow incremental in `always` mode.
@@ -780,17 +831,23 @@ fn always_keeps_what_was_copied_and_the_retry_copies_only_the_rest() {
         "--incremental-from",
         full.to_str().unwrap(),
     ];
-    let child = capture_cmd(&d, &inc, &[&args[..], &["--speed", "1048576"]].concat())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(2000));
+    let child = capture_cmd(
+        &d,
+        &inc,
+        &mode.args(&[&args[..], &["--speed", "1048576"]].concat()),
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    d.wait_for_job("vma-backup-0");
+    std::thread::sleep(Duration::from_millis(1500));
     // SAFETY: kill(2) on our own child's pid touches no memory.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     assert_ne!(code(&out), 0, "{}", stderr(&out));
     let partial = dir.path().join("inc.vma.partial");
     assert!(stderr(&out).contains("inc.vma.partial"), "{}", stderr(&out));
+    mode.assert_clean(&d, &nodes);
     assert!(!inc.exists() && partial.exists());
     let copied = stored_clusters(&partial, "disk0");
     assert!(
@@ -839,12 +896,12 @@ fn always_keeps_what_was_copied_and_the_retry_copies_only_the_rest() {
     run_capture(
         &d,
         &retry,
-        &[
+        &mode.args(&[
             "--drive",
             "disk0",
             "--incremental-from",
             partial.to_str().unwrap(),
-        ],
+        ]),
     );
     let mut want: Vec<u64> = (0..128).filter(|c| !copied.contains(c)).collect();
     want.push(rewritten);
@@ -960,9 +1017,24 @@ impl Drop for SmallFs {
 
 #[test]
 fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
+    full_disk_fails_the_nbd_writes(|_| Mode::plain());
+}
+
+#[test]
+fn fleecing_a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
+    full_disk_fails_the_nbd_writes(Mode::fleecing);
+}
+
+fn full_disk_fails_the_nbd_writes(how: fn(&Path) -> Mode) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let (d, full) = one_disk_with_full(dir.path(), 9, &["--drive", "disk0", "--compress", "none"]);
+    let how = how(dir.path());
+    let (d, full) = one_disk_with_full(
+        dir.path(),
+        9,
+        &how.args(&["--drive", "disk0", "--compress", "none"]),
+    );
+    let nodes = d.node_names();
     let checkpoint = d.bitmaps("disk0");
     let small = SmallFs::mount(&dir.path().join("small"), "2m");
     for mode in ["on-success", "never", "always"] {
@@ -971,7 +1043,7 @@ fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
         let out = capture_cmd(
             &d,
             &archive,
-            &[
+            &how.args(&[
                 "--drive",
                 "disk0",
                 "--compress",
@@ -980,7 +1052,7 @@ fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
                 mode,
                 "--incremental-from",
                 full.to_str().unwrap(),
-            ],
+            ]),
         )
         .output()
         .unwrap();
@@ -991,13 +1063,16 @@ fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
             std::fs::read_dir(&small.0).unwrap().next().is_none(),
             "{mode}: files left on the full disk"
         );
-        assert_eq!(d.qmp().execute("query-jobs", json!({})).unwrap(), json!([]));
-        if mode == "always" {
+        how.assert_clean(&d, &nodes);
+        if mode == "always" && !how.is_fleecing() {
             // What was copied could not be kept: the base bitmap no longer
             // describes the change since the parent and is gone, so the
             // next capture of the drive is full.
             assert!(d.bitmaps("disk0").is_empty(), "{:?}", d.bitmaps("disk0"));
         } else {
+            // With fleecing QEMU only changed a frozen copy of the base,
+            // so in `always` mode too it still holds everything since the
+            // parent.
             assert_eq!(d.bitmaps("disk0"), checkpoint, "{mode}");
         }
     }
@@ -1005,15 +1080,24 @@ fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
     let msg = run_capture(
         &d,
         &next,
-        &[
+        &how.args(&[
             "--drive",
             "disk0",
             "--incremental-from",
             full.to_str().unwrap(),
-        ],
+        ]),
     );
-    assert!(msg.contains("full backup (bitmap"), "{msg}");
-    assert!(restore(&[&next], "disk0") == d.contents("disk0"));
+    if how.is_fleecing() {
+        assert!(msg.contains("incremental backup"), "{msg}");
+        assert_eq!(
+            stored_clusters(&next, "disk0"),
+            (0..128).collect::<Vec<_>>()
+        );
+        assert!(restore(&[&full, &next], "disk0") == d.contents("disk0"));
+    } else {
+        assert!(msg.contains("full backup (bitmap"), "{msg}");
+        assert!(restore(&[&next], "disk0") == d.contents("disk0"));
+    }
 }
 
 #[test]
