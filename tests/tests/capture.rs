@@ -691,6 +691,123 @@ fn incremental_chain(mode: fn(&Path) -> Mode) {
 }
 
 #[test]
+fn incremental_during_guest_writes_is_the_point_in_time_in_every_bitmap_mode() {
+    incremental_during_guest_writes(|_| Mode::plain());
+}
+
+#[test]
+fn fleecing_incremental_during_guest_writes_is_the_point_in_time_in_every_bitmap_mode() {
+    incremental_during_guest_writes(Mode::fleecing);
+}
+
+/// Clusters `clusters` rewritten by the guest with `pattern`.
+fn rewrite(d: &Daemon, clusters: impl IntoIterator<Item = u64>, pattern: u8) -> Vec<u64> {
+    let mut written: Vec<u64> = clusters.into_iter().collect();
+    for &c in &written {
+        d.guest_write("disk0", c * CS, CS, pattern);
+    }
+    written.sort_unstable();
+    written.dedup();
+    written
+}
+
+fn incremental_during_guest_writes(mode: fn(&Path) -> Mode) {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mode = mode(dir.path());
+    let (d, full) = one_disk_with_full(dir.path(), 12, &mode.args(&["--drive", "disk0"]));
+    let nodes = d.node_names();
+    let base = d.bitmaps("disk0");
+    // 64 clusters changed since the full: about four seconds at 1 MiB/s.
+    let s1 = rewrite(&d, (0..64).map(|i| i * 3 + 1), 0x31);
+    let point1 = d.contents("disk0");
+
+    // A differential (`never`) while the guest writes, some of it where
+    // the job has yet to copy.
+    let inc1 = dir.path().join("inc1.vma");
+    let full_arg = full.to_str().unwrap();
+    let mut job = capture_cmd(
+        &d,
+        &inc1,
+        &mode.args(&[
+            "--drive",
+            "disk0",
+            "--speed",
+            "1048576",
+            "--bitmap-mode",
+            "never",
+            "--incremental-from",
+            full_arg,
+        ]),
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    d.wait_for_job("vma-backup-0");
+    let s2 = rewrite(&d, [190, 187, 100, 5, 250, 130], 0x32);
+    assert!(
+        job.try_wait().unwrap().is_none(),
+        "the capture ended before the guest's writes"
+    );
+    let out = job.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    mode.assert_clean(&d, &nodes);
+    assert_eq!(stored_clusters(&inc1, "disk0"), s1);
+    assert!(
+        restore(&[&full, &inc1], "disk0") == point1,
+        "the incremental is not the disk at job start"
+    );
+    // `never`: the base is untouched, the new checkpoint added.
+    let record1 = vma_tests::stdout(&vma(&[
+        "config",
+        inc1.to_str().unwrap(),
+        "vma-capture.json",
+    ]));
+    let after1 = d.bitmaps("disk0");
+    assert_eq!(after1.len(), 2, "{after1:?}");
+    assert!(after1.contains(&base[0]), "{after1:?}");
+    let n1 = after1.iter().find(|b| **b != base[0]).unwrap().clone();
+    assert!(record1.contains(&n1), "{record1}");
+
+    // `on-success` against the same full: everything since it.
+    let now = d.contents("disk0");
+    let inc2 = dir.path().join("inc2.vma");
+    run_capture(
+        &d,
+        &inc2,
+        &mode.args(&["--drive", "disk0", "--incremental-from", full_arg]),
+    );
+    mode.assert_clean(&d, &nodes);
+    let mut s12: Vec<u64> = s1.iter().chain(&s2).copied().collect();
+    s12.sort_unstable();
+    s12.dedup();
+    assert_eq!(stored_clusters(&inc2, "disk0"), s12);
+    assert!(restore(&[&full, &inc2], "disk0") == now);
+    let after2 = d.bitmaps("disk0");
+    assert!(
+        !after2.contains(&base[0]),
+        "the base was not consumed: {after2:?}"
+    );
+    assert!(after2.contains(&n1) && after2.len() == 2, "{after2:?}");
+
+    // From the differential's checkpoint: only what the guest wrote while
+    // (and after) it ran.
+    let inc3 = dir.path().join("inc3.vma");
+    run_capture(
+        &d,
+        &inc3,
+        &mode.args(&[
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            inc1.to_str().unwrap(),
+        ]),
+    );
+    assert_eq!(stored_clusters(&inc3, "disk0"), s2);
+    assert!(restore(&[&full, &inc1, &inc3], "disk0") == now);
+}
+
+#[test]
 fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
     cancel_and_daemon_death(|_| Mode::plain());
 }
@@ -1273,4 +1390,261 @@ fn run_diff(parent: &Path, image: &Path, output: &Path) {
         output.to_str().unwrap(),
     ]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+/// Clusters in which `a` and `b` differ.
+fn differing_clusters(a: &[u8], b: &[u8]) -> Vec<u64> {
+    a.chunks(CS as usize)
+        .zip(b.chunks(CS as usize))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, _)| i as u64)
+        .collect()
+}
+
+/// `vma create ARCHIVE disk0=RAW` of a copy of what the guest sees now.
+fn full_from_a_copy(dir: &Path, contents: &[u8]) -> PathBuf {
+    let copy = dir.join("copy.raw");
+    std::fs::write(&copy, contents).unwrap();
+    let full = dir.join("full.vma");
+    let out = vma(&[
+        "create",
+        full.to_str().unwrap(),
+        &format!("disk0={}", copy.display()),
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    full
+}
+
+/// Scratch images left in `dir` (the default scratch directory of
+/// `--diff-against` is the archive's).
+fn scratch_images(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vma-scratch"))
+        .collect()
+}
+
+#[test]
+fn diff_against_a_full_without_bitmaps_while_the_guest_writes() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 32 * 1024 * 1024;
+    let img = dir.path().join("disk0.qcow2");
+    make_qcow2(&img, size, 13);
+    let d = Daemon::start(dir.path(), &[("disk0", &img, "qcow2")]);
+    let nodes = d.node_names();
+    let exports = d.exports();
+    let original = d.contents("disk0");
+    let full = full_from_a_copy(dir.path(), &original);
+    assert!(d.bitmaps("disk0").is_empty());
+
+    // Writes since the copy: new data, zeros over data, and zeros over a
+    // cluster that was zero already (no difference).
+    rewrite(&d, [2, 3, 100, 101, 102, 400, 511], 0x41);
+    let zero_before = (200..512u64).find(|&c| (c * 7 + 13) % 3 == 0).unwrap();
+    let data_before = (0..512u64)
+        .find(|&c| (c * 7 + 13) % 3 != 0 && c > 200)
+        .unwrap();
+    rewrite(&d, [zero_before, data_before], 0);
+    let point = d.contents("disk0");
+    let changed = differing_clusters(&original, &point);
+    assert!(changed.contains(&data_before) && !changed.contains(&zero_before));
+    assert_eq!(changed.len(), 8, "{changed:?}");
+
+    // The diff reads the view at 4 MiB/s while the guest keeps writing,
+    // also where the diff has not read yet.
+    let diff = dir.path().join("diff.vma");
+    let mut job = capture_cmd(
+        &d,
+        &diff,
+        &[
+            "--drive",
+            "disk0",
+            "--diff-against",
+            full.to_str().unwrap(),
+            "--qemu-nbd-socket",
+            d.guest_socket().to_str().unwrap(),
+            "--speed",
+            "4194304",
+        ],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    d.wait_for_job("vma-fleece-0");
+    let during = rewrite(&d, [1, 100, 300, 500, 501], 0x42);
+    assert!(
+        job.try_wait().unwrap().is_none(),
+        "the diff ended before the guest's writes"
+    );
+    let out = job.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("8 clusters"), "{}", stderr(&out));
+    assert_eq!(d.node_names(), nodes);
+    assert_eq!(d.exports(), exports);
+    d.assert_no_jobs();
+    assert!(scratch_images(dir.path()).is_empty());
+
+    // Only the clusters that differ, with the full as parent; through the
+    // chain it is exactly the point in time.
+    assert_eq!(stored_clusters(&diff, "disk0"), changed);
+    let r = Reader::open(&diff).unwrap();
+    let parent = r.header().parent.expect("a parent");
+    assert_eq!(parent.uuid, Reader::open(&full).unwrap().header().uuid);
+    let x = dir.path().join("x");
+    let out = vma(&["extract", diff.to_str().unwrap(), x.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        std::fs::read(x.join("disk0.raw")).unwrap() == point,
+        "the diff is not the disk at its point in time"
+    );
+    let record = vma_tests::stdout(&vma(&[
+        "config",
+        diff.to_str().unwrap(),
+        "vma-capture.json",
+    ]));
+    assert!(record.contains("\"incremental\""), "{record}");
+    let bitmaps = d.bitmaps("disk0");
+    assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
+    assert!(record.contains(&bitmaps[0]), "{record}");
+
+    // The chain goes on with bitmaps: exactly what the guest wrote since.
+    let now = d.contents("disk0");
+    let inc = dir.path().join("inc.vma");
+    let msg = run_capture(
+        &d,
+        &inc,
+        &[
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            diff.to_str().unwrap(),
+        ],
+    );
+    assert!(msg.contains("incremental backup"), "{msg}");
+    assert_eq!(stored_clusters(&inc, "disk0"), during);
+    let y = dir.path().join("y");
+    let out = vma(&["extract", inc.to_str().unwrap(), y.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(std::fs::read(y.join("disk0.raw")).unwrap() == now);
+}
+
+/// Whether `nbd-server-start` works on the daemon (no server runs); the
+/// server started is stopped again.
+fn nbd_server_free(d: &Daemon, dir: &Path) -> bool {
+    let qmp = d.qmp();
+    let path = dir.join("probe.sock");
+    let started = qmp.execute(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": path}}}),
+    );
+    if started.is_ok() {
+        qmp.execute("nbd-server-stop", json!({})).unwrap();
+    }
+    started.is_ok()
+}
+
+#[test]
+fn diff_against_runs_qemus_nbd_server_and_undoes_everything_on_refusal_and_cancel() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk0.qcow2");
+    make_qcow2(&img, 16 * 1024 * 1024, 14);
+
+    // QEMU runs an NBD server already and none is named: refused, and
+    // nothing is left behind.
+    let busy = dir.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    let d = Daemon::start(&busy, &[("disk0", &img, "qcow2")]);
+    let nodes = d.node_names();
+    let original = d.contents("disk0");
+    let full = full_from_a_copy(dir.path(), &original);
+    let archive = dir.path().join("refused.vma");
+    let out = capture_cmd(
+        &d,
+        &archive,
+        &["--drive", "disk0", "--diff-against", full.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
+    assert_ne!(code(&out), 0);
+    assert!(
+        stderr(&out).contains("--qemu-nbd-socket"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!archive.exists());
+    assert_eq!(d.node_names(), nodes);
+    assert!(d.bitmaps("disk0").is_empty(), "{:?}", d.bitmaps("disk0"));
+    assert_eq!(d.exports(), ["disk0-exp"]);
+    assert!(scratch_images(dir.path()).is_empty());
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
+    drop(d);
+
+    // No NBD server: vma starts QEMU's and stops it again.
+    let idle = dir.path().join("idle");
+    std::fs::create_dir(&idle).unwrap();
+    let d = Daemon::start_without_nbd(&idle, &[("disk0", &img, "qcow2")]);
+    let nodes = d.node_names();
+    let mode = Mode::fleecing(dir.path());
+    let diff = dir.path().join("diff.vma");
+    let msg = run_capture(
+        &d,
+        &diff,
+        &mode.args(&["--drive", "disk0", "--diff-against", full.to_str().unwrap()]),
+    );
+    assert!(msg.contains("0 clusters (0 B) differ"), "{msg}");
+    mode.assert_clean(&d, &nodes);
+    assert!(
+        nbd_server_free(&d, &idle),
+        "QEMU's NBD server was left running"
+    );
+    assert!(d.exports().is_empty());
+    assert!(stored_clusters(&diff, "disk0").is_empty());
+    let checkpoint = d.bitmaps("disk0");
+    assert_eq!(checkpoint.len(), 1);
+
+    // Ctrl-C half-way: no archive, no new bitmap, nothing left in QEMU.
+    let cancelled = dir.path().join("cancelled.vma");
+    let child = capture_cmd(
+        &d,
+        &cancelled,
+        &mode.args(&[
+            "--drive",
+            "disk0",
+            "--diff-against",
+            diff.to_str().unwrap(),
+            "--speed",
+            "1048576",
+        ]),
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    d.wait_for_job("vma-fleece-0");
+    std::thread::sleep(Duration::from_millis(1000));
+    // SAFETY: kill(2) on our own child's pid touches no memory.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_ne!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("cancelled"), "{}", stderr(&out));
+    assert!(!cancelled.exists());
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
+    mode.assert_clean(&d, &nodes);
+    assert_eq!(d.bitmaps("disk0"), checkpoint);
+    assert!(d.exports().is_empty());
+    assert!(
+        nbd_server_free(&d, &idle),
+        "QEMU's NBD server was left running"
+    );
 }

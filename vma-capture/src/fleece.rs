@@ -24,7 +24,7 @@
 //! `break-guest-write` (it cannot be reopened), so a failed write into the
 //! scratch image (a full scratch file system) fails the guest's write.
 //!
-//! [`Fleece::teardown`] removes everything again, in the order QEMU needs:
+//! `Fleece::teardown` removes everything again, in the order QEMU needs:
 //! exports, views, the jobs (which takes the filter out of the guest's
 //! path), scratch nodes, scratch files, and QEMU's NBD server if it was
 //! started here.

@@ -32,7 +32,8 @@ pub(crate) struct CaptureArgs {
     /// What an incremental backup does to the parent's bitmap.
     #[arg(long, value_enum, default_value = "on-success")]
     bitmap_mode: BitmapModeArg,
-    /// Job speed limit in bytes per second (0: none).
+    /// Speed limit of the backup jobs, or of reading the views with
+    /// --diff-against, in bytes per second (0: none).
     #[arg(long, value_name = "BYTES_PER_SEC", default_value_t = 0)]
     speed: u64,
     #[command(flatten)]
