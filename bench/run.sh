@@ -356,6 +356,7 @@ cap_daemon_stop() {
 	fi
 }
 rm_cap_out() { rm -f "$CAP_DIR/out.vma" "$CAP_DIR/out.raw"; }
+rm_cap_fleece_out() { rm -f "$CAP_DIR/out-fleece.vma"; }
 
 # COUNT random 4 KiB guest writes (qemu-io through the NBD export, no flush
 # per write) within the first 4 GiB; prints "writes=N p50_us=X p99_us=Y".
@@ -392,6 +393,12 @@ bench_capture() {
 	qemu-img compare -U -f raw -F qcow2 "$CAP_DIR/x/disk0.raw" "$CAP_DIR/disk4.qcow2" >&2 ||
 		die "the captured disk differs from the image"
 	rm -rf "$CAP_DIR/x"
+	mkdir -p "$CAP_DIR/scratch"
+	measure -b rm_cap_fleece_out -s "$CAP_DIR/out-fleece.vma" -r vma-capture \
+		vma-capture-fleece capture "vma capture --fleecing of the same node (scratch on the same disk)" \
+		"$VMA" capture --quiet --qmp "$CAP_DIR/qmp.sock" --drive disk0 --fleecing "$CAP_DIR/scratch" \
+		"$CAP_DIR/out-fleece.vma"
+	rm_cap_fleece_out
 	cap_daemon_stop
 	# vma fsyncs its archive; the peer's output is synced too, so both
 	# times end with the data on disk.
@@ -410,6 +417,15 @@ bench_capture() {
 	sleep 1
 	WLAT[capture]=$(guest_write_latency "$writes")
 	wait "$cap" || die "the capture during guest writes failed"
+	rm_cap_out
+	log "capture: $writes guest writes during a capture --fleecing (--speed 128 MiB/s)"
+	"$VMA" capture --qmp "$CAP_DIR/qmp.sock" --drive disk0 --speed 134217728 \
+		--fleecing "$CAP_DIR/scratch" "$CAP_DIR/out.vma" 2>"$W/logs/capture-fleece-writes.err" &
+	cap=$!
+	sleep 1
+	WLAT[fleecing]=$(guest_write_latency "$writes")
+	wait "$cap" || die "the capture --fleecing during guest writes failed"
+	SCRATCH_PEAK=$(sed -n 's/^vma: scratch images took at most //p' "$W/logs/capture-fleece-writes.err")
 	rm_cap_out
 	cap_daemon_stop
 	trap - EXIT
@@ -586,13 +602,18 @@ report() {
 		echo "| while | writes | p50 µs | p99 µs |"
 		echo "|---|--:|--:|--:|"
 		local w
-		for w in idle capture; do
+		local -A what=([idle]="no capture" [capture]="vma capture running"
+			[fleecing]="vma capture --fleecing running")
+		for w in idle capture fleecing; do
+			[[ -n ${WLAT[$w]:-} ]] || continue
 			# shellcheck disable=SC2086 # word splitting of key=value pairs is intended
 			set -- ${WLAT[$w]}
-			printf '| %s | %s | %s | %s |\n' \
-				"$([[ $w == idle ]] && echo "no capture" || echo "vma capture running")" \
-				"${1#*=}" "${2#*=}" "${3#*=}"
+			printf '| %s | %s | %s | %s |\n' "${what[$w]}" "${1#*=}" "${2#*=}" "${3#*=}"
 		done
+		if [[ -n ${SCRATCH_PEAK:-} ]]; then
+			echo
+			echo "The scratch image took at most $SCRATCH_PEAK during the writes with --fleecing."
+		fi
 	fi
 }
 

@@ -1738,6 +1738,88 @@ mod tests {
         assert!(handshake(&mut Cursor::new(vec![0xff; 8]), &mut Vec::new(), &[e]).is_err());
     }
 
+    #[test]
+    fn client_side_decoders() {
+        let mut greeting = encode_greeting().to_vec();
+        assert_eq!(
+            decode_greeting(&greeting),
+            Ok(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+        );
+        greeting[8..16].copy_from_slice(&OLDSTYLE_MAGIC.to_be_bytes());
+        assert_eq!(decode_greeting(&greeting), Err(WireError::Oldstyle));
+        let reply = encode_option_reply(OPT_GO, REP_INFO, &encode_info_export(4096, 3));
+        let head = decode_option_reply_header(&reply).unwrap();
+        assert_eq!((head.option, head.reply, head.len), (OPT_GO, REP_INFO, 12));
+        assert_eq!(
+            decode_info(&reply[OPTION_REPLY_HEADER_LEN..]),
+            Ok(Info::Export {
+                size: 4096,
+                flags: 3
+            })
+        );
+        assert_eq!(
+            decode_info(&encode_info_block_size(512, 4096, 1 << 25)),
+            Ok(Info::BlockSize {
+                min: 512,
+                preferred: 4096,
+                max: 1 << 25
+            })
+        );
+        assert!(decode_info(&[0, 0, 1]).is_err());
+        let simple = encode_simple_reply(EIO, 77);
+        assert_eq!(
+            decode_reply_header(&simple),
+            Ok(ReplyHeader::Simple {
+                error: EIO,
+                cookie: 77
+            })
+        );
+        let mut status = 9u32.to_be_bytes().to_vec();
+        for (len, flags) in [(4096u32, STATE_HOLE | STATE_ZERO), (512, 0)] {
+            status.extend_from_slice(&len.to_be_bytes());
+            status.extend_from_slice(&flags.to_be_bytes());
+        }
+        assert_eq!(
+            decode_block_status(&status),
+            Ok((9, vec![(4096, STATE_HOLE | STATE_ZERO), (512, 0)]))
+        );
+        assert!(decode_block_status(&status[..7]).is_err());
+        assert!(decode_block_status(&status[..4]).is_err());
+        let mut err = ENOSPC.to_be_bytes().to_vec();
+        err.extend_from_slice(&2u16.to_be_bytes());
+        err.extend_from_slice(b"no");
+        assert_eq!(
+            decode_error_chunk(REPLY_TYPE_ERROR, &err),
+            Ok(ChunkError {
+                code: ENOSPC,
+                message: "no".into(),
+                offset: None
+            })
+        );
+        // ERROR_OFFSET without its offset, and a message longer than the chunk.
+        assert!(decode_error_chunk(REPLY_TYPE_ERROR_OFFSET, &err).is_err());
+        err[5] = 200;
+        assert!(decode_error_chunk(REPLY_TYPE_ERROR, &err).is_err());
+        assert!(decode_offset_hole(&[0; 11]).is_err());
+    }
+
+    proptest::proptest! {
+        /// No bytes make a client-side decoder panic.
+        #[test]
+        fn client_side_decoders_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let _ = decode_greeting(&bytes);
+            let _ = decode_option_reply_header(&bytes);
+            let _ = decode_info(&bytes);
+            let _ = decode_meta_context(&bytes);
+            let _ = reply_header_len(&bytes);
+            let _ = decode_reply_header(&bytes);
+            let _ = decode_offset_hole(&bytes);
+            let _ = decode_error_chunk(REPLY_TYPE_ERROR, &bytes);
+            let _ = decode_error_chunk(REPLY_TYPE_ERROR_OFFSET, &bytes);
+            let _ = decode_block_status(&bytes);
+        }
+    }
+
     fn replies_of(out: &[u8]) -> Vec<(u32, u64)> {
         out.chunks(SIMPLE_REPLY_LEN)
             .map(|r| {
