@@ -368,15 +368,17 @@ guest_write_latency() {
 		cmds+=(-c "write -P $((i % 250 + 1)) $(((RANDOM * 32768 + RANDOM) % 1048576 * 4096)) 4k")
 	done
 	qemu-io -f raw -t writeback "nbd+unix:///disk0?socket=$CAP_DIR/guest.sock" "${cmds[@]}" |
-		awk '/ops\/sec/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ /^ops\/sec/) print 1e6 / $i }' |
+		awk '/ops\/sec/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ /^ops\/sec/) printf "%.1f\n", 1e6 / $i }' |
 		sort -n |
 		awk '{ a[NR] = $1 } END { printf "writes=%d p50_us=%.0f p99_us=%.0f\n", NR, a[int(NR * 0.5) + 1], a[int(NR * 0.99) + 1] }'
 }
 declare -A WLAT
 
 # Live capture: vma capture of a 4 GiB qcow2 node served by
-# qemu-storage-daemon vs qemu-img convert of the same image to raw, and
-# guest write latency with and without a capture running.
+# qemu-storage-daemon (without and with --fleecing) vs qemu-img convert of
+# the same image to raw, and guest write latency with and without a
+# capture running, to a fast and to a slow archive, with and without
+# --fleecing.
 bench_capture() {
 	mkdir -p "$CAP_DIR"
 	trap 'cap_daemon_stop' EXIT
@@ -427,6 +429,23 @@ bench_capture() {
 	wait "$cap" || die "the capture --fleecing during guest writes failed"
 	SCRATCH_PEAK=$(sed -n 's/^vma: scratch images took at most //p' "$W/logs/capture-fleece-writes.err")
 	rm_cap_out
+	# A slow archive: zstd level 19 stores a few MB/s, so the writer's queue
+	# fills and copy-before-write waits for it (tens of seconds per write:
+	# fewer writes); the captures are cancelled once the writes are measured.
+	local how extra slow_writes=${BENCH_SLOW_WRITES:-8}
+	for how in slow slow-fleecing; do
+		extra=()
+		[[ $how == slow-fleecing ]] && extra=(--fleecing "$CAP_DIR/scratch")
+		log "capture: $slow_writes guest writes during a capture to a slow archive (--compress zstd:19 ${extra[*]})"
+		"$VMA" capture --quiet --qmp "$CAP_DIR/qmp.sock" --drive disk0 --compress zstd:19 \
+			"${extra[@]}" "$CAP_DIR/out.vma" &
+		cap=$!
+		sleep 3
+		WLAT[$how]=$(guest_write_latency "$slow_writes")
+		kill -INT "$cap"
+		wait "$cap" || true
+		rm_cap_out
+	done
 	cap_daemon_stop
 	trap - EXIT
 }
@@ -603,8 +622,10 @@ report() {
 		echo "|---|--:|--:|--:|"
 		local w
 		local -A what=([idle]="no capture" [capture]="vma capture running"
-			[fleecing]="vma capture --fleecing running")
-		for w in idle capture fleecing; do
+			[fleecing]="vma capture --fleecing running"
+			[slow]="vma capture to a slow archive (zstd:19) running"
+			[slow-fleecing]="vma capture --fleecing to a slow archive (zstd:19) running")
+		for w in idle capture fleecing slow slow-fleecing; do
 			[[ -n ${WLAT[$w]:-} ]] || continue
 			# shellcheck disable=SC2086 # word splitting of key=value pairs is intended
 			set -- ${WLAT[$w]}
