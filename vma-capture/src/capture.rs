@@ -10,6 +10,12 @@
 //! touches no bitmap until the archive is complete, synced and renamed
 //! into place; only then are the jobs finalized.
 //!
+//! With fleecing ([`crate::fleece`]) the transaction starts fleecing jobs
+//! instead, and the backup jobs read the point-in-time views they make,
+//! so a guest write only waits for a local copy into a scratch image; an
+//! incremental job then reads a copy of the base bitmap frozen in the same
+//! transaction, and QEMU never changes the base itself.
+//!
 //! Checkpoints live in the archives: the `vma-capture.json` config blob
 //! names each drive's node, its checkpoint bitmap and whether the drive was
 //! backed up in full or incrementally (and why it was not incremental).
@@ -489,6 +495,16 @@ fn frozen_name(checkpoint: &str) -> String {
     format!("{checkpoint}-frozen")
 }
 
+/// A disabled (not recording) bitmap `name` on `node`, for a frozen copy.
+fn frozen_bitmap(node: &str, name: &str) -> DirtyBitmapAdd {
+    DirtyBitmapAdd {
+        granularity: Some(65536),
+        persistent: Some(false),
+        disabled: Some(true),
+        ..DirtyBitmapAdd::new(node, name)
+    }
+}
+
 impl Session<'_> {
     /// Add the targets, start the jobs, wait until every job is pending.
     /// With fleecing, the transaction starts the fleecing jobs (the point
@@ -534,12 +550,9 @@ impl Session<'_> {
                         // The base as it is at the point in time: the
                         // backup job reads it after the transaction.
                         let frozen = frozen_name(&d.bitmap);
-                        actions.push(action::block_dirty_bitmap_add(&DirtyBitmapAdd {
-                            granularity: Some(65536),
-                            persistent: Some(false),
-                            disabled: Some(true),
-                            ..DirtyBitmapAdd::new(&d.node, &frozen)
-                        }));
+                        actions.push(action::block_dirty_bitmap_add(&frozen_bitmap(
+                            &d.node, &frozen,
+                        )));
                         actions.push(action::block_dirty_bitmap_merge(
                             &d.node,
                             &frozen,
@@ -627,12 +640,8 @@ impl Session<'_> {
             let bitmap = match &d.base_bitmap {
                 Some(_) => {
                     let frozen = frozen_name(&d.bitmap);
-                    self.qmp.block_dirty_bitmap_add(&DirtyBitmapAdd {
-                        granularity: Some(65536),
-                        persistent: Some(false),
-                        disabled: Some(true),
-                        ..DirtyBitmapAdd::new(&view, &frozen)
-                    })?;
+                    self.qmp
+                        .block_dirty_bitmap_add(&frozen_bitmap(&view, &frozen))?;
                     self.qmp.execute(
                         "block-dirty-bitmap-merge",
                         json!({
