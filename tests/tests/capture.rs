@@ -1648,3 +1648,45 @@ fn diff_against_runs_qemus_nbd_server_and_undoes_everything_on_refusal_and_cance
         "QEMU's NBD server was left running"
     );
 }
+
+#[test]
+fn fleecing_a_full_scratch_fails_the_guests_write_not_the_point_in_time() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (d, _) = one_disk_with_full(dir.path(), 15, &["--drive", "disk0"]);
+    let nodes = d.node_names();
+    let before = d.contents("disk0");
+    // A scratch directory with room for 1 MiB of old data.
+    let small = SmallFs::mount(&dir.path().join("small"), "1m");
+    let mode = Mode(Some(small.0.clone()));
+    let archive = dir.path().join("a.vma");
+    let job = capture_cmd(
+        &d,
+        &archive,
+        &mode.args(&["--drive", "disk0", "--speed", "2097152"]),
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    d.wait_for_job("vma-backup-0");
+    // 4 MiB of data the job has not copied yet: their old contents do not
+    // fit, and the filter fails the guest's write (break-guest-write).
+    let uri = format!("nbd+unix:///disk0?socket={}", d.guest_socket().display());
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", &uri, "-c", "write -P 0x5e 8M 4M"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &stderr(&out);
+    assert!(said.contains("No space left on device"), "{said}");
+    let out = job.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    mode.assert_clean(&d, &nodes);
+    // The failed write changed nothing; the archive is the point in time.
+    assert!(d.contents("disk0") == before);
+    assert!(restore(&[&archive], "disk0") == before);
+    // The drive works on.
+    d.guest_write("disk0", 8 << 20, 4 << 20, 0x5f);
+    assert!(d.contents("disk0")[8 << 20..12 << 20]
+        .iter()
+        .all(|&b| b == 0x5f));
+}
