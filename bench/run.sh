@@ -368,6 +368,7 @@ cap_daemon_stop() {
 	fi
 }
 rm_cap_out() { rm -f "$CAP_DIR/out.vma" "$CAP_DIR/out.raw"; }
+rm_cap_fleece_out() { rm -f "$CAP_DIR/out-fleece.vma"; }
 
 # COUNT random 4 KiB guest writes (qemu-io through the NBD export, no flush
 # per write) within the first 4 GiB; prints "writes=N p50_us=X p99_us=Y".
@@ -379,15 +380,17 @@ guest_write_latency() {
 		cmds+=(-c "write -P $((i % 250 + 1)) $(((RANDOM * 32768 + RANDOM) % 1048576 * 4096)) 4k")
 	done
 	qemu-io -f raw -t writeback "nbd+unix:///disk0?socket=$CAP_DIR/guest.sock" "${cmds[@]}" |
-		awk '/ops\/sec/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ /^ops\/sec/) print 1e6 / $i }' |
+		awk '/ops\/sec/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ /^ops\/sec/) printf "%.1f\n", 1e6 / $i }' |
 		sort -n |
 		awk '{ a[NR] = $1 } END { printf "writes=%d p50_us=%.0f p99_us=%.0f\n", NR, a[int(NR * 0.5) + 1], a[int(NR * 0.99) + 1] }'
 }
 declare -A WLAT
 
 # Live capture: vma capture of a 4 GiB qcow2 node served by
-# qemu-storage-daemon vs qemu-img convert of the same image to raw, and
-# guest write latency with and without a capture running.
+# qemu-storage-daemon (without and with --fleecing) vs qemu-img convert of
+# the same image to raw, and guest write latency with and without a
+# capture running, to a fast and to a slow archive, with and without
+# --fleecing.
 bench_capture() {
 	mkdir -p "$CAP_DIR"
 	trap 'cap_daemon_stop' EXIT
@@ -404,6 +407,12 @@ bench_capture() {
 	qemu-img compare -U -f raw -F qcow2 "$CAP_DIR/x/disk0.raw" "$CAP_DIR/disk4.qcow2" >&2 ||
 		die "the captured disk differs from the image"
 	rm -rf "$CAP_DIR/x"
+	mkdir -p "$CAP_DIR/scratch"
+	measure -b rm_cap_fleece_out -s "$CAP_DIR/out-fleece.vma" -r vma-capture \
+		vma-capture-fleece capture "vma capture --fleecing of the same node (scratch on the same disk)" \
+		"$VMA" capture --quiet --qmp "$CAP_DIR/qmp.sock" --drive disk0 --fleecing "$CAP_DIR/scratch" \
+		"$CAP_DIR/out-fleece.vma"
+	rm_cap_fleece_out
 	cap_daemon_stop
 	# vma fsyncs its archive; the peer's output is synced too, so both
 	# times end with the data on disk.
@@ -423,6 +432,32 @@ bench_capture() {
 	WLAT[capture]=$(guest_write_latency "$writes")
 	wait "$cap" || die "the capture during guest writes failed"
 	rm_cap_out
+	log "capture: $writes guest writes during a capture --fleecing (--speed 128 MiB/s)"
+	"$VMA" capture --qmp "$CAP_DIR/qmp.sock" --drive disk0 --speed 134217728 \
+		--fleecing "$CAP_DIR/scratch" "$CAP_DIR/out.vma" 2>"$W/logs/capture-fleece-writes.err" &
+	cap=$!
+	sleep 1
+	WLAT[fleecing]=$(guest_write_latency "$writes")
+	wait "$cap" || die "the capture --fleecing during guest writes failed"
+	SCRATCH_PEAK=$(sed -n 's/^vma: scratch images took at most //p' "$W/logs/capture-fleece-writes.err")
+	rm_cap_out
+	# A slow archive: zstd level 19 stores a few MB/s, so the writer's queue
+	# fills and copy-before-write waits for it (tens of seconds per write:
+	# fewer writes); the captures are cancelled once the writes are measured.
+	local how extra slow_writes=${BENCH_SLOW_WRITES:-8}
+	for how in slow slow-fleecing; do
+		extra=()
+		[[ $how == slow-fleecing ]] && extra=(--fleecing "$CAP_DIR/scratch")
+		log "capture: $slow_writes guest writes during a capture to a slow archive (--compress zstd:19 ${extra[*]})"
+		"$VMA" capture --quiet --qmp "$CAP_DIR/qmp.sock" --drive disk0 --compress zstd:19 \
+			"${extra[@]}" "$CAP_DIR/out.vma" &
+		cap=$!
+		sleep 3
+		WLAT[$how]=$(guest_write_latency "$slow_writes")
+		kill -INT "$cap"
+		wait "$cap" || true
+		rm_cap_out
+	done
 	cap_daemon_stop
 	trap - EXIT
 }
@@ -613,13 +648,20 @@ report() {
 		echo "| while | writes | p50 µs | p99 µs |"
 		echo "|---|--:|--:|--:|"
 		local w
-		for w in idle capture; do
+		local -A what=([idle]="no capture" [capture]="vma capture running"
+			[fleecing]="vma capture --fleecing running"
+			[slow]="vma capture to a slow archive (zstd:19) running"
+			[slow-fleecing]="vma capture --fleecing to a slow archive (zstd:19) running")
+		for w in idle capture fleecing slow slow-fleecing; do
+			[[ -n ${WLAT[$w]:-} ]] || continue
 			# shellcheck disable=SC2086 # word splitting of key=value pairs is intended
 			set -- ${WLAT[$w]}
-			printf '| %s | %s | %s | %s |\n' \
-				"$([[ $w == idle ]] && echo "no capture" || echo "vma capture running")" \
-				"${1#*=}" "${2#*=}" "${3#*=}"
+			printf '| %s | %s | %s | %s |\n' "${what[$w]}" "${1#*=}" "${2#*=}" "${3#*=}"
 		done
+		if [[ -n ${SCRATCH_PEAK:-} ]]; then
+			echo
+			echo "The scratch image took at most $SCRATCH_PEAK during the writes with --fleecing."
+		fi
 	fi
 }
 

@@ -2,7 +2,12 @@
 //! guest writes through a writable NBD export of the same nodes while the
 //! (speed-limited) backup job runs, full and incremental captures restored
 //! and compared byte for byte, and failures that must leave no archive.
+//! Most tests run twice: with backup jobs reading the drives, and with
+//! `--fleecing` (backup jobs reading point-in-time views); `--diff-against`
+//! compares such views with an archive made without bitmaps.
 
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,6 +38,15 @@ struct Daemon {
 impl Daemon {
     /// Start with `nodes` (name, image path, format) exported writable.
     fn start(dir: &Path, nodes: &[(&str, &Path, &str)]) -> Daemon {
+        Daemon::spawn(dir, nodes, true)
+    }
+
+    /// Start with `nodes` and no NBD server (so none for guest writes).
+    fn start_without_nbd(dir: &Path, nodes: &[(&str, &Path, &str)]) -> Daemon {
+        Daemon::spawn(dir, nodes, false)
+    }
+
+    fn spawn(dir: &Path, nodes: &[(&str, &Path, &str)], guest_nbd: bool) -> Daemon {
         require("qemu-storage-daemon");
         require("qemu-io");
         let mut cmd = Command::new("qemu-storage-daemon");
@@ -43,11 +57,20 @@ impl Daemon {
             ))
             .arg("--monitor")
             .arg("chardev=qmp0")
-            .arg("--nbd-server")
+            // A monitor of the test's own, usable while vma holds the first.
+            .arg("--chardev")
             .arg(format!(
+                "socket,id=qmp1,path={},server=on,wait=off",
+                dir.join("test-qmp.sock").display()
+            ))
+            .arg("--monitor")
+            .arg("chardev=qmp1");
+        if guest_nbd {
+            cmd.arg("--nbd-server").arg(format!(
                 "addr.type=unix,addr.path={}",
                 dir.join("guest.sock").display()
             ));
+        }
         for (name, path, format) in nodes {
             cmd.arg("--blockdev").arg(format!(
                 "driver=file,node-name={name}-file,filename={}",
@@ -55,9 +78,11 @@ impl Daemon {
             ));
             cmd.arg("--blockdev")
                 .arg(format!("driver={format},node-name={name},file={name}-file"));
-            cmd.arg("--export").arg(format!(
-                "type=nbd,id={name}-exp,node-name={name},name={name},writable=on"
-            ));
+            if guest_nbd {
+                cmd.arg("--export").arg(format!(
+                    "type=nbd,id={name}-exp,node-name={name},name={name},writable=on"
+                ));
+            }
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -66,7 +91,10 @@ impl Daemon {
             .spawn()
             .expect("starting qemu-storage-daemon");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !dir.join("guest.sock").exists() || !dir.join("qmp.sock").exists() {
+        while (guest_nbd && !dir.join("guest.sock").exists())
+            || !dir.join("qmp.sock").exists()
+            || !dir.join("test-qmp.sock").exists()
+        {
             assert!(
                 Instant::now() < deadline,
                 "qemu-storage-daemon did not start"
@@ -83,8 +111,64 @@ impl Daemon {
         self.dir.join("qmp.sock")
     }
 
+    /// A connection to the test's own monitor.
     fn qmp(&self) -> Qmp {
-        Qmp::connect(&self.qmp_path()).expect("QMP connect")
+        Qmp::connect(&self.dir.join("test-qmp.sock")).expect("QMP connect")
+    }
+
+    /// The socket of the daemon's NBD server (the guest's).
+    fn guest_socket(&self) -> PathBuf {
+        self.dir.join("guest.sock")
+    }
+
+    /// Names of every block node.
+    fn node_names(&self) -> BTreeSet<String> {
+        let nodes = self
+            .qmp()
+            .execute("query-named-block-nodes", json!({"flat": true}))
+            .unwrap();
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node-name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Ids of the NBD exports.
+    fn exports(&self) -> Vec<String> {
+        let exports = self
+            .qmp()
+            .execute("query-block-exports", json!({}))
+            .unwrap();
+        exports
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Wait until QEMU lists the job `id` (its transaction has run).
+    fn wait_for_job(&self, id: &str) {
+        let qmp = self.qmp();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let jobs = qmp.execute("query-jobs", json!({})).unwrap();
+            if jobs.as_array().unwrap().iter().any(|j| j["id"] == id) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "job {id} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// No job is left.
+    fn assert_no_jobs(&self) {
+        assert_eq!(
+            self.qmp().execute("query-jobs", json!({})).unwrap(),
+            json!([])
+        );
     }
 
     /// A guest write of `len` bytes of `pattern` at `offset` of `node`.
@@ -184,7 +268,7 @@ fn make_qcow2(path: &Path, size: u64, seed: u64) {
 
 /// A daemon serving one 16 MiB qcow2 node `disk0` (contents from `seed`),
 /// and a full capture of it (`full.vma`, made with `args`).
-fn one_disk_with_full(dir: &Path, seed: u64, args: &[&str]) -> (Daemon, PathBuf) {
+fn one_disk_with_full(dir: &Path, seed: u64, args: &[impl AsRef<OsStr>]) -> (Daemon, PathBuf) {
     let img = dir.join("disk0.qcow2");
     make_qcow2(&img, 16 * 1024 * 1024, seed);
     let d = Daemon::start(dir, &[("disk0", &img, "qcow2")]);
@@ -193,7 +277,72 @@ fn one_disk_with_full(dir: &Path, seed: u64, args: &[&str]) -> (Daemon, PathBuf)
     (d, full)
 }
 
-fn capture_cmd(d: &Daemon, archive: &Path, extra: &[&str]) -> Command {
+/// How a test captures: backup jobs reading the drives, or `--fleecing`
+/// through scratch images in a directory of its own.
+struct Mode(Option<PathBuf>);
+
+impl Mode {
+    fn plain() -> Mode {
+        Mode(None)
+    }
+
+    /// Fleecing through `dir/scratch`.
+    fn fleecing(dir: &Path) -> Mode {
+        let scratch = dir.join("scratch");
+        std::fs::create_dir_all(&scratch).unwrap();
+        Mode(Some(scratch))
+    }
+
+    fn is_fleecing(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// `args` and the mode's own arguments.
+    fn args(&self, args: &[&str]) -> Vec<String> {
+        let mut out: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if let Some(dir) = &self.0 {
+            out.push("--fleecing".into());
+            out.push(dir.to_str().unwrap().into());
+        }
+        out
+    }
+
+    /// Files in the scratch directory (none once a capture has ended).
+    fn scratch_files(&self) -> Vec<String> {
+        match &self.0 {
+            Some(dir) => std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Bytes the scratch images take on disk now.
+    fn scratch_bytes(&self) -> u64 {
+        match &self.0 {
+            Some(dir) => std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| vma_tests::allocated(&e.unwrap().path()))
+                .sum(),
+            None => 0,
+        }
+    }
+
+    /// After a capture: the daemon has the nodes it had before, no job,
+    /// and no scratch image is left.
+    fn assert_clean(&self, d: &Daemon, nodes: &BTreeSet<String>) {
+        assert_eq!(&d.node_names(), nodes, "block nodes left behind");
+        d.assert_no_jobs();
+        assert!(
+            self.scratch_files().is_empty(),
+            "scratch files left: {:?}",
+            self.scratch_files()
+        );
+    }
+}
+
+fn capture_cmd(d: &Daemon, archive: &Path, extra: &[impl AsRef<OsStr>]) -> Command {
     let mut cmd = Command::new(vma_bin());
     cmd.arg("capture")
         .arg("--qmp")
@@ -204,7 +353,7 @@ fn capture_cmd(d: &Daemon, archive: &Path, extra: &[&str]) -> Command {
     cmd
 }
 
-fn run_capture(d: &Daemon, archive: &Path, extra: &[&str]) -> String {
+fn run_capture(d: &Daemon, archive: &Path, extra: &[impl AsRef<OsStr>]) -> String {
     let out = capture_cmd(d, archive, extra).output().unwrap();
     assert_eq!(code(&out), 0, "capture failed: {}", stderr(&out));
     stderr(&out)
@@ -269,38 +418,80 @@ fn drive_id(archive: &Path, name: &str) -> DriveId {
 
 #[test]
 fn full_capture_during_guest_writes_is_the_disk_at_job_start() {
+    full_capture_during_guest_writes(|_| Mode::plain());
+}
+
+#[test]
+fn fleecing_full_capture_during_guest_writes_is_the_disk_at_job_start() {
+    full_capture_during_guest_writes(Mode::fleecing);
+}
+
+fn full_capture_during_guest_writes(mode: fn(&Path) -> Mode) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
+    let mode = mode(dir.path());
     let size = 24 * CS * 16 + 512; // 24 MiB and a 512-byte tail
     let img = dir.path().join("disk0.qcow2");
     make_qcow2(&img, size, 1);
     let d = Daemon::start(dir.path(), &[("disk0", &img, "qcow2")]);
+    let nodes = d.node_names();
     let before = d.contents("disk0");
     assert_eq!(before.len() as u64, size);
 
     let archive = dir.path().join("full.vma");
     // 4 MiB/s: the job runs about six seconds, the guest writes meanwhile,
     // from the end of the disk backwards (clusters the job has not reached).
-    let job = capture_cmd(&d, &archive, &["--drive", "disk0", "--speed", "4194304"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    let job = capture_cmd(
+        &d,
+        &archive,
+        &mode.args(&["--drive", "disk0", "--speed", "4194304"]),
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    d.wait_for_job("vma-backup-0");
+    let scratch_before = mode.scratch_bytes();
+    let mut written = Vec::new();
     for i in 0..12u64 {
         let offset = size - 512 - (i * 2 + 1) * CS * 8;
         d.guest_write("disk0", offset, CS, 0xA0 + i as u8);
+        written.push(offset / CS);
     }
     d.guest_write("disk0", size - 512, 512, 0xEE);
+    written.push(size / CS);
+    if mode.is_fleecing() {
+        // The guest's writes went through the fleecing filter: the old
+        // contents of the clusters that held data were copied into the
+        // scratch image (zero clusters take no space there).
+        let with_data = written
+            .iter()
+            .filter(|&&c| {
+                let end = ((c + 1) * CS).min(size) as usize;
+                before[(c * CS) as usize..end].iter().any(|&b| b != 0)
+            })
+            .count() as u64;
+        let grown = mode.scratch_bytes() - scratch_before;
+        assert!(
+            with_data > 5 && grown >= with_data * CS,
+            "the scratch image grew by {grown} bytes for {with_data} clusters with data"
+        );
+    }
     let out = job.wait_with_output().unwrap();
     assert_eq!(code(&out), 0, "capture failed: {}", stderr(&out));
     let msg = stderr(&out);
-    let ooo: u64 = msg
-        .split(" clusters arrived out of order")
-        .next()
-        .and_then(|s| s.rsplit(", ").next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no out-of-order count in: {msg}"));
-    assert!(ooo > 0, "the writer saw no out-of-order data: {msg}");
+    if mode.is_fleecing() {
+        assert!(msg.contains("scratch images took at most"), "{msg}");
+    } else {
+        // Copy-before-write sent the old clusters first.
+        let ooo: u64 = msg
+            .split(" clusters arrived out of order")
+            .next()
+            .and_then(|s| s.rsplit(", ").next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no out-of-order count in: {msg}"));
+        assert!(ooo > 0, "the writer saw no out-of-order data: {msg}");
+    }
+    mode.assert_clean(&d, &nodes);
 
     let now = d.contents("disk0");
     assert_ne!(now, before, "the guest writes did not land");
@@ -323,8 +514,18 @@ fn full_capture_during_guest_writes_is_the_disk_at_job_start() {
 
 #[test]
 fn incremental_chain_restores_every_point_in_time() {
+    incremental_chain(|_| Mode::plain());
+}
+
+#[test]
+fn fleecing_incremental_chain_restores_every_point_in_time() {
+    incremental_chain(Mode::fleecing);
+}
+
+fn incremental_chain(mode: fn(&Path) -> Mode) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
+    let mode = mode(dir.path());
     let size = 4 * 1024 * 1024;
     let a_img = dir.path().join("a.qcow2");
     let b_img = dir.path().join("b.qcow2");
@@ -340,9 +541,11 @@ fn incremental_chain_restores_every_point_in_time() {
             ("c", &c_img, "raw"),
         ],
     );
+    let nodes = d.node_names();
     let drives = ["--drive", "a", "--drive", "b", "--drive", "c"];
     let full = dir.path().join("0.vma");
-    run_capture(&d, &full, &drives);
+    run_capture(&d, &full, &mode.args(&drives));
+    mode.assert_clean(&d, &nodes);
     let points0 = [d.contents("a"), d.contents("b"), d.contents("c")];
 
     // Incremental 1: a few writes on a and b; c is raw (no persistent
@@ -354,8 +557,9 @@ fn incremental_chain_restores_every_point_in_time() {
     let msg = run_capture(
         &d,
         &inc1,
-        &[&drives[..], &["--incremental-from", full.to_str().unwrap()]].concat(),
+        &mode.args(&[&drives[..], &["--incremental-from", full.to_str().unwrap()]].concat()),
     );
+    mode.assert_clean(&d, &nodes);
     assert!(msg.contains("incremental backup"), "{msg}");
     let points1 = [d.contents("a"), d.contents("b"), d.contents("c")];
     assert_eq!(stored_clusters(&inc1, "a"), vec![3, 4]);
@@ -374,15 +578,19 @@ fn incremental_chain_restores_every_point_in_time() {
         .unwrap();
     d.guest_write("a", 0, CS, 0x44);
     let inc2 = dir.path().join("2.vma");
+    let nodes = d.node_names();
     let msg = run_capture(
         &d,
         &inc2,
-        &[
-            &drives[..],
-            &["--drive", "d", "--incremental-from", inc1.to_str().unwrap()],
-        ]
-        .concat(),
+        &mode.args(
+            &[
+                &drives[..],
+                &["--drive", "d", "--incremental-from", inc1.to_str().unwrap()],
+            ]
+            .concat(),
+        ),
     );
+    mode.assert_clean(&d, &nodes);
     assert!(
         msg.contains("drive d (node d): full backup (not in the parent archive)"),
         "{msg}"
@@ -483,10 +691,138 @@ fn incremental_chain_restores_every_point_in_time() {
 }
 
 #[test]
-fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
+fn incremental_during_guest_writes_is_the_point_in_time_in_every_bitmap_mode() {
+    incremental_during_guest_writes(|_| Mode::plain());
+}
+
+#[test]
+fn fleecing_incremental_during_guest_writes_is_the_point_in_time_in_every_bitmap_mode() {
+    incremental_during_guest_writes(Mode::fleecing);
+}
+
+/// Clusters `clusters` rewritten by the guest with `pattern`.
+fn rewrite(d: &Daemon, clusters: impl IntoIterator<Item = u64>, pattern: u8) -> Vec<u64> {
+    let mut written: Vec<u64> = clusters.into_iter().collect();
+    for &c in &written {
+        d.guest_write("disk0", c * CS, CS, pattern);
+    }
+    written.sort_unstable();
+    written.dedup();
+    written
+}
+
+fn incremental_during_guest_writes(mode: fn(&Path) -> Mode) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let (d, full) = one_disk_with_full(dir.path(), 6, &["--drive", "disk0"]);
+    let mode = mode(dir.path());
+    let (d, full) = one_disk_with_full(dir.path(), 12, &mode.args(&["--drive", "disk0"]));
+    let nodes = d.node_names();
+    let base = d.bitmaps("disk0");
+    // 64 clusters changed since the full: about four seconds at 1 MiB/s.
+    let s1 = rewrite(&d, (0..64).map(|i| i * 3 + 1), 0x31);
+    let point1 = d.contents("disk0");
+
+    // A differential (`never`) while the guest writes, some of it where
+    // the job has yet to copy.
+    let inc1 = dir.path().join("inc1.vma");
+    let full_arg = full.to_str().unwrap();
+    let mut job = capture_cmd(
+        &d,
+        &inc1,
+        &mode.args(&[
+            "--drive",
+            "disk0",
+            "--speed",
+            "1048576",
+            "--bitmap-mode",
+            "never",
+            "--incremental-from",
+            full_arg,
+        ]),
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    d.wait_for_job("vma-backup-0");
+    let s2 = rewrite(&d, [190, 187, 100, 5, 250, 130], 0x32);
+    assert!(
+        job.try_wait().unwrap().is_none(),
+        "the capture ended before the guest's writes"
+    );
+    let out = job.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    mode.assert_clean(&d, &nodes);
+    assert_eq!(stored_clusters(&inc1, "disk0"), s1);
+    assert!(
+        restore(&[&full, &inc1], "disk0") == point1,
+        "the incremental is not the disk at job start"
+    );
+    // `never`: the base is untouched, the new checkpoint added.
+    let record1 = vma_tests::stdout(&vma(&[
+        "config",
+        inc1.to_str().unwrap(),
+        "vma-capture.json",
+    ]));
+    let after1 = d.bitmaps("disk0");
+    assert_eq!(after1.len(), 2, "{after1:?}");
+    assert!(after1.contains(&base[0]), "{after1:?}");
+    let n1 = after1.iter().find(|b| **b != base[0]).unwrap().clone();
+    assert!(record1.contains(&n1), "{record1}");
+
+    // `on-success` against the same full: everything since it.
+    let now = d.contents("disk0");
+    let inc2 = dir.path().join("inc2.vma");
+    run_capture(
+        &d,
+        &inc2,
+        &mode.args(&["--drive", "disk0", "--incremental-from", full_arg]),
+    );
+    mode.assert_clean(&d, &nodes);
+    let mut s12: Vec<u64> = s1.iter().chain(&s2).copied().collect();
+    s12.sort_unstable();
+    s12.dedup();
+    assert_eq!(stored_clusters(&inc2, "disk0"), s12);
+    assert!(restore(&[&full, &inc2], "disk0") == now);
+    let after2 = d.bitmaps("disk0");
+    assert!(
+        !after2.contains(&base[0]),
+        "the base was not consumed: {after2:?}"
+    );
+    assert!(after2.contains(&n1) && after2.len() == 2, "{after2:?}");
+
+    // From the differential's checkpoint: only what the guest wrote while
+    // (and after) it ran.
+    let inc3 = dir.path().join("inc3.vma");
+    run_capture(
+        &d,
+        &inc3,
+        &mode.args(&[
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            inc1.to_str().unwrap(),
+        ]),
+    );
+    assert_eq!(stored_clusters(&inc3, "disk0"), s2);
+    assert!(restore(&[&full, &inc1, &inc3], "disk0") == now);
+}
+
+#[test]
+fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
+    cancel_and_daemon_death(|_| Mode::plain());
+}
+
+#[test]
+fn fleecing_cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
+    cancel_and_daemon_death(Mode::fleecing);
+}
+
+fn cancel_and_daemon_death(mode: fn(&Path) -> Mode) {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mode = mode(dir.path());
+    let (d, full) = one_disk_with_full(dir.path(), 6, &mode.args(&["--drive", "disk0"]));
+    let nodes = d.node_names();
     let checkpoint = d.bitmaps("disk0");
     assert_eq!(checkpoint.len(), 1);
     d.guest_write("disk0", 0, 8 * 1024 * 1024, 0x55);
@@ -498,19 +834,20 @@ fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
     let child = capture_cmd(
         &d,
         &inc,
-        &[
+        &mode.args(&[
             "--drive",
             "disk0",
             "--speed",
             "1048576",
             "--incremental-from",
             full.to_str().unwrap(),
-        ],
+        ]),
     )
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    d.wait_for_job("vma-backup-0");
+    std::thread::sleep(Duration::from_millis(1000));
     // SAFETY: kill(2) on our own child's pid touches no memory.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
@@ -520,6 +857,7 @@ fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
     assert_eq!(d.bitmaps("disk0"), checkpoint);
     let jobs = d.qmp().execute("query-jobs", json!({})).unwrap();
     assert_eq!(jobs, json!([]));
+    mode.assert_clean(&d, &nodes);
     let nodes = d
         .qmp()
         .execute("query-named-block-nodes", json!({"flat": true}))
@@ -535,22 +873,27 @@ fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
     run_capture(
         &d,
         &inc,
-        &[
+        &mode.args(&[
             "--drive",
             "disk0",
             "--incremental-from",
             full.to_str().unwrap(),
-        ],
+        ]),
     );
     assert_eq!(stored_clusters(&inc, "disk0").len(), 128);
     std::fs::remove_file(&inc).unwrap();
 
     // The daemon dies mid-job: a clear error and no archive.
-    let mut child = capture_cmd(&d, &inc, &["--drive", "disk0", "--speed", "1048576"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    let mut child = capture_cmd(
+        &d,
+        &inc,
+        &mode.args(&["--drive", "disk0", "--speed", "1048576"]),
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    d.wait_for_job("vma-backup-0");
+    std::thread::sleep(Duration::from_millis(500));
     drop(d);
     let status = child.wait().unwrap();
     assert!(!status.success());
@@ -559,6 +902,11 @@ fn cancel_and_daemon_death_leave_no_archive_and_bitmaps_as_they_were() {
         leftovers(dir.path()).is_empty(),
         "{:?}",
         leftovers(dir.path())
+    );
+    assert!(
+        mode.scratch_files().is_empty(),
+        "{:?}",
+        mode.scratch_files()
     );
 }
 
@@ -574,9 +922,20 @@ fn leftovers(dir: &Path) -> Vec<String> {
 
 #[test]
 fn always_keeps_what_was_copied_and_the_retry_copies_only_the_rest() {
+    always_keeps_what_was_copied(|_| Mode::plain());
+}
+
+#[test]
+fn fleecing_always_keeps_what_was_copied_and_the_retry_copies_only_the_rest() {
+    always_keeps_what_was_copied(Mode::fleecing);
+}
+
+fn always_keeps_what_was_copied(mode: fn(&Path) -> Mode) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let (d, full) = one_disk_with_full(dir.path(), 7, &["--drive", "disk0"]);
+    let mode = mode(dir.path());
+    let (d, full) = one_disk_with_full(dir.path(), 7, &mode.args(&["--drive", "disk0"]));
+    let nodes = d.node_names();
     d.guest_write("disk0", 0, 8 * 1024 * 1024, 0x55);
 
     // Interrupt a slow incremental in `always` mode.
@@ -589,17 +948,23 @@ fn always_keeps_what_was_copied_and_the_retry_copies_only_the_rest() {
         "--incremental-from",
         full.to_str().unwrap(),
     ];
-    let child = capture_cmd(&d, &inc, &[&args[..], &["--speed", "1048576"]].concat())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(2000));
+    let child = capture_cmd(
+        &d,
+        &inc,
+        &mode.args(&[&args[..], &["--speed", "1048576"]].concat()),
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    d.wait_for_job("vma-backup-0");
+    std::thread::sleep(Duration::from_millis(1500));
     // SAFETY: kill(2) on our own child's pid touches no memory.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     assert_ne!(code(&out), 0, "{}", stderr(&out));
     let partial = dir.path().join("inc.vma.partial");
     assert!(stderr(&out).contains("inc.vma.partial"), "{}", stderr(&out));
+    mode.assert_clean(&d, &nodes);
     assert!(!inc.exists() && partial.exists());
     let copied = stored_clusters(&partial, "disk0");
     assert!(
@@ -648,12 +1013,12 @@ fn always_keeps_what_was_copied_and_the_retry_copies_only_the_rest() {
     run_capture(
         &d,
         &retry,
-        &[
+        &mode.args(&[
             "--drive",
             "disk0",
             "--incremental-from",
             partial.to_str().unwrap(),
-        ],
+        ]),
     );
     let mut want: Vec<u64> = (0..128).filter(|c| !copied.contains(c)).collect();
     want.push(rewritten);
@@ -769,9 +1134,24 @@ impl Drop for SmallFs {
 
 #[test]
 fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
+    full_disk_fails_the_nbd_writes(|_| Mode::plain());
+}
+
+#[test]
+fn fleecing_a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
+    full_disk_fails_the_nbd_writes(Mode::fleecing);
+}
+
+fn full_disk_fails_the_nbd_writes(how: fn(&Path) -> Mode) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let (d, full) = one_disk_with_full(dir.path(), 9, &["--drive", "disk0", "--compress", "none"]);
+    let how = how(dir.path());
+    let (d, full) = one_disk_with_full(
+        dir.path(),
+        9,
+        &how.args(&["--drive", "disk0", "--compress", "none"]),
+    );
+    let nodes = d.node_names();
     let checkpoint = d.bitmaps("disk0");
     let small = SmallFs::mount(&dir.path().join("small"), "2m");
     for mode in ["on-success", "never", "always"] {
@@ -780,7 +1160,7 @@ fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
         let out = capture_cmd(
             &d,
             &archive,
-            &[
+            &how.args(&[
                 "--drive",
                 "disk0",
                 "--compress",
@@ -789,7 +1169,7 @@ fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
                 mode,
                 "--incremental-from",
                 full.to_str().unwrap(),
-            ],
+            ]),
         )
         .output()
         .unwrap();
@@ -800,13 +1180,16 @@ fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
             std::fs::read_dir(&small.0).unwrap().next().is_none(),
             "{mode}: files left on the full disk"
         );
-        assert_eq!(d.qmp().execute("query-jobs", json!({})).unwrap(), json!([]));
-        if mode == "always" {
+        how.assert_clean(&d, &nodes);
+        if mode == "always" && !how.is_fleecing() {
             // What was copied could not be kept: the base bitmap no longer
             // describes the change since the parent and is gone, so the
             // next capture of the drive is full.
             assert!(d.bitmaps("disk0").is_empty(), "{:?}", d.bitmaps("disk0"));
         } else {
+            // With fleecing QEMU only changed a frozen copy of the base,
+            // so in `always` mode too it still holds everything since the
+            // parent.
             assert_eq!(d.bitmaps("disk0"), checkpoint, "{mode}");
         }
     }
@@ -814,15 +1197,24 @@ fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
     let msg = run_capture(
         &d,
         &next,
-        &[
+        &how.args(&[
             "--drive",
             "disk0",
             "--incremental-from",
             full.to_str().unwrap(),
-        ],
+        ]),
     );
-    assert!(msg.contains("full backup (bitmap"), "{msg}");
-    assert!(restore(&[&next], "disk0") == d.contents("disk0"));
+    if how.is_fleecing() {
+        assert!(msg.contains("incremental backup"), "{msg}");
+        assert_eq!(
+            stored_clusters(&next, "disk0"),
+            (0..128).collect::<Vec<_>>()
+        );
+        assert!(restore(&[&full, &next], "disk0") == d.contents("disk0"));
+    } else {
+        assert!(msg.contains("full backup (bitmap"), "{msg}");
+        assert!(restore(&[&next], "disk0") == d.contents("disk0"));
+    }
 }
 
 #[test]
@@ -998,4 +1390,303 @@ fn run_diff(parent: &Path, image: &Path, output: &Path) {
         output.to_str().unwrap(),
     ]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+/// Clusters in which `a` and `b` differ.
+fn differing_clusters(a: &[u8], b: &[u8]) -> Vec<u64> {
+    a.chunks(CS as usize)
+        .zip(b.chunks(CS as usize))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, _)| i as u64)
+        .collect()
+}
+
+/// `vma create ARCHIVE disk0=RAW` of a copy of what the guest sees now.
+fn full_from_a_copy(dir: &Path, contents: &[u8]) -> PathBuf {
+    let copy = dir.join("copy.raw");
+    std::fs::write(&copy, contents).unwrap();
+    let full = dir.join("full.vma");
+    let out = vma(&[
+        "create",
+        full.to_str().unwrap(),
+        &format!("disk0={}", copy.display()),
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    full
+}
+
+/// Scratch images left in `dir` (the default scratch directory of
+/// `--diff-against` is the archive's).
+fn scratch_images(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vma-scratch"))
+        .collect()
+}
+
+#[test]
+fn diff_against_a_full_without_bitmaps_while_the_guest_writes() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 32 * 1024 * 1024;
+    let img = dir.path().join("disk0.qcow2");
+    make_qcow2(&img, size, 13);
+    let d = Daemon::start(dir.path(), &[("disk0", &img, "qcow2")]);
+    let nodes = d.node_names();
+    let exports = d.exports();
+    let original = d.contents("disk0");
+    let full = full_from_a_copy(dir.path(), &original);
+    assert!(d.bitmaps("disk0").is_empty());
+
+    // Writes since the copy: new data, zeros over data, and zeros over a
+    // cluster that was zero already (no difference).
+    rewrite(&d, [2, 3, 100, 101, 102, 400, 511], 0x41);
+    let zero_before = (200..512u64).find(|&c| (c * 7 + 13) % 3 == 0).unwrap();
+    let data_before = (0..512u64)
+        .find(|&c| (c * 7 + 13) % 3 != 0 && c > 200)
+        .unwrap();
+    rewrite(&d, [zero_before, data_before], 0);
+    let point = d.contents("disk0");
+    let changed = differing_clusters(&original, &point);
+    assert!(changed.contains(&data_before) && !changed.contains(&zero_before));
+    assert_eq!(changed.len(), 8, "{changed:?}");
+
+    // The diff reads the view at 4 MiB/s while the guest keeps writing,
+    // also where the diff has not read yet.
+    let diff = dir.path().join("diff.vma");
+    let mut job = capture_cmd(
+        &d,
+        &diff,
+        &[
+            "--drive",
+            "disk0",
+            "--diff-against",
+            full.to_str().unwrap(),
+            "--qemu-nbd-socket",
+            d.guest_socket().to_str().unwrap(),
+            "--speed",
+            "4194304",
+        ],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    d.wait_for_job("vma-fleece-0");
+    let during = rewrite(&d, [1, 100, 300, 500, 501], 0x42);
+    assert!(
+        job.try_wait().unwrap().is_none(),
+        "the diff ended before the guest's writes"
+    );
+    let out = job.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("8 clusters"), "{}", stderr(&out));
+    assert_eq!(d.node_names(), nodes);
+    assert_eq!(d.exports(), exports);
+    d.assert_no_jobs();
+    assert!(scratch_images(dir.path()).is_empty());
+
+    // Only the clusters that differ, with the full as parent; through the
+    // chain it is exactly the point in time.
+    assert_eq!(stored_clusters(&diff, "disk0"), changed);
+    let r = Reader::open(&diff).unwrap();
+    let parent = r.header().parent.expect("a parent");
+    assert_eq!(parent.uuid, Reader::open(&full).unwrap().header().uuid);
+    let x = dir.path().join("x");
+    let out = vma(&["extract", diff.to_str().unwrap(), x.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        std::fs::read(x.join("disk0.raw")).unwrap() == point,
+        "the diff is not the disk at its point in time"
+    );
+    let record = vma_tests::stdout(&vma(&[
+        "config",
+        diff.to_str().unwrap(),
+        "vma-capture.json",
+    ]));
+    assert!(record.contains("\"incremental\""), "{record}");
+    let bitmaps = d.bitmaps("disk0");
+    assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
+    assert!(record.contains(&bitmaps[0]), "{record}");
+
+    // The chain goes on with bitmaps: exactly what the guest wrote since.
+    let now = d.contents("disk0");
+    let inc = dir.path().join("inc.vma");
+    let msg = run_capture(
+        &d,
+        &inc,
+        &[
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            diff.to_str().unwrap(),
+        ],
+    );
+    assert!(msg.contains("incremental backup"), "{msg}");
+    assert_eq!(stored_clusters(&inc, "disk0"), during);
+    let y = dir.path().join("y");
+    let out = vma(&["extract", inc.to_str().unwrap(), y.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(std::fs::read(y.join("disk0.raw")).unwrap() == now);
+}
+
+/// Whether `nbd-server-start` works on the daemon (no server runs); the
+/// server started is stopped again.
+fn nbd_server_free(d: &Daemon, dir: &Path) -> bool {
+    let qmp = d.qmp();
+    let path = dir.join("probe.sock");
+    let started = qmp.execute(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": path}}}),
+    );
+    if started.is_ok() {
+        qmp.execute("nbd-server-stop", json!({})).unwrap();
+    }
+    started.is_ok()
+}
+
+#[test]
+fn diff_against_runs_qemus_nbd_server_and_undoes_everything_on_refusal_and_cancel() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk0.qcow2");
+    make_qcow2(&img, 16 * 1024 * 1024, 14);
+
+    // QEMU runs an NBD server already and none is named: refused, and
+    // nothing is left behind.
+    let busy = dir.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    let d = Daemon::start(&busy, &[("disk0", &img, "qcow2")]);
+    let nodes = d.node_names();
+    let original = d.contents("disk0");
+    let full = full_from_a_copy(dir.path(), &original);
+    let archive = dir.path().join("refused.vma");
+    let out = capture_cmd(
+        &d,
+        &archive,
+        &["--drive", "disk0", "--diff-against", full.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
+    assert_ne!(code(&out), 0);
+    assert!(
+        stderr(&out).contains("--qemu-nbd-socket"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!archive.exists());
+    assert_eq!(d.node_names(), nodes);
+    assert!(d.bitmaps("disk0").is_empty(), "{:?}", d.bitmaps("disk0"));
+    assert_eq!(d.exports(), ["disk0-exp"]);
+    assert!(scratch_images(dir.path()).is_empty());
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
+    drop(d);
+
+    // No NBD server: vma starts QEMU's and stops it again.
+    let idle = dir.path().join("idle");
+    std::fs::create_dir(&idle).unwrap();
+    let d = Daemon::start_without_nbd(&idle, &[("disk0", &img, "qcow2")]);
+    let nodes = d.node_names();
+    let mode = Mode::fleecing(dir.path());
+    let diff = dir.path().join("diff.vma");
+    let msg = run_capture(
+        &d,
+        &diff,
+        &mode.args(&["--drive", "disk0", "--diff-against", full.to_str().unwrap()]),
+    );
+    assert!(msg.contains("0 clusters (0 B) differ"), "{msg}");
+    mode.assert_clean(&d, &nodes);
+    assert!(
+        nbd_server_free(&d, &idle),
+        "QEMU's NBD server was left running"
+    );
+    assert!(d.exports().is_empty());
+    assert!(stored_clusters(&diff, "disk0").is_empty());
+    let checkpoint = d.bitmaps("disk0");
+    assert_eq!(checkpoint.len(), 1);
+
+    // Ctrl-C half-way: no archive, no new bitmap, nothing left in QEMU.
+    let cancelled = dir.path().join("cancelled.vma");
+    let child = capture_cmd(
+        &d,
+        &cancelled,
+        &mode.args(&[
+            "--drive",
+            "disk0",
+            "--diff-against",
+            diff.to_str().unwrap(),
+            "--speed",
+            "1048576",
+        ]),
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    d.wait_for_job("vma-fleece-0");
+    std::thread::sleep(Duration::from_millis(1000));
+    // SAFETY: kill(2) on our own child's pid touches no memory.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_ne!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("cancelled"), "{}", stderr(&out));
+    assert!(!cancelled.exists());
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
+    mode.assert_clean(&d, &nodes);
+    assert_eq!(d.bitmaps("disk0"), checkpoint);
+    assert!(d.exports().is_empty());
+    assert!(
+        nbd_server_free(&d, &idle),
+        "QEMU's NBD server was left running"
+    );
+}
+
+#[test]
+fn fleecing_a_full_scratch_fails_the_guests_write_not_the_point_in_time() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (d, _) = one_disk_with_full(dir.path(), 15, &["--drive", "disk0"]);
+    let nodes = d.node_names();
+    let before = d.contents("disk0");
+    // A scratch directory with room for 1 MiB of old data.
+    let small = SmallFs::mount(&dir.path().join("small"), "1m");
+    let mode = Mode(Some(small.0.clone()));
+    let archive = dir.path().join("a.vma");
+    let job = capture_cmd(
+        &d,
+        &archive,
+        &mode.args(&["--drive", "disk0", "--speed", "2097152"]),
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    d.wait_for_job("vma-backup-0");
+    // 4 MiB of data the job has not copied yet: their old contents do not
+    // fit, and the filter fails the guest's write (break-guest-write).
+    let uri = format!("nbd+unix:///disk0?socket={}", d.guest_socket().display());
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", &uri, "-c", "write -P 0x5e 8M 4M"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &stderr(&out);
+    assert!(said.contains("No space left on device"), "{said}");
+    let out = job.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    mode.assert_clean(&d, &nodes);
+    // The failed write changed nothing; the archive is the point in time.
+    assert!(d.contents("disk0") == before);
+    assert!(restore(&[&archive], "disk0") == before);
+    // The drive works on.
+    d.guest_write("disk0", 8 << 20, 4 << 20, 0x5f);
+    assert!(d.contents("disk0")[8 << 20..12 << 20]
+        .iter()
+        .all(|&b| b == 0x5f));
 }

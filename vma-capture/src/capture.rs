@@ -10,6 +10,12 @@
 //! touches no bitmap until the archive is complete, synced and renamed
 //! into place; only then are the jobs finalized.
 //!
+//! With fleecing ([`crate::fleece`]) the transaction starts fleecing jobs
+//! instead, and the backup jobs read the point-in-time views they make,
+//! so a guest write only waits for a local copy into a scratch image; an
+//! incremental job then reads a copy of the base bitmap frozen in the same
+//! transaction, and QEMU never changes the base itself.
+//!
 //! Checkpoints live in the archives: the `vma-capture.json` config blob
 //! names each drive's node, its checkpoint bitmap and whether the drive was
 //! backed up in full or incrementally (and why it was not incremental).
@@ -29,9 +35,10 @@ use vma_core::writer::WriteSummary;
 use vma_core::{ArchiveMeta, ConfigBlob, DriveId, DriveInfo, Reader, Writer, WriterOptions};
 
 use crate::assemble::{ClusterAssembler, Piece};
+use crate::fleece::Fleece;
 use crate::nbd::{Export, NbdServer, NbdSink};
 use crate::qga::{AgentError, GuestAgent};
-use crate::qmp::{self, JobStatus, QemuVersion, Qmp};
+use crate::qmp::{self, action, DirtyBitmapAdd, JobStatus, QemuVersion, Qmp};
 
 /// Name of the config blob that records how an archive was captured.
 pub const CAPTURE_BLOB: &str = "vma-capture.json";
@@ -150,6 +157,18 @@ pub struct CaptureOptions {
     /// Guest agent socket: freeze the guest's file systems for the moment
     /// the jobs start (the transaction), then thaw them.
     pub fsfreeze: Option<PathBuf>,
+    /// Fleece through scratch images in this directory: guest writes copy
+    /// old data into them, not into the archive (see [`crate::fleece`]).
+    pub fleecing: Option<PathBuf>,
+    /// Instead of a backup job, compare a point-in-time view of each drive
+    /// with this archive (the newest of a chain) and store what differs
+    /// (see [`crate::live_diff`]).
+    pub diff_against: Option<PathBuf>,
+    /// Where the ancestors of `diff_against` are, besides beside it.
+    pub chain_parents: Vec<PathBuf>,
+    /// QEMU's NBD server socket, if QEMU already runs one (`diff_against`
+    /// exports its views there instead of starting the server).
+    pub qemu_nbd_socket: Option<PathBuf>,
 }
 
 /// How one drive was captured; stored in [`CAPTURE_BLOB`].
@@ -197,6 +216,11 @@ pub struct CaptureSummary {
     /// unchanged from the parent) and how many of them arrived behind a
     /// cluster with a higher number (copy-before-write at work).
     pub clusters_stored: Vec<DriveStats>,
+    /// With fleecing: the most the scratch images took on disk at once
+    /// (sampled a few times a second).
+    pub scratch_peak: Option<u64>,
+    /// What could not be cleaned up after the archive was complete.
+    pub warnings: Vec<String>,
 }
 
 /// What arrived for one drive.
@@ -206,19 +230,21 @@ pub struct DriveStats {
     pub clusters: u64,
     /// Of those, clusters that arrived out of order.
     pub out_of_order: u64,
+    /// Clusters stored as unchanged from the parent.
+    pub unchanged: u64,
 }
 
 /// One drive as found in QEMU.
-struct Drive {
-    id: DriveId,
-    name: String,
-    node: String,
-    size: u64,
+pub(crate) struct Drive {
+    pub(crate) id: DriveId,
+    pub(crate) name: String,
+    pub(crate) node: String,
+    pub(crate) size: u64,
     /// Parent checkpoint bitmap to read from, when incremental.
-    base_bitmap: Option<String>,
-    reason: Option<String>,
-    bitmap: String,
-    persistent: bool,
+    pub(crate) base_bitmap: Option<String>,
+    pub(crate) reason: Option<String>,
+    pub(crate) bitmap: String,
+    pub(crate) persistent: bool,
 }
 
 /// Capture the drives of the QEMU at `options.qmp` into `options.archive`.
@@ -234,6 +260,9 @@ pub fn capture(
             "{} exists (use --force to replace it)",
             options.archive.display()
         )));
+    }
+    if options.diff_against.is_some() {
+        return crate::live_diff::capture_by_diff(options, cancel, progress);
     }
     let qmp = Qmp::connect(&options.qmp)?;
     let parent = options.parent.as_deref().map(read_parent).transpose()?;
@@ -259,15 +288,7 @@ pub fn capture(
     let record = CaptureRecord {
         drives: drives.iter().map(checkpoint_of).collect(),
     };
-    if meta.configs.iter().any(|c| c.name == CAPTURE_BLOB) {
-        return Err(CaptureError::Invalid(format!(
-            "the config name {CAPTURE_BLOB} is reserved for the capture record"
-        )));
-    }
-    meta.configs.push(ConfigBlob {
-        name: CAPTURE_BLOB.into(),
-        data: serde_json::to_vec_pretty(&record).expect("serializable"),
-    });
+    add_record(&mut meta, &record)?;
 
     let out = AtomicFile::create(&options.archive)?;
     let writer = Writer::new(out, meta, &options.writer)?;
@@ -325,8 +346,22 @@ pub fn capture(
         targets: Vec::new(),
         jobs: Vec::new(),
         new_bitmaps: Vec::new(),
+        fleece: None,
+        sync_bitmaps: drives
+            .iter()
+            .map(|d| d.base_bitmap.clone().map(|b| (d.node.clone(), b)))
+            .collect(),
+        scratch_peak: 0,
+        warnings: Vec::new(),
     };
-    let ran = session.run(&socket, options, cancel, &failure, &mut progress);
+    let ran = session.run(
+        &socket,
+        options,
+        &uuid_hex[..8],
+        cancel,
+        &failure,
+        &mut progress,
+    );
     // With `always`, a failed incremental keeps what was copied: the jobs
     // are cancelled (QEMU then clears the copied clusters from the base
     // bitmaps), and each base bitmap is folded into the new checkpoint,
@@ -340,11 +375,12 @@ pub fn capture(
         // Stop QEMU first (cancel the jobs, drop the NBD nodes), so nothing
         // is writing when the server goes.
         session.abort();
-        if options.bitmap_mode == BitmapMode::Always {
+        if options.bitmap_mode == BitmapMode::Always && options.fleecing.is_none() {
             // QEMU cleared what was copied from the base bitmaps, but no
             // archive keeps it: the bitmaps no longer describe the change
             // since the parent. Drop them, so the next capture of these
-            // drives is full instead of silently incomplete.
+            // drives is full instead of silently incomplete. (Fleecing
+            // jobs read frozen copies, so the bases are still whole.)
             session.drop_base_bitmaps();
         }
     }
@@ -399,6 +435,8 @@ pub fn capture(
                 drives: record.drives,
                 write: summary,
                 clusters_stored: stored,
+                scratch_peak: options.fleecing.as_ref().map(|_| session.scratch_peak),
+                warnings: std::mem::take(&mut session.warnings),
             })
         }
         Err(e) => {
@@ -406,6 +444,20 @@ pub fn capture(
             Err(e)
         }
     }
+}
+
+/// Store `record` in `meta` as the [`CAPTURE_BLOB`] config.
+pub(crate) fn add_record(meta: &mut ArchiveMeta, record: &CaptureRecord) -> Result<()> {
+    if meta.configs.iter().any(|c| c.name == CAPTURE_BLOB) {
+        return Err(CaptureError::Invalid(format!(
+            "the config name {CAPTURE_BLOB} is reserved for the capture record"
+        )));
+    }
+    meta.configs.push(ConfigBlob {
+        name: CAPTURE_BLOB.into(),
+        data: serde_json::to_vec_pretty(&record).expect("serializable"),
+    });
+    Ok(())
 }
 
 /// Where an interrupted `always` capture keeps what it copied.
@@ -421,18 +473,47 @@ struct Session<'a> {
     drives: &'a [Drive],
     /// NBD client nodes added.
     targets: Vec<String>,
-    /// Job ids started.
+    /// Backup job ids started (the jobs that write the archive).
     jobs: Vec<String>,
     /// (node, bitmap) added by the transaction.
     new_bitmaps: Vec<(String, String)>,
+    /// With fleecing: the scratch images, fleecing jobs and views.
+    fleece: Option<Fleece<'a>>,
+    /// Per drive: the (node, bitmap) its backup job reads, when
+    /// incremental: the base bitmap itself, or with fleecing a copy of it
+    /// frozen at the point in time, on the view node.
+    sync_bitmaps: Vec<Option<(String, String)>>,
+    /// Most bytes the scratch images took at once.
+    scratch_peak: u64,
+    /// What could not be cleaned up.
+    warnings: Vec<String>,
+}
+
+/// Name of the copy of a base bitmap frozen at the point in time (with
+/// fleecing), for the drive whose new checkpoint is `checkpoint`.
+fn frozen_name(checkpoint: &str) -> String {
+    format!("{checkpoint}-frozen")
+}
+
+/// A disabled (not recording) bitmap `name` on `node`, for a frozen copy.
+fn frozen_bitmap(node: &str, name: &str) -> DirtyBitmapAdd {
+    DirtyBitmapAdd {
+        granularity: Some(65536),
+        persistent: Some(false),
+        disabled: Some(true),
+        ..DirtyBitmapAdd::new(node, name)
+    }
 }
 
 impl Session<'_> {
     /// Add the targets, start the jobs, wait until every job is pending.
+    /// With fleecing, the transaction starts the fleecing jobs (the point
+    /// in time) and the backup jobs then read the views.
     fn run(
         &mut self,
         socket: &Path,
         options: &CaptureOptions,
+        tag: &str,
         cancel: &AtomicBool,
         failure: &Mutex<Option<String>>,
         progress: &mut impl FnMut(JobProgress),
@@ -450,77 +531,150 @@ impl Session<'_> {
             )?;
             self.targets.push(target);
         }
+        if let Some(dir) = &options.fleecing {
+            let drives: Vec<(String, u64)> = self
+                .drives
+                .iter()
+                .map(|d| (d.node.clone(), d.size))
+                .collect();
+            self.fleece = Some(Fleece::prepare(self.qmp, dir, &drives, tag)?);
+        }
         let mut actions = Vec::new();
+        let mut added = Vec::new();
         for (i, d) in self.drives.iter().enumerate() {
-            actions.push(json!({
-                "type": "block-dirty-bitmap-add",
-                "data": {
-                    "node": d.node,
-                    "name": d.bitmap,
-                    "granularity": 65536,
-                    "persistent": d.persistent,
-                },
-            }));
-            let mut backup = json!({
-                "job-id": format!("vma-backup-{i}"),
-                "device": d.node,
-                "target": self.targets[i],
-                "sync": "full",
-                "auto-finalize": false,
-                "auto-dismiss": false,
-            });
-            if let Some(base) = &d.base_bitmap {
-                backup["sync"] = json!("bitmap");
-                backup["bitmap"] = json!(base);
-                backup["bitmap-mode"] = json!(options.bitmap_mode.qemu_name());
+            actions.push(action::block_dirty_bitmap_add(&checkpoint_bitmap(d)));
+            added.push((d.node.clone(), d.bitmap.clone()));
+            match &self.fleece {
+                Some(fleece) => {
+                    if let Some(base) = &d.base_bitmap {
+                        // The base as it is at the point in time: the
+                        // backup job reads it after the transaction.
+                        let frozen = frozen_name(&d.bitmap);
+                        actions.push(action::block_dirty_bitmap_add(&frozen_bitmap(
+                            &d.node, &frozen,
+                        )));
+                        actions.push(action::block_dirty_bitmap_merge(
+                            &d.node,
+                            &frozen,
+                            &[base.as_str()],
+                        ));
+                        added.push((d.node.clone(), frozen));
+                    }
+                    actions.push(fleece.start_action(i));
+                }
+                None => {
+                    let backup =
+                        self.backup_arguments(i, &d.node, d.base_bitmap.as_deref(), options);
+                    actions.push(action::custom("blockdev-backup", backup));
+                }
             }
-            if options.speed > 0 {
-                backup["speed"] = json!(options.speed);
-            }
-            // Cluster size 64 KiB even on sources with smaller clusters
-            // (`x-perf.min-cluster-size` exists since QEMU 9.1).
-            if self.qmp.version() >= QemuVersion::new(9, 1, 0) {
-                backup["x-perf"] = json!({"min-cluster-size": 65536});
-            }
-            actions.push(json!({"type": "blockdev-backup", "data": backup}));
         }
         // Freeze only around the transaction: from then on copy-before-write
         // keeps the point in time, however long the copy takes.
-        let mut agent = options
-            .fsfreeze
-            .as_deref()
-            .map(GuestAgent::connect)
-            .transpose()?;
-        if let Some(a) = agent.as_mut() {
-            if let Err(e) = a.freeze() {
-                // A freeze that failed half-way may have frozen some file systems.
-                let _ = a.thaw();
-                return Err(e.into());
-            }
-        }
-        let started = self
-            .qmp
-            .execute("transaction", json!({ "actions": actions }));
-        let thawed = agent.as_mut().map(GuestAgent::thaw).transpose();
+        let (started, thawed) = with_frozen_guest(options.fsfreeze.as_deref(), || {
+            self.qmp
+                .execute("transaction", json!({ "actions": actions }))
+                .map_err(CaptureError::from)
+        })?;
         started?;
-        self.jobs = (0..self.drives.len())
-            .map(|i| format!("vma-backup-{i}"))
-            .collect();
-        self.new_bitmaps = self
-            .drives
-            .iter()
-            .map(|d| (d.node.clone(), d.bitmap.clone()))
-            .collect();
+        self.new_bitmaps = added;
+        match &mut self.fleece {
+            Some(fleece) => fleece.started(),
+            None => self.jobs = (0..self.drives.len()).map(job_id).collect(),
+        }
         thawed?;
+        if self.fleece.is_some() {
+            self.start_from_views(options)?;
+        }
         self.wait_pending(cancel, failure, progress)
     }
 
-    fn wait_pending(
+    /// The arguments of drive `i`'s backup job, reading `source` (with
+    /// `bitmap` on it when incremental).
+    fn backup_arguments(
         &self,
+        i: usize,
+        source: &str,
+        bitmap: Option<&str>,
+        options: &CaptureOptions,
+    ) -> serde_json::Value {
+        let mut backup = json!({
+            "job-id": job_id(i),
+            "device": source,
+            "target": self.targets[i],
+            "sync": "full",
+            "auto-finalize": false,
+            "auto-dismiss": false,
+        });
+        if let Some(bitmap) = bitmap {
+            backup["sync"] = json!("bitmap");
+            backup["bitmap"] = json!(bitmap);
+            backup["bitmap-mode"] = json!(options.bitmap_mode.qemu_name());
+        }
+        if options.speed > 0 {
+            backup["speed"] = json!(options.speed);
+        }
+        // Cluster size 64 KiB even on sources with smaller clusters
+        // (`x-perf.min-cluster-size` exists since QEMU 9.1).
+        if self.qmp.version() >= QemuVersion::new(9, 1, 0) {
+            backup["x-perf"] = json!({"min-cluster-size": 65536});
+        }
+        backup
+    }
+
+    /// With fleecing, after the transaction: add the views, move each
+    /// frozen base bitmap onto its view (a backup job reads bitmaps of its
+    /// source node), and start the backup jobs from the views with
+    /// `discard-source`, so scratch space is released as they copy.
+    fn start_from_views(&mut self, options: &CaptureOptions) -> Result<()> {
+        let fleece = self.fleece.as_mut().expect("fleecing");
+        fleece.open_views()?;
+        let mut actions = Vec::new();
+        for (i, d) in self.drives.iter().enumerate() {
+            let view = self
+                .fleece
+                .as_ref()
+                .expect("fleecing")
+                .view_node(i)
+                .to_owned();
+            let bitmap = match &d.base_bitmap {
+                Some(_) => {
+                    let frozen = frozen_name(&d.bitmap);
+                    self.qmp
+                        .block_dirty_bitmap_add(&frozen_bitmap(&view, &frozen))?;
+                    self.qmp.execute(
+                        "block-dirty-bitmap-merge",
+                        json!({
+                            "node": view,
+                            "target": frozen,
+                            "bitmaps": [{"node": d.node, "name": frozen}],
+                        }),
+                    )?;
+                    self.qmp.block_dirty_bitmap_remove(&d.node, &frozen)?;
+                    self.new_bitmaps
+                        .retain(|(n, b)| !(n == &d.node && b == &frozen));
+                    self.sync_bitmaps[i] = Some((view.clone(), frozen.clone()));
+                    Some(frozen)
+                }
+                None => None,
+            };
+            let mut backup = self.backup_arguments(i, &view, bitmap.as_deref(), options);
+            backup["discard-source"] = json!(true);
+            actions.push(action::custom("blockdev-backup", backup));
+        }
+        self.qmp
+            .execute("transaction", json!({ "actions": actions }))?;
+        self.jobs = (0..self.drives.len()).map(job_id).collect();
+        Ok(())
+    }
+
+    fn wait_pending(
+        &mut self,
         cancel: &AtomicBool,
         failure: &Mutex<Option<String>>,
         progress: &mut impl FnMut(JobProgress),
     ) -> Result<()> {
+        let names: Vec<String> = self.drives.iter().map(|d| d.name.clone()).collect();
         let mut last_poll = Instant::now() - Duration::from_secs(1);
         loop {
             if cancel.load(Ordering::Relaxed) {
@@ -536,6 +690,10 @@ impl Session<'_> {
             }
             last_poll = Instant::now();
             let jobs = self.qmp.query_jobs()?;
+            if let Some(fleece) = &self.fleece {
+                fleece.check_running(&jobs, &names)?;
+                self.scratch_peak = self.scratch_peak.max(fleece.scratch_bytes());
+            }
             let mut p = JobProgress::default();
             let mut pending = 0;
             for (i, id) in self.jobs.iter().enumerate() {
@@ -589,6 +747,7 @@ impl Session<'_> {
             }
             let _ = self.qmp.execute("job-dismiss", json!({ "id": id }));
         }
+        self.remove_fleece();
         self.remove_targets();
         if mode != BitmapMode::Never {
             // Consumed by the jobs: the new checkpoints carry on from here.
@@ -605,21 +764,12 @@ impl Session<'_> {
         for id in &self.jobs {
             let _ = self.qmp.job_cancel(id);
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for id in std::mem::take(&mut self.jobs) {
-            while Instant::now() < deadline {
-                match self.qmp.query_jobs() {
-                    Ok(jobs) => match jobs.iter().find(|j| j.id == id) {
-                        Some(j) if j.status != JobStatus::Concluded => {
-                            let _ = self.qmp.next_event(Duration::from_millis(50));
-                        }
-                        _ => break,
-                    },
-                    Err(_) => break,
-                }
-            }
+        let jobs = std::mem::take(&mut self.jobs);
+        let _ = self.qmp.wait_jobs_concluded(&jobs, Duration::from_secs(30));
+        for id in jobs {
             let _ = self.qmp.execute("job-dismiss", json!({ "id": id }));
         }
+        self.remove_fleece();
         self.remove_targets();
         for (node, name) in std::mem::take(&mut self.new_bitmaps) {
             let _ = self.qmp.execute(
@@ -630,22 +780,43 @@ impl Session<'_> {
     }
 
     /// Undo for a retry (`always`): cancel and dismiss the jobs, remove the
-    /// targets, fold each base bitmap into the new checkpoint and drop it.
+    /// targets, fold each bitmap the jobs read (QEMU cleared what they
+    /// copied from it) into the new checkpoint and drop the base.
     fn abort_for_retry(&mut self) -> Result<()> {
+        if self.jobs.len() != self.drives.len() {
+            return Err(CaptureError::Invalid(
+                "the backup jobs never started".into(),
+            ));
+        }
         for id in &self.jobs {
             self.qmp.job_cancel(id)?;
         }
-        self.wait_concluded(Duration::from_secs(30))?;
+        if !self
+            .qmp
+            .wait_jobs_concluded(&self.jobs, Duration::from_secs(30))?
+        {
+            return Err(CaptureError::Invalid(
+                "the backup jobs did not stop within 30 s of being cancelled".into(),
+            ));
+        }
         for id in std::mem::take(&mut self.jobs) {
             self.qmp.job_dismiss(&id)?;
         }
-        self.remove_targets();
-        for d in self.drives {
+        for (d, read) in self.drives.iter().zip(&self.sync_bitmaps) {
             let base = d.base_bitmap.as_deref().expect("incremental");
-            self.qmp
-                .block_dirty_bitmap_merge(&d.node, &d.bitmap, &[base])?;
+            let (node, bitmap) = read.as_ref().expect("incremental drives read a bitmap");
+            self.qmp.execute(
+                "block-dirty-bitmap-merge",
+                json!({
+                    "node": d.node,
+                    "target": d.bitmap,
+                    "bitmaps": [{"node": node, "name": bitmap}],
+                }),
+            )?;
             self.qmp.block_dirty_bitmap_remove(&d.node, base)?;
         }
+        self.remove_fleece();
+        self.remove_targets();
         self.new_bitmaps.clear();
         Ok(())
     }
@@ -659,23 +830,10 @@ impl Session<'_> {
         }
     }
 
-    /// Wait until every job has concluded (cancelled or failed).
-    fn wait_concluded(&self, limit: Duration) -> Result<()> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let jobs = self.qmp.query_jobs()?;
-            let running = jobs
-                .iter()
-                .any(|j| self.jobs.contains(&j.id) && j.status != JobStatus::Concluded);
-            if !running {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(CaptureError::Invalid(
-                    "the backup jobs did not stop within 30 s of being cancelled".into(),
-                ));
-            }
-            let _ = self.qmp.next_event(Duration::from_millis(50))?;
+    fn remove_fleece(&mut self) {
+        if let Some(mut fleece) = self.fleece.take() {
+            self.scratch_peak = self.scratch_peak.max(fleece.scratch_bytes());
+            self.warnings.extend(fleece.teardown());
         }
     }
 
@@ -684,6 +842,43 @@ impl Session<'_> {
             let _ = self.qmp.execute("blockdev-del", json!({ "node-name": t }));
         }
     }
+}
+
+fn job_id(i: usize) -> String {
+    format!("vma-backup-{i}")
+}
+
+/// The new checkpoint bitmap of drive `d`.
+pub(crate) fn checkpoint_bitmap(d: &Drive) -> DirtyBitmapAdd {
+    DirtyBitmapAdd {
+        granularity: Some(65536),
+        persistent: Some(d.persistent),
+        ..DirtyBitmapAdd::new(&d.node, &d.bitmap)
+    }
+}
+
+/// Run `f` (the transaction that sets the point in time) with the guest's
+/// file systems frozen through the agent at `agent`, if given; they are
+/// thawed whatever `f` returns. `Err` if the freeze failed (`f` did not
+/// run); else what `f` returned and whether the thaw worked.
+pub(crate) fn with_frozen_guest<T>(
+    agent: Option<&Path>,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<(Result<T>, Result<()>)> {
+    let mut agent = agent.map(GuestAgent::connect).transpose()?;
+    if let Some(a) = agent.as_mut() {
+        if let Err(e) = a.freeze() {
+            // A freeze that failed half-way may have frozen some file systems.
+            let _ = a.thaw();
+            return Err(e.into());
+        }
+    }
+    let result = f();
+    let thawed = match agent.as_mut() {
+        Some(a) => a.thaw().map(drop).map_err(CaptureError::from),
+        None => Ok(()),
+    };
+    Ok((result, thawed))
 }
 
 /// The NBD sink of one drive: assembles clusters and queues them for the
@@ -811,6 +1006,7 @@ fn finish_archive(
         stored.push(DriveStats {
             clusters: a.done().len(),
             out_of_order: a.out_of_order(),
+            unchanged: gaps.iter().map(|g| g.end - g.start).sum(),
         });
         if gaps.is_empty() {
             continue;
@@ -834,7 +1030,7 @@ fn finish_archive(
     Ok((out, summary, stored))
 }
 
-fn checkpoint_of(d: &Drive) -> DriveCheckpoint {
+pub(crate) fn checkpoint_of(d: &Drive) -> DriveCheckpoint {
     DriveCheckpoint {
         name: d.name.clone(),
         node: d.node.clone(),
@@ -919,7 +1115,7 @@ fn decide_incremental(qmp: &Qmp, d: &mut Drive, parent: &CaptureRecord) -> Resul
 
 /// Resolve the drives to capture: each spec names a node (`query-named-
 /// block-nodes`) or a device (`query-block`, whose medium's node is used).
-fn find_drives(qmp: &Qmp, specs: &[DriveSpec]) -> Result<Vec<Drive>> {
+pub(crate) fn find_drives(qmp: &Qmp, specs: &[DriveSpec]) -> Result<Vec<Drive>> {
     let nodes = qmp.query_named_block_nodes()?;
     let devices = qmp.query_block()?;
     let mut chosen: Vec<(String, String)> = Vec::new(); // (node, name)
@@ -994,11 +1190,11 @@ fn find_drives(qmp: &Qmp, specs: &[DriveSpec]) -> Result<Vec<Drive>> {
     Ok(drives)
 }
 
-fn hex_uuid(uuid: &[u8; 16]) -> String {
+pub(crate) fn hex_uuid(uuid: &[u8; 16]) -> String {
     uuid.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn io_err(what: &str, source: std::io::Error) -> CaptureError {
+pub(crate) fn io_err(what: &str, source: std::io::Error) -> CaptureError {
     CaptureError::Io {
         what: what.into(),
         source,

@@ -4,12 +4,18 @@
 //! job per drive whose target is an NBD client node connected to the NBD
 //! server in [`nbd`]; what the job writes (clusters in the order the guest
 //! overwrites them, then the rest) goes straight into the archive Writer.
-//! [`qmp`] drives QEMU over its monitor socket.
+//! [`qmp`] drives QEMU over its monitor socket. With fleecing
+//! ([`fleece`]) the jobs read point-in-time views instead of the drives,
+//! and [`live_diff`] reads such views itself, through [`nbd_client`], to
+//! compare them with an earlier archive.
 
 pub mod assemble;
 pub mod capture;
+pub mod fleece;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod live_diff;
 pub mod nbd;
+pub mod nbd_client;
 pub mod qga;
 pub mod qmp;

@@ -611,6 +611,10 @@ pub mod wire {
     pub const REQUEST_MAGIC: u32 = 0x2560_9513;
     /// Magic of a simple reply.
     pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+    /// Magic of a structured reply chunk.
+    pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+    /// Magic of the old-style negotiation (not supported).
+    pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 
     /// Handshake flag: fixed newstyle negotiation.
     pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -623,6 +627,8 @@ pub mod wire {
 
     /// Transmission flag: always set.
     pub const FLAG_HAS_FLAGS: u16 = 1 << 0;
+    /// Transmission flag: the export is read-only.
+    pub const FLAG_READ_ONLY: u16 = 1 << 1;
     /// Transmission flag: `NBD_CMD_FLUSH` is supported.
     pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
     /// Transmission flag: `NBD_CMD_FLAG_FUA` is supported.
@@ -631,6 +637,8 @@ pub mod wire {
     pub const FLAG_SEND_TRIM: u16 = 1 << 5;
     /// Transmission flag: `NBD_CMD_WRITE_ZEROES` is supported.
     pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+    /// Transmission flag: `NBD_CMD_FLAG_DF` is supported.
+    pub const FLAG_SEND_DF: u16 = 1 << 7;
 
     /// Option: choose an export and enter transmission (no error reply possible).
     pub const OPT_EXPORT_NAME: u32 = 1;
@@ -642,8 +650,11 @@ pub mod wire {
     pub const OPT_INFO: u32 = 6;
     /// Option: describe an export and enter transmission.
     pub const OPT_GO: u32 = 7;
-    /// Option: use structured replies (not supported).
+    /// Option: use structured replies (not supported by the server; the
+    /// client asks for them).
     pub const OPT_STRUCTURED_REPLY: u32 = 8;
+    /// Option: choose the metadata contexts of `NBD_CMD_BLOCK_STATUS`.
+    pub const OPT_SET_META_CONTEXT: u32 = 10;
 
     /// Option reply: done.
     pub const REP_ACK: u32 = 1;
@@ -657,6 +668,10 @@ pub mod wire {
     pub const REP_ERR_INVALID: u32 = 0x8000_0003;
     /// Option reply error: no export of that name.
     pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+    /// Option reply: one metadata context the server will report.
+    pub const REP_META_CONTEXT: u32 = 4;
+    /// Bit set in every option reply type that is an error.
+    pub const REP_FLAG_ERROR: u32 = 0x8000_0000;
 
     /// Information type: size and transmission flags.
     pub const INFO_EXPORT: u16 = 0;
@@ -676,10 +691,15 @@ pub mod wire {
     /// Command: write zeroes.
     pub const CMD_WRITE_ZEROES: u16 = 6;
 
+    /// Command: block status of a metadata context (client side only).
+    pub const CMD_BLOCK_STATUS: u16 = 7;
+
     /// Command flag: force unit access.
     pub const CMD_FLAG_FUA: u16 = 1 << 0;
     /// Command flag: write zeroes without punching a hole.
     pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+    /// Command flag: answer a read in one chunk ("don't fragment").
+    pub const CMD_FLAG_DF: u16 = 1 << 2;
 
     /// Error code: input/output error.
     pub const EIO: u32 = 5;
@@ -687,6 +707,16 @@ pub mod wire {
     pub const EINVAL: u32 = 22;
     /// Error code: no space left.
     pub const ENOSPC: u32 = 28;
+    /// Error code: operation not permitted.
+    pub const EPERM: u32 = 1;
+    /// Error code: out of memory.
+    pub const ENOMEM: u32 = 12;
+    /// Error code: value too large.
+    pub const EOVERFLOW: u32 = 75;
+    /// Error code: operation not supported.
+    pub const ENOTSUP: u32 = 95;
+    /// Error code: the server is shutting down.
+    pub const ESHUTDOWN: u32 = 108;
 
     /// Advertised minimum block size: any byte offset and length.
     pub const MIN_BLOCK: u32 = 1;
@@ -695,8 +725,33 @@ pub mod wire {
     /// Advertised maximum block size, and the longest write accepted.
     pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 
+    /// Structured reply chunk type: the last chunk, without payload.
+    pub const REPLY_TYPE_NONE: u16 = 0;
+    /// Structured reply chunk type: data read at an offset.
+    pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+    /// Structured reply chunk type: a stretch that reads as zeros.
+    pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+    /// Structured reply chunk type: block status descriptors.
+    pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+    /// Structured reply chunk type: an error.
+    pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+    /// Structured reply chunk type: an error at an offset.
+    pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
+    /// Structured reply flag: the last chunk of the reply.
+    pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+    /// `base:allocation` status bit: not allocated (may still read as data).
+    pub const STATE_HOLE: u32 = 1 << 0;
+    /// `base:allocation` status bit: reads as zeros.
+    pub const STATE_ZERO: u32 = 1 << 1;
+    /// The metadata context of allocation status.
+    pub const BASE_ALLOCATION: &str = "base:allocation";
+
     /// Bytes of an option header.
     pub const OPTION_HEADER_LEN: usize = 16;
+    /// Bytes of an option reply header.
+    pub const OPTION_REPLY_HEADER_LEN: usize = 20;
+    /// Bytes of a structured reply chunk header.
+    pub const STRUCTURED_REPLY_LEN: usize = 20;
     /// Bytes of a request header.
     pub const REQUEST_LEN: usize = 28;
     /// Bytes of a simple reply.
@@ -723,6 +778,12 @@ pub mod wire {
         /// Lengths inside an option do not add up.
         #[error("malformed NBD option data")]
         BadOption,
+        /// A reply the client cannot make sense of.
+        #[error("malformed NBD reply: {0}")]
+        BadReply(String),
+        /// The server speaks the old-style negotiation (no export names).
+        #[error("the NBD server uses the old-style negotiation, which is not supported")]
+        Oldstyle,
     }
 
     /// Client flags the server acts on.
@@ -994,6 +1055,275 @@ pub mod wire {
             CMD_WRITE => Action::Write { offset, len: keep },
             CMD_WRITE_ZEROES => Action::WriteZeroes { offset, len: keep },
             _ => Action::Trim { offset, len: keep },
+        }
+    }
+
+    /// The handshake flags of the server's 18-byte greeting, as a client
+    /// reads it.
+    pub fn decode_greeting(buf: &[u8]) -> Result<u16, WireError> {
+        need(buf, 16)?;
+        let magic = be_u64(buf, 0);
+        if magic != NBDMAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        match be_u64(buf, 8) {
+            IHAVEOPT => {}
+            OLDSTYLE_MAGIC => return Err(WireError::Oldstyle),
+            other => return Err(WireError::BadMagic(other)),
+        }
+        need(buf, 18)?;
+        Ok(be_u16(buf, 16))
+    }
+
+    /// The client's 4-byte flags: fixed newstyle, and no zeroes if asked.
+    pub fn encode_client_flags(no_zeroes: bool) -> [u8; 4] {
+        let mut flags = FLAG_C_FIXED_NEWSTYLE;
+        if no_zeroes {
+            flags |= FLAG_C_NO_ZEROES;
+        }
+        flags.to_be_bytes()
+    }
+
+    /// An option as the client sends it: header and data.
+    pub fn encode_option(option: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(OPTION_HEADER_LEN + data.len());
+        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&option.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// The data of `NBD_OPT_INFO` or `NBD_OPT_GO`: the export name and the
+    /// information types asked for.
+    pub fn encode_info_request(name: &[u8], info: &[u16]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(6 + name.len() + 2 * info.len());
+        out.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        out.extend_from_slice(name);
+        out.extend_from_slice(&(info.len() as u16).to_be_bytes());
+        for i in info {
+            out.extend_from_slice(&i.to_be_bytes());
+        }
+        out
+    }
+
+    /// The data of `NBD_OPT_SET_META_CONTEXT`: the export name and the
+    /// context queries.
+    pub fn encode_meta_context_request(name: &[u8], queries: &[&str]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        out.extend_from_slice(name);
+        out.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            out.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            out.extend_from_slice(q.as_bytes());
+        }
+        out
+    }
+
+    /// The header of an option reply.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct OptionReply {
+        /// The option answered.
+        pub option: u32,
+        /// Reply type (`REP_*`; errors have [`REP_FLAG_ERROR`] set).
+        pub reply: u32,
+        /// Length of the payload that follows.
+        pub len: u32,
+    }
+
+    /// Decode a 20-byte option reply header.
+    pub fn decode_option_reply_header(buf: &[u8]) -> Result<OptionReply, WireError> {
+        need(buf, OPTION_REPLY_HEADER_LEN)?;
+        let magic = be_u64(buf, 0);
+        if magic != OPTION_REPLY_MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        Ok(OptionReply {
+            option: be_u32(buf, 8),
+            reply: be_u32(buf, 12),
+            len: be_u32(buf, 16),
+        })
+    }
+
+    /// One `NBD_REP_INFO` payload.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Info {
+        /// Size and transmission flags.
+        Export {
+            /// Export size in bytes.
+            size: u64,
+            /// Transmission flags (`FLAG_*`).
+            flags: u16,
+        },
+        /// Block size constraints.
+        BlockSize {
+            /// Minimum (alignment of requests).
+            min: u32,
+            /// Preferred.
+            preferred: u32,
+            /// Maximum payload of one request.
+            max: u32,
+        },
+        /// An information type the client does not use.
+        Other(u16),
+    }
+
+    /// Decode an `NBD_REP_INFO` payload.
+    pub fn decode_info(payload: &[u8]) -> Result<Info, WireError> {
+        need(payload, 2)?;
+        let bad = |what: &str| WireError::BadReply(what.to_owned());
+        match be_u16(payload, 0) {
+            INFO_EXPORT if payload.len() == 12 => Ok(Info::Export {
+                size: be_u64(payload, 2),
+                flags: be_u16(payload, 10),
+            }),
+            INFO_EXPORT => Err(bad("NBD_INFO_EXPORT is not 12 bytes")),
+            INFO_BLOCK_SIZE if payload.len() == 14 => Ok(Info::BlockSize {
+                min: be_u32(payload, 2),
+                preferred: be_u32(payload, 6),
+                max: be_u32(payload, 10),
+            }),
+            INFO_BLOCK_SIZE => Err(bad("NBD_INFO_BLOCK_SIZE is not 14 bytes")),
+            other => Ok(Info::Other(other)),
+        }
+    }
+
+    /// Decode an `NBD_REP_META_CONTEXT` payload: context id and name.
+    pub fn decode_meta_context(payload: &[u8]) -> Result<(u32, &[u8]), WireError> {
+        need(payload, 4)?;
+        Ok((be_u32(payload, 0), &payload[4..]))
+    }
+
+    /// The header of a transmission reply.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ReplyHeader {
+        /// A simple reply; a successful read's data follows.
+        Simple {
+            /// Error code (0: success).
+            error: u32,
+            /// Cookie of the request.
+            cookie: u64,
+        },
+        /// One chunk of a structured reply; `len` payload bytes follow.
+        Structured {
+            /// Chunk flags (`REPLY_FLAG_*`).
+            flags: u16,
+            /// Chunk type (`REPLY_TYPE_*`).
+            kind: u16,
+            /// Cookie of the request.
+            cookie: u64,
+            /// Payload length.
+            len: u32,
+        },
+    }
+
+    /// Length of the reply header that starts with `magic` (the first four
+    /// bytes), magic included.
+    pub fn reply_header_len(magic: &[u8]) -> Result<usize, WireError> {
+        need(magic, 4)?;
+        match be_u32(magic, 0) {
+            SIMPLE_REPLY_MAGIC => Ok(SIMPLE_REPLY_LEN),
+            STRUCTURED_REPLY_MAGIC => Ok(STRUCTURED_REPLY_LEN),
+            other => Err(WireError::BadMagic(u64::from(other))),
+        }
+    }
+
+    /// Decode a reply header (16 bytes simple, 20 bytes structured).
+    pub fn decode_reply_header(buf: &[u8]) -> Result<ReplyHeader, WireError> {
+        let len = reply_header_len(buf)?;
+        need(buf, len)?;
+        Ok(if len == SIMPLE_REPLY_LEN {
+            ReplyHeader::Simple {
+                error: be_u32(buf, 4),
+                cookie: be_u64(buf, 8),
+            }
+        } else {
+            ReplyHeader::Structured {
+                flags: be_u16(buf, 4),
+                kind: be_u16(buf, 6),
+                cookie: be_u64(buf, 8),
+                len: be_u32(buf, 16),
+            }
+        })
+    }
+
+    /// Decode the payload of `NBD_REPLY_TYPE_OFFSET_HOLE`: offset, length.
+    pub fn decode_offset_hole(payload: &[u8]) -> Result<(u64, u32), WireError> {
+        if payload.len() != 12 {
+            return Err(WireError::BadReply(format!(
+                "an NBD_REPLY_TYPE_OFFSET_HOLE chunk of {} bytes (12 expected)",
+                payload.len()
+            )));
+        }
+        Ok((be_u64(payload, 0), be_u32(payload, 8)))
+    }
+
+    /// An error chunk: code, the server's message and the offset it names.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct ChunkError {
+        /// NBD error code.
+        pub code: u32,
+        /// The server's message (may be empty).
+        pub message: String,
+        /// Offset of the error (`NBD_REPLY_TYPE_ERROR_OFFSET`).
+        pub offset: Option<u64>,
+    }
+
+    /// Decode the payload of an error chunk of type `kind`.
+    pub fn decode_error_chunk(kind: u16, payload: &[u8]) -> Result<ChunkError, WireError> {
+        need(payload, 6)?;
+        let code = be_u32(payload, 0);
+        let message_len = usize::from(be_u16(payload, 4));
+        need(payload, 6 + message_len)?;
+        let message = String::from_utf8_lossy(&payload[6..6 + message_len]).into_owned();
+        let rest = &payload[6 + message_len..];
+        let offset = match (kind, rest.len()) {
+            (REPLY_TYPE_ERROR_OFFSET, 8) => Some(be_u64(rest, 0)),
+            (REPLY_TYPE_ERROR_OFFSET, _) => {
+                return Err(WireError::BadReply(
+                    "an NBD_REPLY_TYPE_ERROR_OFFSET chunk without its offset".into(),
+                ))
+            }
+            _ => None,
+        };
+        Ok(ChunkError {
+            code,
+            message,
+            offset,
+        })
+    }
+
+    /// Decode the payload of `NBD_REPLY_TYPE_BLOCK_STATUS`: the context id
+    /// and the (length, flags) descriptors.
+    pub fn decode_block_status(payload: &[u8]) -> Result<(u32, Vec<(u32, u32)>), WireError> {
+        need(payload, 4)?;
+        let body = &payload[4..];
+        if body.is_empty() || !body.len().is_multiple_of(8) {
+            return Err(WireError::BadReply(format!(
+                "an NBD_REPLY_TYPE_BLOCK_STATUS chunk of {} bytes",
+                payload.len()
+            )));
+        }
+        let descriptors = body
+            .chunks_exact(8)
+            .map(|d| (be_u32(d, 0), be_u32(d, 4)))
+            .collect();
+        Ok((be_u32(payload, 0), descriptors))
+    }
+
+    /// The name of an NBD error code, for messages.
+    pub fn error_name(code: u32) -> String {
+        match code {
+            EPERM => "EPERM (operation not permitted)".into(),
+            EIO => "EIO (input/output error)".into(),
+            ENOMEM => "ENOMEM (out of memory)".into(),
+            EINVAL => "EINVAL (invalid argument)".into(),
+            ENOSPC => "ENOSPC (no space left)".into(),
+            EOVERFLOW => "EOVERFLOW (value too large)".into(),
+            ENOTSUP => "ENOTSUP (not supported)".into(),
+            ESHUTDOWN => "ESHUTDOWN (server shutting down)".into(),
+            other => format!("error {other}"),
         }
     }
 
@@ -1422,6 +1752,88 @@ mod tests {
         )
         .is_err());
         assert!(handshake(&mut Cursor::new(vec![0xff; 8]), &mut Vec::new(), &[e]).is_err());
+    }
+
+    #[test]
+    fn client_side_decoders() {
+        let mut greeting = encode_greeting().to_vec();
+        assert_eq!(
+            decode_greeting(&greeting),
+            Ok(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+        );
+        greeting[8..16].copy_from_slice(&OLDSTYLE_MAGIC.to_be_bytes());
+        assert_eq!(decode_greeting(&greeting), Err(WireError::Oldstyle));
+        let reply = encode_option_reply(OPT_GO, REP_INFO, &encode_info_export(4096, 3));
+        let head = decode_option_reply_header(&reply).unwrap();
+        assert_eq!((head.option, head.reply, head.len), (OPT_GO, REP_INFO, 12));
+        assert_eq!(
+            decode_info(&reply[OPTION_REPLY_HEADER_LEN..]),
+            Ok(Info::Export {
+                size: 4096,
+                flags: 3
+            })
+        );
+        assert_eq!(
+            decode_info(&encode_info_block_size(512, 4096, 1 << 25)),
+            Ok(Info::BlockSize {
+                min: 512,
+                preferred: 4096,
+                max: 1 << 25
+            })
+        );
+        assert!(decode_info(&[0, 0, 1]).is_err());
+        let simple = encode_simple_reply(EIO, 77);
+        assert_eq!(
+            decode_reply_header(&simple),
+            Ok(ReplyHeader::Simple {
+                error: EIO,
+                cookie: 77
+            })
+        );
+        let mut status = 9u32.to_be_bytes().to_vec();
+        for (len, flags) in [(4096u32, STATE_HOLE | STATE_ZERO), (512, 0)] {
+            status.extend_from_slice(&len.to_be_bytes());
+            status.extend_from_slice(&flags.to_be_bytes());
+        }
+        assert_eq!(
+            decode_block_status(&status),
+            Ok((9, vec![(4096, STATE_HOLE | STATE_ZERO), (512, 0)]))
+        );
+        assert!(decode_block_status(&status[..7]).is_err());
+        assert!(decode_block_status(&status[..4]).is_err());
+        let mut err = ENOSPC.to_be_bytes().to_vec();
+        err.extend_from_slice(&2u16.to_be_bytes());
+        err.extend_from_slice(b"no");
+        assert_eq!(
+            decode_error_chunk(REPLY_TYPE_ERROR, &err),
+            Ok(ChunkError {
+                code: ENOSPC,
+                message: "no".into(),
+                offset: None
+            })
+        );
+        // ERROR_OFFSET without its offset, and a message longer than the chunk.
+        assert!(decode_error_chunk(REPLY_TYPE_ERROR_OFFSET, &err).is_err());
+        err[5] = 200;
+        assert!(decode_error_chunk(REPLY_TYPE_ERROR, &err).is_err());
+        assert!(decode_offset_hole(&[0; 11]).is_err());
+    }
+
+    proptest::proptest! {
+        /// No bytes make a client-side decoder panic.
+        #[test]
+        fn client_side_decoders_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let _ = decode_greeting(&bytes);
+            let _ = decode_option_reply_header(&bytes);
+            let _ = decode_info(&bytes);
+            let _ = decode_meta_context(&bytes);
+            let _ = reply_header_len(&bytes);
+            let _ = decode_reply_header(&bytes);
+            let _ = decode_offset_hole(&bytes);
+            let _ = decode_error_chunk(REPLY_TYPE_ERROR, &bytes);
+            let _ = decode_error_chunk(REPLY_TYPE_ERROR_OFFSET, &bytes);
+            let _ = decode_block_status(&bytes);
+        }
     }
 
     fn replies_of(out: &[u8]) -> Vec<(u32, u64)> {

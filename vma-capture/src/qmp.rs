@@ -1286,6 +1286,27 @@ impl Qmp {
     }
 }
 
+impl Qmp {
+    /// Wait until none of the jobs `ids` is running any more (each has
+    /// concluded or is gone). `Ok(false)` if some still run after `limit`.
+    pub fn wait_jobs_concluded(&self, ids: &[String], limit: Duration) -> Result<bool> {
+        let deadline = deadline_after(limit);
+        loop {
+            let jobs = self.query_jobs()?;
+            let running = jobs
+                .iter()
+                .any(|j| ids.contains(&j.id) && j.status != JobStatus::Concluded);
+            if !running {
+                return Ok(true);
+            }
+            if Instant::now() > deadline {
+                return Ok(false);
+            }
+            let _ = self.next_event(Duration::from_millis(50))?;
+        }
+    }
+}
+
 impl Drop for Qmp {
     fn drop(&mut self) {
         let writer = self

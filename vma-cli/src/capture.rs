@@ -32,7 +32,8 @@ pub(crate) struct CaptureArgs {
     /// What an incremental backup does to the parent's bitmap.
     #[arg(long, value_enum, default_value = "on-success")]
     bitmap_mode: BitmapModeArg,
-    /// Job speed limit in bytes per second (0: none).
+    /// Speed limit of the backup jobs, or of reading the views with
+    /// --diff-against, in bytes per second (0: none).
     #[arg(long, value_name = "BYTES_PER_SEC", default_value_t = 0)]
     speed: u64,
     #[command(flatten)]
@@ -41,6 +42,24 @@ pub(crate) struct CaptureArgs {
     /// start (only then), and always thaw them.
     #[arg(long, value_name = "QGA_SOCKET")]
     fsfreeze: Option<PathBuf>,
+    /// Fleece through scratch qcow2 images in this directory: a guest write
+    /// then only copies old data into a local scratch image, never waits
+    /// for the archive (for slow archive targets).
+    #[arg(long, value_name = "SCRATCH_DIR")]
+    fleecing: Option<PathBuf>,
+    /// Compare a point-in-time view of each drive with this archive (the
+    /// newest of its chain) and store only the clusters that differ,
+    /// starting new checkpoint bitmaps (no bitmaps needed in the parent).
+    #[arg(long, value_name = "PARENT", conflicts_with = "incremental_from")]
+    diff_against: Option<PathBuf>,
+    /// An ancestor of the --diff-against archive (repeatable); by default
+    /// they are looked for beside it, by uuid.
+    #[arg(long = "parent", value_name = "PATH", requires = "diff_against")]
+    parents: Vec<PathBuf>,
+    /// With --diff-against, when QEMU already runs its (one) NBD server:
+    /// that server's unix socket, to export the views there.
+    #[arg(long, value_name = "SOCKET", requires = "diff_against")]
+    qemu_nbd_socket: Option<PathBuf>,
 }
 
 /// `--bitmap-mode` values.
@@ -94,6 +113,10 @@ pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
         writer: args.output_options.writer_options()?,
         socket_dir: None,
         fsfreeze: args.fsfreeze.clone(),
+        fleecing: args.fleecing.clone(),
+        diff_against: args.diff_against.clone(),
+        chain_parents: args.parents.clone(),
+        qemu_nbd_socket: args.qemu_nbd_socket.clone(),
     };
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
@@ -107,6 +130,9 @@ pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
     });
     progress.finish();
     let summary = result.with_context(|| format!("capturing into {}", args.archive.display()))?;
+    for w in &summary.warnings {
+        eprintln!("vma: warning: left behind: {w}");
+    }
     if !quiet {
         for (d, stored) in summary.drives.iter().zip(&summary.clusters_stored) {
             let why = d
@@ -114,6 +140,24 @@ pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
                 .as_deref()
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default();
+            if let Some(parent) = &args.diff_against {
+                let what = if d.backup == "incremental" {
+                    format!(
+                        "compared with {}: {} clusters ({}) differ, {} unchanged",
+                        parent.display(),
+                        stored.clusters,
+                        human_bytes(stored.clusters * 65536),
+                        stored.unchanged
+                    )
+                } else {
+                    format!("stored in full{why}")
+                };
+                eprintln!(
+                    "vma: drive {} (node {}): {what}, checkpoint {}",
+                    d.name, d.node, d.bitmap
+                );
+                continue;
+            }
             eprintln!(
                 "vma: drive {} (node {}): {} backup{why}, {} clusters ({}) copied, {} out of order, checkpoint {}",
                 d.name,
@@ -124,6 +168,9 @@ pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
                 stored.out_of_order,
                 d.bitmap
             );
+        }
+        if let Some(peak) = summary.scratch_peak {
+            eprintln!("vma: scratch images took at most {}", human_bytes(peak));
         }
         eprintln!(
             "vma: wrote {} ({} stored, {} clusters arrived out of order)",

@@ -27,7 +27,7 @@ use clap::{Parser, Subcommand};
 use vma_core::chain::{Chain, ChainDrive};
 use vma_core::convert::{copy_extent, AnyWriter};
 use vma_core::detect::{open_any, StreamCompression};
-use vma_core::diff::diff_image;
+use vma_core::diff::diff_or_copy;
 use vma_core::extract::{check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions};
 use vma_core::format::{check_name, limits};
 use vma_core::merge::{merge_chain, synthetic_meta, MergeOptions};
@@ -855,20 +855,14 @@ fn diff(
         let mut done = 0;
         for (d, (image, base)) in drives.iter().zip(&sources) {
             let mut report = |n| progress.set(done + n);
-            let s = match base {
-                Some(base) => Some(diff_image(
-                    &mut writer,
-                    d.id,
-                    image.as_ref(),
-                    base,
-                    &mut report,
-                )?),
-                None => {
-                    copy_image(&mut writer, d.id, image.as_ref(), &mut report)?;
-                    None
-                }
-            };
-            stats.push(s);
+            let base = base.as_ref().map(|b| b as &dyn DiskImage);
+            stats.push(diff_or_copy(
+                &mut writer,
+                d.id,
+                image.as_ref(),
+                base,
+                &mut report,
+            )?);
             done += d.size;
         }
         writer.finish()?;

@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use crate::error::Result;
 use crate::format::CLUSTER_SIZE;
-use crate::source::{next_data_run, DiskImage, Stretch};
+use crate::source::{copy_image, next_data_run, DiskImage, Stretch};
 use crate::types::{cluster_len, clusters_for, ClusterNo, DriveId};
 use crate::writer::Writer;
 
@@ -98,6 +98,26 @@ pub fn diff_image<W: Write>(
     }
     out.flush()?;
     Ok(out.stats)
+}
+
+/// Store `image` as drive `drive` of `writer`: only the clusters that
+/// differ from `base` when there is one ([`diff_image`]), else all of it,
+/// in order and with its SHA-256 ([`copy_image`]). Returns the
+/// comparison's figures when there was a base.
+pub fn diff_or_copy<W: Write>(
+    writer: &mut Writer<W>,
+    drive: DriveId,
+    image: &dyn DiskImage,
+    base: Option<&dyn DiskImage>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Option<DiffStats>> {
+    match base {
+        Some(base) => diff_image(writer, drive, image, base, progress).map(Some),
+        None => {
+            copy_image(writer, drive, image, progress)?;
+            Ok(None)
+        }
+    }
 }
 
 /// Cluster `k` of a chunk buffer holding cluster `cluster` at index `k`.
