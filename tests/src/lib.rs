@@ -218,3 +218,47 @@ pub fn require(tool: &str) {
         "{tool} is not installed: the tests need it (scripts/setup.sh installs it)"
     );
 }
+
+/// A small tmpfs (`size`, e.g. `8m`) mounted on `dir` for the test's
+/// lifetime: a file system that fills up. Needs root.
+pub struct SmallFs(PathBuf);
+
+impl SmallFs {
+    /// Mount it (the directory is created).
+    pub fn new(dir: &Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(dir).expect("create mount point");
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "vma-test"])
+            .arg(dir)
+            .output()
+            .expect("running mount");
+        assert!(
+            o.status.success(),
+            "mounting a tmpfs needs root: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        SmallFs(dir.to_path_buf())
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Names of the entries in its root, sorted.
+    pub fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .expect("read tmpfs")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}

@@ -16,7 +16,7 @@ use serde_json::json;
 use vma_capture::qmp::Qmp;
 use vma_core::format::{RunKind, CLUSTER_SIZE};
 use vma_core::{DriveId, Reader};
-use vma_tests::{code, noise, require, stderr, vma, vma_bin};
+use vma_tests::{code, noise, require, stderr, vma, vma_bin, SmallFs};
 
 const CS: u64 = CLUSTER_SIZE as u64;
 
@@ -1106,32 +1106,6 @@ fn fsfreeze_freezes_around_the_transaction_and_always_thaws() {
     assert_eq!(d.qmp().execute("query-jobs", json!({})).unwrap(), json!([]));
 }
 
-/// A size-limited tmpfs, unmounted on drop.
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn mount(dir: &Path, size: &str) -> SmallFs {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount tmpfs (the tests run as root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        SmallFs(dir.to_path_buf())
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_disk_fails_the_nbd_writes_and_each_policy_leaves_its_bitmaps() {
     full_disk_fails_the_nbd_writes(|_| Mode::plain());
@@ -1153,10 +1127,10 @@ fn full_disk_fails_the_nbd_writes(how: fn(&Path) -> Mode) {
     );
     let nodes = d.node_names();
     let checkpoint = d.bitmaps("disk0");
-    let small = SmallFs::mount(&dir.path().join("small"), "2m");
+    let small = SmallFs::new(&dir.path().join("small"), "2m");
     for mode in ["on-success", "never", "always"] {
         d.guest_write("disk0", 0, 8 * 1024 * 1024, 0x70);
-        let archive = small.0.join(format!("{mode}.vma"));
+        let archive = small.path().join(format!("{mode}.vma"));
         let out = capture_cmd(
             &d,
             &archive,
@@ -1177,7 +1151,7 @@ fn full_disk_fails_the_nbd_writes(how: fn(&Path) -> Mode) {
         let msg = stderr(&out);
         assert!(msg.contains("No space left on device"), "{mode}: {msg}");
         assert!(
-            std::fs::read_dir(&small.0).unwrap().next().is_none(),
+            std::fs::read_dir(small.path()).unwrap().next().is_none(),
             "{mode}: files left on the full disk"
         );
         how.assert_clean(&d, &nodes);
@@ -1657,8 +1631,8 @@ fn fleecing_a_full_scratch_fails_the_guests_write_not_the_point_in_time() {
     let nodes = d.node_names();
     let before = d.contents("disk0");
     // A scratch directory with room for 1 MiB of old data.
-    let small = SmallFs::mount(&dir.path().join("small"), "1m");
-    let mode = Mode(Some(small.0.clone()));
+    let small = SmallFs::new(&dir.path().join("small"), "1m");
+    let mode = Mode(Some(small.path().to_path_buf()));
     let archive = dir.path().join("a.vma");
     let job = capture_cmd(
         &d,
@@ -1689,4 +1663,127 @@ fn fleecing_a_full_scratch_fails_the_guests_write_not_the_point_in_time() {
     assert!(d.contents("disk0")[8 << 20..12 << 20]
         .iter()
         .all(|&b| b == 0x5f));
+}
+
+/// SIGKILL at random moments of a capture (it cannot clean up) never
+/// leaves a file under the archive's name that is not a complete archive
+/// of the drive as it was; and the next capture, after each kill, works.
+#[test]
+fn a_killed_capture_never_leaves_an_incomplete_archive_and_the_next_one_works() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk0.qcow2");
+    make_qcow2(&img, 16 * 1024 * 1024, 9);
+    let d = Daemon::start(dir.path(), &[("disk0", &img, "qcow2")]);
+    let nodes = d.node_names();
+    let expected = {
+        let full = dir.path().join("reference.vma");
+        run_capture(&d, &full, &["--drive", "disk0"]);
+        restore(&[&full], "disk0")
+    };
+    let archive = dir.path().join("killed.vma");
+    let mut seed = std::process::id() as u64 | 1;
+    let (mut cut_short, mut cleared) = (0, 0);
+    for round in 0..6 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        // Every other round with fleecing: its scratch image is left too.
+        let mode = if round % 2 == 1 {
+            Mode::fleecing(dir.path())
+        } else {
+            Mode::plain()
+        };
+        // 8 MiB/s: the 16 MiB disk takes about two seconds.
+        let delay = Duration::from_millis(100 + seed % 1900);
+        let mut child = capture_cmd(
+            &d,
+            &archive,
+            &mode.args(&["--drive", "disk0", "--speed", "8388608"]),
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        std::thread::sleep(delay);
+        let killed_early = child.try_wait().unwrap().is_none();
+        cut_short += killed_early as usize;
+        let _ = child.kill();
+        let _ = child.wait();
+        if archive.exists() {
+            assert_eq!(
+                restore(&[&archive], "disk0"),
+                expected,
+                "round {round}: killed after {delay:?}, the archive is not the disk"
+            );
+            std::fs::remove_file(&archive).unwrap();
+        }
+        // The next capture cleans up what the killed one left in QEMU.
+        let next = dir.path().join(format!("next-{round}.vma"));
+        let said = run_capture(&d, &next, &["--drive", "disk0"]);
+        cleared += said.contains("removed what an earlier capture") as usize;
+        assert!(
+            mode.scratch_files().is_empty(),
+            "round {round}: {:?}",
+            mode.scratch_files()
+        );
+        assert_eq!(restore(&[&next], "disk0"), expected, "round {round}");
+        std::fs::remove_file(&next).unwrap();
+        assert_eq!(
+            d.node_names(),
+            nodes,
+            "round {round}: block nodes left behind"
+        );
+        d.assert_no_jobs();
+    }
+    assert!(
+        cut_short >= 3,
+        "only {cut_short} of 6 captures were killed before finishing"
+    );
+    // (A capture killed before it added anything leaves nothing to clear.)
+    assert!(
+        cleared >= 1,
+        "no capture had to clear what a killed one left"
+    );
+}
+
+/// A capture through a second monitor of a QEMU where one is running is
+/// refused, and touches nothing of the running one.
+#[test]
+fn a_capture_is_refused_while_another_runs_on_the_same_qemu() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk0.qcow2");
+    make_qcow2(&img, 16 * 1024 * 1024, 4);
+    let d = Daemon::start(dir.path(), &[("disk0", &img, "qcow2")]);
+    let first = dir.path().join("first.vma");
+    let running = capture_cmd(&d, &first, &["--drive", "disk0", "--speed", "4194304"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    d.wait_for_job("vma-backup-0");
+    let second = dir.path().join("second.vma");
+    let out = Command::new(vma_bin())
+        .arg("capture")
+        .arg("--qmp")
+        .arg(dir.path().join("test-qmp.sock"))
+        .arg(&second)
+        .args(["--drive", "disk0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("another vma capture is running"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!second.exists());
+    let out = running.wait_with_output().unwrap();
+    assert_eq!(
+        code(&out),
+        0,
+        "the running capture failed: {}",
+        stderr(&out)
+    );
+    assert!(first.exists());
 }

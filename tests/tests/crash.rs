@@ -246,37 +246,6 @@ fn killed_writers_never_leave_an_incomplete_file_under_the_final_name() {
     );
 }
 
-/// A tmpfs of `size` mounted on `dir` for the test's lifetime.
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn new(dir: &Path, size: &str) -> SmallFs {
-        std::fs::create_dir_all(dir).unwrap();
-        let o = sh(&format!(
-            "mount -t tmpfs -o size={size} vma-test {}",
-            p(dir)
-        ));
-        assert_eq!(code(&o), 0, "mounting a tmpfs needs root: {}", stderr(&o));
-        SmallFs(dir.to_path_buf())
-    }
-
-    fn entries(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = sh(&format!("umount {}", p(&self.0)));
-    }
-}
-
 #[test]
 fn a_full_file_system_is_reported_and_cleaned_up() {
     let t = tempfile::tempdir().unwrap();
@@ -307,7 +276,7 @@ fn a_full_file_system_is_reported_and_cleaned_up() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     // 8 MiB of room for 20 MiB of incompressible data.
     let fs = SmallFs::new(&d.join("small"), "8m");
-    let target = fs.0.join("out.vma");
+    let target = fs.path().join("out.vma");
     let cases: Vec<(&str, Vec<&str>)> = vec![
         (
             "create",
@@ -315,10 +284,10 @@ fn a_full_file_system_is_reported_and_cleaned_up() {
         ),
         ("convert", vec!["convert", p(&full), p(&target)]),
         ("merge", vec!["merge", p(&inc), "-o", p(&target)]),
-        ("extract", vec!["extract", p(&full), p(&fs.0)]),
+        ("extract", vec!["extract", p(&full), p(fs.path())]),
         (
             "extract --format qcow2",
-            vec!["extract", "--format", "qcow2", p(&full), p(&fs.0)],
+            vec!["extract", "--format", "qcow2", p(&full), p(fs.path())],
         ),
     ];
     for (what, args) in cases {

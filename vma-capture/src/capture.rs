@@ -221,6 +221,9 @@ pub struct CaptureSummary {
     pub scratch_peak: Option<u64>,
     /// What could not be cleaned up after the archive was complete.
     pub warnings: Vec<String>,
+    /// What an earlier capture that could not clean up (killed) had left
+    /// in QEMU, removed before this one started.
+    pub cleared: Vec<String>,
 }
 
 /// What arrived for one drive.
@@ -265,6 +268,7 @@ pub fn capture(
         return crate::live_diff::capture_by_diff(options, cancel, progress);
     }
     let qmp = Qmp::connect(&options.qmp)?;
+    let cleared = crate::leftovers::clear(&qmp)?;
     let parent = options.parent.as_deref().map(read_parent).transpose()?;
     let mut meta = ArchiveMeta::new(Vec::new(), options.configs.clone());
     let uuid_hex = hex_uuid(&meta.uuid);
@@ -437,6 +441,7 @@ pub fn capture(
                 clusters_stored: stored,
                 scratch_peak: options.fleecing.as_ref().map(|_| session.scratch_peak),
                 warnings: std::mem::take(&mut session.warnings),
+                cleared,
             })
         }
         Err(e) => {

@@ -14,6 +14,7 @@ pub mod capture;
 pub mod fleece;
 #[doc(hidden)]
 pub mod fuzzing;
+mod leftovers;
 pub mod live_diff;
 pub mod nbd;
 pub mod nbd_client;

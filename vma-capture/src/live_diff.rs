@@ -61,6 +61,7 @@ pub(crate) fn capture_by_diff(
         digest: footer.archive_digest,
     };
     let qmp = Qmp::connect(&options.qmp)?;
+    let cleared = crate::leftovers::clear(&qmp)?;
     let mut meta = ArchiveMeta::new(Vec::new(), options.configs.clone());
     let uuid_hex = hex_uuid(&meta.uuid);
     let mut drives = find_drives(&qmp, &options.drives)?;
@@ -134,6 +135,7 @@ pub(crate) fn capture_by_diff(
             clusters_stored: stats,
             scratch_peak: Some(peak),
             warnings,
+            cleared,
         }),
         Err(e) => {
             // No archive holds the new checkpoints.

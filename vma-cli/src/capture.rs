@@ -130,6 +130,12 @@ pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
     });
     progress.finish();
     let summary = result.with_context(|| format!("capturing into {}", args.archive.display()))?;
+    if !summary.cleared.is_empty() && !quiet {
+        eprintln!(
+            "vma: removed what an earlier capture that could not clean up left in QEMU: {}",
+            summary.cleared.join(", ")
+        );
+    }
     for w in &summary.warnings {
         eprintln!("vma: warning: left behind: {w}");
     }
