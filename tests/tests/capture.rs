@@ -1104,6 +1104,46 @@ fn fsfreeze_freezes_around_the_transaction_and_always_thaws() {
     );
     assert!(!archive.exists());
     assert_eq!(d.qmp().execute("query-jobs", json!({})).unwrap(), json!([]));
+
+    // Nothing started, so nothing was copied: with `always` too the base
+    // bitmap stays, and the next capture is still incremental.
+    let base = d.bitmaps("disk0");
+    assert_eq!(base.len(), 1, "{base:?}");
+    std::fs::remove_file(&agent).unwrap();
+    let seen = fake_agent(&agent, true);
+    let out = capture_cmd(
+        &d,
+        &archive,
+        &[
+            "--drive",
+            "disk0",
+            "--bitmap-mode",
+            "always",
+            "--incremental-from",
+            dir.path().join("a.vma").to_str().unwrap(),
+            "--fsfreeze",
+            agent.to_str().unwrap(),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_ne!(code(&out), 0);
+    seen.join().unwrap();
+    assert_eq!(d.bitmaps("disk0"), base, "{}", stderr(&out));
+    let said = run_capture(
+        &d,
+        &archive,
+        &[
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            dir.path().join("a.vma").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !said.contains("full"),
+        "the retry was not incremental: {said}"
+    );
 }
 
 #[test]

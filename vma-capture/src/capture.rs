@@ -376,10 +376,12 @@ pub fn capture(
         && failure.lock().expect("failure lock").is_none()
         && session.abort_for_retry().is_ok();
     if ran.is_err() && !keep_partial {
+        // Jobs that never started (a refused transaction) cleared nothing.
+        let jobs_ran = !session.jobs.is_empty();
         // Stop QEMU first (cancel the jobs, drop the NBD nodes), so nothing
         // is writing when the server goes.
         session.abort();
-        if options.bitmap_mode == BitmapMode::Always && options.fleecing.is_none() {
+        if options.bitmap_mode == BitmapMode::Always && options.fleecing.is_none() && jobs_ran {
             // QEMU cleared what was copied from the base bitmaps, but no
             // archive keeps it: the bitmaps no longer describe the change
             // since the parent. Drop them, so the next capture of these
