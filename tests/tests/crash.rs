@@ -158,50 +158,35 @@ fn killed_writers_never_leave_an_incomplete_file_under_the_final_name() {
     let out = d.join("out.vma");
     let reset = || remove_outputs(d, "out");
     let check = |ctx: &str| archive_absent_or_complete(&out, ctx);
-    cut_short += kill_loop(
-        "create",
-        &["create", "--quiet", p(&out), p(&disk)],
-        &mut dice,
-        &reset,
-        &check,
-    );
-    cut_short += kill_loop(
-        "create --format vma1",
-        &["create", "--quiet", "--format", "vma1", p(&out), p(&disk)],
-        &mut dice,
-        &reset,
-        &check,
-    );
-    cut_short += kill_loop(
-        "convert",
-        &["convert", "--quiet", "--format", "vma1", p(&full), p(&out)],
-        &mut dice,
-        &reset,
-        &check,
-    );
-    cut_short += kill_loop(
-        "merge",
-        &["merge", "--quiet", p(&inc), "-o", p(&out)],
-        &mut dice,
-        &reset,
-        &check,
-    );
-    // diff writes an incremental archive: verify finds its parent beside it.
-    cut_short += kill_loop(
-        "diff",
-        &[
+    let (full_s, inc_s, out_s) = (p(&full), p(&inc), p(&out));
+    let writers: [(&str, Vec<&str>); 5] = [
+        ("create", vec!["create", "--quiet", out_s, p(&disk)]),
+        (
+            "create --format vma1",
+            vec!["create", "--quiet", "--format", "vma1", out_s, p(&disk)],
+        ),
+        (
+            "convert",
+            vec!["convert", "--quiet", "--format", "vma1", full_s, out_s],
+        ),
+        ("merge", vec!["merge", "--quiet", inc_s, "-o", out_s]),
+        // diff writes an incremental archive: verify finds its parent beside it.
+        (
             "diff",
-            "--quiet",
-            "--against",
-            p(&full),
-            p(&newer),
-            "-o",
-            p(&out),
-        ],
-        &mut dice,
-        &reset,
-        &check,
-    );
+            vec![
+                "diff",
+                "--quiet",
+                "--against",
+                full_s,
+                p(&newer),
+                "-o",
+                out_s,
+            ],
+        ),
+    ];
+    for (what, args) in &writers {
+        cut_short += kill_loop(what, args, &mut dice, &reset, &check);
+    }
 
     let src = std::fs::read(&disk).unwrap();
     let dir = d.join("out-dir");

@@ -250,6 +250,17 @@ pub(crate) struct Drive {
     pub(crate) persistent: bool,
 }
 
+impl Drive {
+    /// The drive as the archive header lists it.
+    pub(crate) fn info(&self) -> DriveInfo {
+        DriveInfo {
+            id: self.id,
+            name: self.name.clone(),
+            size: self.size,
+        }
+    }
+}
+
 /// Capture the drives of the QEMU at `options.qmp` into `options.archive`.
 /// `cancel` is polled: once set, the jobs are cancelled and nothing is
 /// kept. `progress` is called a few times a second.
@@ -281,14 +292,7 @@ pub fn capture(
     }
     let any_incremental = drives.iter().any(|d| d.base_bitmap.is_some());
     meta.parent = parent.as_ref().filter(|_| any_incremental).map(|(p, _)| *p);
-    meta.drives = drives
-        .iter()
-        .map(|d| DriveInfo {
-            id: d.id,
-            name: d.name.clone(),
-            size: d.size,
-        })
-        .collect();
+    meta.drives = drives.iter().map(Drive::info).collect();
     let record = CaptureRecord {
         drives: drives.iter().map(checkpoint_of).collect(),
     };

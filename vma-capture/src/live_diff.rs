@@ -24,7 +24,7 @@ use vma_core::format::ParentRef;
 use vma_core::source::{DiskImage, Stretch};
 use vma_core::types::clusters_for;
 use vma_core::writer::WriteSummary;
-use vma_core::{ArchiveMeta, DriveInfo, Writer};
+use vma_core::{ArchiveMeta, Writer};
 
 use crate::capture::{
     add_record, checkpoint_bitmap, checkpoint_of, find_drives, hex_uuid, with_frozen_guest,
@@ -82,14 +82,7 @@ pub(crate) fn capture_by_diff(
         bases.push(base);
     }
     meta.parent = bases.iter().any(Option::is_some).then_some(parent);
-    meta.drives = drives
-        .iter()
-        .map(|d| DriveInfo {
-            id: d.id,
-            name: d.name.clone(),
-            size: d.size,
-        })
-        .collect();
+    meta.drives = drives.iter().map(Drive::info).collect();
     let record = CaptureRecord {
         drives: drives
             .iter()

@@ -1,4 +1,4 @@
-//! Replays the fuzz corpora of the archive and qcow2 targets (every file of
+//! Replays the fuzz corpora of every target (every file of
 //! `fuzz/corpus/<target>/` and `fuzz/regressions/<target>/`) through the
 //! targets' bodies, on the stable toolchain without libFuzzer: no input may
 //! panic or take longer than `PER_INPUT_LIMIT`.
@@ -90,5 +90,21 @@ fn qcow2_corpus() {
     replay("qcow2", |data| {
         let o = vma_core::fuzzing::qcow2(data);
         o.opened && o.data_bytes_read > 0
+    });
+}
+
+#[test]
+fn nbd_corpus() {
+    replay("nbd", |data| {
+        let o = vma_capture::fuzzing::nbd(data);
+        o.reply_bytes > 0 && (o.written > 0 || data.len() < 200)
+    });
+}
+
+#[test]
+fn qmp_corpus() {
+    replay("qmp", |data| {
+        let o = vma_capture::fuzzing::qmp(data);
+        o.connected
     });
 }
