@@ -206,6 +206,21 @@ pub fn serving_processes(mountpoint: &Path) -> Vec<u32> {
     out
 }
 
+/// `vma diff --against PARENT IMAGE -o OUT`: an incremental archive of
+/// IMAGE (drive named after its file stem) against PARENT; must succeed.
+pub fn diff_archive(parent: &Path, image: &Path, out: &Path) {
+    let o = vma(&[
+        "diff",
+        "--quiet",
+        "--against",
+        p(parent),
+        p(image),
+        "-o",
+        p(out),
+    ]);
+    assert_eq!(code(&o), 0, "vma diff: {}", stderr(&o));
+}
+
 /// Fail (never skip) when a peer tool the test needs is missing.
 pub fn require(tool: &str) {
     let found = std::process::Command::new("sh")

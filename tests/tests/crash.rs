@@ -144,16 +144,7 @@ fn killed_writers_never_leave_an_incomplete_file_under_the_final_name() {
     let full = d.join("full.vma");
     assert_eq!(code(&vma(&["create", "--quiet", p(&full), p(&disk)])), 0);
     let inc = d.join("inc.vma");
-    let o = vma(&[
-        "diff",
-        "--quiet",
-        "--against",
-        p(&full),
-        p(&newer),
-        "-o",
-        p(&inc),
-    ]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    diff_archive(&full, &newer, &inc);
 
     let out = d.join("out.vma");
     let reset = || remove_outputs(d, "out");
@@ -249,16 +240,7 @@ fn a_full_file_system_is_reported_and_cleaned_up() {
         0
     );
     let inc = d.join("inc.vma");
-    let o = vma(&[
-        "diff",
-        "--quiet",
-        "--against",
-        p(&full),
-        p(&newer),
-        "-o",
-        p(&inc),
-    ]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    diff_archive(&full, &newer, &inc);
     // 8 MiB of room for 20 MiB of incompressible data.
     let fs = SmallFs::new(&d.join("small"), "8m");
     let target = fs.path().join("out.vma");

@@ -290,16 +290,7 @@ fn damage_in_an_ancestor_is_salvaged_through_the_chain() {
     disk[..1 << 20].copy_from_slice(&noise(99, 1 << 20));
     std::fs::write(&newer, &disk).unwrap();
     let inc = d.join("inc.vma");
-    let o = vma(&[
-        "diff",
-        "--quiet",
-        "--against",
-        p(&full),
-        p(&newer),
-        "-o",
-        p(&inc),
-    ]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    diff_archive(&full, &newer, &inc);
     // Damage the full where the incremental says "unchanged".
     flip(
         &full,
