@@ -186,8 +186,8 @@ impl Chain {
         self.status_link(0, name, offset)
     }
 
-    /// Drive `name` of link `link`.
-    fn drive_named(&self, link: usize, name: &str) -> Result<&crate::format::DriveInfo> {
+    /// Drive `name` of link `link` (an error saying so if it lacks it).
+    pub(crate) fn drive_named(&self, link: usize, name: &str) -> Result<&crate::format::DriveInfo> {
         let reader = &self.links[link];
         reader
             .header()

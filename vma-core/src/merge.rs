@@ -414,17 +414,7 @@ fn resolve(
     out: &mut Vec<RawPiece>,
 ) -> Result<()> {
     let reader = &chain.links()[link];
-    let d = reader
-        .header()
-        .drives
-        .iter()
-        .find(|d| d.name == name)
-        .ok_or_else(|| {
-            Error::Invalid(format!(
-                "{} has no drive {name} although a later archive marks it unchanged",
-                reader.path().display()
-            ))
-        })?;
+    let d = chain.drive_named(link, name)?;
     let runs = reader.runs(d.id);
     let mut i = runs.partition_point(|r| r.start + r.count as u64 <= range.start);
     let mut pos = range.start;
