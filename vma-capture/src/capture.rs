@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use vma_core::chain::Chain;
 use vma_core::extract::AtomicFile;
 use vma_core::format::ParentRef;
 use vma_core::types::clusters_for;
@@ -281,6 +282,13 @@ pub fn capture(
     let qmp = Qmp::connect(&options.qmp)?;
     let cleared = crate::leftovers::clear(&qmp)?;
     let parent = options.parent.as_deref().map(read_parent).transpose()?;
+    // The parent's chain gives the leaves of what stays unchanged: every
+    // drive of the archive gets the drive digest of its point in time.
+    let parent_chain = options
+        .parent
+        .as_deref()
+        .map(|p| Chain::open(p, &options.chain_parents).map(Arc::new))
+        .transpose()?;
     let mut meta = ArchiveMeta::new(Vec::new(), options.configs.clone());
     let uuid_hex = hex_uuid(&meta.uuid);
     let mut drives = find_drives(&qmp, &options.drives)?;
@@ -299,7 +307,11 @@ pub fn capture(
     add_record(&mut meta, &record)?;
 
     let out = AtomicFile::create(&options.archive)?;
-    let writer = Writer::new(out, meta, &options.writer)?;
+    let has_parent = meta.parent.is_some();
+    let mut writer = Writer::new(out, meta, &options.writer)?;
+    if let (true, Some(chain)) = (has_parent, &parent_chain) {
+        writer.set_leaf_source(chain.leaf_source());
+    }
     let (tx, rx) = crossbeam_channel::bounded::<Piece>(QUEUE_PIECES);
     let failure: Arc<Mutex<Option<String>>> = Arc::default();
     let writer_thread = {
@@ -1056,15 +1068,11 @@ pub(crate) fn checkpoint_of(d: &Drive) -> DriveCheckpoint {
     }
 }
 
-/// The parent's reference (uuid + archive digest) and capture record.
+/// The parent's reference (uuid, archive digest and state digest: only a
+/// 3.0 archive can be a parent) and capture record.
 fn read_parent(path: &Path) -> Result<(ParentRef, CaptureRecord)> {
     let reader = Reader::open(path)?;
-    let footer = reader.footer().ok_or_else(|| {
-        CaptureError::Invalid(format!(
-            "{}: a VMA v1 archive cannot be the parent of an incremental capture",
-            path.display()
-        ))
-    })?;
+    let identity = reader.identity()?;
     let header = reader.header();
     let blob = header
         .configs
@@ -1082,13 +1090,7 @@ fn read_parent(path: &Path) -> Result<(ParentRef, CaptureRecord)> {
             path.display()
         ))
     })?;
-    Ok((
-        ParentRef {
-            uuid: header.uuid,
-            digest: footer.archive_digest,
-        },
-        record,
-    ))
+    Ok((identity, record))
 }
 
 /// Decide whether drive `d` can be backed up incrementally from `parent`:

@@ -20,7 +20,6 @@ use serde_json::json;
 use vma_core::chain::{Chain, ChainDrive};
 use vma_core::diff::diff_or_copy;
 use vma_core::extract::AtomicFile;
-use vma_core::format::ParentRef;
 use vma_core::source::{DiskImage, Stretch};
 use vma_core::types::clusters_for;
 use vma_core::writer::WriteSummary;
@@ -50,16 +49,7 @@ pub(crate) fn capture_by_diff(
     }
     let chain = Arc::new(Chain::open(against, &options.chain_parents)?);
     chain.refuse_interrupted(|_| true)?;
-    let footer = chain.newest().footer().ok_or_else(|| {
-        CaptureError::Invalid(format!(
-            "{}: a VMA v1 archive cannot be a parent",
-            against.display()
-        ))
-    })?;
-    let parent = ParentRef {
-        uuid: chain.header().uuid,
-        digest: footer.archive_digest,
-    };
+    let parent = chain.newest().identity()?;
     let qmp = Qmp::connect(&options.qmp)?;
     let cleared = crate::leftovers::clear(&qmp)?;
     let mut meta = ArchiveMeta::new(Vec::new(), options.configs.clone());
@@ -113,6 +103,7 @@ pub(crate) fn capture_by_diff(
         options,
         drives: &drives,
         fleece: &mut fleece,
+        chain: &chain,
         new_bitmaps: Vec::new(),
         scratch_peak: 0,
         cancel,
@@ -150,6 +141,9 @@ struct Run<'a, 'q> {
     options: &'a CaptureOptions,
     drives: &'a [Drive],
     fleece: &'a mut Fleece<'q>,
+    /// The chain compared against (its leaves give the drive digests of
+    /// the clusters that stay unchanged).
+    chain: &'a Arc<Chain>,
     /// Checkpoints added by the transaction, removed on failure.
     new_bitmaps: Vec<(String, String)>,
     scratch_peak: u64,
@@ -195,6 +189,9 @@ impl Run<'_, '_> {
 
         let out = AtomicFile::create(&self.options.archive)?;
         let mut writer = Writer::new(out, meta, &self.options.writer)?;
+        if writer.header().parent.is_some() {
+            writer.set_leaf_source(self.chain.leaf_source());
+        }
         let total: u64 = self.drives.iter().map(|d| d.size).sum();
         let throttle = Throttle::new(self.options.speed);
         let mut done = 0;

@@ -92,14 +92,34 @@ enum Command {
         /// Decoder threads (default: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
-        /// Skip the whole-drive SHA-256 (one sequential hash of every logical
-        /// byte, zeros included); every extent digest is still checked.
+        /// 2.0 archives: skip the whole-drive SHA-256 (one sequential hash
+        /// of every logical byte, zeros included). 3.0 drive digests are
+        /// always checked (one hash per data cluster, on every core).
         #[arg(long)]
         no_drive_digest: bool,
         /// An ancestor of an incremental archive (repeatable); by default
         /// they are looked for beside the archive, by uuid.
         #[arg(long = "parent", value_name = "PATH")]
         parents: Vec<PathBuf>,
+    },
+    /// Print the drive digest of disk images (raw, qcow2) or of every
+    /// drive of archives: the vma tree digest an archive records, so a
+    /// restored disk can be compared with its archive.
+    Checksum {
+        /// Disk images and archives.
+        #[arg(required = true, value_name = "IMAGE|ARCHIVE")]
+        paths: Vec<PathBuf>,
+        /// Print the plain SHA-256 of the content instead (what `sha256sum`
+        /// of a raw image gives; one sequential hash, zeros included).
+        #[arg(long)]
+        sha256: bool,
+        /// An ancestor of an incremental archive (repeatable); by default
+        /// they are looked for beside the archive, by uuid.
+        #[arg(long = "parent", value_name = "PATH")]
+        parents: Vec<PathBuf>,
+        /// Hashing threads (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
     /// Extract drives (sparse raw or qcow2) and config blobs into a directory.
     Extract {
@@ -130,9 +150,9 @@ enum Command {
         /// they are looked for beside the archive, by uuid.
         #[arg(long = "parent", value_name = "PATH")]
         parents: Vec<PathBuf>,
-        /// Also check each extracted drive's whole-content SHA-256 and keep
-        /// no file on a mismatch. Every extent's SHA-256 is always checked;
-        /// this adds one sequential hash per drive (zeros included).
+        /// 2.0 archives: also check each extracted drive's plain SHA-256
+        /// (one sequential hash per drive, zeros included). 3.0 drive
+        /// digests are always checked, over every byte written.
         #[arg(long)]
         drive_digest: bool,
         /// Print what was written, and what was lost, as JSON on stdout.
@@ -160,10 +180,6 @@ enum Command {
         /// the archive, by uuid.
         #[arg(long = "parent", value_name = "PATH")]
         parents: Vec<PathBuf>,
-        /// Record no whole-drive SHA-256: extents copied as stored are then
-        /// not decoded at all (every extent digest is still checked).
-        #[arg(long)]
-        no_drive_digest: bool,
         #[command(flatten)]
         output_options: OutputArgs,
     },
@@ -218,8 +234,12 @@ enum Command {
         /// Output archive, or `-` for standard output.
         output: String,
         /// Output format.
-        #[arg(long, value_enum, default_value = "v2")]
+        #[arg(long, value_enum, default_value = "native")]
         format: OutputFormat,
+        /// An ancestor of an incremental input (repeatable); by default
+        /// they are looked for beside it, by uuid.
+        #[arg(long = "parent", value_name = "PATH")]
+        parents: Vec<PathBuf>,
         #[command(flatten)]
         output_options: OutputArgs,
     },
@@ -263,16 +283,17 @@ struct CreateArgs {
     configs: Vec<String>,
     #[command(flatten)]
     output_options: OutputArgs,
-    /// Archive format: the native v2, or Proxmox VMA v1 for `qmrestore`.
-    #[arg(long, value_enum, default_value = "v2")]
+    /// Archive format: the native one (3.0), or Proxmox VMA v1 for `qmrestore`.
+    #[arg(long, value_enum, default_value = "native")]
     format: OutputFormat,
 }
 
 /// Archive formats `create` and `convert` can write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum OutputFormat {
-    /// The native format (version 2).
-    V2,
+    /// The native format (version 3.0); `v2` is accepted as a name for it.
+    #[value(alias = "v2", alias = "v3")]
+    Native,
     /// Proxmox VMA version 1, as `vzdump` writes it.
     Vma1,
 }
@@ -356,6 +377,12 @@ fn run(cli: Cli) -> Result<()> {
             no_drive_digest,
             parents,
         } => output::verify(&archive, json, threads, !no_drive_digest, &parents, quiet),
+        Command::Checksum {
+            paths,
+            sha256,
+            parents,
+            threads,
+        } => checksum(&paths, sha256, &parents, threads, quiet),
         Command::Extract {
             archive,
             target_dir,
@@ -395,8 +422,9 @@ fn run(cli: Cli) -> Result<()> {
             input,
             output,
             format,
+            parents,
             output_options,
-        } => convert(&input, &output, format, &output_options, quiet),
+        } => convert(&input, &output, format, &parents, &output_options, quiet),
         Command::Diff {
             against,
             images,
@@ -431,16 +459,8 @@ fn run(cli: Cli) -> Result<()> {
             archive,
             output,
             parents,
-            no_drive_digest,
             output_options,
-        } => merge(
-            &archive,
-            &output,
-            &parents,
-            !no_drive_digest,
-            &output_options,
-            quiet,
-        ),
+        } => merge(&archive, &output, &parents, &output_options, quiet),
     }
 }
 
@@ -578,7 +598,6 @@ fn merge(
     archive: &Path,
     output: &str,
     parents: &[PathBuf],
-    drive_digests: bool,
     output_options: &OutputArgs,
     quiet: bool,
 ) -> Result<()> {
@@ -586,9 +605,7 @@ fn merge(
         Chain::open(archive, parents).with_context(|| format!("opening {}", archive.display()))?,
     );
     let (summary, stored) =
-        write_synthetic_full(&chain, output, output_options, drive_digests, quiet, |_| {
-            Ok(())
-        })?;
+        write_synthetic_full(&chain, output, output_options, quiet, |_| Ok(()))?;
     if !quiet {
         eprintln!(
             "vma: wrote {output} from {} archive(s) ({} stored): {}",
@@ -615,7 +632,6 @@ fn write_synthetic_full(
     chain: &Arc<Chain>,
     output: &str,
     output_options: &OutputArgs,
-    drive_digests: bool,
     quiet: bool,
     check: impl FnOnce(&File) -> Result<()>,
 ) -> Result<(vma_core::merge::MergeSummary, u64)> {
@@ -624,7 +640,6 @@ fn write_synthetic_full(
     let options = output_options.writer_options()?;
     let merge_options = MergeOptions {
         threads: output_options.threads,
-        drive_digests,
     };
     let total: u64 = meta.drives.iter().map(|d| d.size).sum();
     let progress = Progress::bytes(total, "merge", quiet);
@@ -735,7 +750,7 @@ fn prune(
             .to_str()
             .ok_or_else(|| anyhow!("{} is not valid UTF-8", k.display()))?;
         let (summary, stored) =
-            write_synthetic_full(&chain, dest, output_options, true, quiet, |file| {
+            write_synthetic_full(&chain, dest, output_options, quiet, |file| {
                 check_written(file, threads)
                     .with_context(|| format!("checking the synthetic full for {dest}"))
             })?;
@@ -805,14 +820,7 @@ fn diff(
         Chain::open(against, parents).with_context(|| format!("opening {}", against.display()))?,
     );
     chain.refuse_interrupted(|_| true)?;
-    let footer = chain
-        .newest()
-        .footer()
-        .ok_or_else(|| anyhow!("{}: a VMA v1 archive cannot be a parent", against.display()))?;
-    let parent = vma_core::format::ParentRef {
-        uuid: chain.header().uuid,
-        digest: footer.archive_digest,
-    };
+    let parent = chain.newest().identity()?;
     if image_args.len() > limits::MAX_DRIVES {
         bail!(
             "{} images given; an archive holds at most {} drives",
@@ -852,6 +860,7 @@ fn diff(
     let mut stats = Vec::new();
     let written = write_archive(output, output_options.force, |out| {
         let mut writer = Writer::new(out, meta, &options)?;
+        writer.set_leaf_source(chain.leaf_source());
         let mut done = 0;
         for (d, (image, base)) in drives.iter().zip(&sources) {
             let mut report = |n| progress.set(done + n);
@@ -997,6 +1006,7 @@ fn convert(
     input: &str,
     output: &str,
     format: OutputFormat,
+    parents: &[PathBuf],
     output_options: &OutputArgs,
     quiet: bool,
 ) -> Result<()> {
@@ -1004,6 +1014,20 @@ fn convert(
     let (threads, force) = (output_options.threads, output_options.force);
     let (stream, path, stream_compression) = open_stream(input)?;
     let header = stream.header().clone();
+    let source_format = stream.format();
+    let vma1 = format == OutputFormat::Vma1;
+    if header.parent.is_some() && source_format == ArchiveFormat::V2 && !vma1 {
+        bail!(
+            "{input} is an incremental archive of version 2.0: its parent cannot prove its content to a 3.0 archive; merge it into a full first (`vma merge {input} -o FULL`, which writes a 3.0 full)"
+        );
+    }
+    // A 3.0 incremental archive converts to one with the same parent, whose
+    // leaves give the drive digests of the unchanged clusters.
+    let ancestors = if header.parent.is_some() && !vma1 {
+        Chain::open_parent(&header, path.as_deref(), parents)?.map(Arc::new)
+    } else {
+        None
+    };
     let meta = ArchiveMeta {
         uuid: header.uuid,
         ctime: header.ctime,
@@ -1011,7 +1035,15 @@ fn convert(
         drives: header.drives.clone(),
         configs: header.configs.clone(),
         parent: header.parent,
-        stands_for: header.stands_for.clone(),
+        // 2.0 references have no state digest: zeros say so (see `vma merge`).
+        stands_for: header
+            .stands_for
+            .iter()
+            .map(|s| vma_core::format::ParentRef {
+                state: Some(s.state.unwrap_or([0; 32])),
+                ..*s
+            })
+            .collect(),
     };
     let total = match (&path, stream_compression) {
         (Some(p), StreamCompression::None) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
@@ -1021,14 +1053,25 @@ fn convert(
     let pass_options = PassOptions {
         threads,
         keep_going: false,
-        hash_drives: HashDrives::None,
+        // 2.0 records a plain SHA-256 per drive: checked on the way (in order).
+        hash_drives: if source_format == ArchiveFormat::V2 {
+            HashDrives::All
+        } else {
+            HashDrives::None
+        },
+        ..Default::default()
     };
     let (_, bytes) = write_archive(output, force, |out| {
-        let mut writer = AnyWriter::new(out, meta, format == OutputFormat::Vma1, &options)?;
-        // Extents already encoded as asked are copied as they are stored.
+        let mut writer = AnyWriter::new(out, meta, vma1, &options)?;
+        if let (AnyWriter::Native(w), Some(chain)) = (&mut writer, &ancestors) {
+            w.set_leaf_source(chain.leaf_source());
+        }
+        // 3.0 extents already encoded as asked are copied as they are
+        // stored (the writer decodes them once for their leaves).
+        let mut source = ancestors.as_ref().map(|c| c.leaf_source());
         let report = match &mut writer {
-            AnyWriter::V2(w)
-                if stream.format() == ArchiveFormat::V2
+            AnyWriter::Native(w)
+                if source_format == ArchiveFormat::V3
                     && w.header().compression == header.compression =>
             {
                 stream.pass_stored(&pass_options, |ext| {
@@ -1036,15 +1079,25 @@ fn convert(
                     w.append_stored(ext)
                 })?
             }
-            _ => stream.pass(&pass_options, |ext| {
-                progress.set(ext.offset + ext.stored_len);
-                copy_extent(ext, &header.drives, &mut writer)
-            })?,
+            _ => stream.pass_with(
+                &pass_options,
+                source
+                    .as_mut()
+                    .map(|s| &mut **s as &mut dyn vma_core::index::LeafSource),
+                |ext| {
+                    progress.set(ext.offset + ext.stored_len);
+                    copy_extent(ext, &header.drives, &mut writer)
+                },
+            )?,
         };
-        // Whole-drive digests hold for the same bytes in the new archive.
-        for record in report.index.iter().flat_map(|i| &i.drives) {
-            if let Some(digest) = record.digest {
-                writer.set_drive_digest(record.drive, digest)?;
+        if let AnyWriter::Native(w) = &mut writer {
+            for r in report.records.iter().flatten() {
+                if r.interrupted {
+                    w.mark_interrupted(r.drive)?;
+                } else if let (ArchiveFormat::V3, Some(digest)) = (source_format, r.digest) {
+                    // End to end: the new archive holds what the old one recorded.
+                    w.expect_drive_digest(r.drive, digest)?;
+                }
             }
         }
         writer.finish()?;
@@ -1055,11 +1108,67 @@ fn convert(
         eprintln!(
             "vma: wrote {output} ({}, {})",
             match format {
-                OutputFormat::V2 => "vma v2",
+                OutputFormat::Native => "vma 3.0",
                 OutputFormat::Vma1 => "Proxmox VMA v1",
             },
             human_bytes(bytes)
         );
+    }
+    Ok(())
+}
+
+/// `vma checksum`: the drive digest (or plain SHA-256) of images and of
+/// every drive of archives.
+fn checksum(
+    paths: &[PathBuf],
+    sha256: bool,
+    parents: &[PathBuf],
+    threads: usize,
+    quiet: bool,
+) -> Result<()> {
+    for path in paths {
+        let mut magic = [0u8; vma_core::detect::DETECT_LEN];
+        let n = File::open(path)
+            .and_then(|mut f| f.read(&mut magic))
+            .with_context(|| format!("reading {}", path.display()))?;
+        let archive = matches!(
+            vma_core::detect::detect(&magic[..n]),
+            Some(
+                vma_core::detect::DetectedFormat::Native
+                    | vma_core::detect::DetectedFormat::VmaV1
+                    | vma_core::detect::DetectedFormat::Zstd
+                    | vma_core::detect::DetectedFormat::Gzip
+                    | vma_core::detect::DetectedFormat::Lzo
+            )
+        );
+        let mut items: Vec<(String, Box<dyn DiskImage>)> = Vec::new();
+        if archive {
+            let chain = Arc::new(
+                Chain::open(path, parents)
+                    .with_context(|| format!("opening {}", path.display()))?,
+            );
+            chain.refuse_interrupted(|_| true)?;
+            for d in &chain.header().drives {
+                items.push((
+                    format!("{}:{}", path.display(), d.name),
+                    Box::new(ChainDrive::new(chain.clone(), d.id)?),
+                ));
+            }
+        } else {
+            items.push((path.display().to_string(), open_image(path)?));
+        }
+        for (name, image) in items {
+            let what = if sha256 { "sha256" } else { "checksum" };
+            let progress = Progress::bytes(image.size(), what, quiet);
+            let digest = if sha256 {
+                vma_core::checksum::sha256(image.as_ref(), &mut |n| progress.set(n))
+            } else {
+                vma_core::checksum::tree_digest(image.as_ref(), threads, &mut |n| progress.set(n))
+            }
+            .with_context(|| format!("hashing {name}"))?;
+            progress.finish();
+            outln!("{}  {name}", hex::encode(digest));
+        }
     }
     Ok(())
 }
@@ -1129,7 +1238,13 @@ fn extract_cmd(
     })?;
     progress.finish();
     let report = &summary.report;
-    let damage = output::damage_json(&report.problems, &report.damaged, &report.missing, None);
+    let damage = output::damage_json(
+        &report.problems,
+        &report.damaged,
+        &report.missing,
+        &report.conflicting,
+        None,
+    );
     if json {
         let mut doc = damage.clone();
         doc["files"] = summary
@@ -1156,7 +1271,7 @@ fn extract_cmd(
     Err(Damage(format!(
         "salvaged what was intact; {} in {} range(s) could not be recovered",
         human_bytes(damage["lost_bytes"].as_u64().unwrap_or(0)),
-        report.missing.len() + report.damaged.len()
+        report.missing.len() + report.damaged.len() + report.conflicting.len()
     ))
     .into())
 }

@@ -218,8 +218,15 @@ fn prepare(args: &MountArgs) -> Result<(ArchiveFs, Option<Value>)> {
     chain.refuse_interrupted(|_| true)?;
     chain.newest().set_cache_bytes(args.cache_size.max(1) << 20);
     let mut extra = vec![("archive.json".to_string(), json)];
-    let report = salvage
-        .map(|s| crate::output::damage_json(&s.problems, &s.damaged, &s.missing, Some(&s.lost)));
+    let report = salvage.map(|s| {
+        crate::output::damage_json(
+            &s.problems,
+            &s.damaged,
+            &s.missing,
+            &s.conflicting,
+            Some(&s.lost),
+        )
+    });
     if let Some(report) = &report {
         let mut doc = serde_json::to_vec_pretty(report)?;
         doc.push(b'\n');

@@ -10,7 +10,6 @@ use serde_json::{json, Value};
 use vma_core::format::{Codec, Header};
 use vma_core::stream::{human_bytes, DriveDigestCheck};
 use vma_core::types::DriveRange;
-use vma_core::verify::verify as verify_archive;
 use vma_core::Error;
 
 use crate::{open_for_listing, open_stream, progress_wanted, Damage, Opened};
@@ -59,6 +58,23 @@ impl Progress {
             b.finish_and_clear();
         }
     }
+
+    /// A progress callback for library passes: the step's name becomes the
+    /// bar's message; a non-zero total replaces the bar's length.
+    pub(crate) fn callback(&self) -> Option<vma_core::stream::ProgressFn> {
+        let bar = self.0.clone()?;
+        Some(std::sync::Arc::new(
+            move |what: &str, done: u64, total: u64| {
+                if bar.message() != what {
+                    bar.set_message(what.to_string());
+                }
+                if total > 0 && bar.length() != Some(total) {
+                    bar.set_length(total);
+                }
+                bar.set_position(done);
+            },
+        ))
+    }
 }
 
 use vma_core::types::uuid_text as uuid_str;
@@ -95,7 +111,10 @@ fn compression_str(h: &Header) -> String {
 /// `format` and `version` values of the JSON documents.
 fn format_names(format: ArchiveFormat, header: &Header) -> (&'static str, String) {
     match format {
-        ArchiveFormat::V2 => ("vma", format!("2.{}", header.version_minor)),
+        ArchiveFormat::V3 | ArchiveFormat::V2 => (
+            "vma",
+            format!("{}.{}", header.version_major, header.version_minor),
+        ),
         ArchiveFormat::VmaV1 => ("proxmox-vma", "1".to_string()),
     }
 }
@@ -109,14 +128,17 @@ pub(crate) fn list_json(opened: &Opened) -> Value {
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            let rec = reader.map(|r| r.index().drives[i]);
+            let rec = reader.and_then(|r| r.drive_records().get(i).copied());
+            let v3 = opened.format == ArchiveFormat::V3;
             json!({
                 "id": d.id.0,
                 "name": d.name,
                 "size": d.size,
                 "stored_bytes": rec.map(|r| r.stored_bytes),
                 "data_clusters": rec.map(|r| r.data_clusters),
-                "sha256": rec.and_then(|r| r.digest).map(hex::encode),
+                "digest": rec.and_then(|r| r.digest).map(hex::encode),
+                "digest_kind": digest_kind(opened.format),
+                "sha256": rec.and_then(|r| r.digest).filter(|_| !v3).map(hex::encode),
             })
         })
         .collect();
@@ -131,7 +153,7 @@ pub(crate) fn list_json(opened: &Opened) -> Value {
         (_, StreamCompression::Gzip) => "gzip (whole stream)".to_string(),
         (_, StreamCompression::Lzo) => "lzo (whole stream)".to_string(),
         (ArchiveFormat::VmaV1, StreamCompression::None) => "none".to_string(),
-        (ArchiveFormat::V2, StreamCompression::None) => compression_str(header),
+        (_, StreamCompression::None) => compression_str(header),
     };
     json!({
         "format": format,
@@ -146,10 +168,35 @@ pub(crate) fn list_json(opened: &Opened) -> Value {
         "complete": reader.is_some(),
         "problem": opened.problem,
         "archive_size": reader.and_then(|r| std::fs::metadata(r.path()).ok()).map(|m| m.len()),
-        "archive_digest": reader.and_then(|r| r.footer()).map(|f| hex::encode(f.archive_digest)),
+        "archive_digest": reader.and_then(|r| r.archive_digest()).map(hex::encode),
+        "state_digest": reader.and_then(|r| r.state_digest()).map(hex::encode),
+        "cannot_prove": cannot_prove(opened.format),
         "drives": drives,
         "configs": configs,
     })
+}
+
+/// What the drive digests of `format` are.
+fn digest_kind(format: ArchiveFormat) -> Option<&'static str> {
+    match format {
+        ArchiveFormat::V3 => Some("vma-tree"),
+        ArchiveFormat::V2 => Some("sha256"),
+        ArchiveFormat::VmaV1 => None,
+    }
+}
+
+/// What an archive of `format` cannot prove (the format's limits, listed
+/// by `list` and `verify`).
+fn cannot_prove(format: ArchiveFormat) -> Vec<&'static str> {
+    match format {
+        ArchiveFormat::V3 => Vec::new(),
+        ArchiveFormat::V2 => vec![
+            "extents are not bound to their archive or position (a spliced or overwritten file is found by verify, not by random access)",
+            "chain links are accepted on the uuid and digest an ancestor's own footer states",
+            "the drive digest is one plain SHA-256 per drive, linear in the drive size and recorded only for drives written in order",
+        ],
+        ArchiveFormat::VmaV1 => vec!["VMA v1 carries no checksums over the data"],
+    }
 }
 
 pub(crate) fn list(archive: &str, json_out: bool, chain_parents: Option<&[PathBuf]>) -> Result<()> {
@@ -176,7 +223,7 @@ pub(crate) fn list(archive: &str, json_out: bool, chain_parents: Option<&[PathBu
                     "ctime": r.header().ctime,
                     "ctime_utc": iso_time(r.header().ctime),
                     "incremental": r.header().parent.is_some(),
-                    "interrupted": r.index().drives.iter().any(|d| d.interrupted),
+                    "interrupted": r.drive_records().iter().any(|d| d.interrupted),
                     "stands_in_for": wanted.map(|p| uuid_str(&p.uuid)),
                 })
             })
@@ -264,6 +311,14 @@ pub(crate) fn list(archive: &str, json_out: bool, chain_parents: Option<&[PathBu
             }
         }
     }
+    if !json_out {
+        for note in cannot_prove(opened.format) {
+            outln!(
+                "note:        version {} cannot prove this: {note}",
+                doc["version"].as_str().unwrap_or("?")
+            );
+        }
+    }
     if let Some(why) = &opened.problem {
         eprintln!("vma: warning: {why}");
     }
@@ -287,6 +342,12 @@ fn problem_json(e: &Error) -> Value {
             ("incomplete", None, ranges.iter().map(range_json).collect())
         }
         Error::DriveDigestMismatch { .. } => ("drive-digest-mismatch", None, vec![]),
+        Error::Conflicting { ranges, .. } => {
+            ("conflicting", None, ranges.iter().map(range_json).collect())
+        }
+        Error::Duplicate { ranges, .. } => {
+            ("duplicate", None, ranges.iter().map(range_json).collect())
+        }
         _ => ("other", None, vec![]),
     };
     json!({"kind": kind, "offset": offset, "message": e.to_string(), "ranges": ranges})
@@ -300,11 +361,12 @@ pub(crate) fn damage_json(
     problems: &[Error],
     damaged: &[DriveRange],
     missing: &[DriveRange],
+    conflicting: &[DriveRange],
     lost: Option<&[DriveRange]>,
 ) -> Value {
     let mut all: Vec<&DriveRange> = match lost {
         Some(l) => l.iter().collect(),
-        None => damaged.iter().chain(missing).collect(),
+        None => damaged.iter().chain(missing).chain(conflicting).collect(),
     };
     all.sort_by_key(|r| (r.drive, r.bytes.start));
     let lost_bytes: u64 = all.iter().map(|r| r.bytes.end - r.bytes.start).sum();
@@ -313,6 +375,7 @@ pub(crate) fn damage_json(
         "problems": problems.iter().map(problem_json).collect::<Vec<_>>(),
         "damaged": damaged.iter().map(range_json).collect::<Vec<_>>(),
         "missing": missing.iter().map(range_json).collect::<Vec<_>>(),
+        "conflicting": conflicting.iter().map(range_json).collect::<Vec<_>>(),
         "lost": all.iter().map(|r| range_json(r)).collect::<Vec<_>>(),
         "lost_bytes": lost_bytes,
     })
@@ -347,27 +410,43 @@ pub(crate) fn verify(
     let (stream, path, compression) = open_stream(archive)?;
     let format = stream.format();
     // An incremental archive is checked with its ancestors: each link must
-    // be found (uuid and digest) and intact.
-    let ancestors = Chain::open_parent(stream.header(), path.as_deref(), parents)?;
+    // be found (proven by content) and intact, and the drive digests of the
+    // point in time are checked with their leaves.
+    let ancestors =
+        Chain::open_parent(stream.header(), path.as_deref(), parents)?.map(std::sync::Arc::new);
     let path = path.filter(|_| compression == StreamCompression::None);
     let total = path
         .as_ref()
         .and_then(|p| std::fs::metadata(p).ok())
         .map_or(0, |m| m.len());
     let progress = crate::output::Progress::bytes(total, "verify", quiet || json_out);
-    let _ = &progress;
-    let report = verify_archive(
-        stream,
+    let options = vma_core::verify::VerifyOptions {
         threads,
         drive_digests,
+        progress: progress.callback(),
+    };
+    let report = vma_core::verify::verify_with(
+        stream,
+        &options,
         path.as_deref().map(Path::new),
+        ancestors.as_ref(),
     )?;
     progress.finish();
     let mut links = Vec::new();
     for link in ancestors.iter().flat_map(|c| c.links()) {
         let link_path = link.path().display().to_string();
         let (stream, _, _) = open_stream(&link_path)?;
-        let link_report = verify_archive(stream, threads, drive_digests, Some(link.path()))?;
+        // The link's own ancestors are the chain below it.
+        let below =
+            Chain::open_parent(link.header(), Some(link.path()), parents)?.map(std::sync::Arc::new);
+        let progress = crate::output::Progress::bytes(0, "verify ancestor", quiet || json_out);
+        let options = vma_core::verify::VerifyOptions {
+            progress: progress.callback(),
+            ..options.clone()
+        };
+        let link_report =
+            vma_core::verify::verify_with(stream, &options, Some(link.path()), below.as_ref())?;
+        progress.finish();
         links.push((link_path, link_report));
     }
     let chain_ok = links.iter().all(|(_, r)| r.is_clean());
@@ -386,10 +465,18 @@ pub(crate) fn verify(
             .iter()
             .zip(&report.digests)
             .map(|(d, c)| {
+                let v3 = format == ArchiveFormat::V3;
+                let digest = match c {
+                    DriveDigestCheck::Match(x) => Some(hex::encode(x)),
+                    _ => None,
+                };
                 json!({
                     "id": d.id.0, "name": d.name, "size": d.size,
-                    "sha256_check": digest_word(c),
-                    "sha256": match c { DriveDigestCheck::Match(x) => Some(hex::encode(x)), _ => None },
+                    "digest_check": digest_word(c),
+                    "digest": digest,
+                    "digest_kind": digest_kind(format),
+                    "sha256_check": if v3 { "not-recorded" } else { digest_word(c) },
+                    "sha256": if v3 { None } else { digest },
                 })
             })
             .collect();
@@ -397,7 +484,8 @@ pub(crate) fn verify(
             "ok": report.is_clean(),
             "format": format_names(format, header).0,
             "version": format_names(format, header).1,
-            "data_checksums": format == ArchiveFormat::V2,
+            "data_checksums": format.is_native(),
+            "cannot_prove": cannot_prove(format),
             "uuid": uuid_str(&header.uuid),
             "extents": report.extents,
             "bytes": report.bytes,
@@ -405,6 +493,7 @@ pub(crate) fn verify(
             "problems": report.problems.iter().map(problem_json).collect::<Vec<_>>(),
             "damaged": report.damaged.iter().map(range_json).collect::<Vec<_>>(),
             "missing": report.missing.iter().map(range_json).collect::<Vec<_>>(),
+            "conflicting": report.conflicting.iter().map(range_json).collect::<Vec<_>>(),
             "chain": links.iter().map(|(p, r)| json!({
                 "path": p,
                 "uuid": uuid_str(&r.header.uuid),
@@ -431,12 +520,25 @@ pub(crate) fn verify(
                     "  note: VMA v1 carries no checksums over the data; checked were the header and extent-header MD5s, the structure and that every cluster is present exactly once"
                 );
             }
+            for note in cannot_prove(format) {
+                if format != ArchiveFormat::VmaV1 {
+                    outln!("  note: version {version} cannot prove this: {note}");
+                }
+            }
+            let kind = if format == ArchiveFormat::V3 {
+                "drive digest"
+            } else {
+                "whole-drive sha256"
+            };
             for (d, c) in header.drives.iter().zip(&report.digests) {
                 let detail = match c {
-                    DriveDigestCheck::Match(x) => format!("sha256 {} matches", hex::encode(x)),
-                    DriveDigestCheck::Mismatch { .. } => "sha256 MISMATCH".into(),
+                    DriveDigestCheck::Match(x) => format!("{kind} {} matches", hex::encode(x)),
+                    DriveDigestCheck::Mismatch { .. } => format!("{kind} MISMATCH"),
                     DriveDigestCheck::NotRecorded if format == ArchiveFormat::VmaV1 => {
                         "no checksum of the data exists in VMA v1".into()
+                    }
+                    DriveDigestCheck::NotRecorded if format == ArchiveFormat::V3 => {
+                        "no drive digest (an interrupted capture: no point in time)".into()
                     }
                     DriveDigestCheck::NotRecorded => {
                         "no whole-drive sha256 recorded (extent digests checked)".into()
@@ -444,10 +546,8 @@ pub(crate) fn verify(
                     DriveDigestCheck::OutOfOrder => {
                         "stored out of order; whole-drive sha256 not checked from a pipe".into()
                     }
-                    DriveDigestCheck::NotChecked => {
-                        "whole-drive sha256 not checked (damage)".into()
-                    }
-                    DriveDigestCheck::Skipped => "whole-drive sha256 skipped".into(),
+                    DriveDigestCheck::NotChecked => format!("{kind} not checked (damage)"),
+                    DriveDigestCheck::Skipped => format!("{kind} skipped"),
                 };
                 outln!("  drive {} ({}): {}", d.name, human_bytes(d.size), detail);
             }

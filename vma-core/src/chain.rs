@@ -1,13 +1,24 @@
 //! Incremental chains: an archive and the ancestors its "unchanged"
 //! clusters come from, read as one point in time.
 //!
-//! Each incremental archive names its parent by uuid and archive digest.
-//! Ancestors are found among the paths given, else among the files in the
-//! archive's directory, and every link is checked against that identity:
-//! the archive itself, or a stand-in for it (a synthetic full whose header
-//! lists that identity among the points in time it holds, see
-//! [`Header::stands_for`]). Drives are matched by name from link to link
-//! (ids may differ when drives were added), and must keep their size.
+//! A 3.0 archive names its parent by uuid, archive digest and state digest
+//! (see [`ParentRef`]). Ancestors are found among the paths given, else
+//! among the files in the archive's directory, and every link is proven by
+//! content, never by what a file states about itself:
+//!
+//! - the parent itself: its archive digest, recomputed from its header and
+//!   index when it is opened, equals the one the child names (and every
+//!   extent it serves is checked against its extent table); or
+//! - a stand-in (a synthetic full holding that point in time): its header
+//!   lists the child's (uuid, archive digest, state digest), its own state
+//!   digest (from its drive records) equals that state digest, and its
+//!   leaves prove its drive digests (recomputed from its leaf pages when
+//!   opened; every cluster it serves is checked against its leaf).
+//!
+//! 2.0 archives keep their rules: a link is accepted on its uuid and the
+//! digest its footer states (2.0 cannot prove more). Drives are matched by
+//! name from link to link (ids may differ when drives were added), and
+//! must keep their size.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -15,10 +26,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::format::{Header, ParentRef, RunKind, CLUSTER_SIZE};
+use crate::format::{DriveInfo, Header, ParentRef, RunKind, CLUSTER_SIZE};
+use crate::index::{LeafItem, LeafSource};
 use crate::reader::Reader;
 use crate::source::{DiskImage, Stretch};
-use crate::types::{uuid_text, DriveId};
+use crate::stream::ArchiveFormat;
+use crate::types::{uuid_text, ClusterNo, DriveId};
 
 /// Links of a chain deeper than this are refused (a loop, or a chain that
 /// should be merged).
@@ -51,10 +64,10 @@ impl Chain {
                     path.display()
                 )));
             }
-            if links
-                .iter()
-                .any(|l| l.header().uuid == want.uuid || l.header().stands_for.contains(&want))
-            {
+            if links.iter().any(|l| {
+                l.header().uuid == want.uuid
+                    || l.header().stands_for.iter().any(|s| s.same_archive(&want))
+            }) {
                 return Err(Error::Invalid(format!(
                     "{}: the chain of parents loops back to uuid {}",
                     path.display(),
@@ -117,9 +130,7 @@ impl Chain {
                 uuid_text(&want.uuid)
             )));
         };
-        let path = parent.path().to_path_buf();
-        drop(parent);
-        Chain::open(&path, parents).map(Some)
+        Chain::with_newest(parent, parents).map(Some)
     }
 
     /// Read bytes of the drive named `name` as of the newest point in time.
@@ -145,9 +156,17 @@ impl Chain {
     /// Refuse a chain that is no point in time: its newest archive holds
     /// drives of an interrupted capture (only a retry completes them).
     pub fn refuse_interrupted(&self, selected: impl Fn(DriveId) -> bool) -> Result<()> {
-        self.links[0]
-            .index()
-            .refuse_interrupted(self.header(), selected)
+        self.links[0].refuse_interrupted(selected)
+    }
+
+    /// Where the leaves of the newest point in time come from, for an
+    /// archive written on top of it (its unchanged clusters): the links'
+    /// leaf pages, proven as the links are.
+    pub fn leaf_source(self: &Arc<Self>) -> Box<dyn LeafSource + Send + Sync> {
+        Box::new(ChainLeaves {
+            chain: self.clone(),
+            link: 0,
+        })
     }
 
     /// Read bytes `offset..offset + buf.len()` of drive `drive` (an id of
@@ -159,19 +178,6 @@ impl Chain {
             .ok_or_else(|| Error::Invalid(format!("no drive with id {drive}")))?
             .name;
         self.read_link(0, name, offset, buf)
-    }
-
-    /// Byte ranges of `drive` (newest ids) that the newest archive marks
-    /// unchanged: what extraction fills from the ancestors.
-    pub fn unchanged_ranges(&self, drive: DriveId) -> Vec<Range<u64>> {
-        let size = self.header().drive(drive).map_or(0, |d| d.size);
-        let cs = CLUSTER_SIZE as u64;
-        self.links[0]
-            .runs(drive)
-            .iter()
-            .filter(|r| r.kind == RunKind::Unchanged)
-            .map(|r| r.start * cs..((r.start + r.count as u64) * cs).min(size))
-            .collect()
     }
 
     /// What bytes from `offset` of drive `drive` (newest ids) hold at the
@@ -186,8 +192,44 @@ impl Chain {
         self.status_link(0, name, offset)
     }
 
+    /// [`Chain::status`] of the drive named `name`.
+    pub fn status_named(&self, name: &str, offset: u64) -> Result<Stretch> {
+        self.status_link(0, name, offset)
+    }
+
+    /// SEEK_DATA / SEEK_HOLE at the newest point in time: the first offset
+    /// at or after `offset` of drive `drive` in data (`want_data`) or in a
+    /// hole; None for "no more data". The end of the drive counts as a hole.
+    pub fn seek(&self, drive: DriveId, offset: u64, want_data: bool) -> Result<Option<u64>> {
+        let size = self.header().drive(drive).map_or(0, |d| d.size);
+        let mut pos = offset;
+        while pos < size {
+            let (is_data, len) = match self.status(drive, pos)? {
+                Stretch::Data(n) => (true, n),
+                Stretch::Zero(n) => (false, n),
+            };
+            if is_data == want_data {
+                return Ok(Some(pos));
+            }
+            pos += len.max(1);
+        }
+        Ok(if want_data { None } else { Some(size) })
+    }
+
+    /// The leaves of clusters `clusters` of drive `name` (of `size` bytes)
+    /// at the newest point in time, in order.
+    pub fn leaves_of_point(
+        &self,
+        name: &str,
+        size: u64,
+        clusters: Range<u64>,
+        out: &mut dyn FnMut(LeafItem) -> Result<()>,
+    ) -> Result<()> {
+        self.leaves_at(0, name, size, clusters, out)
+    }
+
     /// Drive `name` of link `link` (an error saying so if it lacks it).
-    pub(crate) fn drive_named(&self, link: usize, name: &str) -> Result<&crate::format::DriveInfo> {
+    pub(crate) fn drive_named(&self, link: usize, name: &str) -> Result<&DriveInfo> {
         let reader = &self.links[link];
         reader
             .header()
@@ -209,15 +251,14 @@ impl Chain {
         let d = self.drive_named(link, name)?;
         let cs = CLUSTER_SIZE as u64;
         let run = reader
-            .run_at(d.id, crate::types::ClusterNo(offset / cs))
-            .copied()
+            .run_at(d.id, ClusterNo(offset / cs))?
             .ok_or_else(|| {
                 Error::Invalid(format!(
                     "{}: the index has no run for drive {name} byte {offset}",
                     reader.path().display()
                 ))
             })?;
-        let len = ((run.start + run.count as u64) * cs).min(d.size) - offset;
+        let len = (run.end() * cs).min(d.size) - offset;
         Ok(match run.kind {
             RunKind::Zero => Stretch::Zero(len),
             RunKind::Data => Stretch::Data(len),
@@ -238,14 +279,11 @@ impl Chain {
         let cs = CLUSTER_SIZE as u64;
         let mut pos = offset;
         while pos < end {
-            let Some(run) = reader
-                .run_at(d.id, crate::types::ClusterNo(pos / cs))
-                .copied()
-            else {
+            let Some(run) = reader.run_at(d.id, ClusterNo(pos / cs))? else {
                 // Let the reader produce its own error for a hole in the index.
                 return reader.read_at(d.id, pos, &mut buf[(pos - offset) as usize..]);
             };
-            let run_end = ((run.start + run.count as u64) * cs).min(end);
+            let run_end = (run.end() * cs).min(end);
             let piece = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
             if run.kind == RunKind::Unchanged {
                 if link + 1 >= self.links.len() {
@@ -264,16 +302,12 @@ impl Chain {
     }
 
     /// Every drive a link marks unchanged exists in its parent with the
-    /// same size.
+    /// same size (from the drive records: no run is read).
     fn check_drives(&self) -> Result<()> {
         for pair in self.links.windows(2) {
             let (child, parent) = (&pair[0], &pair[1]);
-            for d in &child.header().drives {
-                if !child
-                    .runs(d.id)
-                    .iter()
-                    .any(|r| r.kind == RunKind::Unchanged)
-                {
+            for (d, r) in child.header().drives.iter().zip(child.drive_records()) {
+                if !r.unchanged {
                     continue;
                 }
                 match parent.header().drives.iter().find(|p| p.name == d.name) {
@@ -301,10 +335,63 @@ impl Chain {
         }
         Ok(())
     }
+
+    /// The leaves of clusters `clusters` of drive `name` at link `link`'s
+    /// point in time, in order.
+    fn leaves_at(
+        &self,
+        link: usize,
+        name: &str,
+        size: u64,
+        clusters: Range<u64>,
+        out: &mut dyn FnMut(LeafItem) -> Result<()>,
+    ) -> Result<()> {
+        let reader = &self.links[link];
+        let d = self.drive_named(link, name)?;
+        if d.size != size {
+            return Err(Error::Invalid(format!(
+                "drive {name} is {size} bytes but {} bytes in {}",
+                d.size,
+                reader.path().display()
+            )));
+        }
+        let id = d.id;
+        reader.leaves_of(id, clusters, out, &mut |range, out| {
+            if link + 1 >= self.links.len() {
+                return Err(Error::Invalid(format!(
+                    "{}: drive {name} clusters {}..{} are unchanged from a parent that is not open",
+                    reader.path().display(),
+                    range.start,
+                    range.end
+                )));
+            }
+            self.leaves_at(link + 1, name, size, range, out)
+        })
+    }
+}
+
+/// The leaves of a chain's newest point in time, as a [`LeafSource`] for an
+/// archive written on top of it.
+struct ChainLeaves {
+    chain: Arc<Chain>,
+    link: usize,
+}
+
+impl LeafSource for ChainLeaves {
+    fn leaves(
+        &mut self,
+        drive: &DriveInfo,
+        clusters: Range<u64>,
+        out: &mut dyn FnMut(LeafItem) -> Result<()>,
+    ) -> Result<bool> {
+        self.chain
+            .leaves_at(self.link, &drive.name, drive.size, clusters, out)?;
+        Ok(true)
+    }
 }
 
 /// One drive of a chain at its newest point in time, as a source image
-/// (so `merge` writes a synthetic full archive the way `create` writes one).
+/// (so `diff` compares against it the way it reads an image).
 pub struct ChainDrive {
     chain: Arc<Chain>,
     id: DriveId,
@@ -347,30 +434,100 @@ impl DiskImage for ChainDrive {
     }
 }
 
-/// Whether `reader` is the archive `want` names: that archive itself (uuid
-/// and archive digest), or a stand-in that holds its point in time.
-pub fn answers_to(reader: &Reader, want: &ParentRef) -> bool {
-    is_exactly(reader, want) || reader.header().stands_for.contains(want)
+/// Whether `reader` is exactly the archive `want` names: same uuid and
+/// archive digest (recomputed, for 3.0), and for a 3.0 reference the same
+/// state digest.
+pub fn is_exactly(reader: &Reader, want: &ParentRef) -> bool {
+    if reader.header().uuid != want.uuid || reader.archive_digest() != Some(want.digest) {
+        return false;
+    }
+    match want.state {
+        None => reader.format() == ArchiveFormat::V2,
+        Some(s) => {
+            reader.format() == ArchiveFormat::V3
+                && reader.identity().ok().and_then(|i| i.state) == Some(s)
+        }
+    }
 }
 
-fn is_exactly(reader: &Reader, want: &ParentRef) -> bool {
-    reader.header().uuid == want.uuid
-        && reader
-            .footer()
-            .is_some_and(|f| f.archive_digest == want.digest)
+/// Whether `reader` claims to stand in for `want` (its header lists it).
+/// The claim alone proves nothing: see [`accept_stand_in`].
+pub fn claims_to_stand_in(reader: &Reader, want: &ParentRef) -> bool {
+    reader
+        .header()
+        .stands_for
+        .iter()
+        .any(|s| s.same_archive(want))
+}
+
+/// Accept `reader` as a stand-in for `want`, proving it: it lists `want`,
+/// it is a full 3.0 archive, its state digest is the one listed (and the
+/// one `want` names), and its leaf pages prove its drive digests (from
+/// then on every cluster it serves is checked against its leaf). A 2.0
+/// stand-in is accepted for a 2.0 reference on its list alone.
+pub fn accept_stand_in(reader: &Reader, want: &ParentRef) -> Result<()> {
+    let Some(listed) = reader
+        .header()
+        .stands_for
+        .iter()
+        .find(|s| s.same_archive(want))
+        .copied()
+    else {
+        return Err(Error::Invalid(format!(
+            "{} does not stand in for uuid {}",
+            reader.path().display(),
+            uuid_text(&want.uuid)
+        )));
+    };
+    match reader.format() {
+        ArchiveFormat::V2 if want.state.is_none() => Ok(()),
+        ArchiveFormat::V3 => {
+            if reader.header().parent.is_some() {
+                return Err(Error::Invalid(format!(
+                    "{} claims to stand in for uuid {} but is incremental: a stand-in is a full archive",
+                    reader.path().display(),
+                    uuid_text(&want.uuid)
+                )));
+            }
+            let state = reader.state_digest();
+            // A 2.0 child names no state digest (and a list entry for a 2.0
+            // archive holds zeros): the stand-in's own leaves must still
+            // prove its drive digests.
+            if state.is_none() || (want.state.is_some() && state != listed.state) {
+                return Err(Error::Invalid(format!(
+                    "{} claims to stand in for uuid {} but its drives' digests give another state digest: it does not hold that point in time",
+                    reader.path().display(),
+                    uuid_text(&want.uuid)
+                )));
+            }
+            reader.prove_leaves().map_err(|e| {
+                Error::Invalid(format!(
+                    "{} claims to stand in for uuid {} but its leaves do not prove its drive digests: {e}",
+                    reader.path().display(),
+                    uuid_text(&want.uuid)
+                ))
+            })
+        }
+        _ => Err(Error::Invalid(format!(
+            "{}: a version 2.0 archive cannot stand in for the 3.0 archive uuid {}",
+            reader.path().display(),
+            uuid_text(&want.uuid)
+        ))),
+    }
 }
 
 /// Open the archive `want` names among `candidates`: the archive itself if
-/// it is there, else a stand-in for it. A file with `want`'s uuid but
-/// another digest is an error unless a stand-in is found. Files that are
-/// not archives are skipped.
+/// it is there, else a proven stand-in for it. A file with `want`'s uuid
+/// but other content is an error unless a stand-in is found. Files that
+/// are not archives are skipped.
 fn find_parent(
     want: &ParentRef,
     candidates: &[PathBuf],
     known: &mut HashMap<PathBuf, Option<Vec<[u8; 16]>>>,
 ) -> Result<Option<Reader>> {
     let mut mismatch = None;
-    let mut stand_in = None;
+    let mut stand_in_failed = None;
+    let mut stand_ins = Vec::new();
     for path in candidates {
         if known
             .get(path)
@@ -392,14 +549,20 @@ fn find_parent(
         }
         if reader.header().uuid == want.uuid {
             mismatch = Some(path.clone());
-        } else if stand_in.is_none() && answers_to(&reader, want) {
-            stand_in = Some(reader);
+        } else if claims_to_stand_in(&reader, want) {
+            stand_ins.push(reader);
         }
     }
-    match (stand_in, mismatch) {
-        (Some(r), _) => Ok(Some(r)),
+    for reader in stand_ins {
+        match accept_stand_in(&reader, want) {
+            Ok(()) => return Ok(Some(reader)),
+            Err(e) => stand_in_failed = Some(e),
+        }
+    }
+    match (stand_in_failed, mismatch) {
+        (Some(e), _) => Err(e),
         (None, Some(p)) => Err(Error::Invalid(format!(
-            "{} has the parent's uuid {} but not its digest: it is not the archive the child was made from",
+            "{} has the parent's uuid {} but not its content (its archive digest, recomputed, is not the one the child names): it is not the archive the child was made from",
             p.display(),
             uuid_text(&want.uuid)
         ))),

@@ -13,8 +13,8 @@ use crate::writer_v1::V1Writer;
 
 /// A writer of either format, chosen at run time.
 pub enum AnyWriter<W: Write> {
-    /// The native format.
-    V2(Box<Writer<W>>),
+    /// The native format (3.0).
+    Native(Box<Writer<W>>),
     /// Proxmox VMA v1.
     V1(V1Writer<W>),
 }
@@ -38,14 +38,16 @@ impl<W: Write> AnyWriter<W> {
                 meta.configs,
             )?))
         } else {
-            Ok(AnyWriter::V2(Box::new(Writer::new(out, meta, options)?)))
+            Ok(AnyWriter::Native(Box::new(Writer::new(
+                out, meta, options,
+            )?)))
         }
     }
 
     /// Finish the archive; the summary exists for the native format.
     pub fn finish(self) -> Result<(W, Option<WriteSummary>)> {
         match self {
-            AnyWriter::V2(w) => w.finish().map(|(o, s)| (o, Some(s))),
+            AnyWriter::Native(w) => w.finish().map(|(o, s)| (o, Some(s))),
             AnyWriter::V1(w) => w.finish().map(|o| (o, None)),
         }
     }
@@ -54,32 +56,20 @@ impl<W: Write> AnyWriter<W> {
 impl<W: Write> ClusterWriter for AnyWriter<W> {
     fn write_cluster(&mut self, drive: DriveId, cluster: ClusterNo, data: &[u8]) -> Result<()> {
         match self {
-            AnyWriter::V2(w) => w.write_cluster(drive, cluster, data),
+            AnyWriter::Native(w) => w.write_cluster(drive, cluster, data),
             AnyWriter::V1(w) => w.write_cluster(drive, cluster, data),
         }
     }
     fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
         match self {
-            AnyWriter::V2(w) => w.write_zeros(drive, clusters),
+            AnyWriter::Native(w) => w.write_zeros(drive, clusters),
             AnyWriter::V1(w) => w.write_zeros(drive, clusters),
         }
     }
     fn write_unchanged(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
         match self {
-            AnyWriter::V2(w) => w.write_unchanged(drive, clusters),
+            AnyWriter::Native(w) => w.write_unchanged(drive, clusters),
             AnyWriter::V1(w) => w.write_unchanged(drive, clusters),
-        }
-    }
-    fn set_drive_digest(&mut self, drive: DriveId, digest: [u8; 32]) -> Result<()> {
-        match self {
-            AnyWriter::V2(w) => w.set_drive_digest(drive, digest),
-            AnyWriter::V1(w) => w.set_drive_digest(drive, digest),
-        }
-    }
-    fn keeps_drive_digest(&self) -> bool {
-        match self {
-            AnyWriter::V2(w) => w.keeps_drive_digest(),
-            AnyWriter::V1(w) => w.keeps_drive_digest(),
         }
     }
 }

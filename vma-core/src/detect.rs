@@ -9,8 +9,8 @@ use crate::stream::ArchiveStream;
 /// Formats recognised from an input's first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DetectedFormat {
-    /// Native vma format, version 2.
-    V2,
+    /// Native vma format (version 2 or 3).
+    Native,
     /// Proxmox VMA version 1.
     VmaV1,
     /// A zstd stream (vzdump's `.vma.zst`).
@@ -27,7 +27,7 @@ pub const DETECT_LEN: usize = 9;
 /// Recognise a format from the first bytes of an input.
 pub fn detect(prefix: &[u8]) -> Option<DetectedFormat> {
     if prefix.starts_with(&ARCHIVE_MAGIC) {
-        Some(DetectedFormat::V2)
+        Some(DetectedFormat::Native)
     } else if prefix.starts_with(b"VMA\0") {
         Some(DetectedFormat::VmaV1)
     } else if prefix.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {

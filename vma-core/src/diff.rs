@@ -102,8 +102,8 @@ pub fn diff_image<W: Write>(
 
 /// Store `image` as drive `drive` of `writer`: only the clusters that
 /// differ from `base` when there is one ([`diff_image`]), else all of it,
-/// in order and with its SHA-256 ([`copy_image`]). Returns the
-/// comparison's figures when there was a base.
+/// in order ([`copy_image`]). Returns the comparison's figures when there
+/// was a base.
 pub fn diff_or_copy<W: Write>(
     writer: &mut Writer<W>,
     drive: DriveId,

@@ -40,7 +40,7 @@ pub enum Error {
     },
 
     /// A version of the native format this build cannot read.
-    #[error("unsupported vma archive version {major}.{minor} at offset 8 (this build reads version 2.x)")]
+    #[error("unsupported vma archive version {major}.{minor} at offset 8 (this build reads versions 2.x and 3.x)")]
     UnsupportedVersion {
         /// Major version found.
         major: u16,
@@ -97,8 +97,27 @@ pub enum Error {
         ranges: Vec<DriveRange>,
     },
 
-    /// A drive's whole-content SHA-256 does not match.
-    #[error("drive {drive_name}: content SHA-256 is {found}, archive records {expected}")]
+    /// Clusters held by two intact extents with the same bytes.
+    #[error("{what}")]
+    Duplicate {
+        /// What is held twice, where.
+        what: String,
+        /// The drive ranges held twice.
+        ranges: Vec<DriveRange>,
+    },
+
+    /// Clusters held by two intact extents with different bytes: which is
+    /// the point in time cannot be told, so neither is used.
+    #[error("{what}")]
+    Conflicting {
+        /// What conflicts, where.
+        what: String,
+        /// The drive ranges in conflict.
+        ranges: Vec<DriveRange>,
+    },
+
+    /// A drive's digest does not match its content.
+    #[error("drive {drive_name}: the drive digest of its content is {found}, the archive records {expected}")]
     DriveDigestMismatch {
         /// The drive's name.
         drive_name: String,
@@ -201,6 +220,8 @@ impl Error {
                 | Error::ExtentDamaged { .. }
                 | Error::Incomplete { .. }
                 | Error::DriveDigestMismatch { .. }
+                | Error::Duplicate { .. }
+                | Error::Conflicting { .. }
                 | Error::UnsupportedVersion { .. }
                 | Error::UnknownFeatures { .. }
         )

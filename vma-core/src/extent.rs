@@ -1,15 +1,32 @@
 //! Building, encoding and decoding extents (no file I/O): the unit of
-//! compression and of integrity checking.
+//! compression and of integrity checking. 3.0 extents name their archive
+//! (uuid) and position (seq) under their digest; 2.0 extents are decoded
+//! for reading old archives. Leaf digests of data clusters are computed
+//! here, by whichever thread holds the cluster's bytes.
 
 use crate::digest::{check_matches, sha256};
 
 use crate::error::{Error, Result};
 use crate::format::{
-    decode_entries, encode_entry, masks_len, Codec, Entry, ExtentHeader, RunKind, BLOCK_SIZE,
-    DIGEST_LEN, ENTRY_LEN, EXTENT_HEADER_LEN,
+    decode_entries, encode_entry, masks_len, v2, BodyCounts, Codec, Entry, ExtentHeader, RunKind,
+    BLOCK_SIZE, DIGEST_LEN, ENTRY_LEN, EXTENT_HEADER_LEN,
 };
 use crate::format_v1::{V1ExtentHeader, EXTENT_HEADER_LEN as EXTENT_HEADER_LEN_V1};
-use crate::types::{ClusterNo, DriveId};
+use crate::tree::{leaf_of_blocks, Digest};
+use crate::types::{cluster_len, ClusterNo, DriveId};
+
+/// Drive sizes by drive id (0 for ids the archive does not have), for the
+/// leaves of partial last clusters.
+pub type DriveSizes = [u64; 256];
+
+/// The sizes of `drives`, by id.
+pub fn drive_sizes(drives: &[crate::format::DriveInfo]) -> Box<DriveSizes> {
+    let mut s = Box::new([0u64; 256]);
+    for d in drives {
+        s[d.id.0 as usize] = d.size;
+    }
+    s
+}
 
 /// Clusters gathered for one extent, before compression.
 #[derive(Default)]
@@ -64,26 +81,96 @@ impl RawExtent {
     }
 }
 
+/// The leaves of the data clusters of `entries` (payload as decoded),
+/// in entry order; clusters outside their drive get none.
+fn leaves_of(
+    entries: &[Entry],
+    masks: &[u16],
+    payload: &[u8],
+    sizes: &DriveSizes,
+) -> Vec<(DriveId, u64, Digest)> {
+    let mut out = Vec::with_capacity(masks.len());
+    let mut m = 0usize;
+    let mut at = 0usize;
+    for e in entries.iter().filter(|e| e.kind == RunKind::Data) {
+        let size = sizes[e.drive.0 as usize];
+        for k in 0..e.count as u64 {
+            let Some(&mask) = masks.get(m) else {
+                return out;
+            };
+            m += 1;
+            let n = mask.count_ones() as usize * BLOCK_SIZE;
+            let blocks = payload.get(at..at + n).unwrap_or(&[]);
+            at += n;
+            let c = e.start + k;
+            let len = cluster_len(size, ClusterNo(c));
+            if len > 0 && blocks.len() == n {
+                out.push((e.drive, c, leaf_of_blocks(mask, blocks, len)));
+            }
+        }
+    }
+    out
+}
+
 /// An extent ready to be written, with what the index needs about it.
 pub(crate) struct EncodedExtent {
+    pub(crate) seq: u64,
     pub(crate) bytes: Vec<u8>,
     pub(crate) digest: [u8; 32],
     pub(crate) entries: Vec<Entry>,
     /// Stored 4 KiB blocks per drive (for attributing stored bytes).
     pub(crate) blocks_per_drive: Vec<(DriveId, u64)>,
-    pub(crate) stored_len: u64,
+    /// The leaf of every data cluster.
+    pub(crate) leaves: Vec<(DriveId, u64, Digest)>,
     /// The emptied raw extent, to be filled again (None for a re-framed
     /// stored extent).
     pub(crate) raw: Option<RawExtent>,
 }
 
-/// Compress (when it helps) and frame one extent.
+/// Frame a 3.0 extent from its parts; returns the bytes and digest.
+#[allow(clippy::too_many_arguments)]
+fn frame(
+    uuid: [u8; 16],
+    seq: u64,
+    entries: &[Entry],
+    mask_count: usize,
+    masks_and_stored: impl FnOnce(&mut Vec<u8>),
+    codec: Codec,
+    stored_len: usize,
+    raw_len: usize,
+) -> (Vec<u8>, [u8; 32]) {
+    let header = ExtentHeader {
+        uuid,
+        seq,
+        entry_count: entries.len() as u32,
+        mask_count: mask_count as u32,
+        stored_len: stored_len as u32,
+        raw_len: raw_len as u32,
+        codec,
+    };
+    let mut bytes = Vec::with_capacity(header.total_len());
+    bytes.extend_from_slice(&header.encode());
+    for e in entries {
+        encode_entry(e, &mut bytes);
+    }
+    masks_and_stored(&mut bytes);
+    let digest: [u8; 32] = sha256(&bytes);
+    bytes.extend_from_slice(&digest);
+    debug_assert_eq!(bytes.len(), header.total_len());
+    (bytes, digest)
+}
+
+/// Compress (when it helps), hash the leaves of, and frame one extent as
+/// extent `seq` of archive `uuid`.
 pub(crate) fn encode_extent(
     mut raw: RawExtent,
+    uuid: [u8; 16],
     seq: u64,
     compressor: Option<&mut zstd::bulk::Compressor<'static>>,
+    sizes: &DriveSizes,
 ) -> Result<EncodedExtent> {
     let raw_len = raw.payload.len();
+    let leaves = leaves_of(&raw.entries, &raw.masks, &raw.payload, sizes);
     let compressed = match compressor {
         Some(c) if raw_len > 0 => {
             let out = c
@@ -97,47 +184,40 @@ pub(crate) fn encode_extent(
         Some(c) => (Codec::Zstd, c),
         None => (Codec::None, &raw.payload),
     };
-    let header = ExtentHeader {
+    let masks = &raw.masks;
+    let (bytes, digest) = frame(
+        uuid,
         seq,
-        entry_count: raw.entries.len() as u32,
-        mask_count: raw.masks.len() as u32,
+        &raw.entries,
+        masks.len(),
+        |b| {
+            for m in masks {
+                b.extend_from_slice(&m.to_le_bytes());
+            }
+            b.resize(b.len() + masks_len(masks.len()) - masks.len() * 2, 0);
+            b.extend_from_slice(stored);
+        },
         codec,
-        stored_len: stored.len() as u32,
-        raw_len: raw_len as u32,
-    };
-    let mut bytes = Vec::with_capacity(header.total_len());
-    bytes.extend_from_slice(&header.encode());
-    for e in &raw.entries {
-        encode_entry(e, &mut bytes);
-    }
-    for m in &raw.masks {
-        bytes.extend_from_slice(&m.to_le_bytes());
-    }
-    bytes.resize(
-        bytes.len() + masks_len(raw.masks.len()) - raw.masks.len() * 2,
-        0,
+        stored.len(),
+        raw_len,
     );
-    bytes.extend_from_slice(stored);
-    let digest: [u8; 32] = sha256(&bytes);
-    bytes.extend_from_slice(&digest);
-    debug_assert_eq!(bytes.len(), header.total_len());
-
     let blocks_per_drive = blocks_per_drive(&raw.entries, &raw.masks);
     let entries = std::mem::take(&mut raw.entries);
     raw.masks.clear();
     raw.payload.clear();
     Ok(EncodedExtent {
-        stored_len: bytes.len() as u64,
+        seq,
         bytes,
         digest,
         entries,
         blocks_per_drive,
+        leaves,
         raw: Some(raw),
     })
 }
 
 /// Stored 4 KiB blocks per drive of an extent's data entries.
-fn blocks_per_drive(entries: &[Entry], masks: &[u16]) -> Vec<(DriveId, u64)> {
+pub(crate) fn blocks_per_drive(entries: &[Entry], masks: &[u16]) -> Vec<(DriveId, u64)> {
     let mut out: Vec<(DriveId, u64)> = Vec::new();
     let mut mask_iter = masks.iter();
     for e in entries.iter().filter(|e| e.kind == RunKind::Data) {
@@ -154,32 +234,41 @@ fn blocks_per_drive(entries: &[Entry], masks: &[u16]) -> Vec<(DriveId, u64)> {
     out
 }
 
-/// Frame a stored extent again as extent `seq` of another archive: a new
+/// Frame a stored extent again as extent `seq` of archive `uuid`: a new
 /// header and entries, the masks and the stored payload as they were, a
-/// new digest. Nothing is decoded or compressed.
-pub(crate) fn reframe_stored(ext: StoredExtent, seq: u64) -> EncodedExtent {
-    let header = ExtentHeader {
+/// new digest. The payload is decoded once (on the calling worker) for the
+/// leaves of its data clusters, and so checked to decode; nothing is
+/// compressed again.
+pub(crate) fn reframe_stored(
+    ext: StoredExtent,
+    uuid: [u8; 16],
+    seq: u64,
+    decompressor: &mut zstd::bulk::Decompressor<'static>,
+    sizes: &DriveSizes,
+) -> Result<EncodedExtent> {
+    let h = ext.frame;
+    let stored = &ext.bytes[h.payload_start()..ext.bytes.len() - DIGEST_LEN];
+    let payload = decode_payload(&h, stored, ext.offset, decompressor)?;
+    let leaves = leaves_of(&ext.entries, &ext.masks, &payload, sizes);
+    let (bytes, digest) = frame(
+        uuid,
         seq,
-        entry_count: ext.entries.len() as u32,
-        ..ext.header
-    };
-    let mut bytes = Vec::with_capacity(header.total_len());
-    bytes.extend_from_slice(&header.encode());
-    for e in &ext.entries {
-        encode_entry(e, &mut bytes);
-    }
-    bytes.extend_from_slice(ext.masks_and_payload());
-    let digest: [u8; 32] = sha256(&bytes);
-    bytes.extend_from_slice(&digest);
-    debug_assert_eq!(bytes.len(), header.total_len());
-    EncodedExtent {
-        stored_len: bytes.len() as u64,
+        &ext.entries,
+        h.mask_count as usize,
+        |b| b.extend_from_slice(ext.masks_and_payload()),
+        h.codec,
+        h.stored_len as usize,
+        h.raw_len as usize,
+    );
+    Ok(EncodedExtent {
+        seq,
         bytes,
         digest,
         blocks_per_drive: blocks_per_drive(&ext.entries, &ext.masks),
+        leaves,
         entries: ext.entries,
         raw: None,
-    }
+    })
 }
 
 /// One cluster's contents as held by a decoded extent.
@@ -218,6 +307,14 @@ impl ClusterData<'_> {
             }
         }
     }
+
+    /// The leaf digest of the cluster's first `len` bytes (data and zero clusters).
+    pub fn leaf(&self, len: usize) -> Digest {
+        match *self {
+            ClusterData::Data { mask, blocks } => leaf_of_blocks(mask, blocks, len),
+            _ => leaf_of_blocks(0, &[], len),
+        }
+    }
 }
 
 /// A verified, decompressed extent.
@@ -225,6 +322,9 @@ impl ClusterData<'_> {
 pub struct DecodedExtent {
     /// Sequence number.
     pub seq: u64,
+    /// How the index names it: its sequence number (3.0) or its file
+    /// offset (2.0, VMA v1).
+    pub key: u64,
     /// Absolute offset of its header in the archive.
     pub offset: u64,
     /// Bytes it occupies in the archive.
@@ -239,6 +339,8 @@ pub struct DecodedExtent {
     /// Byte offset into `payload` of each mask's first block.
     mask_payload: Vec<u32>,
     payload: Vec<u8>,
+    /// The leaves of the data clusters (in `data_clusters` order), when computed.
+    leaves: Vec<(DriveId, u64, Digest)>,
 }
 
 impl DecodedExtent {
@@ -296,20 +398,113 @@ impl DecodedExtent {
         })
     }
 
+    /// Stored 4 KiB blocks per drive.
+    pub(crate) fn stored_blocks(&self) -> Vec<(DriveId, u64)> {
+        blocks_per_drive(&self.entries, &self.masks)
+    }
+
+    /// Compute the leaves of the data clusters (drives sized by `sizes`).
+    pub fn compute_leaves(&mut self, sizes: &DriveSizes) {
+        self.leaves = leaves_of(&self.entries, &self.masks, &self.payload, sizes);
+    }
+
+    /// The leaves computed by [`Self::compute_leaves`]: (drive, cluster, leaf).
+    pub fn leaves(&self) -> &[(DriveId, u64, Digest)] {
+        &self.leaves
+    }
+
     /// Decoded payload size in bytes (for cache accounting).
     pub fn memory_size(&self) -> usize {
-        self.payload.len() + self.masks.len() * 6 + self.entries.len() * 20
+        self.payload.len() + self.masks.len() * 6 + self.entries.len() * 20 + self.leaves.len() * 48
     }
 }
 
-/// An extent as stored in an archive, with its digest, entries and masks
-/// checked but its payload not decoded: what a writer can append to another
-/// archive as it is (see [`crate::Writer::append_stored`]), since nothing in
-/// an extent depends on where it sits but its sequence number.
+/// The header of an extent of either native version, as far as reading
+/// it goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Frame {
+    /// Archive uuid (3.0 only).
+    pub(crate) uuid: Option<[u8; 16]>,
+    pub(crate) seq: u64,
+    pub(crate) entry_count: u32,
+    pub(crate) mask_count: u32,
+    pub(crate) codec: Codec,
+    pub(crate) stored_len: u32,
+    pub(crate) raw_len: u32,
+}
+
+impl Frame {
+    pub(crate) fn payload_start(&self) -> usize {
+        EXTENT_HEADER_LEN
+            + self.entry_count as usize * ENTRY_LEN
+            + masks_len(self.mask_count as usize)
+    }
+
+    pub(crate) fn total_len(&self) -> usize {
+        self.payload_start() + self.stored_len as usize + DIGEST_LEN
+    }
+
+    fn body_counts(&self) -> BodyCounts {
+        BodyCounts {
+            seq: self.seq,
+            entry_count: self.entry_count,
+            mask_count: self.mask_count,
+            raw_len: self.raw_len,
+        }
+    }
+
+    /// Decode a 64-byte extent header of archive version `major` at `offset`.
+    pub(crate) fn decode(hb: &[u8; EXTENT_HEADER_LEN], offset: u64, major: u16) -> Result<Frame> {
+        if major >= 3 {
+            let h = ExtentHeader::decode(hb, offset)?;
+            Ok(Frame {
+                uuid: Some(h.uuid),
+                seq: h.seq,
+                entry_count: h.entry_count,
+                mask_count: h.mask_count,
+                codec: h.codec,
+                stored_len: h.stored_len,
+                raw_len: h.raw_len,
+            })
+        } else {
+            let h = v2::ExtentHeader::decode(hb, offset)?;
+            Ok(Frame {
+                uuid: None,
+                seq: h.seq,
+                entry_count: h.entry_count,
+                mask_count: h.mask_count,
+                codec: h.codec,
+                stored_len: h.stored_len,
+                raw_len: h.raw_len,
+            })
+        }
+    }
+}
+
+/// What an extent must be, besides intact: the archive it belongs to and
+/// its place there (3.0).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Binding {
+    /// The archive version (decides the layout).
+    pub(crate) major: u16,
+    /// The archive's uuid (3.0).
+    pub(crate) uuid: [u8; 16],
+    /// The sequence number expected, if known.
+    pub(crate) seq: Option<u64>,
+    /// The digest the index records for it, if known.
+    pub(crate) digest: Option<[u8; 32]>,
+    /// Whether zstd payloads are allowed (the header's ZSTD feature).
+    pub(crate) zstd_allowed: bool,
+}
+
+/// An extent as stored in an archive, with its digest, binding, entries
+/// and masks checked but its payload not decoded: what a writer can
+/// append to another archive (see [`crate::Writer::append_stored`]),
+/// framed again with that archive's uuid and sequence number.
 #[derive(Debug)]
 pub struct StoredExtent {
     offset: u64,
-    header: ExtentHeader,
+    frame: Frame,
     /// Magic through digest, as read.
     bytes: Vec<u8>,
     entries: Vec<Entry>,
@@ -318,18 +513,18 @@ pub struct StoredExtent {
 
 impl StoredExtent {
     /// Check a whole extent (`bytes` from its magic through its digest)
-    /// found at absolute `offset`: header, length, SHA-256, entries and
-    /// masks. Damage is [`Error::Corrupt`] or [`Error::Truncated`].
-    /// On damage, the bytes come back with the error.
+    /// found at absolute `offset`: header, binding, length, SHA-256,
+    /// entries and masks. Damage is [`Error::Corrupt`] or
+    /// [`Error::Truncated`]. On damage, the bytes come back with the error.
     pub(crate) fn check(
         bytes: Vec<u8>,
         offset: u64,
-        zstd_allowed: bool,
+        binding: &Binding,
     ) -> std::result::Result<StoredExtent, (Error, Vec<u8>)> {
-        match check_extent(&bytes, offset, zstd_allowed) {
-            Ok((header, entries, masks)) => Ok(StoredExtent {
+        match check_extent(&bytes, offset, binding) {
+            Ok((frame, entries, masks)) => Ok(StoredExtent {
                 offset,
-                header,
+                frame,
                 bytes,
                 entries,
                 masks,
@@ -345,7 +540,7 @@ impl StoredExtent {
 
     /// Its sequence number in the archive it was read from.
     pub fn seq(&self) -> u64 {
-        self.header.seq
+        self.frame.seq
     }
 
     /// Its digest (as stored and checked).
@@ -362,12 +557,17 @@ impl StoredExtent {
 
     /// How its payload is encoded.
     pub fn codec(&self) -> Codec {
-        self.header.codec
+        self.frame.codec
     }
 
     /// Bytes it occupies in its archive.
     pub fn stored_len(&self) -> u64 {
         self.bytes.len() as u64
+    }
+
+    /// Stored 4 KiB blocks per drive.
+    pub(crate) fn stored_blocks(&self) -> Vec<(DriveId, u64)> {
+        blocks_per_drive(&self.entries, &self.masks)
     }
 
     /// Keep only the data entries (zero and unchanged entries hold no
@@ -382,26 +582,25 @@ impl StoredExtent {
 
     /// The masks (with their padding) and the stored payload.
     fn masks_and_payload(&self) -> &[u8] {
-        let original = EXTENT_HEADER_LEN + self.header.entry_count as usize * ENTRY_LEN;
+        let original = EXTENT_HEADER_LEN + self.frame.entry_count as usize * ENTRY_LEN;
         &self.bytes[original..self.bytes.len() - DIGEST_LEN]
     }
 
-    /// Decompress the payload.
+    /// Decompress the payload; `key` is how the index names the extent.
     pub(crate) fn decode(
         &self,
+        key: u64,
         decompressor: &mut zstd::bulk::Decompressor<'static>,
     ) -> Result<DecodedExtent> {
-        let h = &self.header;
+        let h = &self.frame;
         let stored = &self.bytes[h.payload_start()..self.bytes.len() - DIGEST_LEN];
         let payload = decode_payload(h, stored, self.offset, decompressor)?;
-        let digest = self.bytes[self.bytes.len() - DIGEST_LEN..]
-            .try_into()
-            .expect("32");
         Ok(DecodedExtent::new(
             h.seq,
+            key,
             self.offset,
             self.bytes.len() as u64,
-            digest,
+            self.digest(),
             self.entries.clone(),
             self.masks.clone(),
             payload,
@@ -409,20 +608,40 @@ impl StoredExtent {
     }
 }
 
-/// Check a whole extent's header, length, SHA-256, entries and masks.
-fn check_extent(
-    bytes: &[u8],
-    offset: u64,
-    zstd_allowed: bool,
-) -> Result<(ExtentHeader, Vec<Entry>, Vec<u16>)> {
+/// Check a whole extent's header, binding, length, SHA-256, entries and masks.
+fn check_extent(bytes: &[u8], offset: u64, b: &Binding) -> Result<(Frame, Vec<Entry>, Vec<u16>)> {
     let hb: &[u8; EXTENT_HEADER_LEN] = bytes
         .get(..EXTENT_HEADER_LEN)
         .and_then(|s| s.try_into().ok())
         .ok_or_else(|| Error::truncated(offset, "extent shorter than its header"))?;
-    let h = ExtentHeader::decode(hb, offset)?;
-    if h.codec == Codec::Zstd && !zstd_allowed {
+    let h = Frame::decode(hb, offset, b.major)?;
+    if let Some(uuid) = h.uuid {
+        if uuid != b.uuid {
+            return Err(Error::corrupt(
+                offset,
+                format!(
+                    "extent #{} belongs to another archive (uuid {}, not {}): a foreign extent, never used",
+                    h.seq,
+                    crate::types::uuid_text(&uuid),
+                    crate::types::uuid_text(&b.uuid)
+                ),
+            ));
+        }
+    }
+    if let Some(seq) = b.seq {
+        if h.seq != seq {
+            return Err(Error::corrupt(
+                offset,
+                format!(
+                    "found extent #{} where extent #{seq} belongs: a misplaced extent, never used",
+                    h.seq
+                ),
+            ));
+        }
+    }
+    if h.codec == Codec::Zstd && !b.zstd_allowed {
         return Err(Error::corrupt(
-            offset + 24,
+            offset + 48,
             format!(
                 "extent #{} is zstd-compressed but the header lacks the ZSTD feature",
                 h.seq
@@ -451,8 +670,19 @@ fn check_extent(
             ),
         ));
     }
+    if let Some(want) = b.digest {
+        if !check_matches(&want, &digest) {
+            return Err(Error::corrupt(
+                offset,
+                format!(
+                    "extent #{} is intact but not the one the index records there (another copy, an older version, or bytes from another file)",
+                    h.seq
+                ),
+            ));
+        }
+    }
     let (entries, masks) = decode_entries(
-        &h,
+        &h.body_counts(),
         &bytes[EXTENT_HEADER_LEN..],
         offset + EXTENT_HEADER_LEN as u64,
     )?;
@@ -461,7 +691,7 @@ fn check_extent(
 
 /// The decoded payload of a checked extent (`stored`: its stored payload).
 fn decode_payload(
-    h: &ExtentHeader,
+    h: &Frame,
     stored: &[u8],
     offset: u64,
     decompressor: &mut zstd::bulk::Decompressor<'static>,
@@ -501,10 +731,10 @@ fn decode_payload(
 pub(crate) fn decode_extent(
     bytes: &[u8],
     offset: u64,
-    zstd_allowed: bool,
+    binding: &Binding,
     decompressor: &mut zstd::bulk::Decompressor<'static>,
 ) -> Result<DecodedExtent> {
-    let (h, entries, masks) = check_extent(bytes, offset, zstd_allowed)?;
+    let (h, entries, masks) = check_extent(bytes, offset, binding)?;
     let body_end = bytes.len() - DIGEST_LEN;
     let payload = decode_payload(
         &h,
@@ -512,8 +742,10 @@ pub(crate) fn decode_extent(
         offset,
         decompressor,
     )?;
+    let key = if binding.major >= 3 { h.seq } else { offset };
     Ok(DecodedExtent::new(
         h.seq,
+        key,
         offset,
         bytes.len() as u64,
         bytes[body_end..].try_into().expect("32"),
@@ -526,8 +758,10 @@ pub(crate) fn decode_extent(
 impl DecodedExtent {
     /// Assemble a decoded extent from checked parts (the masks match the
     /// data entries and the payload holds exactly the blocks they mark).
+    #[allow(clippy::too_many_arguments)]
     fn new(
         seq: u64,
+        key: u64,
         offset: u64,
         stored_len: u64,
         digest: [u8; 32],
@@ -551,6 +785,7 @@ impl DecodedExtent {
         }
         DecodedExtent {
             seq,
+            key,
             offset,
             stored_len,
             digest,
@@ -559,12 +794,13 @@ impl DecodedExtent {
             first_mask,
             mask_payload,
             payload,
+            leaves: Vec::new(),
         }
     }
 
     /// A VMA v1 extent (header already checked) as a decoded extent; its
     /// data is `data` (exactly the blocks the masks mark). v1 has no data
-    /// digest, so `digest` is all zero.
+    /// digest, so `digest` is all zero; the index names it by offset.
     pub(crate) fn from_v1(seq: u64, offset: u64, header: &V1ExtentHeader, data: Vec<u8>) -> Self {
         let mut raw = RawExtent::default();
         for slot in &header.slots {
@@ -580,6 +816,7 @@ impl DecodedExtent {
         }
         DecodedExtent::new(
             seq,
+            offset,
             offset,
             (EXTENT_HEADER_LEN_V1 + data.len()) as u64,
             [0; 32],

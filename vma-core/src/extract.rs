@@ -1,6 +1,7 @@
 //! Extraction sinks: sparse raw drive files and config blobs, written under
 //! temporary names and renamed into place only when everything succeeded.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -13,7 +14,7 @@ use crate::chain::Chain;
 use crate::error::{Error, IoContext, Result};
 use crate::extent::{ClusterData, DecodedExtent};
 use crate::format::{check_name, Header, BLOCK_SIZE};
-use crate::format::{IndexRun, RunKind};
+use crate::index::{LeafItem, LeafSource};
 use crate::qcow2::{compress_cluster, Qcow2Writer};
 use crate::stream::{ArchiveStream, HashDrives, PassOptions, PassReport};
 use crate::types::{cluster_len, ClusterNo, DriveId, DriveRange};
@@ -223,10 +224,10 @@ pub struct ExtractOptions {
     /// Go on past damage and gaps: write everything intact, leave what is
     /// lost as zeros (holes), and report it in the summary.
     pub salvage: bool,
-    /// Also compute each extracted drive's SHA-256 and fail on a mismatch
-    /// with the recorded one. Every extent's digest is checked regardless;
-    /// this adds one sequential hash per drive (zeros included), which
-    /// roughly doubles the time of a large extract on two cores.
+    /// 2.0 archives: also compute each extracted drive's plain SHA-256
+    /// (the 2.0 drive digest) and fail on a mismatch with the recorded one.
+    /// 3.0 drive digests are always checked, end to end: over every byte
+    /// written, those read from ancestors included.
     pub check_drive_digests: bool,
 }
 
@@ -347,37 +348,57 @@ pub fn extract<R: Read>(
         } else {
             HashDrives::None
         },
+        ..Default::default()
     };
-    let mut report = stream.pass(&pass_options, |ext| {
-        progress(ext.offset + ext.stored_len);
-        write_extent(ext, &mut targets, &mut compressors)
-    })?;
-    if let Some(chain) = ancestors {
-        if let Some(index) = &report.index {
-            index.refuse_interrupted(&header, |id| targets[id.0 as usize].is_some())?;
-        }
-        // What the pass found unchanged (the rebuilt index: the stored one
-        // is only kept when intact), filled from the ancestors.
-        let unchanged: Vec<IndexRun> = report
-            .runs
-            .iter()
-            .filter(|r| r.kind == RunKind::Unchanged)
-            .copied()
-            .collect();
-        let lost = fill_unchanged(
-            &header,
-            &unchanged,
-            chain,
-            &mut targets,
-            &mut compressors,
-            options.salvage,
-        )?;
+    let targets = RefCell::new(targets);
+    let compressors = RefCell::new(compressors);
+    let mut fill = ancestors.map(|chain| Fill {
+        chain,
+        header: &header,
+        targets: &targets,
+        compressors: &compressors,
+        salvage: options.salvage,
+        want_leaves: stream.format() == crate::stream::ArchiveFormat::V3,
+        lost: Vec::new(),
+    });
+    let mut report = stream.pass_with(
+        &pass_options,
+        fill.as_mut().map(|f| f as &mut dyn LeafSource),
+        |ext| {
+            progress(ext.offset + ext.stored_len);
+            write_extent(
+                ext,
+                &mut targets.borrow_mut(),
+                &mut compressors.borrow_mut(),
+            )
+        },
+    )?;
+    let fill_lost = fill.map(|f| f.lost);
+    let mut targets = targets.into_inner();
+    if let Some(records) = &report.records {
+        crate::reader::refuse_interrupted(&header, records, |id| targets[id.0 as usize].is_some())?;
+    }
+    if let Some(lost) = fill_lost {
+        let lost_drives: Vec<DriveId> = lost.iter().map(|(r, _)| r.drive).collect();
         for (range, e) in lost {
             report.damaged.push(range);
             report.problems.push(e);
         }
-    } else if let Some(index) = &report.index {
-        index.refuse_interrupted(&header, |id| targets[id.0 as usize].is_some())?;
+        // Ancestors' losses leave the point in time unproven, not wrong.
+        for (slot, d) in header.drives.iter().enumerate() {
+            if lost_drives.contains(&d.id) {
+                report.digests[slot] = crate::stream::DriveDigestCheck::NotChecked;
+                report.problems.retain(
+                    |p| !matches!(p, Error::DriveDigestMismatch { drive_name, .. } if *drive_name == d.name),
+                );
+            }
+        }
+    }
+    // Clusters two intact extents hold differently: zeros, like mount --salvage.
+    for r in &report.conflicting {
+        if let Some(t) = targets[r.drive.0 as usize].as_mut() {
+            zero_range(t, r.bytes.clone())?;
+        }
     }
     let mut files = Vec::new();
     for (i, path) in &config_plan {
@@ -409,69 +430,145 @@ pub fn refuse_incremental(header: &Header) -> Result<()> {
     }
 }
 
-/// Write what the archive marks unchanged (`runs`) from its ancestors,
-/// cluster by cluster; all-zero clusters stay holes. With `salvage`, a
-/// cluster an ancestor cannot give (damage) stays zeros and is returned
-/// with the error; without it, the first such error fails.
-fn fill_unchanged(
-    header: &Header,
-    runs: &[IndexRun],
-    chain: &Chain,
-    targets: &mut [Option<DriveTarget>],
-    compressors: &mut [zstd::bulk::Compressor<'static>],
-    salvage: bool,
-) -> Result<Vec<(DriveRange, Error)>> {
+/// Make `bytes` of a drive file read as zeros.
+fn zero_range(target: &mut DriveTarget, bytes: std::ops::Range<u64>) -> Result<()> {
     let cs = crate::format::CLUSTER_SIZE as u64;
-    let mut buf = vec![0u8; cs as usize];
-    let mut lost: Vec<(DriveRange, Error)> = Vec::new();
-    for run in runs {
-        let Some(target) = targets[run.drive.0 as usize].as_mut() else {
-            continue;
+    match target {
+        DriveTarget::Raw { out, .. } => {
+            // SAFETY: fallocate on a descriptor we own; no memory is touched.
+            let r = unsafe {
+                libc::fallocate(
+                    out.file().as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    bytes.start as libc::off_t,
+                    (bytes.end - bytes.start) as libc::off_t,
+                )
+            };
+            if r != 0 {
+                let zeros = vec![0u8; 1 << 20];
+                let mut at = bytes.start;
+                while at < bytes.end {
+                    let n = (bytes.end - at).min(zeros.len() as u64) as usize;
+                    out.write_all_at(&zeros[..n], at)?;
+                    at += n as u64;
+                }
+            }
+            Ok(())
+        }
+        DriveTarget::Qcow2 { out, .. } => {
+            for c in bytes.start / cs..bytes.end.div_ceil(cs) {
+                out.zero_cluster(c)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// What an incremental archive marks unchanged, filled from its ancestors
+/// while the index is walked: each cluster is read from the chain, written
+/// to its drive file, and its leaf handed on, so the drive digest checked
+/// covers every byte written. With `salvage`, a cluster an ancestor cannot
+/// give (damage) stays zeros and is listed; without it, the first such
+/// error fails. Drives not extracted get their leaves from the chain's
+/// leaf pages.
+struct Fill<'a> {
+    chain: &'a Chain,
+    header: &'a Header,
+    targets: &'a RefCell<Vec<Option<DriveTarget>>>,
+    compressors: &'a RefCell<Vec<zstd::bulk::Compressor<'static>>>,
+    salvage: bool,
+    want_leaves: bool,
+    lost: Vec<(DriveRange, Error)>,
+}
+
+impl LeafSource for Fill<'_> {
+    fn leaves(
+        &mut self,
+        drive: &crate::format::DriveInfo,
+        clusters: std::ops::Range<u64>,
+        out: &mut dyn FnMut(LeafItem) -> Result<()>,
+    ) -> Result<bool> {
+        let cs = crate::format::CLUSTER_SIZE as u64;
+        let Some(d) = self.header.drive(drive.id) else {
+            return Ok(false);
         };
-        let Some(d) = header.drive(run.drive) else {
-            continue;
-        };
-        // Zero stretches of the ancestors cost one step each, however long.
-        let run_end = ((run.start + run.count as u64) * cs).min(d.size);
-        let mut pos = run.start * cs;
-        let mut next_cluster = run.start;
+        let selected = self.targets.borrow()[d.id.0 as usize].is_some();
+        if !selected {
+            if !self.want_leaves {
+                return Ok(false);
+            }
+            self.chain.leaves_of_point(&d.name, d.size, clusters, out)?;
+            return Ok(true);
+        }
+        let mut buf = vec![0u8; cs as usize];
+        let run_end = (clusters.end * cs).min(d.size);
+        let mut pos = clusters.start * cs;
+        let mut next_cluster = clusters.start;
+        let mut whole = true;
         while pos < run_end {
-            let (n, data) = match chain.status(d.id, pos)? {
+            // Zero stretches of the ancestors cost one step each, however long.
+            let (n, data) = match self.chain.status_named(&d.name, pos)? {
                 crate::source::Stretch::Zero(n) => (n, false),
                 crate::source::Stretch::Data(n) => (n, true),
             };
             let next = (pos + n.max(1)).min(run_end);
-            if data {
-                for c in (pos / cs).max(next_cluster)..next.div_ceil(cs) {
-                    let len = cluster_len(d.size, ClusterNo(c));
-                    let data = &mut buf[..len];
-                    match chain.read_named(&d.name, c * cs, data) {
-                        Ok(()) => fill_cluster(target, c, data, compressors)?,
-                        Err(e) if salvage && e.is_damage() => {
-                            let bytes = c * cs..c * cs + len as u64;
-                            match lost.last_mut() {
-                                Some((r, _)) if r.drive == d.id && r.bytes.end == bytes.start => {
-                                    r.bytes.end = bytes.end
-                                }
-                                _ => lost.push((
-                                    DriveRange {
-                                        drive: d.id,
-                                        drive_name: d.name.clone(),
-                                        bytes,
-                                    },
-                                    e,
-                                )),
-                            }
-                        }
-                        Err(e) => return Err(e),
+            let first = (pos / cs).max(next_cluster);
+            let last = next.div_ceil(cs);
+            if !data {
+                // Clusters wholly inside the zero stretch.
+                let zero_end = if next == run_end { last } else { next / cs };
+                if zero_end > first {
+                    if self.want_leaves {
+                        out(LeafItem::Zeros(zero_end - first))?;
                     }
-                    next_cluster = c + 1;
+                    next_cluster = zero_end;
                 }
+                pos = next;
+                continue;
+            }
+            for c in first..last {
+                let len = cluster_len(d.size, ClusterNo(c));
+                let bytes = &mut buf[..len];
+                match self.chain.read_named(&d.name, c * cs, bytes) {
+                    Ok(()) => {
+                        let mut targets = self.targets.borrow_mut();
+                        let target = targets[d.id.0 as usize].as_mut().expect("selected");
+                        fill_cluster(target, c, bytes, &mut self.compressors.borrow_mut())?;
+                        if self.want_leaves {
+                            out(LeafItem::Leaf(crate::tree::leaf(bytes)))?;
+                        }
+                    }
+                    Err(e) if self.salvage && e.is_damage() => {
+                        whole = false;
+                        let bytes = c * cs..c * cs + len as u64;
+                        match self.lost.last_mut() {
+                            Some((r, _)) if r.drive == d.id && r.bytes.end == bytes.start => {
+                                r.bytes.end = bytes.end
+                            }
+                            _ => self.lost.push((
+                                DriveRange {
+                                    drive: d.id,
+                                    drive_name: d.name.clone(),
+                                    bytes,
+                                },
+                                e,
+                            )),
+                        }
+                        if self.want_leaves {
+                            out(LeafItem::Zeros(1))?;
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+                next_cluster = c + 1;
             }
             pos = next;
         }
+        if self.want_leaves && next_cluster < clusters.end {
+            out(LeafItem::Zeros(clusters.end - next_cluster))?;
+        }
+        Ok(whole && self.want_leaves)
     }
-    Ok(lost)
 }
 
 /// Write one cluster's bytes (`data`) to a drive file; all-zero clusters

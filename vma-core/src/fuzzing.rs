@@ -106,6 +106,7 @@ fn sequential_pass(data: &[u8], keep_going: bool) -> Option<(Clusters, bool)> {
         } else {
             HashDrives::None
         },
+        ..Default::default()
     };
     let mut clusters = Clusters::new();
     let mut kept = 0usize;
@@ -136,7 +137,10 @@ fn random_access(reader: &Reader) {
     let mut buf = vec![0u8; 2 * CLUSTER_SIZE + 3];
     let drives = reader.header().drives.clone();
     for d in &drives {
-        let runs: Vec<_> = reader.runs(d.id).to_vec();
+        let runs: Vec<_> = reader
+            .runs(d.id)
+            .map(|it| it.take(1 << 16).filter_map(|r| r.ok()).collect())
+            .unwrap_or_default();
         let step = runs.len() / 16 + 1;
         let mut offsets = vec![0, d.size.saturating_sub(buf.len() as u64), d.size / 2 + 1];
         offsets.extend(
@@ -162,7 +166,8 @@ fn random_access(reader: &Reader) {
         for r in runs.iter().step_by(step) {
             let _ = reader.run_at(d.id, ClusterNo(r.start));
             if r.kind == RunKind::Data {
-                let _ = reader.ranges_in_extent(r.extent_offset);
+                let _ = reader.ranges_in_extent(r.extent);
+                let _ = reader.leaf(d.id, r.start);
             }
         }
     }

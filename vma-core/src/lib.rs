@@ -3,13 +3,17 @@
 //! pipes, random access from files) that everything else is built on.
 //!
 //! - [`format`]: on-disk structures and their byte encodings (no I/O).
+//! - [`tree`]: the drive digest (a Merkle tree over 64 KiB clusters).
+//! - [`index`]: the paged index, built with bounded memory, read page by page.
 //! - [`Writer`]: clusters in, archive out (file or pipe).
 //! - [`ArchiveStream`]: one sequential pass, shared by verify and extract.
 //! - [`Reader`]: random access to any byte range of any drive.
+//! - [`chain`]: incremental chains, every link proven by content.
 
 #![warn(missing_docs)]
 
 pub mod chain;
+pub mod checksum;
 pub mod convert;
 pub mod detect;
 pub mod diff;
@@ -21,6 +25,7 @@ pub mod format;
 pub mod format_v1;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod index;
 mod input;
 pub mod lzop;
 pub mod merge;
@@ -30,7 +35,9 @@ pub mod qcow2;
 pub mod ranges;
 pub mod reader;
 pub mod source;
+mod spool;
 pub mod stream;
+pub mod tree;
 pub mod types;
 pub mod verify;
 pub mod writer;

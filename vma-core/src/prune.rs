@@ -13,16 +13,15 @@
 //! archives beside the set included, and archives still being written)
 //! must still find its parent.
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::chain::answers_to;
+use crate::chain::{claims_to_stand_in, is_exactly};
 use crate::detect::{detect, DetectedFormat, DETECT_LEN};
 use crate::error::{Error, Result};
 use crate::format::{Header, ParentRef};
 use crate::reader::Reader;
-use crate::stream::ArchiveStream;
+use crate::stream::{ArchiveFormat, ArchiveStream};
 use crate::types::uuid_text;
 
 /// One chain of the set and what happens to it.
@@ -101,7 +100,7 @@ pub fn plan_prune(archives: &[PathBuf], keep: usize, beside: &[PathBuf]) -> Resu
             continue;
         };
         let exact = readers.iter().position(|p| is_exactly(p, &want));
-        let found = exact.or_else(|| readers.iter().position(|p| answers_to(p, &want)));
+        let found = exact.or_else(|| readers.iter().position(|p| claims_to_stand_in(p, &want)));
         let Some(j) = found else {
             return Err(Error::Invalid(format!(
                 "{} needs its parent (uuid {}), which is not among the archives to prune: the chain is broken",
@@ -139,7 +138,7 @@ pub fn plan_prune(archives: &[PathBuf], keep: usize, beside: &[PathBuf]) -> Resu
         ));
     }
     // The newest `keep` points in time over all chains.
-    let interrupted = |i: usize| readers[i].index().drives.iter().any(|d| d.interrupted);
+    let interrupted = |i: usize| readers[i].drive_records().iter().any(|d| d.interrupted);
     let mut points: Vec<(i64, usize, usize)> = Vec::new();
     for chain in &chains {
         for (pos, &i) in chain.iter().enumerate() {
@@ -192,16 +191,12 @@ fn check_nothing_needed(
     // will (a replaced point's identity and what it stood in for).
     let identities = |i: usize| {
         let r = &readers[i];
-        r.footer()
-            .map(|f| ParentRef {
-                uuid: r.header().uuid,
-                digest: f.archive_digest,
-            })
+        identity_of(r)
             .into_iter()
             .chain(r.header().stands_for.iter().copied())
             .collect::<Vec<_>>()
     };
-    let gone: HashMap<ParentRef, usize> = deleted
+    let gone: Vec<(ParentRef, usize)> = deleted
         .iter()
         .flat_map(|&i| identities(i).into_iter().map(move |id| (id, i)))
         .collect();
@@ -233,8 +228,8 @@ fn check_nothing_needed(
         let Some(want) = header.parent else {
             continue;
         };
-        if let Some(&d) = gone.get(&want) {
-            if !remaining.contains(&want) {
+        if let Some(&(_, d)) = gone.iter().find(|(id, _)| id.same_archive(&want)) {
+            if !remaining.iter().any(|r| r.same_archive(&want)) {
                 return Err(Error::Invalid(format!(
                     "{} needs {} (uuid {}) as its parent, which this prune would delete; prune it together with its chain",
                     path.display(),
@@ -247,17 +242,23 @@ fn check_nothing_needed(
     Ok(())
 }
 
-fn is_exactly(r: &Reader, want: &ParentRef) -> bool {
-    r.header().uuid == want.uuid && r.footer().is_some_and(|f| f.archive_digest == want.digest)
+/// How children name `r` as their parent (3.0: uuid, archive digest
+/// recomputed and state digest; 2.0: uuid and footer digest).
+fn identity_of(r: &Reader) -> Option<ParentRef> {
+    match r.format() {
+        ArchiveFormat::V3 => r.identity().ok(),
+        ArchiveFormat::V2 => Some(ParentRef {
+            uuid: r.header().uuid,
+            digest: r.archive_digest()?,
+            state: None,
+        }),
+        ArchiveFormat::VmaV1 => None,
+    }
 }
 
 /// The identity of a complete archive file, if it is one.
 fn full_identity(path: &Path) -> Option<ParentRef> {
-    let r = Reader::open(path).ok()?;
-    Some(ParentRef {
-        uuid: r.header().uuid,
-        digest: r.footer()?.archive_digest,
-    })
+    identity_of(&Reader::open(path).ok()?)
 }
 
 /// The header of a native archive file, complete or still being written.
@@ -286,7 +287,7 @@ fn is_archive(path: &Path) -> bool {
         .unwrap_or(0);
     matches!(
         detect(&magic[..n]),
-        Some(DetectedFormat::V2 | DetectedFormat::VmaV1)
+        Some(DetectedFormat::Native | DetectedFormat::VmaV1)
     )
 }
 

@@ -1,14 +1,12 @@
 //! Raw image sources (regular files and block devices): holes found with
 //! SEEK_DATA/SEEK_HOLE become zero clusters without being read, data is fed
-//! to the Writer in order while another thread hashes the whole drive.
+//! to the Writer in order.
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-
-use crate::digest::Sha256;
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::CLUSTER_SIZE;
@@ -195,108 +193,48 @@ pub(crate) fn next_data_run(
     }
 }
 
-enum HashPiece {
-    Data(Vec<u8>, usize),
-    Zeros(u64),
-}
-
-/// Feed the whole image into `drive` of `writer` in order and record the
-/// drive's SHA-256. Zero stretches become zero runs without being read.
-/// `progress` is called with bytes of the drive done.
+/// Feed the whole image into `drive` of `writer` in order. Zero stretches
+/// become zero runs without being read (the writer hashes the leaves of
+/// what it stores on its workers). `progress` is called with bytes of the
+/// drive done.
 pub fn copy_image(
     writer: &mut dyn ClusterWriter,
     drive: DriveId,
     image: &dyn DiskImage,
     progress: &mut dyn FnMut(u64),
-) -> Result<[u8; 32]> {
+) -> Result<()> {
     let size = image.size();
     let total = clusters_for(size);
-    const BUFFERS: usize = 8;
     let chunk_bytes = CHUNK_CLUSTERS as usize * CLUSTER_SIZE;
-    let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(BUFFERS);
-    for _ in 0..BUFFERS {
-        free_tx.send(vec![0u8; chunk_bytes]).expect("fresh channel");
-    }
-    let (hash_tx, hash_rx) = crossbeam_channel::bounded::<HashPiece>(BUFFERS);
-    // Hashing every logical byte (zeros too) costs about as much as the
-    // rest together; skip it when the digest would be thrown away.
-    let hash = writer.keeps_drive_digest();
-    let hasher = std::thread::Builder::new()
-        .name("vma-drive-hash".into())
-        .spawn(move || {
-            let mut sha = Sha256::new();
-            let zeros = vec![0u8; 1 << 20];
-            for piece in hash_rx {
-                match piece {
-                    HashPiece::Data(buf, len) => {
-                        if hash {
-                            sha.update(&buf[..len]);
-                        }
-                        let _ = free_tx.send(buf);
-                    }
-                    HashPiece::Zeros(_) if !hash => {}
-                    HashPiece::Zeros(mut n) => {
-                        while n > 0 {
-                            let k = n.min(zeros.len() as u64) as usize;
-                            sha.update(&zeros[..k]);
-                            n -= k as u64;
-                        }
-                    }
-                }
-            }
-            let digest: [u8; 32] = sha.finish();
-            digest
-        })
-        .expect("spawning the hash thread");
-
-    let result = (|| -> Result<()> {
-        let mut next = 0u64;
-        let zero_run = |writer: &mut dyn ClusterWriter, from: u64, to: u64| -> Result<()> {
-            if to > from {
-                writer.write_zeros(drive, from..to)?;
-                let bytes =
-                    (to.min(total) * CLUSTER_SIZE as u64).min(size) - from * CLUSTER_SIZE as u64;
-                hash_tx
-                    .send(HashPiece::Zeros(bytes))
-                    .map_err(|_| Error::Invalid("hash thread stopped".into()))?;
-            }
-            Ok(())
-        };
-        while let Some(range) = next_data_run(image, next)? {
-            zero_run(writer, next, range.start)?;
-            progress(range.start * CLUSTER_SIZE as u64);
-            let mut c = range.start;
-            while c < range.end {
-                let n = (range.end - c).min(CHUNK_CLUSTERS);
-                let start = c * CLUSTER_SIZE as u64;
-                let len = ((c + n) * CLUSTER_SIZE as u64).min(size) - start;
-                let mut buf = free_rx
-                    .recv()
-                    .map_err(|_| Error::Invalid("hash thread stopped".into()))?;
-                image.read_at(&mut buf[..len as usize], start)?;
-                for k in 0..n {
-                    let cl = ClusterNo(c + k);
-                    let off = (k as usize) * CLUSTER_SIZE;
-                    let clen = cluster_len(size, cl);
-                    writer.write_cluster(drive, cl, &buf[off..off + clen])?;
-                }
-                hash_tx
-                    .send(HashPiece::Data(buf, len as usize))
-                    .map_err(|_| Error::Invalid("hash thread stopped".into()))?;
-                c += n;
-                progress(start + len);
-            }
-            next = range.end;
+    let mut buf = vec![0u8; chunk_bytes];
+    let mut next = 0u64;
+    while let Some(range) = next_data_run(image, next)? {
+        if range.start > next {
+            writer.write_zeros(drive, next..range.start)?;
         }
-        zero_run(writer, next, total)?;
-        progress(size);
-        Ok(())
-    })();
-    drop(hash_tx);
-    let digest = hasher.join().expect("hash thread");
-    result?;
-    writer.set_drive_digest(drive, digest)?;
-    Ok(digest)
+        progress(range.start * CLUSTER_SIZE as u64);
+        let mut c = range.start;
+        while c < range.end {
+            let n = (range.end - c).min(CHUNK_CLUSTERS);
+            let start = c * CLUSTER_SIZE as u64;
+            let len = ((c + n) * CLUSTER_SIZE as u64).min(size) - start;
+            image.read_at(&mut buf[..len as usize], start)?;
+            for k in 0..n {
+                let cl = ClusterNo(c + k);
+                let off = (k as usize) * CLUSTER_SIZE;
+                let clen = cluster_len(size, cl);
+                writer.write_cluster(drive, cl, &buf[off..off + clen])?;
+            }
+            c += n;
+            progress(start + len);
+        }
+        next = range.end;
+    }
+    if total > next {
+        writer.write_zeros(drive, next..total)?;
+    }
+    progress(size);
+    Ok(())
 }
 
 /// Every run [`next_data_run`] finds, from the start (for tests and tools).

@@ -1,20 +1,25 @@
 //! The archive Writer: accepts clusters of any drive in any order, groups
-//! them into extents, compresses and hashes extents on worker threads, and
-//! appends them to any `Write` (a file or a pipe) in submission order.
+//! them into extents, compresses them and hashes their leaves on worker
+//! threads, and appends them to any `Write` (a file or a pipe) in
+//! submission order; then writes the paged index (built with bounded
+//! memory, see [`crate::index`]) and the footer.
 
 use std::io::Write;
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::extent::{encode_extent, reframe_stored, EncodedExtent, RawExtent, StoredExtent};
-use crate::format::{
-    limits, ArchiveDigest, Codec, CompressionInfo, ConfigBlob, DriveInfo, DriveRecord, Footer,
-    Header, Index, IndexRun, ParentRef, RunKind, BLOCK_SIZE, COMPAT_STANDS_FOR, INCOMPAT_PARENT,
-    INCOMPAT_ZSTD, VERSION_MINOR,
+use crate::extent::{
+    drive_sizes, encode_extent, reframe_stored, DriveSizes, EncodedExtent, RawExtent, StoredExtent,
 };
+use crate::format::{
+    archive_digest, limits, Codec, CompressionInfo, ConfigBlob, DriveInfo, Footer, Header,
+    ParentRef, RunKind, BLOCK_SIZE, COMPAT_STANDS_FOR, INCOMPAT_PARENT, INCOMPAT_ZSTD,
+    VERSION_MAJOR, VERSION_MINOR,
+};
+use crate::index::{ExtentKeys, FinishOptions, IndexBuilder, LeafSource};
 use crate::pipeline::OrderedPool;
-use crate::ranges::RangeSet;
-use crate::types::{block_mask, cluster_len, cluster_range_bytes, ClusterNo, DriveId};
+use crate::tree::Digest;
+use crate::types::{block_mask, cluster_len, ClusterNo, DriveId};
 
 /// Anything that takes clusters of drives in any order: the native
 /// [`Writer`] and the VMA v1 writer. Sources feed archives through it.
@@ -30,13 +35,6 @@ pub trait ClusterWriter {
             "this archive format cannot hold an incremental archive (unchanged clusters)".into(),
         ))
     }
-    /// Record the SHA-256 of the whole logical drive, where the format has room.
-    fn set_drive_digest(&mut self, drive: DriveId, digest: [u8; 32]) -> Result<()>;
-    /// Whether [`ClusterWriter::set_drive_digest`] keeps the digest (so
-    /// sources know whether hashing a whole drive is worth its cost).
-    fn keeps_drive_digest(&self) -> bool {
-        true
-    }
 }
 
 impl<W: Write> ClusterWriter for Writer<W> {
@@ -48,9 +46,6 @@ impl<W: Write> ClusterWriter for Writer<W> {
     }
     fn write_unchanged(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
         Writer::write_unchanged(self, drive, clusters)
-    }
-    fn set_drive_digest(&mut self, drive: DriveId, digest: [u8; 32]) -> Result<()> {
-        Writer::set_drive_digest(self, drive, digest)
     }
 }
 
@@ -126,7 +121,8 @@ pub struct ArchiveMeta {
     pub drives: Vec<DriveInfo>,
     /// Config blobs.
     pub configs: Vec<ConfigBlob>,
-    /// Parent, for incremental archives.
+    /// Parent, for incremental archives (uuid, archive digest and state
+    /// digest: see [`crate::reader::Reader::identity`]).
     pub parent: Option<ParentRef>,
     /// The archives whose point in time this one holds (see
     /// [`Header::stands_for`]); empty for a new backup.
@@ -155,8 +151,13 @@ impl ArchiveMeta {
 pub struct WriteSummary {
     /// Archive uuid.
     pub uuid: [u8; 16],
-    /// The archive digest recorded in the footer.
+    /// The archive digest.
     pub archive_digest: [u8; 32],
+    /// The state digest of the archive's point in time (None when a drive
+    /// has no digest: an interrupted capture).
+    pub state_digest: Option<[u8; 32]>,
+    /// Every drive's digest, in header order (None for interrupted drives).
+    pub drive_digests: Vec<Option<Digest>>,
     /// Total bytes written.
     pub bytes_written: u64,
     /// Number of extents.
@@ -168,20 +169,18 @@ pub struct WriteSummary {
 struct DriveState {
     info: DriveInfo,
     clusters: u64,
-    written: RangeSet,
     /// Highest cluster written so far + 1, to count out-of-order arrivals.
     high_water: u64,
-    record: DriveRecord,
+    /// The drive digest the caller expects (merge, convert).
+    expected: Option<Digest>,
 }
 
 /// Where encoded extents go, in order.
 struct Output<W: Write> {
     out: W,
     pos: u64,
-    runs: Vec<IndexRun>,
-    digest: ArchiveDigest,
+    builder: IndexBuilder,
     extents: u64,
-    stored_by_drive: [u64; 256],
     spare: Vec<RawExtent>,
 }
 
@@ -198,20 +197,21 @@ impl<W: Write> Output<W> {
         let enc = enc?;
         let offset = self.pos;
         self.write_all(&enc.bytes)?;
-        self.digest.add(&enc.digest);
+        let len = enc.bytes.len() as u64;
+        self.builder
+            .add_extent(enc.seq, offset, len as u32, enc.digest)?;
         self.extents += 1;
         for e in &enc.entries {
-            self.runs.push(IndexRun {
-                drive: e.drive,
-                start: e.start,
-                count: e.count,
-                kind: e.kind,
-                extent_offset: if e.kind == RunKind::Data { offset } else { 0 },
-            });
+            self.builder
+                .add_entry(e.drive, e.kind, e.start, e.count, enc.seq)?;
+        }
+        for &(d, c, l) in &enc.leaves {
+            self.builder.add_leaf(d, c, enc.seq, l)?;
         }
         let total_blocks: u64 = enc.blocks_per_drive.iter().map(|(_, b)| b).sum();
         for (d, blocks) in &enc.blocks_per_drive {
-            self.stored_by_drive[d.0 as usize] += enc.stored_len * blocks / total_blocks.max(1);
+            self.builder
+                .add_stored_bytes(*d, len * blocks / total_blocks.max(1));
         }
         if let Some(raw) = enc.raw {
             self.spare.push(raw);
@@ -231,6 +231,7 @@ enum Job {
 /// [`Writer::write_zeros`] in any order, then call [`Writer::finish`].
 pub struct Writer<W: Write> {
     header: Header,
+    header_digest: [u8; 32],
     drives: Vec<DriveState>,
     slot_of: [Option<u8>; 256],
     current: RawExtent,
@@ -239,6 +240,7 @@ pub struct Writer<W: Write> {
     pool: OrderedPool<Job, Result<EncodedExtent>>,
     output: Output<W>,
     out_of_order: u64,
+    leaf_source: Option<Box<dyn LeafSource + Send>>,
 }
 
 impl<W: Write> Writer<W> {
@@ -266,6 +268,7 @@ impl<W: Write> Writer<W> {
             ));
         }
         let header = Header {
+            version_major: VERSION_MAJOR,
             version_minor: VERSION_MINOR,
             incompat: if codec == Codec::Zstd {
                 INCOMPAT_ZSTD
@@ -294,6 +297,9 @@ impl<W: Write> Writer<W> {
             stands_for: meta.stands_for,
         };
         let header_bytes = header.encode()?;
+        let header_digest: [u8; 32] = header_bytes[header_bytes.len() - 32..]
+            .try_into()
+            .expect("32");
         let mut slot_of = [None; 256];
         let drives = header
             .drives
@@ -304,20 +310,15 @@ impl<W: Write> Writer<W> {
                 DriveState {
                     info: d.clone(),
                     clusters: d.clusters(),
-                    written: RangeSet::new(),
                     high_water: 0,
-                    record: DriveRecord {
-                        drive: d.id,
-                        data_clusters: 0,
-                        stored_bytes: 0,
-                        digest: None,
-                        interrupted: false,
-                    },
+                    expected: None,
                 }
             })
             .collect();
         let threads = effective_threads(options.threads);
         let compression = options.compression;
+        let uuid = header.uuid;
+        let sizes: std::sync::Arc<DriveSizes> = drive_sizes(&header.drives).into();
         let pool = OrderedPool::new(threads, threads * 2 + 2, move || {
             let mut compressor = match compression {
                 Compression::Zstd(level) => Some(
@@ -325,24 +326,33 @@ impl<W: Write> Writer<W> {
                 ),
                 Compression::None => None,
             };
+            let mut decompressor =
+                zstd::bulk::Decompressor::new().expect("zstd decompression context");
+            let sizes = sizes.clone();
             move |job: Job| match job {
-                Job::Raw(seq, raw) => encode_extent(raw, seq, compressor.as_mut()),
-                Job::Stored(seq, stored) => Ok(reframe_stored(stored, seq)),
+                Job::Raw(seq, raw) => encode_extent(raw, uuid, seq, compressor.as_mut(), &sizes),
+                Job::Stored(seq, stored) => {
+                    reframe_stored(stored, uuid, seq, &mut decompressor, &sizes)
+                }
             }
         });
+        let builder = IndexBuilder::new(
+            &header.drives,
+            header.parent.is_some(),
+            ExtentKeys::Seq,
+            true,
+        );
         let mut output = Output {
             out,
             pos: 0,
-            runs: Vec::new(),
-            digest: ArchiveDigest::default(),
+            builder,
             extents: 0,
-            stored_by_drive: [0; 256],
             spare: Vec::new(),
         };
         output.write_all(&header_bytes)?;
-        output.digest.add(&header_bytes[header_bytes.len() - 32..]);
         Ok(Writer {
             header,
+            header_digest,
             drives,
             slot_of,
             current: RawExtent::default(),
@@ -351,6 +361,7 @@ impl<W: Write> Writer<W> {
             pool,
             output,
             out_of_order: 0,
+            leaf_source: None,
         })
     }
 
@@ -364,6 +375,23 @@ impl<W: Write> Writer<W> {
         self.output.pos
     }
 
+    /// Where the leaves of the clusters marked unchanged come from (the
+    /// parent chain's leaf pages, see [`crate::chain::Chain::leaf_source`]):
+    /// every drive of an incremental archive gets the drive digest of its
+    /// whole point in time, so it needs them.
+    pub fn set_leaf_source(&mut self, source: Box<dyn LeafSource + Send>) {
+        self.leaf_source = Some(source);
+    }
+
+    /// Fail [`Writer::finish`] (before the footer is written) unless the
+    /// drive digest computed for `drive` is `digest`: how a copy (merge,
+    /// convert) proves end to end that it holds the point in time its
+    /// source recorded.
+    pub fn expect_drive_digest(&mut self, drive: DriveId, digest: Digest) -> Result<()> {
+        self.drive_mut(drive)?.expected = Some(digest);
+        Ok(())
+    }
+
     fn drive_mut(&mut self, drive: DriveId) -> Result<&mut DriveState> {
         match self.slot_of[drive.0 as usize] {
             Some(i) => Ok(&mut self.drives[i as usize]),
@@ -373,6 +401,9 @@ impl<W: Write> Writer<W> {
         }
     }
 
+    /// Check that `clusters` lie within the drive and count out-of-order
+    /// arrivals. Clusters given twice or never are found when the index is
+    /// built (see [`Writer::finish`]), with no per-cluster state kept.
     fn claim(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()> {
         let slot = self.slot_of[drive.0 as usize]
             .ok_or_else(|| Error::Invalid(format!("drive id {drive} is not in this archive")))?;
@@ -383,13 +414,6 @@ impl<W: Write> Writer<W> {
                 d.info.name,
                 clusters.end - 1,
                 d.clusters
-            )));
-        }
-        if let Err(dup) = d.written.insert(clusters.clone()) {
-            return Err(Error::Invalid(format!(
-                "drive {}: bytes {:?} were already written to this archive",
-                d.info.name,
-                cluster_range_bytes(d.info.size, dup)
             )));
         }
         if clusters.start < d.high_water {
@@ -420,7 +444,6 @@ impl<W: Write> Writer<W> {
             self.current.push_run(drive, RunKind::Zero, cluster.0, 1);
         } else {
             self.current.push_data(drive, cluster, mask, data);
-            self.drive_mut(drive)?.record.data_clusters += 1;
         }
         self.maybe_flush()
     }
@@ -456,15 +479,11 @@ impl<W: Write> Writer<W> {
     }
 
     /// Mark `drive` as captured by an interrupted capture (see
-    /// [`DriveRecord::interrupted`]): readers refuse to present it alone.
+    /// [`crate::format::DriveRecord::interrupted`]): readers refuse to
+    /// present it alone, and it has no drive digest.
     pub fn mark_interrupted(&mut self, drive: DriveId) -> Result<()> {
-        self.drive_mut(drive)?.record.interrupted = true;
-        Ok(())
-    }
-
-    /// Record the SHA-256 of the whole logical drive (for sources read in order).
-    pub fn set_drive_digest(&mut self, drive: DriveId, digest: [u8; 32]) -> Result<()> {
-        self.drive_mut(drive)?.record.digest = Some(digest);
+        self.drive_mut(drive)?;
+        self.output.builder.set_interrupted(drive, true);
         Ok(())
     }
 
@@ -494,12 +513,13 @@ impl<W: Write> Writer<W> {
     }
 
     /// Append an extent of another archive as it is stored (see
-    /// [`StoredExtent`]): its payload is neither decoded nor compressed
-    /// again; it gets this archive's next sequence number and a new digest.
+    /// [`StoredExtent`]): its payload is not compressed again (it is
+    /// decoded once, on a worker, for the leaves of its clusters); it gets
+    /// this archive's uuid, next sequence number and a new digest.
     /// Its entries must name drives of this archive (ids as here) and are
-    /// checked like any submission: within the drive, none given before,
-    /// unchanged runs only with a parent. The extent being filled stays
-    /// open, so clusters written around stored extents still share extents.
+    /// checked like any submission: within the drive, unchanged runs only
+    /// with a parent. The extent being filled stays open, so clusters
+    /// written around stored extents still share extents.
     pub fn append_stored(&mut self, extent: StoredExtent) -> Result<()> {
         if extent.codec() == Codec::Zstd && self.header.incompat & INCOMPAT_ZSTD == 0 {
             return Err(Error::Invalid(format!(
@@ -520,9 +540,6 @@ impl<W: Write> Writer<W> {
                 ));
             }
             self.claim(e.drive, e.start..e.start + e.count as u64)?;
-            if e.kind == RunKind::Data {
-                self.drive_mut(e.drive)?.record.data_clusters += e.count as u64;
-            }
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -536,55 +553,85 @@ impl<W: Write> Writer<W> {
         codec == Codec::None || self.header.incompat & INCOMPAT_ZSTD != 0
     }
 
-    /// Write what is buffered, check that every cluster of every drive was
-    /// given, and write the index and footer. Returns the output.
+    /// Write what is buffered, build the index (which finds clusters given
+    /// twice or never), compute every drive's digest (checking those the
+    /// caller expects), and write the index and footer. Returns the output.
     pub fn finish(mut self) -> Result<(W, WriteSummary)> {
         self.flush_extent()?;
         let output = &mut self.output;
         self.pool.finish(|enc| output.append(enc))?;
-        let mut missing = Vec::new();
-        for d in &self.drives {
-            for gap in d.written.gaps(d.clusters) {
-                let bytes = cluster_range_bytes(d.info.size, gap);
-                missing.push(format!(
-                    "drive {} bytes {}..{}",
-                    d.info.name, bytes.start, bytes.end
-                ));
+        let builder = std::mem::replace(
+            &mut self.output.builder,
+            IndexBuilder::with_memory(&[], false, ExtentKeys::Seq, false, 0),
+        );
+        let mut source = self.leaf_source.take();
+        let built = builder
+            .finish(FinishOptions {
+                lenient: false,
+                source: source.as_mut().map(|s| &mut **s as &mut dyn LeafSource),
+                keep_pages: true,
+                uuid: self.header.uuid,
+                progress: None,
+            })
+            .map_err(|e| match e {
+                Error::Duplicate { what, .. } => Error::Invalid(format!(
+                    "cannot finish the archive: {what} (bytes written to this archive twice)"
+                )),
+                Error::Incomplete { summary, .. } => Error::Invalid(format!(
+                    "cannot finish the archive: never written: {summary}"
+                )),
+                other => other,
+            })?;
+        for (slot, d) in self.drives.iter().enumerate() {
+            let got = built.roots[slot];
+            let interrupted = built.records[slot].interrupted;
+            if got.is_none() && !interrupted {
+                return Err(Error::Invalid(format!(
+                    "cannot finish the archive: drive {} has clusters unchanged from the parent but no leaf source for them (the parent chain is needed for the drive digest)",
+                    d.info.name
+                )));
+            }
+            if let (Some(want), Some(got)) = (d.expected, got) {
+                if want != got {
+                    return Err(Error::DriveDigestMismatch {
+                        drive_name: d.info.name.clone(),
+                        expected: hex::encode(want),
+                        found: hex::encode(got),
+                    });
+                }
             }
         }
-        if !missing.is_empty() {
-            return Err(Error::Invalid(format!(
-                "cannot finish the archive: never written: {}",
-                missing.join(", ")
-            )));
-        }
-        let runs = Index::canonical_runs(std::mem::take(&mut self.output.runs));
-        let drives = self
-            .drives
-            .iter()
-            .map(|d| DriveRecord {
-                stored_bytes: self.output.stored_by_drive[d.info.id.0 as usize],
-                ..d.record
-            })
-            .collect();
-        let index = Index { runs, drives }.encode();
         let index_offset = self.output.pos;
-        self.output.write_all(&index)?;
-        self.output.digest.add(&index[index.len() - 32..]);
+        let mut counted = Counting(&mut self.output.out, 0);
+        let (index_len, index_digest) = built.write_to(&mut counted)?;
+        debug_assert_eq!(counted.1, index_len);
+        self.output.pos += index_len;
+        let digest = archive_digest(&self.header_digest, &index_digest);
         let footer = Footer {
             index_offset,
-            index_len: index.len() as u64,
+            index_len,
             extent_count: self.output.extents,
-            archive_digest: std::mem::take(&mut self.output.digest).finish(),
+            archive_digest: digest,
         };
         self.output.write_all(&footer.encode())?;
         self.output
             .out
             .flush()
             .map_err(|e| Error::io("flushing the archive", e))?;
+        let state_digest = (!built.roots.iter().any(Option::is_none)).then(|| {
+            crate::tree::state_digest(
+                self.header
+                    .drives
+                    .iter()
+                    .zip(&built.roots)
+                    .map(|(d, r)| (d.name.as_str(), d.size, *r)),
+            )
+        });
         let summary = WriteSummary {
             uuid: self.header.uuid,
-            archive_digest: footer.archive_digest,
+            archive_digest: digest,
+            state_digest,
+            drive_digests: built.roots.clone(),
             bytes_written: self.output.pos,
             extents: self.output.extents,
             out_of_order_clusters: self.out_of_order,
@@ -592,5 +639,19 @@ impl<W: Write> Writer<W> {
         let Writer { output, pool, .. } = self;
         drop(pool);
         Ok((output.out, summary))
+    }
+}
+
+/// A writer that counts the bytes through it.
+struct Counting<'a, W: Write>(&'a mut W, u64);
+
+impl<W: Write> Write for Counting<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.1 += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }

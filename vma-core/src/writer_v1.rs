@@ -134,11 +134,6 @@ impl<W: Write> V1Writer<W> {
 }
 
 impl<W: Write> ClusterWriter for V1Writer<W> {
-    /// VMA v1 has no room for drive digests.
-    fn keeps_drive_digest(&self) -> bool {
-        false
-    }
-
     fn write_cluster(&mut self, drive: DriveId, cluster: ClusterNo, data: &[u8]) -> Result<()> {
         let i = self.slot_of(drive)?;
         let expected = cluster_len(self.drives[i].size, cluster);
@@ -175,9 +170,5 @@ impl<W: Write> ClusterWriter for V1Writer<W> {
             })?;
         }
         Ok(())
-    }
-
-    fn set_drive_digest(&mut self, _drive: DriveId, _digest: [u8; 32]) -> Result<()> {
-        Ok(()) // VMA v1 has no place for it.
     }
 }

@@ -166,7 +166,7 @@ impl ArchiveFs {
                 content: Content::Drive {
                     id: d.id,
                     size: d.size,
-                    stored: reader.index().drives.get(i).map_or(0, |r| r.stored_bytes),
+                    stored: reader.drive_records().get(i).map_or(0, |r| r.stored_bytes),
                     last_end: Arc::new(AtomicU64::new(u64::MAX)),
                 },
             });
@@ -277,26 +277,46 @@ impl ArchiveFs {
     }
 }
 
-/// SEEK_DATA / SEEK_HOLE over a drive's runs: the first offset at or after
+/// SEEK_DATA / SEEK_HOLE over a drive's runs (in order, from any run at
+/// or before the one holding `offset`): the first offset at or after
 /// `offset` in data (`want_data`) or in a hole; `None` for "no more data".
 /// The end of the drive counts as a hole.
-pub fn seek_in_runs(runs: &[IndexRun], size: u64, offset: u64, want_data: bool) -> Option<u64> {
+pub fn seek_in_runs(
+    runs: impl Iterator<Item = vma_core::Result<IndexRun>>,
+    size: u64,
+    offset: u64,
+    want_data: bool,
+) -> vma_core::Result<Option<u64>> {
     if offset >= size {
-        return None;
+        return Ok(None);
     }
     let cs = CLUSTER_SIZE as u64;
-    let first = runs.partition_point(|r| (r.start + r.count as u64) * cs <= offset);
-    for r in &runs[first..] {
+    for r in runs {
+        let r = r?;
+        if r.end() * cs <= offset {
+            continue;
+        }
         let is_data = r.kind != RunKind::Zero;
         if is_data == want_data {
-            return Some((r.start * cs).max(offset).min(size));
+            return Ok(Some((r.start * cs).max(offset).min(size)));
         }
     }
-    if want_data {
-        None
-    } else {
-        Some(size)
+    Ok(if want_data { None } else { Some(size) })
+}
+
+/// [`seek_in_runs`] over drive `id` of the chain's newest archive.
+fn seek(
+    chain: &Chain,
+    id: DriveId,
+    size: u64,
+    offset: u64,
+    want_data: bool,
+) -> vma_core::Result<Option<u64>> {
+    if offset >= size {
+        return Ok(None);
     }
+    let runs = chain.newest().runs_from(id, offset / CLUSTER_SIZE as u64)?;
+    seek_in_runs(runs, size, offset, want_data)
 }
 
 /// Fill `buf` from `offset` of drive `id` one cluster at a time, answering
@@ -431,7 +451,8 @@ impl Filesystem for ArchiveFs {
                 data: Bytes::copy_from_slice(&b[offset as usize..end as usize]),
             }),
             Content::Drive { id, last_end, .. } => {
-                let hole = seek_in_runs(self.chain.newest().runs(*id), node.size(), offset, true)
+                let hole = seek(&self.chain, *id, node.size(), offset, true)
+                    .map_err(|_| Errno::from(libc::EIO))?
                     .is_none_or(|data| data >= end);
                 if hole && end - offset <= MAX_READ as u64 {
                     return Ok(ReplyData {
@@ -612,7 +633,10 @@ impl Filesystem for ArchiveFs {
         let size = node.size();
         let found = match &node.content {
             Content::Drive { id, .. } => {
-                seek_in_runs(self.chain.newest().runs(*id), size, offset, want_data)
+                seek(&self.chain, *id, size, offset, want_data).map_err(|e| {
+                    (self.log)(&format!("{}: seeking from {offset}: {e}", node.name));
+                    Errno::from(libc::EIO)
+                })?
             }
             Content::Bytes(_) if offset >= size => None,
             Content::Bytes(_) => Some(if want_data { offset } else { size }),
@@ -677,8 +701,12 @@ mod tests {
             start,
             count,
             kind,
-            extent_offset: 0,
+            extent: 0,
         }
+    }
+
+    fn seek(runs: &[IndexRun], size: u64, offset: u64, want_data: bool) -> Option<u64> {
+        seek_in_runs(runs.iter().map(|r| Ok(*r)), size, offset, want_data).unwrap()
     }
 
     #[test]
@@ -691,19 +719,16 @@ mod tests {
             run(6, 4, RunKind::Zero),
         ];
         let size = 9 * cs + 100;
-        assert_eq!(seek_in_runs(&runs, size, 0, true), Some(0));
-        assert_eq!(seek_in_runs(&runs, size, 10, false), Some(2 * cs));
-        assert_eq!(seek_in_runs(&runs, size, 2 * cs + 7, true), Some(5 * cs));
-        assert_eq!(
-            seek_in_runs(&runs, size, 5 * cs + 7, true),
-            Some(5 * cs + 7)
-        );
-        assert_eq!(seek_in_runs(&runs, size, 5 * cs + 7, false), Some(6 * cs));
-        assert_eq!(seek_in_runs(&runs, size, 6 * cs, true), None);
-        assert_eq!(seek_in_runs(&runs, size, 7 * cs, false), Some(7 * cs));
-        assert_eq!(seek_in_runs(&runs, size, size, false), None);
+        assert_eq!(seek(&runs, size, 0, true), Some(0));
+        assert_eq!(seek(&runs, size, 10, false), Some(2 * cs));
+        assert_eq!(seek(&runs, size, 2 * cs + 7, true), Some(5 * cs));
+        assert_eq!(seek(&runs, size, 5 * cs + 7, true), Some(5 * cs + 7));
+        assert_eq!(seek(&runs, size, 5 * cs + 7, false), Some(6 * cs));
+        assert_eq!(seek(&runs, size, 6 * cs, true), None);
+        assert_eq!(seek(&runs, size, 7 * cs, false), Some(7 * cs));
+        assert_eq!(seek(&runs, size, size, false), None);
         // A drive that is all data has its only hole at the end.
         let full = [run(0, 10, RunKind::Data)];
-        assert_eq!(seek_in_runs(&full, size, 3, false), Some(size));
+        assert_eq!(seek(&full, size, 3, false), Some(size));
     }
 }

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::extract::AtomicFile;
 use crate::qcow2::format::{
     encode_compressed, l1_entries_for, CompressionType, Qcow2Header, FLAG_COMPRESSED, FLAG_COPIED,
-    INCOMPAT_COMPRESSION_TYPE, OFFSET_MASK, WRITE_CLUSTER_BITS, WRITE_REFCOUNT_ORDER,
+    FLAG_ZERO, INCOMPAT_COMPRESSION_TYPE, OFFSET_MASK, WRITE_CLUSTER_BITS, WRITE_REFCOUNT_ORDER,
 };
 
 /// Bytes per cluster of the images written.
@@ -319,6 +319,29 @@ impl Qcow2Writer {
         t.entries[slot] = host.offset() | FLAG_COPIED;
         t.dirty = true;
         Ok(host)
+    }
+
+    /// Make guest cluster `cluster` read as zeros again, whatever was
+    /// written to it (salvage: two copies in the archive disagree). An
+    /// uncompressed cluster keeps its host cluster (flagged zero); the
+    /// bytes of a compressed one are left unreferenced (a leak `qemu-img
+    /// check` reports, harmless).
+    pub fn zero_cluster(&mut self, cluster: u64) -> Result<()> {
+        self.check_cluster(cluster)?;
+        self.write_pending()?;
+        let (index, slot) = (
+            cluster / ENTRIES_PER_TABLE,
+            (cluster % ENTRIES_PER_TABLE) as usize,
+        );
+        let t = self.l2(index)?;
+        let e = t.entries[slot];
+        t.entries[slot] = if e & FLAG_COMPRESSED != 0 || e & OFFSET_MASK == 0 {
+            FLAG_ZERO
+        } else {
+            (e & OFFSET_MASK) | FLAG_COPIED | FLAG_ZERO
+        };
+        t.dirty = true;
+        Ok(())
     }
 
     /// Store guest cluster `cluster` as compressed bytes from
