@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: locate the built `vma` binary, run it,
 //! and make disk images with known contents.
 
+pub mod forge;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 

@@ -375,7 +375,7 @@ fn restore(chain: &[&Path], name: &str) -> Vec<u8> {
             .clone();
         let mut img = image.take().unwrap_or_else(|| vec![0u8; d.size as usize]);
         img.resize(d.size as usize, 0);
-        for run in r.runs(d.id) {
+        for run in r.runs(d.id).unwrap().map(Result::unwrap) {
             if run.kind == RunKind::Unchanged {
                 continue;
             }
@@ -400,7 +400,8 @@ fn stored_clusters(archive: &Path, name: &str) -> Vec<u64> {
         .unwrap()
         .clone();
     r.runs(d.id)
-        .iter()
+        .unwrap()
+        .map(Result::unwrap)
         .filter(|run| run.kind != RunKind::Unchanged)
         .flat_map(|run| run.start..run.start + run.count as u64)
         .collect()
@@ -974,7 +975,7 @@ fn always_keeps_what_was_copied(mode: fn(&Path) -> Mode) {
     );
     assert!(copied.iter().all(|&c| c < 128));
     let r = Reader::open(&partial).unwrap();
-    assert!(r.index().drives[0].interrupted);
+    assert!(r.drive_records()[0].interrupted);
     // Neither restorable nor mountable on its own.
     let out = vma(&[
         "extract",

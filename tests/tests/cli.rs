@@ -49,7 +49,7 @@ fn create_list_config_verify_extract() {
         assert!(doc.get(key).is_some(), "list --json lacks {key}");
     }
     assert_eq!(doc["format"], "vma");
-    assert_eq!(doc["version"], "2.0");
+    assert_eq!(doc["version"], "3.0");
     let drives = doc["drives"].as_array().unwrap();
     assert_eq!(drives[0]["name"], "disk0");
     assert_eq!(drives[0]["id"], 1);
@@ -86,7 +86,7 @@ fn create_list_config_verify_extract() {
     let o = vma(&["verify", "--json", p(&archive)]);
     let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(rep["ok"], true);
-    assert_eq!(rep["drives"][0]["sha256_check"], "match");
+    assert_eq!(rep["drives"][0]["digest_check"], "match");
 
     let out = t.path().join("out");
     let o = vma(&["extract", "--quiet", p(&archive), p(&out)]);
@@ -113,9 +113,24 @@ fn create_list_config_verify_extract() {
         allocated(&out.join("disk0.raw")) < 2 << 20,
         "extracted file is not sparse"
     );
-    // The recorded whole-drive digest is what sha256sum of the output gives.
+    // The recorded drive digest is what `vma checksum` of the output gives.
+    let o = vma(&["checksum", p(&out.join("disk0.raw"))]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(
-        doc["drives"][0]["sha256"].as_str().unwrap(),
+        doc["drives"][0]["digest"].as_str().unwrap(),
+        stdout(&o).split_whitespace().next().unwrap()
+    );
+    // And `vma checksum --sha256` is what sha256sum gives.
+    let o = vma(&["checksum", "--sha256", p(&archive)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o)
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap(),
         sha256_file(&out.join("disk0.raw"))
     );
     // No temporary files remain.
@@ -248,11 +263,11 @@ fn foreign_and_future_files_are_refused() {
     let arc = t.path().join("a.vma");
     assert_eq!(code(&vma(&["create", "-q", p(&arc), p(&img)])), 0);
     let mut bytes = std::fs::read(&arc).unwrap();
-    bytes[8] = 3; // major version
+    bytes[8] = 4; // major version
     std::fs::write(&arc, &bytes).unwrap();
     let o = vma(&["list", p(&arc)]);
     assert_eq!(code(&o), 1);
-    assert!(stderr(&o).contains("version 3.0"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("version 4.0"), "{}", stderr(&o));
 
     // A broken zstd stream is recognised as one and reported as damage.
     std::fs::write(&junk, b"\x28\xb5\x2f\xfd\x00\x00\x00\x00\x00").unwrap();
@@ -320,7 +335,7 @@ fn damaged_extent_names_drive_and_range() {
     // Past the header: inside the first extent's payload.
     let o = vma(&["list", "--json", p(&archive)]);
     let _doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let pos = bad.windows(8).position(|w| w == b"VMA2EXT\0").unwrap() + 64 + 16 + 8 + 5000;
+    let pos = bad.windows(8).position(|w| w == b"VMA3EXT\0").unwrap() + 64 + 16 + 8 + 5000;
     bad[pos] ^= 1;
     std::fs::write(&archive, &bad).unwrap();
     let o = vma(&["verify", "--json", p(&archive)]);
@@ -376,7 +391,7 @@ fn truncation_at_many_offsets() {
         assert!(!out.join("disk0.raw").exists());
     }
     // Cut after the last extent: the message says the writer may have been interrupted.
-    let idx = good.windows(8).rposition(|w| w == b"VMA2IDX\0").unwrap();
+    let idx = good.windows(8).rposition(|w| w == b"VMA3IDX\0").unwrap();
     let f = t.path().join("short.vma");
     std::fs::write(&f, &good[..idx]).unwrap();
     let o = vma(&["verify", p(&f)]);

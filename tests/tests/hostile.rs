@@ -8,67 +8,44 @@
 
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use vma_core::format::{
-    encode_entry, Codec, CompressionInfo, DriveRecord, Entry, ExtentHeader, Footer, Header, Index,
-    IndexRun, RunKind, CLUSTER_SIZE,
+    Codec, Entry, ExtentHeader, ExtentRecord, Header, IndexRun, RunKind, CLUSTER_SIZE,
 };
-use vma_core::{DriveId, DriveInfo, Reader};
+use vma_core::{DriveId, Reader};
+use vma_tests::forge::{self, Archive};
 use vma_tests::*;
 
-fn sha(b: &[u8]) -> [u8; 32] {
-    Sha256::digest(b).into()
-}
+const UUID: [u8; 16] = [7; 16];
 
 /// A one-drive header (drive 1, `size` bytes, named `name`) with zstd allowed.
-fn header(size: u64, name: &str) -> Vec<u8> {
-    Header {
-        version_minor: 0,
-        incompat: vma_core::format::INCOMPAT_ZSTD,
-        compat: 0,
-        uuid: [7; 16],
-        ctime: 1_700_000_000,
-        compression: CompressionInfo {
-            codec: Codec::Zstd,
-            level: 1,
+fn header(size: u64, name: &str) -> Header {
+    forge::header(size, name, UUID)
+}
+
+/// An extent of this archive with the given fields, entries, masks and
+/// stored payload, with a valid self-check and digest.
+fn extent(
+    seq: u64,
+    entries: &[Entry],
+    masks: &[u16],
+    codec: Codec,
+    payload: &[u8],
+    raw_len: u32,
+) -> Vec<u8> {
+    forge::extent(
+        ExtentHeader {
+            uuid: UUID,
+            seq,
+            entry_count: entries.len() as u32,
+            mask_count: masks.len() as u32,
+            stored_len: payload.len() as u32,
+            raw_len,
+            codec,
         },
-        creator: "forged".into(),
-        parent: None,
-        stands_for: vec![],
-        drives: vec![DriveInfo {
-            id: DriveId(1),
-            name: name.into(),
-            size,
-        }],
-        configs: vec![],
-    }
-    .encode()
-    .expect("valid header")
-}
-
-/// Re-seal a header block after its bytes were changed.
-fn reseal_header(h: &mut [u8]) {
-    let n = h.len();
-    let d = sha(&h[..n - 32]);
-    h[n - 32..].copy_from_slice(&d);
-}
-
-/// An extent with the given header fields, entries, masks and stored
-/// payload, with a valid self-check and digest.
-fn extent(h: ExtentHeader, entries: &[Entry], masks: &[u16], payload: &[u8]) -> Vec<u8> {
-    let mut b = h.encode().to_vec();
-    for e in entries {
-        encode_entry(e, &mut b);
-    }
-    let start = b.len();
-    for m in masks {
-        b.extend_from_slice(&m.to_le_bytes());
-    }
-    b.resize(start + (masks.len() * 2).next_multiple_of(8), 0);
-    b.extend_from_slice(payload);
-    let d = sha(&b);
-    b.extend_from_slice(&d);
-    b
+        entries,
+        masks,
+        payload,
+    )
 }
 
 /// A data extent holding `clusters` whole clusters of drive 1 from `start`,
@@ -82,14 +59,7 @@ fn data_extent(
     raw_len: u32,
 ) -> Vec<u8> {
     extent(
-        ExtentHeader {
-            seq,
-            entry_count: 1,
-            mask_count: clusters,
-            codec,
-            stored_len: payload.len() as u32,
-            raw_len,
-        },
+        seq,
         &[Entry {
             drive: DriveId(1),
             kind: RunKind::Data,
@@ -97,58 +67,56 @@ fn data_extent(
             start,
         }],
         &vec![0xffff; clusters as usize],
+        codec,
         payload,
+        raw_len,
     )
 }
 
-/// Header, extents, an index made from the extents' offsets, and the
-/// footer, every digest valid.
-fn assemble(
-    header: Vec<u8>,
-    extents: Vec<Vec<u8>>,
-    index: impl FnOnce(&[u64]) -> Index,
-) -> Vec<u8> {
-    let mut file = header;
-    let mut digest = Sha256::new();
-    digest.update(&file[file.len() - 32..]);
-    let mut offsets = Vec::new();
-    for e in &extents {
-        offsets.push(file.len() as u64);
-        digest.update(&e[e.len() - 32..]);
-        file.extend_from_slice(e);
-    }
-    let index_block = index(&offsets).encode();
-    digest.update(&index_block[index_block.len() - 32..]);
-    let index_offset = file.len() as u64;
-    file.extend_from_slice(&index_block);
-    let footer = Footer {
-        index_offset,
-        index_len: index_block.len() as u64,
-        extent_count: extents.len() as u64,
-        archive_digest: digest.finalize().into(),
+/// Header, extents, the index `forge` makes of the honest one (given the
+/// extent table as the extents are placed), and the footer, every digest
+/// valid. Without leaves in the honest index (extents that do not decode),
+/// zeros stand for them.
+fn assemble(header: Header, extents: Vec<Vec<u8>>, forge: impl FnOnce(&mut Archive)) -> Vec<u8> {
+    let mut a = Archive {
+        header,
+        extents,
+        runs: Vec::new(),
+        table: None,
+        leaves: Vec::new(),
+        records: vec![vma_core::format::DriveRecord::empty(DriveId(1))],
     };
-    file.extend_from_slice(&footer.encode());
-    file
+    forge(&mut a);
+    a.bytes()
 }
 
-fn record(data_clusters: u64) -> Vec<DriveRecord> {
-    vec![DriveRecord {
-        drive: DriveId(1),
-        data_clusters,
-        stored_bytes: 0,
-        digest: None,
-        interrupted: false,
-    }]
-}
-
-fn run(start: u64, count: u32, kind: RunKind, extent_offset: u64) -> IndexRun {
+fn run(start: u64, count: u32, kind: RunKind, extent: u64) -> IndexRun {
     IndexRun {
         drive: DriveId(1),
         start,
         count,
         kind,
-        extent_offset,
+        extent,
     }
+}
+
+/// Index parts for `runs` over a drive of `data_clusters` data clusters:
+/// the runs as given, leaves of zeros, a drive digest of zeros.
+fn lie(a: &mut Archive, runs: Vec<IndexRun>) {
+    let data: u64 = runs
+        .iter()
+        .filter(|r| r.kind == RunKind::Data)
+        .map(|r| r.count as u64)
+        .sum();
+    a.records = vec![vma_core::format::DriveRecord {
+        data_clusters: data,
+        run_count: runs.len() as u64,
+        digest: Some([0; 32]),
+        ..vma_core::format::DriveRecord::empty(DriveId(1))
+    }];
+    let clusters: u64 = a.header.drives.iter().map(|d| d.clusters()).sum();
+    a.leaves = vec![[0; 32]; data.min(clusters) as usize];
+    a.runs = runs;
 }
 
 /// Peak RSS in KiB, exit code, output (stdout and stderr) and wall time
@@ -259,14 +227,7 @@ fn decompression_bombs_are_stopped_at_the_declared_size() {
     // One block declared (4 KiB), a frame that expands to 64 MiB.
     let bomb = zstd::encode_all(&vec![0x41u8; 64 << 20][..], 19).unwrap();
     let e = extent(
-        ExtentHeader {
-            seq: 0,
-            entry_count: 1,
-            mask_count: 1,
-            codec: Codec::Zstd,
-            stored_len: bomb.len() as u32,
-            raw_len: 4096,
-        },
+        0,
         &[Entry {
             drive: DriveId(1),
             kind: RunKind::Data,
@@ -274,11 +235,12 @@ fn decompression_bombs_are_stopped_at_the_declared_size() {
             start: 0,
         }],
         &[1],
+        Codec::Zstd,
         &bomb,
+        4096,
     );
-    let file = assemble(header(CLUSTER_SIZE as u64, "disk"), vec![e], |off| Index {
-        runs: vec![run(0, 1, RunKind::Data, off[0])],
-        drives: record(1),
+    let file = assemble(header(CLUSTER_SIZE as u64, "disk"), vec![e], |a| {
+        lie(a, vec![run(0, 1, RunKind::Data, 0)])
     });
     judge("4 KiB bomb", &file, 1, "damaged");
     reader_never_lies("4 KiB bomb", &file, &[0x41; CLUSTER_SIZE]);
@@ -288,9 +250,8 @@ fn decompression_bombs_are_stopped_at_the_declared_size() {
     let clusters = 256u32;
     let e = data_extent(0, 0, clusters, Codec::Zstd, &bomb, 16 << 20);
     let size = clusters as u64 * CLUSTER_SIZE as u64;
-    let file = assemble(header(size, "disk"), vec![e], |off| Index {
-        runs: vec![run(0, clusters, RunKind::Data, off[0])],
-        drives: record(clusters as u64),
+    let file = assemble(header(size, "disk"), vec![e], |a| {
+        lie(a, vec![run(0, clusters, RunKind::Data, 0)])
     });
     judge("16 MiB bomb", &file, 1, "damaged");
 }
@@ -304,8 +265,9 @@ trait TakeExact: std::io::Read + Sized {
 }
 impl<R: std::io::Read> TakeExact for R {}
 
-/// Two whole clusters of noise in two extents, and the index built by `runs`.
-fn two_extents(runs: impl FnOnce(&[u64]) -> Vec<IndexRun>) -> (Vec<u8>, Vec<u8>) {
+/// Two whole clusters of noise in two extents, the honest index, then
+/// `forge` applied to it.
+fn two_extents(forge: impl FnOnce(&mut Archive)) -> (Vec<u8>, Vec<u8>) {
     let data = noise(77, 2 * CLUSTER_SIZE);
     let e0 = data_extent(
         0,
@@ -323,26 +285,17 @@ fn two_extents(runs: impl FnOnce(&[u64]) -> Vec<IndexRun>) -> (Vec<u8>, Vec<u8>)
         &data[CLUSTER_SIZE..],
         CLUSTER_SIZE as u32,
     );
-    let file = assemble(
-        header(2 * CLUSTER_SIZE as u64, "disk"),
-        vec![e0, e1],
-        |off| Index {
-            runs: runs(off),
-            drives: record(2),
-        },
-    );
+    let file = assemble(header(2 * CLUSTER_SIZE as u64, "disk"), vec![e0, e1], |a| {
+        a.reindex();
+        forge(a);
+    });
     (file, data)
 }
 
 #[test]
 fn the_intact_forgery_base_reads_back() {
     // The builder itself makes valid archives (or the tests below prove nothing).
-    let (file, data) = two_extents(|off| {
-        vec![
-            run(0, 1, RunKind::Data, off[0]),
-            run(1, 1, RunKind::Data, off[1]),
-        ]
-    });
+    let (file, data) = two_extents(|_| {});
     judge("intact", &file, 0, "");
     let t = tempfile::tempdir().unwrap();
     let f = t.path().join("a.vma");
@@ -353,91 +306,91 @@ fn the_intact_forgery_base_reads_back() {
     assert!(buf == data);
 }
 
-/// Builds an index's runs from the extents' offsets.
-type IndexFor = Box<dyn Fn(&[u64]) -> Vec<IndexRun>>;
+/// Changes an honest index into a lying one.
+type Forgery = Box<dyn Fn(&mut Archive)>;
 
 #[test]
 fn index_entries_pointing_elsewhere_are_refused_or_fail_reads() {
-    let cases: Vec<(&str, IndexFor, &str)> = vec![
+    let set_runs = |runs: Vec<IndexRun>| -> Forgery { Box::new(move |a| lie(a, runs.clone())) };
+    let cases: Vec<(&str, Forgery, &str)> = vec![
         (
-            "run beyond the file",
-            Box::new(|off| {
-                vec![
-                    run(0, 1, RunKind::Data, off[0]),
-                    run(1, 1, RunKind::Data, 1 << 60),
-                ]
-            }),
-            "outside the extents",
+            "run naming an extent that does not exist",
+            set_runs(vec![
+                run(0, 1, RunKind::Data, 0),
+                run(1, 1, RunKind::Data, 1 << 60),
+            ]),
+            "does not exist",
         ),
         (
             "runs pointing at each other's extents",
-            Box::new(|off| {
-                vec![
-                    run(0, 1, RunKind::Data, off[1]),
-                    run(1, 1, RunKind::Data, off[0]),
-                ]
-            }),
+            set_runs(vec![
+                run(0, 1, RunKind::Data, 1),
+                run(1, 1, RunKind::Data, 0),
+            ]),
             "index disagrees",
         ),
         (
             "both runs at one extent",
-            Box::new(|off| vec![run(0, 2, RunKind::Data, off[0])]),
+            set_runs(vec![run(0, 2, RunKind::Data, 0)]),
             "index disagrees",
         ),
         (
-            "run into the middle of an extent",
-            Box::new(|off| {
-                vec![
-                    run(0, 1, RunKind::Data, off[0]),
-                    run(1, 1, RunKind::Data, off[1] + 100),
-                ]
+            "extent table pointing into the middle of an extent",
+            Box::new(|a: &mut Archive| {
+                let mut t = a.placed_table();
+                t[1] = ExtentRecord {
+                    offset: t[1].offset + 100,
+                    ..t[1]
+                };
+                a.table = Some(t);
+            }),
+            "index disagrees",
+        ),
+        (
+            "extent table naming the other extent's digest",
+            Box::new(|a: &mut Archive| {
+                let mut t = a.placed_table();
+                t[1].digest = t[0].digest;
+                a.table = Some(t);
             }),
             "index disagrees",
         ),
         (
             "overlapping runs",
-            Box::new(|off| {
-                vec![
-                    run(0, 2, RunKind::Data, off[0]),
-                    run(1, 1, RunKind::Data, off[1]),
-                ]
-            }),
-            "overlaps",
+            set_runs(vec![
+                run(0, 2, RunKind::Data, 0),
+                run(1, 1, RunKind::Data, 1),
+            ]),
+            "index",
         ),
         (
             "run past the drive's end",
-            Box::new(|off| {
-                vec![
-                    run(0, 1, RunKind::Data, off[0]),
-                    run(1, u32::MAX, RunKind::Data, off[1]),
-                ]
-            }),
-            "beyond",
+            set_runs(vec![
+                run(0, 1, RunKind::Data, 0),
+                run(1, u32::MAX, RunKind::Data, 1),
+            ]),
+            "cannot cover",
         ),
         (
             "run past this drive's end",
-            Box::new(|off| {
-                vec![
-                    run(0, 1, RunKind::Data, off[0]),
-                    run(1, 5, RunKind::Data, off[1]),
-                ]
-            }),
-            "past its end",
+            set_runs(vec![
+                run(0, 1, RunKind::Data, 0),
+                run(1, 5, RunKind::Data, 1),
+            ]),
+            "index",
         ),
         (
             "start near u64::MAX",
-            Box::new(|off| {
-                vec![
-                    run(0, 1, RunKind::Data, off[0]),
-                    run(1, 1, RunKind::Data, off[1]),
-                    run(u64::MAX - 1, 5, RunKind::Zero, 0),
-                ]
-            }),
+            set_runs(vec![
+                run(0, 1, RunKind::Data, 0),
+                run(1, 1, RunKind::Data, 1),
+                run(u64::MAX - 1, 5, RunKind::Zero, 0),
+            ]),
             "index",
         ),
     ];
-    for (name, runs, expect) in cases {
-        let (file, data) = two_extents(runs);
+    for (name, forgery, expect) in cases {
+        let (file, data) = two_extents(|a| forgery(a));
         // The sequential pass rebuilds the index from the extents: every
         // forgery is caught there; the seekable reader refuses or fails reads.
         let t = tempfile::tempdir().unwrap();
@@ -446,9 +399,14 @@ fn index_entries_pointing_elsewhere_are_refused_or_fail_reads() {
         let (_, status, err, _) = bounded_vma(&format!("verify {}", p(&f)));
         assert_eq!(status, 1, "{name}: {err}");
         assert!(!err.contains("panicked"), "{name}: {err}");
-        // What the seekable reader says, where it refuses the index.
+        // What the seekable reader says, where it refuses the index or a read.
         let seekable = match Reader::open(&f) {
-            Ok(_) => None,
+            Ok(r) => {
+                let mut buf = vec![0u8; data.len()];
+                r.read_at(DriveId(1), 0, &mut buf)
+                    .err()
+                    .map(|e| e.to_string())
+            }
             Err(e) => Some(e.to_string()),
         };
         let said = format!("{err} {}", seekable.as_deref().unwrap_or(""));
@@ -466,14 +424,7 @@ fn entries_with_overflowing_cluster_numbers_are_refused() {
     for start in [u64::MAX, u64::MAX - 3, 1 << 40] {
         let e = data_extent(0, start, 1, Codec::None, &data, CLUSTER_SIZE as u32);
         let z = extent(
-            ExtentHeader {
-                seq: 1,
-                entry_count: 1,
-                mask_count: 0,
-                codec: Codec::None,
-                stored_len: 0,
-                raw_len: 0,
-            },
+            1,
             &[Entry {
                 drive: DriveId(1),
                 kind: RunKind::Zero,
@@ -481,13 +432,12 @@ fn entries_with_overflowing_cluster_numbers_are_refused() {
                 start: u64::MAX - 10,
             }],
             &[],
+            Codec::None,
             &[],
+            0,
         );
-        let file = assemble(header(CLUSTER_SIZE as u64, "disk"), vec![e, z], |off| {
-            Index {
-                runs: vec![run(0, 1, RunKind::Data, off[0])],
-                drives: record(1),
-            }
+        let file = assemble(header(CLUSTER_SIZE as u64, "disk"), vec![e, z], |a| {
+            lie(a, vec![run(0, 1, RunKind::Data, 0)])
         });
         judge(&format!("entry at cluster {start}"), &file, 1, "beyond");
     }
@@ -495,21 +445,15 @@ fn entries_with_overflowing_cluster_numbers_are_refused() {
 
 #[test]
 fn huge_declared_counts_and_lengths_are_refused_without_allocating_them() {
-    let (good, _) = two_extents(|off| {
-        vec![
-            run(0, 1, RunKind::Data, off[0]),
-            run(1, 1, RunKind::Data, off[1]),
-        ]
-    });
-    let index_at = good.windows(8).position(|w| w == b"VMA2IDX\0").unwrap();
+    let (good, _) = two_extents(|_| {});
+    let index_at = good.windows(8).rposition(|w| w == b"VMA3IDX\0").unwrap();
     let footer_at = good.len() - 80;
 
-    // Index run count of u64::MAX (index digest resealed).
+    // Index run count of u64::MAX (the index's self-check resealed).
     let mut f = good.clone();
-    f[index_at + 8..index_at + 16].copy_from_slice(&u64::MAX.to_le_bytes());
-    let idx_end = footer_at;
-    let d = sha(&f[index_at..idx_end - 32]);
-    f[idx_end - 32..idx_end].copy_from_slice(&d);
+    f[index_at + 24..index_at + 32].copy_from_slice(&u64::MAX.to_le_bytes());
+    let check = forge::sha(&f[index_at..index_at + 56]);
+    f[index_at + 56..index_at + 64].copy_from_slice(&check[..8]);
     judge("index run count u64::MAX", &f, 1, "index");
 
     // Footer claiming an index of 2^62 bytes at offset 0 (self-check resealed).
@@ -518,7 +462,7 @@ fn huge_declared_counts_and_lengths_are_refused_without_allocating_them() {
     footer.copy_from_slice(&f[footer_at..]);
     footer[8..16].copy_from_slice(&0u64.to_le_bytes());
     footer[16..24].copy_from_slice(&(1u64 << 62).to_le_bytes());
-    let check = sha(&footer[..72]);
+    let check = forge::sha(&footer[..72]);
     footer[72..].copy_from_slice(&check[..8]);
     f[footer_at..].copy_from_slice(&footer);
     judge("footer index length 2^62", &f, 1, "footer");
@@ -531,6 +475,7 @@ fn huge_declared_counts_and_lengths_are_refused_without_allocating_them() {
     // Extent claiming 65 536 entries and 16 MiB of payload in a short file.
     let mut f = good[..index_at].to_vec();
     let h = ExtentHeader {
+        uuid: UUID,
         seq: 2,
         entry_count: 65_536,
         mask_count: 256,
@@ -546,28 +491,43 @@ fn huge_declared_counts_and_lengths_are_refused_without_allocating_them() {
 #[test]
 fn drive_sizes_and_names_that_lie_are_refused() {
     // A drive larger than the format allows (header resealed).
-    let mut h = header(CLUSTER_SIZE as u64, "disk");
-    let pos = h.len() - 32 - 4 - 8; // the size field of the only drive
-    h[pos..pos + 8].copy_from_slice(&((1u64 << 47) + 1).to_le_bytes());
-    reseal_header(&mut h);
-    let file = assemble(h, vec![], |_| Index {
-        runs: vec![run(0, 1, RunKind::Zero, 0)],
-        drives: record(0),
-    });
+    let h = header(CLUSTER_SIZE as u64, "disk");
+    let mut b = h.encode().unwrap();
+    let pos = b.len() - 32 - 4 - 8; // the size field of the only drive
+    b[pos..pos + 8].copy_from_slice(&((1u64 << 47) + 1).to_le_bytes());
+    forge::reseal_header(&mut b);
+    let file = splice_header(&b, &zero_drive(h));
     judge("drive size above 2^47", &file, 1, "at most");
 
     // Names that would escape or confuse: same length as "disk", resealed.
     for bad in ["../x", "a/bc", "x\0yz", "\x1b[1m", "\\etc", ".."] {
-        let mut h = header(CLUSTER_SIZE as u64, &"d".repeat(bad.len()));
-        let end = h.len() - 32;
-        h[end - bad.len()..end].copy_from_slice(bad.as_bytes());
-        reseal_header(&mut h);
-        let file = assemble(h, vec![], |_| Index {
-            runs: vec![run(0, 1, RunKind::Zero, 0)],
-            drives: record(0),
-        });
+        let h = header(CLUSTER_SIZE as u64, &"d".repeat(bad.len()));
+        let mut b = h.encode().unwrap();
+        let end = b.len() - 32;
+        b[end - bad.len()..end].copy_from_slice(bad.as_bytes());
+        forge::reseal_header(&mut b);
+        let file = splice_header(&b, &zero_drive(h));
         judge(&format!("drive name {bad:?}"), &file, 1, "name");
     }
+}
+
+/// A valid archive of `h`'s one drive, all zero.
+fn zero_drive(h: Header) -> Vec<u8> {
+    assemble(h, vec![], |a| {
+        a.runs = vec![run(0, 1, RunKind::Zero, 0)];
+        a.records = vec![vma_core::format::DriveRecord {
+            run_count: 1,
+            digest: Some([0; 32]),
+            ..vma_core::format::DriveRecord::empty(DriveId(1))
+        }];
+    })
+}
+
+/// `file` with its header replaced by `header` (of the same length).
+fn splice_header(header: &[u8], file: &[u8]) -> Vec<u8> {
+    let mut f = file.to_vec();
+    f[..header.len()].copy_from_slice(header);
+    f
 }
 
 #[test]

@@ -212,7 +212,7 @@ fn a_damaged_index_loses_nothing_but_is_reported() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
     let (archive, sources) = sample(d, "zstd:1", "v2");
-    let at = find(&archive, b"VMA2IDX\0") as u64;
+    let at = find(&archive, b"VMA3IDX\0") as u64;
     flip(&archive, at + 40);
     let report = salvage_both(d, &archive, &sources, 1);
     assert_eq!(report["lost"], serde_json::json!([]), "{report}");
@@ -227,12 +227,12 @@ fn truncated_archives_give_back_everything_before_the_cut() {
     let whole = std::fs::read(&archive).unwrap();
     let len = whole.len();
     // Cuts: just after the header, inside extents, at the index, inside the footer.
-    let index_at = find(&archive, b"VMA2IDX\0");
+    let index_at = find(&archive, b"VMA3IDX\0");
     let mut cuts = vec![index_at, len - 1, len - 80];
     for k in 1..6 {
         cuts.push(len * k / 7);
     }
-    let header_end = find(&archive, b"VMA2EXT\0");
+    let header_end = find(&archive, b"VMA3EXT\0");
     cuts.push(header_end);
     cuts.push(header_end + 100);
     // Longest first: each shorter file loses at least as much.

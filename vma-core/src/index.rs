@@ -36,6 +36,13 @@ pub enum LeafItem {
     Zeros(u64),
 }
 
+/// Where leaves go, in cluster order.
+pub type LeafSink<'a> = dyn FnMut(LeafItem) -> Result<()> + 'a;
+
+/// What resolves clusters a link marks unchanged: the range, and where
+/// their leaves go.
+pub type ResolveUnchanged<'a> = dyn FnMut(Range<u64>, &mut LeafSink<'_>) -> Result<()> + 'a;
+
 /// Where the leaves of clusters an incremental archive marks unchanged come
 /// from: the parent chain's leaf pages (writer, verify), or the bytes a
 /// sequential consumer reads back from the ancestors and produces
@@ -486,7 +493,7 @@ impl IndexBuilder {
             leaves_per_page: LEAVES_PER_PAGE,
         };
         if !options.lenient {
-            if let Some(e) = found.first_error() {
+            if let Some(e) = found.first_error(&self.drives) {
                 return Err(e);
             }
         }
@@ -823,9 +830,9 @@ impl Found {
         self.problems.push(e);
     }
 
-    fn first_error(&mut self) -> Option<Error> {
+    fn first_error(&mut self, drives: &[DriveInfo]) -> Option<Error> {
         if !self.missing.is_empty() {
-            return Some(crate::stream::incomplete_from_ranges(&self.missing));
+            return Some(crate::stream::incomplete_from_ranges(drives, &self.missing));
         }
         if self.problems.is_empty() {
             None

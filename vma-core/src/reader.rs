@@ -49,7 +49,7 @@ struct MemIndex {
 
 enum RunIndex {
     Mem(MemIndex),
-    Paged(PagedIndex),
+    Paged(Box<PagedIndex>),
 }
 
 /// A complete archive file opened for random access.
@@ -254,7 +254,7 @@ impl Reader {
             header,
             header_len,
             ArchiveFormat::V3,
-            RunIndex::Paged(paged),
+            RunIndex::Paged(Box::new(paged)),
             records,
             Some(digest),
             at,
@@ -510,7 +510,7 @@ impl Reader {
             header,
             header_len,
             format,
-            RunIndex::Paged(paged),
+            RunIndex::Paged(Box::new(paged)),
             records,
             report.archive_digest,
             file_len,
@@ -680,11 +680,8 @@ impl Reader {
         &self,
         drive: DriveId,
         clusters: std::ops::Range<u64>,
-        out: &mut dyn FnMut(crate::index::LeafItem) -> Result<()>,
-        unchanged: &mut dyn FnMut(
-            std::ops::Range<u64>,
-            &mut dyn FnMut(crate::index::LeafItem) -> Result<()>,
-        ) -> Result<()>,
+        out: &mut crate::index::LeafSink<'_>,
+        unchanged: &mut crate::index::ResolveUnchanged<'_>,
     ) -> Result<()> {
         match (&self.index, self.header.slot(drive)) {
             (RunIndex::Paged(p), Some(slot)) if p.has_leaves() => {

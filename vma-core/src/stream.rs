@@ -1234,7 +1234,7 @@ impl PassState {
             self.problems.push(clone_error(p));
         }
         if !built.missing.is_empty() {
-            self.problem(incomplete_from_ranges(&built.missing))?;
+            self.problem(incomplete_from_ranges(&drives, &built.missing))?;
         }
         let mut records = None;
         let mut archive = None;
@@ -1605,29 +1605,29 @@ pub(crate) fn incomplete_error(
             })
         })
         .collect();
-    incomplete_from_ranges(&ranges)
+    incomplete_from_ranges(drives, &ranges)
 }
 
-/// The error for drive byte ranges no extent holds.
-pub(crate) fn incomplete_from_ranges(ranges: &[DriveRange]) -> Error {
+/// The error for drive byte ranges no extent holds: per drive how many of
+/// how many clusters are missing, and where.
+pub(crate) fn incomplete_from_ranges(drives: &[DriveInfo], ranges: &[DriveRange]) -> Error {
+    let cs = CLUSTER_SIZE as u64;
     let mut parts = Vec::new();
-    let mut names: Vec<&str> = Vec::new();
-    for r in ranges {
-        if !names.contains(&r.drive_name.as_str()) {
-            names.push(&r.drive_name);
+    for d in drives {
+        let mine: Vec<DriveRange> = ranges.iter().filter(|r| r.drive == d.id).cloned().collect();
+        if mine.is_empty() {
+            continue;
         }
-    }
-    for name in names {
-        let mine: Vec<DriveRange> = ranges
-            .iter()
-            .filter(|r| r.drive_name == name)
-            .cloned()
-            .collect();
         let bytes: u64 = mine.iter().map(|r| r.bytes.end - r.bytes.start).sum();
+        let clusters: u64 = mine
+            .iter()
+            .map(|r| r.bytes.end.div_ceil(cs) - r.bytes.start / cs)
+            .sum();
         parts.push(format!(
-            "drive {name} lacks {} in {} range(s): {}",
+            "drive {} lacks {clusters} of its {} clusters ({}): {}",
+            d.name,
+            d.clusters(),
             human_bytes(bytes),
-            mine.len(),
             describe_ranges(&mine, 3)
         ));
     }

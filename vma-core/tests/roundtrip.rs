@@ -184,6 +184,7 @@ fn pass_contents(archive: &[u8], n: usize, sizes: &[u64]) -> (Vec<Vec<u8>>, vma_
         threads: 2,
         keep_going: false,
         hash_drives: HashDrives::All,
+        ..Default::default()
     };
     let report = stream
         .pass(&options, |ext| {
@@ -197,16 +198,7 @@ fn pass_contents(archive: &[u8], n: usize, sizes: &[u64]) -> (Vec<Vec<u8>>, vma_
         })
         .unwrap();
     assert_eq!(out.len(), n);
-    // Zero runs are not handed over as data: fill them from the index.
-    let index = report.index.clone().unwrap();
-    for r in &index.runs {
-        if r.kind == vma_core::format::RunKind::Zero {
-            let slot = header.drives.iter().position(|d| d.id == r.drive).unwrap();
-            let start = (r.start as usize * CLUSTER_SIZE).min(out[slot].len());
-            let end = ((r.start + r.count as u64) as usize * CLUSTER_SIZE).min(out[slot].len());
-            out[slot][start..end].fill(0);
-        }
-    }
+    // Zero runs are handed over too (as zero clusters).
     (out, report)
 }
 
@@ -261,7 +253,7 @@ proptest! {
         let detected = match ArchiveStream::open(&bad[..], "flipped") {
             Err(_) => true,
             Ok(stream) => {
-                let options = PassOptions { threads: 2, keep_going: true, hash_drives: HashDrives::All };
+                let options = PassOptions { threads: 2, keep_going: true, hash_drives: HashDrives::All, ..Default::default() };
                 match stream.pass(&options, |_| Ok(())) {
                     Err(_) => true,
                     Ok(r) => !r.is_clean(),
@@ -291,7 +283,7 @@ proptest! {
         let clean = match ArchiveStream::open(short, "short") {
             Err(_) => false,
             Ok(stream) => {
-                let options = PassOptions { threads: 1, keep_going: true, hash_drives: HashDrives::None };
+                let options = PassOptions { threads: 1, keep_going: true, hash_drives: HashDrives::None, ..Default::default() };
                 stream.pass(&options, |_| Ok(())).map(|r| r.is_clean()).unwrap_or(false)
             }
         };
@@ -302,8 +294,8 @@ proptest! {
     }
 }
 
-/// One drive written in order with `digest` recorded as its SHA-256.
-fn in_order_archive(img: &[u8], digest: [u8; 32]) -> Vec<u8> {
+/// One drive written in order.
+fn in_order_archive(img: &[u8]) -> Vec<u8> {
     let drive = DriveInfo {
         id: DriveId(1),
         name: "d".into(),
@@ -318,13 +310,44 @@ fn in_order_archive(img: &[u8], digest: [u8; 32]) -> Vec<u8> {
         w.write_cluster(DriveId(1), ClusterNo(c), &img[s..e])
             .unwrap();
     }
-    w.set_drive_digest(DriveId(1), digest).unwrap();
     w.finish().unwrap().0
+}
+
+/// `archive` with the first drive record's digest replaced by `digest`,
+/// the index digest, archive digest and footer recomputed: a forgery that
+/// passes every checksum.
+fn with_recorded_digest(archive: &[u8], digest: [u8; 32]) -> Vec<u8> {
+    use vma_core::format::{
+        archive_digest, index_digest, Footer, HeaderPrefix, IndexFixed, DRIVE_RECORD_LEN,
+        FOOTER_LEN, INDEX_FIXED_LEN,
+    };
+    let mut b = archive.to_vec();
+    let hlen = HeaderPrefix::decode(b[..64].try_into().unwrap())
+        .unwrap()
+        .header_len;
+    let header_digest: [u8; 32] = b[hlen - 32..hlen].try_into().unwrap();
+    let footer_at = b.len() - FOOTER_LEN;
+    let mut footer = Footer::decode(b[footer_at..].try_into().unwrap(), footer_at as u64).unwrap();
+    let at = footer.index_offset as usize;
+    let fixed = IndexFixed::decode(b[at..at + INDEX_FIXED_LEN].try_into().unwrap(), 0).unwrap();
+    let l = fixed.layout().unwrap();
+    let rec = at + l.records_at as usize;
+    b[rec + 48..rec + 80].copy_from_slice(&digest);
+    let dir = at + l.directory_at as usize;
+    let dig = at + l.digest_at as usize;
+    let idx = index_digest(
+        &b[at..at + INDEX_FIXED_LEN],
+        &b[rec..rec + DRIVE_RECORD_LEN * fixed.drive_count as usize],
+        &b[dir..dig],
+    );
+    b[dig..dig + 32].copy_from_slice(&idx);
+    footer.archive_digest = archive_digest(&header_digest, &idx);
+    b[footer_at..].copy_from_slice(&footer.encode());
+    b
 }
 
 #[test]
 fn in_order_writes_record_and_verify_drive_digests() {
-    use sha2::{Digest, Sha256};
     let size = 5 * CLUSTER_SIZE + 777;
     let mut img = vec![0u8; size];
     fill(
@@ -332,26 +355,28 @@ fn in_order_writes_record_and_verify_drive_digests() {
         &mut img[CLUSTER_SIZE..3 * CLUSTER_SIZE],
     );
     img[size - 1] = 7;
-    let digest: [u8; 32] = Sha256::digest(&img).into();
+    let digest = vma_core::tree::digest_of_bytes(&img);
     let verify = |archive: &[u8]| {
         vma_core::verify::verify(ArchiveStream::open(archive, "a").unwrap(), 2, true, None).unwrap()
     };
-    let report = verify(&in_order_archive(&img, digest));
+    let good = in_order_archive(&img);
+    let report = verify(&good);
     assert!(report.is_clean(), "{:?}", report.problems);
     assert_eq!(report.digests, vec![DriveDigestCheck::Match(digest)]);
 
-    // A wrong recorded digest is reported.
-    let report = verify(&in_order_archive(&img, [1; 32]));
+    // A wrong recorded digest (with valid checksums) is reported.
+    let forged = with_recorded_digest(&good, [1; 32]);
+    let report = verify(&forged);
     assert!(!report.is_clean());
     assert!(
-        report.problems[0].to_string().contains("SHA-256"),
+        report.problems[0].to_string().contains("drive digest"),
         "{}",
         report.problems[0]
     );
 
-    // Extract checks the drive digest only when asked; on a mismatch it
-    // leaves no drive file behind.
-    let extract = |archive: &[u8], check: bool| {
+    // Extract checks the drive digest always; on a mismatch it leaves no
+    // drive file behind.
+    let extract = |archive: &[u8]| {
         let dir = tempfile::tempdir().unwrap();
         let options = vma_core::extract::ExtractOptions {
             format: vma_core::extract::DriveFormat::Raw,
@@ -359,23 +384,44 @@ fn in_order_writes_record_and_verify_drive_digests() {
             force: false,
             threads: 2,
             salvage: false,
-            check_drive_digests: check,
+            check_drive_digests: false,
         };
         let stream = ArchiveStream::open(archive, "a").unwrap();
         let result = vma_core::extract::extract(stream, dir.path(), &options, None, |_| {});
         let out = std::fs::read(dir.path().join("d.raw")).ok();
         (result.map(|_| ()), out)
     };
-    let (result, out) = extract(&in_order_archive(&img, digest), true);
+    let (result, out) = extract(&good);
     result.unwrap();
     assert_eq!(out.as_deref(), Some(&img[..]));
-    let (result, out) = extract(&in_order_archive(&img, [1; 32]), true);
+    let (result, out) = extract(&forged);
     let err = result.unwrap_err().to_string();
-    assert!(err.contains("SHA-256") && err.contains('d'), "{err}");
+    assert!(err.contains("drive digest") && err.contains('d'), "{err}");
     assert_eq!(out, None, "a drive with a wrong digest was committed");
-    let (result, out) = extract(&in_order_archive(&img, [1; 32]), false);
-    result.unwrap();
-    assert_eq!(out.as_deref(), Some(&img[..]));
+
+    // A writer told what digest to expect refuses to finish otherwise.
+    let drive = DriveInfo {
+        id: DriveId(1),
+        name: "d".into(),
+        size: img.len() as u64,
+    };
+    let mut w = Writer::new(
+        Vec::new(),
+        ArchiveMeta::new(vec![drive], vec![]),
+        &WriterOptions::default(),
+    )
+    .unwrap();
+    for c in 0..clusters_for(img.len() as u64) {
+        let s = c as usize * CLUSTER_SIZE;
+        let e = (s + CLUSTER_SIZE).min(img.len());
+        w.write_cluster(DriveId(1), ClusterNo(c), &img[s..e])
+            .unwrap();
+    }
+    w.expect_drive_digest(DriveId(1), [2; 32]).unwrap();
+    assert!(matches!(
+        w.finish(),
+        Err(vma_core::Error::DriveDigestMismatch { .. })
+    ));
 }
 
 #[test]
@@ -388,11 +434,10 @@ fn writer_refuses_duplicates_gaps_and_bad_lengths() {
         }],
         vec![],
     );
-    let mut w = Writer::new(Vec::new(), m, &WriterOptions::default()).unwrap();
+    let new = || Writer::new(Vec::new(), m.clone(), &WriterOptions::default()).unwrap();
+    let mut w = new();
     let c = vec![1u8; CLUSTER_SIZE];
     w.write_cluster(DriveId(1), ClusterNo(1), &c).unwrap();
-    assert!(w.write_cluster(DriveId(1), ClusterNo(1), &c).is_err());
-    assert!(w.write_zeros(DriveId(1), 0..2).is_err());
     assert!(w.write_cluster(DriveId(1), ClusterNo(3), &c).is_err());
     assert!(w.write_cluster(DriveId(2), ClusterNo(0), &c).is_err());
     assert!(w
@@ -403,6 +448,13 @@ fn writer_refuses_duplicates_gaps_and_bad_lengths() {
         err.contains("never written") && err.contains("bytes 0..65536"),
         "{err}"
     );
+    // Clusters given twice are found when the index is built.
+    let mut w = new();
+    w.write_cluster(DriveId(1), ClusterNo(1), &c).unwrap();
+    w.write_cluster(DriveId(1), ClusterNo(1), &c).unwrap();
+    w.write_zeros(DriveId(1), 0..3).unwrap();
+    let err = w.finish().unwrap_err().to_string();
+    assert!(err.contains("twice"), "{err}");
 }
 
 #[test]
@@ -587,7 +639,7 @@ proptest! {
         if v1.len() > header_len {
             let cut = header_len + (cut_seed % (v1.len() - header_len) as u64) as usize;
             let stream = ArchiveStream::open(&v1[..cut], "short").unwrap();
-            let options = PassOptions { threads: 1, keep_going: true, hash_drives: HashDrives::None };
+            let options = PassOptions { threads: 1, keep_going: true, hash_drives: HashDrives::None, ..Default::default() };
             let r = stream.pass(&options, |_| Ok(())).unwrap();
             prop_assert!(!r.is_clean(), "cut at {} of {} unnoticed", cut, v1.len());
         }
@@ -604,6 +656,7 @@ fn pass_contents_v1(archive: &[u8], sizes: &[u64]) -> (Vec<Vec<u8>>, vma_core::P
                 threads: 1,
                 keep_going: false,
                 hash_drives: HashDrives::None,
+                ..Default::default()
             },
             |ext| {
                 for (drive, cluster, data) in ext.clusters() {
@@ -701,9 +754,15 @@ fn concurrent_readers_of_one_extent_share_one_decode() {
     let mut img = vec![0u8; 8 * CLUSTER_SIZE];
     fill(&Pattern::Random(3), &mut img);
     let mut f = tempfile::NamedTempFile::new().unwrap();
-    f.write_all(&in_order_archive(&img, [0; 32])).unwrap();
+    f.write_all(&in_order_archive(&img)).unwrap();
     let reader = Reader::open(f.path()).unwrap();
-    let offset = reader.runs(DriveId(1))[0].extent_offset;
+    let offset = reader
+        .runs(DriveId(1))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .extent;
     let decoded: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
             .map(|_| s.spawn(|| reader.extent(offset).unwrap()))
@@ -771,12 +830,10 @@ proptest! {
         let chain = Arc::new(Chain::open(&full, &[]).unwrap());
         let reader = Reader::open(&full).unwrap();
         let mut meta = ArchiveMeta::new(vec![drive], vec![]);
-        meta.parent = Some(vma_core::format::ParentRef {
-            uuid: reader.header().uuid,
-            digest: reader.footer().unwrap().archive_digest,
-        });
+        meta.parent = Some(reader.identity().unwrap());
         let diff = dir.path().join("diff.vma");
         let mut w = Writer::new(std::fs::File::create(&diff).unwrap(), meta, &WriterOptions::default()).unwrap();
+        w.set_leaf_source(chain.leaf_source());
         let base = ChainDrive::new(chain, DriveId(1)).unwrap();
         let stats = vma_core::diff::diff_image(&mut w, DriveId(1), &RawImage::open(&new_path).unwrap(), &base, &mut |_| {}).unwrap();
         w.finish().unwrap();
@@ -789,11 +846,13 @@ proptest! {
             })
             .collect();
         let r = Reader::open(&diff).unwrap();
-        let stored: Vec<u64> = r.runs(DriveId(1)).iter()
+        let stored: Vec<u64> = r.runs(DriveId(1)).unwrap().map(Result::unwrap)
             .filter(|run| run.kind != vma_core::format::RunKind::Unchanged)
             .flat_map(|run| run.start..run.start + run.count as u64)
             .collect();
         prop_assert_eq!(&stored, &want);
+        // The diff records the drive digest of the whole new image.
+        prop_assert_eq!(r.drive_records()[0].digest, Some(vma_core::tree::digest_of_bytes(&new)));
         prop_assert_eq!(stats.changed, want.len() as u64);
         let chain = Chain::open(&diff, &[]).unwrap();
         let mut got = vec![0xEEu8; size as usize];

@@ -16,7 +16,7 @@ use crate::format::{
 };
 use crate::tree::{Digest, DriveTree};
 
-use super::{ExtentKeys, LeafItem, TempStore};
+use super::{ExtentKeys, LeafItem, LeafSink, ResolveUnchanged, TempStore};
 
 /// Run pages kept decoded in memory.
 const RUN_PAGES_CACHED: usize = 48;
@@ -554,8 +554,8 @@ impl PagedIndex {
         &self,
         slot: usize,
         clusters: Range<u64>,
-        out: &mut dyn FnMut(LeafItem) -> Result<()>,
-        unchanged: &mut dyn FnMut(Range<u64>, &mut dyn FnMut(LeafItem) -> Result<()>) -> Result<()>,
+        out: &mut LeafSink<'_>,
+        unchanged: &mut ResolveUnchanged<'_>,
     ) -> Result<()> {
         let mut pos = clusters.start;
         let mut cursor = self.runs_from(slot, pos)?;
