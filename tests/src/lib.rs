@@ -2,6 +2,7 @@
 //! and make disk images with known contents.
 
 pub mod forge;
+pub mod scale;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

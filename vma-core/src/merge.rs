@@ -301,6 +301,7 @@ pub fn merge_chain<W: Write>(
                     let current = counts[link].get(key);
                     if !decoded[link].contains(&key) && same_encoding[link] {
                         let mut stored = reader.stored_extent(key).map_err(in_archive)?;
+                        claims_agree(reader, key, stored.entries()).map_err(in_archive)?;
                         let held: u64 = stored
                             .entries()
                             .iter()
@@ -326,10 +327,12 @@ pub fn merge_chain<W: Write>(
                             return Ok(());
                         }
                     }
-                    if decoded[link].insert(key) {
-                        summary.reencoded_extents += 1;
-                    }
+                    let first = decoded[link].insert(key);
                     let ext = reader.extent(key).map_err(in_archive)?;
+                    if first {
+                        summary.reencoded_extents += 1;
+                        claims_agree(reader, key, &ext.entries).map_err(in_archive)?;
+                    }
                     // The extent names the drive by its link's id.
                     let link_id = id_map[link]
                         .iter()
@@ -370,8 +373,70 @@ pub fn merge_chain<W: Write>(
         })?;
         done_before += d.size;
     }
+    // Every other extent of every 3.0 link is read too: intact, bound to
+    // its place, and claiming nothing its index gives to another (a second
+    // copy of a cluster, conflicting or not, is refused, not dropped).
+    for (link, reader) in links.iter().enumerate() {
+        if reader.format() != ArchiveFormat::V3 {
+            continue;
+        }
+        let in_archive = |e: Error| e.in_archive(reader.path());
+        for key in 0..reader.extent_count() {
+            if copied[link].contains(&key) || decoded[link].contains(&key) {
+                continue;
+            }
+            let stored = reader.stored_extent(key).map_err(in_archive)?;
+            claims_agree(reader, key, stored.entries()).map_err(in_archive)?;
+        }
+    }
     progress(done_before);
     Ok(summary)
+}
+
+/// Whether what extent `key` of `reader` claims is what the index says:
+/// every run it holds lies in runs of the same kind (data runs naming this
+/// extent). A claim the index gives to another extent is a second copy of
+/// those clusters, which a merge refuses to fold rather than drop.
+fn claims_agree(
+    reader: &crate::reader::Reader,
+    key: u64,
+    entries: &[crate::format::Entry],
+) -> Result<()> {
+    for e in entries {
+        let Some(d) = reader.header().drive(e.drive) else {
+            return Err(Error::corrupt(
+                0,
+                format!(
+                    "extent #{key} names drive id {} which the header does not list",
+                    e.drive
+                ),
+            ));
+        };
+        let end = e.start + e.count as u64;
+        let mut pos = e.start;
+        let mut runs = reader.runs_from(e.drive, pos)?;
+        while pos < end {
+            let r = runs.next().transpose()?.filter(|r| r.start <= pos);
+            let ok =
+                r.is_some_and(|r| r.kind == e.kind && (e.kind != RunKind::Data || r.extent == key));
+            if !ok {
+                let bytes = crate::types::cluster_range_bytes(d.size, pos..end);
+                return Err(Error::Conflicting {
+                    what: format!(
+                        "extent #{key} holds drive {} bytes {}..{} but the index gives them to another extent or kind: two copies of the same clusters; verify the archive (a merge does not fold it)",
+                        d.name, bytes.start, bytes.end
+                    ),
+                    ranges: vec![crate::types::DriveRange {
+                        drive: d.id,
+                        drive_name: d.name.clone(),
+                        bytes,
+                    }],
+                });
+            }
+            pos = r.map_or(end, |r| r.end()).min(end);
+        }
+    }
+    Ok(())
 }
 
 /// Links with at most this many extents keep their per-extent counts and

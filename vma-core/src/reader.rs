@@ -982,14 +982,7 @@ impl Reader {
         }
         let mut bytes = vec![0u8; len];
         read_exact_at(&self.file, &mut bytes, offset, &name)?;
-        let ext = StoredExtent::check(bytes, offset, &binding).map_err(|(e, _)| e)?;
-        if !ext.entries().iter().any(|e| e.kind == RunKind::Data) {
-            return Err(Error::corrupt(
-                offset,
-                "the index points to an extent without data",
-            ));
-        }
-        Ok(ext)
+        StoredExtent::check(bytes, offset, &binding).map_err(|(e, _)| e)
     }
 
     fn decompress(&self, stored: &StoredExtent, key: u64) -> Result<DecodedExtent> {
