@@ -91,6 +91,27 @@ pub fn sparse_incremental(path: &Path, parent: &Path, clusters: u64) {
     w.finish().unwrap();
 }
 
+/// A tiny archive declaring 255 all-zero drives of 128 TiB.
+pub fn huge(path: &Path) {
+    let drives: Vec<DriveInfo> = (1..=255u8)
+        .map(|i| DriveInfo {
+            id: DriveId(i),
+            name: format!("d{i}"),
+            size: vma_core::format::limits::MAX_DRIVE_SIZE,
+        })
+        .collect();
+    let mut w = Writer::new(
+        std::fs::File::create(path).unwrap(),
+        ArchiveMeta::new(drives.clone(), vec![]),
+        &WriterOptions::default(),
+    )
+    .unwrap();
+    for d in &drives {
+        w.write_zeros(d.id, 0..d.clusters()).unwrap();
+    }
+    w.finish().unwrap();
+}
+
 /// Peak RSS (KiB), wall time, exit code and output of `vma ARGS` (a shell
 /// fragment; `$VMA` is the binary), run under /usr/bin/time.
 pub fn measure(args: &str) -> (u64, Duration, i32, String) {

@@ -485,26 +485,9 @@ fn two_copies_of_a_cluster_are_handled_the_same_everywhere() {
 /// drive for about 6 hours (255 such drives: years), silently.
 #[test]
 fn huge_declared_drives_verify_in_seconds() {
-    use vma_core::{ArchiveMeta, DriveId, DriveInfo, Writer, WriterOptions};
     let t = tempfile::tempdir().unwrap();
-    let drives: Vec<DriveInfo> = (1..=255u8)
-        .map(|i| DriveInfo {
-            id: DriveId(i),
-            name: format!("d{i}"),
-            size: vma_core::format::limits::MAX_DRIVE_SIZE,
-        })
-        .collect();
     let archive = t.path().join("huge.vma");
-    let mut w = Writer::new(
-        std::fs::File::create(&archive).unwrap(),
-        ArchiveMeta::new(drives.clone(), vec![]),
-        &WriterOptions::default(),
-    )
-    .unwrap();
-    for d in &drives {
-        w.write_zeros(d.id, 0..d.clusters()).unwrap();
-    }
-    w.finish().unwrap();
+    vma_tests::scale::huge(&archive);
     assert!(std::fs::metadata(&archive).unwrap().len() < 200 << 10);
     let started = Instant::now();
     let o = ok(&["verify", p(&archive)]);
