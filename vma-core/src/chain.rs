@@ -384,6 +384,13 @@ impl LeafSource for ChainLeaves {
         clusters: Range<u64>,
         out: &mut dyn FnMut(LeafItem) -> Result<()>,
     ) -> Result<bool> {
+        // Only 3.0 links have leaves (a 2.0 chain has no tree digest).
+        if self.chain.links[self.link..]
+            .iter()
+            .any(|l| l.format() != ArchiveFormat::V3)
+        {
+            return Ok(false);
+        }
         self.chain
             .leaves_at(self.link, &drive.name, drive.size, clusters, out)?;
         Ok(true)

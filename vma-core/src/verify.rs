@@ -70,7 +70,9 @@ pub fn verify_with<R: Read>(
         keep_index: false,
         progress: options.progress.clone(),
     };
-    let mut source = ancestors.map(|c| c.leaf_source());
+    let mut source = ancestors
+        .filter(|_| format == ArchiveFormat::V3)
+        .map(|c| c.leaf_source());
     let mut report = stream.pass_with(
         &pass_options,
         source
