@@ -31,18 +31,23 @@ image("a2.raw", 70001, [(0, 1), (65536, 5)])          # a.raw with its tail chan
 open("vm.conf", "w").write("name: fuzz\nmemory: 512\nscsi0: local:vm-100-disk-0,size=70001\n")
 EOF
 
-mkdir -p "$root/fuzz/corpus"/{v2,vma1,stream,qcow2,nbd,qmp}
-rm -f "$root/fuzz/corpus"/*/seed-*
-v2=$root/fuzz/corpus/v2
+# The v2 corpus holds archives of version 2.0, which no writer makes any
+# more: its seeds are kept as they are.
+mkdir -p "$root/fuzz/corpus"/{v3,vma1,stream,qcow2,nbd,qmp}
+for t in v3 vma1 stream qcow2 nbd qmp; do
+  find "$root/fuzz/corpus/$t" -name 'seed-*' ! -name 'seed-v2-*' -delete
+done
+v3=$root/fuzz/corpus/v3
 v1=$root/fuzz/corpus/vma1
 st=$root/fuzz/corpus/stream
 q=$root/fuzz/corpus/qcow2
 
-"$vma" -q create --compress none "$v2/seed-one-drive-plain" c.raw
-"$vma" -q create --compress zstd "$v2/seed-one-drive-zstd" a.raw
-"$vma" -q create --compress zstd:3 --config vm.conf "$v2/seed-three-drives-config" a.raw b.raw z.raw
-"$vma" -q create --compress none "$v2/seed-two-drives-plain" b.raw c.raw
-"$vma" -q diff --compress zstd --against "$v2/seed-one-drive-zstd" a=a2.raw -o "$v2/seed-incremental"
+"$vma" -q create --compress none "$v3/seed-one-drive-plain" c.raw
+"$vma" -q create --compress zstd "$v3/seed-one-drive-zstd" a.raw
+"$vma" -q create --compress zstd:3 --config vm.conf "$v3/seed-three-drives-config" a.raw b.raw z.raw
+"$vma" -q create --compress none "$v3/seed-two-drives-plain" b.raw c.raw
+"$vma" -q diff --compress zstd --against "$v3/seed-one-drive-zstd" a=a2.raw -o "$v3/seed-incremental"
+"$vma" -q merge "$v3/seed-incremental" -o "$v3/seed-synthetic-full"
 
 "$vma" -q create --format vma1 "$v1/seed-one-drive" c.raw
 "$vma" -q create --format vma1 --config vm.conf "$v1/seed-three-drives-config" a.raw b.raw z.raw
@@ -50,7 +55,7 @@ q=$root/fuzz/corpus/qcow2
 
 zstd -q -19 -c "$v1/seed-three-drives-config" >"$st/seed-vma1-zst"
 gzip -9 -c "$v1/seed-two-drives" >"$st/seed-vma1-gz"
-zstd -q -19 -c "$v2/seed-one-drive-plain" >"$st/seed-v2-zst"
+zstd -q -19 -c "$v3/seed-one-drive-plain" >"$st/seed-v3-zst"
 lzop -9 -c "$v1/seed-two-drives" >"$st/seed-vma1-lzo"
 
 # qcow2: small clusters keep the images small; plain, zlib and zstd

@@ -36,7 +36,7 @@ limits=(-rss_limit_mb=2048 -timeout=10 -max_len=65536)
 # reports its allocations. Leak checks stay on for the other targets.
 leak_check() {
   case "$1" in
-    v2|vma1|stream) echo -detect_leaks=0 ;;
+    v3|v2|vma1|stream) echo -detect_leaks=0 ;;
     *) echo -detect_leaks=1 ;;
   esac
 }

@@ -1,5 +1,7 @@
-//! Native v2 archives: header, extents, index, footer; sequential pass and random access.
-//! Seeds: `fuzz/corpus/v2/`; body: `vma_core::fuzzing::archive`.
+//! Native archives of version 2.0 (read, no longer written): header,
+//! extents, index, footer through the legacy paths; sequential pass and
+//! random access. Corpus: `fuzz/corpus/v2/` (2.0 archives, kept as they
+//! were: no writer makes them any more); body: `vma_core::fuzzing::archive`.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

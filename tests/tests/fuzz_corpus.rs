@@ -61,6 +61,14 @@ fn replay(target: &str, body: fn(&[u8]) -> bool) {
 }
 
 #[test]
+fn v3_corpus() {
+    replay("v3", |data| {
+        let o = vma_core::fuzzing::archive(data);
+        o.pass_clean && o.opened && o.clusters_compared > 0
+    });
+}
+
+#[test]
 fn v2_corpus() {
     replay("v2", |data| {
         let o = vma_core::fuzzing::archive(data);
