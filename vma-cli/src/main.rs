@@ -412,6 +412,7 @@ fn run(cli: Cli) -> Result<()> {
                 threads,
                 salvage,
                 check_drive_digests: drive_digest,
+                progress: None,
             };
             extract_cmd(&archive, &target_dir, options, &parents, json, quiet)
         }
@@ -648,8 +649,10 @@ fn write_synthetic_full(
         output_options.force,
         |out| {
             let mut writer = Writer::new(out, meta, &options)?;
-            let summary =
-                merge_chain(chain, &mut writer, &merge_options, &mut |n| progress.set(n))?;
+            writer.set_progress(progress.callback());
+            let summary = merge_chain(chain, &mut writer, &merge_options, &mut |what, n, t| {
+                progress.step(what, n, t)
+            })?;
             writer.finish()?;
             Ok(summary)
         },
@@ -914,6 +917,9 @@ fn archive_images(
     let progress = Progress::bytes(total, what, quiet);
     let written = write_archive(output, force, |out| {
         let mut writer = AnyWriter::new(out, meta, vma1, options)?;
+        if let AnyWriter::Native(w) = &mut writer {
+            w.set_progress(progress.callback());
+        }
         feed_images(&mut writer, &drives, images, &progress)?;
         writer.finish()?;
         Ok(())
@@ -1059,10 +1065,14 @@ fn convert(
         } else {
             HashDrives::None
         },
+        progress: progress.callback(),
         ..Default::default()
     };
     let (_, bytes) = write_archive(output, force, |out| {
         let mut writer = AnyWriter::new(out, meta, vma1, &options)?;
+        if let AnyWriter::Native(w) = &mut writer {
+            w.set_progress(progress.callback());
+        }
         if let (AnyWriter::Native(w), Some(chain)) = (&mut writer, &ancestors) {
             w.set_leaf_source(chain.leaf_source());
         }
@@ -1237,6 +1247,10 @@ fn extract_cmd(
         _ => 0,
     };
     let progress = Progress::bytes(total, "extract", quiet || json);
+    let options = ExtractOptions {
+        progress: progress.callback(),
+        ..options
+    };
     let summary = extract(stream, dir, &options, ancestors.as_ref(), |pos| {
         progress.set(pos)
     })?;

@@ -59,22 +59,33 @@ impl Progress {
         }
     }
 
+    /// Show step `what` at `done` of `total` bytes.
+    pub(crate) fn step(&self, what: &str, done: u64, total: u64) {
+        if let Some(bar) = &self.0 {
+            show_step(bar, what, done, total);
+        }
+    }
+
     /// A progress callback for library passes: the step's name becomes the
     /// bar's message; a non-zero total replaces the bar's length.
     pub(crate) fn callback(&self) -> Option<vma_core::stream::ProgressFn> {
         let bar = self.0.clone()?;
         Some(std::sync::Arc::new(
-            move |what: &str, done: u64, total: u64| {
-                if bar.message() != what {
-                    bar.set_message(what.to_string());
-                }
-                if total > 0 && bar.length() != Some(total) {
-                    bar.set_length(total);
-                }
-                bar.set_position(done);
-            },
+            move |what: &str, done: u64, total: u64| show_step(&bar, what, done, total),
         ))
     }
+}
+
+/// The step's name becomes the bar's message; a non-zero total replaces
+/// the bar's length.
+fn show_step(bar: &ProgressBar, what: &str, done: u64, total: u64) {
+    if bar.message() != what {
+        bar.set_message(what.to_string());
+    }
+    if total > 0 && bar.length() != Some(total) {
+        bar.set_length(total);
+    }
+    bar.set_position(done);
 }
 
 use vma_core::types::uuid_text as uuid_str;

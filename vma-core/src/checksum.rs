@@ -162,13 +162,10 @@ pub fn tree_digest(
         let limit = ((c + CHUNK_CLUSTERS) * cs).min(size);
         let mut pos = start;
         while pos < limit {
-            if pos % cs == 0 && pos > start {
-                let (end, data) = stretches.at(pos)?;
-                if !data && (end >= size || end - pos >= cs) {
-                    break;
-                }
-            }
             let (end, data) = stretches.at(pos)?;
+            if pos.is_multiple_of(cs) && pos > start && !data && (end >= size || end - pos >= cs) {
+                break;
+            }
             let next = end.min(limit);
             let piece = (pos - start) as usize..(next - start) as usize;
             if data {

@@ -211,7 +211,7 @@ pub fn check_member_names<'a>(
 }
 
 /// What to extract.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct ExtractOptions {
     /// Format of the drive files.
     pub format: DriveFormat,
@@ -229,6 +229,9 @@ pub struct ExtractOptions {
     /// 3.0 drive digests are always checked, end to end: over every byte
     /// written, those read from ancestors included.
     pub check_drive_digests: bool,
+    /// Progress of the steps after the extents (checking the index and
+    /// the drive digests).
+    pub progress: Option<crate::stream::ProgressFn>,
 }
 
 /// The ancestors of an incremental archive, for [`extract`]: what its
@@ -348,6 +351,7 @@ pub fn extract<R: Read>(
         } else {
             HashDrives::None
         },
+        progress: options.progress.clone(),
         ..Default::default()
     };
     let targets = RefCell::new(targets);

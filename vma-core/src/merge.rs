@@ -193,12 +193,15 @@ impl Counts {
 /// drives must be the newest archive's (as [`synthetic_meta`] gives them),
 /// and make the writer check each drive's digest against the newest
 /// archive's record. The caller finishes the writer (which fails if a
-/// digest differs). `progress` gets the logical bytes done, all drives together.
+/// digest differs). `progress` gets each step's name, bytes done and total
+/// bytes: logical bytes of all drives together while the index is walked
+/// (counting claims, then merging), the archive's bytes while the extents
+/// no run names any more are checked.
 pub fn merge_chain<W: Write>(
     chain: &Arc<Chain>,
     writer: &mut Writer<W>,
     _options: &MergeOptions,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<MergeSummary> {
     chain.refuse_interrupted(|_| true)?;
     let newest = chain.newest();
@@ -232,6 +235,9 @@ pub fn merge_chain<W: Write>(
         })
         .collect();
     let drives = chain.header().drives.clone();
+    let total: u64 = drives.iter().map(|d| d.size).sum();
+    let cs = CLUSTER_SIZE as u64;
+    let mut done_before = 0u64;
     for d in &drives {
         resolve(chain, 0, &d.name, 0..d.clusters(), &mut |p| {
             if let Piece::Data {
@@ -242,9 +248,15 @@ pub fn merge_chain<W: Write>(
             } = p
             {
                 counts[link].add(key, end - start)?;
+                progress(
+                    "counting claims",
+                    done_before + (end * cs).min(d.size),
+                    total,
+                );
             }
             Ok(())
         })?;
+        done_before += d.size;
     }
     let same_encoding: Vec<bool> = links
         .iter()
@@ -279,7 +291,6 @@ pub fn merge_chain<W: Write>(
     let mut decoded: Vec<KeySet> = links.iter().map(new_set).collect();
     let mut done_before = 0u64;
     let mut buf = vec![0u8; CLUSTER_SIZE];
-    let cs = CLUSTER_SIZE as u64;
     for d in &drives {
         resolve(chain, 0, &d.name, 0..d.clusters(), &mut |p| {
             let end_cluster = match p {
@@ -323,7 +334,7 @@ pub fn merge_chain<W: Write>(
                             summary.copied_clusters += held;
                             copied[link].insert(key);
                             writer.append_stored(stored)?;
-                            progress(done_before + (end * cs).min(d.size));
+                            progress("merging", done_before + (end * cs).min(d.size), total);
                             return Ok(());
                         }
                     }
@@ -368,7 +379,11 @@ pub fn merge_chain<W: Write>(
                     end
                 }
             };
-            progress(done_before + (end_cluster * cs).min(d.size));
+            progress(
+                "merging",
+                done_before + (end_cluster * cs).min(d.size),
+                total,
+            );
             Ok(())
         })?;
         done_before += d.size;
@@ -381,15 +396,21 @@ pub fn merge_chain<W: Write>(
             continue;
         }
         let in_archive = |e: Error| e.in_archive(reader.path());
+        let size = std::fs::metadata(reader.path()).map_or(0, |m| m.len());
         for key in 0..reader.extent_count() {
             if copied[link].contains(&key) || decoded[link].contains(&key) {
                 continue;
             }
             let stored = reader.stored_extent(key).map_err(in_archive)?;
             claims_agree(reader, key, stored.entries()).map_err(in_archive)?;
+            progress(
+                "checking superseded extents",
+                stored.offset() + stored.stored_len(),
+                size,
+            );
         }
     }
-    progress(done_before);
+    progress("merging", total, total);
     Ok(summary)
 }
 

@@ -1220,7 +1220,9 @@ impl PassState {
         let progress = self.progress.clone();
         let mut report = |done: u64, total: u64| {
             if let Some(p) = &progress {
-                p("checking the index", done, total);
+                // In logical bytes of the drives walked.
+                let cs = crate::format::CLUSTER_SIZE as u64;
+                p("checking the index", done * cs, total * cs);
             }
         };
         let built = builder.finish(FinishOptions {

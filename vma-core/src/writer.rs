@@ -241,6 +241,7 @@ pub struct Writer<W: Write> {
     output: Output<W>,
     out_of_order: u64,
     leaf_source: Option<Box<dyn LeafSource + Send>>,
+    progress: Option<crate::stream::ProgressFn>,
 }
 
 impl<W: Write> Writer<W> {
@@ -362,7 +363,14 @@ impl<W: Write> Writer<W> {
             output,
             out_of_order: 0,
             leaf_source: None,
+            progress: None,
         })
+    }
+
+    /// Report the steps of [`Writer::finish`] that take time (building
+    /// and writing the index of a large archive) to `progress`.
+    pub fn set_progress(&mut self, progress: Option<crate::stream::ProgressFn>) {
+        self.progress = progress;
     }
 
     /// The header this writer wrote.
@@ -565,13 +573,19 @@ impl<W: Write> Writer<W> {
             IndexBuilder::with_memory(&[], false, ExtentKeys::Seq, false, 0),
         );
         let mut source = self.leaf_source.take();
+        let progress = self.progress.take();
         let built = builder
             .finish(FinishOptions {
                 lenient: false,
                 source: source.as_mut().map(|s| &mut **s as &mut dyn LeafSource),
                 keep_pages: true,
                 uuid: self.header.uuid,
-                progress: None,
+                progress: Some(&mut |done, total| {
+                    if let Some(p) = &progress {
+                        let cs = crate::format::CLUSTER_SIZE as u64;
+                        p("writing the index", done * cs, total * cs);
+                    }
+                }),
             })
             .map_err(|e| match e {
                 Error::Duplicate { what, .. } => Error::Invalid(format!(

@@ -233,7 +233,7 @@ fn merge_into(newest: &Path, out: &Path, options: &WriterOptions) -> MergeSummar
     let meta = synthetic_meta(&chain);
     let mut w = Writer::new(std::fs::File::create(out).unwrap(), meta, options).unwrap();
     let merge_options = MergeOptions { threads: 2 };
-    let summary = merge_chain(&chain, &mut w, &merge_options, &mut |_| {}).unwrap();
+    let summary = merge_chain(&chain, &mut w, &merge_options, &mut |_, _, _| {}).unwrap();
     w.finish().unwrap();
     summary
 }

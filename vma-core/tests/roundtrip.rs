@@ -385,6 +385,7 @@ fn in_order_writes_record_and_verify_drive_digests() {
             threads: 2,
             salvage: false,
             check_drive_digests: false,
+            progress: None,
         };
         let stream = ArchiveStream::open(archive, "a").unwrap();
         let result = vma_core::extract::extract(stream, dir.path(), &options, None, |_| {});
