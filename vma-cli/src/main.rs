@@ -291,7 +291,7 @@ struct CreateArgs {
 /// Archive formats `create` and `convert` can write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum OutputFormat {
-    /// The native format (version 3.0); `v2` is accepted as a name for it.
+    /// The native format (version 3.0); `v2` and `v3` are accepted as names for it.
     #[value(alias = "v2", alias = "v3")]
     Native,
     /// Proxmox VMA version 1, as `vzdump` writes it.
