@@ -248,24 +248,6 @@ pub fn default_timeout() -> Duration {
     }
 }
 
-fn base64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// Double the commas QEMU's option syntax treats as separators.
 fn qemu_escape(s: &str) -> String {
     s.replace(',', ",,")
@@ -292,7 +274,7 @@ impl Guest {
             append.push_str(" vmatest.ro");
         }
         if let Some(script) = &config.script {
-            let b64 = base64(script.as_bytes());
+            let b64 = crate::s3::base64(script.as_bytes());
             assert!(
                 b64.len() <= 1800,
                 "guest script too long for the kernel command line ({} bytes of base64); put it on the disk as /vmatest.sh",

@@ -4,7 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+pub mod garage;
 pub mod guest;
+pub mod moto;
+pub mod s3;
+pub mod service;
 
 /// Path of the `vma` binary built by `cargo build` (or `$VMA_BIN`).
 pub fn vma_bin() -> PathBuf {
