@@ -36,9 +36,9 @@ use vma_core::{ArchiveMeta, ConfigBlob, DriveId, DriveInfo, Reader, Writer, Writ
 
 use crate::assemble::{ClusterAssembler, Piece};
 use crate::fleece::Fleece;
-use crate::nbd::{Export, NbdServer, NbdSink};
 use crate::qga::{AgentError, GuestAgent};
 use crate::qmp::{self, action, DirtyBitmapAdd, JobStatus, QemuVersion, Qmp};
+use vma_nbd::{Export, ExportFlags, NbdExport, NbdServer};
 
 /// Name of the config blob that records how an archive was captured.
 pub const CAPTURE_BLOB: &str = "vma-capture.json";
@@ -313,6 +313,7 @@ pub fn capture(
         .iter()
         .map(|d| {
             Arc::new(DriveSink {
+                size: d.size,
                 assembler: Mutex::new(ClusterAssembler::new(d.id, d.size)),
                 queue: Mutex::new(Some(tx.clone())),
                 failure: failure.clone(),
@@ -334,11 +335,7 @@ pub fn capture(
         drives
             .iter()
             .zip(&sinks)
-            .map(|(d, s)| Export {
-                name: d.name.clone(),
-                size: d.size,
-                sink: s.clone() as Arc<dyn NbdSink>,
-            })
+            .map(|(d, s)| Export::new(d.name.clone(), s.clone() as Arc<dyn NbdExport>))
             .collect(),
     )
     .map_err(|e| {
@@ -895,6 +892,7 @@ pub(crate) fn with_frozen_guest<T>(
 /// The NBD sink of one drive: assembles clusters and queues them for the
 /// archive writer.
 struct DriveSink {
+    size: u64,
     assembler: Mutex<ClusterAssembler>,
     /// None once closed.
     queue: Mutex<Option<crossbeam_channel::Sender<Piece>>>,
@@ -935,7 +933,15 @@ impl DriveSink {
     }
 }
 
-impl NbdSink for DriveSink {
+impl NbdExport for DriveSink {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn flags(&self) -> ExportFlags {
+        ExportFlags::WRITE_ONLY
+    }
+
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         self.check()?;
         let pieces = self

@@ -1,12 +1,12 @@
 //! Live capture of running QEMU VMs into vma archives.
 //!
 //! QEMU's own backup job does the copy-before-write: a `blockdev-backup`
-//! job per drive whose target is an NBD client node connected to the NBD
-//! server in [`nbd`]; what the job writes (clusters in the order the guest
+//! job per drive whose target is an NBD client node connected to an NBD
+//! server of `vma-nbd`; what the job writes (clusters in the order the guest
 //! overwrites them, then the rest) goes straight into the archive Writer.
 //! [`qmp`] drives QEMU over its monitor socket. With fleecing
 //! ([`fleece`]) the jobs read point-in-time views instead of the drives,
-//! and [`live_diff`] reads such views itself, through [`nbd_client`], to
+//! and [`live_diff`] reads such views itself, through [`nbd_image`], to
 //! compare them with an earlier archive.
 
 pub mod assemble;
@@ -16,7 +16,6 @@ pub mod fleece;
 pub mod fuzzing;
 mod leftovers;
 pub mod live_diff;
-pub mod nbd;
-pub mod nbd_client;
+pub mod nbd_image;
 pub mod qga;
 pub mod qmp;

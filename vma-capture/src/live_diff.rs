@@ -32,8 +32,9 @@ use crate::capture::{
     Result,
 };
 use crate::fleece::Fleece;
-use crate::nbd_client::{NbdClient, NbdImage};
+use crate::nbd_image::NbdImage;
 use crate::qmp::{action, Qmp};
+use vma_nbd::NbdClient;
 
 /// Capture `options.qmp`'s drives by comparing point-in-time views of
 /// them with the chain ending at `options.diff_against`.

@@ -1,6 +1,8 @@
 //! The NBD server against QEMU's own NBD client (`qemu-io`, `qemu-img`)
 //! and against a hand-written client for what QEMU never sends.
 
+mod support;
+
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -9,8 +11,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vma_capture::nbd::wire;
-use vma_capture::nbd::{Export, NbdServer, NbdSink};
+use support::{require, K64};
+use vma_nbd::{wire, Export, ExportFlags, NbdExport, NbdServer};
 
 /// What reached a [`MemSink`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +61,15 @@ impl MemSink {
     }
 }
 
-impl NbdSink for MemSink {
+impl NbdExport for MemSink {
+    fn size(&self) -> u64 {
+        lock(&self.data).len() as u64
+    }
+
+    fn flags(&self) -> ExportFlags {
+        ExportFlags::WRITE_ONLY
+    }
+
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check()?;
         lock(&self.log).push(Rec::Write(offset, data.len()));
@@ -102,14 +112,7 @@ impl Fixture {
         let exports = exports
             .iter()
             .zip(&sinks)
-            .map(|((name, size), sink)| {
-                let sink: Arc<dyn NbdSink> = sink.clone();
-                Export {
-                    name: name.to_string(),
-                    size: *size,
-                    sink,
-                }
-            })
+            .map(|((name, _), sink)| Export::new(*name, sink.clone() as Arc<dyn NbdExport>))
             .collect();
         let server = NbdServer::bind_unix(&dir.path().join("nbd.sock"), exports).unwrap();
         Fixture { dir, server, sinks }
@@ -143,18 +146,6 @@ impl Fixture {
     }
 }
 
-/// Fail (not skip) when a QEMU tool is missing.
-fn require(tool: &str) {
-    let found = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "{tool} is not installed: these tests need QEMU's NBD client (install qemu-utils)"
-    );
-}
-
 fn text(out: &Output) -> String {
     format!(
         "status {}\nstdout:\n{}\nstderr:\n{}",
@@ -179,8 +170,6 @@ fn assert_failed(out: &Output, what: &str) {
         "expected a failure with {what:?}: {all}"
     );
 }
-
-const K64: u64 = 65536;
 
 #[test]
 fn qemu_io_writes_reach_the_sink_exactly() {

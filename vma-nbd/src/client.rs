@@ -15,9 +15,6 @@
 //! malformed reply, a lost connection or a server silent for
 //! [`REPLY_TIMEOUT`] ends the connection, and every later call fails with
 //! that reason.
-//!
-//! [`NbdImage`] puts a client behind vma-core's `DiskImage`, so an export
-//! is read like any other source image.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -27,9 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use vma_core::source::{DiskImage, Stretch};
-
-use crate::nbd::wire::{self, Info, ReplyHeader, WireError};
+use crate::wire::{self, Info, ReplyHeader, WireError};
 
 /// Largest read request sent (the server's maximum, if smaller, wins).
 pub const REQUEST_BYTES: u32 = 512 * 1024;
@@ -47,9 +42,6 @@ const MAX_OPTION_REPLY: u32 = 1 << 20;
 
 /// Longest structured chunk payload other than read data.
 const MAX_CHUNK: u32 = 1 << 20;
-
-/// Bytes asked for in one block status request.
-const STATUS_BYTES: u64 = 1 << 30;
 
 /// Errors of the NBD client.
 #[derive(Debug, thiserror::Error)]
@@ -112,12 +104,6 @@ pub enum Error {
 
 /// Result type of this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl From<Error> for vma_core::Error {
-    fn from(e: Error) -> Self {
-        vma_core::Error::Invalid(e.to_string())
-    }
-}
 
 /// What `NBD_CMD_BLOCK_STATUS` says of a stretch of the export.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -547,12 +533,8 @@ impl NbdClient {
                 }
                 let mut at = [0u8; 8];
                 read_exact(stream, &mut at)?;
-                let rel = place(
-                    &p.range,
-                    u64::from_be_bytes(at),
-                    u64::from(len - 8),
-                    &p.covered,
-                )?;
+                let at = wire::Fields::new(&at).u64().map_err(|e| e.to_string())?;
+                let rel = place(&p.range, at, u64::from(len - 8), &p.covered)?;
                 read_exact(stream, &mut buf[rel.start as usize..rel.end as usize])?;
                 p.covered.push(rel);
                 Ok(())
@@ -612,9 +594,7 @@ impl NbdClient {
             (k, _) if k & (1 << 15) != 0 => {
                 // An error type this client does not know: still an error.
                 let payload = small(stream)?;
-                let code = payload
-                    .get(..4)
-                    .map_or(wire::EIO, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                let code = wire::Fields::new(&payload).u32().unwrap_or(wire::EIO);
                 p.error
                     .get_or_insert((code.max(1), format!("error chunk type {k}")));
                 Ok(())
@@ -873,78 +853,5 @@ fn refusal(reply: u32, payload: &[u8]) -> String {
         format!("{what} (reply {reply:#x})")
     } else {
         format!("{what}: {message}")
-    }
-}
-
-/// An NBD export as a source image: status from `base:allocation` (one
-/// request answers a gigabyte), reads through the client.
-pub struct NbdImage {
-    client: NbdClient,
-    /// Where the export is, for messages (`socket#export`).
-    label: PathBuf,
-    /// The last block status answer: (start, extents).
-    status: Mutex<Option<(u64, Vec<Extent>)>>,
-}
-
-impl NbdImage {
-    /// Read `client`'s export as an image.
-    pub fn new(client: NbdClient) -> NbdImage {
-        let label = PathBuf::from(format!("{}#{}", client.socket().display(), client.export()));
-        NbdImage {
-            client,
-            label,
-            status: Mutex::new(None),
-        }
-    }
-
-    /// The client underneath.
-    pub fn client(&self) -> &NbdClient {
-        &self.client
-    }
-
-    /// Disconnect from the server.
-    pub fn disconnect(self) {
-        self.client.disconnect();
-    }
-}
-
-impl DiskImage for NbdImage {
-    fn size(&self) -> u64 {
-        self.client.size()
-    }
-
-    fn path(&self) -> &Path {
-        &self.label
-    }
-
-    fn status(&self, offset: u64) -> vma_core::Result<Stretch> {
-        let mut cache = self.status.lock().unwrap_or_else(PoisonError::into_inner);
-        let cached = |c: &Option<(u64, Vec<Extent>)>| -> Option<Stretch> {
-            let (start, extents) = c.as_ref()?;
-            let mut at = *start;
-            for e in extents {
-                if offset >= at && offset < at + e.len {
-                    let rest = at + e.len - offset;
-                    return Some(if e.zero {
-                        Stretch::Zero(rest)
-                    } else {
-                        Stretch::Data(rest)
-                    });
-                }
-                at += e.len;
-            }
-            None
-        };
-        if let Some(s) = cached(&cache) {
-            return Ok(s);
-        }
-        let len = (self.client.size() - offset).min(STATUS_BYTES);
-        let extents = self.client.block_status(offset, len)?;
-        *cache = Some((offset, extents));
-        Ok(cached(&cache).expect("the first extent starts at the offset"))
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> vma_core::Result<()> {
-        Ok(self.client.read_at(offset, buf)?)
     }
 }

@@ -1,140 +1,17 @@
-//! The NBD client against QEMU's NBD server (`qemu-nbd`), against the
-//! write-only server of this crate (simple replies only) and against a
-//! scripted server that breaks the protocol.
+//! The NBD client against QEMU's NBD server (`qemu-nbd`), against this
+//! crate's server with a write-only export (simple replies only) and
+//! against a scripted server that breaks the protocol.
+
+mod support;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use vma_capture::nbd::{wire, Export, NbdServer, NbdSink};
-use vma_capture::nbd_client::{Error, NbdClient, NbdImage};
-use vma_core::source::{data_runs, DiskImage, Stretch};
-
-const K64: u64 = 65536;
-
-/// Fail (not skip) when a QEMU tool is missing.
-fn require(tool: &str) {
-    let found = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "{tool} is not installed: these tests need QEMU's NBD server (install qemu-utils)"
-    );
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Deterministic pseudo-random bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-/// `qemu-nbd` serving one read-only export on a unix socket; killed on drop.
-struct QemuNbd {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl QemuNbd {
-    /// Serve `image` (given to qemu-nbd as its file argument, after `args`)
-    /// under the export name `name`.
-    fn start(dir: &Path, name: &str, args: &[&str], image: &str) -> QemuNbd {
-        require("qemu-nbd");
-        let socket = dir.join(format!("{name}.sock"));
-        let child = Command::new("qemu-nbd")
-            .args([
-                "--persistent",
-                "--read-only",
-                "--shared=4",
-                "-x",
-                name,
-                "-k",
-            ])
-            .arg(&socket)
-            .args(args)
-            .arg(image)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting qemu-nbd");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "qemu-nbd did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        QemuNbd { child, socket }
-    }
-
-    fn connect(&self, name: &str) -> NbdClient {
-        NbdClient::connect_unix(&self.socket, name).unwrap()
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A qcow2 image of 8 MiB + 512 bytes: data, explicit zero clusters and
-/// unallocated stretches; returns it and its contents.
-fn mixed_qcow2(dir: &Path) -> (PathBuf, Vec<u8>) {
-    require("qemu-img");
-    require("qemu-io");
-    let size = 128 * K64 + 512;
-    let img = dir.join("mixed.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg(size.to_string()));
-    let mut want = vec![0u8; size as usize];
-    let data = [
-        (0u64, K64 as usize, 1u64),
-        (3 * K64 + 4096, 5000, 2),
-        (40 * K64, 20 * K64 as usize, 3),
-        (size - 512, 512, 4),
-    ];
-    for &(at, len, seed) in &data {
-        let bytes = noise(seed, len);
-        want[at as usize..at as usize + len].copy_from_slice(&bytes);
-        // qemu-io writes the pattern file's first `len` bytes.
-        let piece = dir.join(format!("piece-{seed}"));
-        std::fs::write(&piece, &bytes).unwrap();
-        run(Command::new("qemu-io")
-            .args(["-f", "qcow2", "-c"])
-            .arg(format!("write -s {} {at} {len}", piece.display()))
-            .arg(&img));
-    }
-    // Zero clusters (allocated as zero) inside the data run.
-    run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c"])
-        .arg(format!("write -z {} {}", 44 * K64, 4 * K64))
-        .arg(&img));
-    want[(44 * K64) as usize..(48 * K64) as usize].fill(0);
-    (img, want)
-}
+use support::{mixed_qcow2, noise, QemuNbd, K64};
+use vma_nbd::client::Error;
+use vma_nbd::{wire, Export, ExportFlags, NbdClient, NbdExport, NbdServer};
 
 #[test]
 fn reads_a_qcow2_export_with_requests_in_flight() {
@@ -190,16 +67,8 @@ fn block_status_reports_only_zero_stretches_as_zero() {
     let extents = client.block_status(40 * K64 + 100, 5 * K64).unwrap();
     assert!(!extents[0].zero);
     assert!(extents.iter().map(|e| e.len).sum::<u64>() <= 5 * K64);
-
-    // As a source image: the data runs are exactly the clusters with data.
-    let image = NbdImage::new(client);
-    let runs = data_runs(&image).unwrap();
-    assert_eq!(runs, vec![0..1, 3..4, 40..44, 48..60, 128..129], "{runs:?}");
-    assert!(matches!(image.status(44 * K64).unwrap(), Stretch::Zero(n) if n >= 4 * K64));
-    let mut buf = vec![0u8; K64 as usize];
-    image.read_at(&mut buf, 40 * K64).unwrap();
-    assert!(buf == want[(40 * K64) as usize..(41 * K64) as usize]);
-    image.disconnect();
+    // The same export read as a source image: vma-capture's tests/nbd_image.rs.
+    client.disconnect();
 }
 
 #[test]
@@ -314,9 +183,15 @@ fn a_killed_server_breaks_the_connection_for_good() {
 }
 
 /// Accepts writes and drops them (reads get `EIO` from the server).
-struct Discard;
+struct Discard(u64);
 
-impl NbdSink for Discard {
+impl NbdExport for Discard {
+    fn size(&self) -> u64 {
+        self.0
+    }
+    fn flags(&self) -> ExportFlags {
+        ExportFlags::WRITE_ONLY
+    }
     fn write(&self, _: u64, _: &[u8]) -> std::io::Result<()> {
         Ok(())
     }
@@ -334,15 +209,8 @@ fn simple_replies_and_no_block_status() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("w.sock");
     let size = 3 * K64 + 100;
-    let server = NbdServer::bind_unix(
-        &socket,
-        vec![Export {
-            name: "w".into(),
-            size,
-            sink: Arc::new(Discard),
-        }],
-    )
-    .unwrap();
+    let server =
+        NbdServer::bind_unix(&socket, vec![Export::new("w", Arc::new(Discard(size)))]).unwrap();
     let client = NbdClient::connect_unix(&socket, "w").unwrap();
     assert_eq!(client.size(), size);
     assert!(!client.structured_replies() && !client.has_block_status());

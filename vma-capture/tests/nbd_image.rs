@@ -1,0 +1,23 @@
+//! An NBD export of `qemu-nbd` read as a source image.
+
+#[path = "../../vma-nbd/tests/support/mod.rs"]
+mod support;
+
+use support::{mixed_qcow2, QemuNbd, K64};
+use vma_capture::nbd_image::NbdImage;
+use vma_core::source::{data_runs, DiskImage, Stretch};
+
+#[test]
+fn data_runs_are_exactly_the_clusters_with_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, want) = mixed_qcow2(dir.path());
+    let server = QemuNbd::start(dir.path(), "disk", &["-f", "qcow2"], img.to_str().unwrap());
+    let image = NbdImage::new(server.connect("disk"));
+    let runs = data_runs(&image).unwrap();
+    assert_eq!(runs, vec![0..1, 3..4, 40..44, 48..60, 128..129], "{runs:?}");
+    assert!(matches!(image.status(44 * K64).unwrap(), Stretch::Zero(n) if n >= 4 * K64));
+    let mut buf = vec![0u8; K64 as usize];
+    image.read_at(&mut buf, 40 * K64).unwrap();
+    assert!(buf == want[(40 * K64) as usize..(41 * K64) as usize]);
+    image.disconnect();
+}
