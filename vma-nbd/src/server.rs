@@ -1488,6 +1488,249 @@ mod tests {
         assert!(lock(&log.0).is_empty());
     }
 
+    /// A read-only view of 8 KiB: bytes `i as u8` in the first 4 KiB,
+    /// zeros after; `base:allocation` and a dirty bitmap context.
+    struct View;
+
+    impl NbdExport for View {
+        fn size(&self) -> u64 {
+            8192
+        }
+        fn flags(&self) -> ExportFlags {
+            ExportFlags::READ_ONLY
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                let at = offset + i as u64;
+                *b = if at < 4096 { at as u8 } else { 0 };
+            }
+            Ok(())
+        }
+        fn meta_contexts(&self) -> Vec<String> {
+            vec![BASE_ALLOCATION.into(), "qemu:dirty-bitmap:b0".into()]
+        }
+        fn block_status(
+            &self,
+            context: &str,
+            offset: u64,
+            _: u64,
+        ) -> io::Result<Vec<StatusExtent>> {
+            assert_eq!(context, BASE_ALLOCATION);
+            Ok(if offset < 4096 {
+                vec![
+                    StatusExtent {
+                        len: 4096 - offset,
+                        flags: 0,
+                    },
+                    StatusExtent {
+                        len: 4096,
+                        flags: STATE_HOLE | STATE_ZERO,
+                    },
+                ]
+            } else {
+                vec![StatusExtent {
+                    len: 8192 - offset,
+                    flags: STATE_HOLE | STATE_ZERO,
+                }]
+            })
+        }
+    }
+
+    fn meta_data(name: &[u8], queries: &[&str]) -> Vec<u8> {
+        encode_meta_context_request(name, queries)
+    }
+
+    #[test]
+    fn views_offer_structured_replies_and_metadata_contexts() {
+        let e = Export::new("v", Arc::new(View));
+        let mut input = vec![0, 0, 0, 3];
+        // Before structured replies, setting contexts is invalid.
+        input.extend(option(
+            OPT_SET_META_CONTEXT,
+            &meta_data(b"v", &[BASE_ALLOCATION]),
+        ));
+        input.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(option(OPT_LIST_META_CONTEXT, &meta_data(b"v", &[])));
+        input.extend(option(OPT_LIST_META_CONTEXT, &meta_data(b"v", &["qemu:"])));
+        input.extend(option(
+            OPT_SET_META_CONTEXT,
+            &meta_data(b"nope", &[BASE_ALLOCATION]),
+        ));
+        input.extend(option(
+            OPT_SET_META_CONTEXT,
+            &meta_data(b"v", &[BASE_ALLOCATION, "x:y"]),
+        ));
+        input.extend(option(OPT_GO, &info_data(b"v", &[])));
+        let mut out = Vec::new();
+        let session = handshake(&mut Cursor::new(input), &mut out, &[e]).unwrap();
+        assert_eq!(
+            session,
+            Some(Session {
+                index: 0,
+                structured: true,
+                contexts: vec![(1, BASE_ALLOCATION.into())],
+            })
+        );
+        let replies = option_replies(&out[18..]);
+        let kinds: Vec<(u32, u32)> = replies.iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (OPT_SET_META_CONTEXT, REP_ERR_INVALID),
+                (OPT_STRUCTURED_REPLY, REP_ACK),
+                (OPT_LIST_META_CONTEXT, REP_META_CONTEXT),
+                (OPT_LIST_META_CONTEXT, REP_META_CONTEXT),
+                (OPT_LIST_META_CONTEXT, REP_ACK),
+                (OPT_LIST_META_CONTEXT, REP_META_CONTEXT),
+                (OPT_LIST_META_CONTEXT, REP_ACK),
+                (OPT_SET_META_CONTEXT, REP_ERR_UNKNOWN),
+                (OPT_SET_META_CONTEXT, REP_META_CONTEXT),
+                (OPT_SET_META_CONTEXT, REP_ACK),
+                (OPT_GO, REP_INFO),
+                (OPT_GO, REP_INFO),
+                (OPT_GO, REP_ACK),
+            ]
+        );
+        assert_eq!(
+            decode_meta_context(&replies[5].2).unwrap(),
+            (2, &b"qemu:dirty-bitmap:b0"[..])
+        );
+        let read_only =
+            FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_READ_ONLY | FLAG_CAN_MULTI_CONN | FLAG_SEND_DF;
+        assert_eq!(replies[10].2, encode_info_export(8192, read_only));
+    }
+
+    /// Splits structured replies into (flags, type, cookie, payload).
+    fn chunks_of(mut bytes: &[u8]) -> Vec<(u16, u16, u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let Ok(ReplyHeader::Structured {
+                flags,
+                kind,
+                cookie,
+                len,
+            }) = decode_reply_header(bytes)
+            else {
+                panic!("not a structured reply: {bytes:?}");
+            };
+            let end = STRUCTURED_REPLY_LEN + len as usize;
+            out.push((
+                flags,
+                kind,
+                cookie,
+                bytes[STRUCTURED_REPLY_LEN..end].to_vec(),
+            ));
+            bytes = &bytes[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn views_answer_reads_and_block_status_in_chunks() {
+        let e = Export::new("v", Arc::new(View));
+        let session = Session {
+            index: 0,
+            structured: true,
+            contexts: vec![(1, BASE_ALLOCATION.into())],
+        };
+        let mut input = Vec::new();
+        let mut push = |kind, flags, cookie, offset, len| {
+            input.extend_from_slice(&encode_request(&Request {
+                flags,
+                kind,
+                cookie,
+                offset,
+                len,
+            }));
+        };
+        push(CMD_READ, CMD_FLAG_DF, 1, 4000, 200);
+        push(CMD_READ, 0, 2, 8000, 200); // past the end
+        push(CMD_BLOCK_STATUS, 0, 3, 100, 8000);
+        push(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 4, 100, 8000);
+        push(CMD_READ, 0, 5, 0, 0);
+        push(CMD_DISC, 0, 6, 0, 0);
+        let mut out = Vec::new();
+        transmission(&mut Cursor::new(input), &mut out, &e, &session).unwrap();
+        // A write to a view is refused, its payload read.
+        let mut write = encode_request(&request(CMD_WRITE, 0, 4)).to_vec();
+        write.extend_from_slice(b"data");
+        write.extend_from_slice(&encode_request(&request(CMD_DISC, 0, 0)));
+        let mut refused = Vec::new();
+        transmission(&mut Cursor::new(write), &mut refused, &e, &session).unwrap();
+        assert_eq!(refused, encode_simple_reply(EPERM, 7));
+
+        let chunks = chunks_of(&out);
+        let done = REPLY_FLAG_DONE;
+        assert_eq!(chunks[0].0..=chunks[0].1, done..=REPLY_TYPE_OFFSET_DATA);
+        let mut data = 4000u64.to_be_bytes().to_vec();
+        data.extend((4000..4096).map(|i| i as u8));
+        data.extend([0u8; 104]);
+        assert_eq!(chunks[0].3, data);
+        assert_eq!((chunks[1].1, chunks[1].2), (REPLY_TYPE_ERROR, 2));
+        assert_eq!(
+            decode_error_chunk(REPLY_TYPE_ERROR, &chunks[1].3)
+                .unwrap()
+                .code,
+            EINVAL
+        );
+        assert_eq!(
+            (chunks[2].0, chunks[2].1, chunks[2].2),
+            (0, REPLY_TYPE_BLOCK_STATUS, 3)
+        );
+        assert_eq!(
+            decode_block_status(&chunks[2].3).unwrap(),
+            (1, vec![(3996, 0), (4004, STATE_HOLE | STATE_ZERO)])
+        );
+        assert_eq!((chunks[3].0, chunks[3].1), (done, REPLY_TYPE_NONE));
+        assert_eq!(
+            decode_block_status(&chunks[4].3).unwrap(),
+            (1, vec![(3996, 0)])
+        );
+        assert_eq!(
+            (chunks[5].0, chunks[5].1, chunks[5].2),
+            (done, REPLY_TYPE_NONE, 4)
+        );
+        assert_eq!(
+            (chunks[6].0, chunks[6].1, chunks[6].2),
+            (done, REPLY_TYPE_NONE, 5)
+        );
+        assert_eq!(chunks.len(), 7);
+    }
+
+    #[test]
+    fn block_status_needs_a_negotiated_context() {
+        let size = 8192;
+        let status = request(CMD_BLOCK_STATUS, 0, 512);
+        let view = ExportFlags::READ_ONLY;
+        assert_eq!(
+            check_request(&status, &[], size, view, false),
+            Action::Reply(EINVAL)
+        );
+        assert_eq!(
+            check_request(&status, &[], size, view, true),
+            Action::BlockStatus {
+                offset: 0,
+                len: 512,
+                one: false
+            }
+        );
+        let past = request(CMD_BLOCK_STATUS, 8000, 512);
+        assert_eq!(
+            check_request(&past, &[], size, view, true),
+            Action::Reply(EINVAL)
+        );
+        let read = request(CMD_READ, 0, MAX_PAYLOAD + 1);
+        assert_eq!(
+            check_request(&read, &[], 1 << 40, view, true),
+            Action::Reply(EINVAL)
+        );
+        let zero = request(CMD_WRITE_ZEROES, 0, 512);
+        assert_eq!(
+            check_request(&zero, &[], size, view, true),
+            Action::Reply(EPERM)
+        );
+    }
+
     #[test]
     fn budget_waits_for_release() {
         let budget = Budget::new(100);

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use support::{require, K64};
-use vma_nbd::{wire, Export, ExportFlags, NbdExport, NbdServer};
+use vma_nbd::{wire, Export, ExportFlags, NbdExport, NbdServer, StatusExtent};
 
 /// What reached a [`MemSink`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -557,4 +557,230 @@ fn shutdown_closes_connections_and_removes_the_socket() {
     assert!(idle.closed());
     assert!(handshaking.closed());
     assert!(!path.exists());
+}
+
+/// A read-only view of bytes held in memory. `base:allocation` reports
+/// every 4 KiB block that is all zero as a hole reading as zeros, as a
+/// view of an archive would from its index.
+struct MemView {
+    data: Vec<u8>,
+}
+
+const BLOCK: u64 = 4096;
+
+impl MemView {
+    fn zero_block(&self, at: u64) -> bool {
+        let end = (at + BLOCK).min(self.data.len() as u64);
+        self.data[at as usize..end as usize].iter().all(|&b| b == 0)
+    }
+}
+
+impl NbdExport for MemView {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn flags(&self) -> ExportFlags {
+        ExportFlags::READ_ONLY
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let at = offset as usize;
+        buf.copy_from_slice(&self.data[at..at + buf.len()]);
+        Ok(())
+    }
+
+    fn meta_contexts(&self) -> Vec<String> {
+        vec![wire::BASE_ALLOCATION.into()]
+    }
+
+    fn block_status(&self, context: &str, offset: u64, len: u64) -> io::Result<Vec<StatusExtent>> {
+        assert_eq!(context, wire::BASE_ALLOCATION);
+        let size = self.size();
+        let end = (offset + len).min(size);
+        let mut extents: Vec<StatusExtent> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let block_end = ((at / BLOCK + 1) * BLOCK).min(size);
+            let flags = if self.zero_block(at / BLOCK * BLOCK) {
+                wire::STATE_HOLE | wire::STATE_ZERO
+            } else {
+                0
+            };
+            match extents.last_mut() {
+                Some(last) if last.flags == flags => last.len += block_end - at,
+                _ => extents.push(StatusExtent {
+                    len: block_end - at,
+                    flags,
+                }),
+            }
+            at = block_end;
+        }
+        Ok(extents)
+    }
+}
+
+/// 4 MiB and 1000 bytes: noise, with zero stretches of several lengths.
+fn view_bytes() -> Vec<u8> {
+    let size = (4 << 20) + 1000;
+    let mut data = support::noise(11, size);
+    for (start, len) in [(0usize, 8192usize), (65536, 300_000), (2 << 20, 4096)] {
+        data[start..start + len].fill(0);
+    }
+    data
+}
+
+/// A server with the view `view` of [`view_bytes`].
+fn view_server(dir: &Path) -> (NbdServer, Vec<u8>) {
+    let data = view_bytes();
+    let view = Arc::new(MemView { data: data.clone() });
+    let server =
+        NbdServer::bind_unix(&dir.join("view.sock"), vec![Export::new("view", view)]).unwrap();
+    (server, data)
+}
+
+fn uri(server: &NbdServer, export: &str) -> String {
+    format!(
+        "nbd+unix:///{export}?socket={}",
+        server.socket_path().display()
+    )
+}
+
+#[test]
+fn qemu_img_reads_a_view_and_cannot_write_it() {
+    require("qemu-img");
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let (server, data) = view_server(dir.path());
+    let copy = dir.path().join("copy.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(uri(&server, "view"))
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let copied = std::fs::read(&copy).unwrap();
+    // QEMU rounds the size up to whole sectors.
+    assert_eq!(copied.len(), data.len().next_multiple_of(512));
+    assert!(copied[..data.len()] == data, "the copy differs");
+    assert!(copied[data.len()..].iter().all(|&b| b == 0));
+    let out = Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "raw"])
+        .arg(uri(&server, "view"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let zero_bytes: u64 = map
+        .iter()
+        // Past the end: the sector tail QEMU adds.
+        .filter(|m| m["zero"] == true && m["start"].as_u64().unwrap() < data.len() as u64)
+        .map(|m| m["length"].as_u64().unwrap())
+        .sum();
+    assert_eq!(zero_bytes, 8192 + 300_000 / 4096 * 4096 + 4096, "{map:?}");
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 512"])
+        .arg(uri(&server, "view"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn nbdinfo_sees_a_read_only_view_with_block_sizes_and_allocation() {
+    require("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let (server, data) = view_server(dir.path());
+    let out = Command::new("nbdinfo")
+        .arg("--json")
+        .arg(uri(&server, "view"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["structured"], true, "{info}");
+    let export = &info["exports"][0];
+    assert_eq!(export["export-size"], data.len() as u64, "{info}");
+    assert_eq!(export["is_read_only"], true, "{info}");
+    assert_eq!(export["can_multi_conn"], true, "{info}");
+    assert_eq!(export["can_df"], true, "{info}");
+    assert_eq!(export["block_size_minimum"], 1, "{info}");
+    assert_eq!(export["block_size_preferred"], 65536, "{info}");
+    assert_eq!(export["block_size_maximum"], 32 << 20, "{info}");
+    assert_eq!(export["contexts"], serde_json::json!(["base:allocation"]));
+
+    let out = Command::new("nbdinfo")
+        .args(["--map", "--json"])
+        .arg(uri(&server, "view"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut at = 0;
+    for m in &map {
+        let (offset, len) = (m["offset"].as_u64().unwrap(), m["length"].as_u64().unwrap());
+        assert_eq!(offset, at, "{map:?}");
+        let zero = m["type"].as_u64().unwrap() & u64::from(wire::STATE_ZERO) != 0;
+        let piece = &data[offset as usize..(offset + len) as usize];
+        assert_eq!(zero, piece.iter().all(|&b| b == 0), "at {offset}: {map:?}");
+        at += len;
+    }
+    assert_eq!(at, data.len() as u64);
+}
+
+#[test]
+fn several_clients_read_a_view_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, data) = view_server(dir.path());
+    let path = server.socket_path().to_path_buf();
+    std::thread::scope(|s| {
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let client = vma_nbd::NbdClient::connect_unix(&path, "view").unwrap();
+                    assert!(client.read_only() && client.structured_replies());
+                    assert!(client.has_block_status());
+                    let mut got = vec![0xa5; data.len()];
+                    client.read_at(0, &mut got).unwrap();
+                    let zeros = client.block_status(0, client.size()).unwrap();
+                    (client, got, zeros)
+                })
+            })
+            .collect();
+        let clients: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+        assert_eq!(server.connection_count(), 4);
+        for (client, got, extents) in clients {
+            assert!(got == data, "a read differs");
+            let mut at = 0usize;
+            for e in extents {
+                let piece = &data[at..at + e.len as usize];
+                assert_eq!(e.zero, piece.iter().all(|&b| b == 0), "at {at}");
+                at += e.len as usize;
+            }
+            client.disconnect();
+        }
+    });
+}
+
+#[test]
+fn writes_to_a_view_are_refused_and_the_stream_stays_in_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = view_server(dir.path());
+    let mut c = Client::go(server.socket_path(), "view");
+    c.send(wire::CMD_WRITE, 1, 0, 4, b"data");
+    c.send(wire::CMD_WRITE_ZEROES, 2, 0, 4096, &[]);
+    c.send(wire::CMD_TRIM, 3, 0, 4096, &[]);
+    c.send(wire::CMD_FLUSH, 4, 0, 0, &[]);
+    let replies: Vec<(u32, u64)> = (0..4).map(|_| c.reply()).collect();
+    assert_eq!(
+        replies,
+        vec![(wire::EPERM, 1), (wire::EPERM, 2), (wire::EPERM, 3), (0, 4)]
+    );
+    // Without structured replies, a read is a simple reply and its data.
+    c.send(wire::CMD_READ, 5, 8192, 16, &[]);
+    assert_eq!(c.reply(), (0, 5));
+    let mut got = [0u8; 16];
+    c.s.read_exact(&mut got).unwrap();
+    assert_eq!(got[..], view_bytes()[8192..8208]);
 }
