@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::qmp::Qmp;
+use crate::qmp::{Qmp, QueryBlock, QueryJobs, QueryNamedBlockNodes, QueryStatus};
 
 /// Separates what the QMP server sends at each step in [`qmp`]'s input.
 pub const QMP_STEP: u8 = 0;
@@ -31,10 +31,10 @@ pub fn qmp(server_bytes: &[u8]) -> QmpOutcome {
         qmp.set_command_timeout(Duration::from_secs(5));
         let _ = qmp.version();
         let replies = [
-            qmp.query_block().is_ok(),
-            qmp.query_named_block_nodes().is_ok(),
-            qmp.query_jobs().is_ok(),
-            qmp.execute("query-status", serde_json::Value::Null).is_ok(),
+            qmp.run(&QueryBlock).is_ok(),
+            qmp.run(&QueryNamedBlockNodes { flat: true }).is_ok(),
+            qmp.run(&QueryJobs).is_ok(),
+            qmp.run(&QueryStatus).is_ok(),
         ];
         outcome.replies_decoded = replies.iter().filter(|&&ok| ok).count();
         for event in qmp.drain_events() {

@@ -1,144 +1,23 @@
-//! QMP client: commands, replies and events over a unix socket.
-//!
-//! [`Qmp`] speaks the QEMU Machine Protocol with std threads only. A
-//! background reader thread reads newline-delimited JSON from the socket;
-//! `parse_message` classifies each line (greeting, reply, event or
-//! something to ignore) without doing any I/O, so no byte sequence from
-//! QEMU can make the client panic. Replies are routed by their `id` to
-//! the thread waiting in [`Qmp::execute`]; events go into a queue that
-//! [`Qmp::next_event`] and [`Qmp::wait_event`] take from.
-//!
-//! When the connection is lost (QEMU exits or is killed) every waiting
-//! call and every later call returns [`Error::Disconnected`].
-//!
-//! Besides the raw [`Qmp::execute`], the module has typed replies for the
-//! queries capture needs ([`BlockInfo`], [`BlockDeviceInfo`], [`JobInfo`]),
-//! thin wrappers for the commands it sends, builders for `transaction`
-//! actions in [`action`], and event payloads ([`JobStatusChange`],
-//! [`BlockJobEvent`]).
+//! The connection: requests out, replies and events in.
 
 use std::collections::{HashMap, VecDeque};
-use std::fmt;
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
-/// How long [`Qmp::execute`] waits for a reply unless told otherwise.
-pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How long [`Qmp::connect`] waits for QEMU's greeting.
-pub const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long sending one command may block before the connection is
-/// given up.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Longest line accepted from QEMU; a longer one ends the connection.
-pub const MAX_LINE_LEN: usize = 64 << 20;
-
-/// Most events kept unread; past this the oldest are dropped and counted
-/// in [`Qmp::dropped_events`].
-pub const MAX_PENDING_EVENTS: usize = 65_536;
-
-/// Most bytes (as received) of events kept unread, the greeting's early
-/// events included; past this the oldest are dropped as above.
-pub const MAX_PENDING_EVENT_BYTES: usize = 16 << 20;
-
-/// Errors of the QMP client.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The monitor socket could not be opened.
-    #[error("cannot connect to the QMP socket {path}: {source}")]
-    Connect {
-        /// Socket path.
-        path: PathBuf,
-        /// Underlying error.
-        source: io::Error,
-    },
-    /// QEMU sent something that breaks the protocol (e.g. no greeting).
-    #[error("QMP protocol error: {0}")]
-    Protocol(String),
-    /// QEMU answered a command with an error.
-    #[error("QMP command {command} failed: {class}: {desc}")]
-    Command {
-        /// The command that failed.
-        command: String,
-        /// QEMU's error class, e.g. `GenericError`, `CommandNotFound`.
-        class: String,
-        /// QEMU's human-readable description.
-        desc: String,
-    },
-    /// No reply arrived in time.
-    #[error("QMP command {command} got no reply within {timeout:?}")]
-    Timeout {
-        /// The command that was sent.
-        command: String,
-        /// How long the caller waited.
-        timeout: Duration,
-    },
-    /// No matching event arrived in time.
-    #[error("no matching QMP event arrived within {timeout:?}")]
-    EventTimeout {
-        /// How long the caller waited.
-        timeout: Duration,
-    },
-    /// The connection to QEMU is gone (QEMU exited, was killed, or broke
-    /// the protocol); the client cannot be used any more.
-    #[error("QMP connection lost: {reason}")]
-    Disconnected {
-        /// What ended the connection.
-        reason: String,
-    },
-    /// A reply or event did not have the expected shape.
-    #[error("cannot decode {what}: {source}")]
-    Decode {
-        /// What was being decoded, e.g. `reply to query-jobs`.
-        what: String,
-        /// Underlying error.
-        source: serde_json::Error,
-    },
-}
-
-/// Result type of this module.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// QEMU version from the greeting, comparable: `v >= QemuVersion::new(9, 1, 0)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-pub struct QemuVersion {
-    /// Major version.
-    pub major: u32,
-    /// Minor version.
-    pub minor: u32,
-    /// Micro version.
-    pub micro: u32,
-}
-
-impl QemuVersion {
-    /// Builds a version to compare against.
-    pub const fn new(major: u32, minor: u32, micro: u32) -> Self {
-        QemuVersion {
-            major,
-            minor,
-            micro,
-        }
-    }
-}
-
-impl fmt::Display for QemuVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
-    }
-}
+use super::{
+    Command, Error, Event, JobCancel, JobStatus, QemuVersion, QmpCapabilities, QueryJobs, Result,
+    Timestamp, VersionInfo, DEFAULT_COMMAND_TIMEOUT, GREETING_TIMEOUT, MAX_LINE_LEN,
+    MAX_PENDING_EVENTS, MAX_PENDING_EVENT_BYTES, WRITE_TIMEOUT,
+};
 
 /// The greeting QEMU sends when a client connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,526 +28,6 @@ pub struct Greeting {
     pub package: String,
     /// Capabilities the server offers (e.g. `oob`); none are enabled.
     pub capabilities: Vec<String>,
-}
-
-/// Time stamp of an event as QEMU reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub struct Timestamp {
-    /// Seconds since the epoch.
-    pub seconds: i64,
-    /// Microseconds within the second.
-    pub microseconds: i64,
-}
-
-/// An asynchronous event from QEMU.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    /// Event name, e.g. `JOB_STATUS_CHANGE`.
-    pub name: String,
-    /// Event payload (`null` when QEMU sent none).
-    pub data: Value,
-    /// When QEMU emitted it, if the time stamp was readable.
-    pub timestamp: Option<Timestamp>,
-}
-
-impl Event {
-    /// A job changed status; payload [`JobStatusChange`].
-    pub const JOB_STATUS_CHANGE: &'static str = "JOB_STATUS_CHANGE";
-    /// A block job finished (check `error`); payload [`BlockJobEvent`].
-    pub const BLOCK_JOB_COMPLETED: &'static str = "BLOCK_JOB_COMPLETED";
-    /// A block job was cancelled; payload [`BlockJobEvent`].
-    pub const BLOCK_JOB_CANCELLED: &'static str = "BLOCK_JOB_CANCELLED";
-    /// A block job hit an I/O error; payload [`BlockJobEvent`].
-    pub const BLOCK_JOB_ERROR: &'static str = "BLOCK_JOB_ERROR";
-    /// A block job waits for `job-finalize`; payload [`BlockJobEvent`].
-    pub const BLOCK_JOB_PENDING: &'static str = "BLOCK_JOB_PENDING";
-    /// A block job is ready to complete; payload [`BlockJobEvent`].
-    pub const BLOCK_JOB_READY: &'static str = "BLOCK_JOB_READY";
-
-    /// Decodes the payload into `T`.
-    pub fn data_as<T: DeserializeOwned>(&self) -> Result<T> {
-        T::deserialize(&self.data).map_err(|source| Error::Decode {
-            what: format!("{} event data", self.name),
-            source,
-        })
-    }
-
-    /// The payload if this is a readable `JOB_STATUS_CHANGE`.
-    pub fn job_status_change(&self) -> Option<JobStatusChange> {
-        if self.name != Self::JOB_STATUS_CHANGE {
-            return None;
-        }
-        self.data_as().ok()
-    }
-
-    /// The payload if this is a readable `BLOCK_JOB_*` event.
-    pub fn block_job(&self) -> Option<BlockJobEvent> {
-        if !self.name.starts_with("BLOCK_JOB_") {
-            return None;
-        }
-        self.data_as().ok()
-    }
-}
-
-/// Status of a job (QAPI `JobStatus`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum JobStatus {
-    /// Erroneous default state.
-    Undefined,
-    /// Created, not yet started.
-    Created,
-    /// Running.
-    Running,
-    /// Running but paused.
-    Paused,
-    /// Ready for the user to signal completion (mirror).
-    Ready,
-    /// Ready but paused.
-    Standby,
-    /// Waiting for the other jobs of its transaction.
-    Waiting,
-    /// Work done; waits for `job-finalize` when auto-finalize is off.
-    Pending,
-    /// Being aborted; will conclude with an error.
-    Aborting,
-    /// Finished; waits for `job-dismiss` when auto-dismiss is off.
-    Concluded,
-    /// Being dismantled; gone afterwards.
-    Null,
-    /// A status this client does not know.
-    #[serde(other)]
-    Unknown,
-}
-
-impl JobStatus {
-    /// QAPI name, e.g. `pending`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Undefined => "undefined",
-            JobStatus::Created => "created",
-            JobStatus::Running => "running",
-            JobStatus::Paused => "paused",
-            JobStatus::Ready => "ready",
-            JobStatus::Standby => "standby",
-            JobStatus::Waiting => "waiting",
-            JobStatus::Pending => "pending",
-            JobStatus::Aborting => "aborting",
-            JobStatus::Concluded => "concluded",
-            JobStatus::Null => "null",
-            JobStatus::Unknown => "unknown",
-        }
-    }
-}
-
-impl fmt::Display for JobStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Payload of `JOB_STATUS_CHANGE`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct JobStatusChange {
-    /// Job id.
-    pub id: String,
-    /// New status.
-    pub status: JobStatus,
-}
-
-/// Payload of the `BLOCK_JOB_*` events. Which fields are present depends
-/// on the event: `PENDING` has `id` and `type`; `COMPLETED`, `CANCELLED`
-/// and `READY` have `device`, `type`, `len`, `offset`, `speed` (and
-/// `error` on failure); `ERROR` has `device`, `operation` and `action`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct BlockJobEvent {
-    /// Job id (named `device` for historical reasons).
-    pub device: Option<String>,
-    /// Job id (`BLOCK_JOB_PENDING`).
-    pub id: Option<String>,
-    /// Job type, e.g. `backup`.
-    #[serde(rename = "type")]
-    pub job_type: Option<String>,
-    /// Maximum progress value.
-    pub len: Option<u64>,
-    /// Current progress value; equals `len` on success.
-    pub offset: Option<u64>,
-    /// Rate limit in bytes per second.
-    pub speed: Option<u64>,
-    /// Error message; present only when the job failed.
-    pub error: Option<String>,
-    /// I/O operation that failed, `read` or `write` (`BLOCK_JOB_ERROR`).
-    pub operation: Option<String>,
-    /// Action taken on the error, e.g. `report` (`BLOCK_JOB_ERROR`).
-    pub action: Option<String>,
-}
-
-impl BlockJobEvent {
-    /// The job id, whichever field carries it.
-    pub fn job_id(&self) -> Option<&str> {
-        self.id.as_deref().or(self.device.as_deref())
-    }
-}
-
-/// One entry of `query-jobs` (QAPI `JobInfo`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct JobInfo {
-    /// Job id.
-    pub id: String,
-    /// Job type, e.g. `backup`, `create`.
-    #[serde(rename = "type")]
-    pub job_type: String,
-    /// Current status.
-    pub status: JobStatus,
-    /// Progress so far, in units only meaningful relative to `total_progress`.
-    pub current_progress: u64,
-    /// Estimated progress value at completion.
-    pub total_progress: u64,
-    /// Present when the job failed.
-    pub error: Option<String>,
-}
-
-/// A dirty bitmap on a node (QAPI `BlockDirtyInfo`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct BlockDirtyInfo {
-    /// Bitmap name; empty for an anonymous bitmap (QEMU omits the name).
-    #[serde(default)]
-    pub name: String,
-    /// Number of dirty bytes.
-    pub count: u64,
-    /// Granularity in bytes.
-    pub granularity: u64,
-    /// Whether it records new writes.
-    #[serde(default)]
-    pub recording: bool,
-    /// Whether an operation (job, NBD export) is using it.
-    #[serde(default)]
-    pub busy: bool,
-    /// Whether it is stored in the image.
-    #[serde(default)]
-    pub persistent: bool,
-    /// A persistent bitmap that was not stored properly and cannot be used.
-    #[serde(default)]
-    pub inconsistent: bool,
-}
-
-/// Image information of a node (QAPI `ImageInfo`, the fields capture uses).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct ImageInfo {
-    /// File name, or a `json:{...}` description for nodes without one.
-    pub filename: String,
-    /// Format (driver) name.
-    pub format: String,
-    /// Guest-visible size in bytes.
-    pub virtual_size: u64,
-    /// Bytes used on the host.
-    pub actual_size: Option<u64>,
-    /// Cluster size of formats that have one.
-    pub cluster_size: Option<u64>,
-    /// Whether the image is marked dirty.
-    pub dirty_flag: Option<bool>,
-    /// Backing file name as stored in the image.
-    pub backing_filename: Option<String>,
-    /// Format-specific details, raw.
-    pub format_specific: Option<Value>,
-}
-
-/// A block node (QAPI `BlockDeviceInfo`): an entry of
-/// `query-named-block-nodes` and the `inserted` medium of `query-block`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct BlockDeviceInfo {
-    /// Node name; empty if QEMU did not report one.
-    #[serde(default)]
-    pub node_name: String,
-    /// Driver, e.g. `qcow2`, `file`, `null-co`.
-    pub drv: String,
-    /// File name of the node.
-    pub file: String,
-    /// Whether the node is read-only.
-    #[serde(default)]
-    pub ro: bool,
-    /// Backing file name.
-    #[serde(rename = "backing_file")]
-    pub backing_file: Option<String>,
-    /// Number of files in the backing chain.
-    #[serde(rename = "backing_file_depth", default)]
-    pub backing_file_depth: u64,
-    /// Image information.
-    pub image: ImageInfo,
-    /// Dirty bitmaps on this node.
-    pub dirty_bitmaps: Option<Vec<BlockDirtyInfo>>,
-}
-
-/// A guest block device (QAPI `BlockInfo`), an entry of `query-block`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct BlockInfo {
-    /// Device (BlockBackend) name; may be empty for `-blockdev` setups.
-    pub device: String,
-    /// qdev id or QOM path of the guest device.
-    pub qdev: Option<String>,
-    /// Whether the device supports removable media.
-    #[serde(default)]
-    pub removable: bool,
-    /// Whether the guest locked the media.
-    #[serde(default)]
-    pub locked: bool,
-    /// Whether the tray is open (only devices with a tray).
-    #[serde(rename = "tray_open")]
-    pub tray_open: Option<bool>,
-    /// I/O status, e.g. `ok`, `failed`, `nospace`.
-    pub io_status: Option<String>,
-    /// The medium, if one is inserted.
-    pub inserted: Option<BlockDeviceInfo>,
-    /// Dirty bitmaps at device level (QEMU before 6.0; newer ones report
-    /// them in `inserted`).
-    pub dirty_bitmaps: Option<Vec<BlockDirtyInfo>>,
-}
-
-/// `sync` mode of a backup job (QAPI `MirrorSyncMode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncMode {
-    /// Copy the whole disk.
-    Full,
-    /// Copy what the top image allocates.
-    Top,
-    /// Copy only what is about to be overwritten (copy-before-write).
-    None,
-    /// Copy what the bitmap marks.
-    Bitmap,
-    /// Copy what the bitmap marks (older spelling of `Bitmap` with
-    /// on-success bitmap mode).
-    Incremental,
-}
-
-impl SyncMode {
-    /// QAPI name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SyncMode::Full => "full",
-            SyncMode::Top => "top",
-            SyncMode::None => "none",
-            SyncMode::Bitmap => "bitmap",
-            SyncMode::Incremental => "incremental",
-        }
-    }
-}
-
-/// What happens to the bitmap of a backup job (QAPI `BitmapSyncMode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BitmapSyncMode {
-    /// Cleared of the copied bits only if the job succeeds.
-    OnSuccess,
-    /// Left alone.
-    Never,
-    /// Cleared of the copied bits whatever the outcome.
-    Always,
-}
-
-impl BitmapSyncMode {
-    /// QAPI name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BitmapSyncMode::OnSuccess => "on-success",
-            BitmapSyncMode::Never => "never",
-            BitmapSyncMode::Always => "always",
-        }
-    }
-}
-
-/// Arguments of `blockdev-backup`. Build with [`BlockdevBackup::new`] and
-/// struct update syntax; arguments only some QEMU versions know (such as
-/// `discard-source` since 9.1) go into `extra`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BlockdevBackup {
-    /// Job id.
-    pub job_id: String,
-    /// Source node (or device) name.
-    pub device: String,
-    /// Target node name.
-    pub target: String,
-    /// What to copy.
-    pub sync: SyncMode,
-    /// Bitmap to copy from (sync `bitmap`/`incremental`) or to sync.
-    pub bitmap: Option<String>,
-    /// What happens to `bitmap`; required by QEMU when `bitmap` is set.
-    pub bitmap_mode: Option<BitmapSyncMode>,
-    /// Rate limit in bytes per second (0 or unset: unlimited).
-    pub speed: Option<u64>,
-    /// Whether the job finalizes by itself (QEMU default: true).
-    pub auto_finalize: Option<bool>,
-    /// Whether the job disappears when concluded (QEMU default: true).
-    pub auto_dismiss: Option<bool>,
-    /// Name for the copy-before-write filter node the job inserts.
-    pub filter_node_name: Option<String>,
-    /// Error action on the source, e.g. `report`, `stop`.
-    pub on_source_error: Option<String>,
-    /// Error action on the target, e.g. `report`, `stop`.
-    pub on_target_error: Option<String>,
-    /// Further arguments passed as they are.
-    pub extra: Map<String, Value>,
-}
-
-impl BlockdevBackup {
-    /// A backup with only the required arguments.
-    pub fn new(job_id: &str, device: &str, target: &str, sync: SyncMode) -> Self {
-        BlockdevBackup {
-            job_id: job_id.to_owned(),
-            device: device.to_owned(),
-            target: target.to_owned(),
-            sync,
-            bitmap: None,
-            bitmap_mode: None,
-            speed: None,
-            auto_finalize: None,
-            auto_dismiss: None,
-            filter_node_name: None,
-            on_source_error: None,
-            on_target_error: None,
-            extra: Map::new(),
-        }
-    }
-
-    /// The QMP arguments object.
-    pub fn arguments(&self) -> Value {
-        let mut args = Map::new();
-        args.insert("job-id".into(), self.job_id.clone().into());
-        args.insert("device".into(), self.device.clone().into());
-        args.insert("target".into(), self.target.clone().into());
-        args.insert("sync".into(), self.sync.as_str().into());
-        let optional = [
-            ("bitmap", self.bitmap.clone().map(Value::from)),
-            ("bitmap-mode", self.bitmap_mode.map(|m| m.as_str().into())),
-            ("speed", self.speed.map(Value::from)),
-            ("auto-finalize", self.auto_finalize.map(Value::from)),
-            ("auto-dismiss", self.auto_dismiss.map(Value::from)),
-            (
-                "filter-node-name",
-                self.filter_node_name.clone().map(Value::from),
-            ),
-            (
-                "on-source-error",
-                self.on_source_error.clone().map(Value::from),
-            ),
-            (
-                "on-target-error",
-                self.on_target_error.clone().map(Value::from),
-            ),
-        ];
-        for (key, value) in optional {
-            if let Some(value) = value {
-                args.insert(key.into(), value);
-            }
-        }
-        args.extend(self.extra.clone());
-        Value::Object(args)
-    }
-}
-
-/// Arguments of `block-dirty-bitmap-add`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirtyBitmapAdd {
-    /// Node the bitmap tracks.
-    pub node: String,
-    /// Bitmap name.
-    pub name: String,
-    /// Granularity in bytes (QEMU default: 64 KiB or the cluster size).
-    pub granularity: Option<u32>,
-    /// Whether to store it in the image (qcow2 only; default false).
-    pub persistent: Option<bool>,
-    /// Whether it starts disabled (not recording; default false).
-    pub disabled: Option<bool>,
-}
-
-impl DirtyBitmapAdd {
-    /// A bitmap with QEMU's defaults.
-    pub fn new(node: &str, name: &str) -> Self {
-        DirtyBitmapAdd {
-            node: node.to_owned(),
-            name: name.to_owned(),
-            granularity: None,
-            persistent: None,
-            disabled: None,
-        }
-    }
-
-    /// The QMP arguments object.
-    pub fn arguments(&self) -> Value {
-        let mut args = Map::new();
-        args.insert("node".into(), self.node.clone().into());
-        args.insert("name".into(), self.name.clone().into());
-        if let Some(granularity) = self.granularity {
-            args.insert("granularity".into(), granularity.into());
-        }
-        if let Some(persistent) = self.persistent {
-            args.insert("persistent".into(), persistent.into());
-        }
-        if let Some(disabled) = self.disabled {
-            args.insert("disabled".into(), disabled.into());
-        }
-        Value::Object(args)
-    }
-}
-
-/// Builders for the actions of a `transaction`.
-pub mod action {
-    use super::{bitmap_arguments, merge_arguments, BlockdevBackup, DirtyBitmapAdd};
-    use serde_json::{json, Value};
-
-    /// Any action: `{"type": kind, "data": data}`.
-    pub fn custom(kind: &str, data: Value) -> Value {
-        json!({ "type": kind, "data": data })
-    }
-
-    /// Starts a `blockdev-backup` job.
-    pub fn blockdev_backup(backup: &BlockdevBackup) -> Value {
-        custom("blockdev-backup", backup.arguments())
-    }
-
-    /// Adds a dirty bitmap.
-    pub fn block_dirty_bitmap_add(bitmap: &DirtyBitmapAdd) -> Value {
-        custom("block-dirty-bitmap-add", bitmap.arguments())
-    }
-
-    /// Removes a dirty bitmap.
-    pub fn block_dirty_bitmap_remove(node: &str, name: &str) -> Value {
-        custom("block-dirty-bitmap-remove", bitmap_arguments(node, name))
-    }
-
-    /// Clears a dirty bitmap.
-    pub fn block_dirty_bitmap_clear(node: &str, name: &str) -> Value {
-        custom("block-dirty-bitmap-clear", bitmap_arguments(node, name))
-    }
-
-    /// Enables a dirty bitmap.
-    pub fn block_dirty_bitmap_enable(node: &str, name: &str) -> Value {
-        custom("block-dirty-bitmap-enable", bitmap_arguments(node, name))
-    }
-
-    /// Disables a dirty bitmap.
-    pub fn block_dirty_bitmap_disable(node: &str, name: &str) -> Value {
-        custom("block-dirty-bitmap-disable", bitmap_arguments(node, name))
-    }
-
-    /// Merges bitmaps `sources` of `node` into its bitmap `target`.
-    pub fn block_dirty_bitmap_merge(node: &str, target: &str, sources: &[&str]) -> Value {
-        custom(
-            "block-dirty-bitmap-merge",
-            merge_arguments(node, target, sources),
-        )
-    }
-}
-
-fn bitmap_arguments(node: &str, name: &str) -> Value {
-    json!({ "node": node, "name": name })
-}
-
-fn merge_arguments(node: &str, target: &str, sources: &[&str]) -> Value {
-    json!({ "node": node, "target": target, "bitmaps": sources })
 }
 
 /// The error object of a failed command.
@@ -706,16 +65,9 @@ enum Message {
 
 #[derive(Deserialize)]
 struct RawGreeting {
-    version: RawVersion,
+    version: VersionInfo,
     #[serde(default)]
     capabilities: Vec<Value>,
-}
-
-#[derive(Deserialize)]
-struct RawVersion {
-    qemu: QemuVersion,
-    #[serde(default)]
-    package: String,
 }
 
 /// Classifies one line (without its newline) received from QEMU.
@@ -1004,7 +356,7 @@ impl Qmp {
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             reader: Some(reader),
         };
-        qmp.execute("qmp_capabilities", Value::Null)?;
+        qmp.run(&QmpCapabilities)?;
         Ok(qmp)
     }
 
@@ -1018,12 +370,12 @@ impl Qmp {
         &self.greeting
     }
 
-    /// Timeout used by [`Qmp::execute`] and the typed wrappers.
+    /// Timeout used by [`Qmp::run`].
     pub fn command_timeout(&self) -> Duration {
         self.command_timeout
     }
 
-    /// Sets the timeout used by [`Qmp::execute`] and the typed wrappers.
+    /// Sets the timeout used by [`Qmp::run`].
     pub fn set_command_timeout(&mut self, timeout: Duration) {
         self.command_timeout = timeout;
     }
@@ -1033,29 +385,28 @@ impl Qmp {
         self.shared.lock().closed.is_none()
     }
 
-    /// Runs `command` and returns its `return` value. Pass `Value::Null`
-    /// for a command without arguments, otherwise a JSON object.
-    pub fn execute(&self, command: &str, arguments: Value) -> Result<Value> {
-        self.execute_timeout(command, arguments, self.command_timeout)
+    /// Runs `command` and returns its reply.
+    pub fn run<C: Command>(&self, command: &C) -> Result<C::Reply> {
+        self.run_timeout(command, self.command_timeout)
     }
 
-    /// Like [`Qmp::execute`], decoding the reply into `T`.
-    pub fn execute_as<T: DeserializeOwned>(&self, command: &str, arguments: Value) -> Result<T> {
-        let value = self.execute(command, arguments)?;
-        T::deserialize(value).map_err(|source| Error::Decode {
-            what: format!("reply to {command}"),
+    /// Like [`Qmp::run`] with its own timeout. A reply arriving after the
+    /// timeout is discarded.
+    pub fn run_timeout<C: Command>(&self, command: &C, timeout: Duration) -> Result<C::Reply> {
+        let arguments = serde_json::to_value(command).map_err(|source| Error::Encode {
+            command: C::NAME.to_owned(),
+            source,
+        })?;
+        let value = self.call(C::NAME, arguments, timeout)?;
+        C::Reply::deserialize(value).map_err(|source| Error::Decode {
+            what: format!("reply to {}", C::NAME),
             source,
         })
     }
 
-    /// Like [`Qmp::execute`] with its own timeout. A reply arriving after
-    /// the timeout is discarded.
-    pub fn execute_timeout(
-        &self,
-        command: &str,
-        arguments: Value,
-        timeout: Duration,
-    ) -> Result<Value> {
+    /// Sends `command` with `arguments` (none if `null`) and waits up to
+    /// `timeout` for its `return` value.
+    fn call(&self, command: &str, arguments: Value, timeout: Duration) -> Result<Value> {
         let deadline = deadline_after(timeout);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut request = Map::new();
@@ -1176,123 +527,27 @@ impl Qmp {
     pub fn dropped_events(&self) -> u64 {
         self.shared.lock().dropped_events
     }
-
-    /// `query-block`: the guest block devices.
-    pub fn query_block(&self) -> Result<Vec<BlockInfo>> {
-        self.execute_as("query-block", Value::Null)
-    }
-
-    /// `query-named-block-nodes` with `flat: true`: every named node.
-    pub fn query_named_block_nodes(&self) -> Result<Vec<BlockDeviceInfo>> {
-        self.execute_as("query-named-block-nodes", json!({ "flat": true }))
-    }
-
-    /// `query-jobs`: every job that has not been dismissed.
-    pub fn query_jobs(&self) -> Result<Vec<JobInfo>> {
-        self.execute_as("query-jobs", Value::Null)
-    }
-
-    /// `blockdev-add` with the given options object (a `BlockdevOptions`).
-    pub fn blockdev_add(&self, options: Value) -> Result<()> {
-        self.execute("blockdev-add", options).map(drop)
-    }
-
-    /// `blockdev-del` of the node `node_name`.
-    pub fn blockdev_del(&self, node_name: &str) -> Result<()> {
-        self.execute("blockdev-del", json!({ "node-name": node_name }))
-            .map(drop)
-    }
-
-    /// `blockdev-backup`: starts a backup job outside a transaction.
-    pub fn blockdev_backup(&self, backup: &BlockdevBackup) -> Result<()> {
-        self.execute("blockdev-backup", backup.arguments())
-            .map(drop)
-    }
-
-    /// `transaction` of the given [`action`]s: all take effect or none.
-    pub fn transaction(&self, actions: Vec<Value>) -> Result<()> {
-        self.execute("transaction", json!({ "actions": actions }))
-            .map(drop)
-    }
-
-    /// `transaction` with `completion-mode: grouped`: if one job started
-    /// by the transaction fails, QEMU cancels the others.
-    pub fn transaction_grouped(&self, actions: Vec<Value>) -> Result<()> {
-        let arguments = json!({
-            "actions": actions,
-            "properties": { "completion-mode": "grouped" },
-        });
-        self.execute("transaction", arguments).map(drop)
-    }
-
-    /// `job-finalize`: lets a pending job make its graph changes.
-    pub fn job_finalize(&self, id: &str) -> Result<()> {
-        self.execute("job-finalize", json!({ "id": id })).map(drop)
-    }
-
-    /// `job-dismiss`: removes a concluded job.
-    pub fn job_dismiss(&self, id: &str) -> Result<()> {
-        self.execute("job-dismiss", json!({ "id": id })).map(drop)
-    }
-
-    /// `job-cancel`: asks a job to stop; it concludes with an error.
-    pub fn job_cancel(&self, id: &str) -> Result<()> {
-        self.execute("job-cancel", json!({ "id": id })).map(drop)
-    }
-
-    /// `block-dirty-bitmap-add`.
-    pub fn block_dirty_bitmap_add(&self, bitmap: &DirtyBitmapAdd) -> Result<()> {
-        self.execute("block-dirty-bitmap-add", bitmap.arguments())
-            .map(drop)
-    }
-
-    /// `block-dirty-bitmap-remove`.
-    pub fn block_dirty_bitmap_remove(&self, node: &str, name: &str) -> Result<()> {
-        self.execute("block-dirty-bitmap-remove", bitmap_arguments(node, name))
-            .map(drop)
-    }
-
-    /// `block-dirty-bitmap-clear`: marks everything clean.
-    pub fn block_dirty_bitmap_clear(&self, node: &str, name: &str) -> Result<()> {
-        self.execute("block-dirty-bitmap-clear", bitmap_arguments(node, name))
-            .map(drop)
-    }
-
-    /// `block-dirty-bitmap-enable`: starts recording writes.
-    pub fn block_dirty_bitmap_enable(&self, node: &str, name: &str) -> Result<()> {
-        self.execute("block-dirty-bitmap-enable", bitmap_arguments(node, name))
-            .map(drop)
-    }
-
-    /// `block-dirty-bitmap-disable`: stops recording writes.
-    pub fn block_dirty_bitmap_disable(&self, node: &str, name: &str) -> Result<()> {
-        self.execute("block-dirty-bitmap-disable", bitmap_arguments(node, name))
-            .map(drop)
-    }
-
-    /// `block-dirty-bitmap-merge` of bitmaps `sources` of `node` into its
-    /// bitmap `target` (bitmaps on other nodes: use [`Qmp::execute`]).
-    pub fn block_dirty_bitmap_merge(
-        &self,
-        node: &str,
-        target: &str,
-        sources: &[&str],
-    ) -> Result<()> {
-        self.execute(
-            "block-dirty-bitmap-merge",
-            merge_arguments(node, target, sources),
-        )
-        .map(drop)
-    }
 }
 
 impl Qmp {
+    /// Cancel the jobs `ids` (errors ignored: a job may have ended) and
+    /// wait as [`Qmp::wait_jobs_concluded`] does.
+    pub fn cancel_jobs(&self, ids: &[String], limit: Duration) -> Result<bool> {
+        if ids.is_empty() {
+            return Ok(true);
+        }
+        for id in ids {
+            let _ = self.run(&JobCancel::new(id));
+        }
+        self.wait_jobs_concluded(ids, limit)
+    }
+
     /// Wait until none of the jobs `ids` is running any more (each has
     /// concluded or is gone). `Ok(false)` if some still run after `limit`.
     pub fn wait_jobs_concluded(&self, ids: &[String], limit: Duration) -> Result<bool> {
         let deadline = deadline_after(limit);
         loop {
-            let jobs = self.query_jobs()?;
+            let jobs = self.run(&QueryJobs)?;
             let running = jobs
                 .iter()
                 .any(|j| ids.contains(&j.id) && j.status != JobStatus::Concluded);
@@ -1375,6 +630,8 @@ fn greeting_timeout() -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qmp::JobStatusChange;
+    use serde_json::json;
     use std::io::Cursor;
     use std::os::unix::net::UnixListener;
 
@@ -1544,44 +801,6 @@ mod tests {
     }
 
     #[test]
-    fn decodes_block_job_events() {
-        let completed: Event = Event {
-            name: Event::BLOCK_JOB_COMPLETED.into(),
-            data: json!({"device": "j0", "len": 67108864, "offset": 67108864, "speed": 0, "type": "backup"}),
-            timestamp: None,
-        };
-        let info = completed.block_job().expect("block job event");
-        assert_eq!(info.job_id(), Some("j0"));
-        assert_eq!(info.job_type.as_deref(), Some("backup"));
-        assert_eq!(
-            (info.len, info.offset, info.speed),
-            (Some(64 << 20), Some(64 << 20), Some(0))
-        );
-        assert_eq!(info.error, None);
-
-        let pending = Event {
-            name: Event::BLOCK_JOB_PENDING.into(),
-            data: json!({"type": "backup", "id": "j1"}),
-            timestamp: None,
-        };
-        assert_eq!(
-            pending
-                .block_job()
-                .and_then(|e| e.job_id().map(str::to_owned)),
-            Some("j1".into())
-        );
-
-        let error = Event {
-            name: Event::BLOCK_JOB_ERROR.into(),
-            data: json!({"device": "j2", "operation": "write", "action": "report"}),
-            timestamp: None,
-        };
-        let info = error.block_job().expect("block job event");
-        assert_eq!(info.operation.as_deref(), Some("write"));
-        assert_eq!(info.action.as_deref(), Some("report"));
-    }
-
-    #[test]
     fn ignores_garbage() {
         let deep = "[".repeat(100_000);
         let long_string = format!("\"{}\"", "x".repeat(1 << 20));
@@ -1728,95 +947,31 @@ mod tests {
         assert!(state.dropped_events > 0);
     }
 
-    #[test]
-    fn decodes_query_replies() {
-        // Shapes as QEMU 10.0 sends them.
-        let nodes = json!([{"iops_rd": 0, "detect_zeroes": "off", "active": true,
-            "image": {"virtual-size": 67108864, "filename": "/tmp/a.qcow2", "cluster-size": 65536,
-                      "format": "qcow2", "actual-size": 200704,
-                      "format-specific": {"type": "qcow2", "data": {"compat": "1.1"}}, "dirty-flag": false},
-            "iops_wr": 0, "ro": false, "node-name": "q0", "backing_file_depth": 0, "drv": "qcow2",
-            "iops": 0, "bps_wr": 0, "write_threshold": 0,
-            "dirty-bitmaps": [{"name": "b0", "recording": true, "persistent": false, "busy": false,
-                               "granularity": 65536, "count": 0}],
-            "encrypted": false, "bps": 0, "bps_rd": 0,
-            "cache": {"no-flush": false, "direct": false, "writeback": true}, "file": "/tmp/a.qcow2"}]);
-        let nodes: Vec<BlockDeviceInfo> = serde_json::from_value(nodes).unwrap();
-        assert_eq!(nodes[0].node_name, "q0");
-        assert_eq!(nodes[0].drv, "qcow2");
-        assert_eq!(nodes[0].image.virtual_size, 64 << 20);
-        assert_eq!(nodes[0].image.cluster_size, Some(65536));
-        let bitmaps = nodes[0].dirty_bitmaps.as_ref().unwrap();
-        assert_eq!(bitmaps[0].name, "b0");
-        assert!(bitmaps[0].recording && !bitmaps[0].persistent && !bitmaps[0].inconsistent);
-
-        let block = json!([{"io-status": "ok", "device": "ide0-hd0", "locked": false, "removable": false,
-            "qdev": "/machine/unattached/device[23]", "type": "unknown",
-            "inserted": {"ro": false, "drv": "qcow2", "encrypted": false, "file": "disks/test.qcow2",
-                         "node-name": "disk0", "backing_file_depth": 1, "backing_file": "base.qcow2",
-                         "image": {"filename": "disks/test.qcow2", "format": "qcow2", "virtual-size": 2048000,
-                                   "backing-filename": "base.qcow2"}}},
-            {"device": "cd0", "locked": false, "removable": true, "tray_open": true, "type": "unknown"}]);
-        let block: Vec<BlockInfo> = serde_json::from_value(block).unwrap();
-        let inserted = block[0].inserted.as_ref().unwrap();
-        assert_eq!(inserted.node_name, "disk0");
-        assert_eq!(inserted.backing_file.as_deref(), Some("base.qcow2"));
-        assert_eq!(inserted.backing_file_depth, 1);
-        assert_eq!(
-            inserted.image.backing_filename.as_deref(),
-            Some("base.qcow2")
-        );
-        assert_eq!(block[0].io_status.as_deref(), Some("ok"));
-        assert_eq!(block[1].inserted, None);
-        assert_eq!(block[1].tray_open, Some(true));
-
-        let jobs = json!([{"current-progress": 1048576, "status": "running", "total-progress": 67108864,
-                           "type": "backup", "id": "j1"},
-                          {"current-progress": 0, "status": "some-future-state", "total-progress": 0,
-                           "type": "backup", "id": "j2", "error": "boom"}]);
-        let jobs: Vec<JobInfo> = serde_json::from_value(jobs).unwrap();
-        assert_eq!(jobs[0].status, JobStatus::Running);
-        assert_eq!(jobs[0].job_type, "backup");
-        assert_eq!(jobs[0].current_progress, 1 << 20);
-        assert_eq!(jobs[1].status, JobStatus::Unknown);
-        assert_eq!(jobs[1].error.as_deref(), Some("boom"));
+    /// A command of the tests' own, with arguments.
+    #[derive(serde::Serialize)]
+    struct A {
+        x: u32,
     }
 
-    #[test]
-    fn builds_arguments_and_actions() {
-        let mut backup = BlockdevBackup {
-            bitmap: Some("b0".into()),
-            bitmap_mode: Some(BitmapSyncMode::OnSuccess),
-            auto_finalize: Some(false),
-            ..BlockdevBackup::new("j0", "drive0", "nbd0", SyncMode::Bitmap)
-        };
-        backup.extra.insert("discard-source".into(), json!(false));
-        assert_eq!(
-            action::blockdev_backup(&backup),
-            json!({"type": "blockdev-backup", "data": {
-                "job-id": "j0", "device": "drive0", "target": "nbd0", "sync": "bitmap",
-                "bitmap": "b0", "bitmap-mode": "on-success", "auto-finalize": false,
-                "discard-source": false}})
-        );
-        let bitmap = DirtyBitmapAdd {
-            persistent: Some(false),
-            ..DirtyBitmapAdd::new("drive0", "b1")
-        };
-        assert_eq!(
-            action::block_dirty_bitmap_add(&bitmap),
-            json!({"type": "block-dirty-bitmap-add",
-                   "data": {"node": "drive0", "name": "b1", "persistent": false}})
-        );
-        assert_eq!(
-            action::block_dirty_bitmap_merge("n", "t", &["a", "b"]),
-            json!({"type": "block-dirty-bitmap-merge",
-                   "data": {"node": "n", "target": "t", "bitmaps": ["a", "b"]}})
-        );
-        assert_eq!(
-            action::block_dirty_bitmap_clear("n", "b"),
-            json!({"type": "block-dirty-bitmap-clear", "data": {"node": "n", "name": "b"}})
-        );
+    impl Command for A {
+        const NAME: &'static str = "a";
+        type Reply = Value;
     }
+
+    /// Commands of the tests' own without arguments.
+    macro_rules! unit_commands {
+        ($($type:ident $name:literal),*) => {$(
+            #[derive(serde::Serialize)]
+            struct $type;
+
+            impl Command for $type {
+                const NAME: &'static str = $name;
+                type Reply = Value;
+            }
+        )*};
+    }
+
+    unit_commands!(B "b", Hang "hang", Later "later", Slow "slow", Next "next");
 
     /// A scripted peer on a unix socket: sends the greeting, answers
     /// `qmp_capabilities`, then runs `script`.
@@ -1878,8 +1033,8 @@ mod tests {
             },
         );
         std::thread::scope(|s| {
-            let a = s.spawn(|| qmp.execute("a", json!({"x": 1})));
-            let b = s.spawn(|| qmp.execute("b", Value::Null));
+            let a = s.spawn(|| qmp.run(&A { x: 1 }));
+            let b = s.spawn(|| qmp.run(&B));
             assert_eq!(a.join().unwrap().unwrap(), json!("for a"));
             match b.join().unwrap() {
                 Err(Error::Command {
@@ -1916,7 +1071,7 @@ mod tests {
         let started = Instant::now();
         std::thread::scope(|s| {
             let waiter = s.spawn(|| qmp.wait_event(Duration::from_secs(60), |e| e.name == "NEVER"));
-            let result = qmp.execute("hang", Value::Null);
+            let result = qmp.run(&Hang);
             assert!(
                 matches!(result, Err(Error::Disconnected { .. })),
                 "{result:?}"
@@ -1942,10 +1097,7 @@ mod tests {
             qmp.next_event(Duration::from_secs(1)),
             Err(Error::Disconnected { .. })
         ));
-        assert!(matches!(
-            qmp.execute("later", Value::Null),
-            Err(Error::Disconnected { .. })
-        ));
+        assert!(matches!(qmp.run(&Later), Err(Error::Disconnected { .. })));
     }
 
     #[test]
@@ -1959,12 +1111,12 @@ mod tests {
             let mut line = Vec::new();
             while read_line_bounded(reader, &mut line, MAX_LINE_LEN).unwrap_or(false) {}
         });
-        let result = qmp.execute_timeout("slow", Value::Null, Duration::from_millis(100));
+        let result = qmp.run_timeout(&Slow, Duration::from_millis(100));
         assert!(
             matches!(&result, Err(Error::Timeout { command, .. }) if command == "slow"),
             "{result:?}"
         );
-        assert_eq!(qmp.execute("next", Value::Null).unwrap(), json!("fresh"));
+        assert_eq!(qmp.run(&Next).unwrap(), json!("fresh"));
         assert!(qmp.next_event(Duration::from_millis(10)).unwrap().is_none());
         assert!(matches!(
             qmp.wait_event(Duration::from_millis(10), |_| true),
