@@ -22,6 +22,11 @@
 //!   `LIST` and `ABORT`.
 //! - `NBD_INFO_BLOCK_SIZE` is sent with every `NBD_OPT_INFO`/`GO` answer,
 //!   asked for or not, for exports that give one ([`NbdExport::block_size`]).
+//!   (It does not stop a QEMU backup job from warning that its NBD target
+//!   "doesn't provide information about the block size": QEMU asks the
+//!   target node for a cluster size, which its NBD client driver cannot
+//!   report whatever the server says; `block/nbd.c` has no
+//!   `bdrv_co_get_info` as of QEMU 10.0.)
 //! - Reads of an export that cannot be read get `EIO` and the connection
 //!   stays up; writes to a read-only export get `EPERM` (their payload is
 //!   still read). A read is answered with one chunk (so `NBD_CMD_FLAG_DF`

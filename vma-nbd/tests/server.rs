@@ -784,3 +784,26 @@ fn writes_to_a_view_are_refused_and_the_stream_stays_in_sync() {
     c.s.read_exact(&mut got).unwrap();
     assert_eq!(got[..], view_bytes()[8192..8208]);
 }
+
+/// A capture target announces its block sizes (`NBD_INFO_BLOCK_SIZE`):
+/// any alignment, 64 KiB preferred, 32 MiB at most.
+#[test]
+fn nbdinfo_sees_the_block_sizes_of_a_target() {
+    require("nbdinfo");
+    let f = Fixture::new(&[("target", 3 * K64 + 512)]);
+    let out = Command::new("nbdinfo")
+        .args(["--no-content", "--json"])
+        .arg(f.uri("target"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let export = &info["exports"][0];
+    assert_eq!(export["export-size"], 3 * K64 + 512, "{info}");
+    assert_eq!(export["is_read_only"], false, "{info}");
+    assert_eq!(export["can_zero"], true, "{info}");
+    assert_eq!(export["can_trim"], true, "{info}");
+    assert_eq!(export["block_size_minimum"], 1, "{info}");
+    assert_eq!(export["block_size_preferred"], 65536, "{info}");
+    assert_eq!(export["block_size_maximum"], 32 << 20, "{info}");
+}
