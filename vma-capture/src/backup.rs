@@ -30,7 +30,7 @@ use vma_core::writer::WriteSummary;
 use vma_core::{ArchiveMeta, Writer};
 use vma_nbd::{Export, ExportFlags, NbdExport, NbdServer};
 
-use crate::assemble::{ClusterAssembler, Piece};
+use crate::assemble::{AssembleError, ClusterAssembler, Piece};
 use crate::error::{io_err, CaptureError, Result};
 use crate::fleece::Fleece;
 use crate::options::{
@@ -612,6 +612,18 @@ impl DriveSink {
         }
     }
 
+    /// Hand a write to the assembler and queue the clusters it completes.
+    fn assemble(
+        &self,
+        write: impl FnOnce(&mut ClusterAssembler) -> std::result::Result<Vec<Piece>, AssembleError>,
+    ) -> std::io::Result<()> {
+        self.check()?;
+        let mut assembler = self.assembler.lock().expect("assembler lock");
+        let pieces = write(&mut assembler).map_err(|e| self.fail(e.to_string()))?;
+        drop(assembler);
+        self.push(pieces)
+    }
+
     fn fail(&self, msg: String) -> std::io::Error {
         self.failure
             .lock()
@@ -631,25 +643,11 @@ impl NbdExport for DriveSink {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.check()?;
-        let pieces = self
-            .assembler
-            .lock()
-            .expect("assembler lock")
-            .write(offset, data)
-            .map_err(|e| self.fail(e.to_string()))?;
-        self.push(pieces)
+        self.assemble(|a| a.write(offset, data))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.check()?;
-        let pieces = self
-            .assembler
-            .lock()
-            .expect("assembler lock")
-            .write_zeroes(offset, len)
-            .map_err(|e| self.fail(e.to_string()))?;
-        self.push(pieces)
+        self.assemble(|a| a.write_zeroes(offset, len))
     }
 
     fn flush(&self) -> std::io::Result<()> {

@@ -3,15 +3,14 @@
 #[path = "../../vma-nbd/tests/support/mod.rs"]
 mod support;
 
-use support::{mixed_qcow2, QemuNbd, K64};
+use support::{served_mixed_qcow2, K64};
 use vma_capture::nbd_image::NbdImage;
 use vma_core::source::{data_runs, DiskImage, Stretch};
 
 #[test]
 fn data_runs_are_exactly_the_clusters_with_data() {
     let dir = tempfile::tempdir().unwrap();
-    let (img, want) = mixed_qcow2(dir.path());
-    let server = QemuNbd::start(dir.path(), "disk", &["-f", "qcow2"], img.to_str().unwrap());
+    let (server, want) = served_mixed_qcow2(dir.path());
     let image = NbdImage::new(server.connect("disk"));
     let runs = data_runs(&image).unwrap();
     assert_eq!(runs, vec![0..1, 3..4, 40..44, 48..60, 128..129], "{runs:?}");

@@ -1091,6 +1091,7 @@ fn read_requests<'a, R: Read>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::tests::{info_data, request};
     use crate::wire::*;
     use std::io::Cursor;
 
@@ -1101,14 +1102,11 @@ mod tests {
     const TRANSMISSION_FLAGS: u16 =
         FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES;
 
-    fn request(kind: u16, offset: u64, len: u32) -> Request {
-        Request {
-            flags: 0,
-            kind,
-            cookie: 7,
-            offset,
-            len,
-        }
+    /// What the server does with a write of `payload` at `offset` to a
+    /// target of `size` bytes.
+    fn write_to(size: u64, offset: u64, payload: &[u8]) -> Action {
+        let write = request(CMD_WRITE, offset, payload.len() as u32);
+        check_request(&write, payload, size, TARGET, false)
     }
 
     #[test]
@@ -1117,15 +1115,7 @@ mod tests {
         let check = |kind, offset, len| {
             check_request(&request(kind, offset, len), &[], size, TARGET, false)
         };
-        let write = |offset, payload: &[u8]| {
-            check_request(
-                &request(CMD_WRITE, offset, payload.len() as u32),
-                payload,
-                size,
-                TARGET,
-                false,
-            )
-        };
+        let write = |offset, payload: &[u8]| write_to(size, offset, payload);
         assert_eq!(
             write(3 * 65536, &[1; 512]),
             Action::Write {
@@ -1181,15 +1171,7 @@ mod tests {
     #[test]
     fn check_requests_in_the_rounded_tail() {
         let size = 1000;
-        let write = |offset, payload: &[u8]| {
-            check_request(
-                &request(CMD_WRITE, offset, payload.len() as u32),
-                payload,
-                size,
-                TARGET,
-                false,
-            )
-        };
+        let write = |offset, payload: &[u8]| write_to(size, offset, payload);
         let mut tail = vec![7u8; 488];
         tail.resize(512, 0);
         assert_eq!(
@@ -1236,16 +1218,6 @@ mod tests {
                 len: 1
             }
         );
-    }
-
-    fn info_data(name: &[u8], info: &[u16]) -> Vec<u8> {
-        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(name);
-        d.extend_from_slice(&(info.len() as u16).to_be_bytes());
-        for i in info {
-            d.extend_from_slice(&i.to_be_bytes());
-        }
-        d
     }
 
     /// Records what reaches it.
@@ -1308,6 +1280,11 @@ mod tests {
         out
     }
 
+    /// (option, reply type) of each of `replies`.
+    fn reply_kinds(replies: &[(u32, u32, Vec<u8>)]) -> Vec<(u32, u32)> {
+        replies.iter().map(|r| (r.0, r.1)).collect()
+    }
+
     #[test]
     fn handshake_go_after_unsupported_and_unknown() {
         let (e, _) = export("disk", 1000);
@@ -1323,7 +1300,7 @@ mod tests {
         assert_eq!(chosen.map(|s| s.index), Some(0));
         assert_eq!(&out[..18], &encode_greeting());
         let replies = option_replies(&out[18..]);
-        let kinds: Vec<(u32, u32)> = replies.iter().map(|r| (r.0, r.1)).collect();
+        let kinds = reply_kinds(&replies);
         assert_eq!(
             kinds,
             vec![
@@ -1577,7 +1554,7 @@ mod tests {
             })
         );
         let replies = option_replies(&out[18..]);
-        let kinds: Vec<(u32, u32)> = replies.iter().map(|r| (r.0, r.1)).collect();
+        let kinds = reply_kinds(&replies);
         assert_eq!(
             kinds,
             vec![

@@ -903,10 +903,11 @@ pub fn error_code(error: &io::Error) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn request(kind: u16, offset: u64, len: u32) -> Request {
+    /// A request with cookie 7 and no flags.
+    pub(crate) fn request(kind: u16, offset: u64, len: u32) -> Request {
         Request {
             flags: 0,
             kind,
@@ -988,7 +989,8 @@ mod tests {
         assert!(decode_client_flags(&[0, 0, 1]).is_err());
     }
 
-    fn info_data(name: &[u8], info: &[u16]) -> Vec<u8> {
+    /// The data of `NBD_OPT_INFO`/`GO`, built by hand.
+    pub(crate) fn info_data(name: &[u8], info: &[u16]) -> Vec<u8> {
         let mut d = (name.len() as u32).to_be_bytes().to_vec();
         d.extend_from_slice(name);
         d.extend_from_slice(&(info.len() as u16).to_be_bytes());

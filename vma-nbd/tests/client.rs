@@ -9,15 +9,14 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use support::{mixed_qcow2, noise, QemuNbd, K64};
+use support::{noise, served_mixed_qcow2, QemuNbd, K64};
 use vma_nbd::client::Error;
 use vma_nbd::{wire, Export, ExportFlags, NbdClient, NbdExport, NbdServer};
 
 #[test]
 fn reads_a_qcow2_export_with_requests_in_flight() {
     let dir = tempfile::tempdir().unwrap();
-    let (img, want) = mixed_qcow2(dir.path());
-    let server = QemuNbd::start(dir.path(), "disk", &["-f", "qcow2"], img.to_str().unwrap());
+    let (server, want) = served_mixed_qcow2(dir.path());
     let client = server.connect("disk");
     assert_eq!(client.size(), want.len() as u64);
     assert!(client.structured_replies());
@@ -44,8 +43,7 @@ fn reads_a_qcow2_export_with_requests_in_flight() {
 #[test]
 fn block_status_reports_only_zero_stretches_as_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let (img, want) = mixed_qcow2(dir.path());
-    let server = QemuNbd::start(dir.path(), "disk", &["-f", "qcow2"], img.to_str().unwrap());
+    let (server, want) = served_mixed_qcow2(dir.path());
     let client = server.connect("disk");
     let size = client.size();
     let extents = client.block_status(0, size).unwrap();

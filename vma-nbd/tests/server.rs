@@ -136,6 +136,26 @@ impl Fixture {
         cmd.output().unwrap()
     }
 
+    /// Copy `source` into the first export, `export`, with `qemu-img
+    /// convert` (and `args`); the export then holds exactly `source`.
+    fn qemu_img_convert(&self, export: &str, source: &[u8], args: &[&str]) {
+        let src = self.dir.path().join(format!("{export}.src.raw"));
+        std::fs::write(&src, source).unwrap();
+        let out = Command::new("qemu-img")
+            .args(["convert", "-n"])
+            .args(args)
+            .args(["-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(self.uri(export))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            self.sinks[0].data() == source,
+            "sink bytes differ from the source"
+        );
+    }
+
     /// Wait until every client connection has ended.
     fn wait_idle(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -302,19 +322,7 @@ fn qemu_img_convert_with_parallel_out_of_order_writes() {
             *b = x as u8;
         }
     }
-    let src = f.dir.path().join("src.raw");
-    std::fs::write(&src, &source).unwrap();
-    let out = Command::new("qemu-img")
-        .args(["convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(f.uri("drive"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        f.sinks[0].data() == source,
-        "sink bytes differ from the source"
-    );
+    f.qemu_img_convert("drive", &source, &["-W", "-m", "16"]);
     let log = f.sinks[0].log();
     assert!(log.iter().any(|r| matches!(r, Rec::Zeroes(..))), "{log:?}");
 }
@@ -326,19 +334,7 @@ fn export_size_not_a_multiple_of_512() {
     require("qemu-img");
     let f = Fixture::new(&[("odd", 1000)]);
     let source: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8 + 1).collect();
-    let src = f.dir.path().join("odd.raw");
-    std::fs::write(&src, &source).unwrap();
-    let out = Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(f.uri("odd"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        f.sinks[0].data() == source,
-        "sink bytes differ from the source"
-    );
+    f.qemu_img_convert("odd", &source, &[]);
     assert_ok(&f.qemu_io("odd", &["write -P 3 990 10", "write -z 1000 24"]));
     assert!(f.sinks[0].data()[990..].iter().all(|&b| b == 3));
     assert_failed(
@@ -687,38 +683,46 @@ fn qemu_img_reads_a_view_and_cannot_write_it() {
     assert!(!out.status.success(), "{}", text(&out));
 }
 
+/// What `nbdinfo ARGS URI` prints, as JSON.
+fn nbdinfo(args: &[&str], uri: &str) -> serde_json::Value {
+    let out = Command::new("nbdinfo")
+        .args(args)
+        .arg(uri)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The first export of `nbdinfo --json` output has the block sizes
+/// `BlockSize::BYTES` announces: any alignment, 64 KiB preferred, 32 MiB
+/// at most.
+fn assert_default_block_sizes(info: &serde_json::Value) {
+    let export = &info["exports"][0];
+    assert_eq!(export["block_size_minimum"], 1, "{info}");
+    assert_eq!(export["block_size_preferred"], 65536, "{info}");
+    assert_eq!(export["block_size_maximum"], 32 << 20, "{info}");
+}
+
 #[test]
 fn nbdinfo_sees_a_read_only_view_with_block_sizes_and_allocation() {
     require("nbdinfo");
     let dir = tempfile::tempdir().unwrap();
     let (server, data) = view_server(dir.path());
-    let out = Command::new("nbdinfo")
-        .arg("--json")
-        .arg(uri(&server, "view"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let info = nbdinfo(&["--json"], &uri(&server, "view"));
     assert_eq!(info["structured"], true, "{info}");
     let export = &info["exports"][0];
     assert_eq!(export["export-size"], data.len() as u64, "{info}");
     assert_eq!(export["is_read_only"], true, "{info}");
     assert_eq!(export["can_multi_conn"], true, "{info}");
     assert_eq!(export["can_df"], true, "{info}");
-    assert_eq!(export["block_size_minimum"], 1, "{info}");
-    assert_eq!(export["block_size_preferred"], 65536, "{info}");
-    assert_eq!(export["block_size_maximum"], 32 << 20, "{info}");
+    assert_default_block_sizes(&info);
     assert_eq!(export["contexts"], serde_json::json!(["base:allocation"]));
 
-    let out = Command::new("nbdinfo")
-        .args(["--map", "--json"])
-        .arg(uri(&server, "view"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let map = nbdinfo(&["--map", "--json"], &uri(&server, "view"));
+    let map = map.as_array().unwrap();
     let mut at = 0;
-    for m in &map {
+    for m in map {
         let (offset, len) = (m["offset"].as_u64().unwrap(), m["length"].as_u64().unwrap());
         assert_eq!(offset, at, "{map:?}");
         let zero = m["type"].as_u64().unwrap() & u64::from(wire::STATE_ZERO) != 0;
@@ -791,19 +795,11 @@ fn writes_to_a_view_are_refused_and_the_stream_stays_in_sync() {
 fn nbdinfo_sees_the_block_sizes_of_a_target() {
     require("nbdinfo");
     let f = Fixture::new(&[("target", 3 * K64 + 512)]);
-    let out = Command::new("nbdinfo")
-        .args(["--no-content", "--json"])
-        .arg(f.uri("target"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let info = nbdinfo(&["--no-content", "--json"], &f.uri("target"));
     let export = &info["exports"][0];
     assert_eq!(export["export-size"], 3 * K64 + 512, "{info}");
     assert_eq!(export["is_read_only"], false, "{info}");
     assert_eq!(export["can_zero"], true, "{info}");
     assert_eq!(export["can_trim"], true, "{info}");
-    assert_eq!(export["block_size_minimum"], 1, "{info}");
-    assert_eq!(export["block_size_preferred"], 65536, "{info}");
-    assert_eq!(export["block_size_maximum"], 32 << 20, "{info}");
+    assert_default_block_sizes(&info);
 }

@@ -33,18 +33,9 @@ pub fn run(cmd: &mut Command) {
     );
 }
 
-/// Deterministic pseudo-random bytes.
-pub fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+#[path = "../../../tests/src/noise.rs"]
+mod noise;
+pub use noise::noise;
 
 /// `qemu-nbd` serving one read-only export on a unix socket; killed on drop.
 pub struct QemuNbd {
@@ -131,4 +122,12 @@ pub fn mixed_qcow2(dir: &Path) -> (PathBuf, Vec<u8>) {
         .arg(&img));
     want[(44 * K64) as usize..(48 * K64) as usize].fill(0);
     (img, want)
+}
+
+/// [`mixed_qcow2`] in `dir`, served by `qemu-nbd` as export `disk`; the
+/// server and the image's contents.
+pub fn served_mixed_qcow2(dir: &Path) -> (QemuNbd, Vec<u8>) {
+    let (img, want) = mixed_qcow2(dir);
+    let server = QemuNbd::start(dir, "disk", &["-f", "qcow2"], img.to_str().unwrap());
+    (server, want)
 }
