@@ -2,7 +2,7 @@
 //! the types callers use.
 //!
 //! [`capture`] checks the target and picks one of two ways: backup jobs
-//! that QEMU runs into our NBD server ([`crate::backup`], with or without
+//! that QEMU runs into our NBD server (module `backup`, with or without
 //! fleecing), or comparing point-in-time views with an earlier archive
 //! ([`crate::live_diff`], `--diff-against`).
 //!
