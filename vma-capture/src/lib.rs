@@ -9,23 +9,28 @@
 //! and [`live_diff`] reads such views itself, through [`nbd_image`], to
 //! compare them with an earlier archive.
 //!
-//! The modules, each using only those below it:
+//! The modules, top down: each uses only modules listed below it.
 //!
 //! ```text
-//! capture            entry point: checks the target, picks a way, public types
-//! ├── backup         capture by backup jobs writing into our NBD server
-//! │   └── assemble   byte-range writes -> whole clusters
-//! └── live_diff      capture by comparing views with an earlier archive
-//!     └── nbd_image  an NBD export as a vma-core source image
-//! fleece             point-in-time views (scratch images, jobs, exports)   [backup, live_diff]
-//! session            connect, find drives, checkpoint bitmaps, freeze      [backup, live_diff]
-//! ├── leftovers      remove what a dead capture left in QEMU
-//! └── qga            guest agent (freeze/thaw)
-//! record             the capture record stored in each archive
-//! options            what a capture is asked and what it reports
-//! error              CaptureError, used by all of the above
-//! qmp                QMP client and typed commands (depends on nothing above)
+//! capture     entry point: checks the target, picks a way; the public types
+//! backup      capture by backup jobs writing into our NBD server
+//! live_diff   capture by comparing views with an earlier archive
+//! fleece      point-in-time views: scratch images, fleecing jobs, exports
+//! session     what both ways share with QEMU: connect, drives, checkpoint
+//!             bitmaps, freezing the guest around the transaction
+//! leftovers   removing what a dead capture left in QEMU
+//! options     what a capture is asked and what it reports
+//! record      the capture record stored in each archive
+//! error       CaptureError
+//! assemble    byte-range writes -> whole clusters
+//! nbd_image   an NBD export as a vma-core source image
+//! qga         the guest agent (freeze, thaw)
+//! qmp         QMP client and commands as types
 //! ```
+//!
+//! The last four use no other module of the crate. `backup` uses assemble, fleece, session, options, record, error, qmp;
+//! `live_diff` uses nbd_image, fleece, session, options, record, error,
+//! qmp; `session` uses leftovers, options, record, error, qga, qmp.
 
 pub mod assemble;
 mod backup;
