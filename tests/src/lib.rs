@@ -67,18 +67,9 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// Deterministic pseudo-random bytes.
-pub fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+// Also the NBD tests' (vma-nbd/tests/support).
+mod noise;
+pub use noise::noise;
 
 /// A sparse image of `size` bytes with `(offset, len, seed)` noise regions;
 /// everything else is a hole.

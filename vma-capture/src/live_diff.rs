@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use vma_core::chain::{Chain, ChainDrive};
 use vma_core::diff::diff_or_copy;
 use vma_core::extract::AtomicFile;
@@ -26,14 +25,15 @@ use vma_core::types::clusters_for;
 use vma_core::writer::WriteSummary;
 use vma_core::{ArchiveMeta, Writer};
 
-use crate::capture::{
-    add_record, checkpoint_bitmap, checkpoint_of, find_drives, hex_uuid, with_frozen_guest,
-    CaptureError, CaptureOptions, CaptureRecord, CaptureSummary, Drive, DriveStats, JobProgress,
-    Result,
-};
+use vma_nbd::NbdClient;
+
+use crate::error::{CaptureError, Result};
 use crate::fleece::Fleece;
-use crate::nbd_client::{NbdClient, NbdImage};
-use crate::qmp::{action, Qmp};
+use crate::nbd_image::NbdImage;
+use crate::options::{CaptureOptions, CaptureSummary, DriveStats, JobProgress};
+use crate::qmp::{BlockDirtyBitmapRemove, Qmp, Transaction};
+use crate::record::{add_record, CaptureRecord};
+use crate::session::{self, checkpoint_bitmap, checkpoint_of, find_drives, Drive};
 
 /// Capture `options.qmp`'s drives by comparing point-in-time views of
 /// them with the chain ending at `options.diff_against`.
@@ -60,14 +60,12 @@ pub(crate) fn capture_by_diff(
         uuid: chain.header().uuid,
         digest: footer.archive_digest,
     };
-    let qmp = Qmp::connect(&options.qmp)?;
-    let cleared = crate::leftovers::clear(&qmp)?;
+    let (qmp, cleared) = session::connect(options)?;
     let mut meta = ArchiveMeta::new(Vec::new(), options.configs.clone());
-    let uuid_hex = hex_uuid(&meta.uuid);
     let mut drives = find_drives(&qmp, &options.drives)?;
+    let uuid_hex = session::name_checkpoints(&mut drives, &meta);
     let mut bases = Vec::new();
     for d in &mut drives {
-        d.bitmap = format!("vma-{uuid_hex}");
         let base = match chain.header().drives.iter().find(|p| p.name == d.name) {
             None => {
                 d.reason = Some("not in the parent archive".into());
@@ -133,7 +131,7 @@ pub(crate) fn capture_by_diff(
         Err(e) => {
             // No archive holds the new checkpoints.
             for (node, name) in new_bitmaps {
-                let _ = qmp.block_dirty_bitmap_remove(&node, &name);
+                let _ = qmp.run(&BlockDirtyBitmapRemove::new(&node, &name));
             }
             Err(if cancel.load(Ordering::Relaxed) {
                 CaptureError::Cancelled
@@ -164,16 +162,13 @@ impl Run<'_, '_> {
         tag: &str,
         progress: &mut impl FnMut(JobProgress),
     ) -> Result<(WriteSummary, Vec<DriveStats>)> {
-        let mut actions = Vec::new();
+        let mut transaction = Transaction::new();
         for (i, d) in self.drives.iter().enumerate() {
-            actions.push(action::block_dirty_bitmap_add(&checkpoint_bitmap(d)));
-            actions.push(self.fleece.start_action(i));
+            transaction.push(&checkpoint_bitmap(d));
+            transaction.push(&self.fleece.start_action(i));
         }
-        let (started, thawed) = with_frozen_guest(self.options.fsfreeze.as_deref(), || {
-            self.qmp
-                .execute("transaction", json!({ "actions": actions }))
-                .map_err(CaptureError::from)
-        })?;
+        let (started, thawed) =
+            session::run_frozen(self.qmp, self.options.fsfreeze.as_deref(), &transaction)?;
         started?;
         self.fleece.started();
         self.new_bitmaps = self
