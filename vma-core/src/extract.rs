@@ -147,11 +147,11 @@ fn plan(header: &Header, dir: &Path, options: &ExtractOptions) -> Result<Plan> {
         )));
     }
     if !options.force {
+        // Checked again, atomically, when the files are renamed into place.
         if let Some(p) = all.iter().find(|p| p.symlink_metadata().is_ok()) {
-            return Err(Error::Invalid(format!(
-                "{} exists; use --force to overwrite it",
-                p.display()
-            )));
+            return Err(Error::Exists {
+                path: p.display().to_string(),
+            });
         }
     }
     Ok((drives, configs))
