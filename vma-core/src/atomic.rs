@@ -8,7 +8,8 @@
 //! - An existing name is replaced only when the file was made
 //!   [`AtomicFile::replacing`]. Otherwise the rename is
 //!   `renameat2(RENAME_NOREPLACE)` (where the file system lacks it,
-//!   `link()` + `unlink()`), so a name another process creates while this
+//!   `link()` + `unlink()`, or without hard links the name claimed with
+//!   `O_EXCL` first), so a name another process creates while this
 //!   one writes is never replaced either: the commit fails with
 //!   [`Error::Exists`].
 //! - [`commit_all`] commits all files or none: if one step fails, what this
