@@ -68,7 +68,7 @@ pub(crate) fn capture_by_backup(
     };
     add_record(&mut meta, &record)?;
 
-    let out = AtomicFile::create(&options.archive)?;
+    let out = AtomicFile::create(&options.archive)?.replacing(options.force);
     let writer = Writer::new(out, meta, &options.writer)?;
     let (tx, rx) = crossbeam_channel::bounded::<Piece>(QUEUE_PIECES);
     let failure: Arc<Mutex<Option<String>>> = Arc::default();
@@ -177,8 +177,10 @@ pub(crate) fn capture_by_backup(
         return match written
             .and_then(|w| finish_archive(w, &drives, &sinks, true))
             .and_then(|(mut file, _, _)| {
+                // What an earlier interrupted capture kept there is
+                // superseded (this one started from it or from its parent).
                 file.set_dest(partial.clone());
-                Ok(file.commit()?)
+                Ok(file.replacing(true).commit()?)
             }) {
             Ok(()) => Err(CaptureError::KeptForRetry {
                 cause: Box::new(cause),

@@ -188,7 +188,7 @@ impl Run<'_, '_> {
             self.fleece
                 .export_views(self.options.qemu_nbd_socket.as_deref(), &own, tag)?;
 
-        let out = AtomicFile::create(&self.options.archive)?;
+        let out = AtomicFile::create(&self.options.archive)?.replacing(self.options.force);
         let mut writer = Writer::new(out, meta, &self.options.writer)?;
         let total: u64 = self.drives.iter().map(|d| d.size).sum();
         let throttle = Throttle::new(self.options.speed);

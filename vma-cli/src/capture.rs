@@ -1,7 +1,7 @@
 //! `vma capture`: back up drives of a running QEMU over QMP.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Context, Result};
 use vma_capture::capture::{capture as run_capture, BitmapMode, CaptureOptions, DriveSpec};
@@ -74,12 +74,9 @@ enum BitmapModeArg {
     Always,
 }
 
-/// Set by SIGINT/SIGTERM: the capture cancels its jobs and keeps nothing.
-static CANCEL: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    CANCEL.store(true, Ordering::Relaxed);
-}
+/// Set by SIGINT, SIGTERM and SIGHUP (see `signals`): the capture cancels
+/// its jobs and keeps nothing.
+pub(crate) static CANCEL: AtomicBool = AtomicBool::new(false);
 
 pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
     let drives = args
@@ -118,11 +115,7 @@ pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
         chain_parents: args.parents.clone(),
         qemu_nbd_socket: args.qemu_nbd_socket.clone(),
     };
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    crate::signals::clear_stale(args.archive.parent().unwrap_or(Path::new(".")))?;
     let progress = Progress::bytes(1, "capture", quiet);
     let result = run_capture(&options, &CANCEL, |p| {
         progress.set_total(p.total);

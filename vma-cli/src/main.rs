@@ -15,6 +15,7 @@ macro_rules! outln {
 mod capture;
 mod mount;
 mod output;
+mod signals;
 
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Read, Write};
@@ -32,7 +33,7 @@ use vma_core::extract::{check_member_names, extract, AtomicFile, DriveFormat, Ex
 use vma_core::format::{check_name, limits};
 use vma_core::merge::{merge_chain, synthetic_meta, MergeOptions};
 use vma_core::prune::{archives_in, files_in, plan_prune};
-use vma_core::source::{copy_image, open_image, DiskImage};
+use vma_core::source::{copy_image, open_source, DiskImage, ImageFormat};
 use vma_core::stream::human_bytes;
 use vma_core::stream::ArchiveFormat;
 use vma_core::{
@@ -194,10 +195,13 @@ enum Command {
         /// becomes the new archive's parent.
         #[arg(long, value_name = "PARENT")]
         against: PathBuf,
-        /// Current disk images as [NAME=]PATH (raw, block device or qcow2);
-        /// NAME defaults to the file stem and matches a drive of PARENT.
-        #[arg(required = true, value_name = "[NAME=]IMAGE")]
+        /// Current disk images as [format=raw|qcow2:][NAME=]PATH; NAME
+        /// defaults to the file stem and matches a drive of PARENT. Without
+        /// a format, a file named *.qcow2 is qcow2, anything else raw.
+        #[arg(required = true, value_name = "[format=F:][NAME=]IMAGE")]
         images: Vec<String>,
+        #[command(flatten)]
+        sources: SourceArgs,
         /// The incremental archive to write, or `-` for standard output.
         #[arg(short, long, value_name = "ARCHIVE")]
         output: String,
@@ -250,14 +254,27 @@ impl OutputArgs {
     }
 }
 
+/// Options of every command that reads disk images.
+#[derive(clap::Args, Debug)]
+struct SourceArgs {
+    /// Also read qcow2 backing files inside DIR (repeatable); by default
+    /// only those inside the named image's own directory are read.
+    #[arg(long = "allow-backing", value_name = "DIR")]
+    allow_backing: Vec<PathBuf>,
+}
+
 /// Arguments of `vma create`.
 #[derive(clap::Args)]
 struct CreateArgs {
     /// Archive to write, or `-` for standard output.
     archive: String,
-    /// Disk images as [NAME=]PATH; NAME defaults to the file stem.
-    #[arg(required = true, value_name = "[NAME=]IMAGE")]
+    /// Disk images as [format=raw|qcow2:][NAME=]PATH; NAME defaults to
+    /// the file stem. Without a format, a block device is raw, a file
+    /// named *.qcow2 is qcow2, anything else raw (contents never decide).
+    #[arg(required = true, value_name = "[format=F:][NAME=]IMAGE")]
     images: Vec<String>,
+    #[command(flatten)]
+    sources: SourceArgs,
     /// Config blob as [NAME=]FILE; NAME defaults to the file name. Repeatable.
     #[arg(long = "config", value_name = "[NAME=]FILE")]
     configs: Vec<String>,
@@ -336,6 +353,18 @@ pub(crate) fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     let quiet = cli.quiet;
+    // Commands that write files remove their temporaries on SIGINT,
+    // SIGTERM and SIGHUP; capture cancels its jobs first.
+    match &cli.command {
+        Command::Create(_)
+        | Command::Extract { .. }
+        | Command::Convert { .. }
+        | Command::Diff { .. }
+        | Command::Merge { .. }
+        | Command::Prune { .. } => signals::install(signals::OnSignal::Exit),
+        Command::Capture(_) => signals::install(signals::OnSignal::Cancel(&capture::CANCEL)),
+        _ => {}
+    }
     match cli.command {
         Command::Create(args) => create(&args, quiet),
         Command::List {
@@ -400,6 +429,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Diff {
             against,
             images,
+            sources,
             output,
             parents,
             configs,
@@ -407,6 +437,7 @@ fn run(cli: Cli) -> Result<()> {
         } => diff(
             &against,
             &images,
+            &sources,
             &output,
             &parents,
             &configs,
@@ -442,6 +473,39 @@ fn run(cli: Cli) -> Result<()> {
             quiet,
         ),
     }
+}
+
+/// A disk image argument `[format=F:][NAME=]PATH`: its format when given
+/// (the prefix is the one of Proxmox's `vma` device maps), name and path.
+/// An argument that names an existing file as a whole is a path.
+fn image_arg(arg: &str) -> Result<(Option<ImageFormat>, String, PathBuf)> {
+    let mut format = None;
+    let mut rest = arg;
+    if !Path::new(arg).exists() {
+        if let Some((f, tail)) = arg
+            .strip_prefix("format=")
+            .and_then(|r| r.split_once(':'))
+            .filter(|(f, _)| !f.contains('/'))
+        {
+            format = Some(ImageFormat::parse(f).ok_or_else(|| {
+                anyhow!("{arg:?}: unknown image format {f:?} (formats: raw, qcow2)")
+            })?);
+            rest = tail;
+        }
+    }
+    let (name, path) = named_arg(rest, "drive", Path::file_stem)?;
+    Ok((format, name, path))
+}
+
+/// Open the disk image of argument `arg` (see [`image_arg`]) as a source,
+/// and print the warning it may come with.
+fn open_image_arg(arg: &str, sources: &SourceArgs) -> Result<(String, Box<dyn DiskImage>)> {
+    let (format, name, path) = image_arg(arg)?;
+    let opened = open_source(&path, format, &sources.allow_backing)?;
+    if let Some(w) = &opened.warning {
+        eprintln!("vma: warning: {w}");
+    }
+    Ok((name, opened.image))
 }
 
 /// Split `[NAME=]PATH`; the name part must be a valid name without `/`.
@@ -521,6 +585,7 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     let CreateArgs {
         archive,
         images: image_args,
+        sources,
         configs: config_args,
         output_options,
         format,
@@ -537,8 +602,7 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     let mut images = Vec::new();
     let mut drives = Vec::new();
     for (i, arg) in image_args.iter().enumerate() {
-        let (name, path) = named_arg(arg, "drive", Path::file_stem)?;
-        let image = open_image(&path)?;
+        let (name, image) = open_image_arg(arg, sources)?;
         drives.push(DriveInfo {
             id: DriveId(i as u8 + 1),
             name,
@@ -677,6 +741,11 @@ fn prune(
     if archives.is_empty() {
         bail!("no archives in {}", paths[0].display());
     }
+    if !dry_run {
+        for d in &dirs {
+            signals::clear_stale(d)?;
+        }
+    }
     let mut beside = Vec::new();
     for d in &dirs {
         beside.extend(files_in(d)?);
@@ -792,9 +861,11 @@ fn check_written(file: &File, threads: usize) -> Result<()> {
 /// `vma diff`: each image against the same-named drive of the chain ending
 /// at `against`; a drive PARENT lacks, or whose size changed, is stored in
 /// full.
+#[allow(clippy::too_many_arguments)]
 fn diff(
     against: &Path,
     image_args: &[String],
+    source_args: &SourceArgs,
     output: &str,
     parents: &[PathBuf],
     config_args: &[String],
@@ -823,8 +894,7 @@ fn diff(
     let mut drives = Vec::new();
     let mut sources = Vec::new();
     for (i, arg) in image_args.iter().enumerate() {
-        let (name, path) = named_arg(arg, "drive", Path::file_stem)?;
-        let image = open_image(&path)?;
+        let (name, image) = open_image_arg(arg, source_args)?;
         let base = chain
             .header()
             .drives
@@ -965,11 +1035,16 @@ fn write_archive_checked<T>(
         return Ok((result, out.1));
     }
     let dest = Path::new(archive);
-    if dest.exists() && !force {
-        bail!("{archive} exists; use --force to replace it");
+    signals::clear_stale(dest.parent().unwrap_or(Path::new(".")))?;
+    // Checked again, atomically, when the file is renamed into place.
+    if dest.symlink_metadata().is_ok() && !force {
+        return Err(vma_core::Error::Exists {
+            path: archive.to_string(),
+        }
+        .into());
     }
     let mut out = Counting(
-        BufWriter::with_capacity(1 << 20, AtomicFile::create(dest)?),
+        BufWriter::with_capacity(1 << 20, AtomicFile::create(dest)?.replacing(force)),
         0,
     );
     let result = body(&mut out)?;
@@ -1117,6 +1192,7 @@ fn extract_cmd(
     json: bool,
     quiet: bool,
 ) -> Result<()> {
+    signals::clear_stale(dir)?;
     let (stream, path, compression) = open_stream(archive)?;
     let ancestors = Chain::open_parent(stream.header(), path.as_deref(), parents)?;
     let total = match (&path, compression) {

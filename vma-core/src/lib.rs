@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod atomic;
 pub mod chain;
 pub mod convert;
 pub mod detect;
