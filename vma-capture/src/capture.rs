@@ -41,7 +41,7 @@ use crate::qga::{AgentError, GuestAgent};
 use crate::qmp::{self, action, DirtyBitmapAdd, JobStatus, QemuVersion, Qmp};
 
 /// Name of the config blob that records how an archive was captured.
-pub const CAPTURE_BLOB: &str = "vma-capture.json";
+pub const CAPTURE_BLOB: &str = vma_core::configs::CAPTURE_RECORD;
 
 /// Pieces waiting for the archive writer, at most (64 KiB each: 64 MiB).
 const QUEUE_PIECES: usize = 1024;
@@ -142,7 +142,8 @@ pub struct CaptureOptions {
     pub force: bool,
     /// Drives (empty: every device with a medium that `query-block` lists).
     pub drives: Vec<DriveSpec>,
-    /// Config blobs stored with the drives.
+    /// Config blobs stored with the drives (empty with a parent: the VM
+    /// configs of the parent's point in time).
     pub configs: Vec<ConfigBlob>,
     /// The archive whose checkpoints an incremental backup starts from.
     pub parent: Option<PathBuf>,
@@ -164,7 +165,8 @@ pub struct CaptureOptions {
     /// with this archive (the newest of a chain) and store what differs
     /// (see [`crate::live_diff`]).
     pub diff_against: Option<PathBuf>,
-    /// Where the ancestors of `diff_against` are, besides beside it.
+    /// Where the ancestors of `diff_against` (or of `parent`) are, besides
+    /// beside it.
     pub chain_parents: Vec<PathBuf>,
     /// QEMU's NBD server socket, if QEMU already runs one (`diff_against`
     /// exports its views there instead of starting the server).
@@ -281,7 +283,15 @@ pub fn capture(
     let qmp = Qmp::connect(&options.qmp)?;
     let cleared = crate::leftovers::clear(&qmp)?;
     let parent = options.parent.as_deref().map(read_parent).transpose()?;
-    let mut meta = ArchiveMeta::new(Vec::new(), options.configs.clone());
+    // The VM configs of the parent's point in time go forward unless new
+    // ones are given.
+    let configs = match options.parent.as_deref() {
+        Some(path) if options.configs.is_empty() => {
+            vma_core::configs::carried_from(path, &options.chain_parents)?
+        }
+        _ => options.configs.clone(),
+    };
+    let mut meta = ArchiveMeta::new(Vec::new(), configs);
     let uuid_hex = hex_uuid(&meta.uuid);
     let mut drives = find_drives(&qmp, &options.drives)?;
     for d in &mut drives {

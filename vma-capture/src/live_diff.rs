@@ -62,7 +62,14 @@ pub(crate) fn capture_by_diff(
     };
     let qmp = Qmp::connect(&options.qmp)?;
     let cleared = crate::leftovers::clear(&qmp)?;
-    let mut meta = ArchiveMeta::new(Vec::new(), options.configs.clone());
+    // The VM configs of the parent's point in time go forward unless new
+    // ones are given.
+    let configs = if options.configs.is_empty() {
+        chain.point_configs().vm_configs()
+    } else {
+        options.configs.clone()
+    };
+    let mut meta = ArchiveMeta::new(Vec::new(), configs);
     let uuid_hex = hex_uuid(&meta.uuid);
     let mut drives = find_drives(&qmp, &options.drives)?;
     let mut bases = Vec::new();

@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod chain;
+pub mod configs;
 pub mod convert;
 pub mod detect;
 pub mod diff;

@@ -17,10 +17,10 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::chain::answers_to;
+use crate::chain::{answers_to, Chain};
 use crate::detect::{detect, DetectedFormat, DETECT_LEN};
 use crate::error::{Error, Result};
-use crate::format::{Header, ParentRef};
+use crate::format::{ConfigBlob, Header, ParentRef};
 use crate::reader::Reader;
 use crate::stream::ArchiveStream;
 use crate::types::uuid_text;
@@ -55,6 +55,44 @@ impl PrunePlan {
             .iter()
             .all(|c| c.fold.is_none() && c.delete.is_empty())
     }
+}
+
+/// The config blobs of one kept point in time (an archive path).
+pub type PointConfigList = Vec<(PathBuf, Vec<ConfigBlob>)>;
+
+/// The config blobs of every point in time `plan` keeps (the fold and the
+/// kept archives), each resolved with its ancestors among `archives`.
+/// Taken before a prune changes anything, for [`check_configs_kept`].
+pub fn kept_point_configs(plan: &PrunePlan, archives: &[PathBuf]) -> Result<PointConfigList> {
+    let mut out = Vec::new();
+    for c in &plan.chains {
+        for path in c.fold.iter().chain(&c.keep) {
+            let chain = Chain::open(path, archives).map_err(|e| e.in_archive(path))?;
+            out.push((path.clone(), chain.point_configs().blobs()));
+        }
+    }
+    Ok(out)
+}
+
+/// Refuse, after the folds were written and before anything is deleted,
+/// if a kept point in time would lose a config blob: each must have the
+/// same configs when resolved among `remaining` (the archives that stay)
+/// as it had before (`before`, from [`kept_point_configs`]).
+pub fn check_configs_kept(before: &PointConfigList, remaining: &[PathBuf]) -> Result<()> {
+    for (path, configs) in before {
+        let chain = Chain::open(path, remaining).map_err(|e| e.in_archive(path))?;
+        let now = chain.point_configs().blobs();
+        for c in configs {
+            if !now.iter().any(|n| n == c) {
+                return Err(Error::Invalid(format!(
+                    "{}: its point in time would lose the config {:?}, whose only copy is in an archive this prune would delete; nothing was deleted",
+                    path.display(),
+                    c.name
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The archives of directory `dir` a prune works on: every file that is a
