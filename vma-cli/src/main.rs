@@ -264,8 +264,10 @@ impl OutputArgs {
 struct CreateArgs {
     /// Archive to write, or `-` for standard output.
     archive: String,
-    /// Disk images as [NAME=]PATH; NAME defaults to the file stem.
-    #[arg(required = true, value_name = "[NAME=]IMAGE")]
+    /// Disk images as [NAME=]PATH; NAME defaults to the file stem. With
+    /// `--format vma1` there may be none (a config-only archive, as
+    /// Proxmox's `vma create` writes without drives).
+    #[arg(value_name = "[NAME=]IMAGE")]
     images: Vec<String>,
     /// Config blob as [NAME=]FILE; NAME defaults to the file name. Repeatable.
     #[arg(long = "config", value_name = "[NAME=]FILE")]
@@ -561,9 +563,17 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
         drives.iter().map(|d| d.name.as_str()),
         configs.iter().map(|c| c.name.as_str()),
     )?;
+    let vma1 = format == OutputFormat::Vma1;
+    if drives.is_empty() && (!vma1 || configs.is_empty()) {
+        bail!(
+            "give at least one disk image (only a VMA v1 archive, --format vma1, may hold configs alone)"
+        );
+    }
+    if vma1 {
+        note_v1_sizes(&drives, quiet);
+    }
     let meta = ArchiveMeta::new(drives.clone(), configs);
     let total: u64 = drives.iter().map(|d| d.size).sum();
-    let vma1 = format == OutputFormat::Vma1;
     let stored = archive_images(
         archive, force, meta, vma1, &options, &images, "create", quiet,
     )?;
@@ -577,6 +587,20 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Say which drives a VMA v1 archive stores with a size rounded up to
+/// whole 512-byte sectors (see `vma_core::format_v1::stored_size`).
+fn note_v1_sizes(drives: &[DriveInfo], quiet: bool) {
+    for d in drives {
+        let stored = vma_core::format_v1::stored_size(d.size);
+        if stored != d.size && !quiet {
+            eprintln!(
+                "vma: drive {} is {} bytes, not whole 512-byte sectors: VMA v1 stores it as {stored} bytes (a zero tail), as QEMU presents it",
+                d.name, d.size
+            );
+        }
+    }
 }
 
 /// `vma merge`: the chain's newest point in time as a synthetic full,
@@ -1023,6 +1047,13 @@ fn convert(
     let (threads, force) = (output_options.threads, output_options.force);
     let (stream, path, stream_compression) = open_stream(input)?;
     let header = stream.header().clone();
+    if format == OutputFormat::Vma1 {
+        note_v1_sizes(&header.drives, quiet);
+    } else if header.drives.is_empty() {
+        bail!(
+            "{input} holds configs only (no drives), and a native archive needs at least one drive: read the configs with `vma config` or `vma extract`, or convert with --format vma1"
+        );
+    }
     let meta = ArchiveMeta {
         uuid: header.uuid,
         ctime: header.ctime,
