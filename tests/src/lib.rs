@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+pub mod proxmox_vma;
+
 /// Path of the `vma` binary built by `cargo build` (or `$VMA_BIN`).
 pub fn vma_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("VMA_BIN") {

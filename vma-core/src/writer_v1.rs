@@ -224,3 +224,55 @@ impl<W: Write> ClusterWriter for V1Writer<W> {
         Ok(()) // VMA v1 has no place for it.
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::CLUSTER_SIZE;
+
+    fn drive(name: &str, size: u64) -> DriveInfo {
+        DriveInfo {
+            id: DriveId(1),
+            name: name.into(),
+            size,
+        }
+    }
+
+    /// Proxmox's reader takes the vmstate device only in order.
+    #[test]
+    fn vmstate_must_come_in_order() {
+        let size = 3 * CLUSTER_SIZE as u64;
+        let mut w = V1Writer::new(Vec::new(), [1; 16], 0, vec![drive("vmstate", size)], vec![])
+            .unwrap();
+        let e = w
+            .write_cluster(DriveId(1), ClusterNo(1), &[7; CLUSTER_SIZE])
+            .unwrap_err();
+        assert!(e.to_string().contains("only in order"), "{e}");
+        w.write_cluster(DriveId(1), ClusterNo(0), &[7; CLUSTER_SIZE])
+            .unwrap();
+        w.write_zeros(DriveId(1), 1..3).unwrap();
+        w.finish().unwrap();
+        // Any other drive may come in any order.
+        let mut w = V1Writer::new(Vec::new(), [1; 16], 0, vec![drive("disk", size)], vec![])
+            .unwrap();
+        w.write_zeros(DriveId(1), 2..3).unwrap();
+        w.write_zeros(DriveId(1), 0..2).unwrap();
+        w.finish().unwrap();
+    }
+
+    /// Sizes are stored in whole sectors; clusters are cut by the size given.
+    #[test]
+    fn odd_sizes_are_stored_in_whole_sectors() {
+        let mut w = V1Writer::new(Vec::new(), [1; 16], 0, vec![drive("d", 1000)], vec![]).unwrap();
+        w.write_cluster(DriveId(1), ClusterNo(0), &[9; 1000]).unwrap();
+        let out = w.finish().unwrap();
+        let len = u32::from_be_bytes(out[56..60].try_into().unwrap()) as usize;
+        let h = V1Header::decode(&out[..len]).unwrap();
+        assert_eq!(h.drives[0].size, 1024);
+        // One extent: one 4 KiB block, its bytes past 1000 zero.
+        let data = &out[len + 512..];
+        assert_eq!(data.len(), 4096);
+        assert!(data[..1000].iter().all(|&b| b == 9));
+        assert!(data[1000..].iter().all(|&b| b == 0));
+    }
+}
