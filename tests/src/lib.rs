@@ -280,10 +280,11 @@ impl Drop for SmallFs {
     }
 }
 
-/// Rewrite the native archive `src` as `dst` without its config blobs,
-/// keeping its uuid, time, drives, parent and stored extents (with valid
-/// digests throughout): an incremental archive as `vma diff` and
-/// `vma capture` wrote them before configs were carried forward.
+/// Rewrite the native archive `src` as `dst` without its VM config blobs
+/// (a capture record, `vma-capture.json`, stays), keeping its uuid, time,
+/// drives, parent and stored extents (with valid digests throughout): an
+/// incremental archive as `vma diff` and `vma capture` wrote them before
+/// configs were carried forward.
 pub fn without_configs(src: &Path, dst: &Path) {
     use vma_core::{ArchiveMeta, ArchiveStream, PassOptions, Writer, WriterOptions};
     let file = std::fs::File::open(src).unwrap();
@@ -294,7 +295,12 @@ pub fn without_configs(src: &Path, dst: &Path) {
         ctime: h.ctime,
         creator: h.creator.clone(),
         drives: h.drives.clone(),
-        configs: Vec::new(),
+        configs: h
+            .configs
+            .iter()
+            .filter(|c| c.name == "vma-capture.json")
+            .cloned()
+            .collect(),
         parent: h.parent,
         stands_for: h.stands_for.clone(),
     };
