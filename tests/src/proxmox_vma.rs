@@ -202,7 +202,8 @@ pub fn restore(archive: &[u8]) -> Result<Restored, String> {
             continue;
         }
         let per_long = (CLUSTER_SIZE / SECTOR) * BITS_PER_LONG;
-        let bitmap_size = (size / SECTOR + per_long - 1) / per_long;
+        // `(size / 512 + 128 * 64 - 1) / (128 * 64)` longs.
+        let bitmap_size = (size / SECTOR).div_ceil(per_long);
         rstate[i] = Some(RestoreState {
             bitmap: vec![0; bitmap_size as usize],
             size: *size,

@@ -16,9 +16,7 @@ use serde_json::json;
 use vma_capture::qmp::Qmp;
 use vma_core::format::{RunKind, CLUSTER_SIZE};
 use vma_core::{DriveId, Reader};
-use vma_tests::{
-    code, noise, require, stderr, stdout, vma, vma_bin, without_configs, SmallFs,
-};
+use vma_tests::{code, noise, require, stderr, stdout, vma, vma_bin, without_configs, SmallFs};
 
 const CS: u64 = CLUSTER_SIZE as u64;
 
@@ -1870,7 +1868,12 @@ fn incremental_captures_carry_the_vm_config_forward() {
     run_capture(
         &d,
         &inc1,
-        &["--drive", "disk0", "--incremental-from", full.to_str().unwrap()],
+        &[
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            full.to_str().unwrap(),
+        ],
     );
     assert_eq!(stored(&inc1), ["qemu-server.conf", "vma-capture.json"]);
     assert_eq!(config(&inc1, "qemu-server.conf"), b"cores: 4\n");
@@ -1892,7 +1895,12 @@ fn incremental_captures_carry_the_vm_config_forward() {
     run_capture(
         &d,
         &inc2,
-        &["--drive", "disk0", "--incremental-from", inc1.to_str().unwrap()],
+        &[
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            inc1.to_str().unwrap(),
+        ],
     );
     assert_eq!(stored(&inc2), ["qemu-server.conf", "vma-capture.json"]);
     assert_eq!(config(&inc2, "qemu-server.conf"), b"cores: 4\n");
@@ -1936,7 +1944,15 @@ fn incremental_captures_carry_the_vm_config_forward() {
     assert_eq!(config(&inc4, "qemu-server.conf"), b"cores: 8\n");
     // The restored point in time has its configs.
     let out = dir.path().join("x");
-    let o = vma(&["extract", "-q", inc4.to_str().unwrap(), out.to_str().unwrap()]);
+    let o = vma(&[
+        "extract",
+        "-q",
+        inc4.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert_eq!(std::fs::read(out.join("qemu-server.conf")).unwrap(), b"cores: 8\n");
+    assert_eq!(
+        std::fs::read(out.join("qemu-server.conf")).unwrap(),
+        b"cores: 8\n"
+    );
 }

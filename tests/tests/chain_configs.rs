@@ -87,7 +87,7 @@ fn old_style_chain(dir: &Path, n: usize) -> Vec<(PathBuf, Vec<u8>)> {
         let inc = dir.join(format!("inc{i}.vma"));
         without_configs(&made, &inc);
         std::fs::remove_file(&made).unwrap();
-        assert_eq!(list_json(&[p(&inc)])["parent"].is_object(), true);
+        assert!(list_json(&[p(&inc)])["parent"].is_object());
         points.push((inc, std::fs::read(&image).unwrap()));
     }
     points
@@ -202,7 +202,10 @@ fn every_point_of_an_old_style_chain_has_the_configs_of_its_ancestor() {
     let doc: Value = serde_json::from_slice(&piped.stdout).unwrap();
     assert!(doc["configs"].as_array().unwrap().is_empty());
     assert!(
-        doc["configs_problem"].as_str().unwrap().contains("--parent"),
+        doc["configs_problem"]
+            .as_str()
+            .unwrap()
+            .contains("--parent"),
         "{doc}"
     );
     let o = sh(&format!("cat {} | \"$VMA\" config -", p(inc2)));
@@ -229,7 +232,10 @@ fn every_point_of_an_old_style_chain_has_the_configs_of_its_ancestor() {
             .iter()
             .map(|c| (c.0.as_str(), c.1.as_str()))
             .collect::<Vec<_>>(),
-        [("qemu-server.conf", "archive"), ("qemu-server.fw", "archive")]
+        [
+            ("qemu-server.conf", "archive"),
+            ("qemu-server.fw", "archive")
+        ]
     );
     assert_eq!(ok(&["config", p(&merged), "qemu-server.fw"]).as_bytes(), FW);
 

@@ -22,12 +22,8 @@ fn ok(args: &[&str]) -> String {
 
 /// What Proxmox's reader makes of `archive`, which it must accept.
 fn accepted(archive: &Path) -> Restored {
-    restore(&std::fs::read(archive).unwrap()).unwrap_or_else(|e| {
-        panic!(
-            "Proxmox's reader rejects {}: {e}",
-            archive.display()
-        )
-    })
+    restore(&std::fs::read(archive).unwrap())
+        .unwrap_or_else(|e| panic!("Proxmox's reader rejects {}: {e}", archive.display()))
 }
 
 /// `bytes` with a zero tail up to whole 512-byte sectors.
@@ -164,7 +160,10 @@ fn the_header_is_sized_as_proxmox_writer_sizes_it() {
     let big = vec![b'b'; 65_535];
     let cases: Vec<Vec<(&str, Vec<u8>)>> = vec![
         vec![("qemu-server.conf", small.clone())],
-        vec![("qemu-server.conf", small.clone()), ("qemu-server.fw", fw.clone())],
+        vec![
+            ("qemu-server.conf", small.clone()),
+            ("qemu-server.fw", fw.clone()),
+        ],
         vec![
             ("qemu-server.conf", small.clone()),
             ("big.conf", big.clone()),
@@ -193,13 +192,15 @@ fn the_header_is_sized_as_proxmox_writer_sizes_it() {
         let ours = std::fs::read(t.path().join(format!("{i}.vma"))).unwrap();
         let uuid: [u8; 16] = ours[8..24].try_into().unwrap();
         let ctime = u64::from_be_bytes(ours[24..32].try_into().unwrap());
-        let configs: Vec<(&str, &[u8])> =
-            configs.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+        let configs: Vec<(&str, &[u8])> = configs.iter().map(|(n, d)| (*n, d.as_slice())).collect();
         let theirs = writer_header(
             &uuid,
             ctime,
             &configs,
-            &[(1, "drive-scsi0", 3 * 65_536), (2, "drive-efidisk0", 3 * 65_536)],
+            &[
+                (1, "drive-scsi0", 3 * 65_536),
+                (2, "drive-efidisk0", 3 * 65_536),
+            ],
         )
         .unwrap();
         assert_eq!(
@@ -207,7 +208,10 @@ fn the_header_is_sized_as_proxmox_writer_sizes_it() {
             theirs[56..60],
             "case {i}: header size differs from Proxmox's writer"
         );
-        assert!(ours[..theirs.len()] == theirs[..], "case {i}: header bytes differ");
+        assert!(
+            ours[..theirs.len()] == theirs[..],
+            "case {i}: header bytes differ"
+        );
         let r = accepted(&t.path().join(format!("{i}.vma")));
         check_extents(&r);
     }
@@ -315,13 +319,24 @@ fn config_only_archives_are_read_everywhere() {
     let conf = t.path().join("qemu-server.conf");
     std::fs::write(&conf, CONF).unwrap();
     let made = t.path().join("made.vma");
-    ok(&["create", "--quiet", "--format", "vma1", p(&made), "--config", p(&conf)]);
+    ok(&[
+        "create",
+        "--quiet",
+        "--format",
+        "vma1",
+        p(&made),
+        "--config",
+        p(&conf),
+    ]);
     let ours = std::fs::read(&made).unwrap();
     let uuid: [u8; 16] = ours[8..24].try_into().unwrap();
     let ctime = u64::from_be_bytes(ours[24..32].try_into().unwrap());
     let mut theirs = writer_header(&uuid, ctime, &[("qemu-server.conf", CONF)], &[]).unwrap();
     theirs.extend(empty_extent(&uuid));
-    assert!(ours == theirs, "config-only archive differs from Proxmox's layout");
+    assert!(
+        ours == theirs,
+        "config-only archive differs from Proxmox's layout"
+    );
     // The mount shows the configs and archive.json.
     let m = Mounted::new(&arc, &t.path().join("mnt"), &[]);
     let listed: Vec<String> = std::fs::read_dir(t.path().join("mnt"))

@@ -31,9 +31,7 @@ use vma_core::diff::diff_or_copy;
 use vma_core::extract::{check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions};
 use vma_core::format::{check_name, limits};
 use vma_core::merge::{merge_chain, synthetic_meta, MergeOptions};
-use vma_core::prune::{
-    archives_in, check_configs_kept, files_in, kept_point_configs, plan_prune,
-};
+use vma_core::prune::{archives_in, check_configs_kept, files_in, kept_point_configs, plan_prune};
 use vma_core::source::{copy_image, open_image, DiskImage};
 use vma_core::stream::human_bytes;
 use vma_core::stream::ArchiveFormat;

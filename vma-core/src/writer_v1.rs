@@ -242,8 +242,8 @@ mod tests {
     #[test]
     fn vmstate_must_come_in_order() {
         let size = 3 * CLUSTER_SIZE as u64;
-        let mut w = V1Writer::new(Vec::new(), [1; 16], 0, vec![drive("vmstate", size)], vec![])
-            .unwrap();
+        let mut w =
+            V1Writer::new(Vec::new(), [1; 16], 0, vec![drive("vmstate", size)], vec![]).unwrap();
         let e = w
             .write_cluster(DriveId(1), ClusterNo(1), &[7; CLUSTER_SIZE])
             .unwrap_err();
@@ -253,8 +253,8 @@ mod tests {
         w.write_zeros(DriveId(1), 1..3).unwrap();
         w.finish().unwrap();
         // Any other drive may come in any order.
-        let mut w = V1Writer::new(Vec::new(), [1; 16], 0, vec![drive("disk", size)], vec![])
-            .unwrap();
+        let mut w =
+            V1Writer::new(Vec::new(), [1; 16], 0, vec![drive("disk", size)], vec![]).unwrap();
         w.write_zeros(DriveId(1), 2..3).unwrap();
         w.write_zeros(DriveId(1), 0..2).unwrap();
         w.finish().unwrap();
@@ -264,7 +264,8 @@ mod tests {
     #[test]
     fn odd_sizes_are_stored_in_whole_sectors() {
         let mut w = V1Writer::new(Vec::new(), [1; 16], 0, vec![drive("d", 1000)], vec![]).unwrap();
-        w.write_cluster(DriveId(1), ClusterNo(0), &[9; 1000]).unwrap();
+        w.write_cluster(DriveId(1), ClusterNo(0), &[9; 1000])
+            .unwrap();
         let out = w.finish().unwrap();
         let len = u32::from_be_bytes(out[56..60].try_into().unwrap()) as usize;
         let h = V1Header::decode(&out[..len]).unwrap();

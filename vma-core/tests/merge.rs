@@ -15,9 +15,7 @@ use vma_core::merge::{merge_chain, synthetic_meta, MergeOptions, MergeSummary};
 use vma_core::reader::Reader;
 use vma_core::stream::{ArchiveStream, DriveDigestCheck};
 use vma_core::types::{clusters_for, ClusterNo};
-use vma_core::{
-    ArchiveMeta, Compression, ConfigBlob, DriveId, DriveInfo, Writer, WriterOptions,
-};
+use vma_core::{ArchiveMeta, Compression, ConfigBlob, DriveId, DriveInfo, Writer, WriterOptions};
 
 const CS: u64 = CLUSTER_SIZE as u64;
 
