@@ -185,19 +185,19 @@ fn every_point_of_an_old_style_chain_has_the_configs_of_its_ancestor() {
         text.contains(&format!("from ancestor {}", full_uuid.as_str().unwrap())),
         "{text}"
     );
-    // From a pipe, the ancestors are given with --parent; without them
+    // From standard input, the ancestors are given with --parent; without them
     // list says what is missing and config refuses.
     let piped = sh(&format!(
-        "cat {} | \"$VMA\" list --json --parent {} --parent {} -",
-        p(inc2),
+        "\"$VMA\" list --json --parent {} --parent {} - < {}",
         p(&points[1].0),
-        p(full)
+        p(full),
+        p(inc2)
     ));
     assert_eq!(code(&piped), 0, "{}", stderr(&piped));
     let doc: Value = serde_json::from_slice(&piped.stdout).unwrap();
     assert_eq!(sources(&doc).len(), 2);
     assert_eq!(doc["configs"][1]["source"], "ancestor");
-    let piped = sh(&format!("cat {} | \"$VMA\" list --json -", p(inc2)));
+    let piped = sh(&format!("\"$VMA\" list --json - < {}", p(inc2)));
     assert_eq!(code(&piped), 0, "{}", stderr(&piped));
     let doc: Value = serde_json::from_slice(&piped.stdout).unwrap();
     assert!(doc["configs"].as_array().unwrap().is_empty());
@@ -208,7 +208,7 @@ fn every_point_of_an_old_style_chain_has_the_configs_of_its_ancestor() {
             .contains("--parent"),
         "{doc}"
     );
-    let o = sh(&format!("cat {} | \"$VMA\" config -", p(inc2)));
+    let o = sh(&format!("\"$VMA\" config - < {}", p(inc2)));
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("--parent"), "{}", stderr(&o));
 
