@@ -170,6 +170,7 @@ pub(crate) fn list_json(opened: &Opened, reader: Option<&Reader>, configs: &Poin
         "archive_digest": reader.and_then(|r| r.footer()).map(|f| hex::encode(f.archive_digest)),
         "drives": drives,
         "configs": configs,
+        "configs_problem": null,
     })
 }
 
@@ -201,7 +202,9 @@ pub(crate) fn list(archive: &str, json_out: bool, chain: bool, parents: &[PathBu
     let path = (archive != "-").then(|| Path::new(archive));
     let (configs, configs_problem) = listed_configs(&opened.header, path, parents);
     let mut doc = list_json(&opened, opened.reader.as_ref(), &configs);
-    doc["configs_problem"] = json!(configs_problem);
+    if let Some(problem) = configs_problem {
+        doc["configs_problem"] = json!(problem);
+    }
     if chain {
         if archive == "-" {
             anyhow::bail!("--chain needs an archive file, not standard input");
