@@ -794,7 +794,7 @@ fn prune(
             })?;
         }
     }
-    check_configs_kept(&configs_before, &remaining)?;
+    check_configs_kept(&plan, &configs_before, &remaining)?;
     for c in &plan.chains {
         for d in &c.delete {
             std::fs::remove_file(d).with_context(|| format!("deleting {}", d.display()))?;

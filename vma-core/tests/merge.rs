@@ -589,10 +589,10 @@ fn configs_of_every_point_survive_merge_and_prune() {
     let lost = write_fold(false);
     let kept = write_fold(true);
     std::fs::rename(&lost, at("c2")).unwrap();
-    let e = check_configs_kept(&before, &remaining).unwrap_err();
+    let e = check_configs_kept(&plan, &before, &remaining).unwrap_err();
     assert!(e.to_string().contains("qemu-server.conf"), "{e}");
     std::fs::rename(&kept, at("c2")).unwrap();
-    check_configs_kept(&before, &remaining).unwrap();
+    check_configs_kept(&plan, &before, &remaining).unwrap();
     let c3 = Chain::open(&at("c3"), &remaining).unwrap();
     assert_eq!(c3.point_configs().blobs(), vec![conf]);
 }
