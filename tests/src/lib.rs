@@ -7,6 +7,7 @@ use std::process::{Command, Output, Stdio};
 pub mod garage;
 pub mod guest;
 pub mod moto;
+pub mod proxmox_vma;
 pub mod s3;
 pub mod service;
 
@@ -273,4 +274,50 @@ impl Drop for SmallFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
+}
+
+/// Rewrite the native archive `src` as `dst` without its VM config blobs
+/// (a capture record, `vma-capture.json`, stays), keeping its uuid, time,
+/// drives, parent and stored extents (with valid digests throughout): an
+/// incremental archive as `vma diff` and `vma capture` wrote them before
+/// configs were carried forward.
+pub fn without_configs(src: &Path, dst: &Path) {
+    use vma_core::{ArchiveMeta, ArchiveStream, PassOptions, Writer, WriterOptions};
+    let file = std::fs::File::open(src).unwrap();
+    let stream = ArchiveStream::open(file, &src.display().to_string()).unwrap();
+    let h = stream.header().clone();
+    let meta = ArchiveMeta {
+        uuid: h.uuid,
+        ctime: h.ctime,
+        creator: h.creator.clone(),
+        drives: h.drives.clone(),
+        configs: h
+            .configs
+            .iter()
+            .filter(|c| c.name == "vma-capture.json")
+            .cloned()
+            .collect(),
+        parent: h.parent,
+        stands_for: h.stands_for.clone(),
+    };
+    let options = WriterOptions {
+        compression: match h.compression.codec {
+            vma_core::format::Codec::None => vma_core::Compression::None,
+            vma_core::format::Codec::Zstd => {
+                vma_core::Compression::Zstd(h.compression.level as i32)
+            }
+        },
+        ..Default::default()
+    };
+    let out = std::fs::File::create(dst).unwrap();
+    let mut w = Writer::new(out, meta, &options).unwrap();
+    let report = stream
+        .pass_stored(&PassOptions::default(), |ext| w.append_stored(ext))
+        .unwrap();
+    for record in report.index.iter().flat_map(|i| &i.drives) {
+        if let Some(digest) = record.digest {
+            w.set_drive_digest(record.drive, digest).unwrap();
+        }
+    }
+    w.finish().unwrap();
 }

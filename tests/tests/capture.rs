@@ -20,7 +20,7 @@ use vma_capture::qmp::{
 };
 use vma_core::format::{RunKind, CLUSTER_SIZE};
 use vma_core::{DriveId, Reader};
-use vma_tests::{code, noise, require, stderr, vma, vma_bin, SmallFs};
+use vma_tests::{code, noise, require, stderr, stdout, vma, vma_bin, without_configs, SmallFs};
 
 const CS: u64 = CLUSTER_SIZE as u64;
 
@@ -1868,4 +1868,133 @@ fn qemu_logs_nothing_of_a_capture_but_its_cluster_size_notice() {
     // One notice per backup job at most (the fleecing job's target is a
     // qcow2 scratch image, which reports its cluster size).
     assert!(notices <= 2, "{text}");
+}
+
+/// Incremental captures carry the VM configs of their parent's point in
+/// time (also when the parent, written before configs were carried, stores
+/// none itself) unless new ones are given; the capture record stays each
+/// capture's own.
+#[test]
+fn incremental_captures_carry_the_vm_config_forward() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("qemu-server.conf");
+    std::fs::write(&conf, b"cores: 4\n").unwrap();
+    let (d, full) = one_disk_with_full(
+        dir.path(),
+        21,
+        &["--drive", "disk0", "--config", conf.to_str().unwrap()],
+    );
+    let config = |archive: &Path, name: &str| {
+        let o = vma(&["config", archive.to_str().unwrap(), name]);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        o.stdout
+    };
+    let names = |archive: &Path| {
+        let o = vma(&["config", "--list", archive.to_str().unwrap()]);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        stdout(&o)
+    };
+    let stored = |archive: &Path| {
+        let r = Reader::open(archive).unwrap();
+        r.header()
+            .configs
+            .iter()
+            .map(|c| c.name.clone())
+            .collect::<Vec<_>>()
+    };
+
+    // --incremental-from: the parent's configs, stored in the new archive.
+    d.guest_write("disk0", 3 * CS, CS, 0x51);
+    let inc1 = dir.path().join("inc1.vma");
+    run_capture(
+        &d,
+        &inc1,
+        &[
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            full.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(stored(&inc1), ["qemu-server.conf", "vma-capture.json"]);
+    assert_eq!(config(&inc1, "qemu-server.conf"), b"cores: 4\n");
+    assert_ne!(
+        config(&inc1, "vma-capture.json"),
+        config(&full, "vma-capture.json"),
+        "the capture record is the capture's own"
+    );
+
+    // A parent that stores no VM config (as incrementals were written
+    // before): its ancestor's configs go forward.
+    let old = dir.path().join("old.vma");
+    without_configs(&inc1, &old);
+    std::fs::rename(&old, &inc1).unwrap();
+    assert_eq!(stored(&inc1), ["vma-capture.json"]);
+    assert_eq!(names(&inc1), "qemu-server.conf\nvma-capture.json\n");
+    d.guest_write("disk0", 5 * CS, CS, 0x52);
+    let inc2 = dir.path().join("inc2.vma");
+    run_capture(
+        &d,
+        &inc2,
+        &[
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            inc1.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(stored(&inc2), ["qemu-server.conf", "vma-capture.json"]);
+    assert_eq!(config(&inc2, "qemu-server.conf"), b"cores: 4\n");
+
+    // --diff-against: new configs replace them; without, they go forward.
+    let new = dir.path().join("new.conf");
+    std::fs::write(&new, b"cores: 8\n").unwrap();
+    d.guest_write("disk0", 7 * CS, CS, 0x53);
+    let inc3 = dir.path().join("inc3.vma");
+    run_capture(
+        &d,
+        &inc3,
+        &[
+            "--drive",
+            "disk0",
+            "--diff-against",
+            inc2.to_str().unwrap(),
+            "--qemu-nbd-socket",
+            d.guest_socket().to_str().unwrap(),
+            "--config",
+            &format!("qemu-server.conf={}", new.display()),
+        ],
+    );
+    assert_eq!(stored(&inc3), ["qemu-server.conf", "vma-capture.json"]);
+    assert_eq!(config(&inc3, "qemu-server.conf"), b"cores: 8\n");
+    d.guest_write("disk0", 9 * CS, CS, 0x54);
+    let inc4 = dir.path().join("inc4.vma");
+    run_capture(
+        &d,
+        &inc4,
+        &[
+            "--drive",
+            "disk0",
+            "--diff-against",
+            inc3.to_str().unwrap(),
+            "--qemu-nbd-socket",
+            d.guest_socket().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(stored(&inc4), ["qemu-server.conf", "vma-capture.json"]);
+    assert_eq!(config(&inc4, "qemu-server.conf"), b"cores: 8\n");
+    // The restored point in time has its configs.
+    let out = dir.path().join("x");
+    let o = vma(&[
+        "extract",
+        "-q",
+        inc4.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(out.join("qemu-server.conf")).unwrap(),
+        b"cores: 8\n"
+    );
 }

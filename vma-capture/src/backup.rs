@@ -52,7 +52,15 @@ pub(crate) fn capture_by_backup(
 ) -> Result<CaptureSummary> {
     let (qmp, cleared) = session::connect(options)?;
     let parent = options.parent.as_deref().map(read_parent).transpose()?;
-    let mut meta = ArchiveMeta::new(Vec::new(), options.configs.clone());
+    // The VM configs of the parent's point in time go forward unless new
+    // ones are given.
+    let configs = match options.parent.as_deref() {
+        Some(path) if options.configs.is_empty() => {
+            vma_core::configs::carried_from(path, &options.chain_parents)?
+        }
+        _ => options.configs.clone(),
+    };
+    let mut meta = ArchiveMeta::new(Vec::new(), configs);
     let mut drives = find_drives(&qmp, &options.drives)?;
     let uuid_hex = session::name_checkpoints(&mut drives, &meta);
     if let Some((_, record)) = &parent {

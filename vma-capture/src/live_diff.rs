@@ -61,7 +61,14 @@ pub(crate) fn capture_by_diff(
         digest: footer.archive_digest,
     };
     let (qmp, cleared) = session::connect(options)?;
-    let mut meta = ArchiveMeta::new(Vec::new(), options.configs.clone());
+    // The VM configs of the parent's point in time go forward unless new
+    // ones are given.
+    let configs = if options.configs.is_empty() {
+        chain.point_configs().vm_configs()
+    } else {
+        options.configs.clone()
+    };
+    let mut meta = ArchiveMeta::new(Vec::new(), configs);
     let mut drives = find_drives(&qmp, &options.drives)?;
     let uuid_hex = session::name_checkpoints(&mut drives, &meta);
     let mut bases = Vec::new();

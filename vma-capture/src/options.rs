@@ -58,7 +58,8 @@ pub struct CaptureOptions {
     pub force: bool,
     /// Drives (empty: every device with a medium that `query-block` lists).
     pub drives: Vec<DriveSpec>,
-    /// Config blobs stored with the drives.
+    /// Config blobs stored with the drives (empty with a parent: the VM
+    /// configs of the parent's point in time).
     pub configs: Vec<ConfigBlob>,
     /// The archive whose checkpoints an incremental backup starts from.
     pub parent: Option<PathBuf>,
@@ -80,7 +81,8 @@ pub struct CaptureOptions {
     /// with this archive (the newest of a chain) and store what differs
     /// (see [`crate::live_diff`]).
     pub diff_against: Option<PathBuf>,
-    /// Where the ancestors of `diff_against` are, besides beside it.
+    /// Where the ancestors of `diff_against` (or of `parent`) are, besides
+    /// beside it.
     pub chain_parents: Vec<PathBuf>,
     /// QEMU's NBD server socket, if QEMU already runs one (`diff_against`
     /// exports its views there instead of starting the server).

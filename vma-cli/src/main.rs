@@ -32,7 +32,7 @@ use vma_core::diff::diff_or_copy;
 use vma_core::extract::{check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions};
 use vma_core::format::{check_name, limits};
 use vma_core::merge::{merge_chain, synthetic_meta, MergeOptions};
-use vma_core::prune::{archives_in, files_in, plan_prune};
+use vma_core::prune::{archives_in, check_configs_kept, files_in, kept_point_configs, plan_prune};
 use vma_core::source::{copy_image, open_source, DiskImage, ImageFormat};
 use vma_core::stream::human_bytes;
 use vma_core::stream::ArchiveFormat;
@@ -68,8 +68,9 @@ enum Command {
         /// Also list the chain of ancestors of an incremental archive.
         #[arg(long)]
         chain: bool,
-        /// An ancestor (repeatable), for `--chain`; by default they are
-        /// looked for beside the archive, by uuid.
+        /// An ancestor (repeatable), for `--chain` and for the configs of
+        /// an incremental archive that stores none itself; by default they
+        /// are looked for beside the archive, by uuid.
         #[arg(long = "parent", value_name = "PATH")]
         parents: Vec<PathBuf>,
     },
@@ -82,6 +83,11 @@ enum Command {
         /// Print the config names instead.
         #[arg(long)]
         list: bool,
+        /// An ancestor of an incremental archive that stores no VM config
+        /// itself (repeatable); by default they are looked for beside the
+        /// archive, by uuid.
+        #[arg(long = "parent", value_name = "PATH")]
+        parents: Vec<PathBuf>,
     },
     /// Check every structure, digest and cluster of an archive.
     Verify {
@@ -209,7 +215,8 @@ enum Command {
         /// for beside it, by uuid.
         #[arg(long = "parent", value_name = "PATH")]
         parents: Vec<PathBuf>,
-        /// Config blob as [NAME=]FILE (repeatable).
+        /// Config blob as [NAME=]FILE (repeatable; default: the VM configs
+        /// of PARENT's point in time, carried forward).
         #[arg(long = "config", value_name = "[NAME=]FILE")]
         configs: Vec<String>,
         #[command(flatten)]
@@ -271,7 +278,9 @@ struct CreateArgs {
     /// Disk images as [format=raw|qcow2:][NAME=]PATH; NAME defaults to
     /// the file stem. Without a format, a block device is raw, a file
     /// named *.qcow2 is qcow2, anything else raw (contents never decide).
-    #[arg(required = true, value_name = "[format=F:][NAME=]IMAGE")]
+    /// With `--format vma1` there may be none (a config-only archive, as
+    /// Proxmox's `vma create` writes without drives).
+    #[arg(value_name = "[format=F:][NAME=]IMAGE")]
     images: Vec<String>,
     #[command(flatten)]
     sources: SourceArgs,
@@ -372,12 +381,13 @@ fn run(cli: Cli) -> Result<()> {
             json,
             chain,
             parents,
-        } => output::list(&archive, json, chain.then_some(&parents[..])),
+        } => output::list(&archive, json, chain, &parents),
         Command::Config {
             archive,
             name,
             list,
-        } => config(&archive, name.as_deref(), list),
+            parents,
+        } => config(&archive, name.as_deref(), list, &parents),
         Command::Verify {
             archive,
             json,
@@ -615,9 +625,17 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
         drives.iter().map(|d| d.name.as_str()),
         configs.iter().map(|c| c.name.as_str()),
     )?;
+    let vma1 = format == OutputFormat::Vma1;
+    if drives.is_empty() && (!vma1 || configs.is_empty()) {
+        bail!(
+            "give at least one disk image (only a VMA v1 archive, --format vma1, may hold configs alone)"
+        );
+    }
+    if vma1 {
+        note_v1_sizes(&drives, quiet);
+    }
     let meta = ArchiveMeta::new(drives.clone(), configs);
     let total: u64 = drives.iter().map(|d| d.size).sum();
-    let vma1 = format == OutputFormat::Vma1;
     let stored = archive_images(
         archive, force, meta, vma1, &options, &images, "create", quiet,
     )?;
@@ -631,6 +649,20 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Say which drives a VMA v1 archive stores with a size rounded up to
+/// whole 512-byte sectors (see `vma_core::format_v1::stored_size`).
+fn note_v1_sizes(drives: &[DriveInfo], quiet: bool) {
+    for d in drives {
+        let stored = vma_core::format_v1::stored_size(d.size);
+        if stored != d.size && !quiet {
+            eprintln!(
+                "vma: drive {} is {} bytes, not whole 512-byte sectors: VMA v1 stores it as {stored} bytes (a zero tail), as QEMU presents it",
+                d.name, d.size
+            );
+        }
+    }
 }
 
 /// `vma merge`: the chain's newest point in time as a synthetic full,
@@ -794,6 +826,8 @@ fn prune(
         say("dry run: nothing changed".into());
         return Ok(());
     }
+    // The configs of every kept point in time, to check that none is lost.
+    let configs_before = kept_point_configs(&plan, &archives)?;
     let threads = output_options.threads;
     for c in &plan.chains {
         let Some(k) = &c.fold else { continue };
@@ -829,6 +863,7 @@ fn prune(
             })?;
         }
     }
+    check_configs_kept(&plan, &configs_before, &remaining)?;
     for c in &plan.chains {
         for d in &c.delete {
             std::fs::remove_file(d).with_context(|| format!("deleting {}", d.display()))?;
@@ -909,7 +944,13 @@ fn diff(
         });
         sources.push((image, base));
     }
-    let configs = read_configs(config_args)?;
+    // The VM configs of the parent's point in time go forward unless new
+    // ones are given.
+    let configs = if config_args.is_empty() {
+        chain.point_configs().vm_configs()
+    } else {
+        read_configs(config_args)?
+    };
     check_member_names(
         drives.iter().map(|d| d.name.as_str()),
         configs.iter().map(|c| c.name.as_str()),
@@ -1079,6 +1120,13 @@ fn convert(
     let (threads, force) = (output_options.threads, output_options.force);
     let (stream, path, stream_compression) = open_stream(input)?;
     let header = stream.header().clone();
+    if format == OutputFormat::Vma1 {
+        note_v1_sizes(&header.drives, quiet);
+    } else if header.drives.is_empty() {
+        bail!(
+            "{input} holds configs only (no drives), and a native archive needs at least one drive: read the configs with `vma config` or `vma extract`, or convert with --format vma1"
+        );
+    }
     let meta = ArchiveMeta {
         uuid: header.uuid,
         ctime: header.ctime,
@@ -1156,26 +1204,33 @@ fn feed_images(
     Ok(())
 }
 
-fn config(archive: &str, name: Option<&str>, list: bool) -> Result<()> {
-    let (stream, _, _) = open_stream(archive)?;
-    let header = stream.header();
+/// `vma config`: a config blob of the archive's point in time (stored in
+/// it, or in the nearest ancestor that stores VM configs).
+fn config(archive: &str, name: Option<&str>, list: bool, parents: &[PathBuf]) -> Result<()> {
+    let (stream, path, _) = open_stream(archive)?;
+    let header = stream.header().clone();
+    drop(stream);
+    let (point, problem) = output::listed_configs(&header, path.as_deref(), parents);
+    if let Some(problem) = problem {
+        bail!("{problem}");
+    }
+    let configs = point.blobs();
     let mut out = std::io::stdout().lock();
     if list {
-        for c in &header.configs {
+        for c in &configs {
             writeln!(out, "{}", c.name)?;
         }
         return Ok(());
     }
     let blob = match name {
-        Some(n) => header.configs.iter().find(|c| c.name == n).ok_or_else(|| {
-            let names: Vec<&str> = header.configs.iter().map(|c| c.name.as_str()).collect();
+        Some(n) => configs.iter().find(|c| c.name == n).ok_or_else(|| {
+            let names: Vec<&str> = configs.iter().map(|c| c.name.as_str()).collect();
             anyhow!(
                 "the archive has no config named {n:?} (it has: {})",
                 names.join(", ")
             )
         })?,
-        None => header
-            .configs
+        None => configs
             .first()
             .ok_or_else(|| anyhow!("the archive holds no config blobs"))?,
     };

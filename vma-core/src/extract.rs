@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::chain::Chain;
+use crate::configs::point_configs_over;
 use crate::error::{Error, IoContext, Result};
 use crate::extent::{ClusterData, DecodedExtent};
-use crate::format::{check_name, Header, BLOCK_SIZE};
+use crate::format::{check_name, ConfigBlob, Header, BLOCK_SIZE};
 use crate::format::{IndexRun, RunKind};
 use crate::qcow2::{compress_cluster, Qcow2Writer};
 use crate::stream::{ArchiveStream, HashDrives, PassOptions, PassReport};
@@ -111,7 +112,12 @@ pub struct ExtractSummary {
 /// Drive outputs (id, path) and config outputs (index, path).
 type Plan = (Vec<(DriveId, PathBuf)>, Vec<(usize, PathBuf)>);
 
-fn plan(header: &Header, dir: &Path, options: &ExtractOptions) -> Result<Plan> {
+fn plan(
+    header: &Header,
+    blobs: &[ConfigBlob],
+    dir: &Path,
+    options: &ExtractOptions,
+) -> Result<Plan> {
     for want in &options.drives {
         if !header.drives.iter().any(|d| &d.name == want) {
             let names: Vec<&str> = header.drives.iter().map(|d| d.name.as_str()).collect();
@@ -130,7 +136,7 @@ fn plan(header: &Header, dir: &Path, options: &ExtractOptions) -> Result<Plan> {
         }
     }
     let mut configs = Vec::new();
-    for (i, c) in header.configs.iter().enumerate() {
+    for (i, c) in blobs.iter().enumerate() {
         check_name(&c.name)?;
         configs.push((i, dir.join(&c.name)));
     }
@@ -158,7 +164,9 @@ fn plan(header: &Header, dir: &Path, options: &ExtractOptions) -> Result<Plan> {
 }
 
 /// Extract from an archive stream (file or pipe, one pass) into `dir`:
-/// `<drive>.raw` sparse files and one file per config blob. Without
+/// `<drive>.raw` sparse files and one file per config blob of the point in
+/// time (stored in the archive, or taken from the nearest ancestor that
+/// stores them, see [`crate::configs`]). Without
 /// `salvage`, the first problem stops it and nothing appears under a final
 /// name; with it, everything intact is written and the report lists what
 /// was lost.
@@ -173,8 +181,9 @@ pub fn extract<R: Read>(
     if ancestors.is_none() {
         refuse_incremental(&header)?;
     }
+    let configs = point_configs_over(&header, ancestors).blobs();
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-    let (drive_plan, config_plan) = plan(&header, dir, options)?;
+    let (drive_plan, config_plan) = plan(&header, &configs, dir, options)?;
     let mut targets: Vec<Option<DriveTarget>> = (0..=255).map(|_| None).collect();
     for (id, path) in &drive_plan {
         let out = AtomicFile::create(path)?.replacing(options.force);
@@ -246,7 +255,7 @@ pub fn extract<R: Read>(
     let mut files = Vec::new();
     for (i, path) in &config_plan {
         let mut out = AtomicFile::create(path)?.replacing(options.force);
-        out.write_all(&header.configs[*i].data)
+        out.write_all(&configs[*i].data)
             .ctx(|| format!("writing {}", path.display()))?;
         staged.push(out);
         files.push(path.clone());

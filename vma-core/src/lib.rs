@@ -11,6 +11,7 @@
 
 pub mod atomic;
 pub mod chain;
+pub mod configs;
 pub mod convert;
 pub mod detect;
 pub mod diff;
