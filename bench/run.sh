@@ -514,12 +514,12 @@ bench_chain() {
 		if ((i == 1)); then
 			measure -b rm_chain_out -s "$CH_DIR/d1.vma" -r vma-create-ov1 \
 				vma-diff chain "vma diff of the disk with 1% of clusters changed" \
-				"$VMA" diff --quiet --against "$parent" "disk=$CH_DIR/ov1.qcow2" -o "$CH_DIR/d1.vma"
+				"$VMA" diff --quiet --allow-backing "$W" --against "$parent" "disk=$CH_DIR/ov1.qcow2" -o "$CH_DIR/d1.vma"
 			measure -b rm_chain_out -s "$CH_DIR/full-ov1.vma" \
 				vma-create-ov1 chain "vma create of the same image (a new full)" \
-				"$VMA" create --quiet "$CH_DIR/full-ov1.vma" "disk=$CH_DIR/ov1.qcow2"
+				"$VMA" create --quiet --allow-backing "$W" "$CH_DIR/full-ov1.vma" "disk=$CH_DIR/ov1.qcow2"
 		fi
-		"$VMA" diff --quiet --parent "$W/disk.vma2" --against "$parent" "disk=$CH_DIR/ov$i.qcow2" \
+		"$VMA" diff --quiet --allow-backing "$W" --parent "$W/disk.vma2" --against "$parent" "disk=$CH_DIR/ov$i.qcow2" \
 			-o "$CH_DIR/inc$i.vma"
 		prev=$CH_DIR/ov$i.qcow2 prev_fmt=qcow2 parent=$CH_DIR/inc$i.vma
 	done

@@ -87,6 +87,8 @@ def opt(code, data=b""):
     return struct.pack(">QII", IHAVEOPT, code, len(data)) + data
 def info(name, kinds=()):
     return struct.pack(">I", len(name)) + name + struct.pack(">H", len(kinds)) + b"".join(struct.pack(">H", k) for k in kinds)
+def meta(name, *queries):
+    return struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries)) + b"".join(struct.pack(">I", len(q)) + q for q in queries)
 def req(kind, offset, length, flags=0, cookie=1, payload=b""):
     return struct.pack(">IHHQQI", 0x25609513, flags, kind, cookie, offset, length) + payload
 flags = struct.pack(">I", 3)  # fixed newstyle, no zeroes
@@ -103,6 +105,14 @@ seeds = {
     "go-named": flags + opt(7, info(b"drive-scsi0", (0, 3))) + transmission,
     "export-name": struct.pack(">I", 1) + opt(1, b"drive-scsi0") + transmission,
     "list-info-abort": flags + opt(3) + opt(6, info(b"nope")) + opt(6, info(b"")) + opt(2),
+    # What a reader of a view sends: structured replies, metadata contexts,
+    # reads and block status.
+    "views": flags + opt(8) + opt(9, meta(b"drive-scsi0", b"base:", b"qemu:"))
+             + opt(10, meta(b"drive-scsi0", b"base:allocation", b"qemu:dirty-bitmap:b0", b"nope"))
+             + opt(7, info(b"drive-scsi0", (3,)))
+             + req(0, 0, 4096, flags=4, cookie=1) + req(0, 3, 100, cookie=2) + req(0, 70000, 2, cookie=3)
+             + req(7, 0, 20000, cookie=4) + req(7, 4096, 100, flags=8, cookie=5)
+             + req(1, 0, 512, payload=b"\x01" * 512, cookie=6) + req(2, 0, 0, cookie=7),
 }
 for name, data in seeds.items():
     open(f"{out}/seed-{name}", "wb").write(data)

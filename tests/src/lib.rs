@@ -7,6 +7,13 @@ pub mod scale;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+pub mod garage;
+pub mod guest;
+pub mod moto;
+pub mod proxmox_vma;
+pub mod s3;
+pub mod service;
+
 /// Path of the `vma` binary built by `cargo build` (or `$VMA_BIN`).
 pub fn vma_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("VMA_BIN") {
@@ -64,18 +71,9 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// Deterministic pseudo-random bytes.
-pub fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+// Also the NBD tests' (vma-nbd/tests/support).
+mod noise;
+pub use noise::noise;
 
 /// A sparse image of `size` bytes with `(offset, len, seed)` noise regions;
 /// everything else is a hole.
@@ -279,4 +277,68 @@ impl Drop for SmallFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
+}
+
+/// Rewrite the native archive `src` as `dst` without its VM config blobs
+/// (a capture record, `vma-capture.json`, stays), keeping its uuid, time,
+/// drives, parent and stored extents (with valid digests throughout; the
+/// parent chain, beside `src` or `dst`, gives the drive digests): an
+/// incremental archive as `vma diff` and `vma capture` wrote them before
+/// configs were carried forward.
+pub fn without_configs(src: &Path, dst: &Path) {
+    use vma_core::{ArchiveMeta, ArchiveStream, PassOptions, Writer, WriterOptions};
+    let file = std::fs::File::open(src).unwrap();
+    let stream = ArchiveStream::open(file, &src.display().to_string()).unwrap();
+    let h = stream.header().clone();
+    let meta = ArchiveMeta {
+        uuid: h.uuid,
+        ctime: h.ctime,
+        creator: h.creator.clone(),
+        drives: h.drives.clone(),
+        configs: h
+            .configs
+            .iter()
+            .filter(|c| c.name == "vma-capture.json")
+            .cloned()
+            .collect(),
+        parent: h.parent,
+        stands_for: h.stands_for.clone(),
+    };
+    let options = WriterOptions {
+        compression: match h.compression.codec {
+            vma_core::format::Codec::None => vma_core::Compression::None,
+            vma_core::format::Codec::Zstd => {
+                vma_core::Compression::Zstd(h.compression.level as i32)
+            }
+        },
+        ..Default::default()
+    };
+    // The parent's chain gives the leaves of the unchanged clusters, so
+    // the copy records (and is checked against) the same drive digests.
+    // The ancestors are beside `src` or beside `dst`.
+    let beside: Vec<PathBuf> = dst
+        .parent()
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p != dst)
+        .collect();
+    let chain = vma_core::chain::Chain::open_parent(&h, Some(src), &beside)
+        .unwrap()
+        .map(std::sync::Arc::new);
+    let out = std::fs::File::create(dst).unwrap();
+    let mut w = Writer::new(out, meta, &options).unwrap();
+    if let Some(chain) = &chain {
+        w.set_leaf_source(chain.leaf_source());
+    }
+    let report = stream
+        .pass_stored(&PassOptions::default(), |ext| w.append_stored(ext))
+        .unwrap();
+    for record in report.records.iter().flatten() {
+        if let Some(digest) = record.digest {
+            w.expect_drive_digest(record.drive, digest).unwrap();
+        }
+    }
+    w.finish().unwrap();
 }

@@ -244,26 +244,57 @@ fn a_full_file_system_is_reported_and_cleaned_up() {
     // 8 MiB of room for 20 MiB of incompressible data.
     let fs = SmallFs::new(&d.join("small"), "8m");
     let target = fs.path().join("out.vma");
-    let cases: Vec<(&str, Vec<&str>)> = vec![
+    let drive = fs.path().join("disk.raw");
+    // A drive the parent lacks is stored in full.
+    let new_drive = format!("other={}", p(&disk));
+    let qcow2 = fs.path().join("disk.qcow2");
+    // Each with the file whose write failed, which the message must name.
+    let cases: Vec<(&str, Vec<&str>, &Path)> = vec![
         (
             "create",
             vec!["create", "--compress", "none", p(&target), p(&disk)],
+            &target,
         ),
-        ("convert", vec!["convert", p(&full), p(&target)]),
-        ("merge", vec!["merge", p(&inc), "-o", p(&target)]),
-        ("extract", vec!["extract", p(&full), p(fs.path())]),
+        (
+            "create --format vma1",
+            vec!["create", "--format", "vma1", p(&target), p(&disk)],
+            &target,
+        ),
+        ("convert", vec!["convert", p(&full), p(&target)], &target),
+        ("merge", vec!["merge", p(&inc), "-o", p(&target)], &target),
+        (
+            "diff",
+            vec![
+                "diff",
+                "--compress",
+                "none",
+                "--against",
+                p(&inc),
+                &new_drive,
+                "-o",
+                p(&target),
+            ],
+            &target,
+        ),
+        ("extract", vec!["extract", p(&full), p(fs.path())], &drive),
         (
             "extract --format qcow2",
             vec!["extract", "--format", "qcow2", p(&full), p(fs.path())],
+            &qcow2,
         ),
     ];
-    for (what, args) in cases {
+    for (what, args, file) in cases {
         let o = vma(&args);
         let err = stderr(&o);
         assert_eq!(code(&o), 2, "{what} on a full file system: {err}");
         assert!(
             err.contains("No space left on device"),
             "{what}: the message does not say the disk is full: {err}"
+        );
+        assert!(
+            err.contains(p(file)),
+            "{what}: the message does not name {}: {err}",
+            file.display()
         );
         assert!(!err.contains("panicked"), "{what}: {err}");
         assert_eq!(

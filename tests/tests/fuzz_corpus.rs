@@ -104,7 +104,7 @@ fn qcow2_corpus() {
 #[test]
 fn nbd_corpus() {
     replay("nbd", |data| {
-        let o = vma_capture::fuzzing::nbd(data);
+        let o = vma_nbd::fuzzing::nbd(data);
         o.reply_bytes > 0 && (o.written > 0 || data.len() < 200)
     });
 }

@@ -31,7 +31,15 @@ fn assert_round_trip(dir: &Path, image: &str) {
     let name = Path::new(image).file_stem().unwrap().to_str().unwrap();
     run(dir, &format!("qemu-img convert -O raw {image} {name}.ref"));
     let archive = dir.join(format!("{name}.vma"));
-    let o = vma(&["create", "--quiet", p(&archive), p(&dir.join(image))]);
+    // Backing files may lie anywhere in `dir` (above the image, too).
+    let o = vma(&[
+        "create",
+        "--quiet",
+        "--allow-backing",
+        p(dir),
+        p(&archive),
+        p(&dir.join(image)),
+    ]);
     assert_eq!(code(&o), 0, "{image}: {}", stderr(&o));
     let out = dir.join(format!("{name}.out"));
     let o = vma(&["extract", "--quiet", p(&archive), p(&out)]);
@@ -47,7 +55,13 @@ fn assert_round_trip(dir: &Path, image: &str) {
     // qcow2 image and for the raw image qemu-img reads from it.
     let o = vma(&["list", "--json", p(&archive)]);
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let o = vma(&["checksum", p(&dir.join(image)), p(&reference)]);
+    let o = vma(&[
+        "checksum",
+        "--allow-backing",
+        p(dir),
+        p(&dir.join(image)),
+        p(&reference),
+    ]);
     assert_eq!(code(&o), 0, "{image}: {}", stderr(&o));
     for line in stdout(&o).lines() {
         assert_eq!(
@@ -121,7 +135,13 @@ fn backing_chains_are_archived_as_the_guest_sees_them() {
 
     // A missing backing file is named.
     std::fs::remove_file(d.join("base.raw")).unwrap();
-    let o = vma(&["create", p(&d.join("x.vma")), p(&d.join("sub/top.qcow2"))]);
+    let o = vma(&[
+        "create",
+        "--allow-backing",
+        p(d),
+        p(&d.join("x.vma")),
+        p(&d.join("sub/top.qcow2")),
+    ]);
     assert_eq!(code(&o), 2);
     assert!(stderr(&o).contains("base.raw"), "{}", stderr(&o));
     assert!(!d.join("x.vma").exists());

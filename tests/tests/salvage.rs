@@ -39,9 +39,19 @@ fn sample(d: &Path, compress: &str, format: &str) -> (PathBuf, Vec<(String, Vec<
         p(&d.join("efi.raw")),
     ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // VMA v1 stores drives in whole 512-byte sectors (a zero tail).
+    let stored = |mut bytes: Vec<u8>| {
+        if format == "vma1" {
+            bytes.resize(bytes.len().next_multiple_of(512), 0);
+        }
+        bytes
+    };
     let sources = vec![
-        ("disk0".to_string(), std::fs::read(&disk).unwrap()),
-        ("efi".to_string(), std::fs::read(d.join("efi.raw")).unwrap()),
+        ("disk0".to_string(), stored(std::fs::read(&disk).unwrap())),
+        (
+            "efi".to_string(),
+            stored(std::fs::read(d.join("efi.raw")).unwrap()),
+        ),
     ];
     (archive, sources)
 }

@@ -212,6 +212,10 @@ fn compressed_streams_pipes_and_conversions() {
         0
     );
 
+    // VMA v1 stores the drive in whole 512-byte sectors (a zero tail), as
+    // QEMU presents it and Proxmox restores it.
+    let mut sectors = std::fs::read(&disk).unwrap();
+    sectors.resize(sectors.len().next_multiple_of(512), 0);
     require("lzop");
     for (tool, ext) in [
         ("zstd -q -c", "zst"),
@@ -226,10 +230,7 @@ fn compressed_streams_pipes_and_conversions() {
             p(&out)
         ));
         assert_eq!(code(&o), 0, "{tool}: {}", stderr(&o));
-        assert_eq!(
-            std::fs::read(out.join("vm-101-disk-0.raw")).unwrap(),
-            std::fs::read(&disk).unwrap()
-        );
+        assert!(std::fs::read(out.join("vm-101-disk-0.raw")).unwrap() == sectors);
         let file = t.path().join(format!("a.vma.{ext}"));
         assert_eq!(code(&sh(&format!("{tool} {} > {}", p(&v1), p(&file)))), 0);
         let o = vma(&["verify", p(&file)]);
@@ -277,7 +278,8 @@ fn compressed_streams_pipes_and_conversions() {
         0
     );
     assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&v1).unwrap());
-    // v2 -> v1 of an archive made by `create` extracts to the same disk.
+    // v2 -> v1 of an archive made by `create` extracts to the same disk
+    // (in whole sectors).
     let made = t.path().join("made.vma2");
     assert_eq!(code(&vma(&["create", "-q", p(&made), p(&disk)])), 0);
     let o = sh(&format!(
@@ -286,10 +288,7 @@ fn compressed_streams_pipes_and_conversions() {
         p(&t.path().join("x"))
     ));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert_eq!(
-        std::fs::read(t.path().join("x/vm-101-disk-0.raw")).unwrap(),
-        std::fs::read(&disk).unwrap()
-    );
+    assert!(std::fs::read(t.path().join("x/vm-101-disk-0.raw")).unwrap() == sectors);
 }
 
 #[test]

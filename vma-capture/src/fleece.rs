@@ -33,12 +33,16 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use vma_core::extract::AtomicFile;
 use vma_core::qcow2::write::Qcow2Writer;
 
-use crate::capture::{CaptureError, Result};
-use crate::qmp::{self, JobInfo, JobStatus, QemuVersion, Qmp};
+use crate::error::{CaptureError, Result};
+use crate::qmp::{
+    self, BackupPerf, BlockExportAdd, BlockExportDel, BlockdevAdd, BlockdevBackup, BlockdevDel,
+    BlockdevOptions, BlockdevRef, Cache, Discard, Driver, JobDismiss, JobInfo, JobStatus,
+    NbdServerStart, NbdServerStop, QemuVersion, Qmp, QueryBlockExports, SocketAddressLegacy,
+    SyncMode, UnixSocketAddress,
+};
 
 /// Oldest QEMU whose backup jobs have `discard-source` (and whose
 /// `snapshot-access` the fleecing here was tested with).
@@ -126,39 +130,37 @@ impl<'q> Fleece<'q> {
             // Nothing in a scratch image needs to survive a crash: no
             // flushes, which qcow2 would otherwise issue between metadata
             // updates while a guest write waits for its copy.
-            qmp.blockdev_add(json!({
-                "driver": "qcow2",
-                "node-name": v.scratch_node,
-                "discard": "unmap",
-                "cache": {"no-flush": true},
-                "file": {
-                    "driver": "file",
-                    "filename": v.scratch_file,
-                    "discard": "unmap",
-                    "cache": {"no-flush": true},
-                },
-            }))?;
+            let file = BlockdevOptions {
+                discard: Some(Discard::Unmap),
+                cache: Some(Cache { no_flush: true }),
+                ..BlockdevOptions::unnamed(Driver::File {
+                    filename: v.scratch_file.clone(),
+                })
+            };
+            let file = BlockdevRef::Options(Box::new(file));
+            let scratch = BlockdevOptions {
+                discard: Some(Discard::Unmap),
+                cache: Some(Cache { no_flush: true }),
+                ..BlockdevOptions::new(&v.scratch_node, Driver::Qcow2 { file })
+            };
+            qmp.run(&BlockdevAdd(scratch))?;
             v.scratch_added = true;
         }
         Ok(fleece)
     }
 
     /// The `transaction` action that starts fleecing drive `i`.
-    pub(crate) fn start_action(&self, i: usize) -> Value {
+    pub(crate) fn start_action(&self, i: usize) -> BlockdevBackup {
         let v = &self.views[i];
-        qmp::action::custom(
-            "blockdev-backup",
-            json!({
-                "job-id": v.job,
-                "device": v.node,
-                "target": v.scratch_node,
-                "sync": "none",
-                "filter-node-name": v.filter,
-                "auto-finalize": false,
-                "auto-dismiss": false,
-                "x-perf": {"min-cluster-size": 65536},
+        BlockdevBackup {
+            filter_node_name: Some(v.filter.clone()),
+            auto_finalize: Some(false),
+            auto_dismiss: Some(false),
+            x_perf: Some(BackupPerf {
+                min_cluster_size: 65536,
             }),
-        )
+            ..BlockdevBackup::new(&v.job, &v.node, &v.scratch_node, SyncMode::None)
+        }
     }
 
     /// The transaction with every [`Fleece::start_action`] has run.
@@ -171,12 +173,12 @@ impl<'q> Fleece<'q> {
     /// Add the `snapshot-access` view of every drive.
     pub(crate) fn open_views(&mut self) -> Result<()> {
         for v in &mut self.views {
-            self.qmp.blockdev_add(json!({
-                "driver": "snapshot-access",
-                "node-name": v.view,
-                "discard": "unmap",
-                "file": v.filter,
-            }))?;
+            let file = BlockdevRef::Node(v.filter.clone());
+            let view = BlockdevOptions {
+                discard: Some(Discard::Unmap),
+                ..BlockdevOptions::new(&v.view, Driver::SnapshotAccess { file })
+            };
+            self.qmp.run(&BlockdevAdd(view))?;
             v.view_added = true;
         }
         Ok(())
@@ -199,10 +201,11 @@ impl<'q> Fleece<'q> {
         let socket = match server {
             Some(path) => path.to_path_buf(),
             None => {
-                let started = self.qmp.execute(
-                    "nbd-server-start",
-                    json!({"addr": {"type": "unix", "data": {"path": own_socket}}}),
-                );
+                let started = self.qmp.run(&NbdServerStart {
+                    addr: SocketAddressLegacy::Unix(UnixSocketAddress {
+                        path: own_socket.to_path_buf(),
+                    }),
+                });
                 match started {
                     Ok(_) => {}
                     Err(qmp::Error::Command { desc, .. }) if desc.contains("already running") => {
@@ -221,16 +224,8 @@ impl<'q> Fleece<'q> {
         for (i, v) in self.views.iter_mut().enumerate() {
             let id = format!("vma-export-{i}");
             let name = format!("vma-view-{tag}-{i}");
-            self.qmp.execute(
-                "block-export-add",
-                json!({
-                    "type": "nbd",
-                    "id": id,
-                    "node-name": v.view,
-                    "name": name,
-                    "writable": false,
-                }),
-            )?;
+            self.qmp
+                .run(&BlockExportAdd::nbd(&id, &v.view, &name, false))?;
             v.export = Some((id, name.clone()));
             names.push(name);
         }
@@ -280,7 +275,7 @@ impl<'q> Fleece<'q> {
         let mut exports = Vec::new();
         for v in &mut self.views {
             if let Some((id, _)) = v.export.take() {
-                if let Err(e) = qmp.execute("block-export-del", json!({"id": id, "mode": "hard"})) {
+                if let Err(e) = qmp.run(&BlockExportDel::hard(&id)) {
                     left.push(format!("NBD export {id}: {e}"));
                 }
                 exports.push(id);
@@ -291,8 +286,10 @@ impl<'q> Fleece<'q> {
         wait_exports_gone(qmp, &exports);
         for v in &mut self.views {
             if v.view_added {
-                match qmp.blockdev_del(&v.view) {
-                    Ok(()) => v.view_added = false,
+                match qmp.run(&BlockdevDel {
+                    node_name: v.view.clone(),
+                }) {
+                    Ok(_) => v.view_added = false,
                     Err(e) => left.push(format!("node {}: {e}", v.view)),
                 }
             }
@@ -303,26 +300,23 @@ impl<'q> Fleece<'q> {
             .filter(|v| v.job_started)
             .map(|v| v.job.clone())
             .collect();
-        for id in &jobs {
-            let _ = qmp.job_cancel(id);
-        }
-        if !jobs.is_empty() {
-            match qmp.wait_jobs_concluded(&jobs, Duration::from_secs(30)) {
-                Ok(true) => {}
-                Ok(false) => left.push("the fleecing jobs did not stop within 30 s".into()),
-                Err(e) => left.push(format!("fleecing jobs: {e}")),
-            }
+        match qmp.cancel_jobs(&jobs, Duration::from_secs(30)) {
+            Ok(true) => {}
+            Ok(false) => left.push("the fleecing jobs did not stop within 30 s".into()),
+            Err(e) => left.push(format!("fleecing jobs: {e}")),
         }
         for v in &mut self.views {
             if v.job_started {
-                let _ = qmp.job_dismiss(&v.job);
+                let _ = qmp.run(&JobDismiss::new(&v.job));
                 v.job_started = false;
             }
         }
         for v in &mut self.views {
             if v.scratch_added {
-                match qmp.blockdev_del(&v.scratch_node) {
-                    Ok(()) => v.scratch_added = false,
+                match qmp.run(&BlockdevDel {
+                    node_name: v.scratch_node.clone(),
+                }) {
+                    Ok(_) => v.scratch_added = false,
                     Err(e) => left.push(format!("node {}: {e}", v.scratch_node)),
                 }
             }
@@ -335,7 +329,7 @@ impl<'q> Fleece<'q> {
             }
         }
         if let Some(socket) = self.started_server.take() {
-            if let Err(e) = qmp.execute("nbd-server-stop", Value::Null) {
+            if let Err(e) = qmp.run(&NbdServerStop) {
                 left.push(format!("QEMU's NBD server: {e}"));
             }
             let _ = std::fs::remove_file(socket);
@@ -371,16 +365,10 @@ fn wait_exports_gone(qmp: &Qmp, ids: &[String]) {
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        let Ok(list) = qmp.execute("query-block-exports", Value::Null) else {
+        let Ok(list) = qmp.run(&QueryBlockExports) else {
             return;
         };
-        let listed = list.as_array().is_some_and(|a| {
-            a.iter().any(|e| {
-                e["id"]
-                    .as_str()
-                    .is_some_and(|id| ids.iter().any(|i| i == id))
-            })
-        });
+        let listed = list.iter().any(|e| ids.contains(&e.id));
         if !listed {
             return;
         }

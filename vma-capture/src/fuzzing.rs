@@ -1,94 +1,14 @@
-//! Bodies of the fuzz targets in `fuzz/` for the network parsers, kept in
-//! the library so that their corpora are also replayed by an ordinary
-//! `cargo test` (`tests/fuzz_corpus.rs`). They panic only where the
-//! library broke a promise.
+//! Body of the `qmp` fuzz target in `fuzz/`, kept in the library so that
+//! its corpus is also replayed by an ordinary `cargo test`
+//! (`tests/fuzz_corpus.rs`). It panics only where the library broke a
+//! promise. (The `nbd` target's body is `vma_nbd::fuzzing::nbd`.)
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::nbd::{self, Export, NbdSink};
-use crate::qmp::Qmp;
-
-/// An export's writes, checked against its size.
-struct CheckedSink {
-    name: &'static str,
-    size: u64,
-    written: Mutex<u64>,
-}
-
-impl CheckedSink {
-    fn record(&self, offset: u64, len: u64) -> io::Result<()> {
-        let end = offset.checked_add(len);
-        assert!(
-            end.is_some_and(|end| end <= self.size),
-            "export {:?} ({} bytes) was handed {len} bytes at {offset}",
-            self.name,
-            self.size
-        );
-        *self.written.lock().unwrap_or_else(|e| e.into_inner()) += len;
-        // Let some writes fail, as a full disk would.
-        if offset % 7 == 3 {
-            return Err(io::Error::other("the sink is full"));
-        }
-        Ok(())
-    }
-}
-
-impl NbdSink for CheckedSink {
-    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.record(offset, data.len() as u64)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.record(offset, len)
-    }
-    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.record(offset, len)
-    }
-    fn flush(&self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Client bytes to the NBD server: handshake (options), then requests,
-/// served to completion with the replies collected in memory. Every range
-/// that reaches a sink must lie inside its export.
-pub fn nbd(client_bytes: &[u8]) -> NbdOutcome {
-    // The default export, and one whose size is not a multiple of 512.
-    let sinks = [("", 1 << 20), ("drive-scsi0", 70_001)].map(|(name, size)| {
-        Arc::new(CheckedSink {
-            name,
-            size,
-            written: Mutex::new(0),
-        })
-    });
-    let exports = sinks.clone().map(|sink| Export {
-        name: sink.name.to_owned(),
-        size: sink.size,
-        sink,
-    });
-    let mut replies = Vec::new();
-    let mut input = client_bytes;
-    let _ = nbd::serve(&mut input, &mut replies, &exports);
-    NbdOutcome {
-        reply_bytes: replies.len(),
-        written: sinks
-            .iter()
-            .map(|s| *s.written.lock().unwrap_or_else(|e| e.into_inner()))
-            .sum(),
-    }
-}
-
-/// What [`nbd`] saw (for tests of the corpora).
-#[derive(Debug, Default)]
-pub struct NbdOutcome {
-    /// Bytes the server sent (greeting, option replies, replies).
-    pub reply_bytes: usize,
-    /// Bytes of writes, write-zeroes and trims that reached the sinks.
-    pub written: u64,
-}
+use crate::qmp::{Qmp, QueryBlock, QueryJobs, QueryNamedBlockNodes, QueryStatus};
 
 /// Separates what the QMP server sends at each step in [`qmp`]'s input.
 pub const QMP_STEP: u8 = 0;
@@ -111,10 +31,10 @@ pub fn qmp(server_bytes: &[u8]) -> QmpOutcome {
         qmp.set_command_timeout(Duration::from_secs(5));
         let _ = qmp.version();
         let replies = [
-            qmp.query_block().is_ok(),
-            qmp.query_named_block_nodes().is_ok(),
-            qmp.query_jobs().is_ok(),
-            qmp.execute("query-status", serde_json::Value::Null).is_ok(),
+            qmp.run(&QueryBlock).is_ok(),
+            qmp.run(&QueryNamedBlockNodes { flat: true }).is_ok(),
+            qmp.run(&QueryJobs).is_ok(),
+            qmp.run(&QueryStatus).is_ok(),
         ];
         outcome.replies_decoded = replies.iter().filter(|&&ok| ok).count();
         for event in qmp.drain_events() {

@@ -15,10 +15,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{json, Value};
-
-use crate::capture::{CaptureError, Result};
-use crate::qmp::Qmp;
+use crate::error::{CaptureError, Result};
+use crate::qmp::{
+    BlockDirtyBitmapRemove, BlockExportDel, BlockdevDel, JobDismiss, Qmp, QueryBlockExports,
+    QueryJobs, QueryNamedBlockNodes,
+};
 
 /// Prefix of every job, node and export name a capture uses.
 const PREFIX: &str = "vma-";
@@ -40,7 +41,7 @@ fn answers(path: &Path) -> bool {
 /// Remove what a dead capture left; returns a line per thing removed (empty
 /// when nothing was left). Refuses when another capture is still running.
 pub(crate) fn clear(qmp: &Qmp) -> Result<Vec<String>> {
-    let nodes = qmp.query_named_block_nodes()?;
+    let nodes = qmp.run(&QueryNamedBlockNodes { flat: true })?;
     let ours = |name: &str, kind: &str| name.starts_with(&format!("{PREFIX}{kind}-"));
     let targets: Vec<_> = nodes
         .iter()
@@ -56,28 +57,22 @@ pub(crate) fn clear(qmp: &Qmp) -> Result<Vec<String>> {
         }
     }
     let jobs: Vec<String> = qmp
-        .query_jobs()?
+        .run(&QueryJobs)?
         .into_iter()
         .map(|j| j.id)
         .filter(|id| id.starts_with(PREFIX))
         .collect();
     let exports: Vec<String> = qmp
-        .execute("query-block-exports", Value::Null)?
-        .as_array()
+        .run(&QueryBlockExports)?
         .into_iter()
-        .flatten()
-        .filter_map(|e| e["id"].as_str())
+        .map(|e| e.id)
         .filter(|id| id.starts_with(PREFIX))
-        .map(str::to_string)
         .collect();
     let mut removed = Vec::new();
     // Top down: exports, then the jobs (which hold the views, filters and
     // targets), then the nodes.
     for id in &exports {
-        if qmp
-            .execute("block-export-del", json!({"id": id, "mode": "hard"}))
-            .is_ok()
-        {
+        if qmp.run(&BlockExportDel::hard(id)).is_ok() {
             removed.push(format!("NBD export {id}"));
         }
     }
@@ -85,23 +80,21 @@ pub(crate) fn clear(qmp: &Qmp) -> Result<Vec<String>> {
         // Deleting an export finishes in the background.
         std::thread::sleep(Duration::from_millis(200));
     }
-    for id in &jobs {
-        let _ = qmp.job_cancel(id);
-    }
-    if !jobs.is_empty() && !qmp.wait_jobs_concluded(&jobs, Duration::from_secs(30))? {
+    if !qmp.cancel_jobs(&jobs, Duration::from_secs(30))? {
         return Err(CaptureError::Invalid(format!(
             "jobs {} left by an earlier capture did not stop within 30 s of being cancelled",
             jobs.join(", ")
         )));
     }
     for id in &jobs {
-        if qmp.job_dismiss(id).is_ok() {
+        if qmp.run(&JobDismiss::new(id)).is_ok() {
             removed.push(format!("job {id}"));
         }
     }
     for kind in ["view", "scratch", "target"] {
         for n in nodes.iter().filter(|n| ours(&n.node_name, kind)) {
-            if qmp.blockdev_del(&n.node_name).is_ok() {
+            let node_name = n.node_name.clone();
+            if qmp.run(&BlockdevDel { node_name }).is_ok() {
                 removed.push(format!("node {}", n.node_name));
             }
             if kind == "scratch" {
@@ -120,7 +113,9 @@ pub(crate) fn clear(qmp: &Qmp) -> Result<Vec<String>> {
             let name = b.name.as_str();
             if name.starts_with(PREFIX)
                 && name.ends_with("-frozen")
-                && qmp.block_dirty_bitmap_remove(&n.node_name, name).is_ok()
+                && qmp
+                    .run(&BlockDirtyBitmapRemove::new(&n.node_name, name))
+                    .is_ok()
             {
                 removed.push(format!("bitmap {name} of {}", n.node_name));
             }

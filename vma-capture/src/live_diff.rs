@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use vma_core::chain::{Chain, ChainDrive};
 use vma_core::diff::diff_or_copy;
 use vma_core::extract::AtomicFile;
@@ -25,14 +24,15 @@ use vma_core::types::clusters_for;
 use vma_core::writer::WriteSummary;
 use vma_core::{ArchiveMeta, Writer};
 
-use crate::capture::{
-    add_record, checkpoint_bitmap, checkpoint_of, find_drives, hex_uuid, with_frozen_guest,
-    CaptureError, CaptureOptions, CaptureRecord, CaptureSummary, Drive, DriveStats, JobProgress,
-    Result,
-};
+use vma_nbd::NbdClient;
+
+use crate::error::{CaptureError, Result};
 use crate::fleece::Fleece;
-use crate::nbd_client::{NbdClient, NbdImage};
-use crate::qmp::{action, Qmp};
+use crate::nbd_image::NbdImage;
+use crate::options::{CaptureOptions, CaptureSummary, DriveStats, JobProgress};
+use crate::qmp::{BlockDirtyBitmapRemove, Qmp, Transaction};
+use crate::record::{add_record, CaptureRecord};
+use crate::session::{self, checkpoint_bitmap, checkpoint_of, find_drives, Drive};
 
 /// Capture `options.qmp`'s drives by comparing point-in-time views of
 /// them with the chain ending at `options.diff_against`.
@@ -50,14 +50,19 @@ pub(crate) fn capture_by_diff(
     let chain = Arc::new(Chain::open(against, &options.chain_parents)?);
     chain.refuse_interrupted(|_| true)?;
     let parent = chain.newest().identity()?;
-    let qmp = Qmp::connect(&options.qmp)?;
-    let cleared = crate::leftovers::clear(&qmp)?;
-    let mut meta = ArchiveMeta::new(Vec::new(), options.configs.clone());
-    let uuid_hex = hex_uuid(&meta.uuid);
+    let (qmp, cleared) = session::connect(options)?;
+    // The VM configs of the parent's point in time go forward unless new
+    // ones are given.
+    let configs = if options.configs.is_empty() {
+        chain.point_configs().vm_configs()
+    } else {
+        options.configs.clone()
+    };
+    let mut meta = ArchiveMeta::new(Vec::new(), configs);
     let mut drives = find_drives(&qmp, &options.drives)?;
+    let uuid_hex = session::name_checkpoints(&mut drives, &meta);
     let mut bases = Vec::new();
     for d in &mut drives {
-        d.bitmap = format!("vma-{uuid_hex}");
         let base = match chain.header().drives.iter().find(|p| p.name == d.name) {
             None => {
                 d.reason = Some("not in the parent archive".into());
@@ -124,7 +129,7 @@ pub(crate) fn capture_by_diff(
         Err(e) => {
             // No archive holds the new checkpoints.
             for (node, name) in new_bitmaps {
-                let _ = qmp.block_dirty_bitmap_remove(&node, &name);
+                let _ = qmp.run(&BlockDirtyBitmapRemove::new(&node, &name));
             }
             Err(if cancel.load(Ordering::Relaxed) {
                 CaptureError::Cancelled
@@ -158,16 +163,13 @@ impl Run<'_, '_> {
         tag: &str,
         progress: &mut impl FnMut(JobProgress),
     ) -> Result<(WriteSummary, Vec<DriveStats>)> {
-        let mut actions = Vec::new();
+        let mut transaction = Transaction::new();
         for (i, d) in self.drives.iter().enumerate() {
-            actions.push(action::block_dirty_bitmap_add(&checkpoint_bitmap(d)));
-            actions.push(self.fleece.start_action(i));
+            transaction.push(&checkpoint_bitmap(d));
+            transaction.push(&self.fleece.start_action(i));
         }
-        let (started, thawed) = with_frozen_guest(self.options.fsfreeze.as_deref(), || {
-            self.qmp
-                .execute("transaction", json!({ "actions": actions }))
-                .map_err(CaptureError::from)
-        })?;
+        let (started, thawed) =
+            session::run_frozen(self.qmp, self.options.fsfreeze.as_deref(), &transaction)?;
         started?;
         self.fleece.started();
         self.new_bitmaps = self
@@ -187,7 +189,7 @@ impl Run<'_, '_> {
             self.fleece
                 .export_views(self.options.qemu_nbd_socket.as_deref(), &own, tag)?;
 
-        let out = AtomicFile::create(&self.options.archive)?;
+        let out = AtomicFile::create(&self.options.archive)?.replacing(self.options.force);
         let mut writer = Writer::new(out, meta, &self.options.writer)?;
         if writer.header().parent.is_some() {
             writer.set_leaf_source(self.chain.leaf_source());

@@ -5,11 +5,41 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use vma_capture::qmp::{
-    action, BlockDeviceInfo, BlockdevBackup, DirtyBitmapAdd, Error, Event, JobStatus, QemuVersion,
-    Qmp, SyncMode,
+    BitmapSource, BlockDeviceInfo, BlockDirtyBitmapAdd, BlockDirtyBitmapClear,
+    BlockDirtyBitmapDisable, BlockDirtyBitmapEnable, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove,
+    BlockdevAdd, BlockdevBackup, BlockdevDel, BlockdevOptions, BlockdevRef, Command as QmpCommand,
+    Driver, Error, Event, JobCancel, JobDismiss, JobFinalize, JobStatus, QemuVersion, Qmp,
+    QueryBlock, QueryJobs, QueryNamedBlockNodes, QueryVersion, SyncMode, Transaction,
 };
+
+/// A command QEMU does not have.
+#[derive(serde::Serialize)]
+struct NoSuchCommand;
+
+impl QmpCommand for NoSuchCommand {
+    const NAME: &'static str = "no-such-command";
+    type Reply = Value;
+}
+
+/// `query-jobs` with arguments of the wrong type.
+#[derive(serde::Serialize)]
+struct QueryJobsWithString(&'static str);
+
+impl QmpCommand for QueryJobsWithString {
+    const NAME: &'static str = "query-jobs";
+    type Reply = Value;
+}
+
+/// `query-version`, its reply decoded as the wrong type.
+#[derive(serde::Serialize)]
+struct QueryVersionAsBytes;
+
+impl QmpCommand for QueryVersionAsBytes {
+    const NAME: &'static str = "query-version";
+    type Reply = Vec<u8>;
+}
 
 const MIB: u64 = 1 << 20;
 const WAIT: Duration = Duration::from_secs(30);
@@ -118,19 +148,45 @@ impl Drop for Daemon {
 /// Adds a qcow2 image as file node `<node>-file` plus qcow2 node `node`.
 fn add_qcow2(qmp: &Qmp, node: &str, path: &Path) {
     let file_node = format!("{node}-file");
-    qmp.blockdev_add(json!({"driver": "file", "node-name": file_node, "filename": path}))
-        .expect("add file node");
-    qmp.blockdev_add(json!({"driver": "qcow2", "node-name": node, "file": file_node}))
-        .expect("add qcow2 node");
+    let filename = path.to_path_buf();
+    qmp.run(&BlockdevAdd(BlockdevOptions::new(
+        &file_node,
+        Driver::File { filename },
+    )))
+    .expect("add file node");
+    let file = BlockdevRef::Node(file_node);
+    qmp.run(&BlockdevAdd(BlockdevOptions::new(
+        node,
+        Driver::Qcow2 { file },
+    )))
+    .expect("add qcow2 node");
 }
 
 fn add_null(qmp: &Qmp, node: &str, size: u64) {
-    qmp.blockdev_add(json!({"driver": "null-co", "node-name": node, "size": size}))
-        .expect("add null-co node");
+    qmp.run(&BlockdevAdd(BlockdevOptions::new(
+        node,
+        Driver::NullCo { size },
+    )))
+    .expect("add null-co node");
+}
+
+fn del(node_name: &str) -> BlockdevDel {
+    BlockdevDel {
+        node_name: node_name.to_owned(),
+    }
+}
+
+/// Merge bitmap `source` of `node` into its bitmap `target`.
+fn merge(node: &str, target: &str, source: &str) -> BlockDirtyBitmapMerge {
+    BlockDirtyBitmapMerge {
+        node: node.into(),
+        target: target.into(),
+        bitmaps: vec![BitmapSource::Local(source.into())],
+    }
 }
 
 fn node(qmp: &Qmp, name: &str) -> BlockDeviceInfo {
-    qmp.query_named_block_nodes()
+    qmp.run(&QueryNamedBlockNodes { flat: true })
         .expect("query-named-block-nodes")
         .into_iter()
         .find(|n| n.node_name == name)
@@ -166,9 +222,9 @@ fn connects_and_reports_version() {
     );
     assert!(qmp.version() >= QemuVersion::new(5, 0, 0));
     assert!(qmp.is_connected());
-    // A raw command with a reply of its own.
-    let reply = qmp.execute("query-version", Value::Null).unwrap();
-    assert_eq!(reply["qemu"]["major"], json!(parts[0]));
+    // A command with a reply of its own.
+    let reply = qmp.run(&QueryVersion).unwrap();
+    assert_eq!(reply.qemu.major, parts[0]);
 }
 
 #[test]
@@ -190,12 +246,12 @@ fn adds_qcow2_nodes_and_reports_size() {
     assert_eq!(file.file, image.to_str().unwrap());
 
     // The daemon has no guest devices, but the reply must decode.
-    assert!(qmp.query_block().unwrap().is_empty());
+    assert!(qmp.run(&QueryBlock).unwrap().is_empty());
 
-    qmp.blockdev_del("disk0").unwrap();
-    qmp.blockdev_del("disk0-file").unwrap();
+    qmp.run(&del("disk0")).unwrap();
+    qmp.run(&del("disk0-file")).unwrap();
     let names: Vec<String> = qmp
-        .query_named_block_nodes()
+        .run(&QueryNamedBlockNodes { flat: true })
         .unwrap()
         .into_iter()
         .map(|n| n.node_name)
@@ -208,7 +264,7 @@ fn error_reply_carries_class_and_desc() {
     let mut daemon = Daemon::start();
     let qmp = daemon.connect();
 
-    match qmp.blockdev_del("no-such-node") {
+    match qmp.run(&del("no-such-node")) {
         Err(Error::Command {
             command,
             class,
@@ -220,21 +276,21 @@ fn error_reply_carries_class_and_desc() {
         }
         other => panic!("expected a command error, got {other:?}"),
     }
-    match qmp.execute("no-such-command", Value::Null) {
+    match qmp.run(&NoSuchCommand) {
         Err(Error::Command { class, .. }) => assert_eq!(class, "CommandNotFound"),
         other => panic!("expected a command error, got {other:?}"),
     }
-    match qmp.execute("query-jobs", json!("not an object")) {
+    match qmp.run(&QueryJobsWithString("not an object")) {
         Err(Error::Command { class, .. }) => assert_eq!(class, "GenericError"),
         other => panic!("expected a command error, got {other:?}"),
     }
     // A reply of the wrong shape is a decode error, not a panic.
     assert!(matches!(
-        qmp.execute_as::<Vec<u8>>("query-version", Value::Null),
+        qmp.run(&QueryVersionAsBytes),
         Err(Error::Decode { .. })
     ));
     // The connection is still fine.
-    assert!(qmp.query_jobs().unwrap().is_empty());
+    assert!(qmp.run(&QueryJobs).unwrap().is_empty());
 }
 
 #[test]
@@ -244,16 +300,16 @@ fn dirty_bitmaps_show_in_node_query() {
     let image = daemon.qcow2("disk.qcow2", 64 * MIB);
     add_qcow2(&qmp, "disk0", &image);
 
-    qmp.block_dirty_bitmap_add(&DirtyBitmapAdd {
+    qmp.run(&BlockDirtyBitmapAdd {
         persistent: Some(false),
-        ..DirtyBitmapAdd::new("disk0", "b0")
+        ..BlockDirtyBitmapAdd::new("disk0", "b0")
     })
     .unwrap();
-    qmp.transaction(vec![action::block_dirty_bitmap_add(&DirtyBitmapAdd {
+    qmp.run(&Transaction::new().with(&BlockDirtyBitmapAdd {
         disabled: Some(true),
         granularity: Some(128 * 1024),
-        ..DirtyBitmapAdd::new("disk0", "b1")
-    })])
+        ..BlockDirtyBitmapAdd::new("disk0", "b1")
+    }))
     .unwrap();
 
     let bitmaps = node(&qmp, "disk0").dirty_bitmaps.expect("dirty-bitmaps");
@@ -265,8 +321,10 @@ fn dirty_bitmaps_show_in_node_query() {
     assert!(!b1.recording);
     assert_eq!(b1.granularity, 128 * 1024);
 
-    qmp.block_dirty_bitmap_enable("disk0", "b1").unwrap();
-    qmp.block_dirty_bitmap_disable("disk0", "b0").unwrap();
+    qmp.run(&BlockDirtyBitmapEnable::new("disk0", "b1"))
+        .unwrap();
+    qmp.run(&BlockDirtyBitmapDisable::new("disk0", "b0"))
+        .unwrap();
     let bitmaps = node(&qmp, "disk0").dirty_bitmaps.unwrap();
     for bitmap in &bitmaps {
         let expect_recording = bitmap.name == "b1";
@@ -274,21 +332,21 @@ fn dirty_bitmaps_show_in_node_query() {
     }
 
     assert!(matches!(
-        qmp.block_dirty_bitmap_merge("disk0", "b1", &["no-such-bitmap"]),
+        qmp.run(&merge("disk0", "b1", "no-such-bitmap")),
         Err(Error::Command { .. })
     ));
-    qmp.block_dirty_bitmap_add(&DirtyBitmapAdd::new("disk0", "b2"))
-        .unwrap();
-    qmp.block_dirty_bitmap_merge("disk0", "b2", &["b0"])
-        .unwrap();
-    qmp.block_dirty_bitmap_clear("disk0", "b2").unwrap();
+    qmp.run(&BlockDirtyBitmapAdd::new("disk0", "b2")).unwrap();
+    qmp.run(&merge("disk0", "b2", "b0")).unwrap();
+    qmp.run(&BlockDirtyBitmapClear::new("disk0", "b2")).unwrap();
 
-    qmp.transaction(vec![
-        action::block_dirty_bitmap_remove("disk0", "b0"),
-        action::block_dirty_bitmap_remove("disk0", "b1"),
-    ])
+    qmp.run(
+        &Transaction::new()
+            .with(&BlockDirtyBitmapRemove::new("disk0", "b0"))
+            .with(&BlockDirtyBitmapRemove::new("disk0", "b1")),
+    )
     .unwrap();
-    qmp.block_dirty_bitmap_remove("disk0", "b2").unwrap();
+    qmp.run(&BlockDirtyBitmapRemove::new("disk0", "b2"))
+        .unwrap();
     let left = node(&qmp, "disk0").dirty_bitmaps.unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
 }
@@ -306,7 +364,7 @@ fn concurrent_execute_gets_own_replies() {
                 for i in 0..50 {
                     if i % 2 == 0 {
                         let missing = format!("gone-{t}-{i}");
-                        match qmp.blockdev_del(&missing) {
+                        match qmp.run(&del(&missing)) {
                             Err(Error::Command { desc, .. }) => {
                                 assert!(desc.contains(&format!("'{missing}'")), "{desc}")
                             }
@@ -314,8 +372,7 @@ fn concurrent_execute_gets_own_replies() {
                         }
                     } else {
                         let name = format!("bm-{t}-{i}");
-                        qmp.block_dirty_bitmap_add(&DirtyBitmapAdd::new("shared", &name))
-                            .unwrap();
+                        qmp.run(&BlockDirtyBitmapAdd::new("shared", &name)).unwrap();
                     }
                 }
             });
@@ -348,8 +405,7 @@ fn backup_job_events_arrive_in_order() {
         filter_node_name: Some("cbw0".into()),
         ..BlockdevBackup::new("job0", "src", "target", SyncMode::Full)
     };
-    qmp.transaction(vec![action::blockdev_backup(&backup)])
-        .unwrap();
+    qmp.run(&Transaction::new().with(&backup)).unwrap();
 
     // Waiting for BLOCK_JOB_PENDING passes over the status changes before
     // it; they stay queued, in order.
@@ -372,7 +428,7 @@ fn backup_job_events_arrive_in_order() {
     assert!(statuses.contains(&JobStatus::Running), "{statuses:?}");
     assert_eq!(statuses.last(), Some(&JobStatus::Pending), "{statuses:?}");
 
-    let jobs = qmp.query_jobs().unwrap();
+    let jobs = qmp.run(&QueryJobs).unwrap();
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].id, "job0");
     assert_eq!(jobs[0].job_type, "backup");
@@ -381,7 +437,7 @@ fn backup_job_events_arrive_in_order() {
     assert_eq!(jobs[0].total_progress, 64 * MIB);
     assert_eq!(jobs[0].error, None);
 
-    qmp.job_finalize("job0").unwrap();
+    qmp.run(&JobFinalize::new("job0")).unwrap();
     let completed = qmp
         .wait_event(WAIT, |e| e.name == Event::BLOCK_JOB_COMPLETED)
         .unwrap()
@@ -393,12 +449,12 @@ fn backup_job_events_arrive_in_order() {
     assert_eq!(completed.error, None);
     qmp.wait_event(WAIT, |e| is_status(e, "job0", JobStatus::Concluded))
         .unwrap();
-    assert_eq!(qmp.query_jobs().unwrap()[0].status, JobStatus::Concluded);
+    assert_eq!(qmp.run(&QueryJobs).unwrap()[0].status, JobStatus::Concluded);
 
-    qmp.job_dismiss("job0").unwrap();
+    qmp.run(&JobDismiss::new("job0")).unwrap();
     qmp.wait_event(WAIT, |e| is_status(e, "job0", JobStatus::Null))
         .unwrap();
-    assert!(qmp.query_jobs().unwrap().is_empty());
+    assert!(qmp.run(&QueryJobs).unwrap().is_empty());
     assert!(qmp.drain_events().is_empty());
     assert_eq!(qmp.dropped_events(), 0);
 }
@@ -414,17 +470,18 @@ fn cancelling_a_grouped_job_cancels_the_group() {
         speed: Some(64 * 1024),
         ..BlockdevBackup::new(job, src, dst, SyncMode::Full)
     };
-    qmp.transaction_grouped(vec![
-        action::blockdev_backup(&slow("j0", "src0", "dst0")),
-        action::blockdev_backup(&slow("j1", "src1", "dst1")),
-    ])
+    qmp.run(
+        &Transaction::grouped()
+            .with(&slow("j0", "src0", "dst0"))
+            .with(&slow("j1", "src1", "dst1")),
+    )
     .unwrap();
     qmp.wait_event(WAIT, |e| is_status(e, "j0", JobStatus::Running))
         .unwrap();
-    let running = qmp.query_jobs().unwrap();
+    let running = qmp.run(&QueryJobs).unwrap();
     assert_eq!(running.len(), 2, "{running:?}");
 
-    qmp.job_cancel("j0").unwrap();
+    qmp.run(&JobCancel::new("j0")).unwrap();
     let mut cancelled = BTreeSet::new();
     while cancelled.len() < 2 {
         let event = qmp
@@ -444,7 +501,7 @@ fn cancelling_a_grouped_job_cancels_the_group() {
         qmp.wait_event(WAIT, |e| is_status(e, job, JobStatus::Null))
             .unwrap();
     }
-    assert!(qmp.query_jobs().unwrap().is_empty());
+    assert!(qmp.run(&QueryJobs).unwrap().is_empty());
 }
 
 #[test]
@@ -453,7 +510,7 @@ fn stopped_daemon_times_out_then_recovers() {
     let qmp = daemon.connect();
 
     daemon.signal("-STOP");
-    let result = qmp.execute_timeout("query-jobs", Value::Null, Duration::from_millis(300));
+    let result = qmp.run_timeout(&QueryJobs, Duration::from_millis(300));
     daemon.signal("-CONT");
     assert!(
         matches!(&result, Err(Error::Timeout { command, .. }) if command == "query-jobs"),
@@ -461,9 +518,9 @@ fn stopped_daemon_times_out_then_recovers() {
     );
     // The late reply to the timed-out command is dropped; the next command
     // gets its own.
-    let version = qmp.execute("query-version", Value::Null).unwrap();
-    assert!(version.get("qemu").is_some(), "{version}");
-    assert!(qmp.query_jobs().unwrap().is_empty());
+    let version = qmp.run(&QueryVersion).unwrap();
+    assert!(version.qemu >= QemuVersion::new(5, 0, 0), "{version:?}");
+    assert!(qmp.run(&QueryJobs).unwrap().is_empty());
 }
 
 #[test]
@@ -475,7 +532,7 @@ fn killing_the_daemon_disconnects_every_caller() {
     daemon.signal("-STOP");
     let started = Instant::now();
     std::thread::scope(|s| {
-        let command = s.spawn(|| qmp.execute("query-jobs", Value::Null));
+        let command = s.spawn(|| qmp.run(&QueryJobs));
         let waiter = s.spawn(|| qmp.wait_event(Duration::from_secs(60), |_| false));
         std::thread::sleep(Duration::from_millis(300));
         daemon.kill();
@@ -496,7 +553,10 @@ fn killing_the_daemon_disconnects_every_caller() {
         started.elapsed()
     );
     assert!(!qmp.is_connected());
-    assert!(matches!(qmp.query_jobs(), Err(Error::Disconnected { .. })));
+    assert!(matches!(
+        qmp.run(&QueryJobs),
+        Err(Error::Disconnected { .. })
+    ));
     assert!(matches!(
         qmp.next_event(Duration::from_secs(1)),
         Err(Error::Disconnected { .. })

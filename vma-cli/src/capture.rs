@@ -1,7 +1,7 @@
 //! `vma capture`: back up drives of a running QEMU over QMP.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Context, Result};
 use vma_capture::capture::{capture as run_capture, BitmapMode, CaptureOptions, DriveSpec};
@@ -22,7 +22,9 @@ pub(crate) struct CaptureArgs {
     /// (repeatable; default: every device with a medium).
     #[arg(long = "drive", value_name = "NODE[=NAME]")]
     drives: Vec<String>,
-    /// Config blob as [NAME=]FILE (repeatable).
+    /// Config blob as [NAME=]FILE (repeatable; default for an incremental
+    /// capture: the VM configs of its parent's point in time, carried
+    /// forward).
     #[arg(long = "config", value_name = "[NAME=]FILE")]
     configs: Vec<String>,
     /// Back up only what changed since this archive (made by `vma capture`),
@@ -52,9 +54,10 @@ pub(crate) struct CaptureArgs {
     /// starting new checkpoint bitmaps (no bitmaps needed in the parent).
     #[arg(long, value_name = "PARENT", conflicts_with = "incremental_from")]
     diff_against: Option<PathBuf>,
-    /// An ancestor of the --diff-against archive (repeatable); by default
-    /// they are looked for beside it, by uuid.
-    #[arg(long = "parent", value_name = "PATH", requires = "diff_against")]
+    /// An ancestor of the --diff-against or --incremental-from archive
+    /// (repeatable; to compare against, or to find the VM configs it
+    /// carries forward); by default they are looked for beside it, by uuid.
+    #[arg(long = "parent", value_name = "PATH")]
     parents: Vec<PathBuf>,
     /// With --diff-against, when QEMU already runs its (one) NBD server:
     /// that server's unix socket, to export the views there.
@@ -74,14 +77,14 @@ enum BitmapModeArg {
     Always,
 }
 
-/// Set by SIGINT/SIGTERM: the capture cancels its jobs and keeps nothing.
-static CANCEL: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    CANCEL.store(true, Ordering::Relaxed);
-}
+/// Set by SIGINT, SIGTERM and SIGHUP (see `signals`): the capture cancels
+/// its jobs and keeps nothing.
+pub(crate) static CANCEL: AtomicBool = AtomicBool::new(false);
 
 pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
+    if !args.parents.is_empty() && args.diff_against.is_none() && args.incremental_from.is_none() {
+        bail!("--parent names ancestors of --diff-against or --incremental-from; give one of them");
+    }
     let drives = args
         .drives
         .iter()
@@ -118,11 +121,7 @@ pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
         chain_parents: args.parents.clone(),
         qemu_nbd_socket: args.qemu_nbd_socket.clone(),
     };
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    crate::signals::clear_stale(args.archive.parent().unwrap_or(Path::new(".")))?;
     let progress = Progress::bytes(1, "capture", quiet);
     let result = run_capture(&options, &CANCEL, |p| {
         progress.set_total(p.total);

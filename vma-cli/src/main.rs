@@ -15,6 +15,7 @@ macro_rules! outln {
 mod capture;
 mod mount;
 mod output;
+mod signals;
 
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Read, Write};
@@ -31,8 +32,8 @@ use vma_core::diff::diff_or_copy;
 use vma_core::extract::{check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions};
 use vma_core::format::{check_name, limits};
 use vma_core::merge::{merge_chain, synthetic_meta, MergeOptions};
-use vma_core::prune::{archives_in, files_in, plan_prune};
-use vma_core::source::{copy_image, open_image, DiskImage};
+use vma_core::prune::{archives_in, check_configs_kept, files_in, kept_point_configs, plan_prune};
+use vma_core::source::{copy_image, open_source, DiskImage, ImageFormat};
 use vma_core::stream::human_bytes;
 use vma_core::stream::ArchiveFormat;
 use vma_core::{
@@ -67,8 +68,9 @@ enum Command {
         /// Also list the chain of ancestors of an incremental archive.
         #[arg(long)]
         chain: bool,
-        /// An ancestor (repeatable), for `--chain`; by default they are
-        /// looked for beside the archive, by uuid.
+        /// An ancestor (repeatable), for `--chain` and for the configs of
+        /// an incremental archive that stores none itself; by default they
+        /// are looked for beside the archive, by uuid.
         #[arg(long = "parent", value_name = "PATH")]
         parents: Vec<PathBuf>,
     },
@@ -81,6 +83,11 @@ enum Command {
         /// Print the config names instead.
         #[arg(long)]
         list: bool,
+        /// An ancestor of an incremental archive that stores no VM config
+        /// itself (repeatable); by default they are looked for beside the
+        /// archive, by uuid.
+        #[arg(long = "parent", value_name = "PATH")]
+        parents: Vec<PathBuf>,
     },
     /// Check every structure, digest and cluster of an archive.
     Verify {
@@ -106,9 +113,14 @@ enum Command {
     /// drive of archives: the vma tree digest an archive records, so a
     /// restored disk can be compared with its archive.
     Checksum {
-        /// Disk images and archives.
+        /// Disk images as [format=raw|qcow2:]PATH (the format as `create`
+        /// tells it: given, else qcow2 for a file named *.qcow2, else raw),
+        /// and archives: a regular file not named as an image (*.raw,
+        /// *.img, *.qcow2) that starts like an archive is read as one.
         #[arg(required = true, value_name = "IMAGE|ARCHIVE")]
-        paths: Vec<PathBuf>,
+        paths: Vec<String>,
+        #[command(flatten)]
+        sources: SourceArgs,
         /// Print the plain SHA-256 of the content instead (what `sha256sum`
         /// of a raw image gives; one sequential hash, zeros included).
         #[arg(long)]
@@ -210,10 +222,13 @@ enum Command {
         /// becomes the new archive's parent.
         #[arg(long, value_name = "PARENT")]
         against: PathBuf,
-        /// Current disk images as [NAME=]PATH (raw, block device or qcow2);
-        /// NAME defaults to the file stem and matches a drive of PARENT.
-        #[arg(required = true, value_name = "[NAME=]IMAGE")]
+        /// Current disk images as [format=raw|qcow2:][NAME=]PATH; NAME
+        /// defaults to the file stem and matches a drive of PARENT. Without
+        /// a format, a file named *.qcow2 is qcow2, anything else raw.
+        #[arg(required = true, value_name = "[format=F:][NAME=]IMAGE")]
         images: Vec<String>,
+        #[command(flatten)]
+        sources: SourceArgs,
         /// The incremental archive to write, or `-` for standard output.
         #[arg(short, long, value_name = "ARCHIVE")]
         output: String,
@@ -221,7 +236,8 @@ enum Command {
         /// for beside it, by uuid.
         #[arg(long = "parent", value_name = "PATH")]
         parents: Vec<PathBuf>,
-        /// Config blob as [NAME=]FILE (repeatable).
+        /// Config blob as [NAME=]FILE (repeatable; default: the VM configs
+        /// of PARENT's point in time, carried forward).
         #[arg(long = "config", value_name = "[NAME=]FILE")]
         configs: Vec<String>,
         #[command(flatten)]
@@ -270,14 +286,29 @@ impl OutputArgs {
     }
 }
 
+/// Options of every command that reads disk images.
+#[derive(clap::Args, Debug)]
+struct SourceArgs {
+    /// Also read qcow2 backing files inside DIR (repeatable); by default
+    /// only those inside the named image's own directory are read.
+    #[arg(long = "allow-backing", value_name = "DIR")]
+    allow_backing: Vec<PathBuf>,
+}
+
 /// Arguments of `vma create`.
 #[derive(clap::Args)]
 struct CreateArgs {
     /// Archive to write, or `-` for standard output.
     archive: String,
-    /// Disk images as [NAME=]PATH; NAME defaults to the file stem.
-    #[arg(required = true, value_name = "[NAME=]IMAGE")]
+    /// Disk images as [format=raw|qcow2:][NAME=]PATH; NAME defaults to
+    /// the file stem. Without a format, a block device is raw, a file
+    /// named *.qcow2 is qcow2, anything else raw (contents never decide).
+    /// With `--format vma1` there may be none (a config-only archive, as
+    /// Proxmox's `vma create` writes without drives).
+    #[arg(value_name = "[format=F:][NAME=]IMAGE")]
     images: Vec<String>,
+    #[command(flatten)]
+    sources: SourceArgs,
     /// Config blob as [NAME=]FILE; NAME defaults to the file name. Repeatable.
     #[arg(long = "config", value_name = "[NAME=]FILE")]
     configs: Vec<String>,
@@ -357,6 +388,18 @@ pub(crate) fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     let quiet = cli.quiet;
+    // Commands that write files remove their temporaries on SIGINT,
+    // SIGTERM and SIGHUP; capture cancels its jobs first.
+    match &cli.command {
+        Command::Create(_)
+        | Command::Extract { .. }
+        | Command::Convert { .. }
+        | Command::Diff { .. }
+        | Command::Merge { .. }
+        | Command::Prune { .. } => signals::install(signals::OnSignal::Exit),
+        Command::Capture(_) => signals::install(signals::OnSignal::Cancel(&capture::CANCEL)),
+        _ => {}
+    }
     match cli.command {
         Command::Create(args) => create(&args, quiet),
         Command::List {
@@ -364,12 +407,13 @@ fn run(cli: Cli) -> Result<()> {
             json,
             chain,
             parents,
-        } => output::list(&archive, json, chain.then_some(&parents[..])),
+        } => output::list(&archive, json, chain, &parents),
         Command::Config {
             archive,
             name,
             list,
-        } => config(&archive, name.as_deref(), list),
+            parents,
+        } => config(&archive, name.as_deref(), list, &parents),
         Command::Verify {
             archive,
             json,
@@ -379,10 +423,11 @@ fn run(cli: Cli) -> Result<()> {
         } => output::verify(&archive, json, threads, !no_drive_digest, &parents, quiet),
         Command::Checksum {
             paths,
+            sources,
             sha256,
             parents,
             threads,
-        } => checksum(&paths, sha256, &parents, threads, quiet),
+        } => checksum(&paths, &sources, sha256, &parents, threads, quiet),
         Command::Extract {
             archive,
             target_dir,
@@ -429,6 +474,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Diff {
             against,
             images,
+            sources,
             output,
             parents,
             configs,
@@ -436,6 +482,7 @@ fn run(cli: Cli) -> Result<()> {
         } => diff(
             &against,
             &images,
+            &sources,
             &output,
             &parents,
             &configs,
@@ -463,6 +510,39 @@ fn run(cli: Cli) -> Result<()> {
             output_options,
         } => merge(&archive, &output, &parents, &output_options, quiet),
     }
+}
+
+/// A disk image argument `[format=F:][NAME=]PATH`: its format when given
+/// (the prefix is the one of Proxmox's `vma` device maps), name and path.
+/// An argument that names an existing file as a whole is a path.
+fn image_arg(arg: &str) -> Result<(Option<ImageFormat>, String, PathBuf)> {
+    let mut format = None;
+    let mut rest = arg;
+    if !Path::new(arg).exists() {
+        if let Some((f, tail)) = arg
+            .strip_prefix("format=")
+            .and_then(|r| r.split_once(':'))
+            .filter(|(f, _)| !f.contains('/'))
+        {
+            format = Some(ImageFormat::parse(f).ok_or_else(|| {
+                anyhow!("{arg:?}: unknown image format {f:?} (formats: raw, qcow2)")
+            })?);
+            rest = tail;
+        }
+    }
+    let (name, path) = named_arg(rest, "drive", Path::file_stem)?;
+    Ok((format, name, path))
+}
+
+/// Open the disk image of argument `arg` (see [`image_arg`]) as a source,
+/// and print the warning it may come with.
+fn open_image_arg(arg: &str, sources: &SourceArgs) -> Result<(String, Box<dyn DiskImage>)> {
+    let (format, name, path) = image_arg(arg)?;
+    let opened = open_source(&path, format, &sources.allow_backing)?;
+    if let Some(w) = &opened.warning {
+        eprintln!("vma: warning: {w}");
+    }
+    Ok((name, opened.image))
 }
 
 /// Split `[NAME=]PATH`; the name part must be a valid name without `/`.
@@ -542,6 +622,7 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     let CreateArgs {
         archive,
         images: image_args,
+        sources,
         configs: config_args,
         output_options,
         format,
@@ -558,8 +639,7 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     let mut images = Vec::new();
     let mut drives = Vec::new();
     for (i, arg) in image_args.iter().enumerate() {
-        let (name, path) = named_arg(arg, "drive", Path::file_stem)?;
-        let image = open_image(&path)?;
+        let (name, image) = open_image_arg(arg, sources)?;
         drives.push(DriveInfo {
             id: DriveId(i as u8 + 1),
             name,
@@ -572,9 +652,17 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
         drives.iter().map(|d| d.name.as_str()),
         configs.iter().map(|c| c.name.as_str()),
     )?;
+    let vma1 = format == OutputFormat::Vma1;
+    if drives.is_empty() && (!vma1 || configs.is_empty()) {
+        bail!(
+            "give at least one disk image (only a VMA v1 archive, --format vma1, may hold configs alone)"
+        );
+    }
+    if vma1 {
+        note_v1_sizes(&drives, quiet);
+    }
     let meta = ArchiveMeta::new(drives.clone(), configs);
     let total: u64 = drives.iter().map(|d| d.size).sum();
-    let vma1 = format == OutputFormat::Vma1;
     let stored = archive_images(
         archive, force, meta, vma1, &options, &images, "create", quiet,
     )?;
@@ -588,6 +676,20 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Say which drives a VMA v1 archive stores with a size rounded up to
+/// whole 512-byte sectors (see `vma_core::format_v1::stored_size`).
+fn note_v1_sizes(drives: &[DriveInfo], quiet: bool) {
+    for d in drives {
+        let stored = vma_core::format_v1::stored_size(d.size);
+        if stored != d.size && !quiet {
+            eprintln!(
+                "vma: drive {} is {} bytes, not whole 512-byte sectors: VMA v1 stores it as {stored} bytes (a zero tail), as QEMU presents it",
+                d.name, d.size
+            );
+        }
+    }
 }
 
 /// `vma merge`: the chain's newest point in time as a synthetic full,
@@ -695,6 +797,11 @@ fn prune(
     if archives.is_empty() {
         bail!("no archives in {}", paths[0].display());
     }
+    if !dry_run {
+        for d in &dirs {
+            signals::clear_stale(d)?;
+        }
+    }
     let mut beside = Vec::new();
     for d in &dirs {
         beside.extend(files_in(d)?);
@@ -743,6 +850,8 @@ fn prune(
         say("dry run: nothing changed".into());
         return Ok(());
     }
+    // The configs of every kept point in time, to check that none is lost.
+    let configs_before = kept_point_configs(&plan, &archives)?;
     let threads = output_options.threads;
     for c in &plan.chains {
         let Some(k) = &c.fold else { continue };
@@ -778,6 +887,7 @@ fn prune(
             })?;
         }
     }
+    check_configs_kept(&plan, &configs_before, &remaining)?;
     for c in &plan.chains {
         for d in &c.delete {
             std::fs::remove_file(d).with_context(|| format!("deleting {}", d.display()))?;
@@ -810,9 +920,11 @@ fn check_written(file: &File, threads: usize) -> Result<()> {
 /// `vma diff`: each image against the same-named drive of the chain ending
 /// at `against`; a drive PARENT lacks, or whose size changed, is stored in
 /// full.
+#[allow(clippy::too_many_arguments)]
 fn diff(
     against: &Path,
     image_args: &[String],
+    source_args: &SourceArgs,
     output: &str,
     parents: &[PathBuf],
     config_args: &[String],
@@ -834,8 +946,7 @@ fn diff(
     let mut drives = Vec::new();
     let mut sources = Vec::new();
     for (i, arg) in image_args.iter().enumerate() {
-        let (name, path) = named_arg(arg, "drive", Path::file_stem)?;
-        let image = open_image(&path)?;
+        let (name, image) = open_image_arg(arg, source_args)?;
         let base = chain
             .header()
             .drives
@@ -850,7 +961,13 @@ fn diff(
         });
         sources.push((image, base));
     }
-    let configs = read_configs(config_args)?;
+    // The VM configs of the parent's point in time go forward unless new
+    // ones are given.
+    let configs = if config_args.is_empty() {
+        chain.point_configs().vm_configs()
+    } else {
+        read_configs(config_args)?
+    };
     check_member_names(
         drives.iter().map(|d| d.name.as_str()),
         configs.iter().map(|c| c.name.as_str()),
@@ -980,11 +1097,16 @@ fn write_archive_checked<T>(
         return Ok((result, out.1));
     }
     let dest = Path::new(archive);
-    if dest.exists() && !force {
-        bail!("{archive} exists; use --force to replace it");
+    signals::clear_stale(dest.parent().unwrap_or(Path::new(".")))?;
+    // Checked again, atomically, when the file is renamed into place.
+    if dest.symlink_metadata().is_ok() && !force {
+        return Err(vma_core::Error::Exists {
+            path: archive.to_string(),
+        }
+        .into());
     }
     let mut out = Counting(
-        BufWriter::with_capacity(1 << 20, AtomicFile::create(dest)?),
+        BufWriter::with_capacity(1 << 20, AtomicFile::create(dest)?.replacing(force)),
         0,
     );
     let result = body(&mut out)?;
@@ -1022,6 +1144,13 @@ fn convert(
     let header = stream.header().clone();
     let source_format = stream.format();
     let vma1 = format == OutputFormat::Vma1;
+    if vma1 {
+        note_v1_sizes(&header.drives, quiet);
+    } else if header.drives.is_empty() {
+        bail!(
+            "{input} holds configs only (no drives), and a native archive needs at least one drive: read the configs with `vma config` or `vma extract`, or convert with --format vma1"
+        );
+    }
     if header.parent.is_some() && source_format == ArchiveFormat::V2 && !vma1 {
         bail!(
             "{input} is an incremental archive of version 2.0: its parent cannot prove its content to a 3.0 archive; merge it into a full first (`vma merge {input} -o FULL`, which writes a 3.0 full)"
@@ -1130,31 +1259,19 @@ fn convert(
 /// `vma checksum`: the drive digest (or plain SHA-256) of images and of
 /// every drive of archives.
 fn checksum(
-    paths: &[PathBuf],
+    args: &[String],
+    sources: &SourceArgs,
     sha256: bool,
     parents: &[PathBuf],
     threads: usize,
     quiet: bool,
 ) -> Result<()> {
-    for path in paths {
-        let mut magic = [0u8; vma_core::detect::DETECT_LEN];
-        let n = File::open(path)
-            .and_then(|mut f| f.read(&mut magic))
-            .with_context(|| format!("reading {}", path.display()))?;
-        let archive = matches!(
-            vma_core::detect::detect(&magic[..n]),
-            Some(
-                vma_core::detect::DetectedFormat::Native
-                    | vma_core::detect::DetectedFormat::VmaV1
-                    | vma_core::detect::DetectedFormat::Zstd
-                    | vma_core::detect::DetectedFormat::Gzip
-                    | vma_core::detect::DetectedFormat::Lzo
-            )
-        );
+    for arg in args {
         let mut items: Vec<(String, Box<dyn DiskImage>)> = Vec::new();
-        if archive {
+        let (format, path) = checksum_arg(arg)?;
+        if format.is_none() && is_archive_file(&path)? {
             let chain = Arc::new(
-                Chain::open(path, parents)
+                Chain::open(&path, parents)
                     .with_context(|| format!("opening {}", path.display()))?,
             );
             chain.refuse_interrupted(|_| true)?;
@@ -1169,7 +1286,11 @@ fn checksum(
                 ));
             }
         } else {
-            items.push((path.display().to_string(), open_image(path)?));
+            let opened = open_source(&path, format, &sources.allow_backing)?;
+            if let Some(w) = &opened.warning {
+                eprintln!("vma: warning: {w}");
+            }
+            items.push((path.display().to_string(), opened.image));
         }
         for (name, image) in items {
             let what = if sha256 { "sha256" } else { "checksum" };
@@ -1185,6 +1306,55 @@ fn checksum(
         }
     }
     Ok(())
+}
+
+/// A `vma checksum` argument `[format=raw|qcow2:]PATH`: the image format
+/// when given, and the path. An argument that names an existing file as a
+/// whole is a path.
+fn checksum_arg(arg: &str) -> Result<(Option<ImageFormat>, PathBuf)> {
+    if !Path::new(arg).exists() {
+        if let Some((f, path)) = arg
+            .strip_prefix("format=")
+            .and_then(|r| r.split_once(':'))
+            .filter(|(f, _)| !f.contains('/'))
+        {
+            let format = ImageFormat::parse(f).ok_or_else(|| {
+                anyhow!("{arg:?}: unknown image format {f:?} (formats: raw, qcow2)")
+            })?;
+            return Ok((Some(format), PathBuf::from(path)));
+        }
+    }
+    Ok((None, PathBuf::from(arg)))
+}
+
+/// Whether `vma checksum` reads `path` as an archive: a regular file not
+/// named as a disk image (`.raw`, `.img`, `.qcow2`) whose first bytes are
+/// an archive's. A disk image's contents belong to its guest: one named as
+/// an image, or given with `format=`, is never looked into.
+fn is_archive_file(path: &Path) -> Result<bool> {
+    let named_image = path.extension().is_some_and(|e| {
+        ["raw", "img", "qcow2"]
+            .iter()
+            .any(|x| e.eq_ignore_ascii_case(x))
+    });
+    let meta = std::fs::metadata(path).with_context(|| format!("opening {}", path.display()))?;
+    if named_image || !meta.is_file() {
+        return Ok(false);
+    }
+    let mut magic = [0u8; vma_core::detect::DETECT_LEN];
+    let n = File::open(path)
+        .and_then(|mut f| f.read(&mut magic))
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(matches!(
+        vma_core::detect::detect(&magic[..n]),
+        Some(
+            vma_core::detect::DetectedFormat::Native
+                | vma_core::detect::DetectedFormat::VmaV1
+                | vma_core::detect::DetectedFormat::Zstd
+                | vma_core::detect::DetectedFormat::Gzip
+                | vma_core::detect::DetectedFormat::Lzo
+        )
+    ))
 }
 
 fn feed_images(
@@ -1204,26 +1374,33 @@ fn feed_images(
     Ok(())
 }
 
-fn config(archive: &str, name: Option<&str>, list: bool) -> Result<()> {
-    let (stream, _, _) = open_stream(archive)?;
-    let header = stream.header();
+/// `vma config`: a config blob of the archive's point in time (stored in
+/// it, or in the nearest ancestor that stores VM configs).
+fn config(archive: &str, name: Option<&str>, list: bool, parents: &[PathBuf]) -> Result<()> {
+    let (stream, path, _) = open_stream(archive)?;
+    let header = stream.header().clone();
+    drop(stream);
+    let (point, problem) = output::listed_configs(&header, path.as_deref(), parents);
+    if let Some(problem) = problem {
+        bail!("{problem}");
+    }
+    let configs = point.blobs();
     let mut out = std::io::stdout().lock();
     if list {
-        for c in &header.configs {
+        for c in &configs {
             writeln!(out, "{}", c.name)?;
         }
         return Ok(());
     }
     let blob = match name {
-        Some(n) => header.configs.iter().find(|c| c.name == n).ok_or_else(|| {
-            let names: Vec<&str> = header.configs.iter().map(|c| c.name.as_str()).collect();
+        Some(n) => configs.iter().find(|c| c.name == n).ok_or_else(|| {
+            let names: Vec<&str> = configs.iter().map(|c| c.name.as_str()).collect();
             anyhow!(
                 "the archive has no config named {n:?} (it has: {})",
                 names.join(", ")
             )
         })?,
-        None => header
-            .configs
+        None => configs
             .first()
             .ok_or_else(|| anyhow!("the archive holds no config blobs"))?,
     };
@@ -1240,6 +1417,7 @@ fn extract_cmd(
     json: bool,
     quiet: bool,
 ) -> Result<()> {
+    signals::clear_stale(dir)?;
     let (stream, path, compression) = open_stream(archive)?;
     let ancestors = Chain::open_parent(stream.header(), path.as_deref(), parents)?;
     let total = match (&path, compression) {

@@ -202,19 +202,22 @@ fn prepare(args: &MountArgs) -> Result<(ArchiveFs, Option<Value>)> {
     } else {
         (Reader::open(&args.archive).with_context(opening)?, None)
     };
-    // archive.json describes the newest archive, as `vma list --json` does
-    // (a salvaged archive: as its intact extents describe it).
-    let mut opened = Opened {
+    let opened = Opened {
         header: newest.header().clone(),
         format: newest.format(),
         compression: StreamCompression::None,
-        reader: Some(newest),
+        reader: None,
         problem: None,
     };
-    let mut json = serde_json::to_vec_pretty(&list_json(&opened))?;
-    json.push(b'\n');
-    let newest = opened.reader.take().expect("reader just placed");
     let chain = Chain::with_newest(newest, &args.parents).with_context(opening)?;
+    // archive.json describes the newest archive, as `vma list --json` does
+    // (a salvaged archive: as its intact extents describe it).
+    let mut json = serde_json::to_vec_pretty(&list_json(
+        &opened,
+        Some(chain.newest()),
+        &chain.point_configs(),
+    ))?;
+    json.push(b'\n');
     chain.refuse_interrupted(|_| true)?;
     chain.newest().set_cache_bytes(args.cache_size.max(1) << 20);
     let mut extra = vec![("archive.json".to_string(), json)];

@@ -3,6 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use vma_core::chain::Chain;
+use vma_core::configs::{
+    point_configs, point_configs_over, stores_vm_configs, ConfigSource, PointConfigs,
+};
+use vma_core::Reader;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -130,10 +134,11 @@ fn format_names(format: ArchiveFormat, header: &Header) -> (&'static str, String
     }
 }
 
-/// The `list --json` document (also what `mount` will show as archive.json).
-pub(crate) fn list_json(opened: &Opened) -> Value {
+/// The `list --json` document (also what `mount` will show as archive.json)
+/// of `opened`, read through `reader` when it is a complete file, with the
+/// configs of its point in time (`configs`).
+pub(crate) fn list_json(opened: &Opened, reader: Option<&Reader>, configs: &PointConfigs) -> Value {
     let header = &opened.header;
-    let reader = opened.reader.as_ref();
     let drives: Vec<Value> = header
         .drives
         .iter()
@@ -153,10 +158,26 @@ pub(crate) fn list_json(opened: &Opened) -> Value {
             })
         })
         .collect();
-    let configs: Vec<Value> = header
+    let configs: Vec<Value> = configs
         .configs
         .iter()
-        .map(|c| json!({"name": c.name, "size": c.data.len()}))
+        .map(|(c, source)| {
+            let (kind, uuid, path) = match source {
+                ConfigSource::Archive => ("archive", None, None),
+                ConfigSource::Ancestor { uuid, path } => (
+                    "ancestor",
+                    Some(uuid_str(uuid)),
+                    Some(path.display().to_string()),
+                ),
+            };
+            json!({
+                "name": c.name,
+                "size": c.data.len(),
+                "source": kind,
+                "source_uuid": uuid,
+                "source_path": path,
+            })
+        })
         .collect();
     let (format, version) = format_names(opened.format, header);
     let compression = match (opened.format, opened.compression) {
@@ -184,6 +205,7 @@ pub(crate) fn list_json(opened: &Opened) -> Value {
         "cannot_prove": cannot_prove(opened.format),
         "drives": drives,
         "configs": configs,
+        "configs_problem": null,
     })
 }
 
@@ -210,10 +232,38 @@ fn cannot_prove(format: ArchiveFormat) -> Vec<&'static str> {
     }
 }
 
-pub(crate) fn list(archive: &str, json_out: bool, chain_parents: Option<&[PathBuf]>) -> Result<()> {
+/// The configs of the point in time of an archive with `header` (read
+/// from `path` unless standard input): an incremental archive that stores
+/// no VM configs takes them from its ancestors, found as `extract` finds
+/// them. When they cannot be found, only what the archive stores, and why.
+pub(crate) fn listed_configs(
+    header: &Header,
+    path: Option<&Path>,
+    parents: &[PathBuf],
+) -> (PointConfigs, Option<String>) {
+    if header.parent.is_none() || stores_vm_configs(header) {
+        return (point_configs(header, &[]), None);
+    }
+    match Chain::open_parent(header, path, parents) {
+        Ok(chain) => (point_configs_over(header, chain.as_ref()), None),
+        Err(e) => (
+            point_configs(header, &[]),
+            Some(format!(
+                "the archive stores no VM config and its ancestors could not be opened ({e}); give them with --parent"
+            )),
+        ),
+    }
+}
+
+pub(crate) fn list(archive: &str, json_out: bool, chain: bool, parents: &[PathBuf]) -> Result<()> {
     let opened = open_for_listing(archive)?;
-    let mut doc = list_json(&opened);
-    if let Some(parents) = chain_parents {
+    let path = (archive != "-").then(|| Path::new(archive));
+    let (configs, configs_problem) = listed_configs(&opened.header, path, parents);
+    let mut doc = list_json(&opened, opened.reader.as_ref(), &configs);
+    if let Some(problem) = configs_problem {
+        doc["configs_problem"] = json!(problem);
+    }
+    if chain {
         if archive == "-" {
             anyhow::bail!("--chain needs an archive file, not standard input");
         }
@@ -290,11 +340,18 @@ pub(crate) fn list(archive: &str, json_out: bool, chain_parents: Option<&[PathBu
         }
         outln!("configs:");
         for c in doc["configs"].as_array().into_iter().flatten() {
+            let from = match (c["source_uuid"].as_str(), c["source_path"].as_str()) {
+                (Some(uuid), Some(path)) => format!("  from ancestor {uuid} ({path})"),
+                _ => String::new(),
+            };
             outln!(
-                "       {:<24} {:>8} bytes",
+                "       {:<24} {:>8} bytes{from}",
                 c["name"].as_str().unwrap_or(""),
                 c["size"]
             );
+        }
+        if let Some(problem) = doc["configs_problem"].as_str() {
+            outln!("       ({problem})");
         }
         if let Some(links) = doc["chain"].as_array() {
             outln!("chain (newest first):");

@@ -158,6 +158,13 @@ pub enum Error {
         feature: String,
     },
 
+    /// An output's name is taken and replacing it was not asked for.
+    #[error("{path} exists; use --force to replace it")]
+    Exists {
+        /// The output's final name.
+        path: String,
+    },
+
     /// The caller used the API wrongly (unknown drive, duplicate cluster, ...).
     #[error("{0}")]
     Invalid(String),

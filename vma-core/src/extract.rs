@@ -2,157 +2,22 @@
 //! temporary names and renamed into place only when everything succeeded.
 
 use std::cell::RefCell;
-use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::chain::Chain;
+use crate::configs::point_configs_over;
 use crate::error::{Error, IoContext, Result};
 use crate::extent::{ClusterData, DecodedExtent};
-use crate::format::{check_name, Header, BLOCK_SIZE};
+use crate::format::{check_name, ConfigBlob, Header, BLOCK_SIZE};
 use crate::index::{LeafItem, LeafSource};
 use crate::qcow2::{compress_cluster, Qcow2Writer};
 use crate::stream::{ArchiveStream, HashDrives, PassOptions, PassReport};
 use crate::types::{cluster_len, ClusterNo, DriveId, DriveRange};
 
-/// Start write-back of dirty pages after this many bytes were written, so
-/// the final fsync finds little left and disk writes overlap the work.
-const WRITE_BEHIND_BYTES: u64 = 64 << 20;
-
-/// A file being written under a temporary name in its final directory.
-pub struct AtomicFile {
-    file: File,
-    tmp: PathBuf,
-    dest: PathBuf,
-    done: bool,
-    unsynced: AtomicU64,
-}
-
-impl AtomicFile {
-    /// Create a new temporary file beside `dest` (`.NAME.partial-PID`,
-    /// the name cut so it stays a valid file name). It is created
-    /// exclusively: whatever already sits under that name, a planted
-    /// symlink included, is never opened or followed.
-    pub fn create(dest: &Path) -> Result<AtomicFile> {
-        let dir = dest.parent().unwrap_or(Path::new("."));
-        let name = dest
-            .file_name()
-            .ok_or_else(|| Error::Invalid(format!("{} has no file name", dest.display())))?
-            .to_string_lossy();
-        let suffix = format!(".partial-{}", std::process::id());
-        let mut keep = name.len().min(255 - 1 - suffix.len());
-        while !name.is_char_boundary(keep) {
-            keep -= 1;
-        }
-        let tmp = dir.join(format!(".{}{suffix}", &name[..keep]));
-        let open = || {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-        };
-        let file = match open() {
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                // A leftover of an earlier run with our pid: remove the
-                // entry itself (never what a symlink points to) and retry.
-                let _ = std::fs::remove_file(&tmp);
-                open()
-            }
-            other => other,
-        }
-        .ctx(|| format!("creating {}", tmp.display()))?;
-        Ok(AtomicFile {
-            file,
-            tmp,
-            dest: dest.to_path_buf(),
-            done: false,
-            unsynced: AtomicU64::new(0),
-        })
-    }
-
-    /// Write `bytes` at `offset` (for out-of-order output).
-    pub fn write_all_at(&self, bytes: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(bytes, offset)
-            .ctx(|| format!("writing {} at offset {offset}", self.tmp.display()))?;
-        self.wrote(bytes.len());
-        Ok(())
-    }
-
-    /// Count written bytes; every 64 MiB ask the kernel to start writing
-    /// the dirty pages back without waiting for them.
-    fn wrote(&self, n: usize) {
-        let total = self.unsynced.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
-        if total >= WRITE_BEHIND_BYTES {
-            self.unsynced.store(0, Ordering::Relaxed);
-            // SAFETY: sync_file_range only reads the descriptor we own.
-            unsafe {
-                libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-            }
-        }
-    }
-
-    /// The open temporary file.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    /// The file's final path.
-    pub fn dest(&self) -> &Path {
-        &self.dest
-    }
-
-    /// Commit under `dest` instead (in the same directory as the first
-    /// name, so the rename stays within one file system).
-    pub fn set_dest(&mut self, dest: PathBuf) {
-        self.dest = dest;
-    }
-
-    /// fsync, rename to the final name, fsync the directory.
-    pub fn commit(mut self) -> Result<()> {
-        self.file
-            .sync_all()
-            .ctx(|| format!("syncing {}", self.tmp.display()))?;
-        std::fs::rename(&self.tmp, &self.dest)
-            .ctx(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
-        self.done = true;
-        if let Some(dir) = self.dest.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Write for AtomicFile {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.wrote(n);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
-}
-
-impl Drop for AtomicFile {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
+pub use crate::atomic::AtomicFile;
 
 /// How extracted drives are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -252,7 +117,12 @@ pub struct ExtractSummary {
 /// Drive outputs (id, path) and config outputs (index, path).
 type Plan = (Vec<(DriveId, PathBuf)>, Vec<(usize, PathBuf)>);
 
-fn plan(header: &Header, dir: &Path, options: &ExtractOptions) -> Result<Plan> {
+fn plan(
+    header: &Header,
+    blobs: &[ConfigBlob],
+    dir: &Path,
+    options: &ExtractOptions,
+) -> Result<Plan> {
     for want in &options.drives {
         if !header.drives.iter().any(|d| &d.name == want) {
             let names: Vec<&str> = header.drives.iter().map(|d| d.name.as_str()).collect();
@@ -271,7 +141,7 @@ fn plan(header: &Header, dir: &Path, options: &ExtractOptions) -> Result<Plan> {
         }
     }
     let mut configs = Vec::new();
-    for (i, c) in header.configs.iter().enumerate() {
+    for (i, c) in blobs.iter().enumerate() {
         check_name(&c.name)?;
         configs.push((i, dir.join(&c.name)));
     }
@@ -288,18 +158,20 @@ fn plan(header: &Header, dir: &Path, options: &ExtractOptions) -> Result<Plan> {
         )));
     }
     if !options.force {
+        // Checked again, atomically, when the files are renamed into place.
         if let Some(p) = all.iter().find(|p| p.symlink_metadata().is_ok()) {
-            return Err(Error::Invalid(format!(
-                "{} exists; use --force to overwrite it",
-                p.display()
-            )));
+            return Err(Error::Exists {
+                path: p.display().to_string(),
+            });
         }
     }
     Ok((drives, configs))
 }
 
 /// Extract from an archive stream (file or pipe, one pass) into `dir`:
-/// `<drive>.raw` sparse files and one file per config blob. Without
+/// `<drive>.raw` sparse files and one file per config blob of the point in
+/// time (stored in the archive, or taken from the nearest ancestor that
+/// stores them, see [`crate::configs`]). Without
 /// `salvage`, the first problem stops it and nothing appears under a final
 /// name; with it, everything intact is written and the report lists what
 /// was lost.
@@ -314,17 +186,16 @@ pub fn extract<R: Read>(
     if ancestors.is_none() {
         refuse_incremental(&header)?;
     }
+    let configs = point_configs_over(&header, ancestors).blobs();
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-    let (drive_plan, config_plan) = plan(&header, dir, options)?;
+    let (drive_plan, config_plan) = plan(&header, &configs, dir, options)?;
     let mut targets: Vec<Option<DriveTarget>> = (0..=255).map(|_| None).collect();
     for (id, path) in &drive_plan {
-        let out = AtomicFile::create(path)?;
+        let out = AtomicFile::create(path)?.replacing(options.force);
         let size = header.drive(*id).expect("planned drive").size;
         targets[id.0 as usize] = Some(match options.format {
             DriveFormat::Raw => {
-                out.file
-                    .set_len(size)
-                    .ctx(|| format!("sizing {}", path.display()))?;
+                out.set_len(size)?;
                 DriveTarget::Raw { out, size }
             }
             DriveFormat::Qcow2 { compress } => DriveTarget::Qcow2 {
@@ -404,21 +275,25 @@ pub fn extract<R: Read>(
             zero_range(t, r.bytes.clone())?;
         }
     }
+    // Everything is staged under temporary names, then committed as one:
+    // all files or none (see `atomic::commit_all`).
+    let mut staged = Vec::new();
     let mut files = Vec::new();
     for (i, path) in &config_plan {
-        let mut out = AtomicFile::create(path)?;
-        out.write_all(&header.configs[*i].data)
+        let mut out = AtomicFile::create(path)?.replacing(options.force);
+        out.write_all(&configs[*i].data)
             .ctx(|| format!("writing {}", path.display()))?;
-        out.commit()?;
+        staged.push(out);
         files.push(path.clone());
     }
     for (id, path) in &drive_plan {
-        match targets[id.0 as usize].take().expect("target") {
-            DriveTarget::Raw { out, .. } => out.commit()?,
-            DriveTarget::Qcow2 { out, .. } => out.finish()?.commit()?,
-        }
+        staged.push(match targets[id.0 as usize].take().expect("target") {
+            DriveTarget::Raw { out, .. } => out,
+            DriveTarget::Qcow2 { out, .. } => out.finish()?,
+        });
         files.push(path.clone());
     }
+    crate::atomic::commit_all(staged)?;
     Ok(ExtractSummary { files, report })
 }
 

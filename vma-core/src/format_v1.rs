@@ -26,6 +26,17 @@ pub const FIXED_HEADER_LEN: usize = 12288;
 pub const EXTENT_HEADER_LEN: usize = 512;
 /// Cluster slots per extent header.
 pub const SLOTS_PER_EXTENT: usize = 59;
+/// Clusters Proxmox's writer puts in an extent: it flushes once 58 slots
+/// are used (`vma_writer_get_buffer` in Proxmox's `vma-writer.c` waits
+/// while `outbuf_count >= VMA_BLOCKS_PER_EXTENT - 1`), so the 59th slot
+/// of a vzdump extent is always empty.
+pub const CLUSTERS_PER_WRITTEN_EXTENT: usize = SLOTS_PER_EXTENT - 1;
+/// The largest header Proxmox's writer can write: its header buffer is 8
+/// clusters (`HEADERBUF_SIZE` in `vma-writer.c`).
+pub const MAX_WRITTEN_HEADER_LEN: usize = 8 * CLUSTER_SIZE;
+/// Name of the device Proxmox's reader takes as the VM state stream:
+/// its clusters must come in order (and its size is not checked).
+pub const VMSTATE_DEVICE: &str = "vmstate";
 /// Config slots in the header.
 pub const MAX_CONFIGS: usize = 256;
 /// Device ids run 1..=254.
@@ -199,12 +210,8 @@ impl V1Header {
                 size,
             });
         }
-        if drives.is_empty() {
-            return Err(Error::corrupt(
-                DEV_INFO_AT as u64,
-                "the VMA header lists no devices",
-            ));
-        }
+        // No devices: a config-only archive (what Proxmox's `vma create`
+        // writes when given no drives).
         Ok(V1Header {
             uuid,
             ctime,
@@ -213,27 +220,29 @@ impl V1Header {
         })
     }
 
-    /// Encode the header as Proxmox's writer lays it out: blob buffer at
-    /// 12288, blob offsets from 1, names NUL-terminated, size rounded to 512.
+    /// Encode the header exactly as Proxmox's writer lays it out
+    /// (`vma_writer_add_config` and `vma_write_header` in `vma-writer.c`):
+    /// the blob buffer at 12288, blob offsets from 1, each config's name
+    /// (NUL-terminated) then its data, then the device names in device id
+    /// order. The blob table grows by each blob's length plus 2, rounded up
+    /// to 512, whenever the blob does not fit in what is left of it; the
+    /// header is the 12288 bytes of tables plus the whole table, and the
+    /// blob buffer size is the bytes used. Refused as Proxmox refuses them:
+    /// blobs over 65535 bytes, empty drives, headers over 512 KiB; and a
+    /// header with neither configs nor drives (12288 bytes, which
+    /// Proxmox's reader rejects).
     pub fn encode(&self) -> Result<Vec<u8>> {
         if self.configs.len() > MAX_CONFIGS {
             return Err(Error::Limit(format!(
                 "VMA v1 holds at most {MAX_CONFIGS} configs"
             )));
         }
-        let mut blobs: Vec<u8> = vec![0]; // offset 0 means "none"
-        let mut add = |data: &[u8], what: &str| -> Result<u32> {
-            if data.len() > MAX_BLOB {
-                return Err(Error::Limit(format!(
-                    "{what} is {} bytes; a VMA v1 blob holds at most {MAX_BLOB} (use the native format)",
-                    data.len()
-                )));
-            }
-            let at = blobs.len() as u32;
-            blobs.extend_from_slice(&(data.len() as u16).to_le_bytes());
-            blobs.extend_from_slice(data);
-            Ok(at)
-        };
+        if self.configs.is_empty() && self.drives.is_empty() {
+            return Err(Error::Invalid(
+                "a VMA v1 archive needs at least one drive or config".into(),
+            ));
+        }
+        let mut table = BlobTable::default();
         let cstr = |s: &str| {
             let mut v = s.as_bytes().to_vec();
             v.push(0);
@@ -241,16 +250,32 @@ impl V1Header {
         };
         let mut header = vec![0u8; FIXED_HEADER_LEN];
         for (i, c) in self.configs.iter().enumerate() {
-            let n = add(&cstr(&c.name), &format!("config name {:?}", c.name))?;
-            let d = add(&c.data, &format!("config {:?}", c.name))?;
+            let n = table.add(&cstr(&c.name), &format!("config name {:?}", c.name))?;
+            let d = table.add(&c.data, &format!("config {:?}", c.name))?;
             header[CONFIG_NAMES_AT + 4 * i..][..4].copy_from_slice(&n.to_be_bytes());
             header[CONFIG_DATA_AT + 4 * i..][..4].copy_from_slice(&d.to_be_bytes());
         }
-        for d in &self.drives {
+        let mut drives: Vec<&DriveInfo> = self.drives.iter().collect();
+        drives.sort_by_key(|d| d.id);
+        for d in drives {
             if d.id.0 == 0 || d.id.0 > MAX_DEVICE_ID {
                 return Err(Error::Limit(format!(
                     "VMA v1 device ids are 1..=254; drive {} has {}",
                     d.name, d.id
+                )));
+            }
+            if d.size == 0 {
+                return Err(Error::Invalid(format!(
+                    "drive {} is empty (0 bytes): VMA v1 cannot hold an empty drive (Proxmox's writer refuses one and its reader ignores it); leave it out, or use the native format",
+                    d.name
+                )));
+            }
+            if d.size % 512 != 0 {
+                return Err(Error::Invalid(format!(
+                    "drive {} is {} bytes, not a whole number of 512-byte sectors, which Proxmox's reader cannot restore; store it as {} bytes (see stored_size)",
+                    d.name,
+                    d.size,
+                    stored_size(d.size)
                 )));
             }
             if d.size.div_ceil(CLUSTER_SIZE as u64) > u32::MAX as u64 {
@@ -259,25 +284,70 @@ impl V1Header {
                     d.name
                 )));
             }
-            let n = add(&cstr(&d.name), &format!("drive name {:?}", d.name))?;
+            let n = table.add(&cstr(&d.name), &format!("drive name {:?}", d.name))?;
             let at = DEV_INFO_AT + DEV_INFO_LEN * d.id.0 as usize;
             header[at..at + 4].copy_from_slice(&n.to_be_bytes());
             header[at + 8..at + 16].copy_from_slice(&d.size.to_be_bytes());
         }
-        let blob_len = blobs.len();
-        header.extend_from_slice(&blobs);
-        let size = header.len().next_multiple_of(512);
-        header.resize(size, 0);
+        let size = FIXED_HEADER_LEN + table.bytes.len();
+        if size > MAX_WRITTEN_HEADER_LEN {
+            return Err(Error::Limit(format!(
+                "the VMA v1 header would be {size} bytes; Proxmox's writer holds at most {MAX_WRITTEN_HEADER_LEN} (512 KiB): store fewer or smaller configs, or use the native format"
+            )));
+        }
+        header.extend_from_slice(&table.bytes);
         header[..4].copy_from_slice(&MAGIC);
         header[4..8].copy_from_slice(&VERSION.to_be_bytes());
         header[8..24].copy_from_slice(&self.uuid);
         header[24..32].copy_from_slice(&self.ctime.to_be_bytes());
         header[48..52].copy_from_slice(&(FIXED_HEADER_LEN as u32).to_be_bytes());
-        header[52..56].copy_from_slice(&(blob_len as u32).to_be_bytes());
+        header[52..56].copy_from_slice(&(table.used as u32).to_be_bytes());
         header[56..60].copy_from_slice(&(size as u32).to_be_bytes());
         let md5 = md5_with_hole(&header, MD5_AT);
         header[MD5_AT..MD5_AT + 16].copy_from_slice(&md5);
         Ok(header)
+    }
+}
+
+/// The size a drive of `size` bytes has in a VMA v1 archive: rounded up
+/// to whole 512-byte sectors, as QEMU presents such an image (its block
+/// layer counts sectors) and so as `vzdump` would store it. Proxmox's
+/// reader restores only whole sectors of a drive and rejects data beyond
+/// the last one ("write beyond end"), so a byte-exact odd size cannot be
+/// stored; the tail up to the next sector reads as zeros.
+pub fn stored_size(size: u64) -> u64 {
+    size.next_multiple_of(512)
+}
+
+/// The blob table of a header being written, grown as Proxmox's
+/// `allocate_header_blob` grows it.
+#[derive(Default)]
+struct BlobTable {
+    /// The table (its length is the allocated size).
+    bytes: Vec<u8>,
+    /// Bytes used, from offset 1 (offset 0 means "none").
+    used: usize,
+}
+
+impl BlobTable {
+    /// Store `data` with its 2-byte length; returns its offset.
+    fn add(&mut self, data: &[u8], what: &str) -> Result<u32> {
+        if data.len() > MAX_BLOB {
+            return Err(Error::Limit(format!(
+                "{what} is {} bytes; a VMA v1 blob holds at most {MAX_BLOB} (use the native format)",
+                data.len()
+            )));
+        }
+        self.used = self.used.max(1);
+        if self.bytes.len() < self.used + data.len() + 2 {
+            let grow = (data.len() + 2).next_multiple_of(512);
+            self.bytes.resize(self.bytes.len() + grow, 0);
+        }
+        let at = self.used;
+        self.bytes[at..at + 2].copy_from_slice(&(data.len() as u16).to_le_bytes());
+        self.bytes[at + 2..at + 2 + data.len()].copy_from_slice(data);
+        self.used += data.len() + 2;
+        Ok(at as u32)
     }
 }
 

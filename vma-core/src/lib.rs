@@ -12,8 +12,10 @@
 
 #![warn(missing_docs)]
 
+pub mod atomic;
 pub mod chain;
 pub mod checksum;
+pub mod configs;
 pub mod convert;
 pub mod detect;
 pub mod diff;

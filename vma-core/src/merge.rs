@@ -57,14 +57,16 @@ pub struct MergeSummary {
 }
 
 /// The header of the synthetic full of `chain`'s newest point: a new uuid,
-/// the newest archive's time, drives and configs (a capture record with
-/// its checkpoints included), standing in for the newest archive (and for
-/// what it stands in for itself), so archives made on top of it resolve
-/// against the synthetic full.
+/// the newest archive's time and drives, the configs of that point in
+/// time (the VM configs stored in the newest archive or taken from the
+/// nearest ancestor that stores them, and the newest archive's capture
+/// record with its checkpoints), standing in for the newest archive (and
+/// for what it stands in for itself), so archives made on top of it
+/// resolve against the synthetic full.
 pub fn synthetic_meta(chain: &Chain) -> ArchiveMeta {
     let newest = chain.newest();
     let h = newest.header();
-    let mut meta = ArchiveMeta::new(h.drives.clone(), h.configs.clone());
+    let mut meta = ArchiveMeta::new(h.drives.clone(), chain.point_configs().blobs());
     meta.ctime = h.ctime;
     if let Some(digest) = newest.archive_digest() {
         meta.stands_for.push(ParentRef {

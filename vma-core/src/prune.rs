@@ -16,10 +16,11 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::chain::{claims_to_stand_in, is_exactly};
+use crate::chain::{claims_to_stand_in, is_exactly, Chain};
+use crate::configs::point_configs;
 use crate::detect::{detect, DetectedFormat, DETECT_LEN};
 use crate::error::{Error, Result};
-use crate::format::{Header, ParentRef};
+use crate::format::{ConfigBlob, Header, ParentRef};
 use crate::reader::Reader;
 use crate::stream::{ArchiveFormat, ArchiveStream};
 use crate::types::uuid_text;
@@ -54,6 +55,67 @@ impl PrunePlan {
             .iter()
             .all(|c| c.fold.is_none() && c.delete.is_empty())
     }
+}
+
+/// The config blobs of one kept point in time (an archive path).
+pub type PointConfigList = Vec<(PathBuf, Vec<ConfigBlob>)>;
+
+/// The config blobs of every point in time `plan` keeps (the fold and the
+/// kept archives), each resolved with its ancestors among `archives`.
+/// Taken before a prune changes anything, for [`check_configs_kept`].
+pub fn kept_point_configs(plan: &PrunePlan, archives: &[PathBuf]) -> Result<PointConfigList> {
+    let mut out = Vec::new();
+    for c in &plan.chains {
+        out.extend(chain_point_configs(c, archives)?);
+    }
+    Ok(out)
+}
+
+/// The configs of each kept point of one chain: its newest kept archive's
+/// chain is opened once, and each kept link's point resolved in it.
+fn chain_point_configs(c: &ChainPlan, archives: &[PathBuf]) -> Result<PointConfigList> {
+    let Some(tip) = c.keep.last().or(c.fold.as_ref()) else {
+        return Ok(Vec::new());
+    };
+    let chain = Chain::open(tip, archives).map_err(|e| e.in_archive(tip))?;
+    let links = chain.links();
+    let mut out = Vec::new();
+    for (i, link) in links.iter().enumerate() {
+        let path = link.path().to_path_buf();
+        if c.fold.as_ref() == Some(&path) || c.keep.contains(&path) {
+            let configs = point_configs(link.header(), &links[i + 1..]).blobs();
+            out.push((path, configs));
+        }
+    }
+    Ok(out)
+}
+
+/// Refuse, after the folds were written and before anything is deleted,
+/// if a kept point in time of `plan` would lose a config blob: each must
+/// have the same configs when resolved among `remaining` (the archives
+/// that stay) as it had before (`before`, from [`kept_point_configs`]).
+pub fn check_configs_kept(
+    plan: &PrunePlan,
+    before: &PointConfigList,
+    remaining: &[PathBuf],
+) -> Result<()> {
+    let mut now = PointConfigList::new();
+    for c in &plan.chains {
+        now.extend(chain_point_configs(c, remaining)?);
+    }
+    for (path, configs) in before {
+        let after = now.iter().find(|(p, _)| p == path).map(|(_, c)| c);
+        for c in configs {
+            if !after.is_some_and(|a| a.contains(c)) {
+                return Err(Error::Invalid(format!(
+                    "{}: its point in time would lose the config {:?}, whose only copy is in an archive this prune would delete; nothing was deleted",
+                    path.display(),
+                    c.name
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The archives of directory `dir` a prune works on: every file that is a

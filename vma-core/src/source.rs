@@ -2,9 +2,9 @@
 //! SEEK_DATA/SEEK_HOLE become zero clusters without being read, data is fed
 //! to the Writer in order.
 
-use std::fs::File;
+use std::fs::{File, Metadata, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -24,9 +24,10 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    /// Open `path` read-only; its size is the file's length (or the block device's).
+    /// Open `path` read-only (checked as [`open_checked`] does); its size
+    /// is the file's length (or the block device's).
     pub fn open(path: &Path) -> Result<RawImage> {
-        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        let (file, _) = open_checked(path, true)?;
         RawImage::open_file(file, path)
     }
 
@@ -36,23 +37,7 @@ impl RawImage {
         let meta = file
             .metadata()
             .ctx(|| format!("inspecting {}", path.display()))?;
-        use std::os::unix::fs::FileTypeExt;
-        let kind = meta.file_type();
-        if !kind.is_file() && !kind.is_block_device() {
-            let what = if kind.is_dir() {
-                "a directory"
-            } else if kind.is_char_device() {
-                "a character device"
-            } else if kind.is_fifo() {
-                "a pipe"
-            } else {
-                "not a regular file or block device"
-            };
-            return Err(Error::Invalid(format!(
-                "{} is {what}, not a disk image (images are regular files or block devices)",
-                path.display()
-            )));
-        }
+        check_kind(&meta, path, true)?;
         let size = if meta.is_file() {
             meta.len()
         } else {
@@ -141,10 +126,198 @@ pub trait DiskImage: Send {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
 }
 
-/// Open a disk image, recognised by its magic bytes: qcow2 (any backing
-/// chain) or else raw (files and block devices).
+/// Refuse what is not a regular file (or, with `block`, a block device).
+fn check_kind(meta: &Metadata, path: &Path, block: bool) -> Result<()> {
+    let kind = meta.file_type();
+    if kind.is_file() || (block && kind.is_block_device()) {
+        return Ok(());
+    }
+    let what = if kind.is_dir() {
+        "a directory"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_fifo() {
+        "a pipe (FIFO)"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a regular file"
+    };
+    let allowed = if block {
+        "disk images are regular files or block devices"
+    } else {
+        "backing files are regular files"
+    };
+    Err(Error::Invalid(format!(
+        "{} is {what}, not a disk image ({allowed})",
+        path.display()
+    )))
+}
+
+/// Open an image file for reading without ever blocking in `open()` and
+/// without reading anything but a regular file (or, for a source the user
+/// named, `follow`, a block device): `stat` first, refuse other kinds
+/// (FIFOs, character devices, sockets, directories), open with
+/// `O_NONBLOCK` (and `O_NOFOLLOW` unless `follow`), then check that the
+/// open file is the one `stat` saw.
+pub fn open_checked(path: &Path, follow: bool) -> Result<(File, Metadata)> {
+    let meta = if follow {
+        std::fs::metadata(path)
+    } else {
+        std::fs::symlink_metadata(path)
+    }
+    .ctx(|| format!("opening {}", path.display()))?;
+    check_kind(&meta, path, follow)?;
+    let mut flags = libc::O_NONBLOCK | libc::O_CLOEXEC;
+    if !follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .ctx(|| format!("opening {}", path.display()))?;
+    let opened = file
+        .metadata()
+        .ctx(|| format!("inspecting {}", path.display()))?;
+    if (opened.dev(), opened.ino()) != (meta.dev(), meta.ino())
+        || opened.file_type() != meta.file_type()
+    {
+        return Err(Error::Invalid(format!(
+            "{} changed while it was being opened; try again",
+            path.display()
+        )));
+    }
+    // Reads need no O_NONBLOCK (regular files and block devices ignore it).
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
+    }
+    Ok((file, opened))
+}
+
+/// How the bytes of a source image are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// The bytes as they are: the guest's disk.
+    Raw,
+    /// A qcow2 image: the disk its tables describe.
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The format named `name` (`raw`, `qcow2`).
+    pub fn parse(name: &str) -> Option<ImageFormat> {
+        match name {
+            "raw" => Some(ImageFormat::Raw),
+            "qcow2" => Some(ImageFormat::Qcow2),
+            _ => None,
+        }
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// A source image opened by [`open_source`].
+pub struct OpenedSource {
+    /// The disk as the guest sees it.
+    pub image: Box<dyn DiskImage>,
+    /// How it is read.
+    pub format: ImageFormat,
+    /// Something the user should know (a raw source that starts like a
+    /// qcow2 image).
+    pub warning: Option<String>,
+}
+
+/// Open a source disk image. Its format is never guessed from its
+/// contents, which the guest controls (QEMU's format probing let a guest
+/// that wrote a qcow2 header into its raw disk make the host read any
+/// file as its backing file, CVE-2008-2004):
+///
+/// - `format`, when the user gives it;
+/// - otherwise a block device is raw, a regular file whose name ends in
+///   `.qcow2` is qcow2 and every other file raw.
+///
+/// A qcow2 image's backing files are read only inside the image's own
+/// directory and the `allow_backing` directories (see
+/// [`crate::qcow2::BackingPolicy`]). A raw source whose first bytes are a
+/// qcow2 magic is archived as raw all the same, with a warning.
+pub fn open_source(
+    path: &Path,
+    format: Option<ImageFormat>,
+    allow_backing: &[PathBuf],
+) -> Result<OpenedSource> {
+    let (file, meta) = open_checked(path, true)?;
+    let named_qcow2 = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("qcow2"));
+    let format = format.unwrap_or(if meta.is_file() && named_qcow2 {
+        ImageFormat::Qcow2
+    } else {
+        ImageFormat::Raw
+    });
+    let mut magic = [0u8; 4];
+    let looks_qcow2 =
+        file.read_at(&mut magic, 0).is_ok_and(|n| n == 4) && magic == crate::qcow2::format::MAGIC;
+    match format {
+        ImageFormat::Raw => Ok(OpenedSource {
+            image: Box::new(RawImage::open_file(file, path)?),
+            format,
+            warning: looks_qcow2.then(|| {
+                format!(
+                    "{} starts with a qcow2 header but is archived as raw, its bytes exactly (a raw disk's contents belong to its guest and are never interpreted); if it is a qcow2 image, name it format=qcow2:{}",
+                    path.display(),
+                    path.display()
+                )
+            }),
+        }),
+        ImageFormat::Qcow2 if !looks_qcow2 => Err(Error::Image {
+            path: path.display().to_string(),
+            what: format!(
+                "is read as qcow2 ({}) but does not start with the qcow2 magic; to archive its bytes as they are, name it format=raw:{}",
+                if named_qcow2 {
+                    "its name ends in .qcow2"
+                } else {
+                    "as asked"
+                },
+                path.display()
+            ),
+        }),
+        ImageFormat::Qcow2 => {
+            let policy = crate::qcow2::BackingPolicy::new(path, allow_backing)?;
+            Ok(OpenedSource {
+                image: Box::new(crate::qcow2::Qcow2Image::open_file(
+                    file,
+                    path,
+                    0,
+                    &|naming: &Path, name: &str, fmt: Option<&str>, depth: usize| {
+                        policy.open(naming, name, fmt, depth)
+                    },
+                )?),
+                format,
+                warning: None,
+            })
+        }
+    }
+}
+
+/// [`open_source`] with the format told by the rule there and backing
+/// files only beside the image.
 pub fn open_image(path: &Path) -> Result<Box<dyn DiskImage>> {
-    crate::qcow2::open_image_chain(path, None, 0)
+    Ok(open_source(path, None, &[])?.image)
 }
 
 /// The next run of clusters, at or after `from`, that may hold data; the

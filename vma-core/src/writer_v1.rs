@@ -1,15 +1,21 @@
 //! A writer of Proxmox VMA v1 archives, for `create --format vma1` and
-//! `convert`: clusters in any order, 59 to an extent, straight to any
-//! `Write`. The layout follows what Proxmox writes (blob buffer at 12288,
-//! NUL-terminated names), except that extents use all 59 slots where
-//! Proxmox fills 58; Proxmox's reader accepts 59.
+//! `convert`: clusters in any order, straight to any `Write`, laid out as
+//! Proxmox's writer (`vma-writer.c`) lays them out: the header as
+//! [`V1Header::encode`] gives it, 58 clusters to an extent (the last one
+//! fewer), and one empty extent when there are no clusters at all (a
+//! config-only archive). A drive whose size is not a whole number of
+//! 512-byte sectors is stored rounded up ([`format_v1::stored_size`]),
+//! with a zero tail, as QEMU presents it. The `vmstate` device must be
+//! written in order, as Proxmox's reader requires.
 
 use std::io::Write;
 use std::ops::Range;
 
 use crate::error::{Error, Result};
 use crate::format::{ConfigBlob, DriveInfo, BLOCK_SIZE};
-use crate::format_v1::{Slot, V1ExtentHeader, V1Header, SLOTS_PER_EXTENT};
+use crate::format_v1::{
+    self, Slot, V1ExtentHeader, V1Header, CLUSTERS_PER_WRITTEN_EXTENT, VMSTATE_DEVICE,
+};
 use crate::ranges::RangeSet;
 use crate::types::{
     block_mask, cluster_len, cluster_range_bytes, clusters_for, ClusterNo, DriveId,
@@ -21,7 +27,11 @@ pub struct V1Writer<W: Write> {
     out: W,
     pos: u64,
     uuid: [u8; 16],
+    /// The drives as given (sizes as the caller's clusters are cut).
     drives: Vec<DriveInfo>,
+    /// The next cluster of the `vmstate` device (index in `drives`, and
+    /// the cluster), which must come in order.
+    vmstate: Option<(usize, u64)>,
     written: Vec<RangeSet>,
     slots: Vec<Slot>,
     data: Vec<u8>,
@@ -29,7 +39,9 @@ pub struct V1Writer<W: Write> {
 }
 
 impl<W: Write> V1Writer<W> {
-    /// Write the header for `drives` and `configs` and get ready for clusters.
+    /// Write the header for `drives` and `configs` and get ready for
+    /// clusters. Clusters are cut by the sizes given; the header records
+    /// them rounded up to whole sectors ([`format_v1::stored_size`]).
     pub fn new(
         mut out: W,
         uuid: [u8; 16],
@@ -37,10 +49,17 @@ impl<W: Write> V1Writer<W> {
         drives: Vec<DriveInfo>,
         configs: Vec<ConfigBlob>,
     ) -> Result<Self> {
+        let stored = drives
+            .iter()
+            .map(|d| DriveInfo {
+                size: format_v1::stored_size(d.size),
+                ..d.clone()
+            })
+            .collect();
         let header = V1Header {
             uuid,
             ctime,
-            drives: drives.clone(),
+            drives: stored,
             configs,
         }
         .encode()?;
@@ -51,9 +70,13 @@ impl<W: Write> V1Writer<W> {
             pos: header.len() as u64,
             uuid,
             written: vec![RangeSet::new(); drives.len()],
+            vmstate: drives
+                .iter()
+                .position(|d| d.name == VMSTATE_DEVICE)
+                .map(|i| (i, 0)),
             drives,
-            slots: Vec::with_capacity(SLOTS_PER_EXTENT),
-            data: Vec::with_capacity(SLOTS_PER_EXTENT * 16 * BLOCK_SIZE),
+            slots: Vec::with_capacity(CLUSTERS_PER_WRITTEN_EXTENT),
+            data: Vec::with_capacity(CLUSTERS_PER_WRITTEN_EXTENT * 16 * BLOCK_SIZE),
             extents: 0,
         })
     }
@@ -75,6 +98,17 @@ impl<W: Write> V1Writer<W> {
                 clusters.end - 1
             )));
         }
+        if let Some((v, next)) = &mut self.vmstate {
+            if *v == i {
+                if clusters.start != *next {
+                    return Err(Error::Invalid(format!(
+                        "drive {VMSTATE_DEVICE}: cluster {} comes before cluster {next}, but Proxmox's reader takes the {VMSTATE_DEVICE} device only in order; rename the drive",
+                        clusters.start
+                    )));
+                }
+                *next = clusters.end;
+            }
+        }
         if let Err(dup) = self.written[i].insert(clusters) {
             return Err(Error::Invalid(format!(
                 "drive {}: bytes {:?} were already written to this archive",
@@ -87,14 +121,20 @@ impl<W: Write> V1Writer<W> {
 
     fn push(&mut self, slot: Slot) -> Result<()> {
         self.slots.push(slot);
-        if self.slots.len() == SLOTS_PER_EXTENT {
+        if self.slots.len() == CLUSTERS_PER_WRITTEN_EXTENT {
             self.flush()?;
         }
         Ok(())
     }
 
+    /// Write the extent of the slots so far; with none, only when
+    /// `empty_too` (the single empty extent of an archive without clusters).
     fn flush(&mut self) -> Result<()> {
-        if self.slots.is_empty() {
+        self.flush_extent(false)
+    }
+
+    fn flush_extent(&mut self, empty_too: bool) -> Result<()> {
+        if self.slots.is_empty() && !empty_too {
             return Ok(());
         }
         let header = V1ExtentHeader {
@@ -116,7 +156,10 @@ impl<W: Write> V1Writer<W> {
 
     /// Write the last extent, check every cluster was given, flush. Returns the output.
     pub fn finish(mut self) -> Result<W> {
-        self.flush()?;
+        // Proxmox's writer flushes its buffer once at the end, so an archive
+        // without clusters ends with one empty extent.
+        let none_yet = self.extents == 0;
+        self.flush_extent(none_yet)?;
         for (d, w) in self.drives.iter().zip(&self.written) {
             if let Some(gap) = w.gaps(clusters_for(d.size)).first() {
                 let b = cluster_range_bytes(d.size, gap.clone());
@@ -170,5 +213,58 @@ impl<W: Write> ClusterWriter for V1Writer<W> {
             })?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::CLUSTER_SIZE;
+
+    fn drive(name: &str, size: u64) -> DriveInfo {
+        DriveInfo {
+            id: DriveId(1),
+            name: name.into(),
+            size,
+        }
+    }
+
+    /// Proxmox's reader takes the vmstate device only in order.
+    #[test]
+    fn vmstate_must_come_in_order() {
+        let size = 3 * CLUSTER_SIZE as u64;
+        let mut w =
+            V1Writer::new(Vec::new(), [1; 16], 0, vec![drive("vmstate", size)], vec![]).unwrap();
+        let e = w
+            .write_cluster(DriveId(1), ClusterNo(1), &[7; CLUSTER_SIZE])
+            .unwrap_err();
+        assert!(e.to_string().contains("only in order"), "{e}");
+        w.write_cluster(DriveId(1), ClusterNo(0), &[7; CLUSTER_SIZE])
+            .unwrap();
+        w.write_zeros(DriveId(1), 1..3).unwrap();
+        w.finish().unwrap();
+        // Any other drive may come in any order.
+        let mut w =
+            V1Writer::new(Vec::new(), [1; 16], 0, vec![drive("disk", size)], vec![]).unwrap();
+        w.write_zeros(DriveId(1), 2..3).unwrap();
+        w.write_zeros(DriveId(1), 0..2).unwrap();
+        w.finish().unwrap();
+    }
+
+    /// Sizes are stored in whole sectors; clusters are cut by the size given.
+    #[test]
+    fn odd_sizes_are_stored_in_whole_sectors() {
+        let mut w = V1Writer::new(Vec::new(), [1; 16], 0, vec![drive("d", 1000)], vec![]).unwrap();
+        w.write_cluster(DriveId(1), ClusterNo(0), &[9; 1000])
+            .unwrap();
+        let out = w.finish().unwrap();
+        let len = u32::from_be_bytes(out[56..60].try_into().unwrap()) as usize;
+        let h = V1Header::decode(&out[..len]).unwrap();
+        assert_eq!(h.drives[0].size, 1024);
+        // One extent: one 4 KiB block, its bytes past 1000 zero.
+        let data = &out[len + 512..];
+        assert_eq!(data.len(), 4096);
+        assert!(data[..1000].iter().all(|&b| b == 9));
+        assert!(data[1000..].iter().all(|&b| b == 0));
     }
 }

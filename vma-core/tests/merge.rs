@@ -14,7 +14,7 @@ use vma_core::merge::{merge_chain, synthetic_meta, MergeOptions, MergeSummary};
 use vma_core::reader::Reader;
 use vma_core::stream::{ArchiveStream, DriveDigestCheck};
 use vma_core::types::{clusters_for, ClusterNo};
-use vma_core::{ArchiveMeta, Compression, DriveId, DriveInfo, Writer, WriterOptions};
+use vma_core::{ArchiveMeta, Compression, ConfigBlob, DriveId, DriveInfo, Writer, WriterOptions};
 
 const CS: u64 = CLUSTER_SIZE as u64;
 
@@ -394,12 +394,23 @@ fn copies_untouched_extents_and_encodes_partly_superseded_ones() {
 /// Write an archive of one small drive with time `ctime` on top of
 /// `parent` (every cluster but the first unchanged), optionally interrupted.
 fn small_link(path: &Path, ctime: i64, parent: Option<&Path>, interrupted: bool) {
+    small_link_with(path, ctime, parent, interrupted, vec![]);
+}
+
+/// [`small_link`] storing `configs`.
+fn small_link_with(
+    path: &Path,
+    ctime: i64,
+    parent: Option<&Path>,
+    interrupted: bool,
+    configs: Vec<ConfigBlob>,
+) {
     let drive = DriveInfo {
         id: DriveId(1),
         name: "d".into(),
         size: 3 * CS,
     };
-    let mut meta = ArchiveMeta::new(vec![drive], vec![]);
+    let mut meta = ArchiveMeta::new(vec![drive], configs);
     meta.ctime = ctime;
     if let Some(p) = parent {
         meta.parent = Some(Reader::open(p).unwrap().identity().unwrap());
@@ -511,4 +522,70 @@ fn append_stored_checks_like_any_submission() {
     assert!(vma_core::verify::verify(stream, 1, true, None)
         .unwrap()
         .is_clean());
+}
+
+/// In a chain whose incrementals store no configs (as written before
+/// configs were carried forward), every point takes them from the full;
+/// the synthetic full of a point keeps them, and a prune whose fold lost
+/// them is refused before anything is deleted.
+#[test]
+fn configs_of_every_point_survive_merge_and_prune() {
+    use vma_core::configs::ConfigSource;
+    use vma_core::prune::{check_configs_kept, kept_point_configs, plan_prune};
+    let dir = tempfile::tempdir().unwrap();
+    let at = |n: &str| dir.path().join(n);
+    let conf = ConfigBlob {
+        name: "qemu-server.conf".into(),
+        data: b"cores: 2\n".to_vec(),
+    };
+    small_link_with(&at("c0"), 100, None, false, vec![conf.clone()]);
+    small_link(&at("c1"), 110, Some(&at("c0")), false);
+    small_link(&at("c2"), 120, Some(&at("c1")), false);
+    small_link(&at("c3"), 130, Some(&at("c2")), false);
+    let all: Vec<PathBuf> = ["c0", "c1", "c2", "c3"].iter().map(|n| at(n)).collect();
+    let c0_uuid = Reader::open(&at("c0")).unwrap().header().uuid;
+    let chain = Arc::new(Chain::open(&at("c2"), &[]).unwrap());
+    let point = chain.point_configs();
+    assert_eq!(point.blobs(), vec![conf.clone()]);
+    assert_eq!(
+        point.configs[0].1,
+        ConfigSource::Ancestor {
+            uuid: c0_uuid,
+            path: at("c0")
+        }
+    );
+    assert_eq!(synthetic_meta(&chain).configs, vec![conf.clone()]);
+
+    let plan = plan_prune(&all, 2, &all).unwrap();
+    assert_eq!(plan.chains[0].fold, Some(at("c2")));
+    let before = kept_point_configs(&plan, &all).unwrap();
+    assert_eq!(before.len(), 2);
+    assert!(before.iter().all(|(_, c)| c == &vec![conf.clone()]));
+    let remaining = vec![at("c2"), at("c3")];
+    // A fold that dropped the configs (as merges did before): refused.
+    let write_fold = |keep_configs: bool| {
+        let mut meta = synthetic_meta(&chain);
+        if !keep_configs {
+            meta.configs.clear();
+        }
+        let tmp = at(&format!("fold-{keep_configs}.tmp"));
+        let mut w = Writer::new(
+            std::fs::File::create(&tmp).unwrap(),
+            meta,
+            &WriterOptions::default(),
+        )
+        .unwrap();
+        merge_chain(&chain, &mut w, &MergeOptions::default(), &mut |_, _, _| {}).unwrap();
+        w.finish().unwrap();
+        tmp
+    };
+    let lost = write_fold(false);
+    let kept = write_fold(true);
+    std::fs::rename(&lost, at("c2")).unwrap();
+    let e = check_configs_kept(&plan, &before, &remaining).unwrap_err();
+    assert!(e.to_string().contains("qemu-server.conf"), "{e}");
+    std::fs::rename(&kept, at("c2")).unwrap();
+    check_configs_kept(&plan, &before, &remaining).unwrap();
+    let c3 = Chain::open(&at("c3"), &remaining).unwrap();
+    assert_eq!(c3.point_configs().blobs(), vec![conf]);
 }

@@ -171,10 +171,12 @@ impl ArchiveFs {
                 },
             });
         }
-        for c in &header.configs {
+        // The configs of the point in time: stored in the archive, or
+        // those of the nearest ancestor that stores them.
+        for c in chain.point_configs().blobs() {
             nodes.push(Node {
-                name: c.name.clone(),
-                content: Content::Bytes(Arc::new(c.data.clone())),
+                name: c.name,
+                content: Content::Bytes(Arc::new(c.data)),
             });
         }
         for (name, bytes) in extra {

@@ -9,5 +9,5 @@ pub mod format;
 pub mod read;
 pub mod write;
 
-pub use read::{open_image_chain, Qcow2Image};
+pub use read::{BackingPolicy, Qcow2Image};
 pub use write::{compress_cluster, Qcow2Writer};

@@ -51,11 +51,14 @@ pub type OpenBacking<'a> =
     dyn Fn(&Path, &str, Option<&str>, usize) -> Result<Box<dyn DiskImage>> + 'a;
 
 impl Qcow2Image {
-    /// Open the qcow2 image at `path` and its backing chain; `depth` is the
-    /// number of images above it (chains deeper than 64 are refused).
+    /// Open the qcow2 image at `path` and its backing chain, with backing
+    /// files read only inside its directory (see [`BackingPolicy`]);
+    /// `depth` is the number of images above it (chains deeper than 64 are
+    /// refused).
     pub fn open(path: &Path, depth: usize) -> Result<Qcow2Image> {
-        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
-        Qcow2Image::open_file(file, path, depth, &open_backing)
+        let (file, _) = crate::source::open_checked(path, true)?;
+        let policy = BackingPolicy::new(path, &[])?;
+        Qcow2Image::open_file(file, path, depth, &|p, n, f, d| policy.open(p, n, f, d))
     }
 
     /// Like [`Qcow2Image::open`], for a file already open (`path` names it
@@ -66,10 +69,18 @@ impl Qcow2Image {
         depth: usize,
         open_backing: &OpenBacking<'_>,
     ) -> Result<Qcow2Image> {
-        let file_len = file
+        let meta = file
             .metadata()
-            .ctx(|| format!("inspecting {}", path.display()))?
-            .len();
+            .ctx(|| format!("inspecting {}", path.display()))?;
+        let file_len = if meta.is_file() {
+            meta.len()
+        } else {
+            // A block device the user named as qcow2.
+            use std::io::Seek;
+            (&file)
+                .seek(std::io::SeekFrom::End(0))
+                .ctx(|| format!("finding the size of {}", path.display()))?
+        };
         let mut first = vec![0u8; file_len.min(1 << 21) as usize];
         file.read_exact_at(&mut first, 0)
             .ctx(|| format!("reading the header of {}", path.display()))?;
@@ -336,67 +347,153 @@ fn zstd_fill(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Open the backing file `name` of the image at `path`.
-fn open_backing(
-    path: &Path,
-    name: &str,
-    format: Option<&str>,
-    depth: usize,
-) -> Result<Box<dyn DiskImage>> {
-    if name.starts_with("json:") || name.contains("://") {
-        return Err(Error::UnsupportedImage {
-            path: path.display().to_string(),
-            feature: format!("backing file {name:?} (only local files are supported)"),
-        });
-    }
-    let backing = Path::new(name);
-    let resolved = if backing.is_absolute() {
-        backing.to_path_buf()
-    } else {
-        path.parent().unwrap_or(Path::new(".")).join(backing)
-    };
-    open_image_chain(&resolved, format, depth + 1).map_err(|e| match e {
-        Error::Io { context, source } => Error::Io {
-            context: format!("backing file of {}: {context}", path.display()),
-            source,
-        },
-        other => other,
-    })
+/// Where the backing files of a qcow2 image may be read from. A backing
+/// file name is read from the image (bytes that whoever made the image
+/// chose), so it is followed only:
+///
+/// - to a local file (no `json:` or URL names) that resolves, symbolic
+///   links and `..` resolved, inside the directory of the image the user
+///   named or one of the directories allowed explicitly;
+/// - to a regular file (never a FIFO, device, socket or directory), opened
+///   without following a symbolic link and without blocking, and checked
+///   again once open (type, identity, and where the open file really is);
+/// - when the image states the backing file's format (`raw` or `qcow2`):
+///   a format is never guessed from the backing file's contents, which
+///   may have been written by a guest. `qemu-img rebase -u -F FORMAT -b
+///   NAME IMAGE` records it without touching any data.
+#[derive(Clone, Debug)]
+pub struct BackingPolicy {
+    /// Canonical directories backing files must lie in.
+    roots: Vec<PathBuf>,
 }
 
-/// Open `path` as qcow2 or raw: by `format` when given (a backing format
-/// from a qcow2 header), otherwise by its magic bytes.
-pub fn open_image_chain(
-    path: &Path,
-    format: Option<&str>,
-    depth: usize,
-) -> Result<Box<dyn DiskImage>> {
-    if depth > 64 {
-        return Err(image_error(
-            path,
-            "the backing chain is deeper than 64 images (is it a loop?)",
-        ));
+impl BackingPolicy {
+    /// Backing files inside the directory of `image` (and below) and
+    /// inside each of `allow`.
+    pub fn new(image: &Path, allow: &[PathBuf]) -> Result<BackingPolicy> {
+        let dir = match image.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let mut roots = Vec::new();
+        for d in std::iter::once(dir).chain(allow.iter().map(PathBuf::as_path)) {
+            let c = std::fs::canonicalize(d)
+                .ctx(|| format!("resolving the backing file directory {}", d.display()))?;
+            if !c.is_dir() {
+                return Err(Error::Invalid(format!(
+                    "{} is not a directory (backing files are allowed in directories)",
+                    d.display()
+                )));
+            }
+            roots.push(c);
+        }
+        Ok(BackingPolicy { roots })
     }
-    let is_qcow2 = match format {
-        Some("qcow2") => true,
-        Some("raw") => false,
-        Some(other) => {
+
+    fn allows(&self, path: &Path) -> bool {
+        self.roots.iter().any(|r| path.starts_with(r))
+    }
+
+    fn roots_text(&self) -> String {
+        self.roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Open the backing file `name` (format `format`, from the header) of
+    /// the image at `path`, which is `depth` images below the top.
+    pub fn open(
+        &self,
+        path: &Path,
+        name: &str,
+        format: Option<&str>,
+        depth: usize,
+    ) -> Result<Box<dyn DiskImage>> {
+        let refuse = |what: String| image_error(path, what);
+        if name.starts_with("json:") || name.contains("://") {
             return Err(Error::UnsupportedImage {
                 path: path.display().to_string(),
-                feature: format!("image format {other:?} (supported: raw, qcow2)"),
-            })
+                feature: format!("backing file {name:?} (only local files are supported)"),
+            });
         }
-        None => {
-            let mut magic = [0u8; 4];
-            let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
-            let n = file.read_at(&mut magic, 0).unwrap_or(0);
-            n == 4 && magic == crate::qcow2::format::MAGIC
+        if depth >= 64 {
+            return Err(refuse(
+                "the backing chain is deeper than 64 images (is it a loop?)".into(),
+            ));
         }
-    };
-    if is_qcow2 {
-        Ok(Box::new(Qcow2Image::open(path, depth)?))
-    } else {
-        Ok(Box::new(crate::source::RawImage::open(path)?))
+        let is_qcow2 = match format {
+            Some("qcow2") => true,
+            Some("raw") => false,
+            Some(other) => {
+                return Err(Error::UnsupportedImage {
+                    path: path.display().to_string(),
+                    feature: format!(
+                        "backing file format {other:?} (supported: raw, qcow2)"
+                    ),
+                })
+            }
+            None => {
+                return Err(refuse(format!(
+                    "names the backing file {name:?} without its format, and vma never guesses a format from a file's contents (a guest may have written them); record it with `qemu-img rebase -u -F raw|qcow2 -b {name} {}`",
+                    path.display()
+                )))
+            }
+        };
+        let backing = Path::new(name);
+        let resolved = if backing.is_absolute() {
+            backing.to_path_buf()
+        } else {
+            path.parent().unwrap_or(Path::new(".")).join(backing)
+        };
+        let outside = |real: &Path| {
+            refuse(format!(
+                "its backing file {name:?} resolves to {}, outside the directories backing files are read from ({}); if you trust it, allow its directory with --allow-backing DIR",
+                real.display(),
+                self.roots_text()
+            ))
+        };
+        let canonical = std::fs::canonicalize(&resolved).ctx(|| {
+            format!(
+                "backing file of {}: opening {}",
+                path.display(),
+                resolved.display()
+            )
+        })?;
+        if !self.allows(&canonical) {
+            return Err(outside(&canonical));
+        }
+        let (file, _) = crate::source::open_checked(&canonical, false).map_err(|e| match e {
+            Error::Io { context, source } => Error::Io {
+                context: format!("backing file of {}: {context}", path.display()),
+                source,
+            },
+            Error::Invalid(what) => refuse(format!("its backing file {what}")),
+            other => other,
+        })?;
+        // Where the open file really is (a directory renamed meanwhile).
+        let fd_link = format!(
+            "/proc/self/fd/{}",
+            std::os::unix::io::AsRawFd::as_raw_fd(&file)
+        );
+        if let Ok(real) = std::fs::read_link(fd_link) {
+            if !self.allows(&real) {
+                return Err(outside(&real));
+            }
+        }
+        if is_qcow2 {
+            Ok(Box::new(Qcow2Image::open_file(
+                file,
+                &resolved,
+                depth + 1,
+                &|p, n, f, d| self.open(p, n, f, d),
+            )?))
+        } else {
+            Ok(Box::new(crate::source::RawImage::open_file(
+                file, &resolved,
+            )?))
+        }
     }
 }
 
