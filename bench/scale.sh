@@ -15,6 +15,8 @@
 #   SCALE_DIR        work directory                        (default /tmp/vma-scale)
 #   SCALE_CLUSTERS   clusters (= runs) of the drive         (default 16777216: 1 TiB, 16 M runs)
 #   SCALE_RAW=0      skip extract raw (it allocates 4 KiB per data cluster: 32 GiB at 16 M runs)
+#   SCALE_REUSE=1    keep an archive of the same size left in SCALE_DIR by an earlier run
+#   SCALE_ONLY       commands to run, e.g. "merge mount" (default: all)
 #   VMA              vma binary (default: cargo build --release, target/release/vma)
 #
 # extract --format qcow2 runs with --compress: uncompressed, every data
@@ -37,15 +39,23 @@ GEN=$ROOT/target/release/examples/scale_archive
 [[ -x $GEN ]] || (cd "$ROOT" && cargo build --release -q -p vma-tests --example scale_archive)
 export VMA
 
-rm -rf "$W" && mkdir -p "$W"
-trap 'umount "$W/mnt" 2>/dev/null || true' EXIT
 A=$W/scale.vma
+if [[ ${SCALE_REUSE:-0} == 1 && -f $W/scale.vma && $(cat "$W/clusters" 2>/dev/null) == "$CLUSTERS" ]]; then
+	find "$W" -mindepth 1 -maxdepth 1 ! -name scale.vma ! -name clusters -exec rm -rf {} +
+else
+	rm -rf "$W" && mkdir -p "$W"
+fi
+trap 'umount "$W/mnt" 2>/dev/null || true' EXIT
 rows=()
+
+# wanted NAME: whether SCALE_ONLY selects the command NAME (its first word).
+wanted() { [[ -z ${SCALE_ONLY:-} || ${1%% *} == write || " $SCALE_ONLY " == *" ${1%% *} "* ]]; }
 
 # measure NAME CMD...: peak RSS and wall time of one command.
 measure() {
 	local name=$1
 	shift
+	wanted "$name" || return 0
 	log "$name"
 	local start end out
 	start=$(date +%s.%N)
@@ -54,9 +64,13 @@ measure() {
 	local rss
 	rss=$(printf '%s\n' "$out" | sed -n 's/^maxrss //p' | tail -1)
 	rows+=("| $name | $((rss / 1024)) | $(printf '%.1f' "$(echo "$end - $start" | bc)") |")
+	log "${rows[-1]}"
 }
 
-measure "write (Writer API, $CLUSTERS runs)" "$GEN" alternating "$A" "$CLUSTERS"
+if [[ ! -f $A ]]; then
+	measure "write (Writer API, $CLUSTERS runs)" "$GEN" alternating "$A" "$CLUSTERS"
+	echo "$CLUSTERS" >"$W/clusters"
+fi
 log "archive: $(du -h "$A" | cut -f1)"
 measure "list" "$VMA" list "$A"
 measure "verify" "$VMA" verify -q "$A"
@@ -74,6 +88,7 @@ rm -f "$W/merged.vma"
 measure "checksum" "$VMA" checksum -q "$A"
 
 # Mount, read 4096 MiB spread over the drive, report the serving process's peak.
+if wanted mount; then
 mkdir -p "$W/mnt"
 log "mount (reading)"
 start=$(date +%s.%N)
@@ -91,11 +106,16 @@ end=$(date +%s.%N)
 "$VMA" umount "$W/mnt"
 wait "$pid" || true
 rows+=("| mount (reading 4 GiB spread) | $((hwm / 1024)) | $(printf '%.1f' "$(echo "$end - $start" | bc)") |")
+log "${rows[-1]}"
+fi
 
 # A tiny archive declaring 255 drives of 128 TiB, all zero, digests recorded.
+if wanted verify; then
 log "255 drives of 128 TiB"
 "$GEN" huge "$W/huge.vma"
 measure "verify (255 drives of 128 TiB, $(stat -c %s "$W/huge.vma") bytes)" "$VMA" verify -q "$W/huge.vma"
+
+fi
 
 printf '\n| command (%s runs) | peak RSS (MiB) | wall (s) |\n|---|---:|---:|\n' "$CLUSTERS"
 printf '%s\n' "${rows[@]}"
