@@ -26,16 +26,20 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use vma_core::chain::{Chain, ChainDrive};
-use vma_core::convert::{copy_extent, AnyWriter};
-use vma_core::detect::{open_any, StreamCompression};
-use vma_core::diff::diff_or_copy;
-use vma_core::extract::{check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions};
 use vma_core::format::{check_name, limits};
-use vma_core::merge::{merge_chain, synthetic_meta, MergeOptions};
-use vma_core::prune::{archives_in, check_configs_kept, files_in, kept_point_configs, plan_prune};
-use vma_core::source::{copy_image, open_source, DiskImage, ImageFormat};
-use vma_core::stream::human_bytes;
-use vma_core::stream::ArchiveFormat;
+use vma_core::image::source::{copy_image, open_source, DiskImage, ImageFormat};
+use vma_core::ops::convert::{copy_extent, AnyWriter};
+use vma_core::ops::diff::diff_or_copy;
+use vma_core::ops::extract::{
+    check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions,
+};
+use vma_core::ops::merge::{merge_chain, synthetic_meta, MergeOptions};
+use vma_core::ops::prune::{
+    archives_in, check_configs_kept, files_in, kept_point_configs, plan_prune,
+};
+use vma_core::read::detect::{open_any, StreamCompression};
+use vma_core::read::stream::human_bytes;
+use vma_core::read::stream::ArchiveFormat;
 use vma_core::{
     ArchiveMeta, ArchiveStream, ClusterWriter, Compression, ConfigBlob, DriveId, DriveInfo,
     HashDrives, PassOptions, Reader, Writer, WriterOptions,
@@ -679,10 +683,10 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
 }
 
 /// Say which drives a VMA v1 archive stores with a size rounded up to
-/// whole 512-byte sectors (see `vma_core::format_v1::stored_size`).
+/// whole 512-byte sectors (see `vma_core::format::v1::stored_size`).
 fn note_v1_sizes(drives: &[DriveInfo], quiet: bool) {
     for d in drives {
-        let stored = vma_core::format_v1::stored_size(d.size);
+        let stored = vma_core::format::v1::stored_size(d.size);
         if stored != d.size && !quiet {
             eprintln!(
                 "vma: drive {} is {} bytes, not whole 512-byte sectors: VMA v1 stores it as {stored} bytes (a zero tail), as QEMU presents it",
@@ -693,7 +697,7 @@ fn note_v1_sizes(drives: &[DriveInfo], quiet: bool) {
 }
 
 /// `vma merge`: the chain's newest point in time as a synthetic full,
-/// streamed from the chain's extents (see `vma_core::merge`). The uuid is
+/// streamed from the chain's extents (see `vma_core::ops::merge`). The uuid is
 /// new; time, drives and configs (the capture record with its checkpoints
 /// included) are the newest archive's, and the output stands in for the
 /// newest archive, so archives made on top of it resolve against it.
@@ -721,7 +725,7 @@ fn merge(
 }
 
 /// What a merge copied and encoded again, in words.
-fn merge_words(s: &vma_core::merge::MergeSummary) -> String {
+fn merge_words(s: &vma_core::ops::merge::MergeSummary) -> String {
     format!(
         "{} extents ({} clusters) copied as stored, {} extents decoded to encode their current clusters again ({} clusters)",
         s.copied_extents, s.copied_clusters, s.reencoded_extents, s.reencoded_clusters
@@ -737,7 +741,7 @@ fn write_synthetic_full(
     output_options: &OutputArgs,
     quiet: bool,
     check: impl FnOnce(&File) -> Result<()>,
-) -> Result<(vma_core::merge::MergeSummary, u64)> {
+) -> Result<(vma_core::ops::merge::MergeSummary, u64)> {
     chain.refuse_interrupted(|_| true)?;
     let meta = synthetic_meta(chain);
     let options = output_options.writer_options()?;
@@ -764,7 +768,7 @@ fn write_synthetic_full(
     Ok(written)
 }
 
-/// `vma prune`: plan (vma_core::prune), then write each synthetic full over
+/// `vma prune`: plan (vma_core::ops::prune), then write each synthetic full over
 /// the point it replaces (checked before it is renamed into place), check
 /// that every remaining chain resolves, and only then delete.
 fn prune(
@@ -910,7 +914,7 @@ fn check_written(file: &File, threads: usize) -> Result<()> {
     let len = f.seek(SeekFrom::End(0))?;
     f.seek(SeekFrom::Start(0))?;
     let stream = ArchiveStream::open(f.take(len), "the new archive")?;
-    let report = vma_core::verify::verify(stream, threads, false, None)?;
+    let report = vma_core::ops::verify::verify(stream, threads, false, None)?;
     match report.problems.first() {
         None => Ok(()),
         Some(p) => Err(Damage(format!("the archive just written does not verify: {p}")).into()),
@@ -1296,9 +1300,11 @@ fn checksum(
             let what = if sha256 { "sha256" } else { "checksum" };
             let progress = Progress::bytes(image.size(), what, quiet);
             let digest = if sha256 {
-                vma_core::checksum::sha256(image.as_ref(), &mut |n| progress.set(n))
+                vma_core::ops::checksum::sha256(image.as_ref(), &mut |n| progress.set(n))
             } else {
-                vma_core::checksum::tree_digest(image.as_ref(), threads, &mut |n| progress.set(n))
+                vma_core::ops::checksum::tree_digest(image.as_ref(), threads, &mut |n| {
+                    progress.set(n)
+                })
             }
             .with_context(|| format!("hashing {name}"))?;
             progress.finish();
@@ -1341,18 +1347,18 @@ fn is_archive_file(path: &Path) -> Result<bool> {
     if named_image || !meta.is_file() {
         return Ok(false);
     }
-    let mut magic = [0u8; vma_core::detect::DETECT_LEN];
+    let mut magic = [0u8; vma_core::read::detect::DETECT_LEN];
     let n = File::open(path)
         .and_then(|mut f| f.read(&mut magic))
         .with_context(|| format!("reading {}", path.display()))?;
     Ok(matches!(
-        vma_core::detect::detect(&magic[..n]),
+        vma_core::read::detect::detect(&magic[..n]),
         Some(
-            vma_core::detect::DetectedFormat::Native
-                | vma_core::detect::DetectedFormat::VmaV1
-                | vma_core::detect::DetectedFormat::Zstd
-                | vma_core::detect::DetectedFormat::Gzip
-                | vma_core::detect::DetectedFormat::Lzo
+            vma_core::read::detect::DetectedFormat::Native
+                | vma_core::read::detect::DetectedFormat::VmaV1
+                | vma_core::read::detect::DetectedFormat::Zstd
+                | vma_core::read::detect::DetectedFormat::Gzip
+                | vma_core::read::detect::DetectedFormat::Lzo
         )
     ))
 }

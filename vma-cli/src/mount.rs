@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use vma_core::chain::Chain;
-use vma_core::detect::StreamCompression;
+use vma_core::read::detect::StreamCompression;
 use vma_core::Reader;
 use vma_fuse::{serve, ArchiveFs, Logger, MountConfig};
 

@@ -2,23 +2,23 @@
 
 use std::path::{Path, PathBuf};
 
-use vma_core::chain::Chain;
-use vma_core::configs::{
+use vma_core::chain::configs::{
     point_configs, point_configs_over, stores_vm_configs, ConfigSource, PointConfigs,
 };
+use vma_core::chain::Chain;
 use vma_core::Reader;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use vma_core::format::{Codec, Header};
-use vma_core::stream::{human_bytes, DriveDigestCheck};
+use vma_core::read::stream::{human_bytes, DriveDigestCheck};
 use vma_core::types::DriveRange;
 use vma_core::Error;
 
 use crate::{open_for_listing, open_stream, progress_wanted, Damage, Opened};
-use vma_core::detect::StreamCompression;
-use vma_core::stream::ArchiveFormat;
+use vma_core::read::detect::StreamCompression;
+use vma_core::read::stream::ArchiveFormat;
 
 /// A byte progress bar on stderr, drawn only for a terminal and without `--quiet`.
 pub(crate) struct Progress(Option<ProgressBar>);
@@ -72,7 +72,7 @@ impl Progress {
 
     /// A progress callback for library passes: the step's name becomes the
     /// bar's message; a non-zero total replaces the bar's length.
-    pub(crate) fn callback(&self) -> Option<vma_core::stream::ProgressFn> {
+    pub(crate) fn callback(&self) -> Option<vma_core::read::stream::ProgressFn> {
         let bar = self.0.clone()?;
         Some(std::sync::Arc::new(
             move |what: &str, done: u64, total: u64| show_step(&bar, what, done, total),
@@ -488,12 +488,12 @@ pub(crate) fn verify(
         .and_then(|p| std::fs::metadata(p).ok())
         .map_or(0, |m| m.len());
     let progress = crate::output::Progress::bytes(total, "verify", quiet || json_out);
-    let options = vma_core::verify::VerifyOptions {
+    let options = vma_core::ops::verify::VerifyOptions {
         threads,
         drive_digests,
         progress: progress.callback(),
     };
-    let report = vma_core::verify::verify_with(
+    let report = vma_core::ops::verify::verify_with(
         stream,
         &options,
         path.as_deref().map(Path::new),
@@ -508,12 +508,16 @@ pub(crate) fn verify(
         let below =
             Chain::open_parent(link.header(), Some(link.path()), parents)?.map(std::sync::Arc::new);
         let progress = crate::output::Progress::bytes(0, "verify ancestor", quiet || json_out);
-        let options = vma_core::verify::VerifyOptions {
+        let options = vma_core::ops::verify::VerifyOptions {
             progress: progress.callback(),
             ..options.clone()
         };
-        let link_report =
-            vma_core::verify::verify_with(stream, &options, Some(link.path()), below.as_ref())?;
+        let link_report = vma_core::ops::verify::verify_with(
+            stream,
+            &options,
+            Some(link.path()),
+            below.as_ref(),
+        )?;
         progress.finish();
         links.push((link_path, link_report));
     }

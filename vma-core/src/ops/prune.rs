@@ -16,13 +16,13 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::chain::configs::point_configs;
 use crate::chain::{claims_to_stand_in, is_exactly, Chain};
-use crate::configs::point_configs;
-use crate::detect::{detect, DetectedFormat, DETECT_LEN};
 use crate::error::{Error, Result};
 use crate::format::{ConfigBlob, Header, ParentRef};
-use crate::reader::Reader;
-use crate::stream::{ArchiveFormat, ArchiveStream};
+use crate::read::detect::{detect, DetectedFormat, DETECT_LEN};
+use crate::read::reader::Reader;
+use crate::read::stream::{ArchiveFormat, ArchiveStream};
 use crate::types::uuid_text;
 
 /// One chain of the set and what happens to it.

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use crate::chain::Chain;
 use crate::format::{ConfigBlob, Header};
-use crate::reader::Reader;
+use crate::read::reader::Reader;
 
 /// Name of the config blob in which `vma capture` records its checkpoints.
 /// Never change: archives carry it.

@@ -17,9 +17,9 @@ use crate::format::{
     VERSION_MAJOR, VERSION_MINOR,
 };
 use crate::index::{ExtentKeys, FinishOptions, IndexBuilder, LeafSource};
-use crate::pipeline::OrderedPool;
 use crate::tree::Digest;
 use crate::types::{block_mask, cluster_len, ClusterNo, DriveId};
+use crate::util::pipeline::OrderedPool;
 
 /// Anything that takes clusters of drives in any order: the native
 /// [`Writer`] and the VMA v1 writer. Sources feed archives through it.
@@ -122,7 +122,7 @@ pub struct ArchiveMeta {
     /// Config blobs.
     pub configs: Vec<ConfigBlob>,
     /// Parent, for incremental archives (uuid, archive digest and state
-    /// digest: see [`crate::reader::Reader::identity`]).
+    /// digest: see [`crate::read::reader::Reader::identity`]).
     pub parent: Option<ParentRef>,
     /// The archives whose point in time this one holds (see
     /// [`Header::stands_for`]); empty for a new backup.
@@ -241,7 +241,7 @@ pub struct Writer<W: Write> {
     output: Output<W>,
     out_of_order: u64,
     leaf_source: Option<Box<dyn LeafSource + Send>>,
-    progress: Option<crate::stream::ProgressFn>,
+    progress: Option<crate::read::stream::ProgressFn>,
 }
 
 impl<W: Write> Writer<W> {
@@ -369,7 +369,7 @@ impl<W: Write> Writer<W> {
 
     /// Report the steps of [`Writer::finish`] that take time (building
     /// and writing the index of a large archive) to `progress`.
-    pub fn set_progress(&mut self, progress: Option<crate::stream::ProgressFn>) {
+    pub fn set_progress(&mut self, progress: Option<crate::read::stream::ProgressFn>) {
         self.progress = progress;
     }
 

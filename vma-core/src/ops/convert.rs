@@ -8,8 +8,8 @@ use crate::error::{Error, Result};
 use crate::extent::{ClusterData, DecodedExtent};
 use crate::format::{DriveInfo, RunKind, CLUSTER_SIZE};
 use crate::types::{cluster_len, ClusterNo, DriveId};
-use crate::writer::{ArchiveMeta, ClusterWriter, WriteSummary, Writer, WriterOptions};
-use crate::writer_v1::V1Writer;
+use crate::write::v1::V1Writer;
+use crate::write::writer::{ArchiveMeta, ClusterWriter, WriteSummary, Writer, WriterOptions};
 
 /// A writer of either format, chosen at run time.
 pub enum AnyWriter<W: Write> {

@@ -4,7 +4,7 @@
 //! [`V1Header::encode`] gives it, 58 clusters to an extent (the last one
 //! fewer), and one empty extent when there are no clusters at all (a
 //! config-only archive). A drive whose size is not a whole number of
-//! 512-byte sectors is stored rounded up ([`format_v1::stored_size`]),
+//! 512-byte sectors is stored rounded up ([`v1::stored_size`]),
 //! with a zero tail, as QEMU presents it. The `vmstate` device must be
 //! written in order, as Proxmox's reader requires.
 
@@ -12,15 +12,15 @@ use std::io::Write;
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::format::{ConfigBlob, DriveInfo, BLOCK_SIZE};
-use crate::format_v1::{
+use crate::format::v1::{
     self, Slot, V1ExtentHeader, V1Header, CLUSTERS_PER_WRITTEN_EXTENT, VMSTATE_DEVICE,
 };
-use crate::ranges::RangeSet;
+use crate::format::{ConfigBlob, DriveInfo, BLOCK_SIZE};
 use crate::types::{
     block_mask, cluster_len, cluster_range_bytes, clusters_for, ClusterNo, DriveId,
 };
-use crate::writer::ClusterWriter;
+use crate::util::ranges::RangeSet;
+use crate::write::writer::ClusterWriter;
 
 /// Writes one VMA v1 archive.
 pub struct V1Writer<W: Write> {
@@ -41,7 +41,7 @@ pub struct V1Writer<W: Write> {
 impl<W: Write> V1Writer<W> {
     /// Write the header for `drives` and `configs` and get ready for
     /// clusters. Clusters are cut by the sizes given; the header records
-    /// them rounded up to whole sectors ([`format_v1::stored_size`]).
+    /// them rounded up to whole sectors ([`v1::stored_size`]).
     pub fn new(
         mut out: W,
         uuid: [u8; 16],
@@ -52,7 +52,7 @@ impl<W: Write> V1Writer<W> {
         let stored = drives
             .iter()
             .map(|d| DriveInfo {
-                size: format_v1::stored_size(d.size),
+                size: v1::stored_size(d.size),
                 ..d.clone()
             })
             .collect();
@@ -146,7 +146,7 @@ impl<W: Write> V1Writer<W> {
             .write_all(&header.encode(&self.uuid))
             .and_then(|_| self.out.write_all(&self.data))
             .map_err(|e| Error::io(format!("writing the VMA archive at offset {at}"), e))?;
-        self.pos += (crate::format_v1::EXTENT_HEADER_LEN + self.data.len()) as u64;
+        self.pos += (crate::format::v1::EXTENT_HEADER_LEN + self.data.len()) as u64;
         self.data.clear();
         self.slots = header.slots;
         self.slots.clear();

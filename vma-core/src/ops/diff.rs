@@ -8,9 +8,9 @@ use std::ops::Range;
 
 use crate::error::Result;
 use crate::format::CLUSTER_SIZE;
-use crate::source::{copy_image, next_data_run, DiskImage, Stretch};
+use crate::image::source::{copy_image, next_data_run, DiskImage, Stretch};
 use crate::types::{cluster_len, clusters_for, ClusterNo, DriveId};
-use crate::writer::Writer;
+use crate::write::writer::Writer;
 
 /// Clusters compared per read.
 const CHUNK_CLUSTERS: u64 = 32;

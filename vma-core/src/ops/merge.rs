@@ -27,9 +27,9 @@ use crate::chain::Chain;
 use crate::error::{Error, Result};
 use crate::extent::ClusterData;
 use crate::format::{limits, ParentRef, RunKind, CLUSTER_SIZE};
-use crate::stream::ArchiveFormat;
+use crate::read::stream::ArchiveFormat;
 use crate::types::{cluster_len, uuid_text, ClusterNo, DriveId};
-use crate::writer::{ArchiveMeta, Writer};
+use crate::write::writer::{ArchiveMeta, Writer};
 
 /// Tuning of [`merge_chain`].
 #[derive(Clone, Debug, Default)]
@@ -283,7 +283,7 @@ pub fn merge_chain<W: Write>(
         links: links.len(),
         ..Default::default()
     };
-    let new_set = |l: &crate::reader::Reader| match l.format() {
+    let new_set = |l: &crate::read::reader::Reader| match l.format() {
         ArchiveFormat::V3 if l.extent_count() <= DENSE_EXTENTS => {
             KeySet::Bits(vec![0; (l.extent_count() as usize).div_ceil(64)])
         }
@@ -421,7 +421,7 @@ pub fn merge_chain<W: Write>(
 /// extent). A claim the index gives to another extent is a second copy of
 /// those clusters, which a merge refuses to fold rather than drop.
 fn claims_agree(
-    reader: &crate::reader::Reader,
+    reader: &crate::read::reader::Reader,
     key: u64,
     entries: &[crate::format::Entry],
 ) -> Result<()> {

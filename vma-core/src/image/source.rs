@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, IoContext, Result};
 use crate::format::CLUSTER_SIZE;
 use crate::types::{cluster_len, clusters_for, ClusterNo, DriveId};
-use crate::writer::ClusterWriter;
+use crate::write::writer::ClusterWriter;
 
 /// Clusters read per request.
 const CHUNK_CLUSTERS: u64 = 16;
@@ -253,7 +253,7 @@ pub struct OpenedSource {
 ///
 /// A qcow2 image's backing files are read only inside the image's own
 /// directory and the `allow_backing` directories (see
-/// [`crate::qcow2::BackingPolicy`]). A raw source whose first bytes are a
+/// [`crate::image::qcow2::BackingPolicy`]). A raw source whose first bytes are a
 /// qcow2 magic is archived as raw all the same, with a warning.
 pub fn open_source(
     path: &Path,
@@ -271,7 +271,7 @@ pub fn open_source(
     });
     let mut magic = [0u8; 4];
     let looks_qcow2 =
-        file.read_at(&mut magic, 0).is_ok_and(|n| n == 4) && magic == crate::qcow2::format::MAGIC;
+        file.read_at(&mut magic, 0).is_ok_and(|n| n == 4) && magic == crate::format::qcow2::MAGIC;
     match format {
         ImageFormat::Raw => Ok(OpenedSource {
             image: Box::new(RawImage::open_file(file, path)?),
@@ -297,9 +297,9 @@ pub fn open_source(
             ),
         }),
         ImageFormat::Qcow2 => {
-            let policy = crate::qcow2::BackingPolicy::new(path, allow_backing)?;
+            let policy = crate::image::qcow2::BackingPolicy::new(path, allow_backing)?;
             Ok(OpenedSource {
-                image: Box::new(crate::qcow2::Qcow2Image::open_file(
+                image: Box::new(crate::image::qcow2::Qcow2Image::open_file(
                     file,
                     path,
                     0,

@@ -4,7 +4,7 @@ use std::io::Read;
 
 use crate::error::{Error, Result};
 use crate::format::ARCHIVE_MAGIC;
-use crate::stream::ArchiveStream;
+use crate::read::stream::ArchiveStream;
 
 /// Formats recognised from an input's first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,7 +125,7 @@ pub fn open_any(
             StreamCompression::Gzip,
         ),
         Some(DetectedFormat::Lzo) => {
-            let dec = crate::lzop::LzopReader::new(whole).map_err(|e| {
+            let dec = crate::format::lzop::LzopReader::new(whole).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::InvalidData {
                     Error::corrupt(0, e.to_string())
                 } else {

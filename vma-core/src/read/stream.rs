@@ -11,26 +11,26 @@ use std::sync::Arc;
 
 use crate::digest::{check_matches, Sha256};
 
-use crate::detect::{not_v2_error, DETECT_LEN};
 use crate::error::{Error, Result};
 use crate::extent::{
     decode_extent, drive_sizes, Binding, DecodedExtent, DriveSizes, Frame, StoredExtent,
 };
+use crate::format::v1::{self, V1ExtentHeader, V1Header};
 use crate::format::{
     archive_digest, decode_entries, index_digest, v2, Codec, CompressionInfo, Directory, DriveInfo,
     DriveRecord, Entry, Footer, Header, HeaderPrefix, IndexFixed, PageKind, RunKind, ARCHIVE_MAGIC,
     CLUSTER_SIZE, DRIVE_RECORD_LEN, EXTENT_HEADER_LEN, EXTENT_MAGIC, FOOTER_LEN, HEADER_FIXED_LEN,
     INCOMPAT_ZSTD, INDEX_FIXED_LEN, INDEX_MAGIC, MIN_EXTENT_LEN,
 };
-use crate::format_v1::{self, V1ExtentHeader, V1Header};
 use crate::index::{BuiltIndex, ExtentKeys, FinishOptions, IndexBuilder, LeafSource};
-use crate::input::Input;
-use crate::pipeline::OrderedPool;
+use crate::read::detect::{not_v2_error, DETECT_LEN};
+use crate::read::input::Input;
 use crate::tree::Digest;
 use crate::types::{
     cluster_len, cluster_range_bytes, describe_ranges, ClusterNo, DriveId, DriveRange,
 };
-use crate::writer::effective_threads;
+use crate::util::pipeline::OrderedPool;
+use crate::write::writer::effective_threads;
 
 /// Called with what a long step is doing, how far it got and of how much.
 pub type ProgressFn = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
@@ -209,7 +209,7 @@ fn header_from_v1(h: V1Header) -> Header {
 /// Read a VMA v1 header from `input`.
 fn read_v1_header<R: Read>(input: &mut Input<R>) -> Result<(Header, Flavor)> {
     let prefix = input.peek(60)?.to_vec();
-    let len = format_v1::header_len(&prefix)?;
+    let len = v1::header_len(&prefix)?;
     let block = input.read_vec(len, "VMA header")?;
     let v1 = V1Header::decode(&block)?;
     let uuid = v1.uuid;
@@ -219,7 +219,7 @@ fn read_v1_header<R: Read>(input: &mut Input<R>) -> Result<(Header, Flavor)> {
 /// Read the header block from `input` (after detecting the format).
 fn read_header<R: Read>(input: &mut Input<R>) -> Result<(Header, Flavor)> {
     let prefix = input.peek(HEADER_FIXED_LEN)?;
-    if prefix.starts_with(&format_v1::MAGIC) {
+    if prefix.starts_with(&v1::MAGIC) {
         return read_v1_header(input);
     }
     if !prefix.starts_with(&ARCHIVE_MAGIC) {
@@ -526,18 +526,18 @@ impl<R: Read> ArchiveStream<R> {
         let mut seq = 0;
         loop {
             let offset = input.pos();
-            let hb = input.peek(format_v1::EXTENT_HEADER_LEN)?;
+            let hb = input.peek(v1::EXTENT_HEADER_LEN)?;
             if hb.is_empty() {
                 break;
             }
-            if hb.len() < format_v1::EXTENT_HEADER_LEN {
+            if hb.len() < v1::EXTENT_HEADER_LEN {
                 state.problem(Error::truncated(
                     offset,
                     "the archive ends inside a VMA extent header",
                 ))?;
                 break;
             }
-            let hb: [u8; format_v1::EXTENT_HEADER_LEN] = hb.try_into().expect("512");
+            let hb: [u8; v1::EXTENT_HEADER_LEN] = hb.try_into().expect("512");
             let h = match V1ExtentHeader::decode(&hb, offset, &uuid) {
                 Ok(h) => h,
                 Err(e) => {
@@ -546,7 +546,7 @@ impl<R: Read> ArchiveStream<R> {
                     continue;
                 }
             };
-            input.consume(format_v1::EXTENT_HEADER_LEN);
+            input.consume(v1::EXTENT_HEADER_LEN);
             let data = match input.read_vec(h.data_len(), "VMA extent data") {
                 Ok(d) => d,
                 Err(e) => {
@@ -572,18 +572,16 @@ fn resync_v1<R: Read>(input: &mut Input<R>, uuid: &[u8; 16]) -> Result<()> {
     input.consume(1);
     loop {
         let buf = input.peek(1 << 20)?;
-        if buf.len() < format_v1::EXTENT_HEADER_LEN {
+        if buf.len() < v1::EXTENT_HEADER_LEN {
             let n = buf.len();
             input.consume(n);
             return Ok(());
         }
-        let last = buf.len() - format_v1::EXTENT_HEADER_LEN;
+        let last = buf.len() - v1::EXTENT_HEADER_LEN;
         let found = (0..=last).find(|&i| {
-            buf[i..i + 4] == format_v1::EXTENT_MAGIC && &buf[i + 8..i + 24] == uuid && {
-                let hb: [u8; format_v1::EXTENT_HEADER_LEN] = buf
-                    [i..i + format_v1::EXTENT_HEADER_LEN]
-                    .try_into()
-                    .expect("512");
+            buf[i..i + 4] == v1::EXTENT_MAGIC && &buf[i + 8..i + 24] == uuid && {
+                let hb: [u8; v1::EXTENT_HEADER_LEN] =
+                    buf[i..i + v1::EXTENT_HEADER_LEN].try_into().expect("512");
                 V1ExtentHeader::decode(&hb, 0, uuid).is_ok()
             }
         });
@@ -1852,7 +1850,8 @@ pub(crate) mod tests {
         }
         let packed = packer.finish().unwrap();
         assert!(packed.len() < 64 << 10, "{} bytes", packed.len());
-        let (stream, _) = crate::detect::open_any(std::io::Cursor::new(packed), "bomb").unwrap();
+        let (stream, _) =
+            crate::read::detect::open_any(std::io::Cursor::new(packed), "bomb").unwrap();
         let options = PassOptions {
             threads: 1,
             keep_going: true,

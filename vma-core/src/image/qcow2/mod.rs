@@ -1,11 +1,10 @@
 //! qcow2 disk images: every command that reads or writes qcow2 goes
 //! through this module.
 //!
-//! - [`format`]: header, extensions and table entries (no I/O).
+//! - [`crate::format::qcow2`]: header, extensions and table entries (no I/O).
 //! - [`read`]: images as archive sources (`create`), backing chains included.
 //! - [`write`]: images as extraction targets (`extract --format qcow2`).
 
-pub mod format;
 pub mod read;
 pub mod write;
 

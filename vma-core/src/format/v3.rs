@@ -2,12 +2,12 @@
 //! encodings. No I/O happens here: every function turns bytes into values or
 //! values into bytes. `format-spec.md` at the repository root is the
 //! normative description; the constants below must never change for 3.x.
-//! What archives of version 2.0 look like (read, never written) is in [`v2`].
+//! What archives of version 2.0 look like (read, never written) is in
+//! [`super::v2`].
 //!
 //! All integers are little-endian.
 
-pub mod v2;
-
+use super::v2;
 use crate::digest::{check_matches, Sha256};
 
 use crate::error::{Error, Result};
@@ -392,11 +392,11 @@ pub fn short_check(data: &[u8]) -> [u8; 8] {
     sha256(data)[..8].try_into().expect("8 bytes")
 }
 
-fn le_u64(b: &[u8], at: usize) -> u64 {
+pub(super) fn le_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-fn le_u32(b: &[u8], at: usize) -> u32 {
+pub(super) fn le_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
@@ -955,7 +955,7 @@ pub fn decode_entries(h: &BodyCounts, body: &[u8], offset: u64) -> Result<(Vec<E
 
 /// The limits every extent header (2.0 and 3.0) obeys; the reason when one
 /// is broken.
-fn extent_limits(
+pub(super) fn extent_limits(
     entry_count: u32,
     mask_count: u32,
     codec: Codec,

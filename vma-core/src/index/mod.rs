@@ -19,9 +19,9 @@ use crate::format::{
     RunKind, RunPageKey, EXTENTS_PER_PAGE, EXTENT_RECORD_LEN, INDEX_RUN_LEN, LEAF_LEN,
     LEAVES_PER_PAGE, RUNS_PER_PAGE,
 };
-use crate::spool::{temp_file, Merge, Record, Spool};
 use crate::tree::{leaf, zero_subtree, Digest, DriveTree};
 use crate::types::{cluster_len, cluster_range_bytes, ClusterNo, DriveId, DriveRange};
+use crate::util::spool::{temp_file, Merge, Record, Spool};
 
 pub mod paged;
 
@@ -832,7 +832,10 @@ impl Found {
 
     fn first_error(&mut self, drives: &[DriveInfo]) -> Option<Error> {
         if !self.missing.is_empty() {
-            return Some(crate::stream::incomplete_from_ranges(drives, &self.missing));
+            return Some(crate::read::stream::incomplete_from_ranges(
+                drives,
+                &self.missing,
+            ));
         }
         if self.problems.is_empty() {
             None

@@ -14,11 +14,11 @@ use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;
 
 use crate::error::{Error, Result};
-use crate::extract::AtomicFile;
-use crate::qcow2::format::{
+use crate::format::qcow2::{
     encode_compressed, l1_entries_for, CompressionType, Qcow2Header, FLAG_COMPRESSED, FLAG_COPIED,
     FLAG_ZERO, INCOMPAT_COMPRESSION_TYPE, OFFSET_MASK, WRITE_CLUSTER_BITS, WRITE_REFCOUNT_ORDER,
 };
+use crate::ops::extract::AtomicFile;
 
 /// Bytes per cluster of the images written.
 pub const QCOW2_CLUSTER: u64 = 1 << WRITE_CLUSTER_BITS;
@@ -451,7 +451,7 @@ impl Qcow2Writer {
             compatible_features: 0,
             autoclear_features: 0,
             refcount_order: WRITE_REFCOUNT_ORDER,
-            header_length: crate::qcow2::format::V3_HEADER_LEN as u32,
+            header_length: crate::format::qcow2::V3_HEADER_LEN as u32,
             compression_type: if self.compression {
                 CompressionType::Zstd
             } else {
@@ -473,9 +473,9 @@ impl Qcow2Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qcow2::format::{decode_l2, L2Entry};
-    use crate::qcow2::Qcow2Image;
-    use crate::source::DiskImage;
+    use crate::format::qcow2::{decode_l2, L2Entry};
+    use crate::image::qcow2::Qcow2Image;
+    use crate::image::source::DiskImage;
     use proptest::prelude::*;
 
     fn be64_at(b: &[u8], at: u64) -> u64 {
@@ -602,7 +602,7 @@ mod tests {
             let img = Qcow2Image::open(&path, 0).unwrap();
             prop_assert_eq!(img.size(), qcow2_size_for(size));
             // Only the clusters written are allocated; they read back exactly.
-            let runs: Vec<u64> = crate::source::data_runs(&img).unwrap().into_iter().flatten().collect();
+            let runs: Vec<u64> = crate::image::source::data_runs(&img).unwrap().into_iter().flatten().collect();
             prop_assert_eq!(runs, expect.keys().copied().collect::<Vec<_>>());
             let mut buf = vec![0u8; QCOW2_CLUSTER as usize];
             for (&c, d) in &expect {

@@ -16,20 +16,20 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::detect::{detect, DetectedFormat, DETECT_LEN};
 use crate::error::{Error, IoContext, Result};
 use crate::extent::{
     drive_sizes, Binding, ClusterData, DecodedExtent, DriveSizes, Frame, StoredExtent,
 };
+use crate::format::v1::{self, V1ExtentHeader};
 use crate::format::{
     archive_digest, index_digest, v2, Directory, DriveRecord, Footer, Header, HeaderPrefix,
     IndexFixed, IndexRun, ParentRef, RunKind, BLOCK_SIZE, CLUSTER_SIZE, DRIVE_RECORD_LEN,
     EXTENT_HEADER_LEN, FOOTER_LEN, HEADER_FIXED_LEN, INCOMPAT_ZSTD, INDEX_FIXED_LEN,
 };
-use crate::format_v1::{self, V1ExtentHeader};
 use crate::index::paged::RunCursor;
 use crate::index::{ExtentKeys, PageSource, PagedIndex};
-use crate::stream::{incomplete_error, ArchiveFormat, ArchiveStream, PassOptions};
+use crate::read::detect::{detect, DetectedFormat, DETECT_LEN};
+use crate::read::stream::{incomplete_error, ArchiveFormat, ArchiveStream, PassOptions};
 use crate::tree::Digest;
 use crate::types::{cluster_len, cluster_range_bytes, ClusterNo, DriveId, DriveRange};
 
@@ -368,7 +368,7 @@ impl Reader {
             .clone();
         let mut prefix = [0u8; 60];
         read_exact_at(&file, &mut prefix, 0, &name)?;
-        let header_len = format_v1::header_len(&prefix)? as u64;
+        let header_len = v1::header_len(&prefix)? as u64;
         let uuid = header.uuid;
         let mut runs = Vec::new();
         let mut records: Vec<DriveRecord> = header
@@ -378,10 +378,10 @@ impl Reader {
             .collect();
         let mut offset = header_len;
         while offset < file_len {
-            let mut hb = [0u8; format_v1::EXTENT_HEADER_LEN];
+            let mut hb = [0u8; v1::EXTENT_HEADER_LEN];
             read_exact_at(&file, &mut hb, offset, &name)?;
             let h = V1ExtentHeader::decode(&hb, offset, &uuid)?;
-            let end = offset + (format_v1::EXTENT_HEADER_LEN + h.data_len()) as u64;
+            let end = offset + (v1::EXTENT_HEADER_LEN + h.data_len()) as u64;
             if end > file_len {
                 return Err(Error::truncated(
                     file_len,
@@ -448,7 +448,7 @@ impl Reader {
         let mut prefix = [0u8; HEADER_FIXED_LEN];
         read_exact_at(&file, &mut prefix, 0, &name)?;
         let (header_len, v1_uuid) = match format {
-            ArchiveFormat::VmaV1 => (format_v1::header_len(&prefix)? as u64, Some(header.uuid)),
+            ArchiveFormat::VmaV1 => (v1::header_len(&prefix)? as u64, Some(header.uuid)),
             _ => (HeaderPrefix::decode(&prefix)?.header_len as u64, None),
         };
         let options = PassOptions {
@@ -886,14 +886,14 @@ impl Reader {
     fn load_extent(&self, key: u64) -> Result<DecodedExtent> {
         let name = self.path.display().to_string();
         if let Some(uuid) = self.v1_uuid {
-            let mut hb = [0u8; format_v1::EXTENT_HEADER_LEN];
+            let mut hb = [0u8; v1::EXTENT_HEADER_LEN];
             read_exact_at(&self.file, &mut hb, key, &name)?;
             let h = V1ExtentHeader::decode(&hb, key, &uuid)?;
             let mut data = vec![0u8; h.data_len()];
             read_exact_at(
                 &self.file,
                 &mut data,
-                key + format_v1::EXTENT_HEADER_LEN as u64,
+                key + v1::EXTENT_HEADER_LEN as u64,
                 &name,
             )?;
             return Ok(DecodedExtent::from_v1(0, key, &h, data));
@@ -1304,7 +1304,7 @@ impl ExtentCache {
 mod tests {
     use super::*;
     use crate::format::DriveInfo;
-    use crate::writer::{ArchiveMeta, Writer, WriterOptions};
+    use crate::write::writer::{ArchiveMeta, Writer, WriterOptions};
 
     /// A one-drive archive followed by a hole, `extra` bytes long, and a
     /// footer saying the index fills everything after the header.

@@ -7,14 +7,14 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::chain::configs::point_configs_over;
 use crate::chain::Chain;
-use crate::configs::point_configs_over;
 use crate::error::{Error, IoContext, Result};
 use crate::extent::{ClusterData, DecodedExtent};
 use crate::format::{check_name, ConfigBlob, Header, BLOCK_SIZE};
+use crate::image::qcow2::{compress_cluster, Qcow2Writer};
 use crate::index::{LeafItem, LeafSource};
-use crate::qcow2::{compress_cluster, Qcow2Writer};
-use crate::stream::{ArchiveStream, HashDrives, PassOptions, PassReport};
+use crate::read::stream::{ArchiveStream, HashDrives, PassOptions, PassReport};
 use crate::types::{cluster_len, ClusterNo, DriveId, DriveRange};
 
 pub use crate::atomic::AtomicFile;
@@ -96,7 +96,7 @@ pub struct ExtractOptions {
     pub check_drive_digests: bool,
     /// Progress of the steps after the extents (checking the index and
     /// the drive digests).
-    pub progress: Option<crate::stream::ProgressFn>,
+    pub progress: Option<crate::read::stream::ProgressFn>,
 }
 
 /// The ancestors of an incremental archive, for [`extract`]: what its
@@ -171,7 +171,7 @@ fn plan(
 /// Extract from an archive stream (file or pipe, one pass) into `dir`:
 /// `<drive>.raw` sparse files and one file per config blob of the point in
 /// time (stored in the archive, or taken from the nearest ancestor that
-/// stores them, see [`crate::configs`]). Without
+/// stores them, see [`crate::chain::configs`]). Without
 /// `salvage`, the first problem stops it and nothing appears under a final
 /// name; with it, everything intact is written and the report lists what
 /// was lost.
@@ -205,11 +205,11 @@ pub fn extract<R: Read>(
             },
         });
     }
-    let threads = crate::writer::effective_threads(options.threads);
+    let threads = crate::write::writer::effective_threads(options.threads);
     let mut compressors = Vec::new();
     if matches!(options.format, DriveFormat::Qcow2 { compress: true }) {
         for _ in 0..threads {
-            compressors.push(crate::qcow2::write::cluster_compressor()?);
+            compressors.push(crate::image::qcow2::write::cluster_compressor()?);
         }
     }
     let pass_options = PassOptions {
@@ -233,7 +233,7 @@ pub fn extract<R: Read>(
         targets: &targets,
         compressors: &compressors,
         salvage: options.salvage,
-        want_leaves: stream.format() == crate::stream::ArchiveFormat::V3,
+        want_leaves: stream.format() == crate::read::stream::ArchiveFormat::V3,
         lost: Vec::new(),
     });
     let mut report = stream.pass_with(
@@ -251,7 +251,9 @@ pub fn extract<R: Read>(
     let fill_lost = fill.map(|f| f.lost);
     let mut targets = targets.into_inner();
     if let Some(records) = &report.records {
-        crate::reader::refuse_interrupted(&header, records, |id| targets[id.0 as usize].is_some())?;
+        crate::read::reader::refuse_interrupted(&header, records, |id| {
+            targets[id.0 as usize].is_some()
+        })?;
     }
     if let Some(lost) = fill_lost {
         let lost_drives: Vec<DriveId> = lost.iter().map(|(r, _)| r.drive).collect();
@@ -262,7 +264,7 @@ pub fn extract<R: Read>(
         // Ancestors' losses leave the point in time unproven, not wrong.
         for (slot, d) in header.drives.iter().enumerate() {
             if lost_drives.contains(&d.id) {
-                report.digests[slot] = crate::stream::DriveDigestCheck::NotChecked;
+                report.digests[slot] = crate::read::stream::DriveDigestCheck::NotChecked;
                 report.problems.retain(
                     |p| !matches!(p, Error::DriveDigestMismatch { drive_name, .. } if *drive_name == d.name),
                 );
@@ -387,8 +389,8 @@ impl LeafSource for Fill<'_> {
         while pos < run_end {
             // Zero stretches of the ancestors cost one step each, however long.
             let (n, data) = match self.chain.status_named(&d.name, pos)? {
-                crate::source::Stretch::Zero(n) => (n, false),
-                crate::source::Stretch::Data(n) => (n, true),
+                crate::image::source::Stretch::Zero(n) => (n, false),
+                crate::image::source::Stretch::Data(n) => (n, true),
             };
             let next = (pos + n.max(1)).min(run_end);
             let first = (pos / cs).max(next_cluster);
@@ -634,7 +636,7 @@ fn write_raw(ext: &Arc<DecodedExtent>, targets: &[Option<DriveTarget>]) -> Resul
 mod tests {
     use super::*;
     use crate::format::{CLUSTER_SIZE, MAX_CLUSTERS};
-    use crate::stream::tests::archive_with_zero_run;
+    use crate::read::stream::tests::archive_with_zero_run;
     use std::time::{Duration, Instant};
 
     /// Salvage once stepped through every cluster of every zero run an

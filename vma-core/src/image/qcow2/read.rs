@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, IoContext, Result};
-use crate::qcow2::format::{
+use crate::format::qcow2::{
     decode_extensions, decode_l2, feature_names, l1_entries_for, CompressionType, L2Entry,
     Qcow2Header, EXT_BACKING_FORMAT, EXT_FEATURE_NAMES, INCOMPAT_COMPRESSION_TYPE,
     INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, INCOMPAT_EXTERNAL_DATA, OFFSET_MASK,
 };
-use crate::source::{DiskImage, Stretch};
+use crate::image::source::{DiskImage, Stretch};
 
 /// QEMU refuses L1 tables above 32 MiB; so do we.
 const MAX_L1_BYTES: u64 = 32 << 20;
@@ -56,7 +56,7 @@ impl Qcow2Image {
     /// `depth` is the number of images above it (chains deeper than 64 are
     /// refused).
     pub fn open(path: &Path, depth: usize) -> Result<Qcow2Image> {
-        let (file, _) = crate::source::open_checked(path, true)?;
+        let (file, _) = crate::image::source::open_checked(path, true)?;
         let policy = BackingPolicy::new(path, &[])?;
         Qcow2Image::open_file(file, path, depth, &|p, n, f, d| policy.open(p, n, f, d))
     }
@@ -464,14 +464,15 @@ impl BackingPolicy {
         if !self.allows(&canonical) {
             return Err(outside(&canonical));
         }
-        let (file, _) = crate::source::open_checked(&canonical, false).map_err(|e| match e {
-            Error::Io { context, source } => Error::Io {
-                context: format!("backing file of {}: {context}", path.display()),
-                source,
-            },
-            Error::Invalid(what) => refuse(format!("its backing file {what}")),
-            other => other,
-        })?;
+        let (file, _) =
+            crate::image::source::open_checked(&canonical, false).map_err(|e| match e {
+                Error::Io { context, source } => Error::Io {
+                    context: format!("backing file of {}: {context}", path.display()),
+                    source,
+                },
+                Error::Invalid(what) => refuse(format!("its backing file {what}")),
+                other => other,
+            })?;
         // Where the open file really is (a directory renamed meanwhile).
         let fd_link = format!(
             "/proc/self/fd/{}",
@@ -490,7 +491,7 @@ impl BackingPolicy {
                 &|p, n, f, d| self.open(p, n, f, d),
             )?))
         } else {
-            Ok(Box::new(crate::source::RawImage::open_file(
+            Ok(Box::new(crate::image::source::RawImage::open_file(
                 file, &resolved,
             )?))
         }
@@ -608,8 +609,8 @@ impl DiskImage for Qcow2Image {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::extract::AtomicFile;
-    use crate::qcow2::write::{cluster_compressor, compress_cluster, Qcow2Writer};
+    use crate::image::qcow2::write::{cluster_compressor, compress_cluster, Qcow2Writer};
+    use crate::ops::extract::AtomicFile;
     use proptest::prelude::*;
 
     /// A small image from our writer: plain and compressed clusters.
@@ -661,7 +662,7 @@ mod tests {
             let mut buf = vec![0u8; 1 << 20];
             let mut read = 0u64;
             let mut next = 0;
-            while let Ok(Some(run)) = crate::source::next_data_run(&img, next) {
+            while let Ok(Some(run)) = crate::image::source::next_data_run(&img, next) {
                 next = run.end;
                 let start = run.start * 65536;
                 let len = ((run.end - run.start) * 65536).min(img.size() - start).min(1 << 20);

@@ -5,11 +5,11 @@
 use crate::digest::Sha256;
 use crate::error::{Error, Result};
 use crate::format::CLUSTER_SIZE;
-use crate::pipeline::OrderedPool;
-use crate::source::{DiskImage, Stretch};
+use crate::image::source::{DiskImage, Stretch};
 use crate::tree::{Digest, DriveTree};
 use crate::types::{clusters_for, is_zero};
-use crate::writer::effective_threads;
+use crate::util::pipeline::OrderedPool;
+use crate::write::writer::effective_threads;
 
 /// Clusters read and hashed per piece of work.
 const CHUNK_CLUSTERS: u64 = 32;
@@ -272,7 +272,7 @@ pub fn sha256(image: &dyn DiskImage, progress: &mut dyn FnMut(u64)) -> Result<Di
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::RawImage;
+    use crate::image::source::RawImage;
     use std::os::unix::fs::FileExt;
 
     #[test]

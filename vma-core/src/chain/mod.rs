@@ -20,6 +20,8 @@
 //! name from link to link (ids may differ when drives were added), and
 //! must keep their size.
 
+pub mod configs;
+
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -27,10 +29,10 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::{DriveInfo, Header, ParentRef, RunKind, CLUSTER_SIZE};
+use crate::image::source::{DiskImage, Stretch};
 use crate::index::{LeafItem, LeafSource};
-use crate::reader::Reader;
-use crate::source::{DiskImage, Stretch};
-use crate::stream::ArchiveFormat;
+use crate::read::reader::Reader;
+use crate::read::stream::ArchiveFormat;
 use crate::types::{uuid_text, ClusterNo, DriveId};
 
 /// Links of a chain deeper than this are refused (a loop, or a chain that
@@ -96,7 +98,7 @@ impl Chain {
         // Memory stays bounded however long the chain: the ancestors share
         // one default-sized cache budget.
         if links.len() > 1 {
-            let share = (crate::reader::DEFAULT_CACHE_BYTES / (links.len() - 1)).max(4 << 20);
+            let share = (crate::read::reader::DEFAULT_CACHE_BYTES / (links.len() - 1)).max(4 << 20);
             for link in &links[1..] {
                 link.set_cache_bytes(share);
             }

@@ -9,8 +9,8 @@ use crate::chain::Chain;
 use crate::digest::Sha256;
 
 use crate::error::{Error, Result};
-use crate::reader::Reader;
-use crate::stream::{
+use crate::read::reader::Reader;
+use crate::read::stream::{
     ArchiveFormat, ArchiveStream, DriveDigestCheck, HashDrives, PassOptions, PassReport, ProgressFn,
 };
 
@@ -136,7 +136,7 @@ mod tests {
     use super::*;
     use crate::format::{DriveInfo, CLUSTER_SIZE};
     use crate::types::{ClusterNo, DriveId};
-    use crate::writer::{ArchiveMeta, Writer, WriterOptions};
+    use crate::write::writer::{ArchiveMeta, Writer, WriterOptions};
 
     /// A two-cluster drive written last cluster first.
     fn out_of_order_archive() -> Vec<u8> {
