@@ -1440,15 +1440,9 @@ fn extract_cmd(
     })?;
     progress.finish();
     let report = &summary.report;
-    let damage = output::damage_json(
-        &report.problems,
-        &report.damaged,
-        &report.missing,
-        &report.conflicting,
-        None,
-    );
+    let damage = vma_core::read::damage::DamageReport::of_pass(report);
     if json {
-        let mut doc = damage.clone();
+        let mut doc = serde_json::to_value(&damage)?;
         doc["files"] = summary
             .files
             .iter()
@@ -1472,7 +1466,7 @@ fn extract_cmd(
     }
     Err(Damage(format!(
         "salvaged what was intact; {} in {} range(s) could not be recovered",
-        human_bytes(damage["lost_bytes"].as_u64().unwrap_or(0)),
+        human_bytes(damage.lost_bytes),
         report.missing.len() + report.damaged.len() + report.conflicting.len()
     ))
     .into())

@@ -12,9 +12,8 @@ use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use vma_core::format::{Codec, Header};
+use vma_core::read::damage::{DamageReport, ProblemReport};
 use vma_core::read::stream::{human_bytes, DriveDigestCheck};
-use vma_core::types::DriveRange;
-use vma_core::Error;
 
 use crate::{open_for_listing, open_stream, progress_wanted, Damage, Opened};
 use vma_core::read::detect::StreamCompression;
@@ -393,77 +392,11 @@ pub(crate) fn list(archive: &str, json_out: bool, chain: bool, parents: &[PathBu
     Ok(())
 }
 
-fn range_json(r: &DriveRange) -> Value {
-    json!({"drive": r.drive_name, "drive_id": r.drive.0, "start": r.bytes.start, "end": r.bytes.end})
-}
-
-fn problem_json(e: &Error) -> Value {
-    let (kind, offset, ranges): (&str, Option<u64>, Vec<Value>) = match e {
-        Error::Corrupt { offset, .. } => ("corrupt", Some(*offset), vec![]),
-        Error::Truncated { offset, .. } => ("truncated", Some(*offset), vec![]),
-        Error::ExtentDamaged { offset, ranges, .. } => (
-            "extent-damaged",
-            Some(*offset),
-            ranges.iter().map(range_json).collect(),
-        ),
-        Error::Incomplete { ranges, .. } => {
-            ("incomplete", None, ranges.iter().map(range_json).collect())
-        }
-        Error::DriveDigestMismatch { .. } => ("drive-digest-mismatch", None, vec![]),
-        Error::Conflicting { ranges, .. } => {
-            ("conflicting", None, ranges.iter().map(range_json).collect())
-        }
-        Error::Duplicate { ranges, .. } => {
-            ("duplicate", None, ranges.iter().map(range_json).collect())
-        }
-        _ => ("other", None, vec![]),
-    };
-    json!({"kind": kind, "offset": offset, "message": e.to_string(), "ranges": ranges})
-}
-
-/// The report of what a salvage lost (`extract --salvage`, `mount
-/// --salvage`): `ok`, `problems`, `damaged`, `missing`, and `lost`: every
-/// range written or read as zeros, sorted by drive and offset (`lost`
-/// given, or the damaged and missing ranges together).
-pub(crate) fn damage_json(
-    problems: &[Error],
-    damaged: &[DriveRange],
-    missing: &[DriveRange],
-    conflicting: &[DriveRange],
-    lost: Option<&[DriveRange]>,
-) -> Value {
-    let mut all: Vec<&DriveRange> = match lost {
-        Some(l) => l.iter().collect(),
-        None => damaged.iter().chain(missing).chain(conflicting).collect(),
-    };
-    all.sort_by_key(|r| (r.drive, r.bytes.start));
-    let lost_bytes: u64 = all.iter().map(|r| r.bytes.end - r.bytes.start).sum();
-    json!({
-        "ok": problems.is_empty() && all.is_empty(),
-        "problems": problems.iter().map(problem_json).collect::<Vec<_>>(),
-        "damaged": damaged.iter().map(range_json).collect::<Vec<_>>(),
-        "missing": missing.iter().map(range_json).collect::<Vec<_>>(),
-        "conflicting": conflicting.iter().map(range_json).collect::<Vec<_>>(),
-        "lost": all.iter().map(|r| range_json(r)).collect::<Vec<_>>(),
-        "lost_bytes": lost_bytes,
-    })
-}
-
-/// A [`damage_json`] report as lines on stderr: each problem, then each
-/// lost range with what became of it (`fate`, e.g. "written as zeros").
-pub(crate) fn print_damage_text(report: &Value, fate: &str) {
-    let list = |key: &str| report[key].as_array().cloned().unwrap_or_default();
-    for p in list("problems") {
-        eprintln!("vma: damaged: {}", p["message"].as_str().unwrap_or("?"));
-    }
-    for r in list("lost") {
-        eprintln!(
-            "vma: lost ({fate}): drive {} ({}) bytes {}..{}",
-            r["drive"].as_str().unwrap_or("?"),
-            r["drive_id"],
-            r["start"],
-            r["end"]
-        );
+/// Print a damage report as lines on stderr: each problem, then each lost
+/// range with what became of it (`fate`, e.g. "written as zeros").
+pub(crate) fn print_damage_text(report: &DamageReport, fate: &str) {
+    for line in report.lines(fate) {
+        eprintln!("vma: {line}");
     }
 }
 
@@ -532,6 +465,7 @@ pub(crate) fn verify(
         DriveDigestCheck::Skipped => "skipped",
     };
     if json_out {
+        let damage = DamageReport::of_pass(&report);
         let drives: Vec<Value> = header
             .drives
             .iter()
@@ -562,15 +496,15 @@ pub(crate) fn verify(
             "extents": report.extents,
             "bytes": report.bytes,
             "drives": drives,
-            "problems": report.problems.iter().map(problem_json).collect::<Vec<_>>(),
-            "damaged": report.damaged.iter().map(range_json).collect::<Vec<_>>(),
-            "missing": report.missing.iter().map(range_json).collect::<Vec<_>>(),
-            "conflicting": report.conflicting.iter().map(range_json).collect::<Vec<_>>(),
+            "problems": damage.problems,
+            "damaged": damage.damaged,
+            "missing": damage.missing,
+            "conflicting": damage.conflicting,
             "chain": links.iter().map(|(p, r)| json!({
                 "path": p,
                 "uuid": uuid_str(&r.header.uuid),
                 "ok": r.is_clean(),
-                "problems": r.problems.iter().map(problem_json).collect::<Vec<_>>(),
+                "problems": r.problems.iter().map(ProblemReport::from).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
         outln!("{}", serde_json::to_string_pretty(&doc)?);

@@ -38,7 +38,7 @@ pub mod util;
 pub mod write;
 
 pub use error::{Error, Result};
-pub use format::{ConfigBlob, DriveInfo, Header};
+pub use format::{check_name, ConfigBlob, DriveInfo, Header, CLUSTER_SIZE};
 pub use read::reader::Reader;
 pub use read::stream::{ArchiveStream, HashDrives, PassOptions, PassReport};
 pub use types::{ClusterNo, DriveId, DriveRange};

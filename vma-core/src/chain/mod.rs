@@ -21,6 +21,9 @@
 //! must keep their size.
 
 pub mod configs;
+mod seek;
+
+pub use seek::{Seek, ZeroFilled};
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -197,25 +200,6 @@ impl Chain {
     /// [`Chain::status`] of the drive named `name`.
     pub fn status_named(&self, name: &str, offset: u64) -> Result<Stretch> {
         self.status_link(0, name, offset)
-    }
-
-    /// SEEK_DATA / SEEK_HOLE at the newest point in time: the first offset
-    /// at or after `offset` of drive `drive` in data (`want_data`) or in a
-    /// hole; None for "no more data". The end of the drive counts as a hole.
-    pub fn seek(&self, drive: DriveId, offset: u64, want_data: bool) -> Result<Option<u64>> {
-        let size = self.header().drive(drive).map_or(0, |d| d.size);
-        let mut pos = offset;
-        while pos < size {
-            let (is_data, len) = match self.status(drive, pos)? {
-                Stretch::Data(n) => (true, n),
-                Stretch::Zero(n) => (false, n),
-            };
-            if is_data == want_data {
-                return Ok(Some(pos));
-            }
-            pos += len.max(1);
-        }
-        Ok(if want_data { None } else { Some(size) })
     }
 
     /// The leaves of clusters `clusters` of drive `name` (of `size` bytes)

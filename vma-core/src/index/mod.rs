@@ -19,7 +19,7 @@ use crate::format::{
     RunKind, RunPageKey, EXTENTS_PER_PAGE, EXTENT_RECORD_LEN, INDEX_RUN_LEN, LEAF_LEN,
     LEAVES_PER_PAGE, RUNS_PER_PAGE,
 };
-use crate::tree::{leaf, zero_subtree, Digest, DriveTree};
+use crate::tree::{leaf, zero_subtree, Digest, DriveDigestKind, DriveHash};
 use crate::types::{cluster_len, cluster_range_bytes, ClusterNo, DriveId, DriveRange};
 use crate::util::spool::{temp_file, Merge, Record, Spool};
 
@@ -409,8 +409,8 @@ impl IndexBuilder {
                 first_leaf: runs.data_before,
                 ..DriveRecord::empty(d.id)
             };
-            let mut tree =
-                (self.with_leaves && !self.interrupted[slot]).then(|| DriveTree::new(d.size));
+            let mut tree = (self.with_leaves && !self.interrupted[slot])
+                .then(|| DriveHash::new(DriveDigestKind::Tree, d.size));
             let mut pending: Option<IndexRun> = None;
             let source = &mut options.source;
             let progress = &mut options.progress;
@@ -776,7 +776,7 @@ fn feed_unchanged(
     source: &mut dyn LeafSource,
     d: &DriveInfo,
     clusters: Range<u64>,
-    mut tree: Option<&mut DriveTree>,
+    mut tree: Option<&mut DriveHash>,
 ) -> Result<bool> {
     let end = clusters.end;
     let mut next = clusters.start;

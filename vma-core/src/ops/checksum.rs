@@ -6,7 +6,7 @@ use crate::digest::Sha256;
 use crate::error::{Error, Result};
 use crate::format::CLUSTER_SIZE;
 use crate::image::source::{DiskImage, Stretch};
-use crate::tree::{Digest, DriveTree};
+use crate::tree::{Digest, DriveDigestKind, DriveHash};
 use crate::types::{clusters_for, is_zero};
 use crate::util::pipeline::OrderedPool;
 use crate::write::writer::effective_threads;
@@ -129,7 +129,7 @@ pub fn tree_digest(
             }
         });
     let mut state = Hashing {
-        tree: DriveTree::new(size),
+        tree: DriveHash::new(DriveDigestKind::Tree, size),
         spare: Vec::new(),
         zeros: std::collections::VecDeque::new(),
     };
@@ -202,7 +202,7 @@ pub fn tree_digest(
 
 /// The tree being built from hashed chunks and the zero stretches between them.
 struct Hashing {
-    tree: DriveTree,
+    tree: DriveHash,
     spare: Vec<Chunk>,
     /// Zero stretches (start, end) not yet added, in order.
     zeros: std::collections::VecDeque<(u64, u64)>,

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::chain::Chain;
-use crate::digest::Sha256;
+use crate::format::CLUSTER_SIZE;
+use crate::tree::{DriveDigestKind, DriveHash};
 
 use crate::error::{Error, Result};
 use crate::read::reader::Reader;
@@ -107,16 +108,18 @@ pub fn verify_with<R: Read>(
                 d.name
             )));
         };
-        let mut sha = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
+        let mut hash = DriveHash::new(DriveDigestKind::Sha256, d.size);
+        let mut buf = vec![0u8; 16 * CLUSTER_SIZE];
         let mut pos = 0;
         while pos < d.size {
             let n = (d.size - pos).min(buf.len() as u64) as usize;
             reader.read_at(d.id, pos, &mut buf[..n])?;
-            sha.update(&buf[..n]);
+            for (k, cluster) in buf[..n].chunks(CLUSTER_SIZE).enumerate() {
+                hash.push_cluster(pos / CLUSTER_SIZE as u64 + k as u64, cluster)?;
+            }
             pos += n as u64;
         }
-        let found: [u8; 32] = sha.finish();
+        let found: [u8; 32] = hash.finish()?;
         if found == expected {
             report.digests[slot] = DriveDigestCheck::Match(found);
         } else {

@@ -25,7 +25,7 @@ use crate::format::{
 use crate::index::{BuiltIndex, ExtentKeys, FinishOptions, IndexBuilder, LeafSource};
 use crate::read::detect::{not_v2_error, DETECT_LEN};
 use crate::read::input::Input;
-use crate::tree::Digest;
+use crate::tree::{Digest, DriveDigestKind, DriveHash};
 use crate::types::{
     cluster_len, cluster_range_bytes, describe_ranges, ClusterNo, DriveId, DriveRange,
 };
@@ -1682,19 +1682,17 @@ impl DriveHasher {
             .name("vma-drive-hash".into())
             .spawn(move || {
                 struct S {
-                    sha: Sha256,
-                    next: u64,
+                    hash: DriveHash,
                     state: Option<HashOutcome>,
                 }
                 let mut s: Vec<S> = skip
                     .iter()
-                    .map(|&skipped| S {
-                        sha: Sha256::new(),
-                        next: 0,
+                    .zip(&drives)
+                    .map(|(&skipped, d)| S {
+                        hash: DriveHash::new(DriveDigestKind::Sha256, d.size),
                         state: skipped.then_some(HashOutcome::Skipped),
                     })
                     .collect();
-                let zeros = vec![0u8; 1 << 20];
                 let slot = |id: DriveId| drives.binary_search_by_key(&id, |d| d.id).ok();
                 let mut cluster_buf = vec![0u8; CLUSTER_SIZE];
                 for msg in rx {
@@ -1721,7 +1719,7 @@ impl DriveHasher {
                                 let st = &mut s[i];
                                 let size = drives[i].size;
                                 let end = e.start + e.count as u64;
-                                if st.state.is_none() && e.start != st.next {
+                                if st.state.is_none() && e.start != st.hash.next_cluster() {
                                     st.state = Some(HashOutcome::OutOfOrder);
                                 }
                                 // A run past the drive's end is damage the pass reports.
@@ -1734,36 +1732,39 @@ impl DriveHasher {
                                     run_data.for_each(drop);
                                     continue;
                                 }
-                                if e.kind == RunKind::Zero {
-                                    let bytes = cluster_range_bytes(size, e.start..end);
-                                    let mut left = bytes.end - bytes.start;
-                                    while left > 0 {
-                                        let n = left.min(zeros.len() as u64) as usize;
-                                        st.sha.update(&zeros[..n]);
-                                        left -= n as u64;
-                                    }
-                                }
+                                let mut fed = if e.kind == RunKind::Zero {
+                                    st.hash.push_zeros(e.start, e.count as u64)
+                                } else {
+                                    Ok(())
+                                };
                                 for (k, d) in run_data.enumerate() {
-                                    let len = cluster_len(size, ClusterNo(e.start + k as u64));
-                                    match d {
+                                    let c = e.start + k as u64;
+                                    let len = cluster_len(size, ClusterNo(c));
+                                    fed = fed.and_then(|()| match d {
                                         crate::extent::ClusterData::Data { mask, blocks }
                                             if mask == u16::MAX && len == CLUSTER_SIZE =>
                                         {
-                                            st.sha.update(blocks)
+                                            st.hash.push_cluster(c, blocks)
                                         }
                                         other => {
                                             other.expand_into(&mut cluster_buf[..len]);
-                                            st.sha.update(&cluster_buf[..len]);
+                                            st.hash.push_cluster(c, &cluster_buf[..len])
                                         }
-                                    }
+                                    });
                                 }
-                                st.next = end;
+                                if fed.is_err() || st.hash.next_cluster() != end {
+                                    st.state = Some(HashOutcome::Spoiled);
+                                }
                             }
                         }
                     }
                 }
                 s.into_iter()
-                    .map(|st| st.state.unwrap_or(HashOutcome::Done(st.sha.finish())))
+                    .map(|st| match (st.state, st.hash.finish()) {
+                        (Some(state), _) => state,
+                        (None, Ok(digest)) => HashOutcome::Done(digest),
+                        (None, Err(_)) => HashOutcome::Spoiled,
+                    })
                     .collect()
             })
             .expect("spawning the hash thread");
