@@ -26,8 +26,9 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use vma_core::chain::{Chain, ChainDrive};
-use vma_core::format::{check_name, limits};
-use vma_core::image::source::{copy_image, open_source, DiskImage, ImageFormat};
+use vma_core::format::limits;
+use vma_core::image::args::{named_arg, open_images, split_format, OpenedImages};
+use vma_core::image::source::{copy_image, open_source, DiskImage};
 use vma_core::ops::convert::{copy_extent, AnyWriter};
 use vma_core::ops::diff::diff_or_copy;
 use vma_core::ops::extract::{
@@ -41,8 +42,8 @@ use vma_core::read::detect::{open_any, StreamCompression};
 use vma_core::read::stream::human_bytes;
 use vma_core::read::stream::ArchiveFormat;
 use vma_core::{
-    ArchiveMeta, ArchiveStream, ClusterWriter, Compression, ConfigBlob, DriveId, DriveInfo,
-    HashDrives, PassOptions, Reader, Writer, WriterOptions,
+    ArchiveMeta, ArchiveStream, ClusterWriter, Compression, ConfigBlob, DriveInfo, HashDrives,
+    PassOptions, Reader, Writer, WriterOptions,
 };
 
 use output::Progress;
@@ -516,66 +517,12 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// A disk image argument `[format=F:][NAME=]PATH`: its format when given
-/// (the prefix is the one of Proxmox's `vma` device maps), name and path.
-/// An argument that names an existing file as a whole is a path.
-fn image_arg(arg: &str) -> Result<(Option<ImageFormat>, String, PathBuf)> {
-    let mut format = None;
-    let mut rest = arg;
-    if !Path::new(arg).exists() {
-        if let Some((f, tail)) = arg
-            .strip_prefix("format=")
-            .and_then(|r| r.split_once(':'))
-            .filter(|(f, _)| !f.contains('/'))
-        {
-            format = Some(ImageFormat::parse(f).ok_or_else(|| {
-                anyhow!("{arg:?}: unknown image format {f:?} (formats: raw, qcow2)")
-            })?);
-            rest = tail;
-        }
-    }
-    let (name, path) = named_arg(rest, "drive", Path::file_stem)?;
-    Ok((format, name, path))
-}
-
-/// Open the disk image of argument `arg` (see [`image_arg`]) as a source,
-/// and print the warning it may come with.
-fn open_image_arg(arg: &str, sources: &SourceArgs) -> Result<(String, Box<dyn DiskImage>)> {
-    let (format, name, path) = image_arg(arg)?;
-    let opened = open_source(&path, format, &sources.allow_backing)?;
-    if let Some(w) = &opened.warning {
-        eprintln!("vma: warning: {w}");
-    }
-    Ok((name, opened.image))
-}
-
-/// Split `[NAME=]PATH`; the name part must be a valid name without `/`.
-fn split_named(arg: &str) -> (Option<String>, PathBuf) {
-    if let Some((name, path)) = arg.split_once('=') {
-        if !name.is_empty() && !name.contains('/') && !Path::new(arg).exists() {
-            return (Some(name.to_string()), PathBuf::from(path));
-        }
-    }
-    (None, PathBuf::from(arg))
-}
-
-/// A checked member name and path from `[NAME=]PATH`; without NAME,
-/// `default` derives it from the path (file stem for drives, file name
-/// for configs).
-fn named_arg(
-    arg: &str,
-    what: &str,
-    default: fn(&Path) -> Option<&std::ffi::OsStr>,
-) -> Result<(String, PathBuf)> {
-    let (name, path) = split_named(arg);
-    let name = match name {
-        Some(n) => n,
-        None => default(&path)
-            .map(|s| s.to_string_lossy().into_owned())
-            .ok_or_else(|| anyhow!("cannot derive a {what} name from {arg:?}; use NAME={arg}"))?,
-    };
-    check_name(&name).with_context(|| format!("{what} name for {}", path.display()))?;
-    Ok((name, path))
+/// Open the disk images of arguments `[format=F:][NAME=]PATH` as the
+/// drives of a new archive, printing the warnings they come with.
+fn open_image_args(args: &[String], sources: &SourceArgs) -> Result<OpenedImages> {
+    Ok(open_images(args, &sources.allow_backing, &mut |w| {
+        eprintln!("vma: warning: {w}")
+    })?)
 }
 
 fn parse_compression(s: &str) -> Result<Compression> {
@@ -633,24 +580,7 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     } = args;
     let (force, format) = (output_options.force, *format);
     let options = output_options.writer_options()?;
-    if image_args.len() > limits::MAX_DRIVES {
-        bail!(
-            "{} images given; an archive holds at most {} drives",
-            image_args.len(),
-            limits::MAX_DRIVES
-        );
-    }
-    let mut images = Vec::new();
-    let mut drives = Vec::new();
-    for (i, arg) in image_args.iter().enumerate() {
-        let (name, image) = open_image_arg(arg, sources)?;
-        drives.push(DriveInfo {
-            id: DriveId(i as u8 + 1),
-            name,
-            size: image.size(),
-        });
-        images.push(image);
-    }
+    let OpenedImages { drives, images } = open_image_args(image_args, sources)?;
     let configs = read_configs(config_args)?;
     check_member_names(
         drives.iter().map(|d| d.name.as_str()),
@@ -940,29 +870,16 @@ fn diff(
     );
     chain.refuse_interrupted(|_| true)?;
     let parent = chain.newest().identity()?;
-    if image_args.len() > limits::MAX_DRIVES {
-        bail!(
-            "{} images given; an archive holds at most {} drives",
-            image_args.len(),
-            limits::MAX_DRIVES
-        );
-    }
-    let mut drives = Vec::new();
+    let OpenedImages { drives, images } = open_image_args(image_args, source_args)?;
     let mut sources = Vec::new();
-    for (i, arg) in image_args.iter().enumerate() {
-        let (name, image) = open_image_arg(arg, source_args)?;
+    for (d, image) in drives.iter().zip(images) {
         let base = chain
             .header()
             .drives
             .iter()
-            .find(|d| d.name == name && d.size == image.size())
-            .map(|d| ChainDrive::new(chain.clone(), d.id))
+            .find(|b| b.name == d.name && b.size == d.size)
+            .map(|b| ChainDrive::new(chain.clone(), b.id))
             .transpose()?;
-        drives.push(DriveInfo {
-            id: DriveId(i as u8 + 1),
-            name,
-            size: image.size(),
-        });
         sources.push((image, base));
     }
     // The VM configs of the parent's point in time go forward unless new
@@ -1272,7 +1189,8 @@ fn checksum(
 ) -> Result<()> {
     for arg in args {
         let mut items: Vec<(String, Box<dyn DiskImage>)> = Vec::new();
-        let (format, path) = checksum_arg(arg)?;
+        let (format, path) = split_format(arg)?;
+        let path = PathBuf::from(path);
         if format.is_none() && is_archive_file(&path)? {
             let chain = Arc::new(
                 Chain::open(&path, parents)
@@ -1312,25 +1230,6 @@ fn checksum(
         }
     }
     Ok(())
-}
-
-/// A `vma checksum` argument `[format=raw|qcow2:]PATH`: the image format
-/// when given, and the path. An argument that names an existing file as a
-/// whole is a path.
-fn checksum_arg(arg: &str) -> Result<(Option<ImageFormat>, PathBuf)> {
-    if !Path::new(arg).exists() {
-        if let Some((f, path)) = arg
-            .strip_prefix("format=")
-            .and_then(|r| r.split_once(':'))
-            .filter(|(f, _)| !f.contains('/'))
-        {
-            let format = ImageFormat::parse(f).ok_or_else(|| {
-                anyhow!("{arg:?}: unknown image format {f:?} (formats: raw, qcow2)")
-            })?;
-            return Ok((Some(format), PathBuf::from(path)));
-        }
-    }
-    Ok((None, PathBuf::from(arg)))
 }
 
 /// Whether `vma checksum` reads `path` as an archive: a regular file not

@@ -8,6 +8,7 @@
 //! - [`prune`]: retention plans.
 //! - [`diff`]: incremental archives made by comparing an image with a chain.
 //! - [`checksum`]: drive digests of disk images and archived drives.
+//! - [`report`]: the documents of `list` and `verify` (`--json`).
 
 pub mod checksum;
 pub mod convert;
@@ -15,4 +16,5 @@ pub mod diff;
 pub mod extract;
 pub mod merge;
 pub mod prune;
+pub mod report;
 pub mod verify;
