@@ -102,6 +102,78 @@ pub struct Qcow2Header {
     pub compression_type: CompressionType,
 }
 
+/// What is wrong with the qcow2 structures decoded here; each names the
+/// field and its offset in the header (or the entry) as QEMU's
+/// `docs/interop/qcow2.rst` defines them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Qcow2Error {
+    /// Fewer bytes than the header needs.
+    #[error("{what} needs {need} bytes, the file has {have}")]
+    Short {
+        /// "the header" or "a version 3 header".
+        what: &'static str,
+        /// Bytes needed.
+        need: usize,
+        /// Bytes there.
+        have: usize,
+    },
+    /// No magic at offset 0.
+    #[error("no qcow2 magic at offset 0")]
+    NoMagic,
+    /// A version other than 2 and 3 (offset 4).
+    #[error("qcow2 version {0} at offset 4 (this build reads versions 2 and 3)")]
+    Version(u32),
+    /// `cluster_bits` (offset 20) out of range.
+    #[error("cluster_bits {0} at offset 20 is outside {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}")]
+    ClusterBits(u32),
+    /// `header_length` (offset 100) out of range.
+    #[error("header_length {length} at offset 100 is outside {V3_MIN_HEADER_LEN}..={max}")]
+    HeaderLength {
+        /// The value.
+        length: u32,
+        /// The most it may be here.
+        max: usize,
+    },
+    /// `refcount_order` (offset 96) above 6.
+    #[error("refcount_order {0} at offset 96 is above 6")]
+    RefcountOrder(u32),
+    /// The compression type feature without its field.
+    #[error("the compression type feature is set but the header has no compression type field")]
+    NoCompressionType,
+    /// An unknown compression type (offset 104).
+    #[error("unknown compression type {0} at offset 104 (known: 0 zlib, 1 zstd)")]
+    CompressionType(u8),
+    /// `backing_file_size` (offset 16) above 1023.
+    #[error("backing file name length {0} at offset 16 is above 1023")]
+    BackingNameLength(u32),
+    /// A header extension longer than what is left of the first cluster.
+    #[error(
+        "header extension {kind:#x} claims {len} bytes, only {left} remain in the first cluster"
+    )]
+    Extension {
+        /// Its type.
+        kind: u32,
+        /// Its claimed length.
+        len: usize,
+        /// Bytes left.
+        left: usize,
+    },
+    /// An L2 entry with reserved bits set.
+    #[error("L2 entry {0:#018x} has reserved bits set")]
+    L2Reserved(u64),
+    /// An L2 entry pointing at an unaligned host offset.
+    #[error(
+        "L2 entry {entry:#018x} points at host offset {offset:#x}, which is not cluster aligned"
+    )]
+    L2Unaligned {
+        /// The entry.
+        entry: u64,
+        /// The host offset it holds.
+        offset: u64,
+    },
+}
+
 fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
@@ -114,27 +186,24 @@ impl Qcow2Header {
     /// Decode the header from the first bytes of an image (at least 72;
     /// 104 or more for version 3). Checks only what makes the values
     /// meaningless; feature support is the reader's decision.
-    pub fn decode(b: &[u8]) -> Result<Qcow2Header, String> {
+    pub fn decode(b: &[u8]) -> Result<Qcow2Header, Qcow2Error> {
         if b.len() < V2_HEADER_LEN {
-            return Err(format!(
-                "the header needs {V2_HEADER_LEN} bytes, the file has {}",
-                b.len()
-            ));
+            return Err(Qcow2Error::Short {
+                what: "the header",
+                need: V2_HEADER_LEN,
+                have: b.len(),
+            });
         }
         if b[..4] != MAGIC {
-            return Err("no qcow2 magic at offset 0".into());
+            return Err(Qcow2Error::NoMagic);
         }
         let version = be32(b, 4);
         if version != 2 && version != 3 {
-            return Err(format!(
-                "qcow2 version {version} at offset 4 (this build reads versions 2 and 3)"
-            ));
+            return Err(Qcow2Error::Version(version));
         }
         let cluster_bits = be32(b, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(format!(
-                "cluster_bits {cluster_bits} at offset 20 is outside {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}"
-            ));
+            return Err(Qcow2Error::ClusterBits(cluster_bits));
         }
         let mut h = Qcow2Header {
             version,
@@ -158,10 +227,11 @@ impl Qcow2Header {
         };
         if version == 3 {
             if b.len() < V3_MIN_HEADER_LEN {
-                return Err(format!(
-                    "a version 3 header needs {V3_MIN_HEADER_LEN} bytes, the file has {}",
-                    b.len()
-                ));
+                return Err(Qcow2Error::Short {
+                    what: "a version 3 header",
+                    need: V3_MIN_HEADER_LEN,
+                    have: b.len(),
+                });
             }
             h.incompatible_features = be64(b, 72);
             h.compatible_features = be64(b, 80);
@@ -169,40 +239,27 @@ impl Qcow2Header {
             h.refcount_order = be32(b, 96);
             h.header_length = be32(b, 100);
             if h.header_length < V3_MIN_HEADER_LEN as u32 || h.header_length as usize > b.len() {
-                return Err(format!(
-                    "header_length {} at offset 100 is outside {V3_MIN_HEADER_LEN}..={}",
-                    h.header_length,
-                    b.len()
-                ));
+                return Err(Qcow2Error::HeaderLength {
+                    length: h.header_length,
+                    max: b.len(),
+                });
             }
             if h.refcount_order > 6 {
-                return Err(format!(
-                    "refcount_order {} at offset 96 is above 6",
-                    h.refcount_order
-                ));
+                return Err(Qcow2Error::RefcountOrder(h.refcount_order));
             }
             if h.incompatible_features & INCOMPAT_COMPRESSION_TYPE != 0 {
                 if h.header_length < 105 {
-                    return Err(
-                        "the compression type feature is set but the header has no compression type field".into(),
-                    );
+                    return Err(Qcow2Error::NoCompressionType);
                 }
                 h.compression_type = match b[104] {
                     0 => CompressionType::Zlib,
                     1 => CompressionType::Zstd,
-                    other => {
-                        return Err(format!(
-                            "unknown compression type {other} at offset 104 (known: 0 zlib, 1 zstd)"
-                        ))
-                    }
+                    other => return Err(Qcow2Error::CompressionType(other)),
                 };
             }
         }
         if h.backing_file_offset != 0 && h.backing_file_size > 1023 {
-            return Err(format!(
-                "backing file name length {} at offset 16 is above 1023",
-                h.backing_file_size
-            ));
+            return Err(Qcow2Error::BackingNameLength(h.backing_file_size));
         }
         Ok(h)
     }
@@ -258,7 +315,7 @@ pub struct HeaderExtension {
 
 /// Decode the header extensions in `area` (the bytes after the header, up
 /// to the end of the first cluster). Stops at the end marker.
-pub fn decode_extensions(area: &[u8]) -> Result<Vec<HeaderExtension>, String> {
+pub fn decode_extensions(area: &[u8]) -> Result<Vec<HeaderExtension>, Qcow2Error> {
     let mut out = Vec::new();
     let mut pos = 0usize;
     while pos + 8 <= area.len() {
@@ -269,10 +326,11 @@ pub fn decode_extensions(area: &[u8]) -> Result<Vec<HeaderExtension>, String> {
         }
         let start = pos + 8;
         if len > area.len() - start {
-            return Err(format!(
-                "header extension {kind:#x} claims {len} bytes, only {} remain in the first cluster",
-                area.len() - start
-            ));
+            return Err(Qcow2Error::Extension {
+                kind,
+                len,
+                left: area.len() - start,
+            });
         }
         out.push(HeaderExtension {
             kind,
@@ -324,7 +382,7 @@ pub fn compressed_size_shift(cluster_bits: u32) -> u32 {
 
 /// Decode a standard (8-byte) L2 entry; `version` decides whether the zero
 /// flag exists.
-pub fn decode_l2(entry: u64, cluster_bits: u32, version: u32) -> Result<L2Entry, String> {
+pub fn decode_l2(entry: u64, cluster_bits: u32, version: u32) -> Result<L2Entry, Qcow2Error> {
     if entry & FLAG_COMPRESSED != 0 {
         let shift = compressed_size_shift(cluster_bits);
         let offset = entry & ((1u64 << shift) - 1) & ((1u64 << 56) - 1);
@@ -333,7 +391,7 @@ pub fn decode_l2(entry: u64, cluster_bits: u32, version: u32) -> Result<L2Entry,
         return Ok(L2Entry::Compressed { offset, len });
     }
     if entry & L2_RESERVED != 0 {
-        return Err(format!("L2 entry {entry:#018x} has reserved bits set"));
+        return Err(Qcow2Error::L2Reserved(entry));
     }
     if version >= 3 && entry & FLAG_ZERO != 0 {
         return Ok(L2Entry::Zero);
@@ -343,9 +401,7 @@ pub fn decode_l2(entry: u64, cluster_bits: u32, version: u32) -> Result<L2Entry,
         return Ok(L2Entry::Unallocated);
     }
     if offset & ((1u64 << cluster_bits) - 1) != 0 {
-        return Err(format!(
-            "L2 entry {entry:#018x} points at host offset {offset:#x}, which is not cluster aligned"
-        ));
+        return Err(Qcow2Error::L2Unaligned { entry, offset });
     }
     Ok(L2Entry::Data(offset))
 }
@@ -400,12 +456,16 @@ mod tests {
         let mut b = vec![0u8; 112];
         b[..4].copy_from_slice(&MAGIC);
         b[7] = 4;
-        assert!(Qcow2Header::decode(&b).unwrap_err().contains("version 4"));
-        b[7] = 2;
-        b[23] = 30;
         assert!(Qcow2Header::decode(&b)
             .unwrap_err()
-            .contains("cluster_bits"));
+            .to_string()
+            .contains("version 4"));
+        b[7] = 2;
+        b[23] = 30;
+        assert_eq!(
+            Qcow2Header::decode(&b).unwrap_err(),
+            Qcow2Error::ClusterBits(30)
+        );
     }
 
     proptest! {
