@@ -31,7 +31,7 @@ build_flags=(-O -s address)
 limits=(-rss_limit_mb=2048 -timeout=10 -max_len=65536)
 
 # The archive targets open whole-stream compressed inputs, whose read-ahead
-# thread (see vma-core/src/detect.rs) is detached and ends by itself soon
+# thread (see vma-core/src/read/detect.rs) is detached and ends by itself soon
 # after its reader is dropped: LeakSanitizer, looking while it still runs,
 # reports its allocations. Leak checks stay on for the other targets.
 leak_check() {

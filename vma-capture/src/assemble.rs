@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use vma_core::format::CLUSTER_SIZE;
-use vma_core::ranges::RangeSet;
 use vma_core::types::{cluster_len, clusters_for, ClusterNo};
+use vma_core::util::ranges::RangeSet;
 use vma_core::DriveId;
 
 /// A complete piece of a drive, ready for the archive Writer.

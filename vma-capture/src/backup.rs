@@ -25,9 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vma_core::chain::Chain;
-use vma_core::extract::AtomicFile;
+use vma_core::ops::extract::AtomicFile;
 use vma_core::types::clusters_for;
-use vma_core::writer::WriteSummary;
+use vma_core::write::writer::WriteSummary;
 use vma_core::{ArchiveMeta, Writer};
 use vma_nbd::{Export, ExportFlags, NbdExport, NbdServer};
 

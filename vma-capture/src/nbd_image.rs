@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
-use vma_core::source::{DiskImage, Stretch};
+use vma_core::image::source::{DiskImage, Stretch};
 use vma_nbd::client::Extent;
 use vma_nbd::NbdClient;
 

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vma_core::writer::WriteSummary;
+use vma_core::write::writer::WriteSummary;
 use vma_core::{ConfigBlob, WriterOptions};
 
 use crate::qmp::BitmapSyncMode;

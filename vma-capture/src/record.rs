@@ -11,7 +11,7 @@ use vma_core::{ArchiveMeta, ConfigBlob, Reader};
 use crate::error::{CaptureError, Result};
 
 /// Name of the config blob that records how an archive was captured.
-pub const CAPTURE_BLOB: &str = vma_core::configs::CAPTURE_RECORD;
+pub const CAPTURE_BLOB: &str = vma_core::chain::configs::CAPTURE_RECORD;
 
 /// How one drive was captured; stored in [`CAPTURE_BLOB`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,7 +5,7 @@ mod support;
 
 use support::{served_mixed_qcow2, K64};
 use vma_capture::nbd_image::NbdImage;
-use vma_core::source::{data_runs, DiskImage, Stretch};
+use vma_core::image::source::{data_runs, DiskImage, Stretch};
 
 #[test]
 fn data_runs_are_exactly_the_clusters_with_data() {

@@ -26,19 +26,24 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use vma_core::chain::{Chain, ChainDrive};
-use vma_core::convert::{copy_extent, AnyWriter};
-use vma_core::detect::{open_any, StreamCompression};
-use vma_core::diff::diff_or_copy;
-use vma_core::extract::{check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions};
-use vma_core::format::{check_name, limits};
-use vma_core::merge::{merge_chain, synthetic_meta, MergeOptions};
-use vma_core::prune::{archives_in, check_configs_kept, files_in, kept_point_configs, plan_prune};
-use vma_core::source::{copy_image, open_source, DiskImage, ImageFormat};
-use vma_core::stream::human_bytes;
-use vma_core::stream::ArchiveFormat;
+use vma_core::format::limits;
+use vma_core::image::args::{named_arg, open_images, split_format, OpenedImages};
+use vma_core::image::source::{copy_image, open_source, DiskImage};
+use vma_core::ops::convert::{copy_extent, AnyWriter};
+use vma_core::ops::diff::diff_or_copy;
+use vma_core::ops::extract::{
+    check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions,
+};
+use vma_core::ops::merge::{merge_chain, synthetic_meta, MergeOptions};
+use vma_core::ops::prune::{
+    archives_in, check_configs_kept, files_in, kept_point_configs, plan_prune,
+};
+use vma_core::read::detect::{open_any, StreamCompression};
+use vma_core::read::stream::human_bytes;
+use vma_core::read::stream::ArchiveFormat;
 use vma_core::{
-    ArchiveMeta, ArchiveStream, ClusterWriter, Compression, ConfigBlob, DriveId, DriveInfo,
-    HashDrives, PassOptions, Reader, Writer, WriterOptions,
+    ArchiveMeta, ArchiveStream, ClusterWriter, Compression, ConfigBlob, DriveInfo, HashDrives,
+    PassOptions, Reader, Writer, WriterOptions,
 };
 
 use output::Progress;
@@ -512,66 +517,12 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// A disk image argument `[format=F:][NAME=]PATH`: its format when given
-/// (the prefix is the one of Proxmox's `vma` device maps), name and path.
-/// An argument that names an existing file as a whole is a path.
-fn image_arg(arg: &str) -> Result<(Option<ImageFormat>, String, PathBuf)> {
-    let mut format = None;
-    let mut rest = arg;
-    if !Path::new(arg).exists() {
-        if let Some((f, tail)) = arg
-            .strip_prefix("format=")
-            .and_then(|r| r.split_once(':'))
-            .filter(|(f, _)| !f.contains('/'))
-        {
-            format = Some(ImageFormat::parse(f).ok_or_else(|| {
-                anyhow!("{arg:?}: unknown image format {f:?} (formats: raw, qcow2)")
-            })?);
-            rest = tail;
-        }
-    }
-    let (name, path) = named_arg(rest, "drive", Path::file_stem)?;
-    Ok((format, name, path))
-}
-
-/// Open the disk image of argument `arg` (see [`image_arg`]) as a source,
-/// and print the warning it may come with.
-fn open_image_arg(arg: &str, sources: &SourceArgs) -> Result<(String, Box<dyn DiskImage>)> {
-    let (format, name, path) = image_arg(arg)?;
-    let opened = open_source(&path, format, &sources.allow_backing)?;
-    if let Some(w) = &opened.warning {
-        eprintln!("vma: warning: {w}");
-    }
-    Ok((name, opened.image))
-}
-
-/// Split `[NAME=]PATH`; the name part must be a valid name without `/`.
-fn split_named(arg: &str) -> (Option<String>, PathBuf) {
-    if let Some((name, path)) = arg.split_once('=') {
-        if !name.is_empty() && !name.contains('/') && !Path::new(arg).exists() {
-            return (Some(name.to_string()), PathBuf::from(path));
-        }
-    }
-    (None, PathBuf::from(arg))
-}
-
-/// A checked member name and path from `[NAME=]PATH`; without NAME,
-/// `default` derives it from the path (file stem for drives, file name
-/// for configs).
-fn named_arg(
-    arg: &str,
-    what: &str,
-    default: fn(&Path) -> Option<&std::ffi::OsStr>,
-) -> Result<(String, PathBuf)> {
-    let (name, path) = split_named(arg);
-    let name = match name {
-        Some(n) => n,
-        None => default(&path)
-            .map(|s| s.to_string_lossy().into_owned())
-            .ok_or_else(|| anyhow!("cannot derive a {what} name from {arg:?}; use NAME={arg}"))?,
-    };
-    check_name(&name).with_context(|| format!("{what} name for {}", path.display()))?;
-    Ok((name, path))
+/// Open the disk images of arguments `[format=F:][NAME=]PATH` as the
+/// drives of a new archive, printing the warnings they come with.
+fn open_image_args(args: &[String], sources: &SourceArgs) -> Result<OpenedImages> {
+    Ok(open_images(args, &sources.allow_backing, &mut |w| {
+        eprintln!("vma: warning: {w}")
+    })?)
 }
 
 fn parse_compression(s: &str) -> Result<Compression> {
@@ -629,24 +580,7 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     } = args;
     let (force, format) = (output_options.force, *format);
     let options = output_options.writer_options()?;
-    if image_args.len() > limits::MAX_DRIVES {
-        bail!(
-            "{} images given; an archive holds at most {} drives",
-            image_args.len(),
-            limits::MAX_DRIVES
-        );
-    }
-    let mut images = Vec::new();
-    let mut drives = Vec::new();
-    for (i, arg) in image_args.iter().enumerate() {
-        let (name, image) = open_image_arg(arg, sources)?;
-        drives.push(DriveInfo {
-            id: DriveId(i as u8 + 1),
-            name,
-            size: image.size(),
-        });
-        images.push(image);
-    }
+    let OpenedImages { drives, images } = open_image_args(image_args, sources)?;
     let configs = read_configs(config_args)?;
     check_member_names(
         drives.iter().map(|d| d.name.as_str()),
@@ -679,10 +613,10 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
 }
 
 /// Say which drives a VMA v1 archive stores with a size rounded up to
-/// whole 512-byte sectors (see `vma_core::format_v1::stored_size`).
+/// whole 512-byte sectors (see `vma_core::format::v1::stored_size`).
 fn note_v1_sizes(drives: &[DriveInfo], quiet: bool) {
     for d in drives {
-        let stored = vma_core::format_v1::stored_size(d.size);
+        let stored = vma_core::format::v1::stored_size(d.size);
         if stored != d.size && !quiet {
             eprintln!(
                 "vma: drive {} is {} bytes, not whole 512-byte sectors: VMA v1 stores it as {stored} bytes (a zero tail), as QEMU presents it",
@@ -693,7 +627,7 @@ fn note_v1_sizes(drives: &[DriveInfo], quiet: bool) {
 }
 
 /// `vma merge`: the chain's newest point in time as a synthetic full,
-/// streamed from the chain's extents (see `vma_core::merge`). The uuid is
+/// streamed from the chain's extents (see `vma_core::ops::merge`). The uuid is
 /// new; time, drives and configs (the capture record with its checkpoints
 /// included) are the newest archive's, and the output stands in for the
 /// newest archive, so archives made on top of it resolve against it.
@@ -721,7 +655,7 @@ fn merge(
 }
 
 /// What a merge copied and encoded again, in words.
-fn merge_words(s: &vma_core::merge::MergeSummary) -> String {
+fn merge_words(s: &vma_core::ops::merge::MergeSummary) -> String {
     format!(
         "{} extents ({} clusters) copied as stored, {} extents decoded to encode their current clusters again ({} clusters)",
         s.copied_extents, s.copied_clusters, s.reencoded_extents, s.reencoded_clusters
@@ -737,7 +671,7 @@ fn write_synthetic_full(
     output_options: &OutputArgs,
     quiet: bool,
     check: impl FnOnce(&File) -> Result<()>,
-) -> Result<(vma_core::merge::MergeSummary, u64)> {
+) -> Result<(vma_core::ops::merge::MergeSummary, u64)> {
     chain.refuse_interrupted(|_| true)?;
     let meta = synthetic_meta(chain);
     let options = output_options.writer_options()?;
@@ -764,7 +698,7 @@ fn write_synthetic_full(
     Ok(written)
 }
 
-/// `vma prune`: plan (vma_core::prune), then write each synthetic full over
+/// `vma prune`: plan (vma_core::ops::prune), then write each synthetic full over
 /// the point it replaces (checked before it is renamed into place), check
 /// that every remaining chain resolves, and only then delete.
 fn prune(
@@ -910,7 +844,7 @@ fn check_written(file: &File, threads: usize) -> Result<()> {
     let len = f.seek(SeekFrom::End(0))?;
     f.seek(SeekFrom::Start(0))?;
     let stream = ArchiveStream::open(f.take(len), "the new archive")?;
-    let report = vma_core::verify::verify(stream, threads, false, None)?;
+    let report = vma_core::ops::verify::verify(stream, threads, false, None)?;
     match report.problems.first() {
         None => Ok(()),
         Some(p) => Err(Damage(format!("the archive just written does not verify: {p}")).into()),
@@ -936,29 +870,16 @@ fn diff(
     );
     chain.refuse_interrupted(|_| true)?;
     let parent = chain.newest().identity()?;
-    if image_args.len() > limits::MAX_DRIVES {
-        bail!(
-            "{} images given; an archive holds at most {} drives",
-            image_args.len(),
-            limits::MAX_DRIVES
-        );
-    }
-    let mut drives = Vec::new();
+    let OpenedImages { drives, images } = open_image_args(image_args, source_args)?;
     let mut sources = Vec::new();
-    for (i, arg) in image_args.iter().enumerate() {
-        let (name, image) = open_image_arg(arg, source_args)?;
+    for (d, image) in drives.iter().zip(images) {
         let base = chain
             .header()
             .drives
             .iter()
-            .find(|d| d.name == name && d.size == image.size())
-            .map(|d| ChainDrive::new(chain.clone(), d.id))
+            .find(|b| b.name == d.name && b.size == d.size)
+            .map(|b| ChainDrive::new(chain.clone(), b.id))
             .transpose()?;
-        drives.push(DriveInfo {
-            id: DriveId(i as u8 + 1),
-            name,
-            size: image.size(),
-        });
         sources.push((image, base));
     }
     // The VM configs of the parent's point in time go forward unless new
@@ -1268,7 +1189,8 @@ fn checksum(
 ) -> Result<()> {
     for arg in args {
         let mut items: Vec<(String, Box<dyn DiskImage>)> = Vec::new();
-        let (format, path) = checksum_arg(arg)?;
+        let (format, path) = split_format(arg)?;
+        let path = PathBuf::from(path);
         if format.is_none() && is_archive_file(&path)? {
             let chain = Arc::new(
                 Chain::open(&path, parents)
@@ -1296,9 +1218,11 @@ fn checksum(
             let what = if sha256 { "sha256" } else { "checksum" };
             let progress = Progress::bytes(image.size(), what, quiet);
             let digest = if sha256 {
-                vma_core::checksum::sha256(image.as_ref(), &mut |n| progress.set(n))
+                vma_core::ops::checksum::sha256(image.as_ref(), &mut |n| progress.set(n))
             } else {
-                vma_core::checksum::tree_digest(image.as_ref(), threads, &mut |n| progress.set(n))
+                vma_core::ops::checksum::tree_digest(image.as_ref(), threads, &mut |n| {
+                    progress.set(n)
+                })
             }
             .with_context(|| format!("hashing {name}"))?;
             progress.finish();
@@ -1306,25 +1230,6 @@ fn checksum(
         }
     }
     Ok(())
-}
-
-/// A `vma checksum` argument `[format=raw|qcow2:]PATH`: the image format
-/// when given, and the path. An argument that names an existing file as a
-/// whole is a path.
-fn checksum_arg(arg: &str) -> Result<(Option<ImageFormat>, PathBuf)> {
-    if !Path::new(arg).exists() {
-        if let Some((f, path)) = arg
-            .strip_prefix("format=")
-            .and_then(|r| r.split_once(':'))
-            .filter(|(f, _)| !f.contains('/'))
-        {
-            let format = ImageFormat::parse(f).ok_or_else(|| {
-                anyhow!("{arg:?}: unknown image format {f:?} (formats: raw, qcow2)")
-            })?;
-            return Ok((Some(format), PathBuf::from(path)));
-        }
-    }
-    Ok((None, PathBuf::from(arg)))
 }
 
 /// Whether `vma checksum` reads `path` as an archive: a regular file not
@@ -1341,18 +1246,18 @@ fn is_archive_file(path: &Path) -> Result<bool> {
     if named_image || !meta.is_file() {
         return Ok(false);
     }
-    let mut magic = [0u8; vma_core::detect::DETECT_LEN];
+    let mut magic = [0u8; vma_core::read::detect::DETECT_LEN];
     let n = File::open(path)
         .and_then(|mut f| f.read(&mut magic))
         .with_context(|| format!("reading {}", path.display()))?;
     Ok(matches!(
-        vma_core::detect::detect(&magic[..n]),
+        vma_core::read::detect::detect(&magic[..n]),
         Some(
-            vma_core::detect::DetectedFormat::Native
-                | vma_core::detect::DetectedFormat::VmaV1
-                | vma_core::detect::DetectedFormat::Zstd
-                | vma_core::detect::DetectedFormat::Gzip
-                | vma_core::detect::DetectedFormat::Lzo
+            vma_core::read::detect::DetectedFormat::Native
+                | vma_core::read::detect::DetectedFormat::VmaV1
+                | vma_core::read::detect::DetectedFormat::Zstd
+                | vma_core::read::detect::DetectedFormat::Gzip
+                | vma_core::read::detect::DetectedFormat::Lzo
         )
     ))
 }
@@ -1434,15 +1339,9 @@ fn extract_cmd(
     })?;
     progress.finish();
     let report = &summary.report;
-    let damage = output::damage_json(
-        &report.problems,
-        &report.damaged,
-        &report.missing,
-        &report.conflicting,
-        None,
-    );
+    let damage = vma_core::read::damage::DamageReport::of_pass(report);
     if json {
-        let mut doc = damage.clone();
+        let mut doc = serde_json::to_value(&damage)?;
         doc["files"] = summary
             .files
             .iter()
@@ -1466,7 +1365,7 @@ fn extract_cmd(
     }
     Err(Damage(format!(
         "salvaged what was intact; {} in {} range(s) could not be recovered",
-        human_bytes(damage["lost_bytes"].as_u64().unwrap_or(0)),
+        human_bytes(damage.lost_bytes),
         report.missing.len() + report.damaged.len() + report.conflicting.len()
     ))
     .into())

@@ -10,9 +10,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::Value;
 use vma_core::chain::Chain;
-use vma_core::detect::StreamCompression;
+use vma_core::read::damage::DamageReport;
+use vma_core::read::detect::StreamCompression;
 use vma_core::Reader;
 use vma_fuse::{serve, ArchiveFs, Logger, MountConfig};
 
@@ -123,7 +123,7 @@ pub(crate) fn mount(args: &MountArgs) -> Result<()> {
         .context("waiting for the mount process")?;
     let mut salvage = None;
     if let Some(doc) = line.strip_prefix("salvage ") {
-        let report: Value =
+        let report: DamageReport =
             serde_json::from_str(doc).context("reading the mount process's salvage report")?;
         line.clear();
         out.read_line(&mut line)
@@ -163,7 +163,7 @@ fn config(args: &MountArgs) -> MountConfig {
 
 /// Print a salvage report (JSON with `--json`, else one line per problem
 /// and lost range on stderr).
-fn print_salvage(args: &MountArgs, report: &Value) -> Result<()> {
+fn print_salvage(args: &MountArgs, report: &DamageReport) -> Result<()> {
     if args.json {
         outln!("{}", serde_json::to_string_pretty(report)?);
     } else {
@@ -173,11 +173,11 @@ fn print_salvage(args: &MountArgs, report: &Value) -> Result<()> {
 }
 
 /// Exit 1 (damage) when a salvage report lists problems or lost ranges.
-fn salvage_outcome(report: Option<&Value>) -> Result<()> {
+fn salvage_outcome(report: Option<&DamageReport>) -> Result<()> {
     match report {
-        Some(r) if r["ok"] != Value::Bool(true) => Err(crate::Damage(format!(
+        Some(r) if !r.ok => Err(crate::Damage(format!(
             "mounted with damage: {} lost range(s) read as zeros",
-            r["lost"].as_array().map_or(0, Vec::len)
+            r.lost.len()
         ))
         .into()),
         _ => Ok(()),
@@ -186,7 +186,7 @@ fn salvage_outcome(report: Option<&Value>) -> Result<()> {
 
 /// Open the archive and build the file system (before mounting, so every
 /// error reaches the terminal). With `--salvage`, also the salvage report.
-fn prepare(args: &MountArgs) -> Result<(ArchiveFs, Option<Value>)> {
+fn prepare(args: &MountArgs) -> Result<(ArchiveFs, Option<DamageReport>)> {
     let meta = std::fs::metadata(&args.mountpoint)
         .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
     if !meta.is_dir() {
@@ -221,15 +221,7 @@ fn prepare(args: &MountArgs) -> Result<(ArchiveFs, Option<Value>)> {
     chain.refuse_interrupted(|_| true)?;
     chain.newest().set_cache_bytes(args.cache_size.max(1) << 20);
     let mut extra = vec![("archive.json".to_string(), json)];
-    let report = salvage.map(|s| {
-        crate::output::damage_json(
-            &s.problems,
-            &s.damaged,
-            &s.missing,
-            &s.conflicting,
-            Some(&s.lost),
-        )
-    });
+    let report = salvage.as_ref().map(DamageReport::of_salvage);
     if let Some(report) = &report {
         let mut doc = serde_json::to_vec_pretty(report)?;
         doc.push(b'\n');

@@ -2,23 +2,22 @@
 
 use std::path::{Path, PathBuf};
 
-use vma_core::chain::Chain;
-use vma_core::configs::{
-    point_configs, point_configs_over, stores_vm_configs, ConfigSource, PointConfigs,
+use vma_core::chain::configs::{
+    point_configs, point_configs_over, stores_vm_configs, PointConfigs,
 };
+use vma_core::chain::Chain;
 use vma_core::Reader;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{json, Value};
-use vma_core::format::{Codec, Header};
-use vma_core::stream::{human_bytes, DriveDigestCheck};
-use vma_core::types::DriveRange;
-use vma_core::Error;
+use vma_core::format::Header;
+use vma_core::ops::report::{cannot_prove, format_names, ListDocument, VerifyDocument};
+use vma_core::read::damage::DamageReport;
+use vma_core::read::stream::{human_bytes, DriveDigestCheck};
 
 use crate::{open_for_listing, open_stream, progress_wanted, Damage, Opened};
-use vma_core::detect::StreamCompression;
-use vma_core::stream::ArchiveFormat;
+use vma_core::read::detect::StreamCompression;
+use vma_core::read::stream::ArchiveFormat;
 
 /// A byte progress bar on stderr, drawn only for a terminal and without `--quiet`.
 pub(crate) struct Progress(Option<ProgressBar>);
@@ -72,7 +71,7 @@ impl Progress {
 
     /// A progress callback for library passes: the step's name becomes the
     /// bar's message; a non-zero total replaces the bar's length.
-    pub(crate) fn callback(&self) -> Option<vma_core::stream::ProgressFn> {
+    pub(crate) fn callback(&self) -> Option<vma_core::read::stream::ProgressFn> {
         let bar = self.0.clone()?;
         Some(std::sync::Arc::new(
             move |what: &str, done: u64, total: u64| show_step(&bar, what, done, total),
@@ -94,142 +93,22 @@ fn show_step(bar: &ProgressBar, what: &str, done: u64, total: u64) {
 
 use vma_core::types::uuid_text as uuid_str;
 
-/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
-pub(crate) fn iso_time(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil-from-days (proleptic Gregorian calendar).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-fn compression_str(h: &Header) -> String {
-    match h.compression.codec {
-        Codec::None => "none".into(),
-        Codec::Zstd => format!("zstd:{}", h.compression.level),
-    }
-}
-
-/// `format` and `version` values of the JSON documents.
-fn format_names(format: ArchiveFormat, header: &Header) -> (&'static str, String) {
-    match format {
-        ArchiveFormat::V3 | ArchiveFormat::V2 => (
-            "vma",
-            format!("{}.{}", header.version_major, header.version_minor),
-        ),
-        ArchiveFormat::VmaV1 => ("proxmox-vma", "1".to_string()),
-    }
-}
-
 /// The `list --json` document (also what `mount` will show as archive.json)
 /// of `opened`, read through `reader` when it is a complete file, with the
 /// configs of its point in time (`configs`).
-pub(crate) fn list_json(opened: &Opened, reader: Option<&Reader>, configs: &PointConfigs) -> Value {
-    let header = &opened.header;
-    let drives: Vec<Value> = header
-        .drives
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let rec = reader.and_then(|r| r.drive_records().get(i).copied());
-            let v3 = opened.format == ArchiveFormat::V3;
-            json!({
-                "id": d.id.0,
-                "name": d.name,
-                "size": d.size,
-                "stored_bytes": rec.map(|r| r.stored_bytes),
-                "data_clusters": rec.map(|r| r.data_clusters),
-                "digest": rec.and_then(|r| r.digest).map(hex::encode),
-                "digest_kind": digest_kind(opened.format),
-                "sha256": rec.and_then(|r| r.digest).filter(|_| !v3).map(hex::encode),
-            })
-        })
-        .collect();
-    let configs: Vec<Value> = configs
-        .configs
-        .iter()
-        .map(|(c, source)| {
-            let (kind, uuid, path) = match source {
-                ConfigSource::Archive => ("archive", None, None),
-                ConfigSource::Ancestor { uuid, path } => (
-                    "ancestor",
-                    Some(uuid_str(uuid)),
-                    Some(path.display().to_string()),
-                ),
-            };
-            json!({
-                "name": c.name,
-                "size": c.data.len(),
-                "source": kind,
-                "source_uuid": uuid,
-                "source_path": path,
-            })
-        })
-        .collect();
-    let (format, version) = format_names(opened.format, header);
-    let compression = match (opened.format, opened.compression) {
-        (_, StreamCompression::Zstd) => "zstd (whole stream)".to_string(),
-        (_, StreamCompression::Gzip) => "gzip (whole stream)".to_string(),
-        (_, StreamCompression::Lzo) => "lzo (whole stream)".to_string(),
-        (ArchiveFormat::VmaV1, StreamCompression::None) => "none".to_string(),
-        (_, StreamCompression::None) => compression_str(header),
-    };
-    json!({
-        "format": format,
-        "version": version,
-        "uuid": uuid_str(&header.uuid),
-        "ctime": header.ctime,
-        "ctime_utc": iso_time(header.ctime),
-        "creator": header.creator,
-        "compression": compression,
-        "parent": header.parent.map(|p| json!({"uuid": uuid_str(&p.uuid), "digest": hex::encode(p.digest)})),
-        "stands_for": header.stands_for.iter().map(|p| json!({"uuid": uuid_str(&p.uuid), "digest": hex::encode(p.digest)})).collect::<Vec<_>>(),
-        "complete": reader.is_some(),
-        "problem": opened.problem,
-        "archive_size": reader.and_then(|r| std::fs::metadata(r.path()).ok()).map(|m| m.len()),
-        "archive_digest": reader.and_then(|r| r.archive_digest()).map(hex::encode),
-        "state_digest": reader.and_then(|r| r.state_digest()).map(hex::encode),
-        "cannot_prove": cannot_prove(opened.format),
-        "drives": drives,
-        "configs": configs,
-        "configs_problem": null,
-    })
-}
-
-/// What the drive digests of `format` are.
-fn digest_kind(format: ArchiveFormat) -> Option<&'static str> {
-    match format {
-        ArchiveFormat::V3 => Some("vma-tree"),
-        ArchiveFormat::V2 => Some("sha256"),
-        ArchiveFormat::VmaV1 => None,
-    }
-}
-
-/// What an archive of `format` cannot prove (the format's limits, listed
-/// by `list` and `verify`).
-fn cannot_prove(format: ArchiveFormat) -> Vec<&'static str> {
-    match format {
-        ArchiveFormat::V3 => Vec::new(),
-        ArchiveFormat::V2 => vec![
-            "extents are not bound to their archive or position (a spliced or overwritten file is found by verify, not by random access)",
-            "chain links are accepted on the uuid and digest an ancestor's own footer states",
-            "the drive digest is one plain SHA-256 per drive, linear in the drive size and recorded only for drives written in order",
-        ],
-        ArchiveFormat::VmaV1 => vec!["VMA v1 carries no checksums over the data"],
-    }
+pub(crate) fn list_json(
+    opened: &Opened,
+    reader: Option<&Reader>,
+    configs: &PointConfigs,
+) -> ListDocument {
+    ListDocument::new(
+        &opened.header,
+        opened.format,
+        opened.compression,
+        reader,
+        opened.problem.clone(),
+        configs,
+    )
 }
 
 /// The configs of the point in time of an archive with `header` (read
@@ -260,36 +139,15 @@ pub(crate) fn list(archive: &str, json_out: bool, chain: bool, parents: &[PathBu
     let path = (archive != "-").then(|| Path::new(archive));
     let (configs, configs_problem) = listed_configs(&opened.header, path, parents);
     let mut doc = list_json(&opened, opened.reader.as_ref(), &configs);
-    if let Some(problem) = configs_problem {
-        doc["configs_problem"] = json!(problem);
-    }
+    doc.configs_problem = configs_problem;
     if chain {
         if archive == "-" {
             anyhow::bail!("--chain needs an archive file, not standard input");
         }
         let chain = Chain::open(Path::new(archive), parents)?;
-        let links = chain.links();
-        doc["chain"] = links
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                // A link found as a stand-in for the parent its child names.
-                let wanted = i
-                    .checked_sub(1)
-                    .and_then(|c| links[c].header().parent)
-                    .filter(|p| p.uuid != r.header().uuid);
-                json!({
-                    "path": r.path().display().to_string(),
-                    "uuid": uuid_str(&r.header().uuid),
-                    "ctime": r.header().ctime,
-                    "ctime_utc": iso_time(r.header().ctime),
-                    "incremental": r.header().parent.is_some(),
-                    "interrupted": r.drive_records().iter().any(|d| d.interrupted),
-                    "stands_in_for": wanted.map(|p| uuid_str(&p.uuid)),
-                })
-            })
-            .collect();
+        doc.chain = Some(ListDocument::chain_links(chain.links()));
     }
+    let doc = serde_json::to_value(&doc)?;
     if json_out {
         outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -393,77 +251,11 @@ pub(crate) fn list(archive: &str, json_out: bool, chain: bool, parents: &[PathBu
     Ok(())
 }
 
-fn range_json(r: &DriveRange) -> Value {
-    json!({"drive": r.drive_name, "drive_id": r.drive.0, "start": r.bytes.start, "end": r.bytes.end})
-}
-
-fn problem_json(e: &Error) -> Value {
-    let (kind, offset, ranges): (&str, Option<u64>, Vec<Value>) = match e {
-        Error::Corrupt { offset, .. } => ("corrupt", Some(*offset), vec![]),
-        Error::Truncated { offset, .. } => ("truncated", Some(*offset), vec![]),
-        Error::ExtentDamaged { offset, ranges, .. } => (
-            "extent-damaged",
-            Some(*offset),
-            ranges.iter().map(range_json).collect(),
-        ),
-        Error::Incomplete { ranges, .. } => {
-            ("incomplete", None, ranges.iter().map(range_json).collect())
-        }
-        Error::DriveDigestMismatch { .. } => ("drive-digest-mismatch", None, vec![]),
-        Error::Conflicting { ranges, .. } => {
-            ("conflicting", None, ranges.iter().map(range_json).collect())
-        }
-        Error::Duplicate { ranges, .. } => {
-            ("duplicate", None, ranges.iter().map(range_json).collect())
-        }
-        _ => ("other", None, vec![]),
-    };
-    json!({"kind": kind, "offset": offset, "message": e.to_string(), "ranges": ranges})
-}
-
-/// The report of what a salvage lost (`extract --salvage`, `mount
-/// --salvage`): `ok`, `problems`, `damaged`, `missing`, and `lost`: every
-/// range written or read as zeros, sorted by drive and offset (`lost`
-/// given, or the damaged and missing ranges together).
-pub(crate) fn damage_json(
-    problems: &[Error],
-    damaged: &[DriveRange],
-    missing: &[DriveRange],
-    conflicting: &[DriveRange],
-    lost: Option<&[DriveRange]>,
-) -> Value {
-    let mut all: Vec<&DriveRange> = match lost {
-        Some(l) => l.iter().collect(),
-        None => damaged.iter().chain(missing).chain(conflicting).collect(),
-    };
-    all.sort_by_key(|r| (r.drive, r.bytes.start));
-    let lost_bytes: u64 = all.iter().map(|r| r.bytes.end - r.bytes.start).sum();
-    json!({
-        "ok": problems.is_empty() && all.is_empty(),
-        "problems": problems.iter().map(problem_json).collect::<Vec<_>>(),
-        "damaged": damaged.iter().map(range_json).collect::<Vec<_>>(),
-        "missing": missing.iter().map(range_json).collect::<Vec<_>>(),
-        "conflicting": conflicting.iter().map(range_json).collect::<Vec<_>>(),
-        "lost": all.iter().map(|r| range_json(r)).collect::<Vec<_>>(),
-        "lost_bytes": lost_bytes,
-    })
-}
-
-/// A [`damage_json`] report as lines on stderr: each problem, then each
-/// lost range with what became of it (`fate`, e.g. "written as zeros").
-pub(crate) fn print_damage_text(report: &Value, fate: &str) {
-    let list = |key: &str| report[key].as_array().cloned().unwrap_or_default();
-    for p in list("problems") {
-        eprintln!("vma: damaged: {}", p["message"].as_str().unwrap_or("?"));
-    }
-    for r in list("lost") {
-        eprintln!(
-            "vma: lost ({fate}): drive {} ({}) bytes {}..{}",
-            r["drive"].as_str().unwrap_or("?"),
-            r["drive_id"],
-            r["start"],
-            r["end"]
-        );
+/// Print a damage report as lines on stderr: each problem, then each lost
+/// range with what became of it (`fate`, e.g. "written as zeros").
+pub(crate) fn print_damage_text(report: &DamageReport, fate: &str) {
+    for line in report.lines(fate) {
+        eprintln!("vma: {line}");
     }
 }
 
@@ -488,12 +280,12 @@ pub(crate) fn verify(
         .and_then(|p| std::fs::metadata(p).ok())
         .map_or(0, |m| m.len());
     let progress = crate::output::Progress::bytes(total, "verify", quiet || json_out);
-    let options = vma_core::verify::VerifyOptions {
+    let options = vma_core::ops::verify::VerifyOptions {
         threads,
         drive_digests,
         progress: progress.callback(),
     };
-    let report = vma_core::verify::verify_with(
+    let report = vma_core::ops::verify::verify_with(
         stream,
         &options,
         path.as_deref().map(Path::new),
@@ -508,67 +300,23 @@ pub(crate) fn verify(
         let below =
             Chain::open_parent(link.header(), Some(link.path()), parents)?.map(std::sync::Arc::new);
         let progress = crate::output::Progress::bytes(0, "verify ancestor", quiet || json_out);
-        let options = vma_core::verify::VerifyOptions {
+        let options = vma_core::ops::verify::VerifyOptions {
             progress: progress.callback(),
             ..options.clone()
         };
-        let link_report =
-            vma_core::verify::verify_with(stream, &options, Some(link.path()), below.as_ref())?;
+        let link_report = vma_core::ops::verify::verify_with(
+            stream,
+            &options,
+            Some(link.path()),
+            below.as_ref(),
+        )?;
         progress.finish();
         links.push((link_path, link_report));
     }
     let chain_ok = links.iter().all(|(_, r)| r.is_clean());
     let header = &report.header;
-    let digest_word = |c: &DriveDigestCheck| match c {
-        DriveDigestCheck::Match(_) => "match",
-        DriveDigestCheck::Mismatch { .. } => "mismatch",
-        DriveDigestCheck::NotRecorded => "not-recorded",
-        DriveDigestCheck::OutOfOrder => "out-of-order",
-        DriveDigestCheck::NotChecked => "not-checked",
-        DriveDigestCheck::Skipped => "skipped",
-    };
     if json_out {
-        let drives: Vec<Value> = header
-            .drives
-            .iter()
-            .zip(&report.digests)
-            .map(|(d, c)| {
-                let v3 = format == ArchiveFormat::V3;
-                let digest = match c {
-                    DriveDigestCheck::Match(x) => Some(hex::encode(x)),
-                    _ => None,
-                };
-                json!({
-                    "id": d.id.0, "name": d.name, "size": d.size,
-                    "digest_check": digest_word(c),
-                    "digest": digest,
-                    "digest_kind": digest_kind(format),
-                    "sha256_check": if v3 { "not-recorded" } else { digest_word(c) },
-                    "sha256": if v3 { None } else { digest },
-                })
-            })
-            .collect();
-        let doc = json!({
-            "ok": report.is_clean(),
-            "format": format_names(format, header).0,
-            "version": format_names(format, header).1,
-            "data_checksums": format.is_native(),
-            "cannot_prove": cannot_prove(format),
-            "uuid": uuid_str(&header.uuid),
-            "extents": report.extents,
-            "bytes": report.bytes,
-            "drives": drives,
-            "problems": report.problems.iter().map(problem_json).collect::<Vec<_>>(),
-            "damaged": report.damaged.iter().map(range_json).collect::<Vec<_>>(),
-            "missing": report.missing.iter().map(range_json).collect::<Vec<_>>(),
-            "conflicting": report.conflicting.iter().map(range_json).collect::<Vec<_>>(),
-            "chain": links.iter().map(|(p, r)| json!({
-                "path": p,
-                "uuid": uuid_str(&r.header.uuid),
-                "ok": r.is_clean(),
-                "problems": r.problems.iter().map(problem_json).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        });
+        let doc = VerifyDocument::new(&report, &links);
         outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         for p in &report.problems {

@@ -7,11 +7,11 @@
 use crate::digest::{check_matches, sha256};
 
 use crate::error::{Error, Result};
+use crate::format::v1::{V1ExtentHeader, EXTENT_HEADER_LEN as EXTENT_HEADER_LEN_V1};
 use crate::format::{
     decode_entries, encode_entry, masks_len, v2, BodyCounts, Codec, Entry, ExtentHeader, RunKind,
     BLOCK_SIZE, DIGEST_LEN, ENTRY_LEN, EXTENT_HEADER_LEN,
 };
-use crate::format_v1::{V1ExtentHeader, EXTENT_HEADER_LEN as EXTENT_HEADER_LEN_V1};
 use crate::tree::{leaf_of_blocks, Digest};
 use crate::types::{cluster_len, ClusterNo, DriveId};
 

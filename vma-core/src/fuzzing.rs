@@ -12,16 +12,16 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::detect::open_any;
 use crate::error::Result;
 use crate::extent::DecodedExtent;
 use crate::format::{RunKind, CLUSTER_SIZE};
-use crate::qcow2::Qcow2Image;
-use crate::reader::Reader;
-use crate::source::{next_data_run, DiskImage, RawImage};
-use crate::stream::{HashDrives, PassOptions};
+use crate::image::qcow2::Qcow2Image;
+use crate::image::source::{next_data_run, DiskImage, RawImage};
+use crate::ops::verify::verify;
+use crate::read::detect::open_any;
+use crate::read::reader::Reader;
+use crate::read::stream::{HashDrives, PassOptions};
 use crate::types::{cluster_len, ClusterNo, DriveId};
-use crate::verify::verify;
 
 /// Drives whose total size is at most this get their whole-content SHA-256
 /// computed in the pass going past damage (hashing is linear in the

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use vma_core::chain::Chain;
 use vma_core::format::{RunKind, CLUSTER_SIZE};
-use vma_core::merge::{merge_chain, synthetic_meta, MergeOptions, MergeSummary};
-use vma_core::reader::Reader;
-use vma_core::stream::{ArchiveStream, DriveDigestCheck};
+use vma_core::ops::merge::{merge_chain, synthetic_meta, MergeOptions, MergeSummary};
+use vma_core::read::reader::Reader;
+use vma_core::read::stream::{ArchiveStream, DriveDigestCheck};
 use vma_core::types::{clusters_for, ClusterNo};
 use vma_core::{ArchiveMeta, Compression, ConfigBlob, DriveId, DriveInfo, Writer, WriterOptions};
 
@@ -279,7 +279,7 @@ fn check_merged(merged: &Path, newest: &Path, want: &[Disk], s: &MergeSummary) {
     }
     assert_eq!(s.copied_clusters + s.reencoded_clusters, data_clusters);
     let stream = ArchiveStream::open(std::fs::File::open(merged).unwrap(), "merged").unwrap();
-    let report = vma_core::verify::verify(stream, 2, true, Some(merged)).unwrap();
+    let report = vma_core::ops::verify::verify(stream, 2, true, Some(merged)).unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
     for c in &report.digests {
         assert!(matches!(c, DriveDigestCheck::Match(_)), "{c:?}");
@@ -442,7 +442,7 @@ fn small_link_with(
 /// points but stay when they are newer than a kept point.
 #[test]
 fn prune_plans_keep_the_newest_points_over_every_chain() {
-    use vma_core::prune::{archives_in, plan_prune};
+    use vma_core::ops::prune::{archives_in, plan_prune};
     let dir = tempfile::tempdir().unwrap();
     let at = |n: &str| dir.path().join(n);
     small_link(&at("a0"), 100, None, false);
@@ -454,7 +454,7 @@ fn prune_plans_keep_the_newest_points_over_every_chain() {
     std::fs::write(at(".b4.partial-1"), b"being written").unwrap();
     let all = archives_in(dir.path()).unwrap();
     assert_eq!(all.len(), 6, "hidden files are not pruned");
-    let beside = vma_core::prune::files_in(dir.path()).unwrap();
+    let beside = vma_core::ops::prune::files_in(dir.path()).unwrap();
     let plan = plan_prune(&all, 2, &beside).unwrap();
     assert_eq!(plan.chains.len(), 2);
     let (a, b) = (&plan.chains[0], &plan.chains[1]);
@@ -519,7 +519,7 @@ fn append_stored_checks_like_any_submission() {
     c.read_at(DriveId(1), 0, &mut b).unwrap();
     assert!(a == b);
     let stream = ArchiveStream::open(&bytes[..], "copy").unwrap();
-    assert!(vma_core::verify::verify(stream, 1, true, None)
+    assert!(vma_core::ops::verify::verify(stream, 1, true, None)
         .unwrap()
         .is_clean());
 }
@@ -530,8 +530,8 @@ fn append_stored_checks_like_any_submission() {
 /// them is refused before anything is deleted.
 #[test]
 fn configs_of_every_point_survive_merge_and_prune() {
-    use vma_core::configs::ConfigSource;
-    use vma_core::prune::{check_configs_kept, kept_point_configs, plan_prune};
+    use vma_core::chain::configs::ConfigSource;
+    use vma_core::ops::prune::{check_configs_kept, kept_point_configs, plan_prune};
     let dir = tempfile::tempdir().unwrap();
     let at = |n: &str| dir.path().join(n);
     let conf = ConfigBlob {

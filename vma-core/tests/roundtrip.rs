@@ -6,8 +6,8 @@ use std::io::Write;
 
 use proptest::prelude::*;
 use vma_core::format::{limits, CLUSTER_SIZE};
-use vma_core::reader::Reader;
-use vma_core::stream::{ArchiveStream, DriveDigestCheck, HashDrives, PassOptions};
+use vma_core::read::reader::Reader;
+use vma_core::read::stream::{ArchiveStream, DriveDigestCheck, HashDrives, PassOptions};
 use vma_core::types::{clusters_for, ClusterNo};
 use vma_core::{ArchiveMeta, Compression, ConfigBlob, DriveId, DriveInfo, Writer, WriterOptions};
 
@@ -357,7 +357,8 @@ fn in_order_writes_record_and_verify_drive_digests() {
     img[size - 1] = 7;
     let digest = vma_core::tree::digest_of_bytes(&img);
     let verify = |archive: &[u8]| {
-        vma_core::verify::verify(ArchiveStream::open(archive, "a").unwrap(), 2, true, None).unwrap()
+        vma_core::ops::verify::verify(ArchiveStream::open(archive, "a").unwrap(), 2, true, None)
+            .unwrap()
     };
     let good = in_order_archive(&img);
     let report = verify(&good);
@@ -378,8 +379,8 @@ fn in_order_writes_record_and_verify_drive_digests() {
     // drive file behind.
     let extract = |archive: &[u8]| {
         let dir = tempfile::tempdir().unwrap();
-        let options = vma_core::extract::ExtractOptions {
-            format: vma_core::extract::DriveFormat::Raw,
+        let options = vma_core::ops::extract::ExtractOptions {
+            format: vma_core::ops::extract::DriveFormat::Raw,
             drives: vec![],
             force: false,
             threads: 2,
@@ -388,7 +389,7 @@ fn in_order_writes_record_and_verify_drive_digests() {
             progress: None,
         };
         let stream = ArchiveStream::open(archive, "a").unwrap();
-        let result = vma_core::extract::extract(stream, dir.path(), &options, None, |_| {});
+        let result = vma_core::ops::extract::extract(stream, dir.path(), &options, None, |_| {});
         let out = std::fs::read(dir.path().join("d.raw")).ok();
         (result.map(|_| ()), out)
     };
@@ -563,7 +564,7 @@ fn limits_are_enforced() {
 
 /// Write the case as VMA v1 (shuffled order, ids as in `meta`).
 fn write_v1(case: &Case) -> Vec<u8> {
-    use vma_core::writer_v1::V1Writer;
+    use vma_core::write::v1::V1Writer;
     use vma_core::ClusterWriter;
     let imgs = images(case);
     let m = meta(case);
@@ -603,11 +604,11 @@ proptest! {
     /// any truncation is detected as missing clusters or a short extent.
     #[test]
     fn vma1_round_trip(case in case(), cut_seed in any::<u64>()) {
-        use vma_core::convert::{copy_extent, AnyWriter};
+        use vma_core::ops::convert::{copy_extent, AnyWriter};
         let imgs = images(&case);
         let v1 = write_v1(&case);
         let stream = ArchiveStream::open(&v1[..], "v1").unwrap();
-        prop_assert_eq!(stream.format(), vma_core::stream::ArchiveFormat::VmaV1);
+        prop_assert_eq!(stream.format(), vma_core::read::stream::ArchiveFormat::VmaV1);
         let (got, report) = pass_contents_v1(&v1, &case.sizes);
         prop_assert!(report.is_clean(), "{:?}", report.problems);
         for (g, want) in got.iter().zip(&imgs) {
@@ -679,7 +680,7 @@ fn pass_contents_v1(archive: &[u8], sizes: &[u64]) -> (Vec<Vec<u8>>, vma_core::P
 /// multiple of 512.
 #[test]
 fn vma1_pitfalls_by_hand() {
-    use vma_core::format_v1::{Slot, V1ExtentHeader, V1Header};
+    use vma_core::format::v1::{Slot, V1ExtentHeader, V1Header};
     let uuid = [0x5a; 16];
     let header = V1Header {
         uuid,
@@ -793,7 +794,7 @@ proptest! {
     ) {
         use std::sync::Arc;
         use vma_core::chain::{Chain, ChainDrive};
-        use vma_core::source::{copy_image, RawImage};
+        use vma_core::image::source::{copy_image, RawImage};
         let cs = CLUSTER_SIZE as u64;
         let size = clusters * cs - tail * 512;
         let dir = tempfile::tempdir().unwrap();
@@ -836,7 +837,7 @@ proptest! {
         let mut w = Writer::new(std::fs::File::create(&diff).unwrap(), meta, &WriterOptions::default()).unwrap();
         w.set_leaf_source(chain.leaf_source());
         let base = ChainDrive::new(chain, DriveId(1)).unwrap();
-        let stats = vma_core::diff::diff_image(&mut w, DriveId(1), &RawImage::open(&new_path).unwrap(), &base, &mut |_| {}).unwrap();
+        let stats = vma_core::ops::diff::diff_image(&mut w, DriveId(1), &RawImage::open(&new_path).unwrap(), &base, &mut |_| {}).unwrap();
         w.finish().unwrap();
 
         let want: Vec<u64> = (0..clusters)

@@ -20,9 +20,8 @@ use bytes::Bytes;
 use fuse3::raw::prelude::*;
 use fuse3::{Errno, MountOptions, Result as FuseResult, Timestamp};
 use futures_util::stream::{self, Stream};
-use vma_core::chain::Chain;
-use vma_core::format::{check_name, IndexRun, RunKind, CLUSTER_SIZE};
-use vma_core::DriveId;
+use vma_core::chain::{Chain, Seek};
+use vma_core::{check_name, DriveId, CLUSTER_SIZE};
 
 /// Inode of the root directory.
 const ROOT: u64 = 1;
@@ -279,77 +278,6 @@ impl ArchiveFs {
     }
 }
 
-/// SEEK_DATA / SEEK_HOLE over a drive's runs (in order, from any run at
-/// or before the one holding `offset`): the first offset at or after
-/// `offset` in data (`want_data`) or in a hole; `None` for "no more data".
-/// The end of the drive counts as a hole.
-pub fn seek_in_runs(
-    runs: impl Iterator<Item = vma_core::Result<IndexRun>>,
-    size: u64,
-    offset: u64,
-    want_data: bool,
-) -> vma_core::Result<Option<u64>> {
-    if offset >= size {
-        return Ok(None);
-    }
-    let cs = CLUSTER_SIZE as u64;
-    for r in runs {
-        let r = r?;
-        if r.end() * cs <= offset {
-            continue;
-        }
-        let is_data = r.kind != RunKind::Zero;
-        if is_data == want_data {
-            return Ok(Some((r.start * cs).max(offset).min(size)));
-        }
-    }
-    Ok(if want_data { None } else { Some(size) })
-}
-
-/// [`seek_in_runs`] over drive `id` of the chain's newest archive.
-fn seek(
-    chain: &Chain,
-    id: DriveId,
-    size: u64,
-    offset: u64,
-    want_data: bool,
-) -> vma_core::Result<Option<u64>> {
-    if offset >= size {
-        return Ok(None);
-    }
-    let runs = chain.newest().runs_from(id, offset / CLUSTER_SIZE as u64)?;
-    seek_in_runs(runs, size, offset, want_data)
-}
-
-/// Fill `buf` from `offset` of drive `id` one cluster at a time, answering
-/// each cluster that cannot be read because of damage with zeros and
-/// logging it; other errors still fail the read.
-fn read_salvaging(
-    chain: &Chain,
-    id: DriveId,
-    offset: u64,
-    buf: &mut [u8],
-    log: &dyn Fn(&str),
-) -> vma_core::Result<()> {
-    let cs = CLUSTER_SIZE as u64;
-    let end = offset + buf.len() as u64;
-    let mut pos = offset;
-    while pos < end {
-        let next = ((pos / cs + 1) * cs).min(end);
-        let part = &mut buf[(pos - offset) as usize..(next - offset) as usize];
-        match chain.read_at(id, pos, part) {
-            Ok(()) => {}
-            Err(e) if e.is_damage() => {
-                part.fill(0);
-                log(&format!("bytes {pos}..{next} read as zeros (salvage): {e}"));
-            }
-            Err(e) => return Err(e),
-        }
-        pos = next;
-    }
-    Ok(())
-}
-
 /// Start [`PREFETCH_THREADS`] threads that keep the extents of the
 /// [`PREFETCH_BYTES`] ahead of a sequential reader decoded and cached: given
 /// a drive and where its reader is, a thread decodes the nearest extent in
@@ -453,7 +381,7 @@ impl Filesystem for ArchiveFs {
                 data: Bytes::copy_from_slice(&b[offset as usize..end as usize]),
             }),
             Content::Drive { id, last_end, .. } => {
-                let hole = seek(&self.chain, *id, node.size(), offset, true)
+                let hole = (self.chain.seek(*id, offset, Seek::Data))
                     .map_err(|_| Errno::from(libc::EIO))?
                     .is_none_or(|data| data >= end);
                 if hole && end - offset <= MAX_READ as u64 {
@@ -471,15 +399,17 @@ impl Filesystem for ArchiveFs {
                 let mut buf = PooledBuffer::take(&self.buffers, len);
                 let (salvage, log, name) = (self.salvage, self.log.clone(), node.name.clone());
                 let result = tokio::task::spawn_blocking(move || {
-                    match chain.read_at(id, offset, &mut buf.bytes) {
-                        Err(e) if salvage && e.is_damage() => {
-                            read_salvaging(&chain, id, offset, &mut buf.bytes, &|msg| {
-                                log(&format!("{name}: {msg}"))
-                            })
-                        }
-                        other => other,
+                    if !salvage {
+                        return chain.read_at(id, offset, &mut buf.bytes).map(|()| buf);
                     }
-                    .map(|()| buf)
+                    for lost in chain.read_salvaging(id, offset, &mut buf.bytes)? {
+                        let (start, end) = (lost.bytes.start, lost.bytes.end);
+                        log(&format!(
+                            "{name}: bytes {start}..{end} read as zeros (salvage): {}",
+                            lost.error
+                        ));
+                    }
+                    Ok(buf)
                 })
                 .await
                 .map_err(|_| Errno::from(libc::EIO))?;
@@ -627,21 +557,22 @@ impl Filesystem for ArchiveFs {
         whence: u32,
     ) -> FuseResult<ReplyLSeek> {
         let node = self.node(inode).ok_or_else(Errno::new_not_exist)?;
-        let want_data = match whence as i32 {
-            libc::SEEK_DATA => true,
-            libc::SEEK_HOLE => false,
+        let what = match whence as i32 {
+            libc::SEEK_DATA => Seek::Data,
+            libc::SEEK_HOLE => Seek::Hole,
             _ => return Err(libc::EINVAL.into()),
         };
         let size = node.size();
         let found = match &node.content {
-            Content::Drive { id, .. } => {
-                seek(&self.chain, *id, size, offset, want_data).map_err(|e| {
-                    (self.log)(&format!("{}: seeking from {offset}: {e}", node.name));
-                    Errno::from(libc::EIO)
-                })?
-            }
+            Content::Drive { id, .. } => self.chain.seek(*id, offset, what).map_err(|e| {
+                (self.log)(&format!("{}: seeking from {offset}: {e}", node.name));
+                Errno::from(libc::EIO)
+            })?,
             Content::Bytes(_) if offset >= size => None,
-            Content::Bytes(_) => Some(if want_data { offset } else { size }),
+            Content::Bytes(_) => Some(match what {
+                Seek::Data => offset,
+                Seek::Hole => size,
+            }),
         };
         found
             .map(|offset| ReplyLSeek { offset })
@@ -691,46 +622,4 @@ pub fn serve(
             _ = interrupt.recv() => handle.unmount().await,
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(start: u64, count: u32, kind: RunKind) -> IndexRun {
-        IndexRun {
-            drive: DriveId(1),
-            start,
-            count,
-            kind,
-            extent: 0,
-        }
-    }
-
-    fn seek(runs: &[IndexRun], size: u64, offset: u64, want_data: bool) -> Option<u64> {
-        seek_in_runs(runs.iter().map(|r| Ok(*r)), size, offset, want_data).unwrap()
-    }
-
-    #[test]
-    fn seeking_data_and_holes() {
-        let cs = CLUSTER_SIZE as u64;
-        let runs = [
-            run(0, 2, RunKind::Data),
-            run(2, 3, RunKind::Zero),
-            run(5, 1, RunKind::Data),
-            run(6, 4, RunKind::Zero),
-        ];
-        let size = 9 * cs + 100;
-        assert_eq!(seek(&runs, size, 0, true), Some(0));
-        assert_eq!(seek(&runs, size, 10, false), Some(2 * cs));
-        assert_eq!(seek(&runs, size, 2 * cs + 7, true), Some(5 * cs));
-        assert_eq!(seek(&runs, size, 5 * cs + 7, true), Some(5 * cs + 7));
-        assert_eq!(seek(&runs, size, 5 * cs + 7, false), Some(6 * cs));
-        assert_eq!(seek(&runs, size, 6 * cs, true), None);
-        assert_eq!(seek(&runs, size, 7 * cs, false), Some(7 * cs));
-        assert_eq!(seek(&runs, size, size, false), None);
-        // A drive that is all data has its only hole at the end.
-        let full = [run(0, 10, RunKind::Data)];
-        assert_eq!(seek(&full, size, 3, false), Some(size));
-    }
 }

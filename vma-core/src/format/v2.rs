@@ -10,7 +10,7 @@ use crate::digest::check_matches;
 use crate::error::{Error, Result};
 use crate::types::DriveId;
 
-use super::{
+use super::v3::{
     extent_limits, le_u32, le_u64, sha256, short_check, BodyCounts, Codec, Cursor, DriveRecord,
     IndexRun, DIGEST_LEN, DRIVE_DIGEST_PRESENT, DRIVE_INTERRUPTED, EXTENT_HEADER_LEN, FOOTER_LEN,
 };

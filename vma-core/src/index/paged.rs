@@ -14,7 +14,7 @@ use crate::format::{
     Directory, DriveInfo, DriveRecord, ExtentRecord, IndexLayout, IndexRun, PageKind, RunKind,
     EXTENT_RECORD_LEN, INDEX_RUN_LEN, LEAF_LEN, MIN_EXTENT_LEN,
 };
-use crate::tree::{Digest, DriveTree};
+use crate::tree::{Digest, DriveDigestKind, DriveHash};
 
 use super::{ExtentKeys, LeafItem, LeafSink, ResolveUnchanged, TempStore};
 
@@ -597,7 +597,7 @@ impl PagedIndex {
                     self.name, d.name
                 )));
             };
-            let mut tree = DriveTree::new(d.size);
+            let mut tree = DriveHash::new(DriveDigestKind::Tree, d.size);
             self.leaves_of(
                 slot,
                 0..d.clusters(),
