@@ -14,6 +14,7 @@ macro_rules! outln {
 
 mod capture;
 mod mount;
+mod mounts;
 mod output;
 mod signals;
 
@@ -463,7 +464,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Mount(args) => mount::mount(&args),
         Command::Capture(args) => capture::capture(&args, quiet),
-        Command::Umount { mountpoint } => mount::umount(&mountpoint),
+        Command::Umount { mountpoint } => mounts::umount(&mountpoint),
         Command::Convert {
             input,
             output,
