@@ -22,9 +22,9 @@ use crate::Opened;
 #[derive(clap::Args, Clone)]
 pub(crate) struct MountArgs {
     /// Archive file (native, or uncompressed Proxmox VMA v1).
-    archive: PathBuf,
+    pub(crate) archive: PathBuf,
     /// Empty directory to mount on.
-    mountpoint: PathBuf,
+    pub(crate) mountpoint: PathBuf,
     /// Stay in the foreground (messages on stderr; Ctrl-C unmounts).
     #[arg(long)]
     foreground: bool,
@@ -47,7 +47,7 @@ pub(crate) struct MountArgs {
     /// reads as zeros, is listed (and shown as `salvage.json` in the
     /// mount), and the command exits 1.
     #[arg(long)]
-    salvage: bool,
+    pub(crate) salvage: bool,
     /// With `--salvage`: print the report of lost ranges as JSON.
     #[arg(long, requires = "salvage")]
     json: bool,
@@ -63,6 +63,7 @@ pub(crate) fn mount(args: &MountArgs) -> Result<()> {
     if args.daemon_child {
         return daemon_child(args);
     }
+    crate::mounts::check_mountable(&args.archive)?;
     crate::mounts::preflight(&args.mountpoint, args.allow_other)?;
     if args.foreground {
         let (mut fs, salvage) = prepare(args)?;

@@ -67,6 +67,36 @@ pub(crate) fn preflight(mountpoint: &Path, allow_other: bool) -> Result<()> {
     Ok(())
 }
 
+/// Refuse, with the next step, an input a mount cannot read at random: a
+/// whole-stream compressed archive (vzdump's `.vma.zst`, `.vma.lzo`,
+/// `.vma.gz`), or something that is no archive at all.
+pub(crate) fn check_mountable(archive: &Path) -> Result<()> {
+    use std::io::Read;
+    use vma_core::detect::{describe_other, detect, DetectedFormat, DESCRIBE_LEN};
+    let mut prefix = Vec::with_capacity(DESCRIBE_LEN);
+    std::fs::File::open(archive)
+        .and_then(|f| f.take(DESCRIBE_LEN as u64).read_to_end(&mut prefix))
+        .with_context(|| format!("opening {}", archive.display()))?;
+    let a = archive.display();
+    let kind = match detect(&prefix) {
+        Some(DetectedFormat::Zstd) => "zstd",
+        Some(DetectedFormat::Gzip) => "gzip",
+        Some(DetectedFormat::Lzo) => "lzop",
+        Some(_) => return Ok(()),
+        None => {
+            if let Some((what, hint)) = describe_other(&prefix) {
+                return Err(
+                    crate::Damage(format!("{a} is not an archive: it is {what}; {hint}")).into(),
+                );
+            }
+            return Ok(());
+        }
+    };
+    bail!(
+        "{a} is compressed as a whole ({kind}), so it cannot be mounted: a mount reads at random, and such a stream only from start to end. Convert it once, `vma convert {a} NEW.vma` (a native archive, its extents compressed one by one, about the same size), and mount that; or extract the drives with `vma extract {a} DIR`"
+    )
+}
+
 /// Add the next step to an error of the mount itself.
 pub(crate) fn explain_mount_error(e: std::io::Error, mountpoint: &Path) -> anyhow::Error {
     let mp = mountpoint.display();
