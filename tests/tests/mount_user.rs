@@ -403,3 +403,28 @@ fn mount_says_what_is_missing() {
     );
     assert!(mountinfo(&mp).is_none());
 }
+
+#[test]
+fn a_mount_whose_server_died_is_unmounted_by_its_user() {
+    setup();
+    let (t, archive, _) = world_readable_archive();
+    let mp = nobody_dir(&t.path().join("mnt"));
+    let _cleanup = Cleanup(mp.clone());
+    let o = vma_nobody(&["mount", p(&archive), p(&mp)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let pids = serving_processes(&mp);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let o = sh(&format!("kill -KILL {}", pids[0]));
+    assert_eq!(code(&o), 0);
+    for _ in 0..100 {
+        if serving_processes(&mp).is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The mount is still there, dead ("Transport endpoint is not connected").
+    assert!(mountinfo(&mp).is_some());
+    let o = vma_nobody(&["umount", p(&mp)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(mountinfo(&mp).is_none());
+}
