@@ -50,8 +50,7 @@ fn line_progress(total: u64, what: &str) -> ProgressBar {
                 std::thread::sleep(std::time::Duration::from_millis(25));
                 waited += 1;
                 let (pos, len) = (ticker.position(), ticker.length().unwrap_or(0));
-                if len > 0 {
-                    let tenth = pos.min(len) * 10 / len;
+                if let Some(tenth) = (pos.min(len) * 10).checked_div(len) {
                     if tenth > last {
                         last = tenth;
                         eprintln!(
