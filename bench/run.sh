@@ -363,6 +363,41 @@ bench_mount() {
 	trap - EXIT
 }
 
+UMNT=$W/mnt-user
+# setpriv: run as nobody (65534), who mounts through fusermount3.
+as_nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups -- "$@"; }
+# A fresh `vma mount` of disk.vma2 by nobody, through fusermount3.
+user_mount() {
+	user_umount
+	mkdir -p "$UMNT"
+	chown 65534:65534 "$UMNT"
+	as_nobody "$VMA" mount "$W/disk.vma2" "$UMNT"
+}
+user_umount() { ! grep -qs " $UMNT fuse" /proc/mounts || as_nobody "$VMA" umount "$UMNT"; }
+
+# vma mount by a user who is not root (through fusermount3) vs by root:
+# sequential dd of the drive, each run on a fresh mount.
+bench_usermount() {
+	command -v setpriv >/dev/null || die "usermount needs setpriv (util-linux)"
+	command -v fusermount3 >/dev/null || die "usermount needs fusermount3 (apt-get install fuse3)"
+	[[ $(stat -c %a /dev/fuse) == 666 ]] ||
+		die "usermount needs /dev/fuse open to users (mode 0666; scripts/setup.sh sets it)"
+	as_nobody test -r "$W/disk.vma2" || die "usermount: $W/disk.vma2 is not readable by user 65534"
+	trap 'user_umount; vma_umount' EXIT
+	user_mount
+	log "usermount: checking the drive mounted by user 65534 against disk.raw"
+	as_nobody cmp "$W/disk.raw" "$UMNT/disk.raw" >&2 || die "the mounted drive differs from disk.raw"
+	[[ -n ${R_WALL[mount-dd]:-} ]] ||
+		measure -b vma_mount -r vma-extract mount-dd mount "dd bs=1M of the drive file on vma mount" \
+			dd if="$MNT/disk.raw" of=/dev/null bs=1M
+	measure -b user_mount -r mount-dd usermount-dd mount \
+		"dd bs=1M of the drive file on vma mount by a user (fusermount3)" \
+		setpriv --reuid=65534 --regid=65534 --clear-groups -- dd if="$UMNT/disk.raw" of=/dev/null bs=1M
+	user_umount
+	vma_umount
+	trap - EXIT
+}
+
 CAP_DIR=$W/capture
 CAP_PID=$CAP_DIR/qsd.pid
 
@@ -624,6 +659,8 @@ report() {
 		"$(ratio "${R_WALL[mount-dd]:-}" "${R_WALL[vma-extract]:-}")" 1.25 x
 	target "dd of a vma mount's drive vs dd of qemu-storage-daemon's FUSE export" \
 		"$(ratio "${R_WALL[mount-dd]:-}" "${R_WALL[qsd-dd]:-}")" 1.00 x
+	target "dd of a user's vma mount (fusermount3) vs root's" \
+		"$(ratio "${R_WALL[usermount-dd]:-}" "${R_WALL[mount-dd]:-}")" 1.10 x
 	target "capture of a 4 GiB qcow2 node vs qemu-img convert -O raw of it, then sync" \
 		"$(ratio "${R_WALL[vma-capture]:-}" "${R_WALL[qemu-convert-4g]:-}")" 1.20 x
 	target "merge of a full + 5 incrementals vs extract + create" \
@@ -688,7 +725,7 @@ main() {
 	cat "$W/disk.raw" >/dev/null
 
 	local b
-	for b in create extract verify checksum vma1 qcow2 mount capture chain; do
+	for b in create extract verify checksum vma1 qcow2 mount usermount capture chain; do
 		[[ -z ${BENCH_ONLY:-} || " $BENCH_ONLY " == *" $b "* ]] || continue
 		"bench_$b"
 	done

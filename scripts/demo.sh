@@ -7,8 +7,15 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release --locked -p vma-cli
 VMA=$PWD/target/release/vma
-work=${DEMO_DIR:-$(mktemp -d /tmp/vma-demo.XXXXXX)}
-mkdir -p "$work"
+# A temporary directory of its own is removed at the end, also on failure
+# or Ctrl-C; DEMO_DIR=DIR works in DIR and keeps it.
+if [ -n "${DEMO_DIR:-}" ]; then
+  work=$DEMO_DIR
+  mkdir -p "$work"
+else
+  work=$(mktemp -d "${TMPDIR:-/tmp}/vma-demo.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+fi
 echo "working in $work"
 
 # A 256 MiB sparse disk with an ext4 file system holding some files, plus
@@ -34,8 +41,8 @@ cmp "$disk" "$work/restore/drive-scsi0.raw"
 qemu-img check "$work/restore-qcow2/drive-scsi0.qcow2"
 qemu-img compare "$work/restore-qcow2/drive-scsi0.qcow2" "$disk"
 { set +x; } 2>/dev/null
-echo "sha256 recorded: $("$VMA" list --json "$work/backup.vma" | sed -n 's/.*"sha256": "\([0-9a-f]*\)".*/\1/p')"
-echo "sha256 restored: $(sha256sum "$work/restore/drive-scsi0.raw" | cut -d' ' -f1)"
+echo "drive digest recorded: $("$VMA" list --json "$work/backup.vma" | sed -n 's/.*"digest": "\([0-9a-f]*\)".*/\1/p')"
+echo "drive digest restored: $("$VMA" checksum "$work/restore/drive-scsi0.raw" | cut -d' ' -f1)"
 du -h --apparent-size "$disk" | sed 's/^/logical  /'
 du -h "$disk" | sed 's/^/allocated /'
 du -h "$work/backup.vma" | sed 's/^/archive  /'

@@ -62,6 +62,13 @@ EOF
   fi
 fi
 
+# Users other than root mount through fusermount3, which opens /dev/fuse as
+# the user: give it the mode distributions give it (some containers make it
+# 0600).
+if [ "$(id -u)" -eq 0 ] && [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+  chmod 0666 /dev/fuse
+fi
+
 command -v python3 >/dev/null 2>&1 || { echo "python3 is missing" >&2; exit 2; }
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_venv=1
 if [ "${need_venv:-0}" = 1 ]; then

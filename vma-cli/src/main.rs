@@ -13,8 +13,13 @@ macro_rules! outln {
 }
 
 mod capture;
+mod cli_docs;
+mod hints;
 mod mount;
+mod mounts;
+mod outdir;
 mod output;
+mod salvage;
 mod signals;
 
 use std::fs::File;
@@ -55,6 +60,10 @@ struct Cli {
     /// No progress bars and no summaries on stderr.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Say more: progress as lines on stderr also when it is not a
+    /// terminal (for logs), every tenth of the work.
+    #[arg(long, short, global = true, conflicts_with = "quiet")]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -102,7 +111,12 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Decoder threads (default: one per core).
-        #[arg(long, default_value_t = 0)]
+        #[arg(
+            long,
+            default_value_t = 0,
+            hide_default_value = true,
+            env = "VMA_THREADS"
+        )]
         threads: usize,
         /// 2.0 archives: skip the whole-drive SHA-256 (one sequential hash
         /// of every logical byte, zeros included). 3.0 drive digests are
@@ -135,7 +149,12 @@ enum Command {
         #[arg(long = "parent", value_name = "PATH")]
         parents: Vec<PathBuf>,
         /// Hashing threads (default: one per core).
-        #[arg(long, default_value_t = 0)]
+        #[arg(
+            long,
+            default_value_t = 0,
+            hide_default_value = true,
+            env = "VMA_THREADS"
+        )]
         threads: usize,
     },
     /// Extract drives (sparse raw or qcow2) and config blobs into a directory.
@@ -151,7 +170,12 @@ enum Command {
         #[arg(long)]
         force: bool,
         /// Decoder threads (default: one per core).
-        #[arg(long, default_value_t = 0)]
+        #[arg(
+            long,
+            default_value_t = 0,
+            hide_default_value = true,
+            env = "VMA_THREADS"
+        )]
         threads: usize,
         /// Write everything intact even if the archive is damaged or
         /// incomplete; lost ranges become zeros and are reported (exit 1).
@@ -214,10 +238,20 @@ enum Command {
         dry_run: bool,
         /// Extent compression of the synthetic fulls: `zstd`, `zstd:LEVEL`
         /// or `none`.
-        #[arg(long, default_value = "zstd:1", value_name = "zstd[:LEVEL]|none")]
+        #[arg(
+            long,
+            default_value = "zstd:1",
+            value_name = "zstd[:LEVEL]|none",
+            env = "VMA_COMPRESS"
+        )]
         compress: String,
         /// Worker threads (default: one per core).
-        #[arg(long, default_value_t = 0)]
+        #[arg(
+            long,
+            default_value_t = 0,
+            hide_default_value = true,
+            env = "VMA_THREADS"
+        )]
         threads: usize,
     },
     /// Write an incremental archive of disk images against an earlier
@@ -261,8 +295,24 @@ enum Command {
         /// they are looked for beside it, by uuid.
         #[arg(long = "parent", value_name = "PATH")]
         parents: Vec<PathBuf>,
+        /// Convert everything intact of a damaged or truncated input; what
+        /// is lost is written as zeros and reported (exit 1).
+        #[arg(long)]
+        salvage: bool,
         #[command(flatten)]
         output_options: OutputArgs,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page vma(1) (roff), made from the command-line
+    /// definition; with `--dir`, write it and one page per command there.
+    Man {
+        /// Write vma.1 and vma-COMMAND.1 into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -270,10 +320,20 @@ enum Command {
 #[derive(clap::Args, Debug)]
 pub(crate) struct OutputArgs {
     /// Extent compression: `zstd`, `zstd:LEVEL` or `none` (native archives).
-    #[arg(long, default_value = "zstd:1", value_name = "zstd[:LEVEL]|none")]
+    #[arg(
+        long,
+        default_value = "zstd:1",
+        value_name = "zstd[:LEVEL]|none",
+        env = "VMA_COMPRESS"
+    )]
     compress: String,
     /// Worker threads (default: one per core).
-    #[arg(long, default_value_t = 0)]
+    #[arg(
+        long,
+        default_value_t = 0,
+        hide_default_value = true,
+        env = "VMA_THREADS"
+    )]
     threads: usize,
     /// Replace an existing archive file.
     #[arg(long)]
@@ -356,10 +416,14 @@ impl std::error::Error for DamageFound {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let invocation = hints::Invocation::of(&cli.command);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vma: error: {}", one_line(&e));
+            if let Some(next) = hints::next_step(&e, &invocation) {
+                eprintln!("vma: next step: {next}");
+            }
             if is_damage(&e) {
                 ExitCode::from(1)
             } else {
@@ -384,8 +448,12 @@ pub(crate) fn one_line(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for c in e.chain() {
         let s = c.to_string();
-        if parts.last().is_none_or(|p| !p.contains(&s)) {
-            parts.push(s);
+        match parts.last_mut() {
+            // A context the inner message already says ("opening X" over
+            // "opening X: No such file") is said once.
+            Some(p) if s.starts_with(p.as_str()) => *p = s,
+            Some(p) if p.contains(&s) => {}
+            _ => parts.push(s),
         }
     }
     parts.join(": ")
@@ -393,6 +461,7 @@ pub(crate) fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     let quiet = cli.quiet;
+    output::set_verbose(cli.verbose);
     // Commands that write files remove their temporaries on SIGINT,
     // SIGTERM and SIGHUP; capture cancels its jobs first.
     match &cli.command {
@@ -468,14 +537,25 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Mount(args) => mount::mount(&args),
         Command::Capture(args) => capture::capture(&args, quiet),
-        Command::Umount { mountpoint } => mount::umount(&mountpoint),
+        Command::Umount { mountpoint } => mounts::umount(&mountpoint),
         Command::Convert {
             input,
             output,
             format,
             parents,
+            salvage,
             output_options,
-        } => convert(&input, &output, format, &parents, &output_options, quiet),
+        } => convert(
+            &input,
+            &output,
+            format,
+            &parents,
+            salvage,
+            &output_options,
+            quiet,
+        ),
+        Command::Completions { shell } => cli_docs::completions(shell),
+        Command::Man { dir } => cli_docs::man(dir.as_deref()),
         Command::Diff {
             against,
             images,
@@ -602,9 +682,9 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     )?;
     if !quiet {
         eprintln!(
-            "vma: wrote {} ({} drives, {} logical, {} stored)",
+            "vma: wrote {} ({}, {} logical, {} stored)",
             archive,
-            drives.len(),
+            count(drives.len(), "drive"),
             human_bytes(total),
             human_bytes(stored),
         );
@@ -1056,6 +1136,7 @@ fn convert(
     output: &str,
     format: OutputFormat,
     parents: &[PathBuf],
+    salvage: bool,
     output_options: &OutputArgs,
     quiet: bool,
 ) -> Result<()> {
@@ -1108,7 +1189,7 @@ fn convert(
     let progress = Progress::bytes(total, "convert", quiet);
     let pass_options = PassOptions {
         threads,
-        keep_going: false,
+        keep_going: salvage,
         // 2.0 records a plain SHA-256 per drive: checked on the way (in order).
         hash_drives: if source_format == ArchiveFormat::V2 {
             HashDrives::All
@@ -1118,7 +1199,7 @@ fn convert(
         progress: progress.callback(),
         ..Default::default()
     };
-    let (_, bytes) = write_archive(output, force, |out| {
+    let (report, bytes) = write_archive(output, force, |out| {
         let mut writer = AnyWriter::new(out, meta, vma1, &options)?;
         if let AnyWriter::Native(w) = &mut writer {
             w.set_progress(progress.callback());
@@ -1150,20 +1231,29 @@ fn convert(
                 },
             )?,
         };
+        if salvage {
+            salvage::fill_lost(&report, &mut writer)?;
+        }
+        let lost = !(report.damaged.is_empty() && report.missing.is_empty());
         if let AnyWriter::Native(w) = &mut writer {
             for r in report.records.iter().flatten() {
                 if r.interrupted {
                     w.mark_interrupted(r.drive)?;
-                } else if let (ArchiveFormat::V3, Some(digest)) = (source_format, r.digest) {
+                } else if let (ArchiveFormat::V3, Some(digest), false) =
+                    (source_format, r.digest, lost)
+                {
                     // End to end: the new archive holds what the old one recorded.
                     w.expect_drive_digest(r.drive, digest)?;
                 }
             }
         }
         writer.finish()?;
-        Ok(())
+        Ok(report)
     })?;
     progress.finish();
+    if salvage {
+        salvage::outcome(&report, output)?;
+    }
     if !quiet {
         eprintln!(
             "vma: wrote {output} ({}, {})",
@@ -1322,6 +1412,22 @@ fn extract_cmd(
     json: bool,
     quiet: bool,
 ) -> Result<()> {
+    let target = outdir::TargetDir::check(dir)?;
+    let result = extract_into(archive, dir, options, parents, json, quiet);
+    if result.is_err() {
+        target.undo();
+    }
+    result
+}
+
+fn extract_into(
+    archive: &str,
+    dir: &Path,
+    options: ExtractOptions,
+    parents: &[PathBuf],
+    json: bool,
+    quiet: bool,
+) -> Result<()> {
     signals::clear_stale(dir)?;
     let (stream, path, compression) = open_stream(archive)?;
     let ancestors = Chain::open_parent(stream.header(), path.as_deref(), parents)?;
@@ -1408,4 +1514,13 @@ pub(crate) use DamageFound as Damage;
 /// True when progress bars should be drawn.
 pub(crate) fn progress_wanted(quiet: bool) -> bool {
     !quiet && std::io::stderr().is_terminal()
+}
+
+/// `n` things, in words: "1 drive", "2 drives".
+pub(crate) fn count(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
 }

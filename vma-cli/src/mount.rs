@@ -3,7 +3,6 @@
 
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,9 +22,9 @@ use crate::Opened;
 #[derive(clap::Args, Clone)]
 pub(crate) struct MountArgs {
     /// Archive file (native, or uncompressed Proxmox VMA v1).
-    archive: PathBuf,
+    pub(crate) archive: PathBuf,
     /// Empty directory to mount on.
-    mountpoint: PathBuf,
+    pub(crate) mountpoint: PathBuf,
     /// Stay in the foreground (messages on stderr; Ctrl-C unmounts).
     #[arg(long)]
     foreground: bool,
@@ -48,7 +47,7 @@ pub(crate) struct MountArgs {
     /// reads as zeros, is listed (and shown as `salvage.json` in the
     /// mount), and the command exits 1.
     #[arg(long)]
-    salvage: bool,
+    pub(crate) salvage: bool,
     /// With `--salvage`: print the report of lost ranges as JSON.
     #[arg(long, requires = "salvage")]
     json: bool,
@@ -64,6 +63,8 @@ pub(crate) fn mount(args: &MountArgs) -> Result<()> {
     if args.daemon_child {
         return daemon_child(args);
     }
+    crate::mounts::check_mountable(&args.archive)?;
+    crate::mounts::preflight(&args.mountpoint, args.allow_other)?;
     if args.foreground {
         let (mut fs, salvage) = prepare(args)?;
         if let Some(report) = &salvage {
@@ -74,7 +75,7 @@ pub(crate) fn mount(args: &MountArgs) -> Result<()> {
         serve(fs, &args.mountpoint, &config(args), || {
             eprintln!("vma: mounted on {mp}; Ctrl-C or `vma umount {mp}` unmounts")
         })
-        .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
+        .map_err(|e| crate::mounts::explain_mount_error(e, &args.mountpoint))?;
         return salvage_outcome(salvage.as_ref());
     }
     // Check everything here first, so errors reach the terminal; a salvage
@@ -158,6 +159,7 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 fn config(args: &MountArgs) -> MountConfig {
     MountConfig {
         allow_other: args.allow_other,
+        unprivileged: crate::mounts::unprivileged(),
     }
 }
 
@@ -273,7 +275,7 @@ fn daemon_child(args: &MountArgs) -> Result<()> {
             report("ready");
             release_stdout();
         })
-        .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
+        .map_err(|e| crate::mounts::explain_mount_error(e, &args.mountpoint))?;
         Ok(())
     })();
     if let Err(e) = &result {
@@ -301,26 +303,4 @@ fn release_stdout() {
         // SAFETY: dup2 onto our own stdout descriptor.
         unsafe { libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO) };
     }
-}
-
-/// `vma umount MOUNTPOINT`.
-pub(crate) fn umount(mountpoint: &Path) -> Result<()> {
-    let c = CString::new(mountpoint.as_os_str().as_bytes())
-        .map_err(|_| anyhow!("mount point contains a NUL byte"))?;
-    // SAFETY: c is a NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EPERM) {
-        // Not root: the FUSE helper unmounts what the user mounted.
-        for helper in ["fusermount3", "fusermount"] {
-            if let Ok(s) = Command::new(helper).arg("-u").arg(mountpoint).status() {
-                if s.success() {
-                    return Ok(());
-                }
-            }
-        }
-    }
-    Err(err).with_context(|| format!("unmounting {}", mountpoint.display()))
 }

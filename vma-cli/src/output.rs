@@ -19,12 +19,61 @@ use crate::{open_for_listing, open_stream, progress_wanted, Damage, Opened};
 use vma_core::read::detect::StreamCompression;
 use vma_core::read::stream::ArchiveFormat;
 
+/// What a failed `verify` says (after the archive's name); the next step
+/// it gets is salvage (see `hints`).
+pub(crate) const VERIFY_FAILED: &str = "verification failed";
+
 /// A byte progress bar on stderr, drawn only for a terminal and without `--quiet`.
 pub(crate) struct Progress(Option<ProgressBar>);
+
+/// `-v`: progress as lines when stderr is not a terminal.
+static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Set by `-v/--verbose`.
+pub(crate) fn set_verbose(verbose: bool) {
+    VERBOSE.store(verbose, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A bar that is not drawn; a thread prints a line on stderr at every
+/// tenth of the work (every 10 s while the total is unknown) until it is
+/// finished.
+fn line_progress(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::hidden());
+    bar.set_message(what.to_string());
+    let ticker = bar.clone();
+    let _ = std::thread::Builder::new()
+        .name("progress".into())
+        .spawn(move || {
+            let (mut last, mut waited) = (0u64, 0u32);
+            while !ticker.is_finished() {
+                std::thread::sleep(std::time::Duration::from_millis(25));
+                waited += 1;
+                let (pos, len) = (ticker.position(), ticker.length().unwrap_or(0));
+                if let Some(tenth) = (pos.min(len) * 10).checked_div(len) {
+                    if tenth > last {
+                        last = tenth;
+                        eprintln!(
+                            "vma: {} {}% ({} of {})",
+                            ticker.message(),
+                            tenth * 10,
+                            human_bytes(pos),
+                            human_bytes(len)
+                        );
+                    }
+                } else if waited % 400 == 0 {
+                    eprintln!("vma: {} {} done", ticker.message(), human_bytes(pos));
+                }
+            }
+        });
+    bar
+}
 
 impl Progress {
     pub(crate) fn bytes(total: u64, what: &str, quiet: bool) -> Progress {
         if !progress_wanted(quiet) {
+            if !quiet && VERBOSE.load(std::sync::atomic::Ordering::Relaxed) {
+                return Progress(Some(line_progress(total, what)));
+            }
             return Progress(None);
         }
         let bar = if total > 0 {
@@ -162,7 +211,12 @@ pub(crate) fn list(archive: &str, json_out: bool, chain: bool, parents: &[PathBu
             doc["ctime_utc"].as_str().unwrap_or("?"),
             doc["ctime"]
         );
-        outln!("creator:     {}", doc["creator"].as_str().unwrap_or(""));
+        outln!(
+            "creator:     {}",
+            doc["creator"]
+                .as_str()
+                .unwrap_or("(not recorded: VMA v1 has no creator field)")
+        );
         if let Some(p) = doc["parent"]["uuid"].as_str() {
             outln!("parent:      {p}");
         }
@@ -247,6 +301,9 @@ pub(crate) fn list(archive: &str, json_out: bool, chain: bool, parents: &[PathBu
     }
     if let Some(why) = &opened.problem {
         eprintln!("vma: warning: {why}");
+        eprintln!(
+            "vma: next step: `vma verify {archive}` lists every lost range; `vma extract --salvage {archive} DIR` recovers what is intact"
+        );
     }
     Ok(())
 }
@@ -272,8 +329,15 @@ pub(crate) fn verify(
     // An incremental archive is checked with its ancestors: each link must
     // be found (proven by content) and intact, and the drive digests of the
     // point in time are checked with their leaves.
-    let ancestors =
-        Chain::open_parent(stream.header(), path.as_deref(), parents)?.map(std::sync::Arc::new);
+    // A link that cannot be found or proven fails the verification (exit
+    // 1): the point in time cannot be verified without it.
+    let ancestors = Chain::open_parent(stream.header(), path.as_deref(), parents)
+        .map_err(|e| {
+            Damage(format!(
+                "{archive}: its point in time cannot be verified: {e}"
+            ))
+        })?
+        .map(std::sync::Arc::new);
     let path = path.filter(|_| compression == StreamCompression::None);
     let total = path
         .as_ref()
@@ -391,7 +455,7 @@ pub(crate) fn verify(
         Ok(())
     } else {
         Err(Damage(format!(
-            "{archive}: verification failed with {} problem(s)",
+            "{archive}: {VERIFY_FAILED} with {} problem(s)",
             report.problems.len()
         ))
         .into())

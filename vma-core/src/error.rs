@@ -30,6 +30,18 @@ pub enum Error {
         found: String,
     },
 
+    /// The input is something recognisable that is not an archive (a qcow2
+    /// image, a tar file, text, ...).
+    #[error("{name} is not an archive: it is {what}; {hint}")]
+    NotAnArchiveKind {
+        /// The input's name.
+        name: String,
+        /// What the input is.
+        what: &'static str,
+        /// What to do with it instead.
+        hint: &'static str,
+    },
+
     /// A format we recognise but this build cannot read.
     #[error("{format} is not supported here: {hint}")]
     UnsupportedFormat {
@@ -222,6 +234,7 @@ impl Error {
         matches!(
             self,
             Error::NotAnArchive { .. }
+                | Error::NotAnArchiveKind { .. }
                 | Error::Corrupt { .. }
                 | Error::Truncated { .. }
                 | Error::ExtentDamaged { .. }

@@ -585,6 +585,10 @@ impl Filesystem for ArchiveFs {
 pub struct MountConfig {
     /// Let other users see the mount (needs `user_allow_other` for non-root).
     pub allow_other: bool,
+    /// Mount through the setuid helper `fusermount3` (from the `fuse3`
+    /// package) instead of the `mount` system call, as a user who is not
+    /// root must; it is then also unmounted through it.
+    pub unprivileged: bool,
 }
 
 /// Mount `fs` at `mountpoint` and serve it until it is unmounted (by
@@ -610,7 +614,12 @@ pub fn serve(
             .read_only(true)
             .allow_other(config.allow_other)
             .custom_options(format!("subtype=vma,max_read={MAX_READ}"));
-        let mut handle = Session::new(options).mount(fs, mountpoint).await?;
+        let session = Session::new(options);
+        let mut handle = if config.unprivileged {
+            session.mount_with_unprivileged(fs, mountpoint).await?
+        } else {
+            session.mount(fs, mountpoint).await?
+        };
         ready();
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -155,16 +155,18 @@ pub struct ListDocument {
     pub ctime: i64,
     /// The same, as [`iso_time`].
     pub ctime_utc: String,
-    /// What wrote it.
-    pub creator: String,
+    /// What wrote it (`None` for VMA v1, which has no creator field).
+    pub creator: Option<String>,
     /// How its extents (or the whole stream) are compressed.
     pub compression: String,
     /// The parent it names (incremental archives).
     pub parent: Option<ArchiveRef>,
     /// The archives whose point in time it holds (synthetic fulls).
     pub stands_for: Vec<ArchiveRef>,
-    /// True when read as a complete file (through its index).
-    pub complete: bool,
+    /// True when read as a complete file (through its index), false when
+    /// it is known to be incomplete, `None` for a stream (compressed or
+    /// standard input), which only `vma verify` reads to its end.
+    pub complete: Option<bool>,
     /// Why only the header was read.
     pub problem: Option<String>,
     /// The file's size.
@@ -257,11 +259,17 @@ impl ListDocument {
             uuid: uuid_text(&header.uuid),
             ctime: header.ctime,
             ctime_utc: iso_time(header.ctime),
-            creator: header.creator.clone(),
+            creator: (format != ArchiveFormat::VmaV1).then(|| header.creator.clone()),
             compression,
             parent: header.parent.as_ref().map(ArchiveRef::from),
             stands_for: header.stands_for.iter().map(ArchiveRef::from).collect(),
-            complete: reader.is_some(),
+            complete: if reader.is_some() {
+                Some(true)
+            } else if problem.is_some() {
+                Some(false)
+            } else {
+                None
+            },
             problem,
             archive_size: reader
                 .and_then(|r| std::fs::metadata(r.path()).ok())

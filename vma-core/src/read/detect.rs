@@ -41,6 +41,64 @@ pub fn detect(prefix: &[u8]) -> Option<DetectedFormat> {
     }
 }
 
+/// Bytes [`describe_other`] looks at to say what a non-archive is.
+pub const DESCRIBE_LEN: usize = 1024;
+
+/// What an input that is not an archive is, told from its first bytes (up
+/// to [`DESCRIBE_LEN`]) when that is clear, with what to do with it: the
+/// first part says what it is, the second the next step.
+pub fn describe_other(prefix: &[u8]) -> Option<(&'static str, &'static str)> {
+    const USE_AS_SOURCE: &str =
+        "to back it up, use it as a create source: `vma create ARCHIVE.vma IMAGE`";
+    if prefix.is_empty() {
+        return Some((
+            "empty",
+            "an archive starts with a header; was it copied completely?",
+        ));
+    }
+    if prefix.starts_with(b"QFI\xfb") {
+        return Some(("a qcow2 image", USE_AS_SOURCE));
+    }
+    if prefix.len() >= 262 && &prefix[257..262] == b"ustar" {
+        return Some((
+            "a tar archive",
+            "vma reads vma and Proxmox VMA archives; unpack it with `tar -xf` and look for a .vma file inside",
+        ));
+    }
+    if prefix.starts_with(b"\x7fELF") {
+        return Some(("an executable (ELF)", "give the path of an archive"));
+    }
+    if prefix.len() >= 520 && &prefix[512..520] == b"EFI PART" {
+        return Some(("a disk image (GPT partition table)", USE_AS_SOURCE));
+    }
+    if prefix.len() >= 512 && prefix[510..512] == [0x55, 0xaa] {
+        return Some(("a disk image (MBR boot sector)", USE_AS_SOURCE));
+    }
+    if is_text(prefix) {
+        return Some((
+            "a text file",
+            "if it is a VM config, store it in an archive with `vma create --config FILE`",
+        ));
+    }
+    None
+}
+
+/// Whether `prefix` reads as text: UTF-8 (a character cut at the end
+/// allowed) without control characters other than whitespace.
+fn is_text(prefix: &[u8]) -> bool {
+    let text = match std::str::from_utf8(prefix) {
+        Ok(t) => t,
+        Err(e) if e.error_len().is_none() => {
+            std::str::from_utf8(&prefix[..e.valid_up_to()]).unwrap_or("")
+        }
+        Err(_) => return false,
+    };
+    !text.is_empty()
+        && text
+            .chars()
+            .all(|c| !c.is_control() || matches!(c, '\n' | '\r' | '\t' | '\x0c'))
+}
+
 /// The error for an input that is not an archive this reader can open
 /// directly, saying what it is.
 pub fn not_v2_error(prefix: &[u8]) -> Error {

@@ -26,9 +26,7 @@ use crate::index::{BuiltIndex, ExtentKeys, FinishOptions, IndexBuilder, LeafSour
 use crate::read::detect::{not_v2_error, DETECT_LEN};
 use crate::read::input::Input;
 use crate::tree::{Digest, DriveDigestKind, DriveHash};
-use crate::types::{
-    cluster_len, cluster_range_bytes, describe_ranges, ClusterNo, DriveId, DriveRange,
-};
+use crate::types::{cluster_len, cluster_range_bytes, ClusterNo, DriveId, DriveRange};
 use crate::util::pipeline::OrderedPool;
 use crate::write::writer::effective_threads;
 
@@ -223,7 +221,15 @@ fn read_header<R: Read>(input: &mut Input<R>) -> Result<(Header, Flavor)> {
         return read_v1_header(input);
     }
     if !prefix.starts_with(&ARCHIVE_MAGIC) {
-        let p = prefix[..prefix.len().min(DETECT_LEN)].to_vec();
+        let whole = input.peek(crate::read::detect::DESCRIBE_LEN)?.to_vec();
+        if let Some((what, hint)) = crate::read::detect::describe_other(&whole) {
+            return Err(Error::NotAnArchiveKind {
+                name: input.name().to_string(),
+                what,
+                hint,
+            });
+        }
+        let p = whole[..whole.len().min(DETECT_LEN)].to_vec();
         if p.len() < 8 {
             return Err(Error::truncated(
                 p.len() as u64,
@@ -1623,12 +1629,21 @@ pub(crate) fn incomplete_from_ranges(drives: &[DriveInfo], ranges: &[DriveRange]
             .iter()
             .map(|r| r.bytes.end.div_ceil(cs) - r.bytes.start / cs)
             .sum();
+        let at: Vec<String> = mine
+            .iter()
+            .take(3)
+            .map(|r| format!("{}..{}", r.bytes.start, r.bytes.end))
+            .collect();
+        let more = match mine.len() {
+            n if n > 3 => format!(" and {} more ranges", n - 3),
+            _ => String::new(),
+        };
         parts.push(format!(
-            "drive {} lacks {clusters} of its {} clusters ({}): {}",
+            "drive {} lacks {clusters} of its {} clusters ({} missing), at bytes {}{more}",
             d.name,
             d.clusters(),
             human_bytes(bytes),
-            describe_ranges(&mine, 3)
+            at.join(", ")
         ));
     }
     Error::Incomplete {
