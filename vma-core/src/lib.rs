@@ -38,6 +38,7 @@ pub mod ranges;
 pub mod reader;
 pub mod source;
 mod spool;
+pub mod storage;
 pub mod stream;
 pub mod tree;
 pub mod types;
