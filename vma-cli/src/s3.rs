@@ -68,9 +68,7 @@ fn parse_date(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
     }
     let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
         .map_err(|_| anyhow!("--retain-until takes YYYY-MM-DD or an RFC 3339 time, not {s:?}"))?;
-    Ok(d.and_hms_opt(0, 0, 0)
-        .expect("midnight exists")
-        .and_utc())
+    Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc())
 }
 
 /// True for an `s3://` argument.

@@ -54,7 +54,10 @@ pub(crate) fn install(on: OnSignal) {
                 OnSignal::Cancel(flag) => flag.store(true, Ordering::Relaxed),
                 OnSignal::Exit => {
                     for object in crate::s3::abort_uploads() {
-                        eprintln!("vma: interrupted by {}; aborted the upload of {object}", name(signal));
+                        eprintln!(
+                            "vma: interrupted by {}; aborted the upload of {object}",
+                            name(signal)
+                        );
                     }
                     let removed = vma_core::atomic::remove_temporaries();
                     eprintln!(

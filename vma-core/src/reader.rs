@@ -1295,9 +1295,9 @@ impl ExtentCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileExt;
     use crate::format::DriveInfo;
     use crate::writer::{ArchiveMeta, Writer, WriterOptions};
+    use std::os::unix::fs::FileExt;
 
     /// A one-drive archive followed by a hole, `extra` bytes long, and a
     /// footer saying the index fills everything after the header.

@@ -119,10 +119,7 @@ pub fn set_remote(remote: Box<dyn Remote>) {
 
 /// The store that handles `location`, if one is plugged in and does.
 pub fn remote_for(location: &Path) -> Option<&'static dyn Remote> {
-    REMOTE
-        .get()
-        .map(|r| &**r)
-        .filter(|r| r.handles(location))
+    REMOTE.get().map(|r| &**r).filter(|r| r.handles(location))
 }
 
 /// True when `location` is an object location (`scheme://...`), plugged in or not.

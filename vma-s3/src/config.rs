@@ -102,7 +102,8 @@ impl Settings {
         let creds = read("AWS_SHARED_CREDENTIALS_FILE", "credentials");
         let conf = read("AWS_CONFIG_FILE", "config");
         let from_files = |k: &str| creds.get(k).or_else(|| conf.get(k)).cloned();
-        let (key_id, secret, token) = match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+        let (key_id, secret, token) = match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"))
+        {
             (Some(k), Some(s)) => (Some(k), Some(s), env("AWS_SESSION_TOKEN")),
             _ => (
                 from_files("aws_access_key_id"),

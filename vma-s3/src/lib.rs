@@ -175,7 +175,12 @@ pub(crate) fn bucket(loc: &Location) -> Result<Arc<Bucket>, Error> {
     Ok(b)
 }
 
-pub(crate) fn store_error(loc: &Location, range: Option<std::ops::Range<u64>>, what: &str, e: impl std::fmt::Display) -> Error {
+pub(crate) fn store_error(
+    loc: &Location,
+    range: Option<std::ops::Range<u64>>,
+    what: &str,
+    e: impl std::fmt::Display,
+) -> Error {
     Error::Store {
         location: loc.to_string(),
         range: range
@@ -227,42 +232,31 @@ pub fn delete(loc: &Location) -> Result<(), Error> {
 }
 
 /// Object Lock retention of an object, if it has one: `(mode, until)`,
-/// until as the store wrote it (ISO 8601).
+/// until as the store wrote it (ISO 8601). Read from the HEAD answer's
+/// `x-amz-object-lock-mode` and `x-amz-object-lock-retain-until-date`
+/// (which every store with Object Lock sends; `GET ?retention` is not
+/// implemented everywhere).
 pub fn retention(loc: &Location) -> Result<Option<(String, String)>, Error> {
     let b = bucket(loc)?;
-    let resp = write::signed(
-        &b,
-        loc,
-        http::Method::GET,
-        &[("retention", "")],
-        &[],
-        Vec::new(),
-    )?;
-    let (status, body) = resp;
-    if status == 404 || status == 400 || status == 501 || status == 405 {
-        // No retention, or a store without Object Lock.
-        return Ok(None);
-    }
+    let (status, headers, _) = write::signed(&b, loc, http::Method::HEAD, &[], &[], Vec::new())?;
     if !(200..300).contains(&status) {
-        return Err(store_error(
-            loc,
-            None,
-            "GET retention",
-            format!("HTTP {status}: {}", String::from_utf8_lossy(&body)),
-        ));
+        return Err(store_error(loc, None, "HEAD", format!("HTTP {status}")));
     }
-    let text = String::from_utf8_lossy(&body);
-    let tag = |name: &str| {
-        let open = format!("<{name}>");
-        let close = format!("</{name}>");
-        let s = text.find(&open)? + open.len();
-        let e = text[s..].find(&close)? + s;
-        Some(text[s..e].trim().to_string())
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
     };
-    Ok(match (tag("Mode"), tag("RetainUntilDate")) {
-        (Some(m), Some(u)) => Some((m, u)),
-        _ => None,
-    })
+    Ok(
+        match (
+            header("x-amz-object-lock-mode"),
+            header("x-amz-object-lock-retain-until-date"),
+        ) {
+            (Some(m), Some(u)) => Some((m, u)),
+            _ => None,
+        },
+    )
 }
 
 /// Why `loc` may not be deleted now, if it is locked.

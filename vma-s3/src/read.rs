@@ -123,8 +123,10 @@ impl ObjectSource {
                     used: AtomicU64::new(0),
                 })
             });
-            slot.used
-                .store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+            slot.used.store(
+                self.clock.fetch_add(1, Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
             out.push(slot.clone());
         }
         // Bounded: drop the least recently used finished blocks.

@@ -72,7 +72,9 @@ pub struct UploadOptions {
 /// growth; see [`Upload`]).
 pub fn part_size_for(expected: Option<u64>) -> u64 {
     let want = expected.unwrap_or(0).div_ceil(MAX_PARTS - 1_000);
-    want.div_ceil(1 << 20).saturating_mul(1 << 20).clamp(MIN_PART, MAX_PART)
+    want.div_ceil(1 << 20)
+        .saturating_mul(1 << 20)
+        .clamp(MIN_PART, MAX_PART)
 }
 
 /// The largest archive an upload of parts of `part` bytes takes: 9,000
@@ -199,13 +201,17 @@ impl Upload {
                 &self.loc,
                 None,
                 "uploading",
-                format!("more than {MAX_PARTS} parts of up to {} bytes", self.part_size),
+                format!(
+                    "more than {MAX_PARTS} parts of up to {} bytes",
+                    self.part_size
+                ),
             ));
         }
         let idx = self.next;
         self.next += 1;
         // Beyond the planned 9,000 parts, parts double every 250.
-        let grow = idx as u64 >= MAX_PARTS - 1_000 && (idx as u64 - (MAX_PARTS - 1_000)) % 250 == 249;
+        let grow =
+            idx as u64 >= MAX_PARTS - 1_000 && (idx as u64 - (MAX_PARTS - 1_000)) % 250 == 249;
         let next_size = if grow {
             (self.part_size as u64 * 2).min(MAX_PART) as usize
         } else {
@@ -222,7 +228,9 @@ impl Upload {
             let p = store
                 .put_part(&loc.obj(), &id, idx, payload)
                 .await
-                .map_err(|e| store_error(&loc, Some(range), &format!("uploading part {}", idx + 1), e))?;
+                .map_err(|e| {
+                    store_error(&loc, Some(range), &format!("uploading part {}", idx + 1), e)
+                })?;
             Ok((idx, p))
         }));
         Ok(())
@@ -287,7 +295,7 @@ impl Upload {
             body.push_str("</Part>");
         }
         body.push_str("</CompleteMultipartUpload>");
-        let (status, answer) = signed(
+        let (status, _, answer) = signed(
             &self.bucket,
             &self.loc,
             Method::POST,
@@ -321,8 +329,11 @@ impl Upload {
         let store = self.bucket.store.clone();
         let (loc, id) = (self.loc.clone(), self.id.clone());
         let _ = block_on(async {
-            tokio::time::timeout(Duration::from_secs(30), store.abort_multipart(&loc.obj(), &id))
-                .await
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                store.abort_multipart(&loc.obj(), &id),
+            )
+            .await
         });
         active()
             .lock()
@@ -424,7 +435,7 @@ fn set_retention(b: &Bucket, loc: &Location, r: &Retention) -> Result<(), Error>
         r.until.format("%Y-%m-%dT%H:%M:%SZ")
     );
     let md5 = base64(&md5::Md5::digest(body.as_bytes()));
-    let (status, answer) = signed(
+    let (status, _, answer) = signed(
         b,
         loc,
         Method::PUT,
@@ -443,6 +454,9 @@ fn set_retention(b: &Bucket, loc: &Location, r: &Retention) -> Result<(), Error>
     Ok(())
 }
 
+/// Status, headers (lower-case names) and body of an answer.
+pub(crate) type Answer = (u16, Vec<(String, String)>, Vec<u8>);
+
 /// One request the client has no call for, signed (query string
 /// signature, the given headers bound to it) and sent; transient failures
 /// (connection errors, 5xx) are tried again with backoff. Returns the
@@ -454,12 +468,16 @@ pub(crate) fn signed(
     query: &[(&str, &str)],
     headers: &[(&str, &str)],
     body: Vec<u8>,
-) -> Result<(u16, Vec<u8>), Error> {
-    let what = format!("{method} {}", query.iter().map(|(k, _)| *k).collect::<Vec<_>>().join("&"));
+) -> Result<Answer, Error> {
+    let what = format!(
+        "{method} {}",
+        query.iter().map(|(k, _)| *k).collect::<Vec<_>>().join("&")
+    );
     let mut options = SignedUrlOptions::new().with_query(query.iter().map(|(k, v)| (*k, *v)));
     let mut header_map = http::HeaderMap::new();
     for (k, v) in headers {
-        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| store_error(loc, None, &what, e))?;
+        let name =
+            HeaderName::from_bytes(k.as_bytes()).map_err(|e| store_error(loc, None, &what, e))?;
         let value = HeaderValue::from_str(v).map_err(|e| store_error(loc, None, &what, e))?;
         options = options.with_signed_header(name.clone(), value.clone());
         header_map.insert(name, value);
@@ -473,7 +491,12 @@ pub(crate) fn signed(
             }
             let url = b
                 .store
-                .signed_url_opts(method.clone(), &loc.obj(), Duration::from_secs(600), &options)
+                .signed_url_opts(
+                    method.clone(),
+                    &loc.obj(),
+                    Duration::from_secs(600),
+                    &options,
+                )
                 .await
                 .map_err(|e| store_error(loc, None, &what, e))?;
             let resp = b
@@ -484,16 +507,23 @@ pub(crate) fn signed(
                 .send()
                 .await;
             match resp {
-                Ok(r) if r.status().is_server_error() => {
+                Ok(r) if matches!(r.status().as_u16(), 500 | 502 | 503 | 504) => {
                     last = format!("HTTP {}", r.status().as_u16());
                 }
                 Ok(r) => {
                     let status = r.status().as_u16();
+                    let headers = r
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| {
+                            (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())
+                        })
+                        .collect();
                     let bytes = r
                         .bytes()
                         .await
                         .map_err(|e| store_error(loc, None, &what, e.without_url()))?;
-                    return Ok((status, bytes.to_vec()));
+                    return Ok((status, headers, bytes.to_vec()));
                 }
                 Err(e) => last = e.without_url().to_string(),
             }
