@@ -4,7 +4,7 @@
 //! Which store covers which path:
 //! - Garage (a three-node cluster on loopback, replication 3): every
 //!   command reading and writing `s3://` (create, list, config, verify,
-//!   checksum, extract, convert both ways, diff, merge, prune, mount),
+//!   checksum, extract, mount, convert both ways, diff, merge, prune),
 //!   chains found by listing, a node killed during extract and create,
 //!   an interrupted upload leaving nothing, an existing key refused.
 //! - moto: Object Lock (`--retain-until`/`--lock-mode`, checksummed parts,
@@ -72,6 +72,22 @@ fn uploads(s3: &S3, bucket: &str) -> Vec<String> {
     tags(&r.text(), "UploadId")
 }
 
+/// True once no multipart upload is listed in `bucket`; Garage drops a
+/// completed or aborted upload from its listing a moment later (it is
+/// polled for up to 15 s).
+fn no_uploads(s3: &S3, bucket: &str) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if uploads(s3, bucket).is_empty() {
+            return true;
+        }
+        if t0.elapsed() > Duration::from_secs(15) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn tags(text: &str, name: &str) -> Vec<String> {
     let (open, close) = (format!("<{name}>"), format!("</{name}>"));
     text.split(&open)
@@ -133,7 +149,7 @@ fn every_command_reads_and_writes_s3_on_garage() {
         ],
     );
     eprintln!("create to s3: {:.2?}", t0.elapsed());
-    assert!(uploads(&g.s3(1), &b).is_empty(), "no upload left");
+    assert!(no_uploads(&g.s3(1), &b), "no upload left");
     let local = t.path().join("local.vma");
     ok(
         &env,
@@ -185,6 +201,14 @@ fn every_command_reads_and_writes_s3_on_garage() {
     let out = t.path().join("restore");
     ok(&env, &["extract", "-q", &full, out.to_str().unwrap()]);
     assert_eq!(sha256_file(&out.join("disk.raw")), sha256_file(&img));
+
+    // mount: the drive file reads back exactly
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    ok(&env, &["mount", &full, mnt.to_str().unwrap()]);
+    let same = sha256_file(&mnt.join("disk.raw")) == sha256_file(&img);
+    ok(&env, &["umount", mnt.to_str().unwrap()]);
+    assert!(same, "the mounted drive differs");
 
     // convert: s3 -> local -> s3 (VMA v1 and back)
     let v1 = t.path().join("v1.vma");
@@ -299,7 +323,7 @@ fn every_command_reads_and_writes_s3_on_garage() {
     ok(&env, &["extract", "-q", &inc2, out6.to_str().unwrap()]);
     assert_eq!(sha256_file(&out6.join("disk.raw")), sha256_file(&img2));
     assert!(keys(&g.s3(1), &b, "other/").len() == 1);
-    assert!(uploads(&g.s3(1), &b).is_empty(), "no upload left");
+    assert!(no_uploads(&g.s3(1), &b), "no upload left");
 
     // a missing object: the error names it
     let o = run(&env, &["list", &format!("s3://{b}/vm-100/nope.vma")]);
@@ -387,7 +411,7 @@ fn a_node_killed_mid_extract_and_mid_create_gives_exact_bytes_or_a_clear_error()
         assert!(!keys(&g.s3(1), &b, "kill/").contains(&"kill/b.vma".to_string()));
         eprintln!("create with node 3 killed: failed clearly: {}", stderr(&o));
     }
-    assert!(uploads(&g.s3(1), &b).is_empty(), "no upload left");
+    assert!(no_uploads(&g.s3(1), &b), "no upload left");
     g.restart_node(3);
 }
 
@@ -429,13 +453,13 @@ fn an_interrupted_upload_leaves_no_object_and_no_upload() {
         stderr(&o)
     );
     assert!(keys(&s, &b, "int/").is_empty(), "no object");
-    assert!(uploads(&s, &b).is_empty(), "no multipart upload left");
+    assert!(no_uploads(&s, &b), "no multipart upload left");
 
     // A failing source aborts the upload too (an image that shrinks is not
     // available here; a missing image fails before the upload starts).
     let o = run(&env, &["create", "-q", &arch, "/nonexistent.raw"]);
     assert_ne!(code(&o), 0);
-    assert!(uploads(&s, &b).is_empty());
+    assert!(no_uploads(&s, &b));
 }
 
 #[test]
@@ -569,5 +593,5 @@ fn object_lock_and_conditional_completion_on_moto() {
     assert!(matches!(e, vma_core::Error::Exists { .. }), "{e}");
     let r = s.request("GET", "/plain/race.vma", &[], &[], b"").unwrap();
     assert_eq!(r.body, b"someone else's");
-    assert!(uploads(&s, "plain").is_empty(), "the upload was aborted");
+    assert!(no_uploads(&s, "plain"), "the upload was aborted");
 }
