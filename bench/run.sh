@@ -728,6 +728,7 @@ mount_random() {
 	RAND[$2]=$(python3 "$ROOT/bench/randread.py" "$MNT/disk.raw" "$W/disk.raw" "${BENCH_RANDOM_READS:-2000}" 1)
 	RAND_ROWS+=("$2")
 	MOUNT_RSS=$(awk '/^VmHWM/ { print $2 }' "/proc/$S3_MOUNT_PID/status")
+	log "  mount ($2): peak RSS $MOUNT_RSS KiB, ${RAND[$2]}"
 	s3_umount
 }
 

@@ -21,8 +21,8 @@ pub const BLOCK: u64 = 1 << 20;
 const COALESCE: u64 = 4;
 /// Blocks read ahead of a sequential reader.
 const READ_AHEAD: u64 = 24;
-/// Blocks kept (64 MiB), read-ahead included.
-const CACHE_BLOCKS: usize = 64;
+/// Blocks kept (48 MiB), read-ahead included.
+const CACHE_BLOCKS: usize = 48;
 /// Bytes of the tail fetched at open (footer, index fixed part and more).
 const TAIL: u64 = 1 << 20;
 /// Attempts of a ranged GET (each with the client's own retries inside).
@@ -177,7 +177,9 @@ impl ObjectSource {
                                     bytes.len()
                                 )));
                             } else {
-                                s.set(State::Ready(bytes.slice(start..end)));
+                                // A copy of its own: an evicted block frees its memory
+                                // even while a neighbour of the same request stays.
+                                s.set(State::Ready(Bytes::copy_from_slice(&bytes[start..end])));
                             }
                         }
                     }
