@@ -667,6 +667,14 @@ report() {
 		"$(ratio "${R_WALL[vma-merge]:-}" "${R_WALL[chain-extract-create]:-}")" 0.50 x
 	target "vma checksum of the raw disk vs openssl dgst -sha256" \
 		"$(ratio "${R_WALL[vma-checksum]:-}" "${R_WALL[openssl-sha256]:-}")" 0.30 x
+	target "create to s3:// vs create to a local file" \
+		"$(ratio "${R_WALL[vma-s3-create]:-}" "${R_WALL[s3-local-create]:-}")" 1.20 x
+	target "extract from s3:// vs extract from a local file (wall; 1.25 = 0.8x throughput)" \
+		"$(ratio "${R_WALL[vma-s3-extract]:-}" "${R_WALL[s3-local-extract]:-}")" 1.25 x
+	local p50_s3="" p50_local=""
+	[[ -z ${RAND[s3]:-} ]] || p50_s3=$(sed -n 's/.*p50_us=\([0-9.]*\).*/\1/p' <<<"${RAND[s3]}")
+	[[ -z ${RAND[s3-local]:-} ]] || p50_local=$(sed -n 's/.*p50_us=\([0-9.]*\).*/\1/p' <<<"${RAND[s3-local]}")
+	target "random 4 KiB reads through mount, p50, s3:// vs local file" "$(ratio "$p50_s3" "$p50_local")" 3.00 x
 	for id in "${ROWS[@]}"; do
 		[[ $id == vma-* ]] || continue
 		target "${R_LABEL[$id]} peak RSS" "$(mib "${R_RSS[$id]}" 1024)" 256 " MiB"
@@ -684,7 +692,9 @@ report() {
 			# shellcheck disable=SC2086 # word splitting of key=value pairs is intended
 			set -- ${RAND[$r]}
 			printf '| %s | %s | %s | %s | %s |\n' \
-				"$([[ $r == vma ]] && echo "vma mount" || echo "qemu-storage-daemon FUSE export (qcow2, zstd)")" \
+				"$(case $r in vma) echo "vma mount" ;; s3) echo "vma mount of s3:// (Garage)" ;;
+					s3-local) echo "vma mount of the same archive, local file" ;;
+					*) echo "qemu-storage-daemon FUSE export (qcow2, zstd)" ;; esac)" \
 				"${1#*=}" "${2#*=}" "${3#*=}" "${4#*=}"
 		done
 	fi
@@ -712,6 +722,83 @@ report() {
 	fi
 }
 
+# --- s3: archives on a three-node Garage cluster on loopback -------------------
+
+GARAGE_STATE=$W/garage
+s3_start() {
+	rm -rf "$GARAGE_STATE"
+	mkdir -p "$GARAGE_STATE"
+	"$ROOT/scripts/garage.sh" build >&2
+	VMA_SERVICE_OWNER=$$ "$ROOT/scripts/garage.sh" start "$GARAGE_STATE" >"$W/garage.env"
+	set -a
+	# shellcheck disable=SC1091 # written just above
+	. "$W/garage.env"
+	set +a
+	S3_ARCHIVE="s3://$VMA_TEST_BUCKET/bench/disk.vma"
+}
+s3_stop() { [[ ! -d $GARAGE_STATE ]] || "$ROOT/scripts/garage.sh" stop "$GARAGE_STATE" >&2 || true; }
+rm_s3_ref() { rm -f "$W/disk-s3ref.vma"; }
+rm_out_s3() { rm -rf "$W/out-s3"; }
+S3_MOUNT_PID=""
+s3_umount() {
+	! grep -qs " $MNT fuse" /proc/mounts || "$VMA" umount "$MNT" || true
+	if [[ -n $S3_MOUNT_PID ]]; then
+		wait "$S3_MOUNT_PID" 2>/dev/null || true
+		S3_MOUNT_PID=""
+	fi
+}
+# mount_random ARCHIVE KEY: a foreground mount of ARCHIVE, random 4 KiB reads
+# into RAND[KEY], the serving process's peak RSS (KiB) into MOUNT_RSS.
+mount_random() {
+	local i
+	s3_umount
+	mkdir -p "$MNT"
+	"$VMA" mount --foreground "$1" "$MNT" 2>"$W/logs/mount-$2.err" &
+	S3_MOUNT_PID=$!
+	for ((i = 0; i < 600; i++)); do
+		grep -qs " $MNT fuse" /proc/mounts && break
+		sleep 0.05
+	done
+	grep -qs " $MNT fuse" /proc/mounts || die "mount of $1 did not come up"
+	# The index is read once before the timed reads.
+	head -c 4096 "$MNT/disk.raw" >/dev/null
+	RAND[$2]=$(python3 "$ROOT/bench/randread.py" "$MNT/disk.raw" "$W/disk.raw" "${BENCH_RANDOM_READS:-2000}" 1)
+	RAND_ROWS+=("$2")
+	MOUNT_RSS=$(awk '/^VmHWM/ { print $2 }' "/proc/$S3_MOUNT_PID/status")
+	log "  mount ($2): peak RSS $MOUNT_RSS KiB, ${RAND[$2]}"
+	s3_umount
+}
+
+bench_s3() {
+	trap 's3_umount; s3_stop' EXIT
+	s3_start
+	measure -b rm_s3_ref -s "$W/disk-s3ref.vma" \
+		s3-local-create s3 "vma create to a local file (reference for s3)" \
+		"$VMA" create --quiet "$W/disk-s3ref.vma" "disk=$W/disk.raw"
+	measure -r s3-local-create \
+		vma-s3-create s3 "vma create to s3:// (Garage, 3 nodes, loopback)" \
+		"$VMA" create --quiet --force "$S3_ARCHIVE" "disk=$W/disk.raw"
+	measure -b rm_out_s3 -a "$W/out-s3/disk.raw" \
+		s3-local-extract s3 "vma extract from the local file (reference for s3)" \
+		"$VMA" extract --quiet "$W/disk-s3ref.vma" "$W/out-s3"
+	measure -b rm_out_s3 -a "$W/out-s3/disk.raw" -r s3-local-extract \
+		vma-s3-extract s3 "vma extract from s3://" \
+		"$VMA" extract --quiet "$S3_ARCHIVE" "$W/out-s3"
+	log "s3: checking round trip: out-s3/disk.raw vs disk.raw"
+	cmp "$W/disk.raw" "$W/out-s3/disk.raw" >&2 || die "vma extract from s3:// did NOT reproduce disk.raw"
+	rm_out_s3
+	log "s3: random 4 KiB reads through mount, local file then s3://"
+	mount_random "$W/disk-s3ref.vma" s3-local
+	mount_random "$S3_ARCHIVE" s3
+	ROWS+=(vma-s3-mount)
+	R_GROUP[vma-s3-mount]=s3 R_LABEL[vma-s3-mount]="vma mount of s3:// (random reads; peak RSS of the serving process)"
+	R_WALL[vma-s3-mount]="" R_RSS[vma-s3-mount]=$MOUNT_RSS R_REF[vma-s3-mount]="" R_SIZEREF[vma-s3-mount]="" R_SIZE[vma-s3-mount]=""
+	rm_s3_ref
+	s3_umount
+	s3_stop
+	trap - EXIT
+}
+
 # --- main --------------------------------------------------------------------
 
 main() {
@@ -725,7 +812,7 @@ main() {
 	cat "$W/disk.raw" >/dev/null
 
 	local b
-	for b in create extract verify checksum vma1 qcow2 mount usermount capture chain; do
+	for b in create extract verify checksum vma1 qcow2 mount usermount capture chain s3; do
 		[[ -z ${BENCH_ONLY:-} || " $BENCH_ONLY " == *" $b "* ]] || continue
 		"bench_$b"
 	done

@@ -19,6 +19,7 @@ mod mount;
 mod mounts;
 mod outdir;
 mod output;
+mod s3;
 mod salvage;
 mod signals;
 
@@ -64,6 +65,8 @@ struct Cli {
     /// terminal (for logs), every tenth of the work.
     #[arg(long, short, global = true, conflicts_with = "quiet")]
     verbose: bool,
+    #[command(flatten)]
+    s3: s3::S3Args,
     #[command(subcommand)]
     command: Command,
 }
@@ -462,6 +465,7 @@ pub(crate) fn one_line(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> Result<()> {
     let quiet = cli.quiet;
     output::set_verbose(cli.verbose);
+    s3::install(&cli.s3)?;
     // Commands that write files remove their temporaries on SIGINT,
     // SIGTERM and SIGHUP; capture cancels its jobs first.
     match &cli.command {
@@ -623,6 +627,8 @@ fn parse_compression(s: &str) -> Result<Compression> {
 fn open_input(archive: &str) -> Result<(Box<dyn Read + Send>, Option<PathBuf>)> {
     if archive == "-" {
         Ok((Box::new(std::io::stdin()), None))
+    } else if s3::is_s3(archive) {
+        s3::open_input(archive)
     } else {
         let f = File::open(archive).with_context(|| format!("opening {archive}"))?;
         Ok((Box::new(f), Some(PathBuf::from(archive))))
@@ -677,6 +683,7 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     }
     let meta = ArchiveMeta::new(drives.clone(), configs);
     let total: u64 = drives.iter().map(|d| d.size).sum();
+    s3::expect_size(total + (64 << 20));
     let stored = archive_images(
         archive, force, meta, vma1, &options, &images, "create", quiet,
     )?;
@@ -759,6 +766,7 @@ fn write_synthetic_full(
         threads: output_options.threads,
     };
     let total: u64 = meta.drives.iter().map(|d| d.size).sum();
+    s3::expect_size(total + (64 << 20));
     let progress = Progress::bytes(total, "merge", quiet);
     let written = write_archive_checked(
         output,
@@ -789,11 +797,11 @@ fn prune(
     quiet: bool,
 ) -> Result<()> {
     let (archives, dirs) = match paths {
-        [dir] if dir.is_dir() => (archives_in(dir)?, vec![dir.clone()]),
+        [dir] if dir.is_dir() || s3::is_prefix(dir) => (archives_in(dir)?, vec![dir.clone()]),
         _ => {
             let mut dirs: Vec<PathBuf> = Vec::new();
             for p in paths {
-                if !p.is_file() {
+                if !(p.is_file() || s3::is_object(p)) {
                     bail!(
                         "{} is not an archive file (give one directory, or archive files)",
                         p.display()
@@ -812,7 +820,7 @@ fn prune(
         bail!("no archives in {}", paths[0].display());
     }
     if !dry_run {
-        for d in &dirs {
+        for d in dirs.iter().filter(|d| !s3::is_s3_path(d)) {
             signals::clear_stale(d)?;
         }
     }
@@ -904,7 +912,16 @@ fn prune(
     check_configs_kept(&plan, &configs_before, &remaining)?;
     for c in &plan.chains {
         for d in &c.delete {
-            std::fs::remove_file(d).with_context(|| format!("deleting {}", d.display()))?;
+            if s3::is_s3_path(d) {
+                // An Object Lock retention is never tried: the archive stays.
+                if let Some(why) = s3::locked(d)? {
+                    say(format!("kept {}: {why}", d.display()));
+                    continue;
+                }
+                s3::delete(d)?;
+            } else {
+                std::fs::remove_file(d).with_context(|| format!("deleting {}", d.display()))?;
+            }
             say(format!("deleted {}", d.display()));
         }
     }
@@ -1097,6 +1114,10 @@ fn write_archive_checked<T>(
         out.flush().context("writing standard output")?;
         return Ok((result, out.1));
     }
+    if s3::is_s3(archive) {
+        // An upload is checked by the store part by part (SHA-256), not read back.
+        return s3::write_archive(archive, force, body);
+    }
     let dest = Path::new(archive);
     signals::clear_stale(dest.parent().unwrap_or(Path::new(".")))?;
     // Checked again, atomically, when the file is renamed into place.
@@ -1183,9 +1204,10 @@ fn convert(
             .collect(),
     };
     let total = match (&path, stream_compression) {
-        (Some(p), StreamCompression::None) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+        (Some(p), StreamCompression::None) => s3::input_len(p),
         _ => 0,
     };
+    s3::expect_size(header.drives.iter().map(|d| d.size).sum::<u64>() + (64 << 20));
     let progress = Progress::bytes(total, "convert", quiet);
     let pass_options = PassOptions {
         threads,
@@ -1281,7 +1303,7 @@ fn checksum(
         let mut items: Vec<(String, Box<dyn DiskImage>)> = Vec::new();
         let (format, path) = split_format(arg)?;
         let path = PathBuf::from(path);
-        if format.is_none() && is_archive_file(&path)? {
+        if format.is_none() && (s3::is_s3_path(&path) || is_archive_file(&path)?) {
             let chain = Arc::new(
                 Chain::open(&path, parents)
                     .with_context(|| format!("opening {}", path.display()))?,
@@ -1432,7 +1454,7 @@ fn extract_into(
     let (stream, path, compression) = open_stream(archive)?;
     let ancestors = Chain::open_parent(stream.header(), path.as_deref(), parents)?;
     let total = match (&path, compression) {
-        (Some(p), StreamCompression::None) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+        (Some(p), StreamCompression::None) => s3::input_len(p),
         _ => 0,
     };
     let progress = Progress::bytes(total, "extract", quiet || json);

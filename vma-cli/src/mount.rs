@@ -153,6 +153,9 @@ pub(crate) fn mount(args: &MountArgs) -> Result<()> {
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
+    if crate::s3::is_s3_path(p) {
+        return Ok(p.to_path_buf());
+    }
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 

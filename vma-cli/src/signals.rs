@@ -53,6 +53,12 @@ pub(crate) fn install(on: OnSignal) {
             match on {
                 OnSignal::Cancel(flag) => flag.store(true, Ordering::Relaxed),
                 OnSignal::Exit => {
+                    for object in crate::s3::abort_uploads() {
+                        eprintln!(
+                            "vma: interrupted by {}; aborted the upload of {object}",
+                            name(signal)
+                        );
+                    }
                     let removed = vma_core::atomic::remove_temporaries();
                     eprintln!(
                         "vma: interrupted by {}; removed {} temporary file(s){}",

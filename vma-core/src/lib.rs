@@ -32,6 +32,7 @@ pub mod image;
 pub mod index;
 pub mod ops;
 pub mod read;
+pub mod storage;
 pub mod tree;
 pub mod types;
 pub mod util;

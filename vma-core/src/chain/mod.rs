@@ -566,6 +566,9 @@ fn find_parent(
 /// Regular files in `dir`, sorted (best effort: an unreadable directory
 /// lists nothing).
 fn list_dir(dir: &Path) -> Vec<PathBuf> {
+    if crate::storage::remote_for(dir).is_some() {
+        return crate::storage::list(dir);
+    }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|entries| {
             entries

@@ -4,9 +4,7 @@
 //! in the directory when loaded, and against the drive records and their
 //! neighbours' keys. Memory does not grow with runs, extents or leaves.
 
-use std::fs::File;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -31,7 +29,7 @@ pub enum PageSource {
     /// The archive file; the index area starts at `base`.
     File {
         /// The archive.
-        file: Arc<File>,
+        file: crate::storage::Source,
         /// Offset of the index area.
         base: u64,
     },
@@ -237,7 +235,7 @@ impl PagedIndex {
         let at = self.layout.region_at(kind) + rel;
         match &self.source {
             PageSource::File { file, base } => {
-                file.read_exact_at(&mut buf, base + at).map_err(|e| {
+                file.read_range(&mut buf, base + at).map_err(|e| {
                     if e.kind() == std::io::ErrorKind::UnexpectedEof {
                         Error::truncated(
                             base + at,

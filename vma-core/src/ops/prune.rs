@@ -13,7 +13,6 @@
 //! archives beside the set included, and archives still being written)
 //! must still find its parent.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::chain::configs::point_configs;
@@ -148,7 +147,8 @@ pub fn plan_prune(archives: &[PathBuf], keep: usize, beside: &[PathBuf]) -> Resu
         .map(|p| Reader::open(p).map_err(|e| e.in_archive(p)))
         .collect::<Result<_>>()?;
     for (i, p) in archives.iter().enumerate() {
-        let same = |q: &PathBuf| std::fs::canonicalize(q).ok() == std::fs::canonicalize(p).ok();
+        let canon = |q: &Path| std::fs::canonicalize(q).unwrap_or_else(|_| q.to_path_buf());
+        let same = |q: &PathBuf| canon(q) == canon(p);
         if archives[..i].iter().any(same) {
             return Err(Error::Invalid(format!("{} is given twice", p.display())));
         }
@@ -325,9 +325,10 @@ fn full_identity(path: &Path) -> Option<ParentRef> {
 
 /// The header of a native archive file, complete or still being written.
 fn read_header(path: &Path) -> Option<Header> {
-    let file = std::fs::File::open(path).ok()?;
-    let len = file.metadata().ok()?.len();
-    ArchiveStream::open(file.take(len), &path.display().to_string())
+    let file = crate::storage::open(path).ok()?;
+    let len = file.size().ok()?;
+    let input = crate::storage::SeqRead::new(file, 0, len);
+    ArchiveStream::open(input, &path.display().to_string())
         .ok()
         .map(|s| s.header().clone())
 }
@@ -335,17 +336,9 @@ fn read_header(path: &Path) -> Option<Header> {
 /// Whether `path` starts like a native or (uncompressed) VMA v1 archive.
 fn is_archive(path: &Path) -> bool {
     let mut magic = [0u8; DETECT_LEN];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| {
-            let mut n = 0;
-            while n < magic.len() {
-                match f.read(&mut magic[n..])? {
-                    0 => break,
-                    k => n += k,
-                }
-            }
-            Ok(n)
-        })
+    let n = crate::storage::open(path)
+        .ok()
+        .and_then(|f| f.read_some(&mut magic, 0).ok())
         .unwrap_or(0);
     matches!(
         detect(&magic[..n]),
@@ -355,6 +348,11 @@ fn is_archive(path: &Path) -> bool {
 
 /// Regular files in `dir`, sorted.
 pub fn files_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    if let Some(remote) = crate::storage::remote_for(dir) {
+        let mut files = remote.list(dir)?;
+        files.sort();
+        return Ok(files);
+    }
     let entries =
         std::fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
     let mut files: Vec<PathBuf> = entries

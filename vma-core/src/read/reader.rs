@@ -11,7 +11,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -30,6 +29,7 @@ use crate::index::paged::RunCursor;
 use crate::index::{ExtentKeys, PageSource, PagedIndex};
 use crate::read::detect::{detect, DetectedFormat, DETECT_LEN};
 use crate::read::stream::{incomplete_error, ArchiveFormat, ArchiveStream, PassOptions};
+use crate::storage::{SeqRead, Source};
 use crate::tree::Digest;
 use crate::types::{cluster_len, cluster_range_bytes, ClusterNo, DriveId, DriveRange};
 
@@ -54,7 +54,7 @@ enum RunIndex {
 
 /// A complete archive file opened for random access.
 pub struct Reader {
-    file: Arc<File>,
+    file: Source,
     path: PathBuf,
     header: Header,
     header_len: u64,
@@ -97,24 +97,25 @@ impl Reader {
     /// archive by walking its extent headers once (one small read per
     /// extent, no data read).
     pub fn open(path: &Path) -> Result<Reader> {
-        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
-        Reader::open_file(file, path)
+        Reader::open_source(crate::storage::open(path)?, path)
     }
 
     /// Like [`Reader::open`], for a file already open (`path` names it in
     /// messages), read from its start whatever its current position.
-    pub fn open_file(mut file: File, path: &Path) -> Result<Reader> {
-        use std::io::{Seek, SeekFrom};
-        file.seek(SeekFrom::Start(0))
-            .ctx(|| format!("seeking to the start of {}", path.display()))?;
+    pub fn open_file(file: File, path: &Path) -> Result<Reader> {
+        Reader::open_source(Arc::new(file), path)
+    }
+
+    /// Like [`Reader::open`], for any random-access source (`path` names
+    /// it in messages).
+    pub fn open_source(file: Source, path: &Path) -> Result<Reader> {
         let file_len = file
-            .metadata()
-            .ctx(|| format!("reading the size of {}", path.display()))?
-            .len();
+            .size()
+            .ctx(|| format!("reading the size of {}", path.display()))?;
         let name = path.display().to_string();
         let mut magic = [0u8; DETECT_LEN];
         let n = file
-            .read_at(&mut magic, 0)
+            .read_some(&mut magic, 0)
             .ctx(|| format!("reading {name}"))?;
         match detect(&magic[..n]) {
             Some(DetectedFormat::VmaV1) => return Reader::open_v1(file, path, file_len),
@@ -127,7 +128,7 @@ impl Reader {
             _ => {}
         }
         // Header through the sequential reader's code (one header parser).
-        let stream = ArchiveStream::open(std::io::Read::take(&file, file_len), &name)?;
+        let stream = ArchiveStream::open(SeqRead::new(file.clone(), 0, file_len), &name)?;
         let header = stream.header().clone();
         let header_digest = stream.header_digest().expect("native");
         drop(stream);
@@ -233,7 +234,6 @@ impl Reader {
             records.push(rec);
         }
         let directory = Directory::decode(directory_bytes, &layout);
-        let file = Arc::new(file);
         let paged = PagedIndex::new(
             layout,
             directory,
@@ -264,7 +264,7 @@ impl Reader {
 
     #[allow(clippy::too_many_arguments)]
     fn assemble(
-        file: Arc<File>,
+        file: Source,
         path: &Path,
         header: Header,
         header_len: u64,
@@ -296,7 +296,7 @@ impl Reader {
 
     /// A 2.0 archive: footer and index block (whole, in memory).
     fn open_v2(
-        file: File,
+        file: Source,
         path: &Path,
         header: Header,
         header_len: u64,
@@ -345,7 +345,7 @@ impl Reader {
             footer.index_offset,
         )?;
         Ok(Reader::assemble(
-            Arc::new(file),
+            file,
             path,
             header,
             header_len,
@@ -361,9 +361,9 @@ impl Reader {
         ))
     }
 
-    fn open_v1(file: File, path: &Path, file_len: u64) -> Result<Reader> {
+    fn open_v1(file: Source, path: &Path, file_len: u64) -> Result<Reader> {
         let name = path.display().to_string();
-        let header = ArchiveStream::open(std::io::Read::take(&file, file_len), &name)?
+        let header = ArchiveStream::open(SeqRead::new(file.clone(), 0, file_len), &name)?
             .header()
             .clone();
         let mut prefix = [0u8; 60];
@@ -407,7 +407,7 @@ impl Reader {
         let runs = canonical_runs(runs);
         let drive_runs = check_index(&header, &runs, &records, header_len, file_len)?;
         Ok(Reader::assemble(
-            Arc::new(file),
+            file,
             path,
             header,
             header_len,
@@ -429,20 +429,12 @@ impl Reader {
     /// listed in the returned [`Salvage`]. Only an unreadable header, or
     /// I/O errors, make it fail.
     pub fn open_salvage(path: &Path, threads: usize) -> Result<(Reader, Salvage)> {
-        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        let file = crate::storage::open(path)?;
         let file_len = file
-            .metadata()
-            .ctx(|| format!("reading the size of {}", path.display()))?
-            .len();
+            .size()
+            .ctx(|| format!("reading the size of {}", path.display()))?;
         let name = path.display().to_string();
-        let stream = ArchiveStream::open(
-            std::io::Read::take(
-                file.try_clone()
-                    .ctx(|| format!("opening {}", path.display()))?,
-                file_len,
-            ),
-            &name,
-        )?;
+        let stream = ArchiveStream::open(SeqRead::new(file.clone(), 0, file_len), &name)?;
         let header = stream.header().clone();
         let format = stream.format();
         let mut prefix = [0u8; HEADER_FIXED_LEN];
@@ -505,7 +497,7 @@ impl Reader {
             }
         }
         let reader = Reader::assemble(
-            Arc::new(file),
+            file,
             path,
             header,
             header_len,
@@ -745,11 +737,11 @@ impl Reader {
     fn claimed_ranges(&self, key: u64) -> Option<Vec<DriveRange>> {
         let offset = self.extent_offset(key).ok()?;
         let mut hb = [0u8; EXTENT_HEADER_LEN];
-        self.file.read_exact_at(&mut hb, offset).ok()?;
+        self.file.read_range(&mut hb, offset).ok()?;
         let h = Frame::decode(&hb, offset, self.header.version_major).ok()?;
         let mut body = vec![0u8; h.payload_start() - EXTENT_HEADER_LEN];
         self.file
-            .read_exact_at(&mut body, offset + EXTENT_HEADER_LEN as u64)
+            .read_range(&mut body, offset + EXTENT_HEADER_LEN as u64)
             .ok()?;
         let counts = crate::format::BodyCounts {
             seq: h.seq,
@@ -877,7 +869,7 @@ impl Reader {
             ArchiveFormat::VmaV1 => None,
             ArchiveFormat::V2 => {
                 let mut hb = [0u8; EXTENT_HEADER_LEN];
-                self.file.read_exact_at(&mut hb, key).ok()?;
+                self.file.read_range(&mut hb, key).ok()?;
                 v2::ExtentHeader::decode(&hb, key).ok().map(|h| h.seq)
             }
         }
@@ -1152,8 +1144,8 @@ pub fn canonical_runs(mut runs: Vec<IndexRun>) -> Vec<IndexRun> {
     out
 }
 
-fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, name: &str) -> Result<()> {
-    file.read_exact_at(buf, offset).map_err(|e| {
+fn read_exact_at(file: &Source, buf: &mut [u8], offset: u64, name: &str) -> Result<()> {
+    file.read_range(buf, offset).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             Error::truncated(
                 offset,
@@ -1305,6 +1297,7 @@ mod tests {
     use super::*;
     use crate::format::DriveInfo;
     use crate::write::writer::{ArchiveMeta, Writer, WriterOptions};
+    use std::os::unix::fs::FileExt;
 
     /// A one-drive archive followed by a hole, `extra` bytes long, and a
     /// footer saying the index fills everything after the header.
