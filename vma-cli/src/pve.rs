@@ -189,6 +189,15 @@ fn getopt(sub: &str, spec: &str, args: &[String]) -> Result<(Opts, Vec<String>),
     Ok((opts, operands))
 }
 
+/// An I/O error as C's `strerror` words it (without Rust's "(os error N)").
+fn errstr(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
 fn flag(opts: &Opts, c: char) -> bool {
     opts.iter().any(|(o, _)| *o == c)
 }
@@ -465,14 +474,14 @@ fn parse_c_number(v: &str) -> Option<u64> {
 /// Read the map from the FIFO: lines until `done`, an empty line or EOF.
 fn read_map(fifo: &str) -> Result<Vec<MapLine>, Fatal> {
     let f = std::fs::File::open(fifo)
-        .map_err(|e| fatal(format!("vma: unable to open fifo {fifo} - {e}")))?;
+        .map_err(|e| fatal(format!("vma: unable to open fifo {fifo} - {}", errstr(&e))))?;
     let mut r = BufReader::new(f);
     let mut lines = Vec::new();
     loop {
         let mut line = String::new();
         let n = r
             .read_line(&mut line)
-            .map_err(|e| fatal(format!("vma: read map failed - {e}")))?;
+            .map_err(|e| fatal(format!("vma: read map failed - {}", errstr(&e))))?;
         if n == 0 || line == "\n" || line == "done\n" {
             break;
         }
@@ -536,8 +545,9 @@ fn extract(filename: &str, dir: &Path, opts: &Opts) -> Result<(), Fatal> {
     }
     std::fs::DirBuilder::new().create(dir).map_err(|e| {
         fatal(format!(
-            "vma: unable to create target directory {} - {e}",
-            dir.display()
+            "vma: unable to create target directory {} - {}",
+            dir.display(),
+            errstr(&e)
         ))
     })?;
     for c in &header.configs {
@@ -572,8 +582,9 @@ fn extract(filename: &str, dir: &Path, opts: &Opts) -> Result<(), Fatal> {
                 .and_then(|f| f.set_len(d.size))
                 .map_err(|e| {
                     fatal(format!(
-                        "vma: create vmstate file '{}' failed - {e}",
-                        path.display()
+                        "vma: create vmstate file '{}' failed - {}",
+                        path.display(),
+                        errstr(&e)
                     ))
                 })?;
             let mut s = TargetSpec::new(&path.to_string_lossy());
@@ -662,9 +673,10 @@ fn extract(filename: &str, dir: &Path, opts: &Opts) -> Result<(), Fatal> {
     for (from, to) in renames {
         std::fs::rename(&from, &to).map_err(|e| {
             fatal(format!(
-                "vma: rename {} to {} failed - {e}",
+                "vma: rename {} to {} failed - {}",
                 from.display(),
-                to.display()
+                to.display(),
+                errstr(&e)
             ))
         })?;
     }
@@ -709,7 +721,7 @@ fn create(operands: &[String], opts: &Opts) -> Result<(), Fatal> {
         "--format".into(),
         "vma1".into(),
     ];
-    if !verbose {
+    if !verbose || images.is_empty() {
         argv.push("--quiet".into());
     }
     for (_, c) in opts.iter().filter(|(c, _)| *c == 'c') {
@@ -748,7 +760,7 @@ fn create(operands: &[String], opts: &Opts) -> Result<(), Fatal> {
         .arg(cmd)
         .stdin(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| fatal(format!("vma: can't popen command '{cmd}' - {e}")))?;
+        .map_err(|e| fatal(format!("vma: can't popen command '{cmd}' - {}", errstr(&e))))?;
     let pipe = child.stdin.take().expect("piped");
     use std::os::unix::io::AsRawFd;
     let _ = std::io::stdout().flush();

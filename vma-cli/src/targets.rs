@@ -25,6 +25,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
@@ -608,7 +609,8 @@ fn start_nbd(path: &Path, format: &str, block_device: bool) -> Result<Kind> {
     let sock = dir.join("nbd.sock");
     let abs = std::fs::canonicalize(path)?;
     let proto = if block_device { "host_device" } else { "file" };
-    let mut daemon = match Command::new("qemu-storage-daemon")
+    let mut daemon = Command::new("qemu-storage-daemon");
+    daemon
         .arg("--blockdev")
         .arg(format!(
             "driver={proto},filename={},node-name=proto0,discard=unmap",
@@ -627,9 +629,19 @@ fn start_nbd(path: &Path, format: &str, block_device: bool) -> Result<Kind> {
         .arg("type=nbd,id=exp0,node-name=fmt0,name=target,writable=on")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe calls between fork and exec: the
+    // daemon gets the signals our signal thread blocks, and dies with us.
+    unsafe {
+        daemon.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut daemon = match daemon.spawn() {
         Ok(c) => c,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
@@ -680,7 +692,19 @@ fn stop_daemon(daemon: &mut Child, dir: &Path) -> Result<()> {
         // SAFETY: signalling our own child by its pid.
         unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGTERM) };
     }
-    let status = daemon.wait()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = daemon.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            let _ = std::fs::remove_dir_all(dir);
+            bail!("qemu-storage-daemon did not stop within 60 s of SIGTERM; it was killed, so the image may lack its last metadata updates: check it with `qemu-img check`");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     let _ = std::fs::remove_dir_all(dir);
     if !status.success() && status.code().is_some() {
         bail!("qemu-storage-daemon exited with {status}");
