@@ -6,10 +6,11 @@
 //!
 //! Which grammar applies: `VMA_COMPAT=proxmox` selects it for every one
 //! of the five subcommands, `VMA_COMPAT=native` never; otherwise it is
-//! selected when the arguments use a form only Proxmox's `vma` has (a
-//! short option `-r`, `-d`, `-c` or `-v` in its place, or an `exec:`
-//! archive for `create`). `vma list FILE` and `vma config FILE` without
-//! such a form are our own commands.
+//! selected when the arguments are all in Proxmox's grammar (short
+//! options of the subcommand, operands) and use a form only Proxmox's
+//! `vma` has: `config -c`, `create -c|-d` or an `exec:` archive,
+//! `extract -r|-d`, `verify -v`. `vma list FILE`, `vma config FILE` and
+//! `vma extract -v FILE DIR` without such a form are our own commands.
 //!
 //! Restoring goes through [`crate::targets`], the mechanism of
 //! `vma extract --to`: a map line is one more way to name a target.
@@ -74,6 +75,15 @@ pub fn dispatch() -> Option<ExitCode> {
 
 /// Whether `rest` uses a form only Proxmox's grammar has.
 fn looks_proxmox(sub: &str, spec: &str, rest: &[String]) -> bool {
+    // The options that only Proxmox's grammar has (`-v` alone does not
+    // decide for `create` and `extract`).
+    let marking = match sub {
+        "config" => "c",
+        "create" => "cd",
+        "extract" => "dr",
+        "verify" => "v",
+        _ => "",
+    };
     let mut marks = false;
     let mut i = 0;
     while i < rest.len() {
@@ -89,7 +99,7 @@ fn looks_proxmox(sub: &str, spec: &str, rest: &[String]) -> bool {
             while let Some(c) = chars.next() {
                 match spec.find(c) {
                     Some(p) if c != 'h' => {
-                        marks = true;
+                        marks |= marking.contains(c);
                         if spec[p + 1..].starts_with(':') {
                             if chars.as_str().is_empty() {
                                 i += 1;
@@ -165,8 +175,7 @@ fn getopt(sub: &str, spec: &str, args: &[String]) -> Result<(Opts, Vec<String>),
             operands.push(a.clone());
             continue;
         };
-        let mut chars = flags.char_indices();
-        while let Some((at, c)) = chars.next() {
+        for (at, c) in flags.char_indices() {
             let Some(p) = spec.find(c).filter(|_| c != ':') else {
                 return Err(format!("{sub}: invalid option -- '{c}'"));
             };
