@@ -561,7 +561,7 @@ bench_restore() {
 	fi
 	[[ -f $W/disk.raw.zst ]] || zstd -1 -T0 -q -f -o "$W/disk.raw.zst" "$W/disk.raw"
 	measure -b rm_restore -a "$W/restore-target.raw" -r zstd-dd-restore \
-		vma-restore-pve restore "qmrestore: zstd -d | vma extract -v -r FIFO (raw, 0:)" \
+		vma-restore-pve restore "qmrestore pipeline: zstd -d piped to vma extract -v -r FIFO (raw, 0:)" \
 		bash -c 'set -o pipefail; mkfifo "$1/restore.fifo"
 			{ printf "format=raw:0:disk=%s\ndone\n" "$1/restore-target.raw" > "$1/restore.fifo"; } &
 			zstd -q -d -c "$1/disk.vma.zst" | "$0" extract -v -r "$1/restore.fifo" - "$1/restore-tmp" >/dev/null' \
@@ -577,7 +577,7 @@ bench_restore() {
 	qemu-img compare -q -f qcow2 -F raw "$W/restore-target.qcow2" "$W/disk.raw" >&2 ||
 		die "extract --to qcow2 did NOT reproduce disk.raw"
 	measure -b rm_restore -a "$W/restore-target.raw" \
-		zstd-dd-restore restore "zstd -d | dd conv=sparse,notrunc, then sync" \
+		zstd-dd-restore restore "zstd -d piped to dd conv=sparse,notrunc,fsync" \
 		sh -c 'zstd -q -d -c "$0" | dd of="$1" bs=1M conv=sparse,notrunc,fsync status=none' \
 		"$W/disk.raw.zst" "$W/restore-target.raw"
 	rm_restore
