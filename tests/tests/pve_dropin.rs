@@ -675,7 +675,7 @@ fn map_grammar_and_size_rules() {
         let script = format!(
             "set -e; rm -rf t{tag} t{tag}.fifo; mkfifo t{tag}.fifo; {make_target}
              ( $VMA extract -r t{tag}.fifo A.vma t{tag} > o{tag}.txt 2> e{tag}.txt; echo $? > rc{tag} ) &
-             printf '{map}' > t{tag}.fifo; wait; cat o{tag}.txt; cat e{tag}.txt >&2; exit $(cat rc{tag})"
+             ( printf '{map}' > t{tag}.fifo ) || true; wait; cat o{tag}.txt; cat e{tag}.txt >&2; exit $(cat rc{tag})"
         );
         run_sh(&f, &script)
     };

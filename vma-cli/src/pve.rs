@@ -791,3 +791,75 @@ fn create(operands: &[String], opts: &Opts) -> Result<(), Fatal> {
         ))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_like_c_printf_g3() {
+        for (v, s) in [
+            (93.12, "93.1"),
+            (0.0, "0"),
+            (100.0, "100"),
+            (0.0103, "0.0103"),
+            (1e-5, "1e-05"),
+            (5.6e-6, "5.6e-06"),
+            (99.96, "100"),
+            (64.2456, "64.2"),
+        ] {
+            assert_eq!(g3(v), s, "{v}");
+        }
+    }
+
+    #[test]
+    fn getopt_permutes_and_clusters() {
+        let args: Vec<String> = ["FILE", "-vrF", "--", "-x"].map(String::from).to_vec();
+        let (opts, ops) = getopt("extract", "hvd:r:", &args).unwrap();
+        assert_eq!(opts, vec![('v', None), ('r', Some("F".into()))]);
+        assert_eq!(ops, ["FILE", "-x"]);
+        let args: Vec<String> = ["-", "-c"].map(String::from).to_vec();
+        assert_eq!(
+            getopt("config", "hc:", &args).unwrap_err(),
+            "config: option requires an argument -- 'c'"
+        );
+        assert!(looks_proxmox(
+            "config",
+            "hc:",
+            &["F".into(), "-c".into(), "x".into()]
+        ));
+        assert!(!looks_proxmox("config", "hc:", &["F".into()]));
+        assert!(!looks_proxmox(
+            "extract",
+            "hvd:r:",
+            &["-v".into(), "F".into(), "D".into()]
+        ));
+        assert!(!looks_proxmox(
+            "extract",
+            "hvd:r:",
+            &["F".into(), "--drive".into(), "x".into()]
+        ));
+        assert!(looks_proxmox("create", "hvc:d:", &["exec:cat".into()]));
+    }
+
+    #[test]
+    fn map_lines() {
+        let MapLine::Target(dev, spec, cache) =
+            parse_map_line("throttling.bps=010:cache=none:format=qcow2:1:drive-scsi0=/a=b:c")
+                .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(dev, "drive-scsi0");
+        assert_eq!(spec.path, "/a=b:c");
+        assert_eq!(spec.bps, Some(8));
+        assert_eq!(spec.format.as_deref(), Some("qcow2"));
+        assert_eq!(spec.zeros, Zeros::Establish);
+        assert_eq!(cache.as_deref(), Some("none"));
+        assert!(matches!(parse_map_line("skip=x"), Ok(MapLine::Skip(n)) if n == "x"));
+        assert_eq!(
+            parse_map_line("done").err().unwrap(),
+            "parse error ('done')"
+        );
+    }
+}
