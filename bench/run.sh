@@ -574,6 +574,51 @@ bench_chain() {
 	rm -f "$CH_DIR"/*.qcow2 "$CH_DIR"/*.vma
 }
 
+rm_restore() {
+	rm -rf "$W/restore-tmp" "$W/restore.fifo" "$W/restore-target.raw" "$W/restore-target.qcow2"
+	truncate -s "$(stat -c %s "$W/disk.raw")" "$W/restore-target.raw"
+}
+rm_restore_qcow2() {
+	rm -f "$W/restore-target.qcow2"
+	qemu-img create -q -f qcow2 "$W/restore-target.qcow2" "$(stat -c %s "$W/disk.raw")"
+}
+
+# Restores into existing targets: qmrestore's pipeline (zstd -d | vma
+# extract -v -r FIFO, map line `format=raw:0:`) and `extract --to` onto a
+# sparse raw file and into a qcow2 image, against zstd -d | dd onto the
+# same raw file.
+bench_restore() {
+	[[ -f $W/disk.vma2 ]] || "$VMA" create --quiet "$W/disk.vma2" "disk=$W/disk.raw"
+	if [[ ! -f $W/disk.vma.zst ]]; then
+		log "restore: preparing disk.vma.zst (vma create --format vma1 | zstd -1 -T0)"
+		"$VMA" create --quiet --force --format vma1 "$W/disk.vma" "disk=$W/disk.raw"
+		zstd -1 -T0 -q -f -o "$W/disk.vma.zst" "$W/disk.vma"
+	fi
+	[[ -f $W/disk.raw.zst ]] || zstd -1 -T0 -q -f -o "$W/disk.raw.zst" "$W/disk.raw"
+	measure -b rm_restore -a "$W/restore-target.raw" -r zstd-dd-restore \
+		vma-restore-pve restore "qmrestore pipeline: zstd -d piped to vma extract -v -r FIFO (raw, 0:)" \
+		bash -c 'set -o pipefail; mkfifo "$1/restore.fifo"
+			{ printf "format=raw:0:disk=%s\ndone\n" "$1/restore-target.raw" > "$1/restore.fifo"; } &
+			zstd -q -d -c "$1/disk.vma.zst" | "$0" extract -v -r "$1/restore.fifo" - "$1/restore-tmp" >/dev/null' \
+		"$VMA" "$W"
+	cmp "$W/disk.raw" "$W/restore-target.raw" >&2 || die "the qmrestore pipeline did NOT reproduce disk.raw"
+	measure -b rm_restore -a "$W/restore-target.raw" -r zstd-dd-restore \
+		vma-restore-raw restore "vma extract --to existing.raw" \
+		"$VMA" extract --quiet "$W/disk.vma2" --drive disk --to "$W/restore-target.raw"
+	cmp "$W/disk.raw" "$W/restore-target.raw" >&2 || die "extract --to did NOT reproduce disk.raw"
+	measure -b rm_restore_qcow2 -a "$W/restore-target.qcow2" \
+		vma-restore-qcow2 restore "vma extract --to existing.qcow2" \
+		"$VMA" extract --quiet "$W/disk.vma2" --drive disk --to "$W/restore-target.qcow2"
+	qemu-img compare -q -f qcow2 -F raw "$W/restore-target.qcow2" "$W/disk.raw" >&2 ||
+		die "extract --to qcow2 did NOT reproduce disk.raw"
+	measure -b rm_restore -a "$W/restore-target.raw" \
+		zstd-dd-restore restore "zstd -d piped to dd conv=sparse,notrunc,fsync" \
+		sh -c 'zstd -q -d -c "$0" | dd of="$1" bs=1M conv=sparse,notrunc,fsync status=none' \
+		"$W/disk.raw.zst" "$W/restore-target.raw"
+	rm_restore
+	rm -f "$W/restore-target.raw" "$W/restore-target.qcow2"
+}
+
 # --- report ------------------------------------------------------------------
 
 # ratio A B: A/B with two decimals, or "-" if either is unknown or B is 0.
@@ -812,7 +857,7 @@ main() {
 	cat "$W/disk.raw" >/dev/null
 
 	local b
-	for b in create extract verify checksum vma1 qcow2 mount usermount capture chain s3; do
+	for b in create extract verify checksum vma1 qcow2 mount usermount capture chain restore s3; do
 		[[ -z ${BENCH_ONLY:-} || " $BENCH_ONLY " == *" $b "* ]] || continue
 		"bench_$b"
 	done

@@ -27,7 +27,7 @@ impl Invocation {
             } => (
                 "extract",
                 Some(archive.clone()),
-                Some(target_dir.display().to_string()),
+                target_dir.as_ref().map(|d| d.display().to_string()),
                 *salvage,
             ),
             Command::Convert {

@@ -19,9 +19,11 @@ mod mount;
 mod mounts;
 mod outdir;
 mod output;
+mod pve;
 mod s3;
 mod salvage;
 mod signals;
+mod targets;
 
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Read, Write};
@@ -165,10 +167,23 @@ enum Command {
         /// Archive file, or `-` for standard input.
         archive: String,
         /// Directory to write into (created if missing).
-        target_dir: PathBuf,
+        #[arg(required_unless_present = "to")]
+        target_dir: Option<PathBuf>,
         /// Extract only this drive (repeatable).
         #[arg(long = "drive", value_name = "NAME")]
         drives: Vec<String>,
+        /// Restore the `--drive` at the same position into this existing
+        /// block device, raw or qcow2 image (`format=F:PATH` to say the
+        /// format), or `-` for standard output, instead of a directory.
+        #[arg(long, value_name = "PATH|-", conflicts_with = "target_dir")]
+        to: Vec<String>,
+        /// With `--to`: the targets already read as zeros (new, sparse or
+        /// pre-zeroed), so zero regions are not touched.
+        #[arg(long, requires = "to")]
+        target_zeroed: bool,
+        /// With `--to`: skip the free-space check of file targets.
+        #[arg(long, requires = "to")]
+        no_space_check: bool,
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
@@ -418,6 +433,9 @@ impl std::fmt::Display for DamageFound {
 impl std::error::Error for DamageFound {}
 
 fn main() -> ExitCode {
+    if let Some(code) = pve::dispatch() {
+        return code;
+    }
     let cli = Cli::parse();
     let invocation = hints::Invocation::of(&cli.command);
     match run(cli) {
@@ -518,7 +536,22 @@ fn run(cli: Cli) -> Result<()> {
             drive_digest,
             parents,
             json,
+            to,
+            target_zeroed,
+            no_space_check,
         } => {
+            if !to.is_empty() {
+                return targets::extract_to(
+                    &archive,
+                    &drives,
+                    &to,
+                    target_zeroed,
+                    no_space_check,
+                    threads,
+                    quiet,
+                );
+            }
+            let target_dir = target_dir.expect("required without --to");
             let format = match (format, compress) {
                 (ExtractFormat::Raw, true) => {
                     bail!(

@@ -162,6 +162,9 @@ struct Pending<'b> {
 enum PendingKind<'b> {
     Read(&'b mut [u8]),
     Status(Vec<Extent>),
+    /// A command whose reply carries no data: write (with its payload),
+    /// write zeroes, flush.
+    Command(u16, &'b [u8]),
 }
 
 impl<'b> Pending<'b> {
@@ -335,6 +338,89 @@ impl NbdClient {
         }
     }
 
+    /// Whether the export accepts writes.
+    pub fn writable(&self) -> bool {
+        !self.read_only()
+    }
+
+    /// Write `data` at `offset` (requests of at most [`REQUEST_BYTES`],
+    /// several in flight).
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_range(offset, data.len() as u64)?;
+        let piece = REQUEST_BYTES as usize;
+        let mut conn = self.lock()?;
+        let mut at = offset;
+        let mut chunks = data.chunks(piece).peekable();
+        while chunks.peek().is_some() {
+            let mut batch = Vec::new();
+            for chunk in chunks.by_ref().take(MAX_IN_FLIGHT) {
+                let len = chunk.len() as u64;
+                batch.push(Pending::new(
+                    at..at + len,
+                    PendingKind::Command(wire::CMD_WRITE, chunk),
+                ));
+                at += len;
+            }
+            self.run(&mut conn, &mut batch)?;
+            if let Some(p) = batch.into_iter().find(|p| p.error.is_some()) {
+                let (code, message) = p.error.expect("found");
+                return Err(self.server_error("write", p.range, code, message));
+            }
+        }
+        Ok(())
+    }
+
+    /// Make `len` bytes at `offset` read as zeros (`NBD_CMD_WRITE_ZEROES`,
+    /// which lets the server unmap; written as data when the server lacks it).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        if self.flags & wire::FLAG_SEND_WRITE_ZEROES == 0 {
+            let zeros = vec![0u8; REQUEST_BYTES as usize];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(zeros.len() as u64);
+                self.write_at(at, &zeros[..n as usize])?;
+                at += n;
+            }
+            return Ok(());
+        }
+        let mut conn = self.lock()?;
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(1 << 30);
+            let mut batch = [Pending::new(
+                at..at + n,
+                PendingKind::Command(wire::CMD_WRITE_ZEROES, &[]),
+            )];
+            self.run(&mut conn, &mut batch)?;
+            let [p] = batch;
+            if let Some((code, message)) = p.error {
+                return Err(self.server_error("write zeroes", p.range, code, message));
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Ask the server to make every write so far durable (`NBD_CMD_FLUSH`;
+    /// nothing to do when the server does not offer it).
+    pub fn flush(&self) -> Result<()> {
+        if self.flags & wire::FLAG_SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        let mut conn = self.lock()?;
+        let mut batch = [Pending::new(
+            0..0,
+            PendingKind::Command(wire::CMD_FLUSH, &[]),
+        )];
+        self.run(&mut conn, &mut batch)?;
+        let [p] = batch;
+        if let Some((code, message)) = p.error {
+            return Err(self.server_error("flush", p.range, code, message));
+        }
+        Ok(())
+    }
+
     /// Send `NBD_CMD_DISC` and close the connection.
     pub fn disconnect(self) {
         self.close();
@@ -427,6 +513,7 @@ impl NbdClient {
             let (kind, flags) = match p.kind {
                 PendingKind::Read(_) => (wire::CMD_READ, self.read_flags()),
                 PendingKind::Status(_) => (wire::CMD_BLOCK_STATUS, 0),
+                PendingKind::Command(kind, _) => (kind, 0),
             };
             let len = p.range.end - p.range.start;
             requests.extend_from_slice(&wire::encode_request(&wire::Request {
@@ -436,6 +523,9 @@ impl NbdClient {
                 offset: p.range.start,
                 len: len as u32,
             }));
+            if let PendingKind::Command(wire::CMD_WRITE, payload) = p.kind {
+                requests.extend_from_slice(payload);
+            }
         }
         if let Err(e) = conn.stream.write_all(&requests) {
             return Err(self.fail(conn, format!("sending requests failed: {e}")));
@@ -478,6 +568,7 @@ impl NbdClient {
                     PendingKind::Status(_) => {
                         return Err("a simple reply to a block status request".into())
                     }
+                    PendingKind::Command(..) => {}
                 }
                 p.covered.push(0..req_len);
                 Ok(())
