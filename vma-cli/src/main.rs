@@ -15,6 +15,7 @@ macro_rules! outln {
 mod capture;
 mod mount;
 mod output;
+mod serve;
 mod signals;
 
 use std::fs::File;
@@ -175,6 +176,9 @@ enum Command {
     Mount(mount::MountArgs),
     /// Back up drives of a running QEMU over QMP (full or incremental).
     Capture(capture::CaptureArgs),
+    /// Serve every drive of an archive (any point of a chain) read-only
+    /// over NBD, for QEMU, qemu-img, nbdcopy (one export per drive).
+    Serve(serve::ServeArgs),
     /// Unmount what `vma mount` mounted.
     Umount {
         /// The mount point.
@@ -398,6 +402,7 @@ fn run(cli: Cli) -> Result<()> {
         | Command::Merge { .. }
         | Command::Prune { .. } => signals::install(signals::OnSignal::Exit),
         Command::Capture(_) => signals::install(signals::OnSignal::Cancel(&capture::CANCEL)),
+        Command::Serve(_) => signals::install(signals::OnSignal::Cancel(&serve::STOP)),
         _ => {}
     }
     match cli.command {
@@ -463,6 +468,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Mount(args) => mount::mount(&args),
         Command::Capture(args) => capture::capture(&args, quiet),
+        Command::Serve(args) => serve::serve(&args),
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Convert {
             input,

@@ -324,7 +324,7 @@ fn seek(
 /// Fill `buf` from `offset` of drive `id` one cluster at a time, answering
 /// each cluster that cannot be read because of damage with zeros and
 /// logging it; other errors still fail the read.
-fn read_salvaging(
+pub fn read_salvaging(
     chain: &Chain,
     id: DriveId,
     offset: u64,
