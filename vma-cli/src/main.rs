@@ -13,6 +13,7 @@ macro_rules! outln {
 }
 
 mod capture;
+mod live_restore;
 mod mount;
 mod output;
 mod serve;
@@ -179,6 +180,9 @@ enum Command {
     /// Serve every drive of an archive (any point of a chain) read-only
     /// over NBD, for QEMU, qemu-img, nbdcopy (one export per drive).
     Serve(serve::ServeArgs),
+    /// Copy the drives of a VM running from `vma serve` into their final
+    /// storage while it runs, then drop its ties to the archive (QMP).
+    LiveRestore(live_restore::LiveRestoreArgs),
     /// Unmount what `vma mount` mounted.
     Umount {
         /// The mount point.
@@ -403,6 +407,9 @@ fn run(cli: Cli) -> Result<()> {
         | Command::Prune { .. } => signals::install(signals::OnSignal::Exit),
         Command::Capture(_) => signals::install(signals::OnSignal::Cancel(&capture::CANCEL)),
         Command::Serve(_) => signals::install(signals::OnSignal::Cancel(&serve::STOP)),
+        Command::LiveRestore(_) => {
+            signals::install(signals::OnSignal::Cancel(&live_restore::CANCEL))
+        }
         _ => {}
     }
     match cli.command {
@@ -469,6 +476,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Mount(args) => mount::mount(&args),
         Command::Capture(args) => capture::capture(&args, quiet),
         Command::Serve(args) => serve::serve(&args),
+        Command::LiveRestore(args) => live_restore::live_restore(&args, quiet),
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Convert {
             input,
