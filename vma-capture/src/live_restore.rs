@@ -497,7 +497,10 @@ fn run_jobs(
             last_report = Instant::now();
         }
         if jobs.iter().any(|j| !j.done) {
-            let _ = qmp.next_event(options.poll)?;
+            // Wake on the next event (a status change) or after `poll`.
+            if let Some(e) = qmp.next_event(options.poll)? {
+                note_event(jobs, &e);
+            }
         }
     }
     Ok(())

@@ -106,7 +106,7 @@ impl DriveExport {
         };
         let msg = format!("drive {} bytes {offset}..{end}: {e}{hint}", self.name);
         (self.log)(&msg);
-        std::io::Error::new(std::io::ErrorKind::Other, msg)
+        std::io::Error::other(msg)
     }
 }
 
