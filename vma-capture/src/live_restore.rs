@@ -413,19 +413,20 @@ pub fn live_restore(
     for j in &jobs {
         let mut removed = Vec::new();
         for node in std::iter::once(&j.source).chain(j.chain.iter()) {
-            match qmp.run(&BlockdevDel {
-                node_name: node.clone(),
-            }) {
-                Ok(_) => {
-                    removed.push(node.clone());
-                    report(Report::Removed {
-                        drive: j.drive.clone(),
-                        node: node.clone(),
-                    });
-                }
-                // Nodes QEMU made itself (-drive, or a backing file opened
-                // from the image header) go with their last user.
-                Err(_) => {}
+            // Nodes QEMU made itself (-drive, or a backing file opened from
+            // the image header) cannot be deleted: they go with their last
+            // user, which the check below confirms.
+            if qmp
+                .run(&BlockdevDel {
+                    node_name: node.clone(),
+                })
+                .is_ok()
+            {
+                removed.push(node.clone());
+                report(Report::Removed {
+                    drive: j.drive.clone(),
+                    node: node.clone(),
+                });
             }
         }
         out.push(Restored {
