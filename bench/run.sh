@@ -11,7 +11,7 @@
 #   BENCH_SOURCE     directory copied into the ext4 disk (default /usr/lib)
 #   BENCH_RUNS       runs per command, fastest reported  (default 1)
 #   BENCH_INSTALL=1  as root: apt-get install missing tools instead of exiting 2
-#   BENCH_ONLY       groups to run, e.g. "mount capture" (default: all; the later
+#   BENCH_ONLY       groups to run, e.g. "mount capture serve" (default: all; the later
 #                    groups reuse disk.vma2 and disk.qcow2 from create)
 #   VMA              vma binary (default: cargo build, then target/release/vma)
 #
@@ -617,6 +617,90 @@ bench_restore() {
 		"$W/disk.raw.zst" "$W/restore-target.raw"
 	rm_restore
 	rm -f "$W/restore-target.raw" "$W/restore-target.qcow2"
+
+SRV_DIR=$W/serve
+declare -A SRAND
+SRAND_ROWS=()
+
+# vma serve of disk.vma2 on SRV_DIR/serve.sock, detached.
+serve_start() {
+	serve_stop
+	"$VMA" serve "$W/disk.vma2" --socket "$SRV_DIR/serve.sock" --detach \
+		--pid-file "$SRV_DIR/serve.pid" 2>/dev/null
+}
+serve_stop() { kill_pidfile "$SRV_DIR/serve.pid"; }
+# qemu-storage-daemon's NBD export of disk.qcow2 (zstd clusters), read-only.
+qsd_nbd_start() {
+	qsd_nbd_stop
+	qemu-storage-daemon \
+		--blockdev "driver=file,node-name=file0,filename=$W/disk.qcow2,read-only=on" \
+		--blockdev driver=qcow2,node-name=disk0,file=file0,read-only=on \
+		--nbd-server "addr.type=unix,addr.path=$SRV_DIR/qsd.sock" \
+		--export type=nbd,id=exp0,node-name=disk0,name=disk,writable=off \
+		--pidfile "$SRV_DIR/qsd.pid" --daemonize
+}
+qsd_nbd_stop() { kill_pidfile "$SRV_DIR/qsd.pid"; }
+kill_pidfile() {
+	local pid
+	[[ -f $1 ]] || return 0
+	pid=$(<"$1")
+	kill "$pid" 2>/dev/null || true
+	while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+	rm -f "$1"
+}
+rm_srv_out() { rm -rf "$SRV_DIR/out"; }
+srv_vm_start() {
+	bash "$ROOT/bench/serve.sh" stop-vm "$SRV_DIR/vm"
+	rm -f "$SRV_DIR/restored.raw"
+	VMA=$VMA bash "$ROOT/bench/serve.sh" start-vm "$W/disk.vma2" "$SRV_DIR/vm"
+}
+
+# vma serve: sequential read of the drive over NBD (nbdcopy to null:)
+# against vma extract and against qemu-storage-daemon's NBD export of the
+# zstd qcow2; random 4 KiB reads over 4 connections against the same
+# peer; time from starting vma serve to a booted guest (root mounted)
+# against vma extract + the same boot; vma live-restore of the running
+# guest's drive against vma extract to the same directory.
+bench_serve() {
+	command -v nbdcopy >/dev/null || die "nbdcopy is missing: apt-get install libnbd-bin"
+	command -v qemu-system-x86_64 >/dev/null ||
+		die "qemu-system-x86_64 is missing: scripts/setup.sh installs it"
+	mkdir -p "$SRV_DIR"
+	trap 'serve_stop; qsd_nbd_stop; bash "$ROOT/bench/serve.sh" stop-vm "$SRV_DIR/vm"' EXIT
+	measure -b rm_srv_out -a "$SRV_DIR/out/disk.raw" serve-extract serve "vma extract (reference)" \
+		"$VMA" extract --quiet --force "$W/disk.vma2" "$SRV_DIR/out"
+	rm_srv_out
+	serve_start
+	qsd_nbd_start
+	local url="nbd+unix:///disk?socket=$SRV_DIR/serve.sock" qurl="nbd+unix:///disk?socket=$SRV_DIR/qsd.sock"
+	log "serve: checking the export against disk.raw"
+	qemu-img compare -q -f raw "$W/disk.raw" "$url" >&2 || die "vma serve's export differs from disk.raw"
+	measure -r serve-extract serve-nbdcopy serve "nbdcopy of vma serve's export to null:" \
+		nbdcopy "$url" null:
+	measure -r serve-nbdcopy qsd-nbdcopy serve \
+		"nbdcopy of qemu-storage-daemon's NBD export of disk.qcow2 (zstd) to null:" \
+		nbdcopy "$qurl" null:
+	local reads=${BENCH_RANDOM_READS:-2000} conns=4
+	log "serve: $reads random 4 KiB reads over $conns connections, vma serve"
+	SRAND[vma]=$(python3 "$ROOT/bench/nbdrand.py" "$SRV_DIR/serve.sock" disk "$W/disk.raw" "$reads" "$conns" 1)
+	SRAND_ROWS+=(vma)
+	log "serve: $reads random 4 KiB reads over $conns connections, qemu-storage-daemon"
+	SRAND[qsd]=$(python3 "$ROOT/bench/nbdrand.py" "$SRV_DIR/qsd.sock" disk "$W/disk.raw" "$reads" "$conns" 1)
+	SRAND_ROWS+=(qsd)
+	serve_stop
+	qsd_nbd_stop
+	measure -r extract-boot serve-boot serve "vma serve + qcow2 overlay + boot until the root is mounted" \
+		env VMA="$VMA" bash "$ROOT/bench/serve.sh" boot-serve "$W/disk.vma2" "$SRV_DIR/vm"
+	measure extract-boot serve "vma extract + boot until the root is mounted" \
+		env VMA="$VMA" bash "$ROOT/bench/serve.sh" boot-extract "$W/disk.vma2" "$SRV_DIR/vm"
+	rm -rf "$SRV_DIR/vm/extracted"
+	measure -b srv_vm_start -a "$SRV_DIR/restored.raw" -r serve-extract serve-live-restore serve \
+		"vma live-restore while the guest runs, then sync of the target" \
+		sh -c '"$0" live-restore --quiet --qmp "$1" --drive "vd0=$2" && sync "$2"' \
+		"$VMA" "$SRV_DIR/vm/qmp.sock" "$SRV_DIR/restored.raw"
+	bash "$ROOT/bench/serve.sh" stop-vm "$SRV_DIR/vm"
+	rm -f "$SRV_DIR/restored.raw"
+	trap - EXIT
 }
 
 # --- report ------------------------------------------------------------------
@@ -627,6 +711,9 @@ ratio() {
 }
 # mib BYTES_OR_KIB DIVISOR: one decimal, or "-" if empty.
 mib() { awk -v x="$1" -v d="$2" 'BEGIN { if (x == "") print "-"; else printf "%.1f", x / d }'; }
+
+# kv KEY "k1=v1 k2=v2 ...": the value of KEY, or empty.
+kv() { tr ' ' '\n' <<<"$2" | sed -n "s/^$1=//p"; }
 
 # target DESCRIPTION VALUE LIMIT UNIT: PASS if VALUE <= LIMIT.
 PASSED=0 TOTAL=0
@@ -720,6 +807,19 @@ report() {
 	[[ -z ${RAND[s3]:-} ]] || p50_s3=$(sed -n 's/.*p50_us=\([0-9.]*\).*/\1/p' <<<"${RAND[s3]}")
 	[[ -z ${RAND[s3-local]:-} ]] || p50_local=$(sed -n 's/.*p50_us=\([0-9.]*\).*/\1/p' <<<"${RAND[s3-local]}")
 	target "random 4 KiB reads through mount, p50, s3:// vs local file" "$(ratio "$p50_s3" "$p50_local")" 3.00 x
+	target "sequential read through vma serve (nbdcopy to null:) vs vma extract (wall)" \
+		"$(ratio "${R_WALL[serve-nbdcopy]:-}" "${R_WALL[serve-extract]:-}")" 1.00 x
+	local sv_p50 sv_p99 sq_p50 sq_p99
+	sv_p50=$(kv p50_us "${SRAND[vma]:-}") sv_p99=$(kv p99_us "${SRAND[vma]:-}")
+	sq_p50=$(kv p50_us "${SRAND[qsd]:-}") sq_p99=$(kv p99_us "${SRAND[qsd]:-}")
+	target "random 4 KiB reads, 4 connections, p50: vma serve vs qemu-storage-daemon NBD (zstd qcow2)" \
+		"$(ratio "$sv_p50" "$sq_p50")" 1.50 x
+	target "random 4 KiB reads, 4 connections, p99: vma serve vs qemu-storage-daemon NBD (zstd qcow2)" \
+		"$(ratio "$sv_p99" "$sq_p99")" 1.50 x
+	target "vma serve start to booted guest vs vma extract + the same boot" \
+		"$(ratio "${R_WALL[serve-boot]:-}" "${R_WALL[extract-boot]:-}")" 0.20 x
+	target "live restore while the guest runs vs vma extract" \
+		"$(ratio "${R_WALL[serve-live-restore]:-}" "${R_WALL[serve-extract]:-}")" 1.50 x
 	for id in "${ROWS[@]}"; do
 		[[ $id == vma-* ]] || continue
 		target "${R_LABEL[$id]} peak RSS" "$(mib "${R_RSS[$id]}" 1024)" 256 " MiB"
@@ -741,6 +841,20 @@ report() {
 					s3-local) echo "vma mount of the same archive, local file" ;;
 					*) echo "qemu-storage-daemon FUSE export (qcow2, zstd)" ;; esac)" \
 				"${1#*=}" "${2#*=}" "${3#*=}" "${4#*=}"
+		done
+	fi
+	if ((${#SRAND_ROWS[@]})); then
+		echo
+		echo "### random 4 KiB reads of data over NBD (4 connections, one read in flight each)"
+		echo
+		echo "| server | reads | p50 µs | p99 µs | mean µs |"
+		echo "|---|--:|--:|--:|--:|"
+		local r
+		for r in "${SRAND_ROWS[@]}"; do
+			printf '| %s | %s | %s | %s | %s |\n' \
+				"$([[ $r == vma ]] && echo "vma serve" || echo "qemu-storage-daemon NBD export (qcow2, zstd)")" \
+				"$(kv reads "${SRAND[$r]}")" "$(kv p50_us "${SRAND[$r]}")" \
+				"$(kv p99_us "${SRAND[$r]}")" "$(kv mean_us "${SRAND[$r]}")"
 		done
 	fi
 	if [[ -n ${WLAT[idle]:-} ]]; then
@@ -857,7 +971,7 @@ main() {
 	cat "$W/disk.raw" >/dev/null
 
 	local b
-	for b in create extract verify checksum vma1 qcow2 mount usermount capture chain restore s3; do
+	for b in create extract verify checksum vma1 qcow2 mount usermount capture chain restore serve s3; do
 		[[ -z ${BENCH_ONLY:-} || " $BENCH_ONLY " == *" $b "* ]] || continue
 		"bench_$b"
 	done

@@ -12,6 +12,7 @@ pub mod guest;
 pub mod moto;
 pub mod proxmox_vma;
 pub mod s3;
+pub mod served;
 pub mod service;
 
 /// Path of the `vma` binary built by `cargo build` (or `$VMA_BIN`).

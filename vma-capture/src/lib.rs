@@ -41,6 +41,7 @@ pub mod fleece;
 pub mod fuzzing;
 mod leftovers;
 pub mod live_diff;
+pub mod live_restore;
 pub mod nbd_image;
 mod options;
 pub mod qga;

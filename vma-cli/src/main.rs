@@ -15,6 +15,7 @@ macro_rules! outln {
 mod capture;
 mod cli_docs;
 mod hints;
+mod live_restore;
 mod mount;
 mod mounts;
 mod outdir;
@@ -22,6 +23,7 @@ mod output;
 mod pve;
 mod s3;
 mod salvage;
+mod serve;
 mod signals;
 mod targets;
 
@@ -222,6 +224,12 @@ enum Command {
     Mount(mount::MountArgs),
     /// Back up drives of a running QEMU over QMP (full or incremental).
     Capture(capture::CaptureArgs),
+    /// Serve every drive of an archive (any point of a chain) read-only
+    /// over NBD, for QEMU, qemu-img, nbdcopy (one export per drive).
+    Serve(serve::ServeArgs),
+    /// Copy the drives of a VM running from `vma serve` into their final
+    /// storage while it runs, then drop its ties to the archive (QMP).
+    LiveRestore(live_restore::LiveRestoreArgs),
     /// Unmount what `vma mount` mounted.
     Umount {
         /// The mount point.
@@ -494,6 +502,10 @@ fn run(cli: Cli) -> Result<()> {
         | Command::Merge { .. }
         | Command::Prune { .. } => signals::install(signals::OnSignal::Exit),
         Command::Capture(_) => signals::install(signals::OnSignal::Cancel(&capture::CANCEL)),
+        Command::Serve(_) => signals::install(signals::OnSignal::Cancel(&serve::STOP)),
+        Command::LiveRestore(_) => {
+            signals::install(signals::OnSignal::Cancel(&live_restore::CANCEL))
+        }
         _ => {}
     }
     match cli.command {
@@ -574,6 +586,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Mount(args) => mount::mount(&args),
         Command::Capture(args) => capture::capture(&args, quiet),
+        Command::Serve(args) => serve::serve(&args),
+        Command::LiveRestore(args) => live_restore::live_restore(&args, quiet),
         Command::Umount { mountpoint } => mounts::umount(&mountpoint),
         Command::Convert {
             input,

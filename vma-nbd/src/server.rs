@@ -1,6 +1,6 @@
 //! NBD server (fixed newstyle) over exports that implement [`NbdExport`].
 //!
-//! A client connects over a unix socket, picks an export with
+//! A client connects over a unix socket (or plain TCP), picks an export with
 //! `NBD_OPT_GO` (or `NBD_OPT_EXPORT_NAME`) and then sends requests, many
 //! of them in flight at once. Each connection has a reader thread that
 //! decodes requests and a worker thread that calls the export and sends
@@ -54,7 +54,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -200,12 +200,86 @@ impl Export {
     }
 }
 
-/// An NBD server listening on a unix socket, serving each connection on
-/// threads of its own. Dropping it shuts it down like [`NbdServer::shutdown`].
+/// An NBD server listening on a unix socket (or a TCP address), serving
+/// each connection on threads of its own. Dropping it shuts it down like
+/// [`NbdServer::shutdown`].
 pub struct NbdServer {
-    path: PathBuf,
+    address: Address,
     shared: Arc<Shared>,
     accept: Option<JoinHandle<Vec<JoinHandle<()>>>>,
+}
+
+/// Where a server listens.
+#[derive(Debug, Clone)]
+enum Address {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+/// A listening socket of either kind.
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                // Replies are written whole; do not hold them back.
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }),
+        }
+    }
+}
+
+/// A client connection of either kind.
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.shutdown(how),
+            Stream::Tcp(s) => s.shutdown(how),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.flush(),
+            Stream::Tcp(s) => s.flush(),
+        }
+    }
 }
 
 /// State shared by the accept thread, the connections and the server handle.
@@ -213,7 +287,7 @@ struct Shared {
     exports: Vec<Export>,
     stop: AtomicBool,
     /// Open connections, so that shutdown can close them.
-    connections: Mutex<HashMap<u64, UnixStream>>,
+    connections: Mutex<HashMap<u64, Stream>>,
 }
 
 impl NbdServer {
@@ -221,6 +295,22 @@ impl NbdServer {
     /// there yet; removed on shutdown) and serve `exports` on an accept thread.
     pub fn bind_unix(path: &Path, exports: Vec<Export>) -> io::Result<NbdServer> {
         let listener = UnixListener::bind(path)?;
+        let address = Address::Unix(path.to_path_buf());
+        NbdServer::start(Listener::Unix(listener), address, exports).inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        })
+    }
+
+    /// Listen on TCP at `address` (port 0: any free port, see
+    /// [`NbdServer::tcp_address`]) and serve `exports` in plain text: no
+    /// TLS, so only for networks where every peer is trusted.
+    pub fn bind_tcp(address: SocketAddr, exports: Vec<Export>) -> io::Result<NbdServer> {
+        let listener = TcpListener::bind(address)?;
+        let bound = listener.local_addr()?;
+        NbdServer::start(Listener::Tcp(listener), Address::Tcp(bound), exports)
+    }
+
+    fn start(listener: Listener, address: Address, exports: Vec<Export>) -> io::Result<NbdServer> {
         let shared = Arc::new(Shared {
             exports,
             stop: AtomicBool::new(false),
@@ -229,23 +319,28 @@ impl NbdServer {
         let accept_shared = Arc::clone(&shared);
         let accept = thread::Builder::new()
             .name("nbd-accept".into())
-            .spawn(move || accept_loop(&listener, &accept_shared));
-        match accept {
-            Ok(accept) => Ok(NbdServer {
-                path: path.to_path_buf(),
-                shared,
-                accept: Some(accept),
-            }),
-            Err(e) => {
-                let _ = std::fs::remove_file(path);
-                Err(e)
-            }
+            .spawn(move || accept_loop(&listener, &accept_shared))?;
+        Ok(NbdServer {
+            address,
+            shared,
+            accept: Some(accept),
+        })
+    }
+
+    /// Path of the listening unix socket (empty for a TCP server).
+    pub fn socket_path(&self) -> &Path {
+        match &self.address {
+            Address::Unix(path) => path,
+            Address::Tcp(_) => Path::new(""),
         }
     }
 
-    /// Path of the listening socket.
-    pub fn socket_path(&self) -> &Path {
-        &self.path
+    /// Address of a TCP server (with the port chosen when bound to port 0).
+    pub fn tcp_address(&self) -> Option<SocketAddr> {
+        match &self.address {
+            Address::Tcp(a) => Some(*a),
+            Address::Unix(_) => None,
+        }
     }
 
     /// Number of client connections currently open.
@@ -266,7 +361,19 @@ impl NbdServer {
         self.shared.stop.store(true, Ordering::SeqCst);
         // Wake the accept thread, blocked in accept(), with a connection of
         // our own. Should that fail (socket file removed), leave it blocked.
-        let woken = UnixStream::connect(&self.path).is_ok();
+        let woken = match &self.address {
+            Address::Unix(path) => UnixStream::connect(path).is_ok(),
+            Address::Tcp(a) => {
+                let mut a = *a;
+                if a.ip().is_unspecified() {
+                    a.set_ip(match a {
+                        SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                        SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+                    });
+                }
+                TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()
+            }
+        };
         let connections = if woken {
             accept.join().unwrap_or_default()
         } else {
@@ -278,7 +385,9 @@ impl NbdServer {
         for connection in connections {
             let _ = connection.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Address::Unix(path) = &self.address {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -294,7 +403,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Accept connections until the server stops; returns the connection threads
 /// still to be joined.
-fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
+fn accept_loop(listener: &Listener, shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     let mut next_id = 0u64;
     loop {
@@ -302,7 +411,7 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) -> Vec<JoinHandle<
         if shared.stop.load(Ordering::SeqCst) {
             return threads;
         }
-        let Ok((stream, _)) = accepted else {
+        let Ok(stream) = accepted else {
             // Out of file descriptors or similar: do not spin.
             thread::sleep(Duration::from_millis(20));
             continue;
@@ -344,9 +453,9 @@ const QUEUE_LEN: usize = 32;
 /// Write payload bytes queued between a connection's reader and its worker.
 const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
-fn serve_connection(stream: &UnixStream, exports: &[Export]) -> io::Result<()> {
+fn serve_connection(stream: &Stream, exports: &[Export]) -> io::Result<()> {
     let mut reader = io::BufReader::with_capacity(READ_BUFFER, stream.try_clone()?);
-    serve(&mut reader, stream, exports)
+    serve(&mut reader, stream.try_clone()?, exports)
 }
 
 /// Serve one client connection: what the client sends is read from

@@ -157,6 +157,28 @@ pub enum Driver {
         /// The export name.
         export: String,
     },
+    /// A host block device.
+    HostDevice {
+        /// Its path.
+        filename: PathBuf,
+    },
+    /// Raw bytes of `file`, optionally a window of it.
+    Raw {
+        /// The node holding the bytes.
+        file: BlockdevRef,
+        /// Bytes of `file` the node shows (from the start); all if unset.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
+    },
+    /// A qcow2 image in `file` that opens no backing image, whatever its
+    /// header names (`"backing": null`).
+    #[serde(rename = "qcow2")]
+    Qcow2Alone {
+        /// The node holding the image.
+        file: BlockdevRef,
+        /// Always `None`: serialized as `null`.
+        backing: Option<String>,
+    },
     /// A node that reads zeros and drops writes.
     NullCo {
         /// Its size in bytes.
@@ -763,3 +785,90 @@ mod tests {
         assert!(e.to_string().contains("action odd"), "{e}");
     }
 }
+
+/// What a job does on an I/O error (QAPI `BlockdevOnError`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// End the job with the error.
+    Report,
+    /// Go on (a mirror retries the same range for ever: never use it there).
+    Ignore,
+    /// Pause the job on ENOSPC, report any other error.
+    Enospc,
+    /// Pause the job; `job-resume` retries where it stopped.
+    Stop,
+}
+
+/// `blockdev-mirror`: copy `device` to `target` while the guest runs, then
+/// (on `job-complete`) put `target` in the device's place (QAPI
+/// `BlockdevMirror`). Build with [`BlockdevMirror::new`] and struct update
+/// syntax.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevMirror {
+    /// Job id.
+    pub job_id: String,
+    /// Source node (or device) name; the node replaced on completion.
+    pub device: String,
+    /// Target node name.
+    pub target: String,
+    /// What to copy.
+    pub sync: SyncMode,
+    /// Rate limit in bytes per second (0 or unset: unlimited).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speed: Option<u64>,
+    /// What a read error of the source does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_source_error: Option<OnError>,
+    /// What a write error of the target does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_target_error: Option<OnError>,
+    /// Name for the filter node the job inserts above the source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter_node_name: Option<String>,
+    /// Whether the job disappears when concluded (QEMU default: true).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_dismiss: Option<bool>,
+}
+
+impl BlockdevMirror {
+    /// A mirror with only the required arguments.
+    pub fn new(job_id: &str, device: &str, target: &str, sync: SyncMode) -> Self {
+        BlockdevMirror {
+            job_id: job_id.to_owned(),
+            device: device.to_owned(),
+            target: target.to_owned(),
+            sync,
+            speed: None,
+            on_source_error: None,
+            on_target_error: None,
+            filter_node_name: None,
+            auto_dismiss: None,
+        }
+    }
+}
+command!(BlockdevMirror => "blockdev-mirror", Empty);
+
+/// `job-complete`: end a ready mirror, putting its target in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobComplete(pub JobId);
+command!(JobComplete => "job-complete", Empty);
+
+/// `job-resume`: resume a paused job (after an error with `stop`, where
+/// it stopped).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobResume(pub JobId);
+command!(JobResume => "job-resume", Empty);
+
+newtype_new!(JobComplete JobResume, JobId);
+
+/// `human-monitor-command`: run a human monitor (HMP) command line, such
+/// as `qemu-io -d vd0 "write 0 4k"`; the reply is its output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct HumanMonitorCommand {
+    /// The command line.
+    pub command_line: String,
+}
+command!(HumanMonitorCommand => "human-monitor-command", String);
