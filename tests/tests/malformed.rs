@@ -97,7 +97,7 @@ fn v2_truncated() {
         &[
             "truncated at offset 19736",
             "inside an extent header",
-            "drive disk (1) bytes 524288..1048576",
+            "drive disk lacks 8 of its 16 clusters (512.0 KiB missing), at bytes 524288..1048576",
         ],
     );
 }
@@ -120,7 +120,7 @@ fn v1_truncated() {
         &[
             "truncated at offset 16408",
             "VMA extent data starting at offset 13312",
-            "drive small (1) bytes 0..4096",
+            "drive small lacks 1 of its 1 clusters (4.0 KiB missing), at bytes 0..4096",
         ],
     );
 }
