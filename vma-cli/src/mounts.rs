@@ -71,12 +71,14 @@ pub(crate) fn preflight(mountpoint: &Path, allow_other: bool) -> Result<()> {
 /// whole-stream compressed archive (vzdump's `.vma.zst`, `.vma.lzo`,
 /// `.vma.gz`), or something that is no archive at all.
 pub(crate) fn check_mountable(archive: &Path) -> Result<()> {
-    use std::io::Read;
     use vma_core::read::detect::{describe_other, detect, DetectedFormat, DESCRIBE_LEN};
-    let mut prefix = Vec::with_capacity(DESCRIBE_LEN);
-    std::fs::File::open(archive)
-        .and_then(|f| f.take(DESCRIBE_LEN as u64).read_to_end(&mut prefix))
-        .with_context(|| format!("opening {}", archive.display()))?;
+    // Through the storage seam, so object locations are checked the same way.
+    let source = vma_core::storage::open(archive)?;
+    let mut prefix = vec![0u8; DESCRIBE_LEN];
+    let n = source
+        .read_some(&mut prefix, 0)
+        .with_context(|| format!("reading {}", archive.display()))?;
+    prefix.truncate(n);
     let a = archive.display();
     let kind = match detect(&prefix) {
         Some(DetectedFormat::Zstd) => "zstd",

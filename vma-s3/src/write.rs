@@ -89,6 +89,11 @@ pub fn capacity(part: u64) -> u64 {
     total
 }
 
+/// Uploads being started: created in the store, perhaps not yet in
+/// [`active`]. [`abort_all`] waits for them so a signal that arrives in
+/// between cannot leave an upload behind.
+static STARTING: AtomicU64 = AtomicU64::new(0);
+
 fn active() -> &'static Mutex<HashMap<u64, (Location, MultipartId)>> {
     static ACTIVE: OnceLock<Mutex<HashMap<u64, (Location, MultipartId)>>> = OnceLock::new();
     ACTIVE.get_or_init(Default::default)
@@ -97,6 +102,12 @@ fn active() -> &'static Mutex<HashMap<u64, (Location, MultipartId)>> {
 /// Abort every upload under way (for a signal handler thread); returns
 /// the objects whose uploads were aborted.
 pub fn abort_all() -> Vec<String> {
+    // The main thread goes on while this one waits: a start under way
+    // registers its upload within a request's time.
+    let t0 = std::time::Instant::now();
+    while STARTING.load(Ordering::SeqCst) > 0 && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let all: Vec<(Location, MultipartId)> = active()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -149,14 +160,19 @@ impl Upload {
             });
         }
         let b = bucket(loc)?;
-        let id = block_on(b.store.create_multipart(&loc.obj()))
-            .map_err(|e| store_error(loc, None, "starting a multipart upload", e))?;
+        STARTING.fetch_add(1, Ordering::SeqCst);
+        let created = block_on(b.store.create_multipart(&loc.obj()))
+            .map_err(|e| store_error(loc, None, "starting a multipart upload", e));
         static KEYS: AtomicU64 = AtomicU64::new(0);
         let key = KEYS.fetch_add(1, Ordering::Relaxed);
-        active()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, (loc.clone(), id.clone()));
+        if let Ok(id) = &created {
+            active()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, (loc.clone(), id.clone()));
+        }
+        STARTING.fetch_sub(1, Ordering::SeqCst);
+        let id = created?;
         let part_size = part_size_for(options.expected_size) as usize;
         Ok(Upload {
             loc: loc.clone(),
