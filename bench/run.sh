@@ -617,6 +617,7 @@ bench_restore() {
 		"$W/disk.raw.zst" "$W/restore-target.raw"
 	rm_restore
 	rm -f "$W/restore-target.raw" "$W/restore-target.qcow2"
+}
 
 SRV_DIR=$W/serve
 declare -A SRAND
