@@ -977,3 +977,90 @@ fn extract_to_any_target() {
         stderr(&o)
     );
 }
+
+/// Proxmox's `create -v`: `progress P% DONE/TOTAL ZEROS` lines on stderr
+/// whenever the percentage changes, then `image DEV: size=N zeros=N
+/// saved=N` per drive, with the zero bytes of drives whose zero areas are
+/// known (all-zero clusters, clusters with some zero 4 KiB blocks, a hole,
+/// a last cluster cut short).
+#[test]
+fn create_verbose_prints_progress_and_image_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |n: &str| dir.path().join(n);
+    // a: 1 MiB; cluster 0 data, cluster 1 has 13 data blocks (3 zero), the rest zero.
+    let mut a = vec![0u8; 1 << 20];
+    a[..65536].copy_from_slice(&noise(1, 65536));
+    a[65536..65536 + 13 * 4096].copy_from_slice(&noise(2, 13 * 4096));
+    std::fs::write(path("a.raw"), &a).unwrap();
+    let a_zeros = 3 * 4096 + 14 * 65536;
+    // b: 100 KiB, sparse, one data block at 8 KiB.
+    sparse_image(&path("b.raw"), 100 << 10, &[(8192, 4096, 5)]);
+    let b_zeros = (100 << 10) - 4096;
+    let total = (1u64 << 20) + (100 << 10);
+    std::fs::write(path("c.conf"), "memory: 512\n").unwrap();
+    for archive in ["A.vma", "exec:cat > E.vma"] {
+        let o = Command::new(vma_bin())
+            .args(["create", "-v", archive, "-c", "c.conf"])
+            .arg("-d")
+            .arg("format=raw:drive-scsi0=a.raw")
+            .arg("-d")
+            .arg("format=raw:drive-scsi1=b.raw")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        assert_eq!(stdout(&o), "");
+        let err = stderr(&o);
+        let lines: Vec<&str> = err.lines().collect();
+        let (progress, images) = lines.split_at(lines.len() - 2);
+        assert_eq!(
+            images,
+            [
+                format!(
+                    "image drive-scsi0: size={} zeros={a_zeros} saved={}",
+                    1 << 20,
+                    (1 << 20) - a_zeros
+                ),
+                format!(
+                    "image drive-scsi1: size={} zeros={b_zeros} saved=4096",
+                    100 << 10
+                ),
+            ],
+            "{err}"
+        );
+        assert_eq!(progress[0], format!("progress 0% 0/{total} 0"), "{err}");
+        assert_eq!(
+            *progress.last().unwrap(),
+            format!("progress 100% {total}/{total} {}", a_zeros + b_zeros),
+            "{err}"
+        );
+        let mut last = -1i64;
+        for l in progress {
+            let rest = l.strip_prefix("progress ").expect(l);
+            let (pct, rest) = rest.split_once("% ").expect(l);
+            let (done, rest) = rest.split_once('/').expect(l);
+            let (t, zeros) = rest.split_once(' ').expect(l);
+            let (pct, done, t, zeros): (i64, u64, u64, u64) = (
+                pct.parse().unwrap(),
+                done.parse().unwrap(),
+                t.parse().unwrap(),
+                zeros.parse().unwrap(),
+            );
+            assert_eq!(t, total, "{l}");
+            assert_eq!(pct, (done * 100 / total) as i64, "{l}");
+            assert!(pct > last && zeros <= done, "{l}");
+            last = pct;
+        }
+    }
+    assert_eq!(
+        std::fs::read(path("A.vma")).unwrap().len(),
+        std::fs::read(path("E.vma")).unwrap().len()
+    );
+    // Without -v: nothing on stderr.
+    let o = Command::new(vma_bin())
+        .args(["create", "Q.vma", "-d", "format=raw:drive-scsi0=a.raw"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!((code(&o), stderr(&o)), (0, String::new()));
+}

@@ -1102,7 +1102,7 @@ fn archive_images(
         if let AnyWriter::Native(w) = &mut writer {
             w.set_progress(progress.callback());
         }
-        feed_images(&mut writer, &drives, images, &progress)?;
+        feed_images(&mut pve::tally(&mut writer, &drives), &drives, images, &progress)?;
         writer.finish()?;
         Ok(())
     })?;

@@ -18,11 +18,15 @@
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::ops::Range;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::targets::{self, Counts, Groups, RestoreError, SizeMismatch, Target, TargetSpec, Zeros};
-use vma_core::Header;
+use vma_core::write::writer::ClusterWriter;
+use vma_core::{ClusterNo, DriveId, DriveInfo, Header};
 
 const USAGE: &str = "usage: vma command [command options]
 
@@ -692,6 +696,137 @@ fn extract(filename: &str, dir: &Path, opts: &Opts) -> Result<(), Fatal> {
     Ok(())
 }
 
+/// Whether `create -v` in Proxmox's grammar runs: [`tally`] then counts.
+static CREATE_VERBOSE: AtomicBool = AtomicBool::new(false);
+
+/// The per-drive `(name, size, zero bytes)` of the last archive [`tally`] saw.
+static CREATE_IMAGES: Mutex<Vec<(String, u64, u64)>> = Mutex::new(Vec::new());
+
+/// What Proxmox's `vma create -v` counts per drive: bytes transferred and
+/// zero bytes (the bytes of every all-zero 4 KiB block; a drive's last
+/// cluster counts only up to the drive's end, so `zeros` never exceeds
+/// `size`).
+struct DriveTally {
+    id: DriveId,
+    name: String,
+    size: u64,
+    transferred: u64,
+    zeros: u64,
+}
+
+/// A [`ClusterWriter`] that passes clusters on and, for Proxmox's `create
+/// -v`, prints its `progress P% DONE/TOTAL ZEROS` lines on standard error
+/// and keeps the per-drive counts for the `image` lines.
+pub(crate) struct Tally<'a> {
+    inner: &'a mut dyn ClusterWriter,
+    drives: Option<(Vec<DriveTally>, i64)>,
+}
+
+/// Wrap `inner` (the writer of `create`); it counts only in Proxmox's
+/// `create -v`.
+pub(crate) fn tally<'a>(inner: &'a mut dyn ClusterWriter, drives: &[DriveInfo]) -> Tally<'a> {
+    let drives = CREATE_VERBOSE.load(Ordering::Relaxed).then(|| {
+        let t = drives
+            .iter()
+            .map(|d| DriveTally {
+                id: d.id,
+                name: d.name.clone(),
+                size: d.size,
+                transferred: 0,
+                zeros: 0,
+            })
+            .collect();
+        (t, -1)
+    });
+    let mut t = Tally { inner, drives };
+    t.progress();
+    t
+}
+
+impl Tally<'_> {
+    /// Count `clusters` from `first` on: all zero, or with `zeros` zero bytes.
+    fn add(&mut self, drive: DriveId, first: u64, clusters: u64, zeros: Option<u64>) {
+        if let Some((drives, _)) = &mut self.drives {
+            if let Some(d) = drives.iter_mut().find(|d| d.id == drive) {
+                let end = ((first + clusters) * 65536).min(d.size);
+                let bytes = end.saturating_sub(first * 65536);
+                d.transferred += bytes;
+                d.zeros += zeros.unwrap_or(bytes);
+            }
+            self.progress();
+        }
+    }
+
+    fn progress(&mut self) {
+        let Some((drives, last)) = &mut self.drives else {
+            return;
+        };
+        let total: u64 = drives.iter().map(|d| d.size).sum();
+        let done: u64 = drives.iter().map(|d| d.transferred).sum();
+        let zeros: u64 = drives.iter().map(|d| d.zeros).sum();
+        let percent = (done * 100).checked_div(total).unwrap_or(100) as i64;
+        if percent != *last {
+            *last = percent;
+            eprintln!("progress {percent}% {done}/{total} {zeros}");
+        }
+    }
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        if let Some((drives, _)) = &self.drives {
+            if let Ok(mut images) = CREATE_IMAGES.lock() {
+                *images = drives
+                    .iter()
+                    .map(|d| (d.name.clone(), d.size, d.zeros))
+                    .collect();
+            }
+        }
+    }
+}
+
+impl ClusterWriter for Tally<'_> {
+    fn write_cluster(
+        &mut self,
+        drive: DriveId,
+        cluster: ClusterNo,
+        data: &[u8],
+    ) -> vma_core::Result<()> {
+        self.inner.write_cluster(drive, cluster, data)?;
+        if self.drives.is_some() {
+            let zeros = data
+                .chunks(4096)
+                .filter(|b| b.iter().all(|&x| x == 0))
+                .map(|b| b.len() as u64)
+                .sum();
+            self.add(drive, cluster.0, 1, Some(zeros));
+        }
+        Ok(())
+    }
+
+    fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> vma_core::Result<()> {
+        self.inner.write_zeros(drive, clusters.clone())?;
+        let n = clusters.end.saturating_sub(clusters.start);
+        self.add(drive, clusters.start, n, None);
+        Ok(())
+    }
+
+    fn write_unchanged(&mut self, drive: DriveId, clusters: Range<u64>) -> vma_core::Result<()> {
+        self.inner.write_unchanged(drive, clusters)
+    }
+}
+
+/// The `image DEV: size=N zeros=N saved=N` lines of Proxmox's `create -v`.
+fn print_images() {
+    let images = CREATE_IMAGES.lock().map(|i| i.clone()).unwrap_or_default();
+    for (name, size, zeros) in images.iter().filter(|i| i.1 != 0) {
+        eprintln!(
+            "image {name}: size={size} zeros={zeros} saved={}",
+            *size as i64 - *zeros as i64
+        );
+    }
+}
+
 fn create(operands: &[String], opts: &Opts) -> Result<(), Fatal> {
     let verbose = flag(opts, 'v');
     let archive = &operands[0];
@@ -730,9 +865,9 @@ fn create(operands: &[String], opts: &Opts) -> Result<(), Fatal> {
         "--format".into(),
         "vma1".into(),
     ];
-    if !verbose || images.is_empty() {
-        argv.push("--quiet".into());
-    }
+    // Proxmox's `-v` lines come from [`tally`] instead of our progress bar and summary.
+    argv.push("--quiet".into());
+    CREATE_VERBOSE.store(verbose && !images.is_empty(), Ordering::Relaxed);
     for (_, c) in opts.iter().filter(|(c, _)| *c == 'c') {
         let c = c.clone().unwrap_or_default();
         let name = Path::new(&c)
@@ -755,7 +890,9 @@ fn create(operands: &[String], opts: &Opts) -> Result<(), Fatal> {
         Err(e) => return Err(fatal(format!("vma: {e}"))),
     };
     let Some(cmd) = exec else {
-        return crate::run(cli).map_err(|e| {
+        let result = crate::run(cli);
+        print_images();
+        return result.map_err(|e| {
             fatal(format!(
                 "vma: creating vma archive failed: {}",
                 crate::one_line(&e)
@@ -784,6 +921,7 @@ fn create(operands: &[String], opts: &Opts) -> Result<(), Fatal> {
         libc::close(saved);
     }
     let _ = child.wait();
+    print_images();
     result.map_err(|e| {
         fatal(format!(
             "vma: creating vma archive failed: {}",
