@@ -1064,3 +1064,163 @@ fn create_verbose_prints_progress_and_image_lines() {
         .unwrap();
     assert_eq!((code(&o), stderr(&o)), (0, String::new()));
 }
+
+/// A one-drive VMA v1 archive `A.vma` of `size` bytes of noise
+/// (`drive-scsi0`, source `d.raw`) in a new directory.
+fn small_v1(size: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("d.raw"), noise(11, size)).unwrap();
+    let o = Command::new(vma_bin())
+        .args(["create", "A.vma", "-d", "format=raw:drive-scsi0=d.raw"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    dir
+}
+
+/// Start `vma extract -r FIFO A.vma OUT` in `dir` and write `map` (a map
+/// line, then `done`) to the FIFO once it reads it.
+fn start_mapped_restore(dir: &Path, tag: &str, map: &str) -> std::process::Child {
+    let fifo = dir.join(format!("{tag}.fifo"));
+    let o = Command::new("mkfifo").arg(&fifo).output().unwrap();
+    assert!(o.status.success());
+    let child = Command::new(vma_bin())
+        .args(["extract", "-r"])
+        .arg(&fifo)
+        .arg("A.vma")
+        .arg(format!("out-{tag}"))
+        .current_dir(dir)
+        .env_remove("VMA_COMPAT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::fs::write(&fifo, format!("{map}\ndone\n")).unwrap();
+    child
+}
+
+/// The `flags:` of the descriptor of process `pid` open on `path`, once
+/// it has one (None when the process ended first).
+fn open_flags(pid: u32, path: &Path) -> Option<u32> {
+    let want = std::fs::canonicalize(path).unwrap();
+    for _ in 0..1000 {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return None;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).ok().as_deref() == Some(want.as_path()) {
+                let info = std::fs::read_to_string(format!(
+                    "/proc/{pid}/fdinfo/{}",
+                    fd.file_name().to_string_lossy()
+                ))
+                .ok()?;
+                let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+                return u32::from_str_radix(flags.trim(), 8).ok();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    None
+}
+
+/// `cache=` of a map line is applied to raw targets: writethrough, none
+/// and directsync open the target with O_DSYNC, writeback (the default)
+/// and unsafe do not; every mode restores the same bytes; an unknown mode
+/// is refused before anything is written, naming the modes.
+#[test]
+fn map_cache_modes_are_applied() {
+    const O_DSYNC: u32 = 0o10000;
+    let size = 1 << 20;
+    let dir = small_v1(size);
+    let d = dir.path();
+    let modes = [
+        ("writeback", false),
+        ("writethrough", true),
+        ("none", true),
+        ("off", true),
+        ("directsync", true),
+        ("unsafe", false),
+        ("", false),
+    ];
+    let mut running = Vec::new();
+    for (i, (mode, _)) in modes.iter().enumerate() {
+        let target = d.join(format!("t{i}.raw"));
+        std::fs::File::create(&target)
+            .unwrap()
+            .set_len(size as u64)
+            .unwrap();
+        let cache = if mode.is_empty() {
+            String::new()
+        } else {
+            format!("cache={mode}:")
+        };
+        // Throttled to about a second, so the descriptor can be looked at.
+        let line = format!(
+            "{cache}throttling.bps=1048576:format=raw:0:drive-scsi0={}",
+            p(&target)
+        );
+        running.push((start_mapped_restore(d, &format!("m{i}"), &line), target));
+    }
+    for ((mode, dsync), (child, target)) in modes.iter().zip(running) {
+        let flags = open_flags(child.id(), &target)
+            .unwrap_or_else(|| panic!("cache={mode}: the target was never open"));
+        assert_eq!(flags & O_DSYNC != 0, *dsync, "cache={mode}: flags {flags:o}");
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(code(&o), 0, "cache={mode}: {}", stderr(&o));
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            std::fs::read(d.join("d.raw")).unwrap(),
+            "cache={mode}"
+        );
+    }
+    let target = d.join("bad.raw");
+    std::fs::write(&target, vec![7u8; size]).unwrap();
+    let child = start_mapped_restore(
+        d,
+        "bad",
+        &format!("cache=fast:0:drive-scsi0={}", p(&target)),
+    );
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 1);
+    assert_eq!(
+        stderr(&o),
+        "vma: invalid cache option: fast\n(the cache modes are none, off, writeback, writethrough, directsync and unsafe)\n"
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), vec![7u8; size]);
+}
+
+/// `throttling.bps=N`: a restore of S data bytes takes at least S/N
+/// seconds (less a small burst allowance) and not much longer.
+#[test]
+fn map_throttling_limits_the_rate() {
+    let size = 2 << 20;
+    let dir = small_v1(size);
+    let d = dir.path();
+    let target = d.join("t.raw");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(size as u64)
+        .unwrap();
+    let bps = 1u64 << 20;
+    let start = std::time::Instant::now();
+    let child = start_mapped_restore(
+        d,
+        "thr",
+        &format!("throttling.bps={bps}:format=raw:1:drive-scsi0={}", p(&target)),
+    );
+    let o = child.wait_with_output().unwrap();
+    let took = start.elapsed().as_secs_f64();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let expected = size as f64 / bps as f64;
+    assert!(
+        took >= expected - 0.1 && took < expected * 1.5 + 1.0,
+        "{size} bytes at {bps} B/s took {took:.2} s (expected about {expected:.2} s)"
+    );
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        std::fs::read(d.join("d.raw")).unwrap()
+    );
+    eprintln!("{size} bytes at {bps} B/s: {took:.2} s");
+}

@@ -504,12 +504,15 @@ fn read_map(fifo: &str) -> Result<Vec<MapLine>, Fatal> {
     Ok(lines)
 }
 
-fn check_cache(cache: &Option<String>) -> Result<(), Fatal> {
+/// The cache mode of a map line (QEMU's names; none given: `writeback`).
+fn cache_mode(cache: &Option<String>) -> Result<targets::Cache, Fatal> {
     match cache.as_deref() {
-        None | Some("none" | "off" | "directsync" | "writeback" | "unsafe" | "writethrough") => {
-            Ok(())
-        }
-        Some(m) => Err(fatal(format!("vma: invalid cache option: {m}"))),
+        None => Ok(targets::Cache::Writeback),
+        Some(m) => targets::Cache::parse(m).ok_or_else(|| {
+            fatal(format!(
+                "vma: invalid cache option: {m}\n(the cache modes are none, off, writeback, writethrough, directsync and unsafe)"
+            ))
+        }),
     }
 }
 
@@ -625,8 +628,9 @@ fn extract(filename: &str, dir: &Path, opts: &Opts) -> Result<(), Fatal> {
                         }
                         Some(MapLine::Skip(_)) => continue,
                         Some(MapLine::Target(_, spec, cache)) => {
-                            check_cache(cache)?;
-                            spec.clone()
+                            let mut spec = spec.clone();
+                            spec.cache = cache_mode(cache)?;
+                            spec
                         }
                     }
                 }

@@ -72,6 +72,60 @@ pub struct TargetSpec {
     pub max_slack: Option<u64>,
     /// Check free space of file targets before writing.
     pub space_check: bool,
+    /// How writes reach stable storage.
+    pub cache: Cache,
+}
+
+/// QEMU's cache modes (the `cache=` of a Proxmox map line): how writes
+/// reach stable storage. Targets in QEMU formats get exactly QEMU's
+/// meaning (`cache.direct`, `cache.no-flush` and the export's
+/// `writethrough`); raw files and block devices, written in place:
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Cache {
+    /// Through the page cache, flushed (fsync) once at the end.
+    #[default]
+    Writeback,
+    /// Every write synchronous (`O_DSYNC`).
+    Writethrough,
+    /// QEMU's `O_DIRECT` mode; raw targets: every write synchronous
+    /// (`O_DSYNC`) through the page cache, since O_DIRECT would need
+    /// aligned buffers on every path.
+    None,
+    /// `O_DIRECT` and synchronous in QEMU; raw targets: `O_DSYNC`.
+    DirectSync,
+    /// Through the page cache and never flushed (the data may be lost on a
+    /// crash shortly after the restore).
+    Unsafe,
+}
+
+impl Cache {
+    /// A mode by QEMU's name (`off` is `none`).
+    pub fn parse(mode: &str) -> Option<Cache> {
+        Some(match mode {
+            "writeback" => Cache::Writeback,
+            "writethrough" => Cache::Writethrough,
+            "none" | "off" => Cache::None,
+            "directsync" => Cache::DirectSync,
+            "unsafe" => Cache::Unsafe,
+            _ => return Option::None,
+        })
+    }
+
+    /// Whether raw targets are opened with `O_DSYNC`.
+    fn dsync(self) -> bool {
+        matches!(self, Cache::Writethrough | Cache::None | Cache::DirectSync)
+    }
+
+    /// `cache.direct`, `cache.no-flush` and the export's `writethrough`.
+    fn qemu_options(self) -> (bool, bool, bool) {
+        match self {
+            Cache::Writeback => (false, false, false),
+            Cache::Writethrough => (false, false, true),
+            Cache::None => (true, false, false),
+            Cache::DirectSync => (true, false, true),
+            Cache::Unsafe => (false, true, false),
+        }
+    }
 }
 
 impl TargetSpec {
@@ -85,6 +139,7 @@ impl TargetSpec {
             group: None,
             max_slack: None,
             space_check: true,
+            cache: Cache::Writeback,
         }
     }
 
@@ -152,6 +207,7 @@ pub struct Target {
     throttle: Option<Rc<RefCell<Throttle>>>,
     /// Zero range waiting to be established (coalesced).
     zero_run: Option<(u64, u64)>,
+    cache: Cache,
     /// Bytes written as data.
     pub written: u64,
 }
@@ -235,12 +291,14 @@ impl Target {
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
-                    .custom_flags(libc::O_NONBLOCK)
+                    .custom_flags(
+                        libc::O_NONBLOCK | if spec.cache.dsync() { libc::O_DSYNC } else { 0 },
+                    )
                     .open(path)
                     .with_context(|| format!("opening target {} of drive {drive}", spec.path))?;
                 Kind::Direct { file, block_device }
             } else {
-                start_nbd(path, &format, block_device)
+                start_nbd(path, &format, block_device, spec.cache)
                     .with_context(|| format!("opening {format} target {}", spec.path))?
             }
         };
@@ -252,6 +310,7 @@ impl Target {
             kind,
             throttle,
             zero_run: None,
+            cache: spec.cache,
             written: 0,
         };
         let len = target.len()?;
@@ -514,6 +573,7 @@ impl Target {
         self.flush_zeros()?;
         let path = self.path.clone();
         match &mut self.kind {
+            Kind::Direct { .. } if self.cache == Cache::Unsafe => Ok(()),
             Kind::Direct { file, .. } => {
                 file.sync_all().with_context(|| format!("flushing {path}"))
             }
@@ -523,7 +583,9 @@ impl Target {
                 dir,
             } => {
                 let c = client.take().expect("open");
-                c.flush().with_context(|| format!("flushing {path}"))?;
+                if self.cache != Cache::Unsafe {
+                    c.flush().with_context(|| format!("flushing {path}"))?;
+                }
                 c.disconnect();
                 stop_daemon(daemon, dir)
             }
@@ -594,7 +656,7 @@ fn qemu_opt(value: &str) -> String {
 
 /// Export `path` (in `format`) read-write over NBD with
 /// `qemu-storage-daemon` and connect to it.
-fn start_nbd(path: &Path, format: &str, block_device: bool) -> Result<Kind> {
+fn start_nbd(path: &Path, format: &str, block_device: bool, cache: Cache) -> Result<Kind> {
     if !format
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
@@ -609,16 +671,22 @@ fn start_nbd(path: &Path, format: &str, block_device: bool) -> Result<Kind> {
     let sock = dir.join("nbd.sock");
     let abs = std::fs::canonicalize(path)?;
     let proto = if block_device { "host_device" } else { "file" };
+    let (direct, no_flush, writethrough) = cache.qemu_options();
+    let onoff = |b: bool| if b { "on" } else { "off" };
     let mut daemon = Command::new("qemu-storage-daemon");
     daemon
         .arg("--blockdev")
         .arg(format!(
-            "driver={proto},filename={},node-name=proto0,discard=unmap",
-            qemu_opt(&abs.to_string_lossy())
+            "driver={proto},filename={},node-name=proto0,discard=unmap,cache.direct={},cache.no-flush={}",
+            qemu_opt(&abs.to_string_lossy()),
+            onoff(direct),
+            onoff(no_flush)
         ))
         .arg("--blockdev")
         .arg(format!(
-            "driver={format},file=proto0,node-name=fmt0,discard=unmap"
+            "driver={format},file=proto0,node-name=fmt0,discard=unmap,cache.direct={},cache.no-flush={}",
+            onoff(direct),
+            onoff(no_flush)
         ))
         .arg("--nbd-server")
         .arg(format!(
@@ -626,7 +694,10 @@ fn start_nbd(path: &Path, format: &str, block_device: bool) -> Result<Kind> {
             qemu_opt(&sock.to_string_lossy())
         ))
         .arg("--export")
-        .arg("type=nbd,id=exp0,node-name=fmt0,name=target,writable=on")
+        .arg(format!(
+            "type=nbd,id=exp0,node-name=fmt0,name=target,writable=on,writethrough={}",
+            onoff(writethrough)
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
