@@ -1224,3 +1224,98 @@ fn map_throttling_limits_the_rate() {
     );
     eprintln!("{size} bytes at {bps} B/s: {took:.2} s");
 }
+
+/// VMA v1 archives and streams: `extract` into a directory, or `--to` a
+/// file, on a file system too small for the data bound the header gives
+/// (the drives' sizes, or an uncompressed archive file's size when
+/// smaller) is refused up front, naming what is needed, what is free and
+/// `--no-space-check`; with `--no-space-check`, or when the bound fits,
+/// the restore runs.
+#[test]
+fn v1_free_space_preflight() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sparse = d.join("sparse.raw");
+    sparse_image(&sparse, 16 << 20, &[(0, 1 << 20, 21)]);
+    let full = d.join("full.raw");
+    std::fs::write(&full, noise(22, 12 << 20)).unwrap();
+    for (name, src) in [("S.vma", &sparse), ("F.vma", &full)] {
+        let o = Command::new(vma_bin())
+            .args(["create", name, "-d"])
+            .arg(format!("format=raw:drive-scsi0={}", p(src)))
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+    }
+    let fs = SmallFs::new(&d.join("small"), "8m");
+    let in_fs = |n: &str| fs.path().join(n);
+    let extract = |args: &[&str], stdin: Option<&Path>| -> Output {
+        let mut c = Command::new(vma_bin());
+        c.arg("extract").args(args).current_dir(d);
+        match stdin {
+            Some(f) => c.stdin(std::fs::File::open(f).unwrap()),
+            None => c.stdin(Stdio::null()),
+        };
+        c.output().unwrap()
+    };
+    // An archive file of 12 MiB of data: refused, nothing created.
+    let o = extract(&["F.vma", p(&in_fs("f/out"))], None);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("not enough free space in")
+            && err.contains("(12582912 bytes;")
+            && err.contains("(8388608 bytes) free")
+            && err.contains("--no-space-check"),
+        "{err}"
+    );
+    assert!(fs.entries().is_empty(), "{:?}", fs.entries());
+    // A 16 MiB sparse drive in a small archive file: the file's size bounds it.
+    let o = extract(&["S.vma", p(&in_fs("s"))], None);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(in_fs("s/drive-scsi0.raw")).unwrap(),
+        std::fs::read(&sparse).unwrap()
+    );
+    std::fs::remove_dir_all(in_fs("s")).unwrap();
+    // The same archive as a stream: only the drive's size bounds it.
+    let o = extract(&["-", p(&in_fs("s"))], Some(&d.join("S.vma")));
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("up to 16.0 MiB (16777216 bytes; the drives' size"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(fs.entries().is_empty(), "{:?}", fs.entries());
+    let o = extract(
+        &["--no-space-check", "-", p(&in_fs("s"))],
+        Some(&d.join("S.vma")),
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(in_fs("s/drive-scsi0.raw")).unwrap(),
+        std::fs::read(&sparse).unwrap()
+    );
+    std::fs::remove_dir_all(in_fs("s")).unwrap();
+    // --to a file on the small file system, from the stream.
+    let t = in_fs("t.raw");
+    std::fs::File::create(&t).unwrap().set_len(16 << 20).unwrap();
+    let o = extract(&["-", "--to", p(&t)], Some(&d.join("S.vma")));
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not enough free space for drive drive-scsi0")
+            && stderr(&o).contains("--no-space-check"),
+        "{}",
+        stderr(&o)
+    );
+    let o = extract(
+        &["--no-space-check", "-", "--to", p(&t)],
+        Some(&d.join("S.vma")),
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(&t).unwrap(),
+        std::fs::read(&sparse).unwrap()
+    );
+}

@@ -25,6 +25,7 @@ mod s3;
 mod salvage;
 mod serve;
 mod signals;
+mod space;
 mod targets;
 
 use std::fs::File;
@@ -183,8 +184,10 @@ enum Command {
         /// pre-zeroed), so zero regions are not touched.
         #[arg(long, requires = "to")]
         target_zeroed: bool,
-        /// With `--to`: skip the free-space check of file targets.
-        #[arg(long, requires = "to")]
+        /// Skip the free-space check (of `--to` file targets, and of a
+        /// directory for a VMA v1 archive, whose header bounds the data
+        /// only by the drive sizes).
+        #[arg(long)]
         no_space_check: bool,
         /// Overwrite existing files.
         #[arg(long)]
@@ -582,7 +585,13 @@ fn run(cli: Cli) -> Result<()> {
                 check_drive_digests: drive_digest,
                 progress: None,
             };
-            extract_cmd(&archive, &target_dir, options, &parents, json, quiet)
+            extract_cmd(
+                &archive,
+                &target_dir,
+                options,
+                &parents,
+                (json, quiet, no_space_check),
+            )
         }
         Command::Mount(args) => mount::mount(&args),
         Command::Capture(args) => capture::capture(&args, quiet),
@@ -1478,11 +1487,10 @@ fn extract_cmd(
     dir: &Path,
     options: ExtractOptions,
     parents: &[PathBuf],
-    json: bool,
-    quiet: bool,
+    (json, quiet, no_space_check): (bool, bool, bool),
 ) -> Result<()> {
     let target = outdir::TargetDir::check(dir)?;
-    let result = extract_into(archive, dir, options, parents, json, quiet);
+    let result = extract_into(archive, dir, options, parents, json, quiet, no_space_check);
     if result.is_err() {
         target.undo();
     }
@@ -1496,9 +1504,14 @@ fn extract_into(
     parents: &[PathBuf],
     json: bool,
     quiet: bool,
+    no_space_check: bool,
 ) -> Result<()> {
     signals::clear_stale(dir)?;
     let (stream, path, compression) = open_stream(archive)?;
+    if !no_space_check && !stream.format().is_native() {
+        let len = space::archive_len(path.as_deref(), compression);
+        space::check_v1_dir(dir, stream.header(), &options.drives, len)?;
+    }
     let ancestors = Chain::open_parent(stream.header(), path.as_deref(), parents)?;
     let total = match (&path, compression) {
         (Some(p), StreamCompression::None) => s3::input_len(p),

@@ -957,6 +957,9 @@ pub fn extract_to(
         }
         _ => None,
     };
+    // VMA v1: the drive's size bounds its data (or the archive's size).
+    let v1_len = (!stream.format().is_native())
+        .then(|| crate::space::archive_len(path.as_deref(), compression));
     let mut targets: Vec<Option<Target>> = (0..=255).map(|_| None).collect();
     let mut groups = Groups::default();
     for (name, to) in names.iter().zip(tos) {
@@ -983,11 +986,14 @@ pub fn extract_to(
             spec.zeros = Zeros::Skip;
         }
         spec.space_check = !no_space_check;
-        let data = records.as_ref().and_then(|rs| {
-            rs.iter()
-                .find(|r| r.drive == d.id)
-                .map(|r| r.data_clusters * CS)
-        });
+        let data = match v1_len {
+            Some(len) => Some(crate::space::v1_bound(d.size, len)),
+            None => records.as_ref().and_then(|rs| {
+                rs.iter()
+                    .find(|r| r.drive == d.id)
+                    .map(|r| r.data_clusters * CS)
+            }),
+        };
         targets[d.id.0 as usize] = Some(Target::open(&spec, &d.name, d.size, data, &mut groups)?);
     }
     let start = Instant::now();
