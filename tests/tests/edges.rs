@@ -622,3 +622,69 @@ fn stale_temporaries_of_gone_processes_are_removed_by_the_next_run() {
     assert!(stderr(&o).contains(p(&stale)), "{}", stderr(&o));
     assert!(target.join("disk.raw").exists());
 }
+
+/// SIGINT during `extract` into a new directory (two levels made by the
+/// run) from a pipe that stops half way leaves nothing: no temporaries,
+/// no directories; into an existing directory, the directory stays, empty.
+#[test]
+fn interrupted_extract_removes_the_directories_it_made() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let disk = d.join("disk.raw");
+    std::fs::write(&disk, noise(5, 8 << 20)).unwrap();
+    std::fs::write(d.join("vm.conf"), "memory: 512\n").unwrap();
+    let archive = d.join("a.vma");
+    let o = vma(&[
+        "create",
+        "--quiet",
+        "--compress",
+        "none",
+        "--config",
+        &format!("qemu-server.conf={}", p(&d.join("vm.conf"))),
+        p(&archive),
+        p(&disk),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let bytes = std::fs::read(&archive).unwrap();
+    let existing = d.join("existing");
+    std::fs::create_dir(&existing).unwrap();
+    for (target, made) in [
+        (d.join("new/restore"), Some(d.join("new"))),
+        (existing.clone(), None),
+    ] {
+        let mut child = Command::new(vma_bin())
+            .args(["extract", "--quiet", "-", p(&target)])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&bytes[..bytes.len() / 2]).unwrap();
+        wait_for_temporary(&mut child, &target);
+        signal(&child, libc::SIGINT);
+        let o = finish_within(child, Duration::from_secs(20), "extract");
+        drop(stdin);
+        assert_eq!(code(&o), 128 + libc::SIGINT, "{}", stderr(&o));
+        match made {
+            Some(made) => {
+                assert!(
+                    !made.exists(),
+                    "{} is left behind: {}",
+                    made.display(),
+                    stderr(&o)
+                );
+                assert!(
+                    stderr(&o).contains(&format!("removed {}, which this run made", p(&made))),
+                    "{}",
+                    stderr(&o)
+                );
+            }
+            None => assert_eq!(
+                std::fs::read_dir(&target).unwrap().count(),
+                0,
+                "{}",
+                stderr(&o)
+            ),
+        }
+    }
+}

@@ -1491,8 +1491,9 @@ fn extract_cmd(
 ) -> Result<()> {
     let target = outdir::TargetDir::check(dir)?;
     let result = extract_into(archive, dir, options, parents, json, quiet, no_space_check);
-    if result.is_err() {
-        target.undo();
+    match &result {
+        Ok(()) => target.keep(),
+        Err(_) => target.undo(),
     }
     result
 }

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// What a signal does.
 pub(crate) enum OnSignal {
     /// Remove every temporary file (waiting for a commit step under way to
-    /// complete), say so, and exit with 128 + the signal's number.
+    /// complete) and the empty directories `extract` made, say so, and
+    /// exit with 128 + the signal's number.
     Exit,
     /// Set the flag: the command cancels what it does and cleans up itself.
     Cancel(&'static AtomicBool),
@@ -60,6 +61,8 @@ pub(crate) fn install(on: OnSignal) {
                         );
                     }
                     let removed = vma_core::atomic::remove_temporaries();
+                    // Then the directories `extract` made for them, if empty.
+                    let dirs = crate::outdir::remove_made();
                     eprintln!(
                         "vma: interrupted by {}; removed {} temporary file(s){}",
                         name(signal),
@@ -77,6 +80,9 @@ pub(crate) fn install(on: OnSignal) {
                             )
                         }
                     );
+                    for d in dirs {
+                        eprintln!("vma: removed {}, which this run made", d.display());
+                    }
                     // SAFETY: ends the process at once; every output that
                     // was not committed has just been removed.
                     unsafe { libc::_exit(128 + signal) };
