@@ -1319,3 +1319,60 @@ fn v1_free_space_preflight() {
         std::fs::read(&sparse).unwrap()
     );
 }
+
+/// `extract --to` reports progress as plain `extract` does: with `-v` and
+/// no terminal, `vma: extract P% (DONE of TOTAL)` lines on stderr; without
+/// `-v` none (no terminal); with `-q`, nothing at all.
+#[test]
+fn extract_to_reports_progress() {
+    let size = 4 << 20;
+    let dir = small_v1(size);
+    let d = dir.path();
+    let bytes = std::fs::read(d.join("A.vma")).unwrap();
+    let target = d.join("t.raw");
+    let run = |flags: &[&str]| -> Output {
+        std::fs::File::create(&target)
+            .unwrap()
+            .set_len(size as u64)
+            .unwrap();
+        let mut child = Command::new(vma_bin())
+            .args(flags)
+            .args(["extract", "-", "--to"])
+            .arg(&target)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Half, a pause the progress thread sees, then the rest.
+        let mut stdin = child.stdin.take().unwrap();
+        use std::io::Write;
+        stdin.write_all(&bytes[..bytes.len() / 2]).unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        stdin.write_all(&bytes[bytes.len() / 2..]).unwrap();
+        drop(stdin);
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(code(&o), 0, "{flags:?}: {}", stderr(&o));
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            std::fs::read(d.join("d.raw")).unwrap()
+        );
+        o
+    };
+    let o = run(&["-v"]);
+    let err = stderr(&o);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("vma: extract "))
+        .collect();
+    assert!(!lines.is_empty(), "{err}");
+    for l in &lines {
+        assert!(l.ends_with(" of 4.0 MiB)") && l.contains("% ("), "{l}");
+    }
+    let o = run(&[]);
+    assert!(!stderr(&o).contains("vma: extract "), "{}", stderr(&o));
+    assert!(stderr(&o).contains("vma: restored 1 drive(s)"));
+    let o = run(&["-q"]);
+    assert_eq!(stderr(&o), "");
+}

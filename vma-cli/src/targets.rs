@@ -996,8 +996,15 @@ pub fn extract_to(
         };
         targets[d.id.0 as usize] = Some(Target::open(&spec, &d.name, d.size, data, &mut groups)?);
     }
+    // Progress over the stream's logical bytes (every drive's clusters,
+    // the drives not restored included: the stream holds them all).
+    let total: u64 = header.drives.iter().map(|d| d.size.div_ceil(CS) * CS).sum();
+    let progress = crate::output::Progress::bytes(total, "extract", quiet);
     let start = Instant::now();
-    let restored = restore(stream, &mut targets, threads, false, |_| {})?;
+    let restored = restore(stream, &mut targets, threads, false, |c| {
+        progress.set(c.clusters * CS)
+    })?;
+    progress.finish();
     if !quiet {
         eprintln!(
             "vma: restored {} drive(s) in {:.1} s ({} cluster entries read)",
