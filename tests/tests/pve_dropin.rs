@@ -1166,7 +1166,11 @@ fn map_cache_modes_are_applied() {
     for ((mode, dsync), (child, target)) in modes.iter().zip(running) {
         let flags = open_flags(child.id(), &target)
             .unwrap_or_else(|| panic!("cache={mode}: the target was never open"));
-        assert_eq!(flags & O_DSYNC != 0, *dsync, "cache={mode}: flags {flags:o}");
+        assert_eq!(
+            flags & O_DSYNC != 0,
+            *dsync,
+            "cache={mode}: flags {flags:o}"
+        );
         let o = child.wait_with_output().unwrap();
         assert_eq!(code(&o), 0, "cache={mode}: {}", stderr(&o));
         assert_eq!(
@@ -1208,7 +1212,10 @@ fn map_throttling_limits_the_rate() {
     let child = start_mapped_restore(
         d,
         "thr",
-        &format!("throttling.bps={bps}:format=raw:1:drive-scsi0={}", p(&target)),
+        &format!(
+            "throttling.bps={bps}:format=raw:1:drive-scsi0={}",
+            p(&target)
+        ),
     );
     let o = child.wait_with_output().unwrap();
     let took = start.elapsed().as_secs_f64();
@@ -1300,7 +1307,10 @@ fn v1_free_space_preflight() {
     std::fs::remove_dir_all(in_fs("s")).unwrap();
     // --to a file on the small file system, from the stream.
     let t = in_fs("t.raw");
-    std::fs::File::create(&t).unwrap().set_len(16 << 20).unwrap();
+    std::fs::File::create(&t)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
     let o = extract(&["-", "--to", p(&t)], Some(&d.join("S.vma")));
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(
@@ -1314,10 +1324,7 @@ fn v1_free_space_preflight() {
         Some(&d.join("S.vma")),
     );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert_eq!(
-        std::fs::read(&t).unwrap(),
-        std::fs::read(&sparse).unwrap()
-    );
+    assert_eq!(std::fs::read(&t).unwrap(), std::fs::read(&sparse).unwrap());
 }
 
 /// `extract --to` reports progress as plain `extract` does: with `-v` and

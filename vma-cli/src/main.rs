@@ -1111,7 +1111,12 @@ fn archive_images(
         if let AnyWriter::Native(w) = &mut writer {
             w.set_progress(progress.callback());
         }
-        feed_images(&mut pve::tally(&mut writer, &drives), &drives, images, &progress)?;
+        feed_images(
+            &mut pve::tally(&mut writer, &drives),
+            &drives,
+            images,
+            &progress,
+        )?;
         writer.finish()?;
         Ok(())
     })?;

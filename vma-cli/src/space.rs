@@ -27,9 +27,7 @@ pub(crate) fn v1_bound(sizes: u64, archive_len: Option<u64>) -> u64 {
 /// compressed file, whose length says nothing about the data).
 pub(crate) fn archive_len(path: Option<&Path>, compression: StreamCompression) -> Option<u64> {
     match (path, compression) {
-        (Some(p), StreamCompression::None) => {
-            Some(crate::s3::input_len(p)).filter(|l| *l > 0)
-        }
+        (Some(p), StreamCompression::None) => Some(crate::s3::input_len(p)).filter(|l| *l > 0),
         _ => None,
     }
 }
