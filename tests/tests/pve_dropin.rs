@@ -1161,11 +1161,13 @@ fn map_cache_modes_are_applied() {
             "{cache}throttling.bps=1048576:format=raw:0:drive-scsi0={}",
             p(&target)
         );
-        running.push((start_mapped_restore(d, &format!("m{i}"), &line), target));
-    }
-    for ((mode, dsync), (child, target)) in modes.iter().zip(running) {
+        let child = start_mapped_restore(d, &format!("m{i}"), &line);
+        // Looked at while this restore runs (the others may have ended).
         let flags = open_flags(child.id(), &target)
             .unwrap_or_else(|| panic!("cache={mode}: the target was never open"));
+        running.push((child, target, flags));
+    }
+    for ((mode, dsync), (child, target, flags)) in modes.iter().zip(running) {
         assert_eq!(
             flags & O_DSYNC != 0,
             *dsync,
