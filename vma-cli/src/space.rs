@@ -3,9 +3,13 @@
 //! A v1 archive has no index: its header gives only the drive sizes, so
 //! the data a restore may write is bounded by the selected drives' sizes,
 //! or, for an uncompressed archive file, by the archive's own length when
-//! that is smaller (v1 stores its blocks as they are). A restore whose
-//! target file system has less free space than that bound is refused up
-//! front; `--no-space-check` skips the check. (Native archives carry the
+//! that is smaller (v1 stores its blocks as they are). With an uncompressed
+//! archive file, a restore whose target file system has less free space
+//! than that bound is refused up front (`--no-space-check` skips the
+//! check). A compressed file or a stream gives only the drive sizes, which
+//! say nothing of a thin disk's data: exceeding them is a warning, not a
+//! refusal, and a restore that does run out of space fails and removes
+//! what it wrote. (Native archives carry the
 //! exact data size in their index; see [`crate::targets`].)
 
 use std::ffi::CString;
@@ -74,11 +78,18 @@ pub(crate) fn check_v1_dir(
     let Some(free) = free_bytes(dir) else {
         return Ok(());
     };
-    if need > free {
+    if need > free && archive_len.is_none() {
+        eprintln!(
+            "vma: warning: {} has {} free and the drives are {} in size; a VMA v1 stream records no data size, so a thin disk may still fit (a restore that runs out of space fails and removes what it wrote)",
+            dir.display(),
+            human_bytes(free),
+            human_bytes(need),
+        );
+    } else if need > free {
         let why = if archive_len.is_some_and(|l| l < sizes) {
             "the archive's size: VMA v1 records no data size"
         } else {
-            "the drives' size: a VMA v1 stream records no data size"
+            "the drives' size, below the archive's: VMA v1 records no data size"
         };
         bail!(
             "not enough free space in {}: the drives may need up to {} ({need} bytes; {why}), the file system has {} ({free} bytes) free; free some space, extract elsewhere, or pass --no-space-check if the drives are sparse enough to fit",

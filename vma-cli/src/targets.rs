@@ -986,8 +986,10 @@ pub fn extract_to(
             spec.zeros = Zeros::Skip;
         }
         spec.space_check = !no_space_check;
+        // A v1 stream or compressed file bounds the data only by the drive's
+        // size, which says nothing of a thin disk: no refusal then.
         let data = match v1_len {
-            Some(len) => Some(crate::space::v1_bound(d.size, len)),
+            Some(len) => len.map(|len| crate::space::v1_bound(d.size, Some(len))),
             None => records.as_ref().and_then(|rs| {
                 rs.iter()
                     .find(|r| r.drive == d.id)
