@@ -10,6 +10,7 @@
 //! - [`qcow2`]: qcow2 headers, extensions and table entries.
 //! - [`lzop`]: the lzop framing of `.vma.lzo` files.
 
+pub mod field;
 pub mod lzop;
 pub mod qcow2;
 pub mod v1;
