@@ -47,6 +47,16 @@ impl Field {
         self.at + self.len
     }
 
+    /// Element `i` of an array field whose elements are `len` bytes wide
+    /// (a reader still checks that it lies inside the bytes there are).
+    pub const fn element(self, i: usize, len: usize) -> Field {
+        Field {
+            name: self.name,
+            at: self.at + i * len,
+            len,
+        }
+    }
+
     /// The byte range of the field in its block.
     pub const fn range(self) -> std::ops::Range<usize> {
         self.at..self.at + self.len
@@ -302,6 +312,12 @@ impl<'a> FieldWriter<'a> {
     /// block starts (the current end of `out`).
     pub fn new(out: &'a mut Vec<u8>) -> Self {
         let start = out.len();
+        FieldWriter { out, start }
+    }
+
+    /// A writer for a block that starts at `start` of `out` (for blocks
+    /// already laid out and now filled in by field).
+    pub fn block_at(out: &'a mut Vec<u8>, start: usize) -> Self {
         FieldWriter { out, start }
     }
 
