@@ -154,8 +154,24 @@ impl From<FieldError> for crate::Error {
     }
 }
 
+/// Calls `$m!` with the one table of integer fields: method names,
+/// type, and its decoding and encoding functions.
+macro_rules! with_int_fields {
+    ($m:ident) => {
+        $m! {
+            u16_le, u16_le_at: u16, from_le_bytes, to_le_bytes;
+            u16_be, u16_be_at: u16, from_be_bytes, to_be_bytes;
+            u32_le, u32_le_at: u32, from_le_bytes, to_le_bytes;
+            u32_be, u32_be_at: u32, from_be_bytes, to_be_bytes;
+            u64_le, u64_le_at: u64, from_le_bytes, to_le_bytes;
+            u64_be, u64_be_at: u64, from_be_bytes, to_be_bytes;
+            i64_le, i64_le_at: i64, from_le_bytes, to_le_bytes;
+        }
+    };
+}
+
 macro_rules! read_ints {
-    ($($name:ident, $at:ident: $t:ty, $from:ident;)*) => {$(
+    ($($name:ident, $at:ident: $t:ty, $from:ident, $to:ident;)*) => {$(
         #[doc = concat!("The next `", stringify!($t), "`, ", stringify!($from), ".")]
         pub fn $name(&mut self) -> Result<$t, FieldError> {
             Ok(<$t>::$from(self.bytes::<{ std::mem::size_of::<$t>() }>()?))
@@ -275,19 +291,11 @@ impl<'a> FieldReader<'a> {
         Ok(self.field_bytes::<1>(field)?[0])
     }
 
-    read_ints! {
-        u16_le, u16_le_at: u16, from_le_bytes;
-        u16_be, u16_be_at: u16, from_be_bytes;
-        u32_le, u32_le_at: u32, from_le_bytes;
-        u32_be, u32_be_at: u32, from_be_bytes;
-        u64_le, u64_le_at: u64, from_le_bytes;
-        u64_be, u64_be_at: u64, from_be_bytes;
-        i64_le, i64_le_at: i64, from_le_bytes;
-    }
+    with_int_fields!(read_ints);
 }
 
 macro_rules! write_ints {
-    ($($name:ident, $at:ident: $t:ty, $to:ident;)*) => {$(
+    ($($name:ident, $at:ident: $t:ty, $from:ident, $to:ident;)*) => {$(
         #[doc = concat!("Append a `", stringify!($t), "`, ", stringify!($to), ".")]
         pub fn $name(&mut self, v: $t) -> &mut Self {
             self.out.extend_from_slice(&v.$to());
@@ -361,15 +369,7 @@ impl<'a> FieldWriter<'a> {
         self
     }
 
-    write_ints! {
-        u16_le, u16_le_at: u16, to_le_bytes;
-        u16_be, u16_be_at: u16, to_be_bytes;
-        u32_le, u32_le_at: u32, to_le_bytes;
-        u32_be, u32_be_at: u32, to_be_bytes;
-        u64_le, u64_le_at: u64, to_le_bytes;
-        u64_be, u64_be_at: u64, to_be_bytes;
-        i64_le, i64_le_at: i64, to_le_bytes;
-    }
+    with_int_fields!(write_ints);
 }
 
 #[cfg(test)]
@@ -419,7 +419,10 @@ mod tests {
         let mut r = FieldReader::new(&bytes, 100, "stand-in list");
         r.skip(8).unwrap();
         let e = r.u32_be().unwrap_err();
-        assert_eq!((e.structure, e.offset, e.need, e.have), ("stand-in list", 108, 4, 2));
+        assert_eq!(
+            (e.structure, e.offset, e.need, e.have),
+            ("stand-in list", 108, 4, 2)
+        );
         // A failed read consumes nothing.
         assert_eq!(r.u16_le().unwrap(), 0);
         assert_eq!(r.remaining(), 0);

@@ -49,7 +49,6 @@ pub const MAX_HEADER_LEN: usize = FIXED_HEADER_LEN + (17 << 20);
 /// Largest extent: header and 59 full clusters.
 pub const MAX_EXTENT_LEN: usize = EXTENT_HEADER_LEN + SLOTS_PER_EXTENT * CLUSTER_SIZE;
 
-
 /// The parts of a v1 header this toolkit uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct V1Header {
@@ -208,7 +207,9 @@ impl V1Header {
             let len = FieldReader::new(len_bytes, (blob_at + p) as u64, "blob")
                 .u16_le_at(BLOB_LEN)
                 .map_err(|_| bad())? as usize;
-            blobs.get(p + BLOB_LEN.len..p + BLOB_LEN.len + len).ok_or_else(bad)
+            blobs
+                .get(p + BLOB_LEN.len..p + BLOB_LEN.len + len)
+                .ok_or_else(bad)
         };
         let text = |bytes: &[u8], field_at: usize, what: &str| -> Result<String> {
             let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
@@ -543,7 +544,11 @@ mod tests {
     /// A big-endian u32 at a spec offset (independent of the layout above).
     fn be32(b: &[u8], at: usize) -> u32 {
         FieldReader::new(b, 0, "test")
-            .u32_be_at(Field { name: "test", at, len: 4 })
+            .u32_be_at(Field {
+                name: "test",
+                at,
+                len: 4,
+            })
             .unwrap()
     }
 

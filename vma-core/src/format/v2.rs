@@ -12,8 +12,8 @@ use crate::types::DriveId;
 
 use super::field::{fixed_block, FieldReader, FieldWriter, FixedBlock};
 use super::v3::{
-    extent_limits, sha256, short_check, BodyCounts, Codec, DriveRecord, IndexRun, DIGEST_LEN,
-    DRIVE_DIGEST_PRESENT, DRIVE_INTERRUPTED, EXTENT_HEADER_LEN, FOOTER_LEN,
+    extent_limits, sealed, self_check_holds, sha256, BodyCounts, Codec, DriveRecord, IndexRun,
+    DIGEST_LEN, DRIVE_DIGEST_PRESENT, DRIVE_INTERRUPTED, EXTENT_HEADER_LEN, FOOTER_LEN,
 };
 
 /// Major version of the archives described here.
@@ -100,9 +100,7 @@ impl ExtentHeader {
             .u32_le(self.stored_len)
             .u32_le(self.raw_len)
             .zeros(Self::RESERVED2.len);
-        let check = short_check(&b);
-        b.extend_from_slice(&check);
-        b.try_into().expect("the layout is EXTENT_HEADER_LEN bytes")
+        sealed(b)
     }
 
     /// Decode and check a 64-byte 2.0 extent header found at absolute `offset`.
@@ -118,7 +116,7 @@ impl ExtentHeader {
                 ),
             ));
         }
-        if !check_matches(r.field(Self::CHECK)?, &short_check(&b[..Self::CHECK.at])) {
+        if !self_check_holds(&r, b, Self::CHECK)? {
             return Err(Error::corrupt(
                 offset,
                 "extent header self-check does not match (header bytes damaged)",

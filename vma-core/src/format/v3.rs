@@ -12,7 +12,7 @@ use super::v2;
 use crate::digest::{check_matches, Sha256};
 
 use crate::error::{Error, Result};
-use crate::types::{clusters_for, DriveId};
+use crate::types::{clusters_for, ArchiveOffset, DriveId};
 
 /// Magic at offset 0 of every native archive (2.0 and 3.0). Never change.
 pub const ARCHIVE_MAGIC: [u8; 8] = *b"\x89VMA\r\n\x1a\n";
@@ -322,6 +322,24 @@ pub use crate::digest::sha256;
 /// The 8-byte self-check of fixed-size structures: first 8 bytes of SHA-256.
 pub fn short_check(data: &[u8]) -> [u8; 8] {
     sha256(data)[..8].try_into().expect("8 bytes")
+}
+
+/// A fixed block whose bytes before its self-check are `b`, with the
+/// self-check appended: `b` must be `N - 8` bytes long.
+pub(super) fn sealed<const N: usize>(mut b: Vec<u8>) -> [u8; N] {
+    let check = short_check(&b);
+    b.extend_from_slice(&check);
+    b.try_into().expect("the layout ends with its 8-byte check")
+}
+
+/// Whether the self-check field `check` of block `b` (read by `r`)
+/// matches the bytes before it.
+pub(super) fn self_check_holds(
+    r: &FieldReader<'_>,
+    b: &[u8],
+    check: super::field::Field,
+) -> Result<bool> {
+    Ok(check_matches(r.field(check)?, &short_check(&b[..check.at])))
 }
 
 fn names_of_bits(bits: u64) -> String {
@@ -1013,9 +1031,7 @@ impl ExtentHeader {
             .u8(self.codec.code())
             .u8(0) // cipher
             .zeros(Self::RESERVED.len);
-        let check = short_check(&b);
-        b.extend_from_slice(&check);
-        b.try_into().expect("the layout is EXTENT_HEADER_LEN bytes")
+        sealed(b)
     }
 
     /// Decode and check a 64-byte extent header found at absolute `offset`:
@@ -1033,7 +1049,7 @@ impl ExtentHeader {
                 ),
             ));
         }
-        if !check_matches(r.field(Self::CHECK)?, &short_check(&b[..Self::CHECK.at])) {
+        if !self_check_holds(&r, b, Self::CHECK)? {
             return Err(Error::corrupt(
                 offset,
                 "extent header self-check does not match (header bytes damaged)",
@@ -1219,18 +1235,18 @@ impl DriveRecord {
     /// Encode the 80-byte 3.0 record.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let flags = if self.digest.is_some() {
-                DRIVE_DIGEST_PRESENT
-            } else {
-                0
-            } | if self.interrupted {
-                DRIVE_INTERRUPTED
-            } else {
-                0
-            } | if self.unchanged {
-                DRIVE_HAS_UNCHANGED
-            } else {
-                0
-            };
+            DRIVE_DIGEST_PRESENT
+        } else {
+            0
+        } | if self.interrupted {
+            DRIVE_INTERRUPTED
+        } else {
+            0
+        } | if self.unchanged {
+            DRIVE_HAS_UNCHANGED
+        } else {
+            0
+        };
         FieldWriter::new(out)
             .u8(self.drive.0)
             .u8(flags)
@@ -1274,7 +1290,7 @@ impl DriveRecord {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExtentRecord {
     /// File offset of the extent's header.
-    pub offset: u64,
+    pub offset: ArchiveOffset,
     /// Total length of the extent.
     pub len: u32,
     /// The extent digest (its last 32 bytes).
@@ -1292,7 +1308,7 @@ impl ExtentRecord {
     /// Encode the 48-byte record.
     pub fn encode(&self, out: &mut Vec<u8>) {
         FieldWriter::new(out)
-            .u64_le(self.offset)
+            .u64_le(self.offset.get())
             .u32_le(self.len)
             .u32_le(0)
             .bytes(&self.digest);
@@ -1304,7 +1320,7 @@ impl ExtentRecord {
         let r = FieldReader::block::<Self>(b, 0);
         let whole = "a whole extent record";
         ExtentRecord {
-            offset: r.u64_le_at(Self::OFFSET).expect(whole),
+            offset: ArchiveOffset(r.u64_le_at(Self::OFFSET).expect(whole)),
             len: r.u32_le_at(Self::TOTAL_LEN).expect(whole),
             digest: r.field_bytes(Self::DIGEST).expect(whole),
         }
@@ -1407,9 +1423,7 @@ impl IndexFixed {
             .u16_le(self.runs_per_page)
             .u16_le(self.extents_per_page)
             .u16_le(self.leaves_per_page);
-        let check = short_check(&b);
-        b.extend_from_slice(&check);
-        b.try_into().expect("the layout is INDEX_FIXED_LEN bytes")
+        sealed(b)
     }
 
     /// Decode and check 64 bytes found at absolute `offset`: magic,
@@ -1426,7 +1440,7 @@ impl IndexFixed {
                 ),
             ));
         }
-        if !check_matches(r.field(Self::CHECK)?, &short_check(&b[..Self::CHECK.at])) {
+        if !self_check_holds(&r, b, Self::CHECK)? {
             return Err(Error::corrupt(
                 offset,
                 "index self-check does not match (its fixed part is damaged, or the magic is stray)",
@@ -1706,9 +1720,7 @@ impl Footer {
             .u64_le(self.extent_count)
             .bytes(&self.archive_digest)
             .zeros(Self::RESERVED.len);
-        let check = short_check(&b);
-        b.extend_from_slice(&check);
-        b.try_into().expect("the layout is FOOTER_LEN bytes")
+        sealed(b)
     }
 
     /// Decode and check a footer found at absolute `offset`.
@@ -1734,7 +1746,7 @@ impl Footer {
                 ),
             ));
         }
-        if !check_matches(r.field(Self::CHECK)?, &short_check(&b[..Self::CHECK.at])) {
+        if !self_check_holds(&r, b, Self::CHECK)? {
             return Err(Error::corrupt(
                 offset,
                 "footer self-check does not match (footer damaged)",
@@ -1994,7 +2006,7 @@ mod tests {
         assert_eq!(out.len(), RUN_KEY_LEN);
         assert_eq!(RunPageKey::decode(&out), k);
         let e = ExtentRecord {
-            offset: 1234,
+            offset: ArchiveOffset(1234),
             len: 99,
             digest: [1; 32],
         };

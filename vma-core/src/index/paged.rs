@@ -494,8 +494,8 @@ impl PagedIndex {
         let r = page[(seq - page_no * per) as usize];
         let end = r.offset.checked_add(r.len as u64);
         if (r.len as u64) < MIN_EXTENT_LEN
-            || r.offset < self.data.start
-            || end.is_none_or(|e| e > self.data.end)
+            || r.offset.get() < self.data.start
+            || end.is_none_or(|e| e.get() > self.data.end)
         {
             return Err(Error::corrupt(
                 0,

@@ -189,9 +189,14 @@ mod tests {
         input.read_vec(758, "extents").unwrap();
         let err = input.read_vec(120, "index directory").unwrap_err();
         let text = err.to_string();
-        assert!(matches!(err, Error::Truncated { offset: 790, .. }), "{text}");
         assert!(
-            text.contains("index directory starting at offset 758 needs 120 bytes; a.vma ends at offset 790"),
+            matches!(err, Error::Truncated { offset: 790, .. }),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "index directory starting at offset 758 needs 120 bytes; a.vma ends at offset 790"
+            ),
             "{text}"
         );
         assert!(!text.contains("ends after"), "{text}");

@@ -31,7 +31,9 @@ use crate::read::detect::{detect, DetectedFormat, DETECT_LEN};
 use crate::read::stream::{incomplete_error, ArchiveFormat, ArchiveStream, PassOptions};
 use crate::storage::{SeqRead, Source};
 use crate::tree::Digest;
-use crate::types::{cluster_len, cluster_range_bytes, ClusterNo, DriveId, DriveRange};
+use crate::types::{
+    cluster_len, cluster_range_bytes, ArchiveOffset, ClusterNo, DriveId, DriveRange,
+};
 
 /// Default bytes of decoded extents kept in memory.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
@@ -735,7 +737,7 @@ impl Reader {
     /// The data ranges a 3.0 extent's header and entries claim, without
     /// checking its digest (to name what damage loses).
     fn claimed_ranges(&self, key: u64) -> Option<Vec<DriveRange>> {
-        let offset = self.extent_offset(key).ok()?;
+        let offset = self.extent_offset(key).ok()?.get();
         let mut hb = [0u8; EXTENT_HEADER_LEN];
         self.file.read_range(&mut hb, offset).ok()?;
         let h = Frame::decode(&hb, offset, self.header.version_major).ok()?;
@@ -767,10 +769,11 @@ impl Reader {
     }
 
     /// Where the extent named `key` starts.
-    fn extent_offset(&self, key: u64) -> Result<u64> {
+    fn extent_offset(&self, key: u64) -> Result<ArchiveOffset> {
         match (&self.index, self.format) {
             (RunIndex::Paged(p), ArchiveFormat::V3) => Ok(p.extent_record(key)?.offset),
-            _ => Ok(key),
+            // 2.0 and VMA v1 runs name their extent by its file offset.
+            _ => Ok(ArchiveOffset(key)),
         }
     }
 
@@ -854,7 +857,7 @@ impl Reader {
         match e {
             Error::Corrupt { what, .. } | Error::Truncated { what, .. } => Error::ExtentDamaged {
                 seq: self.extent_seq(key),
-                offset: self.extent_offset(key).unwrap_or(key),
+                offset: self.extent_offset(key).map_or(key, ArchiveOffset::get),
                 what,
                 ranges: self.ranges_in_extent(key),
             },
@@ -938,7 +941,7 @@ impl Reader {
             (RunIndex::Paged(p), ArchiveFormat::V3) => {
                 let rec = p.extent_record(key)?;
                 (
-                    rec.offset,
+                    rec.offset.get(),
                     rec.len as usize,
                     Binding {
                         major: 3,

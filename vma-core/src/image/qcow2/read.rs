@@ -11,9 +11,10 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::qcow2::{
-    decode_extensions, decode_l2, decode_table, feature_names, l1_entries_for, CompressionType, L2Entry,
-    Qcow2Error, Qcow2Header, EXT_BACKING_FORMAT, EXT_FEATURE_NAMES, INCOMPAT_COMPRESSION_TYPE,
-    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, INCOMPAT_EXTERNAL_DATA, OFFSET_MASK,
+    decode_extensions, decode_l2, decode_table, feature_names, l1_entries_for, CompressionType,
+    L2Entry, Qcow2Error, Qcow2Header, EXT_BACKING_FORMAT, EXT_FEATURE_NAMES,
+    INCOMPAT_COMPRESSION_TYPE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2,
+    INCOMPAT_EXTERNAL_DATA, OFFSET_MASK,
 };
 use crate::image::source::{DiskImage, Stretch};
 

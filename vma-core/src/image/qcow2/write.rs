@@ -15,8 +15,9 @@ use std::os::unix::fs::FileExt;
 
 use crate::error::{Error, Result};
 use crate::format::qcow2::{
-    decode_table, encode_compressed, encode_refcounts16, encode_table, l1_entries_for, CompressionType, Qcow2Header, FLAG_COMPRESSED, FLAG_COPIED,
-    FLAG_ZERO, INCOMPAT_COMPRESSION_TYPE, OFFSET_MASK, WRITE_CLUSTER_BITS, WRITE_REFCOUNT_ORDER,
+    decode_table, encode_compressed, encode_refcounts16, encode_table, l1_entries_for,
+    CompressionType, Qcow2Header, FLAG_COMPRESSED, FLAG_COPIED, FLAG_ZERO,
+    INCOMPAT_COMPRESSION_TYPE, OFFSET_MASK, WRITE_CLUSTER_BITS, WRITE_REFCOUNT_ORDER,
 };
 use crate::ops::extract::AtomicFile;
 
@@ -223,11 +224,12 @@ impl Qcow2Writer {
                 CachedL2 {
                     index,
                     host,
-                    entries: decode_table(&raw, host.offset(), "L2 table")
-                        .map_err(|e| Error::Image {
+                    entries: decode_table(&raw, host.offset(), "L2 table").map_err(|e| {
+                        Error::Image {
                             path: "the qcow2 image being written".into(),
                             what: format!("reading back an L2 table: {e}"),
-                        })?,
+                        }
+                    })?,
                     dirty: false,
                 }
             } else {
@@ -475,7 +477,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn be64_at(b: &[u8], at: u64) -> u64 {
-        FieldReader::new(&b[at as usize..], at, "table").u64_be().unwrap()
+        FieldReader::new(&b[at as usize..], at, "table")
+            .u64_be()
+            .unwrap()
     }
 
     /// Refcounts recomputed from the image's own tables, independently of
