@@ -855,12 +855,16 @@ impl Reader {
     /// Damage of the extent named `key` as the drive ranges it loses.
     fn damage_named(&self, key: u64, e: Error) -> Error {
         match e {
-            Error::Corrupt { what, .. } | Error::Truncated { what, .. } => Error::ExtentDamaged {
-                seq: self.extent_seq(key),
-                offset: self.extent_offset(key).map_or(key, ArchiveOffset::get),
-                what,
-                ranges: self.ranges_in_extent(key),
-            },
+            Error::Corrupt { what, offset } | Error::Truncated { what, offset } => {
+                Error::ExtentDamaged {
+                    seq: self.extent_seq(key),
+                    // Where the extent is, or else where the damage was found
+                    // (never the key: in 3.0 it is a sequence number).
+                    offset: self.extent_offset(key).map_or(offset, ArchiveOffset::get),
+                    what,
+                    ranges: self.ranges_in_extent(key),
+                }
+            }
             other => other,
         }
     }
