@@ -17,7 +17,7 @@ use vma_core::format::{
 };
 use vma_core::index::{ExtentKeys, FinishOptions, IndexBuilder};
 use vma_core::tree::leaf_of_blocks;
-use vma_core::types::{cluster_len, ClusterNo};
+use vma_core::types::{cluster_len, ArchiveOffset, ClusterNo};
 use vma_core::{DriveId, DriveInfo};
 
 /// SHA-256 of `b`.
@@ -207,7 +207,9 @@ impl Archive {
         .collect();
         let extents = table
             .iter()
-            .map(|r| bytes[r.offset as usize..r.offset as usize + r.len as usize].to_vec())
+            .map(|r| {
+                bytes[r.offset.get() as usize..r.offset.get() as usize + r.len as usize].to_vec()
+            })
             .collect();
         Archive {
             header,
@@ -231,7 +233,7 @@ impl Archive {
             .iter()
             .map(|e| {
                 let r = ExtentRecord {
-                    offset: at,
+                    offset: ArchiveOffset(at),
                     len: e.len() as u32,
                     digest: e[e.len() - 32..].try_into().unwrap(),
                 };

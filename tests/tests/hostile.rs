@@ -9,8 +9,10 @@
 use std::time::{Duration, Instant};
 
 use vma_core::format::{
-    Codec, Entry, ExtentHeader, ExtentRecord, Header, IndexRun, RunKind, CLUSTER_SIZE,
+    Codec, Entry, ExtentHeader, ExtentRecord, Footer, Header, IndexFixed, IndexRun, RunKind,
+    CLUSTER_SIZE, EXTENT_RECORD_LEN, FOOTER_LEN, INDEX_FIXED_LEN,
 };
+use vma_core::types::ArchiveOffset;
 use vma_core::{DriveId, Reader};
 use vma_tests::forge::{self, Archive};
 use vma_tests::*;
@@ -416,6 +418,46 @@ fn index_entries_pointing_elsewhere_are_refused_or_fail_reads() {
         assert!(status <= 1, "{name}: {err}");
         reader_never_lies(name, &file, &data);
     }
+}
+
+/// An extent table record pointing outside the extents is named at the
+/// record's own absolute offset in the file (once "offset 1": the extent's
+/// sequence number stood in for its file offset).
+#[test]
+fn an_extent_record_outside_the_extents_is_named_at_its_absolute_offset() {
+    let (file, _) = two_extents(|a| {
+        let mut t = a.placed_table();
+        t[1] = ExtentRecord {
+            offset: ArchiveOffset(1 << 40),
+            ..t[1]
+        };
+        a.table = Some(t);
+    });
+    let footer_at = file.len() - FOOTER_LEN;
+    let footer = Footer::decode(file[footer_at..].try_into().unwrap(), footer_at as u64).unwrap();
+    let at = footer.index_offset as usize;
+    let fixed = IndexFixed::decode(
+        file[at..at + INDEX_FIXED_LEN].try_into().unwrap(),
+        at as u64,
+    )
+    .unwrap();
+    let record_at = at as u64 + fixed.layout().unwrap().extents_at + EXTENT_RECORD_LEN as u64;
+    let t = tempfile::tempdir().unwrap();
+    let f = t.path().join("forged.vma");
+    std::fs::write(&f, &file).unwrap();
+    let err = match Reader::open(&f) {
+        Ok(r) => {
+            let mut buf = vec![0u8; 2 * CLUSTER_SIZE];
+            r.read_at(DriveId(1), 0, &mut buf).unwrap_err()
+        }
+        Err(e) => e,
+    }
+    .to_string();
+    assert!(
+        err.contains(&format!("extent #1 at offset {record_at} is damaged"))
+            && err.contains("index: extent #1 is recorded at 1099511627776+"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -42,7 +42,12 @@ fn qcow2_refused(name: &str, want: &[&str]) {
 fn v3_bad_magic() {
     verify_fails(
         "v3-bad-magic.vma",
-        &["not a vma archive", "unknown magic bytes", "at offset 0"],
+        &[
+            "not a vma archive",
+            "unknown magic bytes",
+            "at offset 0",
+            "expected a vma archive (format 3.0 or 2.0) or a Proxmox VMA archive",
+        ],
     );
 }
 
@@ -76,6 +81,20 @@ fn v3_truncated_index() {
             "v3-truncated-index.vma",
         ],
     );
+}
+
+/// Offsets in messages are absolute (format-spec.md, "Offsets"): the cut
+/// index names where the file ends, not how many of its bytes are there.
+#[test]
+fn v3_truncated_index_names_absolute_offsets() {
+    let o = vma(&["verify", &fixture("v3-truncated-index.vma")]);
+    let text = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(
+        text.contains("index directory starting at offset 758 needs 120 bytes")
+            && text.contains("v3-truncated-index.vma ends at offset 790"),
+        "{text}"
+    );
+    assert!(!text.contains("ends after"), "{text}");
 }
 
 #[test]

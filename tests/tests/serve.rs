@@ -252,12 +252,14 @@ fn spliced(d: &Path) -> (PathBuf, Vec<u8>, std::ops::Range<usize>) {
     assert_eq!(bytes.len(), other.len(), "same layout");
     let table = Archive::parse(&bytes).placed_table();
     let e = table[3];
-    let range = e.offset as usize..(e.offset + e.len as u64) as usize;
+    let range = e.offset.get() as usize..(e.offset.get() + e.len as u64) as usize;
     bytes[range.clone()].copy_from_slice(&other[range]);
     let spliced = d.join("spliced.vma");
     std::fs::write(&spliced, &bytes).unwrap();
     // Which clusters the extent holds, from its entries.
-    let parts = ExtentParts::parse(&bytes[e.offset as usize..(e.offset + e.len as u64) as usize]);
+    let parts = ExtentParts::parse(
+        &bytes[e.offset.get() as usize..(e.offset.get() + e.len as u64) as usize],
+    );
     let data: Vec<_> = parts
         .entries
         .iter()

@@ -64,7 +64,7 @@ fn a_spliced_archive_never_serves_the_other_archives_bytes() {
     assert_eq!(bytes.len(), other.len(), "same layout");
     let table = Archive::parse(&bytes).placed_table();
     let e = table[3];
-    let range = e.offset as usize..(e.offset + e.len as u64) as usize;
+    let range = e.offset.get() as usize..(e.offset.get() + e.len as u64) as usize;
     bytes[range.clone()].copy_from_slice(&other[range]);
     let spliced = t.path().join("spliced.vma");
     std::fs::write(&spliced, &bytes).unwrap();
@@ -256,7 +256,7 @@ fn merge_and_prune_refuse_a_damaged_link() {
     let (full, inc) = chain_of(&d, &base, &changed);
     // Damage in the full's first extent: superseded at the incremental's point.
     let table = Archive::read(&full).placed_table();
-    let at = table[0].offset + table[0].len as u64 / 2;
+    let at = table[0].offset.get() + table[0].len as u64 / 2;
     let f = std::fs::OpenOptions::new().write(true).open(&full).unwrap();
     f.write_all_at(&[0x5a ^ pread(&full, at, 1).unwrap()[0]], at)
         .unwrap();
@@ -380,7 +380,7 @@ fn salvage_never_takes_extents_of_an_archive_stored_inside() {
         .write(true)
         .open(&outer)
         .unwrap();
-    let at = table[0].offset + 27;
+    let at = table[0].offset.get() + 27;
     f.write_all_at(&[pread(&outer, at, 1).unwrap()[0] ^ 0x10], at)
         .unwrap();
     let (report, got) = salvage(d, &outer);
@@ -409,7 +409,7 @@ fn stray_index_magic_in_damaged_data_is_skipped() {
         .write(true)
         .open(&archive)
         .unwrap();
-    let at = table[0].offset + 50;
+    let at = table[0].offset.get() + 50;
     f.write_all_at(&[pread(&archive, at, 1).unwrap()[0] ^ 1], at)
         .unwrap();
     let (report, got) = salvage(d, &archive);

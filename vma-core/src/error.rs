@@ -24,7 +24,7 @@ pub enum Error {
     },
 
     /// The input does not start with any magic we know.
-    #[error("not a vma archive: unknown magic bytes {found} at offset 0 (expected a vma v2 or Proxmox VMA archive)")]
+    #[error("not a vma archive: unknown magic bytes {found} at offset 0 (expected a vma archive (format 3.0 or 2.0) or a Proxmox VMA archive)")]
     NotAnArchive {
         /// The first bytes found, in hex.
         found: String,

@@ -38,6 +38,44 @@ impl fmt::Display for ClusterNo {
     }
 }
 
+/// A position in an archive file: bytes from its first byte (what the
+/// extent table and the footer store). Kept apart from drive byte offsets
+/// and cluster numbers, which count within one drive: a drive offset
+/// where an archive offset is expected does not compile.
+///
+/// ```compile_fail
+/// use vma_core::types::{ArchiveOffset, ClusterNo};
+/// fn extent_at(_: ArchiveOffset) {}
+/// extent_at(ClusterNo(3).byte_offset());
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ArchiveOffset(pub u64);
+
+impl ArchiveOffset {
+    /// The offset as a plain number of bytes.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The offset `len` bytes further on, unless that overflows.
+    pub fn checked_add(self, len: u64) -> Option<ArchiveOffset> {
+        self.0.checked_add(len).map(ArchiveOffset)
+    }
+}
+
+impl std::ops::Add<u64> for ArchiveOffset {
+    type Output = ArchiveOffset;
+    fn add(self, len: u64) -> ArchiveOffset {
+        ArchiveOffset(self.0 + len)
+    }
+}
+
+impl fmt::Display for ArchiveOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// Number of clusters a drive of `size` bytes spans (the last may be partial).
 pub fn clusters_for(size: u64) -> u64 {
     size.div_ceil(CLUSTER_SIZE as u64)

@@ -19,6 +19,8 @@
 
 use std::io::{self, Read};
 
+use super::field::FieldReader;
+
 /// The magic that starts every lzop stream.
 pub const LZOP_MAGIC: [u8; 9] = *b"\x89LZO\0\r\n\x1a\n";
 
@@ -115,15 +117,21 @@ impl<R: Read> LzopReader<R> {
     }
 
     fn u32(&mut self) -> io::Result<u32> {
+        let at = self.offset;
         let mut b = Vec::with_capacity(4);
         self.take(4, &mut b)?;
-        Ok(u32::from_be_bytes(b.try_into().expect("4 bytes")))
+        FieldReader::new(&b, at, "lzop stream")
+            .u32_be()
+            .map_err(|e| damaged(e.to_string()))
     }
 
     fn read_header(&mut self) -> io::Result<()> {
+        let header_at = self.offset;
         let mut h = Vec::with_capacity(64);
         self.take(4, &mut h)?;
-        let version = u16::from_be_bytes([h[0], h[1]]);
+        let version = FieldReader::new(&h, header_at, "lzop header")
+            .u16_be()
+            .map_err(|e| damaged(e.to_string()))?;
         if version < 0x0900 {
             return Err(damaged(format!(
                 "header version {version:#06x} is not an lzop version"
@@ -143,7 +151,9 @@ impl<R: Read> LzopReader<R> {
         }
         let flags_at = h.len();
         self.take(4, &mut h)?;
-        let flags = u32::from_be_bytes(h[flags_at..flags_at + 4].try_into().expect("4"));
+        let mut r = FieldReader::new(&h, header_at, "lzop header");
+        r.skip(flags_at).map_err(|e| damaged(e.to_string()))?;
+        let flags = r.u32_be().map_err(|e| damaged(e.to_string()))?;
         if flags & F_H_FILTER != 0 {
             return Err(damaged("the stream uses an lzop filter, which vma does not decode; use `lzop -d -c FILE | vma COMMAND -`".into()));
         }
@@ -257,6 +267,7 @@ impl<R: Read> Read for LzopReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::field::FieldWriter;
 
     #[test]
     fn adler32_known_answers() {
@@ -275,25 +286,26 @@ mod tests {
     /// A stored-only lzop stream (no compression needed to build it).
     fn stored_stream(data: &[u8], flags: u32) -> Vec<u8> {
         let mut h = Vec::new();
-        h.extend_from_slice(&0x1040u16.to_be_bytes());
-        h.extend_from_slice(&0x20a0u16.to_be_bytes());
-        h.extend_from_slice(&0x0940u16.to_be_bytes());
-        h.extend_from_slice(&[1, 5]);
-        h.extend_from_slice(&flags.to_be_bytes());
-        h.extend_from_slice(&0o100644u32.to_be_bytes());
-        h.extend_from_slice(&[0; 8]);
-        h.push(1);
-        h.push(b'x');
+        FieldWriter::new(&mut h)
+            .u16_be(0x1040)
+            .u16_be(0x20a0)
+            .u16_be(0x0940)
+            .bytes(&[1, 5])
+            .u32_be(flags)
+            .u32_be(0o100644)
+            .zeros(8)
+            .u8(1)
+            .u8(b'x');
         let mut s = LZOP_MAGIC.to_vec();
         s.extend_from_slice(&h);
-        s.extend_from_slice(&adler32(1, &h).to_be_bytes());
+        let mut w = FieldWriter::new(&mut s);
+        w.u32_be(adler32(1, &h));
         for chunk in data.chunks(1000) {
-            s.extend_from_slice(&(chunk.len() as u32).to_be_bytes());
-            s.extend_from_slice(&(chunk.len() as u32).to_be_bytes());
+            w.u32_be(chunk.len() as u32).u32_be(chunk.len() as u32);
             if flags & F_ADLER32_D != 0 {
-                s.extend_from_slice(&adler32(1, chunk).to_be_bytes());
+                w.u32_be(adler32(1, chunk));
             }
-            s.extend_from_slice(chunk);
+            w.bytes(chunk);
         }
         s.extend_from_slice(&[0; 4]);
         s

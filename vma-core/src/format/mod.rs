@@ -9,7 +9,16 @@
 //! - [`v1`]: Proxmox VMA version 1 (`vzdump` backups).
 //! - [`qcow2`]: qcow2 headers, extensions and table entries.
 //! - [`lzop`]: the lzop framing of `.vma.lzo` files.
+//!
+//! Every fixed-size block is described once with `field::fixed_block!`:
+//! its name, length and one [`field::Field`] constant per field (name,
+//! offset, width), checked at compile time to cover the block exactly.
+//! Blocks are read through [`field::FieldReader`] and built through
+//! [`field::FieldWriter`], with the endianness in each method's name;
+//! a short read is an error naming the structure and the absolute file
+//! offset of the field, and messages take offsets from the layouts.
 
+pub mod field;
 pub mod lzop;
 pub mod qcow2;
 pub mod v1;

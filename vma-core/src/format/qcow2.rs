@@ -2,6 +2,8 @@
 //! No I/O happens here. The normative description is QEMU's
 //! `docs/interop/qcow2.rst`; all integers are big-endian.
 
+use super::field::{fixed_block, FieldError, FieldReader, FieldWriter, FixedBlock};
+
 /// Magic at offset 0: `QFI\xfb`.
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 
@@ -102,6 +104,41 @@ pub struct Qcow2Header {
     pub compression_type: CompressionType,
 }
 
+fixed_block!(Qcow2Header = "qcow2 header", V3_HEADER_LEN;
+    MAGIC("magic", 4),
+    VERSION("version", 4),
+    BACKING_FILE_OFFSET("backing_file_offset", 8),
+    BACKING_FILE_SIZE("backing_file_size", 4),
+    CLUSTER_BITS("cluster_bits", 4),
+    SIZE("size", 8),
+    CRYPT_METHOD("crypt_method", 4),
+    L1_SIZE("l1_size", 4),
+    L1_TABLE_OFFSET("l1_table_offset", 8),
+    REFCOUNT_TABLE_OFFSET("refcount_table_offset", 8),
+    REFCOUNT_TABLE_CLUSTERS("refcount_table_clusters", 4),
+    NB_SNAPSHOTS("nb_snapshots", 4),
+    SNAPSHOTS_OFFSET("snapshots_offset", 8),
+    INCOMPATIBLE_FEATURES("incompatible_features", 8),
+    COMPATIBLE_FEATURES("compatible_features", 8),
+    AUTOCLEAR_FEATURES("autoclear_features", 8),
+    REFCOUNT_ORDER("refcount_order", 4),
+    HEADER_LENGTH("header_length", 4),
+    COMPRESSION_TYPE("compression_type", 1),
+    PADDING("padding", 7),
+);
+// The version 2 header ends after `snapshots_offset`, the mandatory part of
+// version 3 after `header_length`.
+const _: () = assert!(Qcow2Header::SNAPSHOTS_OFFSET.end() == V2_HEADER_LEN);
+const _: () = assert!(Qcow2Header::HEADER_LENGTH.end() == V3_MIN_HEADER_LEN);
+
+/// One header extension's type and length, before its payload.
+pub struct ExtensionHeader;
+
+fixed_block!(ExtensionHeader = "qcow2 header extension", 8;
+    KIND("type", 4),
+    LENGTH("length", 4),
+);
+
 /// What is wrong with the qcow2 structures decoded here; each names the
 /// field and its offset in the header (or the entry) as QEMU's
 /// `docs/interop/qcow2.rst` defines them.
@@ -122,13 +159,13 @@ pub enum Qcow2Error {
     #[error("no qcow2 magic at offset 0")]
     NoMagic,
     /// A version other than 2 and 3 (offset 4).
-    #[error("qcow2 version {0} at offset 4 (this build reads versions 2 and 3)")]
+    #[error("qcow2 version {0} at offset {at} (this build reads versions 2 and 3)", at = Qcow2Header::VERSION.at)]
     Version(u32),
     /// `cluster_bits` (offset 20) out of range.
-    #[error("cluster_bits {0} at offset 20 is outside {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}")]
+    #[error("cluster_bits {0} at offset {at} is outside {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}", at = Qcow2Header::CLUSTER_BITS.at)]
     ClusterBits(u32),
     /// `header_length` (offset 100) out of range.
-    #[error("header_length {length} at offset 100 is outside {V3_MIN_HEADER_LEN}..={max}")]
+    #[error("header_length {length} at offset {at} is outside {V3_MIN_HEADER_LEN}..={max}", at = Qcow2Header::HEADER_LENGTH.at)]
     HeaderLength {
         /// The value.
         length: u32,
@@ -136,16 +173,16 @@ pub enum Qcow2Error {
         max: usize,
     },
     /// `refcount_order` (offset 96) above 6.
-    #[error("refcount_order {0} at offset 96 is above 6")]
+    #[error("refcount_order {0} at offset {at} is above 6", at = Qcow2Header::REFCOUNT_ORDER.at)]
     RefcountOrder(u32),
     /// The compression type feature without its field.
     #[error("the compression type feature is set but the header has no compression type field")]
     NoCompressionType,
     /// An unknown compression type (offset 104).
-    #[error("unknown compression type {0} at offset 104 (known: 0 zlib, 1 zstd)")]
+    #[error("unknown compression type {0} at offset {at} (known: 0 zlib, 1 zstd)", at = Qcow2Header::COMPRESSION_TYPE.at)]
     CompressionType(u8),
     /// `backing_file_size` (offset 16) above 1023.
-    #[error("backing file name length {0} at offset 16 is above 1023")]
+    #[error("backing file name length {0} at offset {at} is above 1023", at = Qcow2Header::BACKING_FILE_SIZE.at)]
     BackingNameLength(u32),
     /// A header extension longer than what is left of the first cluster.
     #[error(
@@ -172,14 +209,35 @@ pub enum Qcow2Error {
         /// The host offset it holds.
         offset: u64,
     },
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+    /// A field beyond the bytes there are.
+    #[error(transparent)]
+    Field(#[from] FieldError),
+    /// A compressed cluster that does not decompress to a whole cluster.
+    #[error("the compressed cluster of guest offset {guest} at host offset {host} does not decompress ({compression:?}): {what}")]
+    Decompress {
+        /// Guest byte offset of the cluster.
+        guest: u64,
+        /// Host byte offset of the compressed data.
+        host: u64,
+        /// The image's compression type.
+        compression: CompressionType,
+        /// What the decoder said.
+        what: String,
+    },
+    /// A compressed cluster whose data ends before the cluster does.
+    #[error("the compressed cluster of guest offset {guest} at host offset {host} ends after {got} of its {want} bytes ({compression:?})")]
+    ShortCluster {
+        /// Guest byte offset of the cluster.
+        guest: u64,
+        /// Host byte offset of the compressed data.
+        host: u64,
+        /// The image's compression type.
+        compression: CompressionType,
+        /// Bytes decompressed.
+        got: usize,
+        /// Bytes of a cluster.
+        want: usize,
+    },
 }
 
 impl Qcow2Header {
@@ -194,30 +252,31 @@ impl Qcow2Header {
                 have: b.len(),
             });
         }
-        if b[..4] != MAGIC {
+        let r = FieldReader::block::<Self>(b, 0);
+        if r.field(Self::MAGIC)? != MAGIC {
             return Err(Qcow2Error::NoMagic);
         }
-        let version = be32(b, 4);
+        let version = r.u32_be_at(Self::VERSION)?;
         if version != 2 && version != 3 {
             return Err(Qcow2Error::Version(version));
         }
-        let cluster_bits = be32(b, 20);
+        let cluster_bits = r.u32_be_at(Self::CLUSTER_BITS)?;
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(Qcow2Error::ClusterBits(cluster_bits));
         }
         let mut h = Qcow2Header {
             version,
-            backing_file_offset: be64(b, 8),
-            backing_file_size: be32(b, 16),
+            backing_file_offset: r.u64_be_at(Self::BACKING_FILE_OFFSET)?,
+            backing_file_size: r.u32_be_at(Self::BACKING_FILE_SIZE)?,
             cluster_bits,
-            size: be64(b, 24),
-            crypt_method: be32(b, 32),
-            l1_size: be32(b, 36),
-            l1_table_offset: be64(b, 40),
-            refcount_table_offset: be64(b, 48),
-            refcount_table_clusters: be32(b, 56),
-            nb_snapshots: be32(b, 60),
-            snapshots_offset: be64(b, 64),
+            size: r.u64_be_at(Self::SIZE)?,
+            crypt_method: r.u32_be_at(Self::CRYPT_METHOD)?,
+            l1_size: r.u32_be_at(Self::L1_SIZE)?,
+            l1_table_offset: r.u64_be_at(Self::L1_TABLE_OFFSET)?,
+            refcount_table_offset: r.u64_be_at(Self::REFCOUNT_TABLE_OFFSET)?,
+            refcount_table_clusters: r.u32_be_at(Self::REFCOUNT_TABLE_CLUSTERS)?,
+            nb_snapshots: r.u32_be_at(Self::NB_SNAPSHOTS)?,
+            snapshots_offset: r.u64_be_at(Self::SNAPSHOTS_OFFSET)?,
             incompatible_features: 0,
             compatible_features: 0,
             autoclear_features: 0,
@@ -233,11 +292,11 @@ impl Qcow2Header {
                     have: b.len(),
                 });
             }
-            h.incompatible_features = be64(b, 72);
-            h.compatible_features = be64(b, 80);
-            h.autoclear_features = be64(b, 88);
-            h.refcount_order = be32(b, 96);
-            h.header_length = be32(b, 100);
+            h.incompatible_features = r.u64_be_at(Self::INCOMPATIBLE_FEATURES)?;
+            h.compatible_features = r.u64_be_at(Self::COMPATIBLE_FEATURES)?;
+            h.autoclear_features = r.u64_be_at(Self::AUTOCLEAR_FEATURES)?;
+            h.refcount_order = r.u32_be_at(Self::REFCOUNT_ORDER)?;
+            h.header_length = r.u32_be_at(Self::HEADER_LENGTH)?;
             if h.header_length < V3_MIN_HEADER_LEN as u32 || h.header_length as usize > b.len() {
                 return Err(Qcow2Error::HeaderLength {
                     length: h.header_length,
@@ -248,10 +307,10 @@ impl Qcow2Header {
                 return Err(Qcow2Error::RefcountOrder(h.refcount_order));
             }
             if h.incompatible_features & INCOMPAT_COMPRESSION_TYPE != 0 {
-                if h.header_length < 105 {
+                if (h.header_length as usize) < Self::COMPRESSION_TYPE.end() {
                     return Err(Qcow2Error::NoCompressionType);
                 }
-                h.compression_type = match b[104] {
+                h.compression_type = match r.u8_at(Self::COMPRESSION_TYPE)? {
                     0 => CompressionType::Zlib,
                     1 => CompressionType::Zstd,
                     other => return Err(Qcow2Error::CompressionType(other)),
@@ -276,30 +335,31 @@ impl Qcow2Header {
 
     /// The version 3 header this code writes, `V3_HEADER_LEN` bytes.
     pub fn encode_v3(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(V3_HEADER_LEN);
-        b.extend_from_slice(&MAGIC);
-        b.extend_from_slice(&3u32.to_be_bytes());
-        b.extend_from_slice(&self.backing_file_offset.to_be_bytes());
-        b.extend_from_slice(&self.backing_file_size.to_be_bytes());
-        b.extend_from_slice(&self.cluster_bits.to_be_bytes());
-        b.extend_from_slice(&self.size.to_be_bytes());
-        b.extend_from_slice(&self.crypt_method.to_be_bytes());
-        b.extend_from_slice(&self.l1_size.to_be_bytes());
-        b.extend_from_slice(&self.l1_table_offset.to_be_bytes());
-        b.extend_from_slice(&self.refcount_table_offset.to_be_bytes());
-        b.extend_from_slice(&self.refcount_table_clusters.to_be_bytes());
-        b.extend_from_slice(&self.nb_snapshots.to_be_bytes());
-        b.extend_from_slice(&self.snapshots_offset.to_be_bytes());
-        b.extend_from_slice(&self.incompatible_features.to_be_bytes());
-        b.extend_from_slice(&self.compatible_features.to_be_bytes());
-        b.extend_from_slice(&self.autoclear_features.to_be_bytes());
-        b.extend_from_slice(&self.refcount_order.to_be_bytes());
-        b.extend_from_slice(&(V3_HEADER_LEN as u32).to_be_bytes());
-        b.push(match self.compression_type {
-            CompressionType::Zlib => 0,
-            CompressionType::Zstd => 1,
-        });
-        b.resize(V3_HEADER_LEN, 0);
+        let mut b = Vec::with_capacity(Self::LEN);
+        FieldWriter::new(&mut b)
+            .bytes(&MAGIC)
+            .u32_be(3)
+            .u64_be(self.backing_file_offset)
+            .u32_be(self.backing_file_size)
+            .u32_be(self.cluster_bits)
+            .u64_be(self.size)
+            .u32_be(self.crypt_method)
+            .u32_be(self.l1_size)
+            .u64_be(self.l1_table_offset)
+            .u64_be(self.refcount_table_offset)
+            .u32_be(self.refcount_table_clusters)
+            .u32_be(self.nb_snapshots)
+            .u64_be(self.snapshots_offset)
+            .u64_be(self.incompatible_features)
+            .u64_be(self.compatible_features)
+            .u64_be(self.autoclear_features)
+            .u32_be(self.refcount_order)
+            .u32_be(Self::LEN as u32)
+            .u8(match self.compression_type {
+                CompressionType::Zlib => 0,
+                CompressionType::Zstd => 1,
+            })
+            .zeros(Self::PADDING.len);
         b
     }
 }
@@ -318,13 +378,14 @@ pub struct HeaderExtension {
 pub fn decode_extensions(area: &[u8]) -> Result<Vec<HeaderExtension>, Qcow2Error> {
     let mut out = Vec::new();
     let mut pos = 0usize;
-    while pos + 8 <= area.len() {
-        let kind = be32(area, pos);
-        let len = be32(area, pos + 4) as usize;
+    while pos + <ExtensionHeader as FixedBlock>::LEN <= area.len() {
+        let r = FieldReader::block::<ExtensionHeader>(&area[pos..], pos as u64);
+        let kind = r.u32_be_at(ExtensionHeader::KIND)?;
+        let len = r.u32_be_at(ExtensionHeader::LENGTH)? as usize;
         if kind == EXT_END {
             return Ok(out);
         }
-        let start = pos + 8;
+        let start = pos + <ExtensionHeader as FixedBlock>::LEN;
         if len > area.len() - start {
             return Err(Qcow2Error::Extension {
                 kind,
@@ -339,6 +400,31 @@ pub fn decode_extensions(area: &[u8]) -> Result<Vec<HeaderExtension>, Qcow2Error
         pos = start + len.div_ceil(8) * 8;
     }
     Ok(out)
+}
+
+/// Decode a table of 8-byte big-endian entries (L1, L2 or refcount table)
+/// found at host offset `base`; bytes after the last whole entry are ignored.
+pub fn decode_table(b: &[u8], base: u64, what: &'static str) -> Result<Vec<u64>, Qcow2Error> {
+    let mut r = FieldReader::new(b, base, what);
+    (0..b.len() / 8)
+        .map(|_| r.u64_be().map_err(Qcow2Error::from))
+        .collect()
+}
+
+/// Append a table of 8-byte big-endian entries (L1, L2 or refcount table).
+pub fn encode_table(entries: &[u64], out: &mut Vec<u8>) {
+    let mut w = FieldWriter::new(out);
+    for &e in entries {
+        w.u64_be(e);
+    }
+}
+
+/// Append a refcount block of 16-bit refcounts (refcount_order 4).
+pub fn encode_refcounts16(counts: impl IntoIterator<Item = u16>, out: &mut Vec<u8>) {
+    let mut w = FieldWriter::new(out);
+    for c in counts {
+        w.u16_be(c);
+    }
 }
 
 /// Names of feature bits from a feature name table extension: (type, bit, name).

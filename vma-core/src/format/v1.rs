@@ -8,6 +8,7 @@
 
 use md5::{Digest, Md5};
 
+use super::field::{fixed_block, Field, FieldReader, FieldWriter, FixedBlock};
 use crate::digest::check_matches;
 use crate::error::{Error, Result};
 use crate::format::{check_name, ConfigBlob, DriveInfo, BLOCK_SIZE, CLUSTER_SIZE};
@@ -48,12 +49,6 @@ pub const MAX_HEADER_LEN: usize = FIXED_HEADER_LEN + (17 << 20);
 /// Largest extent: header and 59 full clusters.
 pub const MAX_EXTENT_LEN: usize = EXTENT_HEADER_LEN + SLOTS_PER_EXTENT * CLUSTER_SIZE;
 
-const MD5_AT: usize = 32;
-const CONFIG_NAMES_AT: usize = 2044;
-const CONFIG_DATA_AT: usize = 3068;
-const DEV_INFO_AT: usize = 4096;
-const DEV_INFO_LEN: usize = 32;
-
 /// The parts of a v1 header this toolkit uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct V1Header {
@@ -67,13 +62,59 @@ pub struct V1Header {
     pub configs: Vec<ConfigBlob>,
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+fixed_block!(V1Header = "VMA header", FIXED_HEADER_LEN;
+    MAGIC("magic", 4),
+    VERSION("version", 4),
+    UUID("uuid", 16),
+    CTIME("ctime", 8),
+    MD5("md5", 16),
+    BLOB_BUFFER_OFFSET("blob_buffer_offset", 4),
+    BLOB_BUFFER_SIZE("blob_buffer_size", 4),
+    HEADER_SIZE("header_size", 4),
+    RESERVED("reserved", 1984),
+    CONFIG_NAMES("config_names", 4 * MAX_CONFIGS),
+    CONFIG_DATA("config_data", 4 * MAX_CONFIGS),
+    RESERVED2("reserved", 4),
+    DEV_INFO("dev_info", DevInfo::LEN * 256),
+);
+
+/// One entry of the header's device table (`dev_info[id]`).
+pub struct DevInfo;
+
+fixed_block!(DevInfo = "VMA device entry", 32;
+    NAME("name", 4),
+    RESERVED("reserved", 4),
+    SIZE("size", 8),
+    RESERVED2("reserved", 16),
+);
+
+impl DevInfo {
+    /// The entry of device `id` in the header.
+    const fn of(id: usize) -> usize {
+        V1Header::DEV_INFO.at + DevInfo::LEN * id
+    }
+    /// A field of the entry of device `id`, as a field of the header.
+    const fn field(id: usize, f: Field) -> Field {
+        Field {
+            name: f.name,
+            at: Self::of(id) + f.at,
+            len: f.len,
+        }
+    }
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
+/// Slot `k` of an extent header's `blockinfo`.
+pub struct BlockInfo;
+
+fixed_block!(BlockInfo = "VMA extent slot", 8;
+    MASK("mask", 2),
+    RESERVED("reserved", 1),
+    DEV_ID("dev_id", 1),
+    CLUSTER("cluster", 4),
+);
+
+/// The blob length in front of each blob (little-endian, unlike the rest).
+const BLOB_LEN: Field = Field::first("blob length", 2);
 
 /// MD5 of `bytes` with the 16-byte checksum field at `at` taken as zero.
 fn md5_with_hole(bytes: &[u8], at: usize) -> [u8; 16] {
@@ -84,34 +125,42 @@ fn md5_with_hole(bytes: &[u8], at: usize) -> [u8; 16] {
     h.finalize().into()
 }
 
-/// Where an extent header keeps its MD5.
-const EXTENT_MD5_AT: usize = 24;
+fixed_block!(V1ExtentHeader = "VMA extent header", EXTENT_HEADER_LEN;
+    MAGIC("magic", 4),
+    RESERVED("reserved", 2),
+    BLOCK_COUNT("block_count", 2),
+    UUID("uuid", 16),
+    MD5("md5", 16),
+    BLOCKINFO("blockinfo", BlockInfo::LEN * SLOTS_PER_EXTENT),
+);
 
 /// The header size declared in the first 60 bytes, checked for sanity.
 pub fn header_len(prefix: &[u8]) -> Result<usize> {
-    if prefix.len() < 60 {
+    let r = FieldReader::block::<V1Header>(prefix, 0);
+    let fixed = V1Header::HEADER_SIZE.end();
+    if prefix.len() < fixed {
         return Err(Error::truncated(
             prefix.len() as u64,
-            "VMA header shorter than 60 bytes",
+            format!("VMA header shorter than {fixed} bytes"),
         ));
     }
-    if prefix[..4] != MAGIC {
+    if r.field(V1Header::MAGIC)? != MAGIC {
         return Err(Error::corrupt(
             0,
             "not a VMA v1 archive (magic VMA\\0 missing)",
         ));
     }
-    let version = be32(prefix, 4);
+    let version = r.u32_be_at(V1Header::VERSION)?;
     if version != VERSION {
         return Err(Error::UnsupportedFormat {
             format: format!("Proxmox VMA version {version}"),
             hint: "only VMA version 1 exists and is supported".into(),
         });
     }
-    let size = be32(prefix, 56) as usize;
+    let size = r.u32_be_at(V1Header::HEADER_SIZE)? as usize;
     if !(FIXED_HEADER_LEN..=MAX_HEADER_LEN).contains(&size) {
         return Err(Error::corrupt(
-            56,
+            V1Header::HEADER_SIZE.at as u64,
             format!("VMA header size {size} is outside {FIXED_HEADER_LEN}..={MAX_HEADER_LEN}"),
         ));
     }
@@ -128,19 +177,20 @@ impl V1Header {
                 format!("VMA header needs {size} bytes"),
             ));
         }
-        if !check_matches(&b[MD5_AT..MD5_AT + 16], &md5_with_hole(b, MD5_AT)) {
+        let r = FieldReader::block::<Self>(b, 0);
+        if !check_matches(r.field(Self::MD5)?, &md5_with_hole(b, Self::MD5.at)) {
             return Err(Error::corrupt(
-                MD5_AT as u64,
+                Self::MD5.at as u64,
                 "VMA header MD5 does not match the header bytes",
             ));
         }
-        let uuid: [u8; 16] = b[8..24].try_into().expect("16");
-        let ctime = be64(b, 24);
-        let blob_at = be32(b, 48) as usize;
-        let blob_len = be32(b, 52) as usize;
+        let uuid: [u8; 16] = r.field_bytes(Self::UUID)?;
+        let ctime = r.u64_be_at(Self::CTIME)?;
+        let blob_at = r.u32_be_at(Self::BLOB_BUFFER_OFFSET)? as usize;
+        let blob_len = r.u32_be_at(Self::BLOB_BUFFER_SIZE)? as usize;
         if blob_at < FIXED_HEADER_LEN || blob_at.checked_add(blob_len).is_none_or(|e| e > size) {
             return Err(Error::corrupt(
-                48,
+                Self::BLOB_BUFFER_OFFSET.at as u64,
                 format!("blob buffer {blob_at}+{blob_len} lies outside the {size}-byte header"),
             ));
         }
@@ -153,9 +203,13 @@ impl V1Header {
                     format!("blob offset {p} points outside the blob buffer ({blob_len} bytes)"),
                 )
             };
-            let len_bytes = blobs.get(p..p + 2).ok_or_else(bad)?;
-            let len = u16::from_le_bytes([len_bytes[0], len_bytes[1]]) as usize;
-            blobs.get(p + 2..p + 2 + len).ok_or_else(bad)
+            let len_bytes = blobs.get(p..).ok_or_else(bad)?;
+            let len = FieldReader::new(len_bytes, (blob_at + p) as u64, "blob")
+                .u16_le_at(BLOB_LEN)
+                .map_err(|_| bad())? as usize;
+            blobs
+                .get(p + BLOB_LEN.len..p + BLOB_LEN.len + len)
+                .ok_or_else(bad)
         };
         let text = |bytes: &[u8], field_at: usize, what: &str| -> Result<String> {
             let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
@@ -167,9 +221,12 @@ impl V1Header {
         };
         let mut configs = Vec::new();
         for i in 0..MAX_CONFIGS {
-            let name_at = CONFIG_NAMES_AT + 4 * i;
-            let data_at = CONFIG_DATA_AT + 4 * i;
-            let (name_ptr, data_ptr) = (be32(b, name_at), be32(b, data_at));
+            let (name_field, data_field) = (
+                Self::CONFIG_NAMES.element(i, 4),
+                Self::CONFIG_DATA.element(i, 4),
+            );
+            let (name_at, data_at) = (name_field.at, data_field.at);
+            let (name_ptr, data_ptr) = (r.u32_be_at(name_field)?, r.u32_be_at(data_field)?);
             if name_ptr == 0 && data_ptr == 0 {
                 continue;
             }
@@ -185,8 +242,8 @@ impl V1Header {
         }
         let mut drives = Vec::new();
         for id in 1..=255usize {
-            let at = DEV_INFO_AT + DEV_INFO_LEN * id;
-            let name_ptr = be32(b, at);
+            let at = DevInfo::of(id);
+            let name_ptr = r.u32_be_at(DevInfo::field(id, DevInfo::NAME))?;
             if name_ptr == 0 {
                 continue;
             }
@@ -197,10 +254,11 @@ impl V1Header {
                 ));
             }
             let name = text(blob(name_ptr, at)?, at, "device name")?;
-            let size = be64(b, at + 8);
+            let size_field = DevInfo::field(id, DevInfo::SIZE);
+            let size = r.u64_be_at(size_field)?;
             if size > crate::format::limits::MAX_DRIVE_SIZE {
                 return Err(Error::corrupt(
-                    at as u64 + 8,
+                    size_field.at as u64,
                     format!("device {name} claims {size} bytes"),
                 ));
             }
@@ -252,8 +310,9 @@ impl V1Header {
         for (i, c) in self.configs.iter().enumerate() {
             let n = table.add(&cstr(&c.name), &format!("config name {:?}", c.name))?;
             let d = table.add(&c.data, &format!("config {:?}", c.name))?;
-            header[CONFIG_NAMES_AT + 4 * i..][..4].copy_from_slice(&n.to_be_bytes());
-            header[CONFIG_DATA_AT + 4 * i..][..4].copy_from_slice(&d.to_be_bytes());
+            FieldWriter::block_at(&mut header, 0)
+                .u32_be_at(Self::CONFIG_NAMES.element(i, 4), n)
+                .u32_be_at(Self::CONFIG_DATA.element(i, 4), d);
         }
         let mut drives: Vec<&DriveInfo> = self.drives.iter().collect();
         drives.sort_by_key(|d| d.id);
@@ -285,9 +344,10 @@ impl V1Header {
                 )));
             }
             let n = table.add(&cstr(&d.name), &format!("drive name {:?}", d.name))?;
-            let at = DEV_INFO_AT + DEV_INFO_LEN * d.id.0 as usize;
-            header[at..at + 4].copy_from_slice(&n.to_be_bytes());
-            header[at + 8..at + 16].copy_from_slice(&d.size.to_be_bytes());
+            let id = d.id.0 as usize;
+            FieldWriter::block_at(&mut header, 0)
+                .u32_be_at(DevInfo::field(id, DevInfo::NAME), n)
+                .u64_be_at(DevInfo::field(id, DevInfo::SIZE), d.size);
         }
         let size = FIXED_HEADER_LEN + table.bytes.len();
         if size > MAX_WRITTEN_HEADER_LEN {
@@ -296,15 +356,16 @@ impl V1Header {
             )));
         }
         header.extend_from_slice(&table.bytes);
-        header[..4].copy_from_slice(&MAGIC);
-        header[4..8].copy_from_slice(&VERSION.to_be_bytes());
-        header[8..24].copy_from_slice(&self.uuid);
-        header[24..32].copy_from_slice(&self.ctime.to_be_bytes());
-        header[48..52].copy_from_slice(&(FIXED_HEADER_LEN as u32).to_be_bytes());
-        header[52..56].copy_from_slice(&(table.used as u32).to_be_bytes());
-        header[56..60].copy_from_slice(&(size as u32).to_be_bytes());
-        let md5 = md5_with_hole(&header, MD5_AT);
-        header[MD5_AT..MD5_AT + 16].copy_from_slice(&md5);
+        FieldWriter::block_at(&mut header, 0)
+            .put(Self::MAGIC, &MAGIC)
+            .u32_be_at(Self::VERSION, VERSION)
+            .put(Self::UUID, &self.uuid)
+            .u64_be_at(Self::CTIME, self.ctime)
+            .u32_be_at(Self::BLOB_BUFFER_OFFSET, FIXED_HEADER_LEN as u32)
+            .u32_be_at(Self::BLOB_BUFFER_SIZE, table.used as u32)
+            .u32_be_at(Self::HEADER_SIZE, size as u32);
+        let md5 = md5_with_hole(&header, Self::MD5.at);
+        FieldWriter::block_at(&mut header, 0).put(Self::MD5, &md5);
         Ok(header)
     }
 }
@@ -344,9 +405,9 @@ impl BlobTable {
             self.bytes.resize(self.bytes.len() + grow, 0);
         }
         let at = self.used;
-        self.bytes[at..at + 2].copy_from_slice(&(data.len() as u16).to_le_bytes());
-        self.bytes[at + 2..at + 2 + data.len()].copy_from_slice(data);
-        self.used += data.len() + 2;
+        FieldWriter::block_at(&mut self.bytes, at).u16_le_at(BLOB_LEN, data.len() as u16);
+        self.bytes[at + BLOB_LEN.len..at + BLOB_LEN.len + data.len()].copy_from_slice(data);
+        self.used += data.len() + BLOB_LEN.len;
         Ok(at as u32)
     }
 }
@@ -379,50 +440,49 @@ impl V1ExtentHeader {
 
     /// Decode and check an extent header at absolute `offset`.
     pub fn decode(b: &[u8; EXTENT_HEADER_LEN], offset: u64, uuid: &[u8; 16]) -> Result<Self> {
-        if b[..4] != EXTENT_MAGIC {
+        let r = FieldReader::block::<Self>(b, offset);
+        if r.field(Self::MAGIC)? != EXTENT_MAGIC {
             return Err(Error::corrupt(
                 offset,
                 format!(
                     "expected a VMA extent (magic VMAE), found {}",
-                    hex::encode(&b[..4])
+                    hex::encode(r.field(Self::MAGIC)?)
                 ),
             ));
         }
-        if !check_matches(
-            &b[EXTENT_MD5_AT..EXTENT_MD5_AT + 16],
-            &md5_with_hole(b, EXTENT_MD5_AT),
-        ) {
+        if !check_matches(r.field(Self::MD5)?, &md5_with_hole(b, Self::MD5.at)) {
             return Err(Error::corrupt(
-                offset + 24,
+                r.offset_of(Self::MD5),
                 "VMA extent header MD5 does not match its bytes",
             ));
         }
-        if &b[8..24] != uuid {
+        if r.field(Self::UUID)? != uuid {
             return Err(Error::corrupt(
-                offset + 8,
+                r.offset_of(Self::UUID),
                 "VMA extent carries another archive's uuid",
             ));
         }
-        let block_count = u16::from_be_bytes([b[6], b[7]]);
+        let block_count = r.u16_be_at(Self::BLOCK_COUNT)?;
         let mut slots = Vec::new();
         let mut blocks = 0u32;
         for i in 0..SLOTS_PER_EXTENT {
-            let s = &b[40 + 8 * i..48 + 8 * i];
-            let drive = s[3];
+            let at = Self::BLOCKINFO.at + BlockInfo::LEN * i;
+            let s = FieldReader::block::<BlockInfo>(&b[at..], offset + at as u64);
+            let drive = s.u8_at(BlockInfo::DEV_ID)?;
             if drive == 0 {
                 continue;
             }
-            let mask = u16::from_be_bytes([s[0], s[1]]);
+            let mask = s.u16_be_at(BlockInfo::MASK)?;
             blocks += mask.count_ones();
             slots.push(Slot {
                 mask,
                 drive: DriveId(drive),
-                cluster: be32(s, 4),
+                cluster: s.u32_be_at(BlockInfo::CLUSTER)?,
             });
         }
         if blocks != block_count as u32 {
             return Err(Error::corrupt(
-                offset + 6,
+                r.offset_of(Self::BLOCK_COUNT),
                 format!("VMA extent declares {block_count} blocks but its masks mark {blocks}"),
             ));
         }
@@ -431,19 +491,20 @@ impl V1ExtentHeader {
 
     /// Encode with the archive's uuid and the header MD5.
     pub fn encode(&self, uuid: &[u8; 16]) -> [u8; EXTENT_HEADER_LEN] {
-        let mut b = [0u8; EXTENT_HEADER_LEN];
-        b[..4].copy_from_slice(&EXTENT_MAGIC);
-        b[6..8].copy_from_slice(&self.block_count.to_be_bytes());
-        b[8..24].copy_from_slice(uuid);
-        for (i, s) in self.slots.iter().enumerate() {
-            let at = 40 + 8 * i;
-            b[at..at + 2].copy_from_slice(&s.mask.to_be_bytes());
-            b[at + 3] = s.drive.0;
-            b[at + 4..at + 8].copy_from_slice(&s.cluster.to_be_bytes());
+        let mut b = Vec::with_capacity(Self::LEN);
+        let mut w = FieldWriter::new(&mut b);
+        w.bytes(&EXTENT_MAGIC)
+            .zeros(Self::RESERVED.len)
+            .u16_be(self.block_count)
+            .bytes(uuid)
+            .zeros(Self::MD5.len);
+        for s in &self.slots {
+            w.u16_be(s.mask).u8(0).u8(s.drive.0).u32_be(s.cluster);
         }
-        let md5 = md5_with_hole(&b, EXTENT_MD5_AT);
-        b[EXTENT_MD5_AT..EXTENT_MD5_AT + 16].copy_from_slice(&md5);
-        b
+        b.resize(Self::LEN, 0);
+        let md5 = md5_with_hole(&b, Self::MD5.at);
+        FieldWriter::block_at(&mut b, 0).put(Self::MD5, &md5);
+        b.try_into().expect("the layout is EXTENT_HEADER_LEN bytes")
     }
 }
 
@@ -480,6 +541,17 @@ mod tests {
         }
     }
 
+    /// A big-endian u32 at a spec offset (independent of the layout above).
+    fn be32(b: &[u8], at: usize) -> u32 {
+        FieldReader::new(b, 0, "test")
+            .u32_be_at(Field {
+                name: "test",
+                at,
+                len: 4,
+            })
+            .unwrap()
+    }
+
     #[test]
     fn header_round_trip_and_layout() {
         let h = sample();
@@ -487,7 +559,9 @@ mod tests {
         assert_eq!(b.len() % 512, 0);
         assert_eq!(be32(&b, 48), 12288);
         // Blob offsets start at 1 and lengths are little-endian.
-        assert_eq!(be32(&b, CONFIG_NAMES_AT), 1);
+        assert_eq!(be32(&b, 2044), 1);
+        assert_eq!(V1Header::CONFIG_NAMES.at, 2044);
+        assert_eq!(DevInfo::of(1), 4096 + 32);
         assert_eq!(&b[12289..12291], &17u16.to_le_bytes());
         assert_eq!(&b[12291..12308], b"qemu-server.conf\0");
         assert_eq!(V1Header::decode(&b).unwrap(), h);

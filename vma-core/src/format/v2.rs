@@ -10,9 +10,10 @@ use crate::digest::check_matches;
 use crate::error::{Error, Result};
 use crate::types::DriveId;
 
+use super::field::{fixed_block, FieldReader, FieldWriter, FixedBlock};
 use super::v3::{
-    extent_limits, le_u32, le_u64, sha256, short_check, BodyCounts, Codec, Cursor, DriveRecord,
-    IndexRun, DIGEST_LEN, DRIVE_DIGEST_PRESENT, DRIVE_INTERRUPTED, EXTENT_HEADER_LEN, FOOTER_LEN,
+    extent_limits, sealed, self_check_holds, sha256, BodyCounts, Codec, DriveRecord, IndexRun,
+    DIGEST_LEN, DRIVE_DIGEST_PRESENT, DRIVE_INTERRUPTED, EXTENT_HEADER_LEN, FOOTER_LEN,
 };
 
 /// Major version of the archives described here.
@@ -49,6 +50,19 @@ pub struct ExtentHeader {
     pub raw_len: u32,
 }
 
+fixed_block!(ExtentHeader = "extent header", EXTENT_HEADER_LEN;
+    MAGIC("magic", 8),
+    SEQ("seq", 8),
+    ENTRY_COUNT("entry_count", 4),
+    MASK_COUNT("mask_count", 4),
+    CODEC("codec", 1),
+    RESERVED("reserved", 3),
+    STORED_LEN("stored_len", 4),
+    RAW_LEN("raw_len", 4),
+    RESERVED2("reserved", 20),
+    CHECK("check", 8),
+);
+
 impl ExtentHeader {
     /// Total length of the extent (header, entries, masks, payload, digest).
     pub fn total_len(&self) -> usize {
@@ -75,51 +89,54 @@ impl ExtentHeader {
     /// Encode the 64-byte header with its self-check (for tests that need
     /// 2.0 bytes; nothing writes 2.0 archives).
     pub fn encode(&self) -> [u8; EXTENT_HEADER_LEN] {
-        let mut b = [0u8; EXTENT_HEADER_LEN];
-        b[..8].copy_from_slice(&EXTENT_MAGIC);
-        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
-        b[16..20].copy_from_slice(&self.entry_count.to_le_bytes());
-        b[20..24].copy_from_slice(&self.mask_count.to_le_bytes());
-        b[24] = self.codec.code();
-        b[28..32].copy_from_slice(&self.stored_len.to_le_bytes());
-        b[32..36].copy_from_slice(&self.raw_len.to_le_bytes());
-        let check = short_check(&b[..56]);
-        b[56..].copy_from_slice(&check);
-        b
+        let mut b = Vec::with_capacity(Self::LEN);
+        FieldWriter::new(&mut b)
+            .bytes(&EXTENT_MAGIC)
+            .u64_le(self.seq)
+            .u32_le(self.entry_count)
+            .u32_le(self.mask_count)
+            .u8(self.codec.code())
+            .zeros(Self::RESERVED.len)
+            .u32_le(self.stored_len)
+            .u32_le(self.raw_len)
+            .zeros(Self::RESERVED2.len);
+        sealed(b)
     }
 
     /// Decode and check a 64-byte 2.0 extent header found at absolute `offset`.
     pub fn decode(b: &[u8; EXTENT_HEADER_LEN], offset: u64) -> Result<Self> {
-        if b[..8] != EXTENT_MAGIC {
+        let r = FieldReader::block::<Self>(b, offset);
+        if r.field(Self::MAGIC)? != EXTENT_MAGIC {
             return Err(Error::corrupt(
                 offset,
                 format!(
                     "expected an extent header (magic {}), found {}",
                     hex::encode(EXTENT_MAGIC),
-                    hex::encode(&b[..8])
+                    hex::encode(r.field(Self::MAGIC)?)
                 ),
             ));
         }
-        if !check_matches(&b[56..], &short_check(&b[..56])) {
+        if !self_check_holds(&r, b, Self::CHECK)? {
             return Err(Error::corrupt(
                 offset,
                 "extent header self-check does not match (header bytes damaged)",
             ));
         }
-        let seq = le_u64(b, 8);
-        let codec = Codec::from_code(b[24]).ok_or_else(|| {
+        let seq = r.u64_le_at(Self::SEQ)?;
+        let code = r.u8_at(Self::CODEC)?;
+        let codec = Codec::from_code(code).ok_or_else(|| {
             Error::corrupt(
-                offset + 24,
-                format!("extent #{seq}: unknown codec {}", b[24]),
+                r.offset_of(Self::CODEC),
+                format!("extent #{seq}: unknown codec {code}"),
             )
         })?;
         let h = ExtentHeader {
             seq,
-            entry_count: le_u32(b, 16),
-            mask_count: le_u32(b, 20),
+            entry_count: r.u32_le_at(Self::ENTRY_COUNT)?,
+            mask_count: r.u32_le_at(Self::MASK_COUNT)?,
             codec,
-            stored_len: le_u32(b, 28),
-            raw_len: le_u32(b, 32),
+            stored_len: r.u32_le_at(Self::STORED_LEN)?,
+            raw_len: r.u32_le_at(Self::RAW_LEN)?,
         };
         match extent_limits(h.entry_count, h.mask_count, codec, h.stored_len, h.raw_len) {
             Some(what) => Err(Error::corrupt(offset, format!("extent #{seq}: {what}"))),
@@ -138,21 +155,44 @@ pub struct Index {
     pub drives: Vec<DriveRecord>,
 }
 
+/// The fixed part of a 2.0 index block.
+pub struct IndexFixed;
+
+fixed_block!(IndexFixed = "index", INDEX_FIXED_LEN;
+    MAGIC("magic", 8),
+    RUN_COUNT("run_count", 8),
+    DRIVE_COUNT("drive_count", 4),
+    RESERVED("reserved", 12),
+);
+
+/// One drive record of a 2.0 index block.
+pub struct DriveRecordV2;
+
+fixed_block!(DriveRecordV2 = "index drive record", DRIVE_RECORD_LEN;
+    DRIVE("drive", 1),
+    FLAGS("flags", 1),
+    RESERVED("reserved", 6),
+    DATA_CLUSTERS("data_clusters", 8),
+    STORED_BYTES("stored_bytes", 8),
+    RESERVED2("reserved", 8),
+    DIGEST("digest", 32),
+);
+
 impl Index {
     /// Length of an index block from its 32-byte fixed part (bounded by `max_len`).
     pub fn block_len(fixed: &[u8; INDEX_FIXED_LEN], offset: u64, max_len: u64) -> Result<usize> {
-        if fixed[..8] != INDEX_MAGIC {
+        let r = FieldReader::block::<IndexFixed>(fixed, offset);
+        if r.field(IndexFixed::MAGIC)? != INDEX_MAGIC {
             return Err(Error::corrupt(
                 offset,
                 format!(
                     "expected the index (magic {}), found {}",
                     hex::encode(INDEX_MAGIC),
-                    hex::encode(&fixed[..8])
+                    hex::encode(r.field(IndexFixed::MAGIC)?)
                 ),
             ));
         }
-        let runs = le_u64(fixed, 8);
-        let drives = le_u32(fixed, 16) as u64;
+        let (runs, drives) = Index::counts(fixed);
         let len = runs
             .checked_mul(INDEX_RUN_LEN as u64)
             .and_then(|r| r.checked_add(drives * DRIVE_RECORD_LEN as u64))
@@ -160,7 +200,7 @@ impl Index {
             .filter(|&l| l <= max_len && drives <= super::limits::MAX_DRIVES as u64)
             .ok_or_else(|| {
                 Error::corrupt(
-                    offset + 8,
+                    r.offset_of(IndexFixed::RUN_COUNT),
                     format!("index claims {runs} runs and {drives} drives, more than can fit"),
                 )
             })?;
@@ -169,7 +209,12 @@ impl Index {
 
     /// Run and drive counts of an index block's fixed part.
     pub fn counts(fixed: &[u8; INDEX_FIXED_LEN]) -> (u64, u64) {
-        (le_u64(fixed, 8), le_u32(fixed, 16) as u64)
+        let r = FieldReader::block::<IndexFixed>(fixed, 0);
+        let whole = "a whole index fixed part";
+        (
+            r.u64_le_at(IndexFixed::RUN_COUNT).expect(whole),
+            r.u32_le_at(IndexFixed::DRIVE_COUNT).expect(whole) as u64,
+        )
     }
 
     /// Decode a whole index block at absolute `offset`, verifying its digest.
@@ -192,11 +237,11 @@ impl Index {
                 "index SHA-256 does not match the index bytes",
             ));
         }
-        let mut c = Cursor::new(body, offset, "index");
-        c.take(8)?;
-        let run_count = c.u64()? as usize;
-        let drive_count = c.u32()? as usize;
-        c.take(12)?;
+        let mut c = FieldReader::block::<IndexFixed>(body, offset);
+        c.skip(IndexFixed::MAGIC.len)?;
+        let run_count = c.u64_le()? as usize;
+        let drive_count = c.u32_le()? as usize;
+        c.skip(IndexFixed::RESERVED.len)?;
         let mut runs = Vec::with_capacity(run_count);
         for _ in 0..run_count {
             let at = c.offset();
@@ -204,13 +249,13 @@ impl Index {
         }
         let mut drives = Vec::with_capacity(drive_count);
         for _ in 0..drive_count {
-            let drive = DriveId(c.u8()?);
-            let flags = c.u8()?;
-            c.take(6)?;
-            let data_clusters = c.u64()?;
-            let stored_bytes = c.u64()?;
-            c.u64()?;
-            let digest: [u8; 32] = c.array()?;
+            let at = c.offset();
+            let rec = FieldReader::block::<DriveRecordV2>(c.take(DriveRecordV2::LEN)?, at);
+            let drive = DriveId(rec.u8_at(DriveRecordV2::DRIVE)?);
+            let flags = rec.u8_at(DriveRecordV2::FLAGS)?;
+            let data_clusters = rec.u64_le_at(DriveRecordV2::DATA_CLUSTERS)?;
+            let stored_bytes = rec.u64_le_at(DriveRecordV2::STORED_BYTES)?;
+            let digest: [u8; 32] = rec.field_bytes(DriveRecordV2::DIGEST)?;
             drives.push(DriveRecord {
                 data_clusters,
                 stored_bytes,
@@ -238,39 +283,15 @@ pub struct Footer {
 }
 
 impl Footer {
-    /// Decode and check a 2.0 footer found at absolute `offset`.
+    /// Decode and check a 2.0 footer found at absolute `offset` (the
+    /// layout of the 3.0 footer, with the 2.0 magic).
     pub fn decode(b: &[u8; FOOTER_LEN], offset: u64) -> Result<Footer> {
-        if b[..8] != FOOTER_MAGIC {
-            return Err(Error::corrupt(
-                offset,
-                format!(
-                    "expected the footer (magic {}), found {}: the archive is incomplete or damaged at its end",
-                    hex::encode(FOOTER_MAGIC),
-                    hex::encode(&b[..8])
-                ),
-            ));
-        }
-        if !check_matches(&b[72..], &short_check(&b[..72])) {
-            return Err(Error::corrupt(
-                offset,
-                "footer self-check does not match (footer damaged)",
-            ));
-        }
-        let f = Footer {
-            index_offset: le_u64(b, 8),
-            index_len: le_u64(b, 16),
-            extent_count: le_u64(b, 24),
-            archive_digest: b[32..64].try_into().expect("32"),
-        };
-        if f.index_offset.checked_add(f.index_len) != Some(offset) {
-            return Err(Error::corrupt(
-                offset + 8,
-                format!(
-                    "footer says the index is at {}+{} but it must end where the footer starts ({offset})",
-                    f.index_offset, f.index_len
-                ),
-            ));
-        }
-        Ok(f)
+        let f = super::v3::Footer::decode_with_magic(b, offset, &FOOTER_MAGIC)?;
+        Ok(Footer {
+            index_offset: f.index_offset,
+            index_len: f.index_len,
+            extent_count: f.extent_count,
+            archive_digest: f.archive_digest,
+        })
     }
 }

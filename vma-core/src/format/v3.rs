@@ -7,11 +7,12 @@
 //!
 //! All integers are little-endian.
 
+use super::field::{fixed_block, FieldReader, FieldWriter, FixedBlock};
 use super::v2;
 use crate::digest::{check_matches, Sha256};
 
 use crate::error::{Error, Result};
-use crate::types::{clusters_for, DriveId};
+use crate::types::{clusters_for, ArchiveOffset, DriveId};
 
 /// Magic at offset 0 of every native archive (2.0 and 3.0). Never change.
 pub const ARCHIVE_MAGIC: [u8; 8] = *b"\x89VMA\r\n\x1a\n";
@@ -222,11 +223,11 @@ impl ParentRef {
         out.extend_from_slice(&self.state.unwrap_or([0; 32]));
     }
 
-    fn decode(c: &mut Cursor<'_>, major: u16) -> Result<ParentRef> {
+    fn decode(c: &mut FieldReader<'_>, major: u16) -> Result<ParentRef> {
         Ok(ParentRef {
-            uuid: c.array()?,
-            digest: c.array()?,
-            state: if major >= 3 { Some(c.array()?) } else { None },
+            uuid: c.bytes()?,
+            digest: c.bytes()?,
+            state: if major >= 3 { Some(c.bytes()?) } else { None },
         })
     }
 
@@ -316,75 +317,6 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
-/// Bounds-checked little-endian reader over a byte slice whose first byte
-/// sits at absolute offset `base`; errors carry absolute offsets.
-pub(crate) struct Cursor<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-    base: u64,
-    what: &'static str,
-}
-
-impl<'a> Cursor<'a> {
-    pub(crate) fn new(bytes: &'a [u8], base: u64, what: &'static str) -> Self {
-        Cursor {
-            bytes,
-            pos: 0,
-            base,
-            what,
-        }
-    }
-
-    pub(crate) fn offset(&self) -> u64 {
-        self.base + self.pos as u64
-    }
-
-    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.bytes.len() - self.pos < n {
-            return Err(Error::corrupt(
-                self.offset(),
-                format!(
-                    "{} needs {} more bytes but only {} remain in it",
-                    self.what,
-                    n,
-                    self.bytes.len() - self.pos
-                ),
-            ));
-        }
-        let s = &self.bytes[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-
-    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        Ok(self.take(N)?.try_into().expect("length checked"))
-    }
-    pub(crate) fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-    pub(crate) fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.array()?))
-    }
-    pub(crate) fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.array()?))
-    }
-    pub(crate) fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.array()?))
-    }
-    pub(crate) fn i64(&mut self) -> Result<i64> {
-        Ok(i64::from_le_bytes(self.array()?))
-    }
-    pub(crate) fn utf8(&mut self, n: usize, field: &str) -> Result<String> {
-        let at = self.offset();
-        let b = self.take(n)?;
-        String::from_utf8(b.to_vec())
-            .map_err(|_| Error::corrupt(at, format!("{field} is not valid UTF-8")))
-    }
-    pub(crate) fn remaining(&self) -> usize {
-        self.bytes.len() - self.pos
-    }
-}
-
 pub use crate::digest::sha256;
 
 /// The 8-byte self-check of fixed-size structures: first 8 bytes of SHA-256.
@@ -392,16 +324,22 @@ pub fn short_check(data: &[u8]) -> [u8; 8] {
     sha256(data)[..8].try_into().expect("8 bytes")
 }
 
-pub(super) fn le_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+/// A fixed block whose bytes before its self-check are `b`, with the
+/// self-check appended: `b` must be `N - 8` bytes long.
+pub(super) fn sealed<const N: usize>(mut b: Vec<u8>) -> [u8; N] {
+    let check = short_check(&b);
+    b.extend_from_slice(&check);
+    b.try_into().expect("the layout ends with its 8-byte check")
 }
 
-pub(super) fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(b[at..at + 2].try_into().expect("2 bytes"))
+/// Whether the self-check field `check` of block `b` (read by `r`)
+/// matches the bytes before it.
+pub(super) fn self_check_holds(
+    r: &FieldReader<'_>,
+    b: &[u8],
+    check: super::field::Field,
+) -> Result<bool> {
+    Ok(check_matches(r.field(check)?, &short_check(&b[..check.at])))
 }
 
 fn names_of_bits(bits: u64) -> String {
@@ -411,6 +349,22 @@ fn names_of_bits(bits: u64) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+fixed_block!(HeaderPrefix = "header", HEADER_FIXED_LEN;
+    MAGIC("magic", 8),
+    VERSION_MAJOR("version_major", 2),
+    VERSION_MINOR("version_minor", 2),
+    HEADER_LEN("header_len", 4),
+    INCOMPAT("incompat", 8),
+    COMPAT("compat", 8),
+    UUID("uuid", 16),
+    CTIME("ctime", 8),
+    DRIVE_COUNT("drive_count", 2),
+    CONFIG_COUNT("config_count", 2),
+    CODEC("codec", 1),
+    LEVEL("level", 1),
+    CREATOR_LEN("creator_len", 2),
+);
 
 /// What the fixed 64 bytes at the start of an archive say before the rest is read.
 #[derive(Clone, Copy, Debug)]
@@ -424,20 +378,19 @@ pub struct HeaderPrefix {
 impl HeaderPrefix {
     /// Check magic, version, features and length of the first 64 bytes.
     pub fn decode(fixed: &[u8; HEADER_FIXED_LEN]) -> Result<Self> {
-        if fixed[..8] != ARCHIVE_MAGIC {
+        if fixed[Self::MAGIC.range()] != ARCHIVE_MAGIC {
             return Err(Error::NotAnArchive {
-                found: hex::encode(&fixed[..8]),
+                found: hex::encode(&fixed[Self::MAGIC.range()]),
             });
         }
-        let mut c = Cursor::new(fixed, 0, "header");
-        c.take(8)?;
-        let major = c.u16()?;
-        let minor = c.u16()?;
+        let c = FieldReader::block::<Self>(fixed, 0);
+        let major = c.u16_le_at(Self::VERSION_MAJOR)?;
+        let minor = c.u16_le_at(Self::VERSION_MINOR)?;
         if major != VERSION_MAJOR && major != v2::VERSION_MAJOR {
             return Err(Error::UnsupportedVersion { major, minor });
         }
-        let header_len = c.u32()? as usize;
-        let incompat = c.u64()?;
+        let header_len = c.u32_le_at(Self::HEADER_LEN)? as usize;
+        let incompat = c.u64_le_at(Self::INCOMPAT)?;
         let unknown = incompat & !KNOWN_INCOMPAT;
         if unknown != 0 {
             return Err(Error::UnknownFeatures {
@@ -447,7 +400,7 @@ impl HeaderPrefix {
         }
         if !(HEADER_FIXED_LEN + DIGEST_LEN..=limits::MAX_HEADER_LEN).contains(&header_len) {
             return Err(Error::corrupt(
-                12,
+                Self::HEADER_LEN.at as u64,
                 format!(
                     "header length {header_len} is outside {}..={}",
                     HEADER_FIXED_LEN + DIGEST_LEN,
@@ -609,45 +562,49 @@ impl Header {
         self.validate()?;
         let len = self.encoded_len();
         let mut b = Vec::with_capacity(len);
-        b.extend_from_slice(&ARCHIVE_MAGIC);
-        b.extend_from_slice(&VERSION_MAJOR.to_le_bytes());
-        b.extend_from_slice(&self.version_minor.to_le_bytes());
-        b.extend_from_slice(&(len as u32).to_le_bytes());
-        b.extend_from_slice(&self.incompat.to_le_bytes());
-        b.extend_from_slice(&self.compat.to_le_bytes());
-        b.extend_from_slice(&self.uuid);
-        b.extend_from_slice(&self.ctime.to_le_bytes());
-        b.extend_from_slice(&(self.drives.len() as u16).to_le_bytes());
-        b.extend_from_slice(&(self.stored_config_count() as u16).to_le_bytes());
-        b.push(self.compression.codec.code());
-        b.push(self.compression.level as u8);
-        b.extend_from_slice(&(self.creator.len() as u16).to_le_bytes());
-        debug_assert_eq!(b.len(), HEADER_FIXED_LEN);
+        FieldWriter::new(&mut b)
+            .bytes(&ARCHIVE_MAGIC)
+            .u16_le(VERSION_MAJOR)
+            .u16_le(self.version_minor)
+            .u32_le(len as u32)
+            .u64_le(self.incompat)
+            .u64_le(self.compat)
+            .bytes(&self.uuid)
+            .i64_le(self.ctime)
+            .u16_le(self.drives.len() as u16)
+            .u16_le(self.stored_config_count() as u16)
+            .u8(self.compression.codec.code())
+            .u8(self.compression.level as u8)
+            .u16_le(self.creator.len() as u16);
+        debug_assert_eq!(b.len(), HeaderPrefix::LEN);
         b.extend_from_slice(self.creator.as_bytes());
         if let Some(p) = &self.parent {
             p.encode(&mut b);
         }
         for d in &self.drives {
-            b.push(d.id.0);
-            b.push(0); // flags
-            b.extend_from_slice(&(d.name.len() as u16).to_le_bytes());
-            b.extend_from_slice(&0u32.to_le_bytes());
-            b.extend_from_slice(&d.size.to_le_bytes());
-            b.extend_from_slice(d.name.as_bytes());
+            FieldWriter::new(&mut b)
+                .u8(d.id.0)
+                .u8(0) // flags
+                .u16_le(d.name.len() as u16)
+                .u32_le(0)
+                .u64_le(d.size)
+                .bytes(d.name.as_bytes());
         }
         for c in &self.configs {
-            b.extend_from_slice(&(c.name.len() as u16).to_le_bytes());
-            b.extend_from_slice(&0u16.to_le_bytes());
-            b.extend_from_slice(&(c.data.len() as u32).to_le_bytes());
-            b.extend_from_slice(c.name.as_bytes());
-            b.extend_from_slice(&c.data);
+            FieldWriter::new(&mut b)
+                .u16_le(c.name.len() as u16)
+                .u16_le(0)
+                .u32_le(c.data.len() as u32)
+                .bytes(c.name.as_bytes())
+                .bytes(&c.data);
         }
         if !self.stands_for.is_empty() {
             let len = ARCHIVE_REF_LEN * self.stands_for.len();
-            b.extend_from_slice(&(STANDS_FOR_CONFIG.len() as u16).to_le_bytes());
-            b.extend_from_slice(&0u16.to_le_bytes());
-            b.extend_from_slice(&(len as u32).to_le_bytes());
-            b.extend_from_slice(STANDS_FOR_CONFIG.as_bytes());
+            FieldWriter::new(&mut b)
+                .u16_le(STANDS_FOR_CONFIG.len() as u16)
+                .u16_le(0)
+                .u32_le(len as u32)
+                .bytes(STANDS_FOR_CONFIG.as_bytes());
             for r in &self.stands_for {
                 r.encode(&mut b);
             }
@@ -681,32 +638,31 @@ impl Header {
             ));
         }
         let major = prefix.major;
-        let mut c = Cursor::new(&block[..body_len], 0, "header");
-        c.take(8)?;
-        c.u16()?;
-        let version_minor = c.u16()?;
-        c.u32()?;
-        let incompat = c.u64()?;
-        let compat = c.u64()?;
-        let uuid = c.array::<16>()?;
-        let ctime = c.i64()?;
-        let drive_count = c.u16()? as usize;
-        let config_count = c.u16()? as usize;
+        let mut c = FieldReader::new(&block[..body_len], 0, HeaderPrefix::NAME);
+        c.skip(HeaderPrefix::VERSION_MINOR.at)?;
+        let version_minor = c.u16_le()?;
+        c.skip(HeaderPrefix::HEADER_LEN.len)?;
+        let incompat = c.u64_le()?;
+        let compat = c.u64_le()?;
+        let uuid = c.bytes::<16>()?;
+        let ctime = c.i64_le()?;
+        let drive_count = c.u16_le()? as usize;
+        let config_count = c.u16_le()? as usize;
         let codec_at = c.offset();
         let code = c.u8()?;
         let codec = Codec::from_code(code)
             .ok_or_else(|| Error::corrupt(codec_at, format!("unknown compression code {code}")))?;
         let level = c.u8()? as i8;
-        let creator_len = c.u16()? as usize;
+        let creator_len = c.u16_le()? as usize;
         if drive_count == 0 || drive_count > limits::MAX_DRIVES {
             return Err(Error::corrupt(
-                56,
+                HeaderPrefix::DRIVE_COUNT.at as u64,
                 format!("drive count {drive_count} is outside 1..=255"),
             ));
         }
         if config_count > limits::MAX_CONFIGS {
             return Err(Error::corrupt(
-                58,
+                HeaderPrefix::CONFIG_COUNT.at as u64,
                 format!("config count {config_count} exceeds 256"),
             ));
         }
@@ -721,9 +677,9 @@ impl Header {
             let at = c.offset();
             let id = DriveId(c.u8()?);
             let _flags = c.u8()?;
-            let name_len = c.u16()? as usize;
-            c.u32()?;
-            let size = c.u64()?;
+            let name_len = c.u16_le()? as usize;
+            c.u32_le()?;
+            let size = c.u64_le()?;
             let name = c.utf8(name_len, "drive name")?;
             check_name(&name).map_err(|e| Error::corrupt(at, e.to_string()))?;
             drives.push(DriveInfo { id, name, size });
@@ -731,9 +687,9 @@ impl Header {
         let mut configs = Vec::with_capacity(config_count);
         for _ in 0..config_count {
             let at = c.offset();
-            let name_len = c.u16()? as usize;
-            c.u16()?;
-            let data_len = c.u32()? as usize;
+            let name_len = c.u16_le()? as usize;
+            c.u16_le()?;
+            let data_len = c.u32_le()? as usize;
             let name = c.utf8(name_len, "config name")?;
             check_name(&name).map_err(|e| Error::corrupt(at, e.to_string()))?;
             if data_len > limits::MAX_CONFIG_SIZE {
@@ -825,7 +781,7 @@ fn decode_stands_for(configs: &mut Vec<ConfigBlob>, at: u64, major: u16) -> Resu
     }
     list.data
         .chunks_exact(ref_len)
-        .map(|r| ParentRef::decode(&mut Cursor::new(r, at, "stand-in list"), major))
+        .map(|r| ParentRef::decode(&mut FieldReader::new(r, at, "stand-in list"), major))
         .collect()
 }
 
@@ -843,6 +799,14 @@ pub struct Entry {
     pub start: u64,
 }
 
+fixed_block!(Entry = "extent entry", ENTRY_LEN;
+    DRIVE("drive", 1),
+    KIND("kind", 1),
+    RESERVED("reserved", 2),
+    COUNT("count", 4),
+    START("start", 8),
+);
+
 /// Bytes of mask array including padding to a multiple of 8.
 pub fn masks_len(mask_count: usize) -> usize {
     (mask_count * 2).next_multiple_of(8)
@@ -850,11 +814,12 @@ pub fn masks_len(mask_count: usize) -> usize {
 
 /// Encode one run entry.
 pub fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
-    out.push(e.drive.0);
-    out.push(e.kind.code());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&e.count.to_le_bytes());
-    out.extend_from_slice(&e.start.to_le_bytes());
+    FieldWriter::new(out)
+        .u8(e.drive.0)
+        .u8(e.kind.code())
+        .u16_le(0)
+        .u32_le(e.count)
+        .u64_le(e.start);
 }
 
 /// The counts of an extent body that [`decode_entries`] checks against.
@@ -875,7 +840,7 @@ pub struct BodyCounts {
 /// `offset`. Checks that masks match the data clusters and popcounts match
 /// `raw_len`.
 pub fn decode_entries(h: &BodyCounts, body: &[u8], offset: u64) -> Result<(Vec<Entry>, Vec<u16>)> {
-    let mut c = Cursor::new(body, offset, "extent entries");
+    let mut c = FieldReader::new(body, offset, "extent entries");
     let mut entries = Vec::with_capacity(h.entry_count as usize);
     let mut data_clusters = 0u64;
     for _ in 0..h.entry_count {
@@ -884,13 +849,13 @@ pub fn decode_entries(h: &BodyCounts, body: &[u8], offset: u64) -> Result<(Vec<E
         let code = c.u8()?;
         let kind = RunKind::from_code(code).ok_or_else(|| {
             Error::corrupt(
-                at + 1,
+                at + Entry::KIND.at as u64,
                 format!("extent #{}: unknown run kind {code}", h.seq),
             )
         })?;
-        c.u16()?;
-        let count = c.u32()?;
-        let start = c.u64()?;
+        c.u16_le()?;
+        let count = c.u32_le()?;
+        let start = c.u64_le()?;
         let why = if drive.0 == 0 {
             Some("drive id 0 is not a drive")
         } else if count == 0 {
@@ -930,10 +895,10 @@ pub fn decode_entries(h: &BodyCounts, body: &[u8], offset: u64) -> Result<(Vec<E
     }
     let mask_at = c.offset();
     let mask_bytes = c.take(masks_len(h.mask_count as usize))?;
-    let masks: Vec<u16> = mask_bytes[..h.mask_count as usize * 2]
-        .chunks_exact(2)
-        .map(|m| u16::from_le_bytes([m[0], m[1]]))
-        .collect();
+    let mut m = FieldReader::new(mask_bytes, mask_at, "block masks");
+    let masks = (0..h.mask_count)
+        .map(|_| m.u16_le())
+        .collect::<Result<Vec<u16>, _>>()?;
     let blocks: u64 = masks.iter().map(|m| m.count_ones() as u64).sum();
     if masks.contains(&0) {
         return Err(Error::corrupt(
@@ -1010,10 +975,24 @@ pub struct ExtentHeader {
     pub codec: Codec,
 }
 
+fixed_block!(ExtentHeader = "extent header", EXTENT_HEADER_LEN;
+    MAGIC("magic", 8),
+    UUID("uuid", 16),
+    SEQ("seq", 8),
+    ENTRY_COUNT("entry_count", 4),
+    MASK_COUNT("mask_count", 4),
+    STORED_LEN("stored_len", 4),
+    RAW_LEN("raw_len", 4),
+    CODEC("codec", 1),
+    CIPHER("cipher", 1),
+    RESERVED("reserved", 6),
+    CHECK("check", 8),
+);
+
 /// Offset of the uuid in an extent header (3.0).
-pub const EXTENT_UUID_AT: usize = 8;
+pub const EXTENT_UUID_AT: usize = ExtentHeader::UUID.at;
 /// Offset of the cipher byte in an extent header (3.0).
-pub const EXTENT_CIPHER_AT: usize = 49;
+pub const EXTENT_CIPHER_AT: usize = ExtentHeader::CIPHER.at;
 
 impl ExtentHeader {
     /// Total length of the extent (header, entries, masks, payload, digest).
@@ -1040,62 +1019,64 @@ impl ExtentHeader {
 
     /// Encode the 64-byte header with its self-check.
     pub fn encode(&self) -> [u8; EXTENT_HEADER_LEN] {
-        let mut b = [0u8; EXTENT_HEADER_LEN];
-        b[..8].copy_from_slice(&EXTENT_MAGIC);
-        b[8..24].copy_from_slice(&self.uuid);
-        b[24..32].copy_from_slice(&self.seq.to_le_bytes());
-        b[32..36].copy_from_slice(&self.entry_count.to_le_bytes());
-        b[36..40].copy_from_slice(&self.mask_count.to_le_bytes());
-        b[40..44].copy_from_slice(&self.stored_len.to_le_bytes());
-        b[44..48].copy_from_slice(&self.raw_len.to_le_bytes());
-        b[48] = self.codec.code();
-        b[EXTENT_CIPHER_AT] = 0;
-        let check = short_check(&b[..56]);
-        b[56..].copy_from_slice(&check);
-        b
+        let mut b = Vec::with_capacity(Self::LEN);
+        FieldWriter::new(&mut b)
+            .bytes(&EXTENT_MAGIC)
+            .bytes(&self.uuid)
+            .u64_le(self.seq)
+            .u32_le(self.entry_count)
+            .u32_le(self.mask_count)
+            .u32_le(self.stored_len)
+            .u32_le(self.raw_len)
+            .u8(self.codec.code())
+            .u8(0) // cipher
+            .zeros(Self::RESERVED.len);
+        sealed(b)
     }
 
     /// Decode and check a 64-byte extent header found at absolute `offset`:
     /// magic, self-check, cipher, field limits. The uuid and seq are the
     /// caller's to compare.
     pub fn decode(b: &[u8; EXTENT_HEADER_LEN], offset: u64) -> Result<Self> {
-        if b[..8] != EXTENT_MAGIC {
+        let r = FieldReader::block::<Self>(b, offset);
+        if r.field(Self::MAGIC)? != EXTENT_MAGIC {
             return Err(Error::corrupt(
                 offset,
                 format!(
                     "expected an extent header (magic {}), found {}",
                     hex::encode(EXTENT_MAGIC),
-                    hex::encode(&b[..8])
+                    hex::encode(r.field(Self::MAGIC)?)
                 ),
             ));
         }
-        if !check_matches(&b[56..], &short_check(&b[..56])) {
+        if !self_check_holds(&r, b, Self::CHECK)? {
             return Err(Error::corrupt(
                 offset,
                 "extent header self-check does not match (header bytes damaged)",
             ));
         }
-        let seq = le_u64(b, 24);
-        let cipher = b[EXTENT_CIPHER_AT];
+        let seq = r.u64_le_at(Self::SEQ)?;
+        let cipher = r.u8_at(Self::CIPHER)?;
         if cipher != 0 {
             return Err(Error::UnknownFeatures {
                 bits: cipher as u64,
                 names: format!("extent cipher {cipher} (extent #{seq} at offset {offset})"),
             });
         }
-        let codec = Codec::from_code(b[48]).ok_or_else(|| {
+        let code = r.u8_at(Self::CODEC)?;
+        let codec = Codec::from_code(code).ok_or_else(|| {
             Error::corrupt(
-                offset + 48,
-                format!("extent #{seq}: unknown codec {}", b[48]),
+                r.offset_of(Self::CODEC),
+                format!("extent #{seq}: unknown codec {code}"),
             )
         })?;
         let h = ExtentHeader {
-            uuid: b[8..24].try_into().expect("16"),
+            uuid: r.field_bytes(Self::UUID)?,
             seq,
-            entry_count: le_u32(b, 32),
-            mask_count: le_u32(b, 36),
-            stored_len: le_u32(b, 40),
-            raw_len: le_u32(b, 44),
+            entry_count: r.u32_le_at(Self::ENTRY_COUNT)?,
+            mask_count: r.u32_le_at(Self::MASK_COUNT)?,
+            stored_len: r.u32_le_at(Self::STORED_LEN)?,
+            raw_len: r.u32_le_at(Self::RAW_LEN)?,
             codec,
         };
         match extent_limits(h.entry_count, h.mask_count, codec, h.stored_len, h.raw_len) {
@@ -1122,6 +1103,15 @@ pub struct IndexRun {
     pub extent: u64,
 }
 
+fixed_block!(IndexRun = "index run", INDEX_RUN_LEN;
+    DRIVE("drive", 1),
+    KIND("kind", 1),
+    RESERVED("reserved", 2),
+    COUNT("count", 4),
+    START("start", 8),
+    EXTENT("extent", 8),
+);
+
 impl IndexRun {
     /// One past the last cluster.
     pub fn end(&self) -> u64 {
@@ -1130,24 +1120,30 @@ impl IndexRun {
 
     /// Encode as 24 bytes (the layout of 2.0 index runs and 3.0 run pages).
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(self.drive.0);
-        out.push(self.kind.code());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(&self.count.to_le_bytes());
-        out.extend_from_slice(&self.start.to_le_bytes());
-        out.extend_from_slice(&self.extent.to_le_bytes());
+        FieldWriter::new(out)
+            .u8(self.drive.0)
+            .u8(self.kind.code())
+            .u16_le(0)
+            .u32_le(self.count)
+            .u64_le(self.start)
+            .u64_le(self.extent);
     }
 
     /// Decode 24 bytes found at absolute `offset`: the kind must be known,
     /// the run non-empty and within the largest drive.
     pub fn decode(b: &[u8], offset: u64) -> Result<IndexRun> {
-        let drive = DriveId(b[0]);
-        let kind = RunKind::from_code(b[1]).ok_or_else(|| {
-            Error::corrupt(offset + 1, format!("index: unknown run kind {}", b[1]))
+        let r = FieldReader::block::<Self>(b, offset);
+        let drive = DriveId(r.u8_at(Self::DRIVE)?);
+        let code = r.u8_at(Self::KIND)?;
+        let kind = RunKind::from_code(code).ok_or_else(|| {
+            Error::corrupt(
+                r.offset_of(Self::KIND),
+                format!("index: unknown run kind {code}"),
+            )
         })?;
-        let count = le_u32(b, 4);
-        let start = le_u64(b, 8);
-        let extent = le_u64(b, 16);
+        let count = r.u32_le_at(Self::COUNT)?;
+        let start = r.u64_le_at(Self::START)?;
+        let extent = r.u64_le_at(Self::EXTENT)?;
         if count == 0 || start.saturating_add(count as u64) > MAX_CLUSTERS {
             let why = if count == 0 {
                 "a run holds at least one cluster"
@@ -1208,6 +1204,18 @@ pub const DRIVE_INTERRUPTED: u8 = 2;
 /// [`DriveRecord::unchanged`]).
 pub const DRIVE_HAS_UNCHANGED: u8 = 4;
 
+fixed_block!(DriveRecord = "drive record", DRIVE_RECORD_LEN;
+    DRIVE("drive", 1),
+    FLAGS("flags", 1),
+    RESERVED("reserved", 6),
+    DATA_CLUSTERS("data_clusters", 8),
+    STORED_BYTES("stored_bytes", 8),
+    FIRST_RUN("first_run", 8),
+    RUN_COUNT("run_count", 8),
+    FIRST_LEAF("first_leaf", 8),
+    DIGEST("digest", 32),
+);
+
 impl DriveRecord {
     /// A record of `drive` with nothing counted yet.
     pub fn empty(drive: DriveId) -> DriveRecord {
@@ -1226,51 +1234,50 @@ impl DriveRecord {
 
     /// Encode the 80-byte 3.0 record.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(self.drive.0);
-        out.push(
-            if self.digest.is_some() {
-                DRIVE_DIGEST_PRESENT
-            } else {
-                0
-            } | if self.interrupted {
-                DRIVE_INTERRUPTED
-            } else {
-                0
-            } | if self.unchanged {
-                DRIVE_HAS_UNCHANGED
-            } else {
-                0
-            },
-        );
-        out.extend_from_slice(&[0u8; 6]);
-        out.extend_from_slice(&self.data_clusters.to_le_bytes());
-        out.extend_from_slice(&self.stored_bytes.to_le_bytes());
-        out.extend_from_slice(&self.first_run.to_le_bytes());
-        out.extend_from_slice(&self.run_count.to_le_bytes());
-        out.extend_from_slice(&self.first_leaf.to_le_bytes());
-        out.extend_from_slice(&self.digest.unwrap_or([0; 32]));
+        let flags = if self.digest.is_some() {
+            DRIVE_DIGEST_PRESENT
+        } else {
+            0
+        } | if self.interrupted {
+            DRIVE_INTERRUPTED
+        } else {
+            0
+        } | if self.unchanged {
+            DRIVE_HAS_UNCHANGED
+        } else {
+            0
+        };
+        FieldWriter::new(out)
+            .u8(self.drive.0)
+            .u8(flags)
+            .zeros(Self::RESERVED.len)
+            .u64_le(self.data_clusters)
+            .u64_le(self.stored_bytes)
+            .u64_le(self.first_run)
+            .u64_le(self.run_count)
+            .u64_le(self.first_leaf)
+            .bytes(&self.digest.unwrap_or([0; 32]));
     }
 
     /// Decode an 80-byte 3.0 record found at absolute `offset`.
     pub fn decode(b: &[u8], offset: u64) -> Result<DriveRecord> {
-        let flags = b[1];
+        let r = FieldReader::block::<Self>(b, offset);
+        let drive = r.u8_at(Self::DRIVE)?;
+        let flags = r.u8_at(Self::FLAGS)?;
         if flags & !(DRIVE_DIGEST_PRESENT | DRIVE_INTERRUPTED | DRIVE_HAS_UNCHANGED) != 0 {
             return Err(Error::corrupt(
-                offset + 1,
-                format!(
-                    "drive record of drive id {}: unknown flags {flags:#x}",
-                    b[0]
-                ),
+                r.offset_of(Self::FLAGS),
+                format!("drive record of drive id {drive}: unknown flags {flags:#x}"),
             ));
         }
-        let digest: [u8; 32] = b[48..80].try_into().expect("32");
+        let digest: [u8; 32] = r.field_bytes(Self::DIGEST)?;
         Ok(DriveRecord {
-            drive: DriveId(b[0]),
-            data_clusters: le_u64(b, 8),
-            stored_bytes: le_u64(b, 16),
-            first_run: le_u64(b, 24),
-            run_count: le_u64(b, 32),
-            first_leaf: le_u64(b, 40),
+            drive: DriveId(drive),
+            data_clusters: r.u64_le_at(Self::DATA_CLUSTERS)?,
+            stored_bytes: r.u64_le_at(Self::STORED_BYTES)?,
+            first_run: r.u64_le_at(Self::FIRST_RUN)?,
+            run_count: r.u64_le_at(Self::RUN_COUNT)?,
+            first_leaf: r.u64_le_at(Self::FIRST_LEAF)?,
             digest: (flags & DRIVE_DIGEST_PRESENT != 0).then_some(digest),
             interrupted: flags & DRIVE_INTERRUPTED != 0,
             unchanged: flags & DRIVE_HAS_UNCHANGED != 0,
@@ -1283,28 +1290,39 @@ impl DriveRecord {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExtentRecord {
     /// File offset of the extent's header.
-    pub offset: u64,
+    pub offset: ArchiveOffset,
     /// Total length of the extent.
     pub len: u32,
     /// The extent digest (its last 32 bytes).
     pub digest: [u8; 32],
 }
 
+fixed_block!(ExtentRecord = "extent record", EXTENT_RECORD_LEN;
+    OFFSET("offset", 8),
+    TOTAL_LEN("total_len", 4),
+    RESERVED("reserved", 4),
+    DIGEST("digest", 32),
+);
+
 impl ExtentRecord {
     /// Encode the 48-byte record.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.offset.to_le_bytes());
-        out.extend_from_slice(&self.len.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend_from_slice(&self.digest);
+        FieldWriter::new(out)
+            .u64_le(self.offset.get())
+            .u32_le(self.len)
+            .u32_le(0)
+            .bytes(&self.digest);
     }
 
-    /// Decode a 48-byte record.
+    /// Decode one whole 48-byte record (pages are split into records of
+    /// exactly [`EXTENT_RECORD_LEN`] bytes, so no field can be short).
     pub fn decode(b: &[u8]) -> ExtentRecord {
+        let r = FieldReader::block::<Self>(b, 0);
+        let whole = "a whole extent record";
         ExtentRecord {
-            offset: le_u64(b, 0),
-            len: le_u32(b, 8),
-            digest: b[16..48].try_into().expect("32"),
+            offset: ArchiveOffset(r.u64_le_at(Self::OFFSET).expect(whole)),
+            len: r.u32_le_at(Self::TOTAL_LEN).expect(whole),
+            digest: r.field_bytes(Self::DIGEST).expect(whole),
         }
     }
 }
@@ -1323,23 +1341,35 @@ pub struct RunPageKey {
     pub digest: [u8; 32],
 }
 
+fixed_block!(RunPageKey = "run page key", RUN_KEY_LEN;
+    DRIVE("drive", 1),
+    RESERVED("reserved", 7),
+    START("start", 8),
+    FIRST_LEAF("first_leaf", 8),
+    DIGEST("digest", 32),
+);
+
 impl RunPageKey {
     /// Encode the 56-byte entry.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(self.drive.0);
-        out.extend_from_slice(&[0u8; 7]);
-        out.extend_from_slice(&self.start.to_le_bytes());
-        out.extend_from_slice(&self.first_leaf.to_le_bytes());
-        out.extend_from_slice(&self.digest);
+        FieldWriter::new(out)
+            .u8(self.drive.0)
+            .zeros(Self::RESERVED.len)
+            .u64_le(self.start)
+            .u64_le(self.first_leaf)
+            .bytes(&self.digest);
     }
 
-    /// Decode a 56-byte entry.
+    /// Decode one whole 56-byte entry (the directory is split into entries
+    /// of exactly [`RUN_KEY_LEN`] bytes, so no field can be short).
     pub fn decode(b: &[u8]) -> RunPageKey {
+        let r = FieldReader::block::<Self>(b, 0);
+        let whole = "a whole run page key";
         RunPageKey {
-            drive: DriveId(b[0]),
-            start: le_u64(b, 8),
-            first_leaf: le_u64(b, 16),
-            digest: b[24..56].try_into().expect("32"),
+            drive: DriveId(r.u8_at(Self::DRIVE).expect(whole)),
+            start: r.u64_le_at(Self::START).expect(whole),
+            first_leaf: r.u64_le_at(Self::FIRST_LEAF).expect(whole),
+            digest: r.field_bytes(Self::DIGEST).expect(whole),
         }
     }
 }
@@ -1366,62 +1396,75 @@ pub struct IndexFixed {
     pub leaves_per_page: u16,
 }
 
+fixed_block!(IndexFixed = "index", INDEX_FIXED_LEN;
+    MAGIC("magic", 8),
+    UUID("uuid", 16),
+    RUN_COUNT("run_count", 8),
+    EXTENT_COUNT("extent_count", 8),
+    LEAF_COUNT("leaf_count", 8),
+    DRIVE_COUNT("drive_count", 2),
+    RUNS_PER_PAGE("runs_per_page", 2),
+    EXTENTS_PER_PAGE("extents_per_page", 2),
+    LEAVES_PER_PAGE("leaves_per_page", 2),
+    CHECK("check", 8),
+);
+
 impl IndexFixed {
     /// Encode the 64 bytes with their self-check.
     pub fn encode(&self) -> [u8; INDEX_FIXED_LEN] {
-        let mut b = [0u8; INDEX_FIXED_LEN];
-        b[..8].copy_from_slice(&INDEX_MAGIC);
-        b[8..24].copy_from_slice(&self.uuid);
-        b[24..32].copy_from_slice(&self.run_count.to_le_bytes());
-        b[32..40].copy_from_slice(&self.extent_count.to_le_bytes());
-        b[40..48].copy_from_slice(&self.leaf_count.to_le_bytes());
-        b[48..50].copy_from_slice(&self.drive_count.to_le_bytes());
-        b[50..52].copy_from_slice(&self.runs_per_page.to_le_bytes());
-        b[52..54].copy_from_slice(&self.extents_per_page.to_le_bytes());
-        b[54..56].copy_from_slice(&self.leaves_per_page.to_le_bytes());
-        let check = short_check(&b[..56]);
-        b[56..].copy_from_slice(&check);
-        b
+        let mut b = Vec::with_capacity(Self::LEN);
+        FieldWriter::new(&mut b)
+            .bytes(&INDEX_MAGIC)
+            .bytes(&self.uuid)
+            .u64_le(self.run_count)
+            .u64_le(self.extent_count)
+            .u64_le(self.leaf_count)
+            .u16_le(self.drive_count)
+            .u16_le(self.runs_per_page)
+            .u16_le(self.extents_per_page)
+            .u16_le(self.leaves_per_page);
+        sealed(b)
     }
 
     /// Decode and check 64 bytes found at absolute `offset`: magic,
     /// self-check, page sizes, drive count.
     pub fn decode(b: &[u8; INDEX_FIXED_LEN], offset: u64) -> Result<IndexFixed> {
-        if b[..8] != INDEX_MAGIC {
+        let r = FieldReader::block::<Self>(b, offset);
+        if r.field(Self::MAGIC)? != INDEX_MAGIC {
             return Err(Error::corrupt(
                 offset,
                 format!(
                     "expected the index (magic {}), found {}",
                     hex::encode(INDEX_MAGIC),
-                    hex::encode(&b[..8])
+                    hex::encode(r.field(Self::MAGIC)?)
                 ),
             ));
         }
-        if !check_matches(&b[56..], &short_check(&b[..56])) {
+        if !self_check_holds(&r, b, Self::CHECK)? {
             return Err(Error::corrupt(
                 offset,
                 "index self-check does not match (its fixed part is damaged, or the magic is stray)",
             ));
         }
         let f = IndexFixed {
-            uuid: b[8..24].try_into().expect("16"),
-            run_count: le_u64(b, 24),
-            extent_count: le_u64(b, 32),
-            leaf_count: le_u64(b, 40),
-            drive_count: le_u16(b, 48),
-            runs_per_page: le_u16(b, 50),
-            extents_per_page: le_u16(b, 52),
-            leaves_per_page: le_u16(b, 54),
+            uuid: r.field_bytes(Self::UUID)?,
+            run_count: r.u64_le_at(Self::RUN_COUNT)?,
+            extent_count: r.u64_le_at(Self::EXTENT_COUNT)?,
+            leaf_count: r.u64_le_at(Self::LEAF_COUNT)?,
+            drive_count: r.u16_le_at(Self::DRIVE_COUNT)?,
+            runs_per_page: r.u16_le_at(Self::RUNS_PER_PAGE)?,
+            extents_per_page: r.u16_le_at(Self::EXTENTS_PER_PAGE)?,
+            leaves_per_page: r.u16_le_at(Self::LEAVES_PER_PAGE)?,
         };
         if f.runs_per_page == 0 || f.extents_per_page == 0 || f.leaves_per_page == 0 {
             return Err(Error::corrupt(
-                offset + 50,
+                r.offset_of(Self::RUNS_PER_PAGE),
                 "index: a page holds at least one item",
             ));
         }
         if f.drive_count == 0 || f.drive_count as usize > limits::MAX_DRIVES {
             return Err(Error::corrupt(
-                offset + 48,
+                r.offset_of(Self::DRIVE_COUNT),
                 format!("index: drive count {} is outside 1..=255", f.drive_count),
             ));
         }
@@ -1656,47 +1699,68 @@ pub struct Footer {
     pub archive_digest: [u8; 32],
 }
 
+fixed_block!(Footer = "footer", FOOTER_LEN;
+    MAGIC("magic", 8),
+    INDEX_OFFSET("index_offset", 8),
+    INDEX_LEN("index_len", 8),
+    EXTENT_COUNT("extent_count", 8),
+    ARCHIVE_DIGEST("archive_digest", 32),
+    RESERVED("reserved", 8),
+    CHECK("check", 8),
+);
+
 impl Footer {
     /// Encode the 80-byte footer with its self-check.
     pub fn encode(&self) -> [u8; FOOTER_LEN] {
-        let mut b = [0u8; FOOTER_LEN];
-        b[..8].copy_from_slice(&FOOTER_MAGIC);
-        b[8..16].copy_from_slice(&self.index_offset.to_le_bytes());
-        b[16..24].copy_from_slice(&self.index_len.to_le_bytes());
-        b[24..32].copy_from_slice(&self.extent_count.to_le_bytes());
-        b[32..64].copy_from_slice(&self.archive_digest);
-        let check = short_check(&b[..72]);
-        b[72..].copy_from_slice(&check);
-        b
+        let mut b = Vec::with_capacity(Self::LEN);
+        FieldWriter::new(&mut b)
+            .bytes(&FOOTER_MAGIC)
+            .u64_le(self.index_offset)
+            .u64_le(self.index_len)
+            .u64_le(self.extent_count)
+            .bytes(&self.archive_digest)
+            .zeros(Self::RESERVED.len);
+        sealed(b)
     }
 
     /// Decode and check a footer found at absolute `offset`.
     pub fn decode(b: &[u8; FOOTER_LEN], offset: u64) -> Result<Footer> {
-        if b[..8] != FOOTER_MAGIC {
+        Self::decode_with_magic(b, offset, &FOOTER_MAGIC)
+    }
+
+    /// [`Footer::decode`] for a footer of this layout with magic `magic`
+    /// (2.0 footers differ only there).
+    pub(super) fn decode_with_magic(
+        b: &[u8; FOOTER_LEN],
+        offset: u64,
+        magic: &[u8; 8],
+    ) -> Result<Footer> {
+        let r = FieldReader::block::<Self>(b, offset);
+        if r.field(Self::MAGIC)? != magic {
             return Err(Error::corrupt(
                 offset,
                 format!(
                     "expected the footer (magic {}), found {}: the archive is incomplete or damaged at its end",
-                    hex::encode(FOOTER_MAGIC),
-                    hex::encode(&b[..8])
+                    hex::encode(magic),
+                    hex::encode(r.field(Self::MAGIC)?)
                 ),
             ));
         }
-        if !check_matches(&b[72..], &short_check(&b[..72])) {
+        if !self_check_holds(&r, b, Self::CHECK)? {
             return Err(Error::corrupt(
                 offset,
                 "footer self-check does not match (footer damaged)",
             ));
         }
         let f = Footer {
-            index_offset: le_u64(b, 8),
-            index_len: le_u64(b, 16),
-            extent_count: le_u64(b, 24),
-            archive_digest: b[32..64].try_into().expect("32"),
+            index_offset: r.u64_le_at(Self::INDEX_OFFSET)?,
+            index_len: r.u64_le_at(Self::INDEX_LEN)?,
+            extent_count: r.u64_le_at(Self::EXTENT_COUNT)?,
+            archive_digest: r.field_bytes(Self::ARCHIVE_DIGEST)?,
         };
         if f.index_offset.checked_add(f.index_len) != Some(offset) {
             return Err(Error::corrupt(
-                offset + 8,
+                r.offset_of(Self::INDEX_OFFSET),
                 format!(
                     "footer says the index is at {}+{} but it must end where the footer starts ({offset})",
                     f.index_offset, f.index_len
@@ -1942,7 +2006,7 @@ mod tests {
         assert_eq!(out.len(), RUN_KEY_LEN);
         assert_eq!(RunPageKey::decode(&out), k);
         let e = ExtentRecord {
-            offset: 1234,
+            offset: ArchiveOffset(1234),
             len: 99,
             digest: [1; 32],
         };

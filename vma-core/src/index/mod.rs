@@ -20,7 +20,9 @@ use crate::format::{
     LEAVES_PER_PAGE, RUNS_PER_PAGE,
 };
 use crate::tree::{leaf, zero_subtree, Digest, DriveDigestKind, DriveHash};
-use crate::types::{cluster_len, cluster_range_bytes, ClusterNo, DriveId, DriveRange};
+use crate::types::{
+    cluster_len, cluster_range_bytes, ArchiveOffset, ClusterNo, DriveId, DriveRange,
+};
 use crate::util::spool::{temp_file, Merge, Record, Spool};
 
 pub mod paged;
@@ -123,7 +125,7 @@ impl Record for LeafRec {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 struct ExtentRec {
     seq: u64,
-    offset: u64,
+    offset: ArchiveOffset,
     len: u32,
     digest: Digest,
 }
@@ -132,14 +134,14 @@ impl Record for ExtentRec {
     const LEN: usize = 52;
     fn put(&self, o: &mut [u8]) {
         o[0..8].copy_from_slice(&self.seq.to_le_bytes());
-        o[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        o[8..16].copy_from_slice(&self.offset.get().to_le_bytes());
         o[16..20].copy_from_slice(&self.len.to_le_bytes());
         o[20..52].copy_from_slice(&self.digest);
     }
     fn get(b: &[u8]) -> Self {
         ExtentRec {
             seq: u64::from_le_bytes(b[0..8].try_into().expect("8")),
-            offset: u64::from_le_bytes(b[8..16].try_into().expect("8")),
+            offset: ArchiveOffset(u64::from_le_bytes(b[8..16].try_into().expect("8"))),
             len: u32::from_le_bytes(b[16..20].try_into().expect("4")),
             digest: b[20..52].try_into().expect("32"),
         }
@@ -296,7 +298,13 @@ impl IndexBuilder {
     }
 
     /// An extent: its sequence number, where it is, its length and digest.
-    pub fn add_extent(&mut self, seq: u64, offset: u64, len: u32, digest: Digest) -> Result<()> {
+    pub fn add_extent(
+        &mut self,
+        seq: u64,
+        offset: ArchiveOffset,
+        len: u32,
+        digest: Digest,
+    ) -> Result<()> {
         if self.keys == ExtentKeys::Seq {
             self.extents.push(ExtentRec {
                 seq,
@@ -535,7 +543,7 @@ impl IndexBuilder {
         while let Some(e) = it.next_record()? {
             if e.seq < next {
                 found.problem(Error::corrupt(
-                    e.offset,
+                    e.offset.get(),
                     format!(
                         "extent #{} appears twice (also before offset {})",
                         e.seq, e.offset
@@ -546,7 +554,7 @@ impl IndexBuilder {
             if e.seq > next {
                 if !lenient {
                     found.problem(Error::corrupt(
-                        e.offset,
+                        e.offset.get(),
                         format!(
                             "extent #{} follows extent #{} (extents missing)",
                             e.seq,
@@ -557,7 +565,7 @@ impl IndexBuilder {
                 while next < e.seq {
                     rec.clear();
                     ExtentRecord {
-                        offset: 0,
+                        offset: ArchiveOffset(0),
                         len: 0,
                         digest: [0; 32],
                     }

@@ -96,6 +96,16 @@ pub struct PagedIndex {
 }
 
 impl PagedIndex {
+    /// Absolute file offset of byte `rel` of the index area (for messages;
+    /// an index salvage built in temporary storage has no place in the
+    /// archive, and names offset 0).
+    fn offset_of(&self, rel: u64) -> u64 {
+        match &self.source {
+            PageSource::File { base, .. } => base + rel,
+            PageSource::Built(_) => 0,
+        }
+    }
+
     /// An index of `layout` whose directory and records are in memory,
     /// checked against each other and against the header's `drives`.
     #[allow(clippy::too_many_arguments)]
@@ -229,7 +239,10 @@ impl PagedIndex {
     fn read_page(&self, kind: PageKind, i: u64) -> Result<Vec<u8>> {
         let (rel, len, items) = self.layout.page(kind, i);
         if items == 0 {
-            return Err(Error::corrupt(0, format!("index: no {} {i}", kind.name())));
+            return Err(Error::corrupt(
+                self.offset_of(0),
+                format!("index: no {} {i}", kind.name()),
+            ));
         }
         let mut buf = vec![0u8; len as usize];
         let at = self.layout.region_at(kind) + rel;
@@ -257,15 +270,12 @@ impl PagedIndex {
         }
         let want = self.directory.digest(kind, i).ok_or_else(|| {
             Error::corrupt(
-                0,
+                self.offset_of(self.layout.directory_at),
                 format!("index: no directory entry for {} {i}", kind.name()),
             )
         })?;
         if !crate::digest::check_matches(&want, &crate::digest::sha256(&buf)) {
-            let offset = match &self.source {
-                PageSource::File { base, .. } => base + at,
-                PageSource::Built(_) => 0,
-            };
+            let offset = self.offset_of(at);
             return Err(Error::corrupt(
                 offset,
                 format!(
@@ -428,7 +438,7 @@ impl PagedIndex {
         match runs.get(k) {
             Some(r) if r.start <= cluster => Ok(Some((*r, page.first_leaf[lo + k]))),
             _ => Err(Error::corrupt(
-                0,
+                self.offset_of(self.layout.runs_at),
                 format!(
                     "index: no run holds cluster {cluster} of drive {}",
                     self.drives[slot].name
@@ -470,7 +480,10 @@ impl PagedIndex {
     pub fn extent_record(&self, seq: u64) -> Result<ExtentRecord> {
         let f = &self.layout.fixed;
         if self.keys != ExtentKeys::Seq || seq >= f.extent_count {
-            return Err(Error::corrupt(0, format!("index: no extent #{seq}")));
+            return Err(Error::corrupt(
+                self.offset_of(self.layout.extents_at),
+                format!("index: no extent #{seq}"),
+            ));
         }
         let per = f.extents_per_page as u64;
         let page_no = seq / per;
@@ -494,11 +507,11 @@ impl PagedIndex {
         let r = page[(seq - page_no * per) as usize];
         let end = r.offset.checked_add(r.len as u64);
         if (r.len as u64) < MIN_EXTENT_LEN
-            || r.offset < self.data.start
-            || end.is_none_or(|e| e > self.data.end)
+            || r.offset.get() < self.data.start
+            || end.is_none_or(|e| e.get() > self.data.end)
         {
             return Err(Error::corrupt(
-                0,
+                self.offset_of(self.layout.extents_at + seq * EXTENT_RECORD_LEN as u64),
                 format!(
                     "index: extent #{seq} is recorded at {}+{}, outside the extents ({}..{})",
                     r.offset, r.len, self.data.start, self.data.end
@@ -523,7 +536,10 @@ impl PagedIndex {
     /// Leaf number `n` (of the data clusters in index order).
     pub fn leaf(&self, n: u64) -> Result<Digest> {
         if n >= self.layout.fixed.leaf_count {
-            return Err(Error::corrupt(0, format!("index: no leaf {n}")));
+            return Err(Error::corrupt(
+                self.offset_of(self.layout.leaves_at),
+                format!("index: no leaf {n}"),
+            ));
         }
         let per = self.layout.fixed.leaves_per_page as u64;
         let page = self.leaf_page(n / per)?;
@@ -536,7 +552,7 @@ impl PagedIndex {
         match self.run_at(slot, cluster)? {
             Some((r, first)) if r.kind == RunKind::Data => self.leaf(first + cluster - r.start),
             _ => Err(Error::corrupt(
-                0,
+                self.offset_of(self.layout.runs_at),
                 format!(
                     "index: cluster {cluster} of drive {} holds no data",
                     self.drives[slot].name
@@ -560,7 +576,7 @@ impl PagedIndex {
         while pos < clusters.end {
             let (r, first) = cursor.next_with_leaf()?.ok_or_else(|| {
                 Error::corrupt(
-                    0,
+                    self.offset_of(self.layout.runs_at),
                     format!(
                         "index: drive {} has no run at cluster {pos}",
                         self.drives[slot].name

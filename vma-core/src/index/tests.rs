@@ -86,7 +86,12 @@ proptest! {
         shuffle(&mut extents, order | 1);
         let mut b = IndexBuilder::with_memory(&drives, false, ExtentKeys::Seq, true, 4096);
         for (seq, ext) in extents.iter().enumerate() {
-            b.add_extent(seq as u64, 1000 + seq as u64 * 200, 150, [seq as u8; 32]).unwrap();
+            b.add_extent(
+                seq as u64,
+                ArchiveOffset(1000 + seq as u64 * 200),
+                150,
+                [seq as u8; 32],
+            ).unwrap();
             let mut items = ext.clone();
             shuffle(&mut items, order ^ seq as u64);
             for &(s, c) in &items {

@@ -97,9 +97,8 @@ impl<R: Read> Input<R> {
                 return Err(Error::truncated(
                     self.pos,
                     format!(
-                        "{what} starting at offset {start_pos} needs {n} bytes; {} ends after {}",
-                        self.name,
-                        n - left
+                        "{what} starting at offset {start_pos} needs {n} bytes; {} ends at offset {}",
+                        self.name, self.pos
                     ),
                 ));
             }
@@ -178,6 +177,29 @@ mod tests {
         );
         assert_eq!(out.len(), 2 << 20);
         assert!(out.capacity() <= 5 << 20, "capacity {}", out.capacity());
+    }
+
+    /// Offsets in messages are absolute file offsets: a structure cut
+    /// short says where the input ends, not how far into the structure
+    /// (once "ends after 32", a count that read like an offset).
+    #[test]
+    fn a_short_structure_names_absolute_offsets() {
+        let data = vec![1u8; 790];
+        let mut input = Input::new(&data[..], "a.vma");
+        input.read_vec(758, "extents").unwrap();
+        let err = input.read_vec(120, "index directory").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, Error::Truncated { offset: 790, .. }),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "index directory starting at offset 758 needs 120 bytes; a.vma ends at offset 790"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("ends after"), "{text}");
     }
 
     #[test]

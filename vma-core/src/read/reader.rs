@@ -31,7 +31,9 @@ use crate::read::detect::{detect, DetectedFormat, DETECT_LEN};
 use crate::read::stream::{incomplete_error, ArchiveFormat, ArchiveStream, PassOptions};
 use crate::storage::{SeqRead, Source};
 use crate::tree::Digest;
-use crate::types::{cluster_len, cluster_range_bytes, ClusterNo, DriveId, DriveRange};
+use crate::types::{
+    cluster_len, cluster_range_bytes, ArchiveOffset, ClusterNo, DriveId, DriveRange,
+};
 
 /// Default bytes of decoded extents kept in memory.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
@@ -735,7 +737,7 @@ impl Reader {
     /// The data ranges a 3.0 extent's header and entries claim, without
     /// checking its digest (to name what damage loses).
     fn claimed_ranges(&self, key: u64) -> Option<Vec<DriveRange>> {
-        let offset = self.extent_offset(key).ok()?;
+        let offset = self.extent_offset(key).ok()?.get();
         let mut hb = [0u8; EXTENT_HEADER_LEN];
         self.file.read_range(&mut hb, offset).ok()?;
         let h = Frame::decode(&hb, offset, self.header.version_major).ok()?;
@@ -767,10 +769,11 @@ impl Reader {
     }
 
     /// Where the extent named `key` starts.
-    fn extent_offset(&self, key: u64) -> Result<u64> {
+    fn extent_offset(&self, key: u64) -> Result<ArchiveOffset> {
         match (&self.index, self.format) {
             (RunIndex::Paged(p), ArchiveFormat::V3) => Ok(p.extent_record(key)?.offset),
-            _ => Ok(key),
+            // 2.0 and VMA v1 runs name their extent by its file offset.
+            _ => Ok(ArchiveOffset(key)),
         }
     }
 
@@ -852,12 +855,16 @@ impl Reader {
     /// Damage of the extent named `key` as the drive ranges it loses.
     fn damage_named(&self, key: u64, e: Error) -> Error {
         match e {
-            Error::Corrupt { what, .. } | Error::Truncated { what, .. } => Error::ExtentDamaged {
-                seq: self.extent_seq(key),
-                offset: self.extent_offset(key).unwrap_or(key),
-                what,
-                ranges: self.ranges_in_extent(key),
-            },
+            Error::Corrupt { what, offset } | Error::Truncated { what, offset } => {
+                Error::ExtentDamaged {
+                    seq: self.extent_seq(key),
+                    // Where the extent is, or else where the damage was found
+                    // (never the key: in 3.0 it is a sequence number).
+                    offset: self.extent_offset(key).map_or(offset, ArchiveOffset::get),
+                    what,
+                    ranges: self.ranges_in_extent(key),
+                }
+            }
             other => other,
         }
     }
@@ -938,7 +945,7 @@ impl Reader {
             (RunIndex::Paged(p), ArchiveFormat::V3) => {
                 let rec = p.extent_record(key)?;
                 (
-                    rec.offset,
+                    rec.offset.get(),
                     rec.len as usize,
                     Binding {
                         major: 3,

@@ -26,7 +26,9 @@ use crate::index::{BuiltIndex, ExtentKeys, FinishOptions, IndexBuilder, LeafSour
 use crate::read::detect::{not_v2_error, DETECT_LEN};
 use crate::read::input::Input;
 use crate::tree::{Digest, DriveDigestKind, DriveHash};
-use crate::types::{cluster_len, cluster_range_bytes, ClusterNo, DriveId, DriveRange};
+use crate::types::{
+    cluster_len, cluster_range_bytes, ArchiveOffset, ClusterNo, DriveId, DriveRange,
+};
 use crate::util::pipeline::OrderedPool;
 use crate::write::writer::effective_threads;
 
@@ -980,7 +982,7 @@ impl PassState {
                 let key = if self.major >= 3 { seq } else { offset };
                 let major = self.major;
                 let b = self.builder();
-                b.add_extent(seq, offset, ext.len() as u32, ext.digest())?;
+                b.add_extent(seq, ArchiveOffset(offset), ext.len() as u32, ext.digest())?;
                 for e in ext.entries() {
                     b.add_entry(e.drive, e.kind, e.start, e.count, key)?;
                 }

@@ -258,7 +258,7 @@ mod tests {
         w.write_cluster(DriveId(1), ClusterNo(0), &[9; 1000])
             .unwrap();
         let out = w.finish().unwrap();
-        let len = u32::from_be_bytes(out[56..60].try_into().unwrap()) as usize;
+        let len = crate::format::v1::header_len(&out).unwrap();
         let h = V1Header::decode(&out[..len]).unwrap();
         assert_eq!(h.drives[0].size, 1024);
         // One extent: one 4 KiB block, its bytes past 1000 zero.

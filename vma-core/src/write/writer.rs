@@ -18,7 +18,7 @@ use crate::format::{
 };
 use crate::index::{ExtentKeys, FinishOptions, IndexBuilder, LeafSource};
 use crate::tree::Digest;
-use crate::types::{block_mask, cluster_len, ClusterNo, DriveId};
+use crate::types::{block_mask, cluster_len, ArchiveOffset, ClusterNo, DriveId};
 use crate::util::pipeline::OrderedPool;
 
 /// Anything that takes clusters of drives in any order: the native
@@ -199,7 +199,7 @@ impl<W: Write> Output<W> {
         self.write_all(&enc.bytes)?;
         let len = enc.bytes.len() as u64;
         self.builder
-            .add_extent(enc.seq, offset, len as u32, enc.digest)?;
+            .add_extent(enc.seq, ArchiveOffset(offset), len as u32, enc.digest)?;
         self.extents += 1;
         for e in &enc.entries {
             self.builder

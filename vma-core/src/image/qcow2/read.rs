@@ -11,9 +11,10 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::qcow2::{
-    decode_extensions, decode_l2, feature_names, l1_entries_for, CompressionType, L2Entry,
-    Qcow2Header, EXT_BACKING_FORMAT, EXT_FEATURE_NAMES, INCOMPAT_COMPRESSION_TYPE,
-    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, INCOMPAT_EXTERNAL_DATA, OFFSET_MASK,
+    decode_extensions, decode_l2, decode_table, feature_names, l1_entries_for, CompressionType,
+    L2Entry, Qcow2Error, Qcow2Header, EXT_BACKING_FORMAT, EXT_FEATURE_NAMES,
+    INCOMPAT_COMPRESSION_TYPE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2,
+    INCOMPAT_EXTERNAL_DATA, OFFSET_MASK,
 };
 use crate::image::source::{DiskImage, Stretch};
 
@@ -171,10 +172,8 @@ impl Qcow2Image {
         let mut raw_l1 = vec![0u8; l1_bytes as usize];
         file.read_exact_at(&mut raw_l1, header.l1_table_offset)
             .ctx(|| format!("reading the L1 table of {}", path.display()))?;
-        let l1: Vec<u64> = raw_l1
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-            .collect();
+        let l1 = decode_table(&raw_l1, header.l1_table_offset, "L1 table")
+            .map_err(|e| image_error(path, e))?;
 
         let backing = if header.backing_file_offset != 0 {
             let start = header.backing_file_offset;
@@ -240,9 +239,7 @@ impl Qcow2Image {
             )
         })?;
         let table: Arc<Vec<u64>> = Arc::new(
-            raw.chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-                .collect(),
+            decode_table(&raw, offset, "L2 table").map_err(|e| image_error(&self.path, e))?,
         );
         cache.push_front((offset, table.clone()));
         cache.truncate(L2_CACHE_TABLES);
@@ -271,8 +268,9 @@ impl Qcow2Image {
         })
     }
 
-    /// Decompress the cluster stored at `offset`, `len` bytes.
-    fn decompress(&self, offset: u64, len: u64, out: &mut [u8]) -> Result<()> {
+    /// Decompress the cluster of guest offset `guest` stored at `offset`,
+    /// `len` bytes.
+    fn decompress(&self, guest: u64, offset: u64, len: u64, out: &mut [u8]) -> Result<()> {
         let mut cache = self.decompressed.lock().expect("decompression cache lock");
         if let Some((o, data)) = cache.as_ref() {
             if *o == offset {
@@ -294,41 +292,48 @@ impl Qcow2Image {
                 self.path.display()
             )
         })?;
-        let ok = match self.header.compression_type {
+        let compression = self.header.compression_type;
+        let done = match compression {
             CompressionType::Zlib => inflate_raw(&input, out),
             CompressionType::Zstd => zstd_fill(&input, out),
         };
-        if let Err(e) = ok {
-            return Err(image_error(
-                &self.path,
-                format!(
-                    "the compressed cluster at offset {offset} does not decompress ({:?}): {e}",
-                    self.header.compression_type
-                ),
-            ));
+        let problem = match done {
+            Ok(got) if got == out.len() => None,
+            Ok(got) => Some(Qcow2Error::ShortCluster {
+                guest,
+                host: offset,
+                compression,
+                got,
+                want: out.len(),
+            }),
+            Err(what) => Some(Qcow2Error::Decompress {
+                guest,
+                host: offset,
+                compression,
+                what,
+            }),
+        };
+        if let Some(e) = problem {
+            return Err(image_error(&self.path, e));
         }
         *cache = Some((offset, out.to_vec()));
         Ok(())
     }
 }
 
-/// Inflate raw deflate data until `out` is full.
-fn inflate_raw(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+/// Inflate raw deflate data into `out`: the bytes decompressed (fewer
+/// than `out` holds when the data ends early), or what the decoder said.
+fn inflate_raw(input: &[u8], out: &mut [u8]) -> std::result::Result<usize, String> {
     let mut d = flate2::Decompress::new(false);
     d.decompress(input, out, flate2::FlushDecompress::Finish)
         .map_err(|e| e.to_string())?;
-    if d.total_out() as usize != out.len() {
-        return Err(format!(
-            "{} of {} bytes decompressed",
-            d.total_out(),
-            out.len()
-        ));
-    }
-    Ok(())
+    Ok(d.total_out() as usize)
 }
 
-/// Decode zstd frames until `out` is full (bytes after that are ignored).
-fn zstd_fill(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+/// Decode zstd frames until `out` is full (bytes after that are ignored):
+/// the bytes decompressed (fewer when the data ends early), or what the
+/// decoder said.
+fn zstd_fill(input: &[u8], out: &mut [u8]) -> std::result::Result<usize, String> {
     use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
     let mut d = Decoder::new().map_err(|e| e.to_string())?;
     let mut inb = InBuffer::around(input);
@@ -337,14 +342,10 @@ fn zstd_fill(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
         let before = (inb.pos(), outb.pos());
         d.run(&mut inb, &mut outb).map_err(|e| e.to_string())?;
         if (inb.pos(), outb.pos()) == before {
-            return Err(format!(
-                "{} of {} bytes decompressed",
-                outb.pos(),
-                outb.capacity()
-            ));
+            break;
         }
     }
-    Ok(())
+    Ok(outb.pos())
 }
 
 /// Where the backing files of a qcow2 image may be read from. A backing
@@ -588,7 +589,7 @@ impl DiskImage for Qcow2Image {
                 }
                 L2Entry::Compressed { offset: c, len } => {
                     cluster_buf.resize(cs as usize, 0);
-                    self.decompress(c, len, &mut cluster_buf)?;
+                    self.decompress(pos - within, c, len, &mut cluster_buf)?;
                     out.copy_from_slice(&cluster_buf[within as usize..within as usize + n]);
                 }
                 L2Entry::Unallocated => match &self.backing {
@@ -629,6 +630,56 @@ mod tests {
             }
         }
         w.finish().unwrap().commit().unwrap();
+    }
+
+    /// A compressed cluster whose data is damaged is a typed error naming
+    /// the cluster's guest offset and the host offset of its data.
+    #[test]
+    fn a_damaged_compressed_cluster_names_guest_and_host_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.qcow2");
+        sample(&path, true);
+        let img = Qcow2Image::open(&path, 0).unwrap();
+        let guest = 17u64 << 16;
+        let L2Entry::Compressed { offset: host, len } = img.entry(17).unwrap() else {
+            panic!("cluster 17 is not compressed");
+        };
+        drop(img);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // Garbage where the zstd frame starts, then a truncated frame.
+        bytes[host as usize..host as usize + 4].copy_from_slice(b"junk");
+        std::fs::write(&path, &bytes).unwrap();
+        let img = Qcow2Image::open(&path, 0).unwrap();
+        let mut buf = vec![0u8; 65536];
+        let err = img.read_at(&mut buf, guest).unwrap_err().to_string();
+        let want = Qcow2Error::Decompress {
+            guest,
+            host,
+            compression: CompressionType::Zstd,
+            what: String::new(),
+        }
+        .to_string();
+        assert!(err.contains(want.trim_end()), "{err}\nwant {want}");
+
+        let mut bytes = std::fs::read(&path).unwrap();
+        let packed = {
+            let data: Vec<u8> = (0..65536u32).map(|i| (i / 700 + 17) as u8).collect();
+            let mut z = cluster_compressor().unwrap();
+            compress_cluster(&data, &mut z).unwrap().unwrap()
+        };
+        // A valid frame cut short: fewer bytes than a cluster come out.
+        let cut = packed.len() / 2;
+        bytes[host as usize..host as usize + len as usize].fill(0);
+        bytes[host as usize..host as usize + cut].copy_from_slice(&packed[..cut]);
+        std::fs::write(&path, &bytes).unwrap();
+        let img = Qcow2Image::open(&path, 0).unwrap();
+        let err = img.read_at(&mut buf, guest).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "the compressed cluster of guest offset {guest} at host offset {host}"
+            )),
+            "{err}"
+        );
     }
 
     proptest! {

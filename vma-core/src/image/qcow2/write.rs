@@ -15,8 +15,9 @@ use std::os::unix::fs::FileExt;
 
 use crate::error::{Error, Result};
 use crate::format::qcow2::{
-    encode_compressed, l1_entries_for, CompressionType, Qcow2Header, FLAG_COMPRESSED, FLAG_COPIED,
-    FLAG_ZERO, INCOMPAT_COMPRESSION_TYPE, OFFSET_MASK, WRITE_CLUSTER_BITS, WRITE_REFCOUNT_ORDER,
+    decode_table, encode_compressed, encode_refcounts16, encode_table, l1_entries_for,
+    CompressionType, Qcow2Header, FLAG_COMPRESSED, FLAG_COPIED, FLAG_ZERO,
+    INCOMPAT_COMPRESSION_TYPE, OFFSET_MASK, WRITE_CLUSTER_BITS, WRITE_REFCOUNT_ORDER,
 };
 use crate::ops::extract::AtomicFile;
 
@@ -194,10 +195,9 @@ impl Qcow2Writer {
     /// cluster `block` and drop them from memory.
     fn write_refcount_block(&mut self, block: u64) -> Result<()> {
         let n = (REFCOUNTS_PER_BLOCK as usize).min(self.refcounts.counts.len());
-        let mut bytes = vec![0u8; QCOW2_CLUSTER as usize];
-        for (i, c) in self.refcounts.counts.drain(..n).enumerate() {
-            bytes[i * 2..i * 2 + 2].copy_from_slice(&c.to_be_bytes());
-        }
+        let mut bytes = Vec::with_capacity(QCOW2_CLUSTER as usize);
+        encode_refcounts16(self.refcounts.counts.drain(..n), &mut bytes);
+        bytes.resize(QCOW2_CLUSTER as usize, 0);
         self.refcounts.first += REFCOUNTS_PER_BLOCK;
         self.refcounts.blocks.push(HostCluster(block).offset());
         self.out.write_all_at(&bytes, HostCluster(block).offset())
@@ -224,10 +224,12 @@ impl Qcow2Writer {
                 CachedL2 {
                     index,
                     host,
-                    entries: raw
-                        .chunks_exact(8)
-                        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-                        .collect(),
+                    entries: decode_table(&raw, host.offset(), "L2 table").map_err(|e| {
+                        Error::Image {
+                            path: "the qcow2 image being written".into(),
+                            what: format!("reading back an L2 table: {e}"),
+                        }
+                    })?,
                     dirty: false,
                 }
             } else {
@@ -250,9 +252,7 @@ impl Qcow2Writer {
             return Ok(());
         }
         let mut bytes = Vec::with_capacity(QCOW2_CLUSTER as usize);
-        for e in &t.entries {
-            bytes.extend_from_slice(&e.to_be_bytes());
-        }
+        encode_table(&t.entries, &mut bytes);
         self.out.write_all_at(&bytes, t.host.offset())
     }
 
@@ -399,9 +399,7 @@ impl Qcow2Writer {
         let l1_clusters = (self.l1.len() as u64 * 8).div_ceil(QCOW2_CLUSTER).max(1);
         let l1_at = self.alloc_clusters(l1_clusters)?;
         let mut l1_bytes = Vec::with_capacity(self.l1.len() * 8);
-        for e in &self.l1 {
-            l1_bytes.extend_from_slice(&e.to_be_bytes());
-        }
+        encode_table(&self.l1, &mut l1_bytes);
         self.out.write_all_at(&l1_bytes, l1_at.offset())?;
 
         // The refcount table must list every block, including those placed
@@ -424,10 +422,9 @@ impl Qcow2Writer {
                 self.refcounts.blocks.len()
             )));
         }
-        let mut table = vec![0u8; (table_clusters * QCOW2_CLUSTER) as usize];
-        for (i, b) in self.refcounts.blocks.iter().enumerate() {
-            table[i * 8..i * 8 + 8].copy_from_slice(&b.to_be_bytes());
-        }
+        let mut table = Vec::with_capacity((table_clusters * QCOW2_CLUSTER) as usize);
+        encode_table(&self.refcounts.blocks, &mut table);
+        table.resize((table_clusters * QCOW2_CLUSTER) as usize, 0);
         self.out.write_all_at(&table, table_at.offset())?;
 
         let header = Qcow2Header {
@@ -473,13 +470,16 @@ impl Qcow2Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::field::FieldReader;
     use crate::format::qcow2::{decode_l2, L2Entry};
     use crate::image::qcow2::Qcow2Image;
     use crate::image::source::DiskImage;
     use proptest::prelude::*;
 
     fn be64_at(b: &[u8], at: u64) -> u64 {
-        u64::from_be_bytes(b[at as usize..at as usize + 8].try_into().unwrap())
+        FieldReader::new(&b[at as usize..], at, "table")
+            .u64_be()
+            .unwrap()
     }
 
     /// Refcounts recomputed from the image's own tables, independently of
@@ -538,7 +538,9 @@ mod tests {
                 );
                 assert_ne!(block, 0, "host cluster {c} has no refcount block");
                 let at = (block + (c % REFCOUNTS_PER_BLOCK) * 2) as usize;
-                u16::from_be_bytes([file[at], file[at + 1]]) as u64
+                FieldReader::new(&file[at..], at as u64, "refcount block")
+                    .u16_be()
+                    .unwrap() as u64
             })
             .collect()
     }
