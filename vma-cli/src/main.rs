@@ -35,22 +35,21 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
+use vma_core::atomic::AtomicFile;
 use vma_core::chain::{Chain, ChainDrive};
 use vma_core::format::limits;
 use vma_core::image::args::{named_arg, open_images, split_format, OpenedImages};
 use vma_core::image::source::{copy_image, open_source, DiskImage};
 use vma_core::ops::convert::{copy_extent, AnyWriter};
 use vma_core::ops::diff::diff_or_copy;
-use vma_core::ops::extract::{
-    check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions,
-};
+use vma_core::ops::extract::{check_member_names, extract, DriveFormat, ExtractOptions};
 use vma_core::ops::merge::{merge_chain, synthetic_meta, MergeOptions};
 use vma_core::ops::prune::{
     archives_in, check_configs_kept, files_in, kept_point_configs, plan_prune,
 };
 use vma_core::read::detect::{open_any, StreamCompression};
-use vma_core::read::stream::human_bytes;
 use vma_core::read::stream::ArchiveFormat;
+use vma_core::util::human_bytes;
 use vma_core::{
     ArchiveMeta, ArchiveStream, ClusterWriter, Compression, ConfigBlob, DriveInfo, HashDrives,
     PassOptions, Reader, Writer, WriterOptions,

@@ -3,7 +3,8 @@
 
 use anyhow::Result;
 use vma_core::format::CLUSTER_SIZE;
-use vma_core::read::stream::{human_bytes, PassReport};
+use vma_core::read::stream::PassReport;
+use vma_core::util::human_bytes;
 use vma_core::ClusterWriter;
 
 /// Write every byte range `report` lists as lost (held only by damaged

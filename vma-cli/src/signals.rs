@@ -102,7 +102,7 @@ pub(crate) fn clear_stale(dir: &Path) -> anyhow::Result<()> {
         eprintln!(
             "vma: removed {} ({}), a temporary file left by process {}, which is gone",
             s.path.display(),
-            vma_core::read::stream::human_bytes(s.size),
+            vma_core::util::human_bytes(s.size),
             s.pid
         );
     }

@@ -13,12 +13,12 @@
 use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;
 
+use crate::atomic::AtomicFile;
 use crate::error::{Error, Result};
 use crate::format::qcow2::{
     encode_compressed, l1_entries_for, CompressionType, Qcow2Header, FLAG_COMPRESSED, FLAG_COPIED,
     FLAG_ZERO, INCOMPAT_COMPRESSION_TYPE, OFFSET_MASK, WRITE_CLUSTER_BITS, WRITE_REFCOUNT_ORDER,
 };
-use crate::ops::extract::AtomicFile;
 
 /// Bytes per cluster of the images written.
 pub const QCOW2_CLUSTER: u64 = 1 << WRITE_CLUSTER_BITS;
