@@ -28,14 +28,13 @@ mod signals;
 mod targets;
 
 use std::fs::File;
-use std::io::{BufWriter, IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
-use vma_core::atomic::AtomicFile;
 use vma_core::chain::{Chain, ChainDrive};
 use vma_core::format::limits;
 use vma_core::image::args::{named_arg, open_images, split_format, OpenedImages};
@@ -43,9 +42,10 @@ use vma_core::image::source::{copy_image, open_source, DiskImage};
 use vma_core::ops::convert::{copy_extent, AnyWriter};
 use vma_core::ops::diff::diff_or_copy;
 use vma_core::ops::extract::{check_member_names, extract, DriveFormat, ExtractOptions};
-use vma_core::ops::merge::{merge_chain, synthetic_meta, MergeOptions};
+use vma_core::ops::merge::MergeOptions;
+use vma_core::ops::output::ArchiveOutput;
 use vma_core::ops::prune::{
-    archives_in, check_configs_kept, files_in, kept_point_configs, plan_prune,
+    archives_in, execute_prune, files_in, plan_prune, PruneEvent, PruneObserver, PruneOptions,
 };
 use vma_core::read::detect::{open_any, StreamCompression};
 use vma_core::read::stream::ArchiveFormat;
@@ -729,10 +729,8 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     }
     let meta = ArchiveMeta::new(drives.clone(), configs);
     let total: u64 = drives.iter().map(|d| d.size).sum();
-    s3::expect_size(total + (64 << 20));
-    let stored = archive_images(
-        archive, force, meta, vma1, &options, &images, "create", quiet,
-    )?;
+    let output = ArchiveOutput::new(archive, force).expecting(total + (64 << 20));
+    let stored = archive_images(output, meta, vma1, &options, &images, "create", quiet)?;
     if !quiet {
         eprintln!(
             "vma: wrote {} ({}, {} logical, {} stored)",
@@ -774,8 +772,7 @@ fn merge(
     let chain = Arc::new(
         Chain::open(archive, parents).with_context(|| format!("opening {}", archive.display()))?,
     );
-    let (summary, stored) =
-        write_synthetic_full(&chain, output, output_options, quiet, |_| Ok(()))?;
+    let (summary, stored) = write_synthetic_full(&chain, output, output_options, quiet)?;
     if !quiet {
         eprintln!(
             "vma: wrote {output} from {} archive(s) ({} stored): {}",
@@ -796,37 +793,27 @@ fn merge_words(s: &vma_core::ops::merge::MergeSummary) -> String {
 }
 
 /// Write the synthetic full of `chain`'s newest point to `output` (`-`:
-/// standard output); `check` sees the finished archive file before it is
-/// renamed into place. Returns what the merge did and the bytes written.
+/// standard output) with a progress bar; `check` sees the finished archive
+/// file before it is renamed into place. Returns what the merge did and
+/// the bytes written.
 fn write_synthetic_full(
     chain: &Arc<Chain>,
     output: &str,
     output_options: &OutputArgs,
     quiet: bool,
-    check: impl FnOnce(&File) -> Result<()>,
 ) -> Result<(vma_core::ops::merge::MergeSummary, u64)> {
-    chain.refuse_interrupted(|_| true)?;
-    let meta = synthetic_meta(chain);
-    let options = output_options.writer_options()?;
-    let merge_options = MergeOptions {
-        threads: output_options.threads,
-    };
-    let total: u64 = meta.drives.iter().map(|d| d.size).sum();
-    s3::expect_size(total + (64 << 20));
+    let total: u64 = chain.header().drives.iter().map(|d| d.size).sum();
     let progress = Progress::bytes(total, "merge", quiet);
-    let written = write_archive_checked(
-        output,
-        output_options.force,
-        |out| {
-            let mut writer = Writer::new(out, meta, &options)?;
-            writer.set_progress(progress.callback());
-            let summary = merge_chain(chain, &mut writer, &merge_options, &mut |what, n, t| {
-                progress.step(what, n, t)
-            })?;
-            writer.finish()?;
-            Ok(summary)
+    let written = vma_core::ops::merge::write_synthetic_full(
+        chain,
+        ArchiveOutput::new(output, output_options.force),
+        &output_options.writer_options()?,
+        &MergeOptions {
+            threads: output_options.threads,
         },
-        check,
+        progress.callback(),
+        &mut signals::say_stale,
+        |_| Ok(()),
     )?;
     progress.finish();
     Ok(written)
@@ -918,79 +905,65 @@ fn prune(
         say("dry run: nothing changed".into());
         return Ok(());
     }
-    // The configs of every kept point in time, to check that none is lost.
-    let configs_before = kept_point_configs(&plan, &archives)?;
-    let threads = output_options.threads;
-    for c in &plan.chains {
-        let Some(k) = &c.fold else { continue };
-        let chain = Arc::new(
-            Chain::open(k, &archives).with_context(|| format!("opening {}", k.display()))?,
-        );
-        let dest = k
-            .to_str()
-            .ok_or_else(|| anyhow!("{} is not valid UTF-8", k.display()))?;
-        let (summary, stored) =
-            write_synthetic_full(&chain, dest, output_options, quiet, |file| {
-                check_written(file, threads)
-                    .with_context(|| format!("checking the synthetic full for {dest}"))
-            })?;
-        say(format!(
-            "wrote {dest}: synthetic full of its point in time from {} archive(s) ({} stored; {})",
-            summary.links,
-            human_bytes(stored),
-            merge_words(&summary)
-        ));
-    }
-    // Every archive that stays must still restore before anything goes.
-    let deleted: Vec<&PathBuf> = plan.chains.iter().flat_map(|c| &c.delete).collect();
-    let remaining: Vec<PathBuf> = archives
-        .iter()
-        .filter(|a| !deleted.contains(a))
-        .cloned()
-        .collect();
-    for c in &plan.chains {
-        if let Some(tip) = c.keep.last().or(c.fold.as_ref()) {
-            Chain::open(tip, &remaining).with_context(|| {
-                format!("{} no longer resolves; nothing was deleted", tip.display())
-            })?;
-        }
-    }
-    check_configs_kept(&plan, &configs_before, &remaining)?;
-    for c in &plan.chains {
-        for d in &c.delete {
-            if s3::is_s3_path(d) {
-                // An Object Lock retention is never tried: the archive stays.
-                if let Some(why) = s3::locked(d)? {
-                    say(format!("kept {}: {why}", d.display()));
-                    continue;
-                }
-                s3::delete(d)?;
-            } else {
-                std::fs::remove_file(d).with_context(|| format!("deleting {}", d.display()))?;
-            }
-            say(format!("deleted {}", d.display()));
-        }
-    }
-    for d in &dirs {
-        if let Ok(f) = File::open(d) {
-            let _ = f.sync_all();
-        }
-    }
+    let options = PruneOptions {
+        writer: output_options.writer_options()?,
+        threads: output_options.threads,
+    };
+    execute_prune(
+        &plan,
+        &archives,
+        &dirs,
+        &options,
+        &mut PruneSay { quiet, bar: None },
+    )?;
     Ok(())
 }
 
-/// Check a freshly written archive file from its start: every extent's
-/// SHA-256, the structure, index, footer and archive digest.
-fn check_written(file: &File, threads: usize) -> Result<()> {
-    use std::io::{Seek, SeekFrom};
-    let mut f = file.try_clone().context("reopening the new archive")?;
-    let len = f.seek(SeekFrom::End(0))?;
-    f.seek(SeekFrom::Start(0))?;
-    let stream = ArchiveStream::open(f.take(len), "the new archive")?;
-    let report = vma_core::ops::verify::verify(stream, threads, false, None)?;
-    match report.problems.first() {
-        None => Ok(()),
-        Some(p) => Err(Damage(format!("the archive just written does not verify: {p}")).into()),
+/// What `vma prune` says as it goes: one line per step on standard output
+/// (a closed stdout must not stop it half-way, so write errors are
+/// ignored), and a progress bar while a synthetic full is written.
+struct PruneSay {
+    quiet: bool,
+    bar: Option<Progress>,
+}
+
+impl PruneObserver for PruneSay {
+    fn event(&mut self, event: PruneEvent<'_>) {
+        let line = match event {
+            PruneEvent::Folded {
+                path,
+                summary,
+                stored,
+            } => {
+                if let Some(bar) = self.bar.take() {
+                    bar.finish();
+                }
+                format!(
+                    "wrote {}: synthetic full of its point in time from {} archive(s) ({} stored; {})",
+                    path.display(),
+                    summary.links,
+                    human_bytes(stored),
+                    merge_words(summary)
+                )
+            }
+            PruneEvent::Kept { path, why } => format!("kept {}: {why}", path.display()),
+            PruneEvent::Deleted { path } => format!("deleted {}", path.display()),
+            _ => return,
+        };
+        if !self.quiet {
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
+        }
+    }
+
+    fn progress(&mut self, _path: &Path, total: u64) -> Option<vma_core::util::ProgressFn> {
+        let bar = Progress::bytes(total, "merge", self.quiet);
+        let callback = bar.callback();
+        self.bar = Some(bar);
+        callback
+    }
+
+    fn stale(&mut self, stale: &vma_core::atomic::StaleTemporary) {
+        signals::say_stale(stale);
     }
 }
 
@@ -1042,7 +1015,7 @@ fn diff(
     let total: u64 = drives.iter().map(|d| d.size).sum();
     let progress = Progress::bytes(total, "diff", quiet);
     let mut stats = Vec::new();
-    let written = write_archive(output, output_options.force, |out| {
+    let written = write_archive(ArchiveOutput::new(output, output_options.force), |out| {
         let mut writer = Writer::new(out, meta, &options)?;
         writer.set_leaf_source(chain.leaf_source());
         let mut done = 0;
@@ -1082,10 +1055,8 @@ fn diff(
 
 /// Write `images` as the drives of `meta` into `output` (`-`: stdout),
 /// with a progress bar named `what`; returns the archive's size.
-#[allow(clippy::too_many_arguments)]
 fn archive_images(
-    output: &str,
-    force: bool,
+    output: ArchiveOutput<'_>,
     meta: ArchiveMeta,
     vma1: bool,
     options: &WriterOptions,
@@ -1096,7 +1067,7 @@ fn archive_images(
     let drives = meta.drives.clone();
     let total: u64 = drives.iter().map(|d| d.size).sum();
     let progress = Progress::bytes(total, what, quiet);
-    let written = write_archive(output, force, |out| {
+    let written = write_archive(output, |out| {
         let mut writer = AnyWriter::new(out, meta, vma1, options)?;
         if let AnyWriter::Native(w) = &mut writer {
             w.set_progress(progress.callback());
@@ -1132,70 +1103,14 @@ pub(crate) fn read_configs(args: &[String]) -> Result<Vec<ConfigBlob>> {
     Ok(configs)
 }
 
-/// Write an archive to `archive` (`-`: standard output) through `body`:
-/// a file appears under its name only once complete and fsynced. Returns
-/// the body's result and the bytes written.
+/// Write an archive to `output` (see `vma_core::ops::output`): a file
+/// appears under its name only once complete and fsynced, an upload only
+/// once complete. Returns the body's result and the bytes written.
 fn write_archive<T>(
-    archive: &str,
-    force: bool,
+    output: ArchiveOutput<'_>,
     body: impl FnOnce(&mut dyn Write) -> Result<T>,
 ) -> Result<(T, u64)> {
-    write_archive_checked(archive, force, body, |_| Ok(()))
-}
-
-/// [`write_archive`], with `check` called on the finished, fsynced-to-be
-/// file before it is renamed into place (not for standard output).
-fn write_archive_checked<T>(
-    archive: &str,
-    force: bool,
-    body: impl FnOnce(&mut dyn Write) -> Result<T>,
-    check: impl FnOnce(&File) -> Result<()>,
-) -> Result<(T, u64)> {
-    if archive == "-" {
-        let mut out = Counting(
-            BufWriter::with_capacity(1 << 20, std::io::stdout().lock()),
-            0,
-        );
-        let result = body(&mut out)?;
-        out.flush().context("writing standard output")?;
-        return Ok((result, out.1));
-    }
-    if s3::is_s3(archive) {
-        // An upload is checked by the store part by part (SHA-256), not read back.
-        return s3::write_archive(archive, force, body);
-    }
-    let dest = Path::new(archive);
-    signals::clear_stale(dest.parent().unwrap_or(Path::new(".")))?;
-    // Checked again, atomically, when the file is renamed into place.
-    if dest.symlink_metadata().is_ok() && !force {
-        return Err(vma_core::Error::Exists {
-            path: archive.to_string(),
-        }
-        .into());
-    }
-    let mut out = Counting(
-        BufWriter::with_capacity(1 << 20, AtomicFile::create(dest)?.replacing(force)),
-        0,
-    );
-    let result = body(&mut out)?;
-    let file = out.0.into_inner().map_err(|e| e.into_error())?;
-    check(file.file())?;
-    file.commit()?;
-    Ok((result, out.1))
-}
-
-/// A writer that counts the bytes through it.
-struct Counting<W: Write>(W, u64);
-
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.0.write(buf)?;
-        self.1 += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
+    vma_core::ops::output::write_archive(&output, &mut signals::say_stale, body, |_| Ok(()))
 }
 
 fn convert(
@@ -1253,7 +1168,7 @@ fn convert(
         (Some(p), StreamCompression::None) => s3::input_len(p),
         _ => 0,
     };
-    s3::expect_size(header.drives.iter().map(|d| d.size).sum::<u64>() + (64 << 20));
+    let expected = header.drives.iter().map(|d| d.size).sum::<u64>() + (64 << 20);
     let progress = Progress::bytes(total, "convert", quiet);
     let pass_options = PassOptions {
         threads,
@@ -1267,7 +1182,8 @@ fn convert(
         progress: progress.callback(),
         ..Default::default()
     };
-    let (report, bytes) = write_archive(output, force, |out| {
+    let target = ArchiveOutput::new(output, force).expecting(expected);
+    let (report, bytes) = write_archive(target, |out| {
         let mut writer = AnyWriter::new(out, meta, vma1, &options)?;
         if let AnyWriter::Native(w) = &mut writer {
             w.set_progress(progress.callback());

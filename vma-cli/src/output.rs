@@ -112,13 +112,6 @@ impl Progress {
         }
     }
 
-    /// Show step `what` at `done` of `total` bytes.
-    pub(crate) fn step(&self, what: &str, done: u64, total: u64) {
-        if let Some(bar) = &self.0 {
-            show_step(bar, what, done, total);
-        }
-    }
-
     /// A progress callback for library passes: the step's name becomes the
     /// bar's message; a non-zero total replaces the bar's length.
     pub(crate) fn callback(&self) -> Option<vma_core::util::ProgressFn> {

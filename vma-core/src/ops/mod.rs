@@ -5,7 +5,8 @@
 //! - [`extract`]: drives and configs to raw or qcow2 files.
 //! - [`convert`]: any archive into either format.
 //! - [`merge`]: synthetic fulls of a chain.
-//! - [`prune`]: retention plans.
+//! - [`prune`]: retention plans and their execution.
+//! - [`output`]: archive outputs that appear complete or not at all.
 //! - [`diff`]: incremental archives made by comparing an image with a chain.
 //! - [`checksum`]: drive digests of disk images and archived drives.
 //! - [`report`]: the documents of `list` and `verify` (`--json`).
@@ -15,6 +16,7 @@ pub mod convert;
 pub mod diff;
 pub mod extract;
 pub mod merge;
+pub mod output;
 pub mod prune;
 pub mod report;
 pub mod verify;
