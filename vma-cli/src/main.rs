@@ -1429,29 +1429,20 @@ fn extract_into(
     })?;
     progress.finish();
     let report = &summary.report;
-    let damage = vma_core::read::damage::DamageReport::of_pass(report);
+    let doc = vma_core::ops::report::ExtractDocument::of(&summary);
+    let damage = &doc.damage;
     if json {
-        let mut doc = serde_json::to_value(&damage)?;
-        doc["files"] = summary
-            .files
-            .iter()
-            .map(|f| {
-                let size = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
-                serde_json::json!({"path": f.display().to_string(), "size": size})
-            })
-            .collect();
         outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else if !quiet {
-        for f in &summary.files {
-            let size = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
-            eprintln!("vma: wrote {} ({})", f.display(), human_bytes(size));
+        for f in &doc.files {
+            eprintln!("vma: wrote {} ({})", f.path, human_bytes(f.size));
         }
     }
     if report.is_clean() {
         return Ok(());
     }
     if !json {
-        output::print_damage_text(&damage, "written as zeros");
+        output::print_damage_text(damage, "written as zeros");
     }
     Err(Damage(format!(
         "salvaged what was intact; {} in {} range(s) could not be recovered",
