@@ -119,4 +119,3 @@ pub(crate) fn is_object(p: &Path) -> bool {
         .ok()
         .is_some_and(|l| !l.key.is_empty() && vma_s3::exists(&l).unwrap_or(false))
 }
-

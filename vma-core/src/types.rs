@@ -109,6 +109,27 @@ pub fn uuid_text(u: &[u8; 16]) -> String {
     uuid::Uuid::from_bytes(*u).hyphenated().to_string()
 }
 
+/// Anything that takes clusters of drives in any order: the native
+/// [`crate::Writer`] and the VMA v1 writer. Sources feed archives through it.
+pub trait ClusterWriter {
+    /// Store one cluster (`data` is the cluster's exact length).
+    fn write_cluster(
+        &mut self,
+        drive: DriveId,
+        cluster: ClusterNo,
+        data: &[u8],
+    ) -> crate::Result<()>;
+    /// Record clusters as all zero.
+    fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> crate::Result<()>;
+    /// Record clusters as unchanged from the parent, where the format has
+    /// incremental archives.
+    fn write_unchanged(&mut self, _drive: DriveId, _clusters: Range<u64>) -> crate::Result<()> {
+        Err(crate::Error::Invalid(
+            "this archive format cannot hold an incremental archive (unchanged clusters)".into(),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

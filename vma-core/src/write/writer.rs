@@ -22,21 +22,7 @@ use crate::types::{block_mask, cluster_len, ClusterNo, DriveId};
 use crate::util::pipeline::OrderedPool;
 use crate::util::Counting;
 
-/// Anything that takes clusters of drives in any order: the native
-/// [`Writer`] and the VMA v1 writer. Sources feed archives through it.
-pub trait ClusterWriter {
-    /// Store one cluster (`data` is the cluster's exact length).
-    fn write_cluster(&mut self, drive: DriveId, cluster: ClusterNo, data: &[u8]) -> Result<()>;
-    /// Record clusters as all zero.
-    fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()>;
-    /// Record clusters as unchanged from the parent, where the format has
-    /// incremental archives.
-    fn write_unchanged(&mut self, _drive: DriveId, _clusters: Range<u64>) -> Result<()> {
-        Err(Error::Invalid(
-            "this archive format cannot hold an incremental archive (unchanged clusters)".into(),
-        ))
-    }
-}
+pub use crate::types::ClusterWriter;
 
 impl<W: Write> ClusterWriter for Writer<W> {
     fn write_cluster(&mut self, drive: DriveId, cluster: ClusterNo, data: &[u8]) -> Result<()> {
