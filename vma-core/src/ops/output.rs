@@ -154,3 +154,103 @@ pub fn verify_written(file: &File, threads: usize, what: &str) -> Result<()> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(out: &ArchiveOutput<'_>, fail_check: bool) -> Result<((), u64)> {
+        write_archive(
+            out,
+            &mut |_| {},
+            |w: &mut dyn Write| w.write_all(b"new bytes").map_err(|e| Error::io("test", e)),
+            |f: &File| {
+                assert_eq!(f.metadata().unwrap().len(), 9, "check sees the whole file");
+                if fail_check {
+                    Err(Error::Invalid("refused by the check".into()))
+                } else {
+                    Ok(())
+                }
+            },
+        )
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_local_output_appears_only_when_checked_and_never_replaces_unasked() {
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("a.vma");
+        let loc = dest.to_str().unwrap();
+        // A failed check leaves nothing, not even a temporary.
+        let e = write(&ArchiveOutput::new(loc, false), true).unwrap_err();
+        assert!(e.to_string().contains("refused by the check"), "{e}");
+        assert!(names(t.path()).is_empty(), "{:?}", names(t.path()));
+        // Written and counted.
+        let ((), n) = write(&ArchiveOutput::new(loc, false), false).unwrap();
+        assert_eq!(n, 9);
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new bytes");
+        // An existing name is refused without `replace`, kept as it is.
+        std::fs::write(&dest, b"old").unwrap();
+        let e = write(&ArchiveOutput::new(loc, false), false).unwrap_err();
+        assert!(matches!(e, Error::Exists { .. }), "{e}");
+        assert_eq!(std::fs::read(&dest).unwrap(), b"old");
+        // With `replace`, a failed check keeps the old file too.
+        write(&ArchiveOutput::new(loc, true), true).unwrap_err();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"old");
+        write(&ArchiveOutput::new(loc, true), false).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new bytes");
+        assert_eq!(names(t.path()), ["a.vma"]);
+    }
+
+    #[test]
+    fn a_location_of_a_store_that_is_not_plugged_in_is_refused() {
+        let e = write(&ArchiveOutput::new("nostore://bucket/key", false), false).unwrap_err();
+        assert!(matches!(e, Error::UnsupportedFormat { .. }), "{e}");
+    }
+
+    #[test]
+    fn verify_written_refuses_an_archive_with_a_damaged_extent() {
+        use crate::format::{DriveInfo, CLUSTER_SIZE};
+        use crate::types::{ClusterNo, DriveId};
+        use crate::write::writer::{ArchiveMeta, Writer, WriterOptions};
+        let meta = ArchiveMeta::new(
+            vec![DriveInfo {
+                id: DriveId(1),
+                name: "d".into(),
+                size: CLUSTER_SIZE as u64,
+            }],
+            Vec::new(),
+        );
+        let options = WriterOptions {
+            compression: crate::Compression::None,
+            ..Default::default()
+        };
+        let mut w = Writer::new(Vec::new(), meta, &options).unwrap();
+        w.write_cluster(DriveId(1), ClusterNo(0), &[7u8; CLUSTER_SIZE])
+            .unwrap();
+        let mut bytes = w.finish().unwrap().0;
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("x.vma");
+        std::fs::write(&path, &bytes).unwrap();
+        verify_written(&File::open(&path).unwrap(), 1, "the test archive").unwrap();
+        // One byte of the stored cluster changed: its extent's digest fails.
+        let at = bytes.windows(64).position(|w| w == [7u8; 64]).unwrap() + 100;
+        bytes[at] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = verify_written(&File::open(&path).unwrap(), 1, "the test archive").unwrap_err();
+        assert!(matches!(e, Error::NotVerified { .. }), "{e}");
+        assert!(e.is_damage(), "{e}");
+        assert!(
+            e.to_string().starts_with("checking the test archive: "),
+            "{e}"
+        );
+    }
+}
