@@ -39,7 +39,7 @@ use vma_core::chain::{Chain, ChainDrive};
 use vma_core::format::limits;
 use vma_core::image::args::{named_arg, open_images, split_format, OpenedImages};
 use vma_core::image::source::{copy_image, open_source, DiskImage};
-use vma_core::ops::convert::{copy_extent, AnyWriter};
+use vma_core::ops::convert::{convert_archive, AnyWriter, ConvertOptions};
 use vma_core::ops::diff::diff_or_copy;
 use vma_core::ops::extract::{check_member_names, extract, DriveFormat, ExtractOptions};
 use vma_core::ops::merge::MergeOptions;
@@ -51,8 +51,8 @@ use vma_core::read::detect::{open_any, StreamCompression};
 use vma_core::read::stream::ArchiveFormat;
 use vma_core::util::human_bytes;
 use vma_core::{
-    ArchiveMeta, ArchiveStream, ClusterWriter, Compression, ConfigBlob, DriveInfo, HashDrives,
-    PassOptions, Reader, Writer, WriterOptions,
+    ArchiveMeta, ArchiveStream, ClusterWriter, Compression, ConfigBlob, DriveInfo, Reader, Writer,
+    WriterOptions,
 };
 
 use output::Progress;
@@ -1122,8 +1122,6 @@ fn convert(
     output_options: &OutputArgs,
     quiet: bool,
 ) -> Result<()> {
-    let options = output_options.writer_options()?;
-    let (threads, force) = (output_options.threads, output_options.force);
     let (stream, path, stream_compression) = open_stream(input)?;
     let header = stream.header().clone();
     let source_format = stream.format();
@@ -1147,93 +1145,26 @@ fn convert(
     } else {
         None
     };
-    let meta = ArchiveMeta {
-        uuid: header.uuid,
-        ctime: header.ctime,
-        creator: format!("vma {}", env!("CARGO_PKG_VERSION")),
-        drives: header.drives.clone(),
-        configs: header.configs.clone(),
-        parent: header.parent,
-        // 2.0 references have no state digest: zeros say so (see `vma merge`).
-        stands_for: header
-            .stands_for
-            .iter()
-            .map(|s| vma_core::format::ParentRef {
-                state: Some(s.state.unwrap_or([0; 32])),
-                ..*s
-            })
-            .collect(),
-    };
     let total = match (&path, stream_compression) {
         (Some(p), StreamCompression::None) => s3::input_len(p),
         _ => 0,
     };
-    let expected = header.drives.iter().map(|d| d.size).sum::<u64>() + (64 << 20);
     let progress = Progress::bytes(total, "convert", quiet);
-    let pass_options = PassOptions {
-        threads,
-        keep_going: salvage,
-        // 2.0 records a plain SHA-256 per drive: checked on the way (in order).
-        hash_drives: if source_format == ArchiveFormat::V2 {
-            HashDrives::All
-        } else {
-            HashDrives::None
-        },
+    let options = ConvertOptions {
+        vma1,
+        writer: output_options.writer_options()?,
+        threads: output_options.threads,
+        salvage,
         progress: progress.callback(),
-        ..Default::default()
     };
-    let target = ArchiveOutput::new(output, force).expecting(expected);
-    let (report, bytes) = write_archive(target, |out| {
-        let mut writer = AnyWriter::new(out, meta, vma1, &options)?;
-        if let AnyWriter::Native(w) = &mut writer {
-            w.set_progress(progress.callback());
-        }
-        if let (AnyWriter::Native(w), Some(chain)) = (&mut writer, &ancestors) {
-            w.set_leaf_source(chain.leaf_source());
-        }
-        // 3.0 extents already encoded as asked are copied as they are
-        // stored (the writer decodes them once for their leaves).
-        let mut source = ancestors.as_ref().map(|c| c.leaf_source());
-        let report = match &mut writer {
-            AnyWriter::Native(w)
-                if source_format == ArchiveFormat::V3
-                    && w.header().compression == header.compression =>
-            {
-                stream.pass_stored(&pass_options, |ext| {
-                    progress.set(ext.offset() + ext.stored_len());
-                    w.append_stored(ext)
-                })?
-            }
-            _ => stream.pass_with(
-                &pass_options,
-                source
-                    .as_mut()
-                    .map(|s| &mut **s as &mut dyn vma_core::index::LeafSource),
-                |ext| {
-                    progress.set(ext.offset + ext.stored_len);
-                    copy_extent(ext, &header.drives, &mut writer)
-                },
-            )?,
-        };
-        if salvage {
-            salvage::fill_lost(&report, &mut writer)?;
-        }
-        let lost = !(report.damaged.is_empty() && report.missing.is_empty());
-        if let AnyWriter::Native(w) = &mut writer {
-            for r in report.records.iter().flatten() {
-                if r.interrupted {
-                    w.mark_interrupted(r.drive)?;
-                } else if let (ArchiveFormat::V3, Some(digest), false) =
-                    (source_format, r.digest, lost)
-                {
-                    // End to end: the new archive holds what the old one recorded.
-                    w.expect_drive_digest(r.drive, digest)?;
-                }
-            }
-        }
-        writer.finish()?;
-        Ok(report)
-    })?;
+    let (report, bytes) = convert_archive(
+        stream,
+        ancestors.as_ref(),
+        &ArchiveOutput::new(output, output_options.force),
+        &options,
+        &mut signals::say_stale,
+        &|pos| progress.set(pos),
+    )?;
     progress.finish();
     if salvage {
         salvage::outcome(&report, output)?;
