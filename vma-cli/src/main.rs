@@ -38,9 +38,9 @@ use clap::{Parser, Subcommand};
 use vma_core::chain::{Chain, ChainDrive};
 use vma_core::format::limits;
 use vma_core::image::args::{named_arg, open_images, split_format, OpenedImages};
-use vma_core::image::source::{copy_image, open_source, DiskImage};
-use vma_core::ops::convert::{convert_archive, AnyWriter, ConvertOptions};
-use vma_core::ops::diff::diff_or_copy;
+use vma_core::image::source::{open_source, DiskImage};
+use vma_core::ops::convert::{convert_archive, ConvertOptions};
+use vma_core::ops::create::{create_archive, diff_archive, CreateOptions};
 use vma_core::ops::extract::{check_member_names, extract, DriveFormat, ExtractOptions};
 use vma_core::ops::merge::MergeOptions;
 use vma_core::ops::output::ArchiveOutput;
@@ -51,8 +51,7 @@ use vma_core::read::detect::{open_any, StreamCompression};
 use vma_core::read::stream::ArchiveFormat;
 use vma_core::util::human_bytes;
 use vma_core::{
-    ArchiveMeta, ArchiveStream, ClusterWriter, Compression, ConfigBlob, DriveInfo, Reader, Writer,
-    WriterOptions,
+    ArchiveMeta, ArchiveStream, Compression, ConfigBlob, DriveInfo, Reader, WriterOptions,
 };
 
 use output::Progress;
@@ -729,8 +728,21 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     }
     let meta = ArchiveMeta::new(drives.clone(), configs);
     let total: u64 = drives.iter().map(|d| d.size).sum();
-    let output = ArchiveOutput::new(archive, force).expecting(total + (64 << 20));
-    let stored = archive_images(output, meta, vma1, &options, &images, "create", quiet)?;
+    let progress = Progress::bytes(total, "create", quiet);
+    let options = CreateOptions {
+        vma1,
+        writer: options,
+        progress: progress.callback(),
+    };
+    let stored = create_archive(
+        &ArchiveOutput::new(archive, force),
+        meta,
+        &images,
+        &options,
+        &mut signals::say_stale,
+        &|pos| progress.set(pos),
+    )?;
+    progress.finish();
     if !quiet {
         eprintln!(
             "vma: wrote {} ({}, {} logical, {} stored)",
@@ -985,19 +997,7 @@ fn diff(
         Chain::open(against, parents).with_context(|| format!("opening {}", against.display()))?,
     );
     chain.refuse_interrupted(|_| true)?;
-    let parent = chain.newest().identity()?;
     let OpenedImages { drives, images } = open_image_args(image_args, source_args)?;
-    let mut sources = Vec::new();
-    for (d, image) in drives.iter().zip(images) {
-        let base = chain
-            .header()
-            .drives
-            .iter()
-            .find(|b| b.name == d.name && b.size == d.size)
-            .map(|b| ChainDrive::new(chain.clone(), b.id))
-            .transpose()?;
-        sources.push((image, base));
-    }
     // The VM configs of the parent's point in time go forward unless new
     // ones are given.
     let configs = if config_args.is_empty() {
@@ -1009,31 +1009,22 @@ fn diff(
         drives.iter().map(|d| d.name.as_str()),
         configs.iter().map(|c| c.name.as_str()),
     )?;
-    let mut meta = ArchiveMeta::new(drives.clone(), configs);
-    meta.parent = Some(parent);
-    let options = output_options.writer_options()?;
+    let meta = ArchiveMeta::new(drives.clone(), configs);
+    let options = CreateOptions {
+        writer: output_options.writer_options()?,
+        ..Default::default()
+    };
     let total: u64 = drives.iter().map(|d| d.size).sum();
     let progress = Progress::bytes(total, "diff", quiet);
-    let mut stats = Vec::new();
-    let written = write_archive(ArchiveOutput::new(output, output_options.force), |out| {
-        let mut writer = Writer::new(out, meta, &options)?;
-        writer.set_leaf_source(chain.leaf_source());
-        let mut done = 0;
-        for (d, (image, base)) in drives.iter().zip(&sources) {
-            let mut report = |n| progress.set(done + n);
-            let base = base.as_ref().map(|b| b as &dyn DiskImage);
-            stats.push(diff_or_copy(
-                &mut writer,
-                d.id,
-                image.as_ref(),
-                base,
-                &mut report,
-            )?);
-            done += d.size;
-        }
-        writer.finish()?;
-        Ok(())
-    })?;
+    let (stats, written) = diff_archive(
+        &ArchiveOutput::new(output, output_options.force),
+        &chain,
+        meta,
+        &images,
+        &options,
+        &mut signals::say_stale,
+        &|pos| progress.set(pos),
+    )?;
     progress.finish();
     if !quiet {
         for (d, s) in drives.iter().zip(&stats) {
@@ -1048,36 +1039,9 @@ fn diff(
                 ),
             }
         }
-        eprintln!("vma: wrote {output} ({} stored)", human_bytes(written.1));
+        eprintln!("vma: wrote {output} ({} stored)", human_bytes(written));
     }
     Ok(())
-}
-
-/// Write `images` as the drives of `meta` into `output` (`-`: stdout),
-/// with a progress bar named `what`; returns the archive's size.
-fn archive_images(
-    output: ArchiveOutput<'_>,
-    meta: ArchiveMeta,
-    vma1: bool,
-    options: &WriterOptions,
-    images: &[Box<dyn DiskImage>],
-    what: &str,
-    quiet: bool,
-) -> Result<u64> {
-    let drives = meta.drives.clone();
-    let total: u64 = drives.iter().map(|d| d.size).sum();
-    let progress = Progress::bytes(total, what, quiet);
-    let written = write_archive(output, |out| {
-        let mut writer = AnyWriter::new(out, meta, vma1, options)?;
-        if let AnyWriter::Native(w) = &mut writer {
-            w.set_progress(progress.callback());
-        }
-        feed_images(&mut writer, &drives, images, &progress)?;
-        writer.finish()?;
-        Ok(())
-    })?;
-    progress.finish();
-    Ok(written.1)
 }
 
 /// Config blobs from `--config [NAME=]FILE` arguments (NAME defaults to
@@ -1101,16 +1065,6 @@ pub(crate) fn read_configs(args: &[String]) -> Result<Vec<ConfigBlob>> {
         configs.push(ConfigBlob { name, data });
     }
     Ok(configs)
-}
-
-/// Write an archive to `output` (see `vma_core::ops::output`): a file
-/// appears under its name only once complete and fsynced, an upload only
-/// once complete. Returns the body's result and the bytes written.
-fn write_archive<T>(
-    output: ArchiveOutput<'_>,
-    body: impl FnOnce(&mut dyn Write) -> Result<T>,
-) -> Result<(T, u64)> {
-    vma_core::ops::output::write_archive(&output, &mut signals::say_stale, body, |_| Ok(()))
 }
 
 fn convert(
@@ -1265,23 +1219,6 @@ fn is_archive_file(path: &Path) -> Result<bool> {
                 | vma_core::read::detect::DetectedFormat::Lzo
         )
     ))
-}
-
-fn feed_images(
-    writer: &mut dyn ClusterWriter,
-    drives: &[DriveInfo],
-    images: &[Box<dyn DiskImage>],
-    progress: &Progress,
-) -> Result<()> {
-    let mut base = 0;
-    for (d, image) in drives.iter().zip(images) {
-        copy_image(writer, d.id, image.as_ref(), &mut |done| {
-            progress.set(base + done)
-        })
-        .with_context(|| format!("archiving drive {}", d.name))?;
-        base += d.size;
-    }
-    Ok(())
 }
 
 /// `vma config`: a config blob of the archive's point in time (stored in

@@ -3,6 +3,7 @@
 //!
 //! - [`verify`]: every structure, every digest, completeness.
 //! - [`extract`]: drives and configs to raw or qcow2 files.
+//! - [`create`]: disk images into a new archive, full or incremental.
 //! - [`convert`]: any archive into either format.
 //! - [`merge`]: synthetic fulls of a chain.
 //! - [`prune`]: retention plans and their execution.
@@ -13,6 +14,7 @@
 
 pub mod checksum;
 pub mod convert;
+pub mod create;
 pub mod diff;
 pub mod extract;
 pub mod merge;
