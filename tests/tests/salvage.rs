@@ -337,3 +337,40 @@ fn damage_in_an_ancestor_is_salvaged_through_the_chain() {
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.contains("read as zeros (salvage)"), "{logged}");
 }
+
+#[test]
+fn extract_json_lists_every_file_written_with_its_size() {
+    let t = tempfile::tempdir().unwrap();
+    let (archive, sources) = sample(t.path(), "zstd:1", "v2");
+    let out = t.path().join("out");
+    let o = vma(&["extract", "--json", p(&archive), p(&out)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let doc: Value = serde_json::from_slice(&o.stdout).expect("extract --json");
+    // The damage report's keys and `files`, all at the top level.
+    for key in [
+        "ok",
+        "problems",
+        "damaged",
+        "missing",
+        "conflicting",
+        "lost",
+    ] {
+        assert!(doc.get(key).is_some(), "no {key}: {doc}");
+    }
+    assert_eq!(doc["lost_bytes"], 0, "{doc}");
+    let files = doc["files"].as_array().expect("files is a list");
+    for (name, src) in &sources {
+        let path = out.join(format!("{name}.raw"));
+        let f = files
+            .iter()
+            .find(|f| f["path"] == p(&path))
+            .unwrap_or_else(|| panic!("{} not listed: {doc}", path.display()));
+        assert_eq!(f["size"], src.len() as u64, "{doc}");
+    }
+    assert!(
+        files
+            .iter()
+            .any(|f| f["path"].as_str().unwrap().ends_with("qemu-server.conf") && f["size"] == 9),
+        "the config is listed: {doc}"
+    );
+}

@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vma_core::atomic::AtomicFile;
 use vma_core::chain::Chain;
-use vma_core::ops::extract::AtomicFile;
 use vma_core::types::clusters_for;
 use vma_core::write::writer::WriteSummary;
 use vma_core::{ArchiveMeta, Writer};

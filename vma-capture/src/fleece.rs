@@ -33,8 +33,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use vma_core::atomic::AtomicFile;
 use vma_core::image::qcow2::write::Qcow2Writer;
-use vma_core::ops::extract::AtomicFile;
 
 use crate::error::{CaptureError, Result};
 use crate::qmp::{

@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vma_core::atomic::AtomicFile;
 use vma_core::chain::{Chain, ChainDrive};
 use vma_core::image::source::{DiskImage, Stretch};
 use vma_core::ops::diff::diff_or_copy;
-use vma_core::ops::extract::AtomicFile;
 use vma_core::types::clusters_for;
 use vma_core::write::writer::WriteSummary;
 use vma_core::{ArchiveMeta, Writer};

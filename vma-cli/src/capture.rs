@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Context, Result};
 use vma_capture::capture::{capture as run_capture, BitmapMode, CaptureOptions, DriveSpec};
-use vma_core::read::stream::human_bytes;
+use vma_core::util::human_bytes;
 
 use crate::output::Progress;
 use crate::{read_configs, OutputArgs};

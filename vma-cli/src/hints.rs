@@ -78,7 +78,7 @@ fn salvageable(e: &anyhow::Error) -> bool {
 fn salvageable_core(e: &vma_core::Error) -> bool {
     use vma_core::Error as E;
     match e {
-        E::InArchive { source, .. } => salvageable_core(source),
+        E::InArchive { source, .. } | E::Step { source, .. } => salvageable_core(source),
         E::Corrupt { .. }
         | E::Truncated { .. }
         | E::ExtentDamaged { .. }

@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{bail, Context, Result};
 use vma_capture::live_restore::{live_restore as run, DriveTarget, Options, Report, TargetFormat};
 use vma_capture::qmp::Qmp;
-use vma_core::read::stream::human_bytes;
+use vma_core::util::human_bytes;
 
 /// Set by SIGINT, SIGTERM or SIGHUP: cancel the jobs.
 pub(crate) static CANCEL: AtomicBool = AtomicBool::new(false);

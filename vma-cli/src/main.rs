@@ -29,7 +29,7 @@ mod space;
 mod targets;
 
 use std::fs::File;
-use std::io::{BufWriter, IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -39,22 +39,20 @@ use clap::{Parser, Subcommand};
 use vma_core::chain::{Chain, ChainDrive};
 use vma_core::format::limits;
 use vma_core::image::args::{named_arg, open_images, split_format, OpenedImages};
-use vma_core::image::source::{copy_image, open_source, DiskImage};
-use vma_core::ops::convert::{copy_extent, AnyWriter};
-use vma_core::ops::diff::diff_or_copy;
-use vma_core::ops::extract::{
-    check_member_names, extract, AtomicFile, DriveFormat, ExtractOptions,
-};
-use vma_core::ops::merge::{merge_chain, synthetic_meta, MergeOptions};
+use vma_core::image::source::{open_source, DiskImage};
+use vma_core::ops::convert::{convert_archive, ConvertOptions};
+use vma_core::ops::create::{create_archive, diff_archive, CreateOptions};
+use vma_core::ops::extract::{check_member_names, extract, DriveFormat, ExtractOptions};
+use vma_core::ops::merge::MergeOptions;
+use vma_core::ops::output::ArchiveOutput;
 use vma_core::ops::prune::{
-    archives_in, check_configs_kept, files_in, kept_point_configs, plan_prune,
+    archives_in, execute_prune, files_in, plan_prune, PruneEvent, PruneObserver, PruneOptions,
 };
 use vma_core::read::detect::{open_any, StreamCompression};
-use vma_core::read::stream::human_bytes;
 use vma_core::read::stream::ArchiveFormat;
+use vma_core::util::human_bytes;
 use vma_core::{
-    ArchiveMeta, ArchiveStream, ClusterWriter, Compression, ConfigBlob, DriveInfo, HashDrives,
-    PassOptions, Reader, Writer, WriterOptions,
+    ArchiveMeta, ArchiveStream, Compression, ConfigBlob, DriveInfo, Reader, WriterOptions,
 };
 
 use output::Progress;
@@ -739,10 +737,22 @@ fn create(args: &CreateArgs, quiet: bool) -> Result<()> {
     }
     let meta = ArchiveMeta::new(drives.clone(), configs);
     let total: u64 = drives.iter().map(|d| d.size).sum();
-    s3::expect_size(total + (64 << 20));
-    let stored = archive_images(
-        archive, force, meta, vma1, &options, &images, "create", quiet,
+    let progress = Progress::bytes(total, "create", quiet);
+    let options = CreateOptions {
+        vma1,
+        writer: options,
+        progress: progress.callback(),
+    };
+    let stored = create_archive(
+        &ArchiveOutput::new(archive, force),
+        meta,
+        &images,
+        &options,
+        &mut signals::say_stale,
+        &|pos| progress.set(pos),
+        &mut pve::tally(&drives),
     )?;
+    progress.finish();
     if !quiet {
         eprintln!(
             "vma: wrote {} ({}, {} logical, {} stored)",
@@ -784,8 +794,7 @@ fn merge(
     let chain = Arc::new(
         Chain::open(archive, parents).with_context(|| format!("opening {}", archive.display()))?,
     );
-    let (summary, stored) =
-        write_synthetic_full(&chain, output, output_options, quiet, |_| Ok(()))?;
+    let (summary, stored) = write_synthetic_full(&chain, output, output_options, quiet)?;
     if !quiet {
         eprintln!(
             "vma: wrote {output} from {} archive(s) ({} stored): {}",
@@ -806,37 +815,27 @@ fn merge_words(s: &vma_core::ops::merge::MergeSummary) -> String {
 }
 
 /// Write the synthetic full of `chain`'s newest point to `output` (`-`:
-/// standard output); `check` sees the finished archive file before it is
-/// renamed into place. Returns what the merge did and the bytes written.
+/// standard output) with a progress bar; `check` sees the finished archive
+/// file before it is renamed into place. Returns what the merge did and
+/// the bytes written.
 fn write_synthetic_full(
     chain: &Arc<Chain>,
     output: &str,
     output_options: &OutputArgs,
     quiet: bool,
-    check: impl FnOnce(&File) -> Result<()>,
 ) -> Result<(vma_core::ops::merge::MergeSummary, u64)> {
-    chain.refuse_interrupted(|_| true)?;
-    let meta = synthetic_meta(chain);
-    let options = output_options.writer_options()?;
-    let merge_options = MergeOptions {
-        threads: output_options.threads,
-    };
-    let total: u64 = meta.drives.iter().map(|d| d.size).sum();
-    s3::expect_size(total + (64 << 20));
+    let total: u64 = chain.header().drives.iter().map(|d| d.size).sum();
     let progress = Progress::bytes(total, "merge", quiet);
-    let written = write_archive_checked(
-        output,
-        output_options.force,
-        |out| {
-            let mut writer = Writer::new(out, meta, &options)?;
-            writer.set_progress(progress.callback());
-            let summary = merge_chain(chain, &mut writer, &merge_options, &mut |what, n, t| {
-                progress.step(what, n, t)
-            })?;
-            writer.finish()?;
-            Ok(summary)
+    let written = vma_core::ops::merge::write_synthetic_full(
+        chain,
+        ArchiveOutput::new(output, output_options.force),
+        &output_options.writer_options()?,
+        &MergeOptions {
+            threads: output_options.threads,
         },
-        check,
+        progress.callback(),
+        &mut signals::say_stale,
+        |_| Ok(()),
     )?;
     progress.finish();
     Ok(written)
@@ -928,79 +927,65 @@ fn prune(
         say("dry run: nothing changed".into());
         return Ok(());
     }
-    // The configs of every kept point in time, to check that none is lost.
-    let configs_before = kept_point_configs(&plan, &archives)?;
-    let threads = output_options.threads;
-    for c in &plan.chains {
-        let Some(k) = &c.fold else { continue };
-        let chain = Arc::new(
-            Chain::open(k, &archives).with_context(|| format!("opening {}", k.display()))?,
-        );
-        let dest = k
-            .to_str()
-            .ok_or_else(|| anyhow!("{} is not valid UTF-8", k.display()))?;
-        let (summary, stored) =
-            write_synthetic_full(&chain, dest, output_options, quiet, |file| {
-                check_written(file, threads)
-                    .with_context(|| format!("checking the synthetic full for {dest}"))
-            })?;
-        say(format!(
-            "wrote {dest}: synthetic full of its point in time from {} archive(s) ({} stored; {})",
-            summary.links,
-            human_bytes(stored),
-            merge_words(&summary)
-        ));
-    }
-    // Every archive that stays must still restore before anything goes.
-    let deleted: Vec<&PathBuf> = plan.chains.iter().flat_map(|c| &c.delete).collect();
-    let remaining: Vec<PathBuf> = archives
-        .iter()
-        .filter(|a| !deleted.contains(a))
-        .cloned()
-        .collect();
-    for c in &plan.chains {
-        if let Some(tip) = c.keep.last().or(c.fold.as_ref()) {
-            Chain::open(tip, &remaining).with_context(|| {
-                format!("{} no longer resolves; nothing was deleted", tip.display())
-            })?;
-        }
-    }
-    check_configs_kept(&plan, &configs_before, &remaining)?;
-    for c in &plan.chains {
-        for d in &c.delete {
-            if s3::is_s3_path(d) {
-                // An Object Lock retention is never tried: the archive stays.
-                if let Some(why) = s3::locked(d)? {
-                    say(format!("kept {}: {why}", d.display()));
-                    continue;
-                }
-                s3::delete(d)?;
-            } else {
-                std::fs::remove_file(d).with_context(|| format!("deleting {}", d.display()))?;
-            }
-            say(format!("deleted {}", d.display()));
-        }
-    }
-    for d in &dirs {
-        if let Ok(f) = File::open(d) {
-            let _ = f.sync_all();
-        }
-    }
+    let options = PruneOptions {
+        writer: output_options.writer_options()?,
+        threads: output_options.threads,
+    };
+    execute_prune(
+        &plan,
+        &archives,
+        &dirs,
+        &options,
+        &mut PruneSay { quiet, bar: None },
+    )?;
     Ok(())
 }
 
-/// Check a freshly written archive file from its start: every extent's
-/// SHA-256, the structure, index, footer and archive digest.
-fn check_written(file: &File, threads: usize) -> Result<()> {
-    use std::io::{Seek, SeekFrom};
-    let mut f = file.try_clone().context("reopening the new archive")?;
-    let len = f.seek(SeekFrom::End(0))?;
-    f.seek(SeekFrom::Start(0))?;
-    let stream = ArchiveStream::open(f.take(len), "the new archive")?;
-    let report = vma_core::ops::verify::verify(stream, threads, false, None)?;
-    match report.problems.first() {
-        None => Ok(()),
-        Some(p) => Err(Damage(format!("the archive just written does not verify: {p}")).into()),
+/// What `vma prune` says as it goes: one line per step on standard output
+/// (a closed stdout must not stop it half-way, so write errors are
+/// ignored), and a progress bar while a synthetic full is written.
+struct PruneSay {
+    quiet: bool,
+    bar: Option<Progress>,
+}
+
+impl PruneObserver for PruneSay {
+    fn event(&mut self, event: PruneEvent<'_>) {
+        let line = match event {
+            PruneEvent::Folded {
+                path,
+                summary,
+                stored,
+            } => {
+                if let Some(bar) = self.bar.take() {
+                    bar.finish();
+                }
+                format!(
+                    "wrote {}: synthetic full of its point in time from {} archive(s) ({} stored; {})",
+                    path.display(),
+                    summary.links,
+                    human_bytes(stored),
+                    merge_words(summary)
+                )
+            }
+            PruneEvent::Kept { path, why } => format!("kept {}: {why}", path.display()),
+            PruneEvent::Deleted { path } => format!("deleted {}", path.display()),
+            _ => return,
+        };
+        if !self.quiet {
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
+        }
+    }
+
+    fn progress(&mut self, _path: &Path, total: u64) -> Option<vma_core::util::ProgressFn> {
+        let bar = Progress::bytes(total, "merge", self.quiet);
+        let callback = bar.callback();
+        self.bar = Some(bar);
+        callback
+    }
+
+    fn stale(&mut self, stale: &vma_core::atomic::StaleTemporary) {
+        signals::say_stale(stale);
     }
 }
 
@@ -1022,19 +1007,7 @@ fn diff(
         Chain::open(against, parents).with_context(|| format!("opening {}", against.display()))?,
     );
     chain.refuse_interrupted(|_| true)?;
-    let parent = chain.newest().identity()?;
     let OpenedImages { drives, images } = open_image_args(image_args, source_args)?;
-    let mut sources = Vec::new();
-    for (d, image) in drives.iter().zip(images) {
-        let base = chain
-            .header()
-            .drives
-            .iter()
-            .find(|b| b.name == d.name && b.size == d.size)
-            .map(|b| ChainDrive::new(chain.clone(), b.id))
-            .transpose()?;
-        sources.push((image, base));
-    }
     // The VM configs of the parent's point in time go forward unless new
     // ones are given.
     let configs = if config_args.is_empty() {
@@ -1046,31 +1019,22 @@ fn diff(
         drives.iter().map(|d| d.name.as_str()),
         configs.iter().map(|c| c.name.as_str()),
     )?;
-    let mut meta = ArchiveMeta::new(drives.clone(), configs);
-    meta.parent = Some(parent);
-    let options = output_options.writer_options()?;
+    let meta = ArchiveMeta::new(drives.clone(), configs);
+    let options = CreateOptions {
+        writer: output_options.writer_options()?,
+        ..Default::default()
+    };
     let total: u64 = drives.iter().map(|d| d.size).sum();
     let progress = Progress::bytes(total, "diff", quiet);
-    let mut stats = Vec::new();
-    let written = write_archive(output, output_options.force, |out| {
-        let mut writer = Writer::new(out, meta, &options)?;
-        writer.set_leaf_source(chain.leaf_source());
-        let mut done = 0;
-        for (d, (image, base)) in drives.iter().zip(&sources) {
-            let mut report = |n| progress.set(done + n);
-            let base = base.as_ref().map(|b| b as &dyn DiskImage);
-            stats.push(diff_or_copy(
-                &mut writer,
-                d.id,
-                image.as_ref(),
-                base,
-                &mut report,
-            )?);
-            done += d.size;
-        }
-        writer.finish()?;
-        Ok(())
-    })?;
+    let (stats, written) = diff_archive(
+        &ArchiveOutput::new(output, output_options.force),
+        &chain,
+        meta,
+        &images,
+        &options,
+        &mut signals::say_stale,
+        &|pos| progress.set(pos),
+    )?;
     progress.finish();
     if !quiet {
         for (d, s) in drives.iter().zip(&stats) {
@@ -1085,43 +1049,9 @@ fn diff(
                 ),
             }
         }
-        eprintln!("vma: wrote {output} ({} stored)", human_bytes(written.1));
+        eprintln!("vma: wrote {output} ({} stored)", human_bytes(written));
     }
     Ok(())
-}
-
-/// Write `images` as the drives of `meta` into `output` (`-`: stdout),
-/// with a progress bar named `what`; returns the archive's size.
-#[allow(clippy::too_many_arguments)]
-fn archive_images(
-    output: &str,
-    force: bool,
-    meta: ArchiveMeta,
-    vma1: bool,
-    options: &WriterOptions,
-    images: &[Box<dyn DiskImage>],
-    what: &str,
-    quiet: bool,
-) -> Result<u64> {
-    let drives = meta.drives.clone();
-    let total: u64 = drives.iter().map(|d| d.size).sum();
-    let progress = Progress::bytes(total, what, quiet);
-    let written = write_archive(output, force, |out| {
-        let mut writer = AnyWriter::new(out, meta, vma1, options)?;
-        if let AnyWriter::Native(w) = &mut writer {
-            w.set_progress(progress.callback());
-        }
-        feed_images(
-            &mut pve::tally(&mut writer, &drives),
-            &drives,
-            images,
-            &progress,
-        )?;
-        writer.finish()?;
-        Ok(())
-    })?;
-    progress.finish();
-    Ok(written.1)
 }
 
 /// Config blobs from `--config [NAME=]FILE` arguments (NAME defaults to
@@ -1147,72 +1077,6 @@ pub(crate) fn read_configs(args: &[String]) -> Result<Vec<ConfigBlob>> {
     Ok(configs)
 }
 
-/// Write an archive to `archive` (`-`: standard output) through `body`:
-/// a file appears under its name only once complete and fsynced. Returns
-/// the body's result and the bytes written.
-fn write_archive<T>(
-    archive: &str,
-    force: bool,
-    body: impl FnOnce(&mut dyn Write) -> Result<T>,
-) -> Result<(T, u64)> {
-    write_archive_checked(archive, force, body, |_| Ok(()))
-}
-
-/// [`write_archive`], with `check` called on the finished, fsynced-to-be
-/// file before it is renamed into place (not for standard output).
-fn write_archive_checked<T>(
-    archive: &str,
-    force: bool,
-    body: impl FnOnce(&mut dyn Write) -> Result<T>,
-    check: impl FnOnce(&File) -> Result<()>,
-) -> Result<(T, u64)> {
-    if archive == "-" {
-        let mut out = Counting(
-            BufWriter::with_capacity(1 << 20, std::io::stdout().lock()),
-            0,
-        );
-        let result = body(&mut out)?;
-        out.flush().context("writing standard output")?;
-        return Ok((result, out.1));
-    }
-    if s3::is_s3(archive) {
-        // An upload is checked by the store part by part (SHA-256), not read back.
-        return s3::write_archive(archive, force, body);
-    }
-    let dest = Path::new(archive);
-    signals::clear_stale(dest.parent().unwrap_or(Path::new(".")))?;
-    // Checked again, atomically, when the file is renamed into place.
-    if dest.symlink_metadata().is_ok() && !force {
-        return Err(vma_core::Error::Exists {
-            path: archive.to_string(),
-        }
-        .into());
-    }
-    let mut out = Counting(
-        BufWriter::with_capacity(1 << 20, AtomicFile::create(dest)?.replacing(force)),
-        0,
-    );
-    let result = body(&mut out)?;
-    let file = out.0.into_inner().map_err(|e| e.into_error())?;
-    check(file.file())?;
-    file.commit()?;
-    Ok((result, out.1))
-}
-
-/// A writer that counts the bytes through it.
-struct Counting<W: Write>(W, u64);
-
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.0.write(buf)?;
-        self.1 += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
-
 fn convert(
     input: &str,
     output: &str,
@@ -1222,8 +1086,6 @@ fn convert(
     output_options: &OutputArgs,
     quiet: bool,
 ) -> Result<()> {
-    let options = output_options.writer_options()?;
-    let (threads, force) = (output_options.threads, output_options.force);
     let (stream, path, stream_compression) = open_stream(input)?;
     let header = stream.header().clone();
     let source_format = stream.format();
@@ -1247,92 +1109,26 @@ fn convert(
     } else {
         None
     };
-    let meta = ArchiveMeta {
-        uuid: header.uuid,
-        ctime: header.ctime,
-        creator: format!("vma {}", env!("CARGO_PKG_VERSION")),
-        drives: header.drives.clone(),
-        configs: header.configs.clone(),
-        parent: header.parent,
-        // 2.0 references have no state digest: zeros say so (see `vma merge`).
-        stands_for: header
-            .stands_for
-            .iter()
-            .map(|s| vma_core::format::ParentRef {
-                state: Some(s.state.unwrap_or([0; 32])),
-                ..*s
-            })
-            .collect(),
-    };
     let total = match (&path, stream_compression) {
         (Some(p), StreamCompression::None) => s3::input_len(p),
         _ => 0,
     };
-    s3::expect_size(header.drives.iter().map(|d| d.size).sum::<u64>() + (64 << 20));
     let progress = Progress::bytes(total, "convert", quiet);
-    let pass_options = PassOptions {
-        threads,
-        keep_going: salvage,
-        // 2.0 records a plain SHA-256 per drive: checked on the way (in order).
-        hash_drives: if source_format == ArchiveFormat::V2 {
-            HashDrives::All
-        } else {
-            HashDrives::None
-        },
+    let options = ConvertOptions {
+        vma1,
+        writer: output_options.writer_options()?,
+        threads: output_options.threads,
+        salvage,
         progress: progress.callback(),
-        ..Default::default()
     };
-    let (report, bytes) = write_archive(output, force, |out| {
-        let mut writer = AnyWriter::new(out, meta, vma1, &options)?;
-        if let AnyWriter::Native(w) = &mut writer {
-            w.set_progress(progress.callback());
-        }
-        if let (AnyWriter::Native(w), Some(chain)) = (&mut writer, &ancestors) {
-            w.set_leaf_source(chain.leaf_source());
-        }
-        // 3.0 extents already encoded as asked are copied as they are
-        // stored (the writer decodes them once for their leaves).
-        let mut source = ancestors.as_ref().map(|c| c.leaf_source());
-        let report = match &mut writer {
-            AnyWriter::Native(w)
-                if source_format == ArchiveFormat::V3
-                    && w.header().compression == header.compression =>
-            {
-                stream.pass_stored(&pass_options, |ext| {
-                    progress.set(ext.offset() + ext.stored_len());
-                    w.append_stored(ext)
-                })?
-            }
-            _ => stream.pass_with(
-                &pass_options,
-                source
-                    .as_mut()
-                    .map(|s| &mut **s as &mut dyn vma_core::index::LeafSource),
-                |ext| {
-                    progress.set(ext.offset + ext.stored_len);
-                    copy_extent(ext, &header.drives, &mut writer)
-                },
-            )?,
-        };
-        if salvage {
-            salvage::fill_lost(&report, &mut writer)?;
-        }
-        let lost = !(report.damaged.is_empty() && report.missing.is_empty());
-        if let AnyWriter::Native(w) = &mut writer {
-            for r in report.records.iter().flatten() {
-                if r.interrupted {
-                    w.mark_interrupted(r.drive)?;
-                } else if let (ArchiveFormat::V3, Some(digest), false) =
-                    (source_format, r.digest, lost)
-                {
-                    // End to end: the new archive holds what the old one recorded.
-                    w.expect_drive_digest(r.drive, digest)?;
-                }
-            }
-        }
-        writer.finish()?;
-        Ok(report)
-    })?;
+    let (report, bytes) = convert_archive(
+        stream,
+        ancestors.as_ref(),
+        &ArchiveOutput::new(output, output_options.force),
+        &options,
+        &mut signals::say_stale,
+        &|pos| progress.set(pos),
+    )?;
     progress.finish();
     if salvage {
         salvage::outcome(&report, output)?;
@@ -1435,23 +1231,6 @@ fn is_archive_file(path: &Path) -> Result<bool> {
     ))
 }
 
-fn feed_images(
-    writer: &mut dyn ClusterWriter,
-    drives: &[DriveInfo],
-    images: &[Box<dyn DiskImage>],
-    progress: &Progress,
-) -> Result<()> {
-    let mut base = 0;
-    for (d, image) in drives.iter().zip(images) {
-        copy_image(writer, d.id, image.as_ref(), &mut |done| {
-            progress.set(base + done)
-        })
-        .with_context(|| format!("archiving drive {}", d.name))?;
-        base += d.size;
-    }
-    Ok(())
-}
-
 /// `vma config`: a config blob of the archive's point in time (stored in
 /// it, or in the nearest ancestor that stores VM configs).
 fn config(archive: &str, name: Option<&str>, list: bool, parents: &[PathBuf]) -> Result<()> {
@@ -1533,29 +1312,20 @@ fn extract_into(
     })?;
     progress.finish();
     let report = &summary.report;
-    let damage = vma_core::read::damage::DamageReport::of_pass(report);
+    let doc = vma_core::ops::report::ExtractDocument::of(&summary);
+    let damage = &doc.damage;
     if json {
-        let mut doc = serde_json::to_value(&damage)?;
-        doc["files"] = summary
-            .files
-            .iter()
-            .map(|f| {
-                let size = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
-                serde_json::json!({"path": f.display().to_string(), "size": size})
-            })
-            .collect();
         outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else if !quiet {
-        for f in &summary.files {
-            let size = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
-            eprintln!("vma: wrote {} ({})", f.display(), human_bytes(size));
+        for f in &doc.files {
+            eprintln!("vma: wrote {} ({})", f.path, human_bytes(f.size));
         }
     }
     if report.is_clean() {
         return Ok(());
     }
     if !json {
-        output::print_damage_text(&damage, "written as zeros");
+        output::print_damage_text(damage, "written as zeros");
     }
     Err(Damage(format!(
         "salvaged what was intact; {} in {} range(s) could not be recovered",

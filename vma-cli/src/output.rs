@@ -13,7 +13,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use vma_core::format::Header;
 use vma_core::ops::report::{cannot_prove, format_names, ListDocument, VerifyDocument};
 use vma_core::read::damage::DamageReport;
-use vma_core::read::stream::{human_bytes, DriveDigestCheck};
+use vma_core::read::stream::DriveDigestCheck;
+use vma_core::util::human_bytes;
 
 use crate::{open_for_listing, open_stream, progress_wanted, Damage, Opened};
 use vma_core::read::detect::StreamCompression;
@@ -111,16 +112,9 @@ impl Progress {
         }
     }
 
-    /// Show step `what` at `done` of `total` bytes.
-    pub(crate) fn step(&self, what: &str, done: u64, total: u64) {
-        if let Some(bar) = &self.0 {
-            show_step(bar, what, done, total);
-        }
-    }
-
     /// A progress callback for library passes: the step's name becomes the
     /// bar's message; a non-zero total replaces the bar's length.
-    pub(crate) fn callback(&self) -> Option<vma_core::read::stream::ProgressFn> {
+    pub(crate) fn callback(&self) -> Option<vma_core::util::ProgressFn> {
         let bar = self.0.clone()?;
         Some(std::sync::Arc::new(
             move |what: &str, done: u64, total: u64| show_step(&bar, what, done, total),

@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::targets::{self, Counts, Groups, RestoreError, SizeMismatch, Target, TargetSpec, Zeros};
-use vma_core::write::writer::ClusterWriter;
+use vma_core::types::ClusterObserver;
 use vma_core::{ClusterNo, DriveId, DriveInfo, Header};
 
 const USAGE: &str = "usage: vma command [command options]
@@ -718,17 +718,16 @@ struct DriveTally {
     zeros: u64,
 }
 
-/// A [`ClusterWriter`] that passes clusters on and, for Proxmox's `create
+/// A [`ClusterObserver`] of `create`'s writer that, for Proxmox's `create
 /// -v`, prints its `progress P% DONE/TOTAL ZEROS` lines on standard error
 /// and keeps the per-drive counts for the `image` lines.
-pub(crate) struct Tally<'a> {
-    inner: &'a mut dyn ClusterWriter,
+pub(crate) struct Tally {
     drives: Option<(Vec<DriveTally>, i64)>,
 }
 
-/// Wrap `inner` (the writer of `create`); it counts only in Proxmox's
-/// `create -v`.
-pub(crate) fn tally<'a>(inner: &'a mut dyn ClusterWriter, drives: &[DriveInfo]) -> Tally<'a> {
+/// A tally of `drives` (the drives of `create`); it counts only in
+/// Proxmox's `create -v`.
+pub(crate) fn tally(drives: &[DriveInfo]) -> Tally {
     let drives = CREATE_VERBOSE.load(Ordering::Relaxed).then(|| {
         let t = drives
             .iter()
@@ -742,12 +741,12 @@ pub(crate) fn tally<'a>(inner: &'a mut dyn ClusterWriter, drives: &[DriveInfo]) 
             .collect();
         (t, -1)
     });
-    let mut t = Tally { inner, drives };
+    let mut t = Tally { drives };
     t.progress();
     t
 }
 
-impl Tally<'_> {
+impl Tally {
     /// Count `clusters` from `first` on: all zero, or with `zeros` zero bytes.
     fn add(&mut self, drive: DriveId, first: u64, clusters: u64, zeros: Option<u64>) {
         if let Some((drives, _)) = &mut self.drives {
@@ -776,7 +775,7 @@ impl Tally<'_> {
     }
 }
 
-impl Drop for Tally<'_> {
+impl Drop for Tally {
     fn drop(&mut self) {
         if let Some((drives, _)) = &self.drives {
             if let Ok(mut images) = CREATE_IMAGES.lock() {
@@ -789,14 +788,8 @@ impl Drop for Tally<'_> {
     }
 }
 
-impl ClusterWriter for Tally<'_> {
-    fn write_cluster(
-        &mut self,
-        drive: DriveId,
-        cluster: ClusterNo,
-        data: &[u8],
-    ) -> vma_core::Result<()> {
-        self.inner.write_cluster(drive, cluster, data)?;
+impl ClusterObserver for Tally {
+    fn cluster(&mut self, drive: DriveId, cluster: ClusterNo, data: &[u8]) {
         if self.drives.is_some() {
             let zeros = data
                 .chunks(4096)
@@ -805,18 +798,11 @@ impl ClusterWriter for Tally<'_> {
                 .sum();
             self.add(drive, cluster.0, 1, Some(zeros));
         }
-        Ok(())
     }
 
-    fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> vma_core::Result<()> {
-        self.inner.write_zeros(drive, clusters.clone())?;
+    fn zeros(&mut self, drive: DriveId, clusters: Range<u64>) {
         let n = clusters.end.saturating_sub(clusters.start);
         self.add(drive, clusters.start, n, None);
-        Ok(())
-    }
-
-    fn write_unchanged(&mut self, drive: DriveId, clusters: Range<u64>) -> vma_core::Result<()> {
-        self.inner.write_unchanged(drive, clusters)
     }
 }
 

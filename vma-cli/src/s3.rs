@@ -1,14 +1,14 @@
 //! `s3://BUCKET/KEY` archives in the commands: global flags, reading an
-//! object as a stream, writing one as a multipart upload, and what prune
-//! needs (prefixes, locks, deletes). The store itself is `vma-s3`.
+//! object as a stream, and telling objects from prefixes. The store itself
+//! is `vma-s3`, plugged into vma-core's storage seam, through which
+//! archives are written (multipart uploads) and prune deletes.
 
-use std::io::{BufWriter, Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
-use vma_s3::write::{LockMode, Retention, Upload, UploadOptions};
+use anyhow::{anyhow, bail, Result};
+use vma_s3::write::{LockMode, Retention};
 use vma_s3::Location;
 
 /// Flags for archives in S3-compatible stores (every command).
@@ -26,9 +26,6 @@ pub(crate) struct S3Args {
     #[arg(long, global = true, value_parser = ["governance", "compliance"])]
     lock_mode: Option<String>,
 }
-
-static RETENTION: OnceLock<Option<Retention>> = OnceLock::new();
-static EXPECTED: AtomicU64 = AtomicU64::new(0);
 
 /// Plug `s3://` locations in and take the flags.
 pub(crate) fn install(args: &S3Args) -> Result<()> {
@@ -57,8 +54,7 @@ pub(crate) fn install(args: &S3Args) -> Result<()> {
             })
         }
     };
-    let _ = RETENTION.set(retention);
-    vma_s3::install();
+    vma_s3::install_with(retention);
     Ok(())
 }
 
@@ -79,11 +75,6 @@ pub(crate) fn is_s3(arg: &str) -> bool {
 /// True for an `s3://` path.
 pub(crate) fn is_s3_path(p: &Path) -> bool {
     p.to_str().is_some_and(is_s3)
-}
-
-/// An upper bound of the next archive's size, to size its upload's parts.
-pub(crate) fn expect_size(bytes: u64) {
-    EXPECTED.store(bytes, Ordering::Relaxed);
 }
 
 /// An object as one sequential stream (ranged GETs, read ahead).
@@ -109,33 +100,6 @@ pub(crate) fn input_len(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
 
-/// Write an archive to `archive` as a multipart upload, visible only when
-/// `body` succeeded and the upload is complete; aborted otherwise.
-pub(crate) fn write_archive<T>(
-    archive: &str,
-    force: bool,
-    body: impl FnOnce(&mut dyn Write) -> Result<T>,
-) -> Result<(T, u64)> {
-    let loc = Location::parse(archive)?;
-    let expected = EXPECTED.load(Ordering::Relaxed);
-    let options = UploadOptions {
-        force,
-        expected_size: (expected > 0).then_some(expected),
-        retention: RETENTION.get().cloned().flatten(),
-    };
-    let upload = Upload::start(&loc, options)?;
-    let mut out = BufWriter::with_capacity(1 << 20, upload);
-    let result = body(&mut out)?;
-    let upload = out
-        .into_inner()
-        .map_err(|e| anyhow!("uploading {archive}: {}", e.error()))?;
-    let written = upload.written();
-    upload
-        .complete()
-        .with_context(|| format!("uploading {archive}"))?;
-    Ok((result, written))
-}
-
 /// Abort every upload under way (on a signal); the objects concerned.
 pub(crate) fn abort_uploads() -> Vec<String> {
     vma_s3::write::abort_all()
@@ -154,16 +118,4 @@ pub(crate) fn is_object(p: &Path) -> bool {
     Location::from_path(p)
         .ok()
         .is_some_and(|l| !l.key.is_empty() && vma_s3::exists(&l).unwrap_or(false))
-}
-
-/// Why an object may not be deleted (Object Lock), if so.
-pub(crate) fn locked(p: &Path) -> Result<Option<String>> {
-    let loc = Location::from_path(p)?;
-    Ok(vma_s3::locked(&loc)?)
-}
-
-/// Delete an object.
-pub(crate) fn delete(p: &Path) -> Result<()> {
-    let loc = Location::from_path(p)?;
-    Ok(vma_s3::delete(&loc)?)
 }

@@ -1,20 +1,10 @@
-//! `vma convert --salvage`: what a damaged or truncated input lost is
-//! written as zero clusters, and reported as `extract --salvage` reports it.
+//! `vma convert --salvage`: what a damaged or truncated input lost (written
+//! as zero clusters by `vma_core::ops::convert`) is reported as
+//! `extract --salvage` reports it.
 
 use anyhow::Result;
-use vma_core::format::CLUSTER_SIZE;
-use vma_core::read::stream::{human_bytes, PassReport};
-use vma_core::ClusterWriter;
-
-/// Write every byte range `report` lists as lost (held only by damaged
-/// extents, or by none) as zero clusters, so the output is complete.
-pub(crate) fn fill_lost(report: &PassReport, writer: &mut dyn ClusterWriter) -> Result<()> {
-    let cs = CLUSTER_SIZE as u64;
-    for r in report.damaged.iter().chain(&report.missing) {
-        writer.write_zeros(r.drive, r.bytes.start / cs..r.bytes.end.div_ceil(cs))?;
-    }
-    Ok(())
-}
+use vma_core::read::stream::PassReport;
+use vma_core::util::human_bytes;
 
 /// Report what a salvaging pass lost (stderr, one line per problem and
 /// range) and give the error that makes the command exit 1; Ok when

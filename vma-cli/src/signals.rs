@@ -105,12 +105,17 @@ pub(crate) fn clear_stale(dir: &Path) -> anyhow::Result<()> {
         dir
     };
     for s in vma_core::atomic::remove_stale_temporaries(dir)? {
-        eprintln!(
-            "vma: removed {} ({}), a temporary file left by process {}, which is gone",
-            s.path.display(),
-            vma_core::read::stream::human_bytes(s.size),
-            s.pid
-        );
+        say_stale(&s);
     }
     Ok(())
+}
+
+/// Say that a temporary file a process which is gone left was removed.
+pub(crate) fn say_stale(s: &vma_core::atomic::StaleTemporary) {
+    eprintln!(
+        "vma: removed {} ({}), a temporary file left by process {}, which is gone",
+        s.path.display(),
+        vma_core::util::human_bytes(s.size),
+        s.pid
+    );
 }

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 use vma_core::read::detect::StreamCompression;
-use vma_core::read::stream::human_bytes;
+use vma_core::util::human_bytes;
 use vma_core::Header;
 
 /// The most data bytes a v1 restore of drives of `sizes` bytes writes,

@@ -368,8 +368,8 @@ impl Target {
                 "not enough free space for drive {} in {}: its data needs {} more, the file system has {} free; free some space or restore elsewhere (--no-space-check to try anyway)",
                 self.drive,
                 self.path,
-                vma_core::read::stream::human_bytes(need),
-                vma_core::read::stream::human_bytes(free)
+                vma_core::util::human_bytes(need),
+                vma_core::util::human_bytes(free)
             );
         }
         Ok(())

@@ -181,6 +181,28 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// An archive just written fails its check before it is renamed into
+    /// place (so it never was).
+    #[error("checking {what}: the archive just written does not verify: {problem}")]
+    NotVerified {
+        /// What was written (for example "the synthetic full for PATH").
+        what: String,
+        /// The first problem its verification found.
+        problem: String,
+    },
+
+    /// A step of an operation of several steps failed: `context` says
+    /// which, and what that means for the rest (for example that nothing
+    /// was deleted).
+    #[error("{context}: {source}")]
+    Step {
+        /// The step, and what was (not) done because it failed.
+        context: String,
+        /// What went wrong.
+        #[source]
+        source: Box<Error>,
+    },
+
     /// An error while reading one archive of several (a chain's link).
     #[error("{path}: {source}")]
     InArchive {
@@ -209,6 +231,14 @@ impl Error {
         }
     }
 
+    /// This error as the failure of step `context` (see [`Error::Step`]).
+    pub fn in_step(self, context: impl Into<String>) -> Self {
+        Error::Step {
+            context: context.into(),
+            source: Box::new(self),
+        }
+    }
+
     /// Shorthand for a structural error at `offset`.
     pub fn corrupt(offset: u64, what: impl Into<String>) -> Self {
         Error::Corrupt {
@@ -228,7 +258,7 @@ impl Error {
     /// True when the error means the archive's bytes are bad (as opposed to
     /// a usage or I/O problem); the CLI maps this to exit code 1.
     pub fn is_damage(&self) -> bool {
-        if let Error::InArchive { source, .. } = self {
+        if let Error::InArchive { source, .. } | Error::Step { source, .. } = self {
             return source.is_damage();
         }
         matches!(
@@ -244,6 +274,7 @@ impl Error {
                 | Error::Conflicting { .. }
                 | Error::UnsupportedVersion { .. }
                 | Error::UnknownFeatures { .. }
+                | Error::NotVerified { .. }
         )
     }
 }

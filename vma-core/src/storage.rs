@@ -108,6 +108,21 @@ pub trait Remote: Send + Sync {
     fn delete(&self, location: &Path) -> Result<()>;
     /// Why `location` may not be deleted now (a retention date), if so.
     fn delete_blocked(&self, location: &Path) -> Result<Option<String>>;
+    /// Start writing an object at `location`, visible only once the sink
+    /// is finished: refused with [`Error::Exists`] if it exists, unless
+    /// `replace`. `expected_size` is an upper bound of its size, if known.
+    fn create(
+        &self,
+        location: &Path,
+        replace: bool,
+        expected_size: Option<u64>,
+    ) -> Result<Box<dyn Sink>> {
+        let _ = (replace, expected_size);
+        Err(Error::UnsupportedFormat {
+            format: format!("writing {}", location.display()),
+            hint: "this store is read-only here".into(),
+        })
+    }
 }
 
 static REMOTE: OnceLock<Box<dyn Remote>> = OnceLock::new();
@@ -141,6 +156,23 @@ pub fn open(location: &Path) -> Result<Source> {
     }
     let file = File::open(location).ctx(|| format!("opening {}", location.display()))?;
     Ok(Arc::new(file))
+}
+
+/// Delete `location`: an object of the plugged-in store, else a local file.
+pub fn delete(location: &Path) -> Result<()> {
+    if let Some(r) = remote_for(location) {
+        return r.delete(location);
+    }
+    std::fs::remove_file(location).ctx(|| format!("deleting {}", location.display()))
+}
+
+/// Why `location` may not be deleted now (an object's retention), if so;
+/// local files never say so.
+pub fn delete_blocked(location: &Path) -> Result<Option<String>> {
+    match remote_for(location) {
+        Some(r) => r.delete_blocked(location),
+        None => Ok(None),
+    }
 }
 
 /// The entries of a directory or object prefix (files only, sorted), or

@@ -147,6 +147,71 @@ pub fn uuid_text(u: &[u8; 16]) -> String {
     uuid::Uuid::from_bytes(*u).hyphenated().to_string()
 }
 
+/// Anything that takes clusters of drives in any order: the native
+/// [`crate::Writer`] and the VMA v1 writer. Sources feed archives through it.
+pub trait ClusterWriter {
+    /// Store one cluster (`data` is the cluster's exact length).
+    fn write_cluster(
+        &mut self,
+        drive: DriveId,
+        cluster: ClusterNo,
+        data: &[u8],
+    ) -> crate::Result<()>;
+    /// Record clusters as all zero.
+    fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> crate::Result<()>;
+    /// Record clusters as unchanged from the parent, where the format has
+    /// incremental archives.
+    fn write_unchanged(&mut self, _drive: DriveId, _clusters: Range<u64>) -> crate::Result<()> {
+        Err(crate::Error::Invalid(
+            "this archive format cannot hold an incremental archive (unchanged clusters)".into(),
+        ))
+    }
+}
+
+/// Sees the clusters a [`ClusterWriter`] is given, without changing them:
+/// for tallies a caller prints as it goes (Proxmox's `create -v` counts
+/// zero bytes per drive). `()` observes nothing.
+pub trait ClusterObserver {
+    /// One cluster stored with these bytes.
+    fn cluster(&mut self, _drive: DriveId, _cluster: ClusterNo, _data: &[u8]) {}
+    /// Clusters recorded as all zero.
+    fn zeros(&mut self, _drive: DriveId, _clusters: Range<u64>) {}
+}
+
+impl ClusterObserver for () {}
+
+/// A [`ClusterWriter`] that shows each cluster to an observer once the
+/// inner writer took it.
+pub struct Observed<'a> {
+    /// Where the clusters go.
+    pub inner: &'a mut dyn ClusterWriter,
+    /// Who sees them.
+    pub observer: &'a mut dyn ClusterObserver,
+}
+
+impl ClusterWriter for Observed<'_> {
+    fn write_cluster(
+        &mut self,
+        drive: DriveId,
+        cluster: ClusterNo,
+        data: &[u8],
+    ) -> crate::Result<()> {
+        self.inner.write_cluster(drive, cluster, data)?;
+        self.observer.cluster(drive, cluster, data);
+        Ok(())
+    }
+
+    fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> crate::Result<()> {
+        self.inner.write_zeros(drive, clusters.clone())?;
+        self.observer.zeros(drive, clusters);
+        Ok(())
+    }
+
+    fn write_unchanged(&mut self, drive: DriveId, clusters: Range<u64>) -> crate::Result<()> {
+        self.inner.write_unchanged(drive, clusters)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

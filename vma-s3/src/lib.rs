@@ -280,7 +280,11 @@ pub fn locked(loc: &Location) -> Result<Option<String>, Error> {
 }
 
 /// The store behind `s3://` locations, for vma-core's storage seam.
-pub struct S3Remote;
+#[derive(Default)]
+pub struct S3Remote {
+    /// Object Lock retention of every object it writes.
+    pub retention: Option<write::Retention>,
+}
 
 impl vma_core::storage::Remote for S3Remote {
     fn handles(&self, location: &Path) -> bool {
@@ -309,11 +313,32 @@ impl vma_core::storage::Remote for S3Remote {
         let loc = Location::from_path(location).map_err(vma_core::Error::from)?;
         Ok(locked(&loc)?)
     }
+
+    fn create(
+        &self,
+        location: &Path,
+        replace: bool,
+        expected_size: Option<u64>,
+    ) -> vma_core::Result<Box<dyn vma_core::storage::Sink>> {
+        let loc = Location::from_path(location).map_err(vma_core::Error::from)?;
+        let options = write::UploadOptions {
+            force: replace,
+            expected_size,
+            retention: self.retention.clone(),
+        };
+        Ok(Box::new(write::Upload::start(&loc, options)?))
+    }
 }
 
 /// Plug `s3://` locations into vma-core's storage seam.
 pub fn install() {
-    vma_core::storage::set_remote(Box::new(S3Remote));
+    install_with(None);
+}
+
+/// Plug `s3://` locations into vma-core's storage seam; every object
+/// written through it gets `retention` (Object Lock), if given.
+pub fn install_with(retention: Option<write::Retention>) {
+    vma_core::storage::set_remote(Box::new(S3Remote { retention }));
 }
 
 #[cfg(test)]

@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::CLUSTER_SIZE;
-use crate::types::{cluster_len, clusters_for, ClusterNo, DriveId};
-use crate::write::writer::ClusterWriter;
+use crate::types::{cluster_len, clusters_for, ClusterNo, ClusterWriter, DriveId};
 
 /// Clusters read per request.
 const CHUNK_CLUSTERS: u64 = 16;

@@ -840,10 +840,7 @@ impl Found {
 
     fn first_error(&mut self, drives: &[DriveInfo]) -> Option<Error> {
         if !self.missing.is_empty() {
-            return Some(crate::read::stream::incomplete_from_ranges(
-                drives,
-                &self.missing,
-            ));
+            return Some(incomplete_from_ranges(drives, &self.missing));
         }
         if self.problems.is_empty() {
             None
@@ -1472,6 +1469,44 @@ impl BuiltIndex {
                 + pages.iter().map(|p| p.len()).sum::<u64>()
         );
         Ok((len, digest))
+    }
+}
+
+/// The error for drive byte ranges no extent holds: per drive how many of
+/// how many clusters are missing, and where.
+pub(crate) fn incomplete_from_ranges(drives: &[DriveInfo], ranges: &[DriveRange]) -> Error {
+    let cs = crate::format::CLUSTER_SIZE as u64;
+    let mut parts = Vec::new();
+    for d in drives {
+        let mine: Vec<DriveRange> = ranges.iter().filter(|r| r.drive == d.id).cloned().collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let bytes: u64 = mine.iter().map(|r| r.bytes.end - r.bytes.start).sum();
+        let clusters: u64 = mine
+            .iter()
+            .map(|r| r.bytes.end.div_ceil(cs) - r.bytes.start / cs)
+            .sum();
+        let at: Vec<String> = mine
+            .iter()
+            .take(3)
+            .map(|r| format!("{}..{}", r.bytes.start, r.bytes.end))
+            .collect();
+        let more = match mine.len() {
+            n if n > 3 => format!(" and {} more ranges", n - 3),
+            _ => String::new(),
+        };
+        parts.push(format!(
+            "drive {} lacks {clusters} of its {} clusters ({} missing), at bytes {}{more}",
+            d.name,
+            d.clusters(),
+            crate::util::human_bytes(bytes),
+            at.join(", ")
+        ));
+    }
+    Error::Incomplete {
+        summary: parts.join("; "),
+        ranges: ranges.to_vec(),
     }
 }
 

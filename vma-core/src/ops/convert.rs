@@ -1,13 +1,22 @@
-//! Writing either archive format through one type, and copying decoded
-//! extents from any reader into any writer (`convert`).
+//! Writing either archive format through one type, copying decoded
+//! extents from any reader into any writer, and `convert` itself
+//! ([`convert_archive`]).
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::ops::Range;
+use std::sync::Arc;
 
+use crate::atomic::StaleTemporary;
+use crate::chain::Chain;
 use crate::error::{Error, Result};
 use crate::extent::{ClusterData, DecodedExtent};
 use crate::format::{DriveInfo, RunKind, CLUSTER_SIZE};
+use crate::format::{Header, ParentRef};
+use crate::index::LeafSource;
+use crate::ops::output::{write_archive, ArchiveOutput};
+use crate::read::stream::{ArchiveFormat, ArchiveStream, HashDrives, PassOptions, PassReport};
 use crate::types::{cluster_len, ClusterNo, DriveId};
+use crate::util::ProgressFn;
 use crate::write::v1::V1Writer;
 use crate::write::writer::{ArchiveMeta, ClusterWriter, WriteSummary, Writer, WriterOptions};
 
@@ -111,6 +120,143 @@ pub fn copy_extent(
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// How [`convert_archive`] writes.
+#[derive(Clone, Default)]
+pub struct ConvertOptions {
+    /// Write Proxmox VMA v1 rather than the native format.
+    pub vma1: bool,
+    /// The native writer's options (compression, threads).
+    pub writer: WriterOptions,
+    /// Decoder threads of the pass (0: one per core).
+    pub threads: usize,
+    /// Go on past damage, and write what was lost as zero clusters so
+    /// that the output is complete (the report says what).
+    pub salvage: bool,
+    /// Progress of the pass's and the writer's steps.
+    pub progress: Option<ProgressFn>,
+}
+
+/// The metadata of the conversion of an archive with `header`: its uuid,
+/// time, drives, configs, parent and stand-ins, this crate as creator.
+pub fn converted_meta(header: &Header) -> ArchiveMeta {
+    ArchiveMeta {
+        uuid: header.uuid,
+        ctime: header.ctime,
+        creator: format!("vma {}", env!("CARGO_PKG_VERSION")),
+        drives: header.drives.clone(),
+        configs: header.configs.clone(),
+        parent: header.parent,
+        // 2.0 references have no state digest: zeros say so (see `vma merge`).
+        stands_for: header
+            .stands_for
+            .iter()
+            .map(|s| ParentRef {
+                state: Some(s.state.unwrap_or([0; 32])),
+                ..*s
+            })
+            .collect(),
+    }
+}
+
+/// Convert the archive `stream` reads into `output` (see
+/// [`crate::ops::output::write_archive`]), in one sequential pass. A 3.0
+/// incremental archive becomes one with the same parent: `ancestors` (its
+/// parent chain) give the leaves of its unchanged clusters. 3.0 extents
+/// already encoded as asked are copied as they are stored; every drive
+/// digest a 3.0 input records is checked against what was written (end to
+/// end), and 2.0's plain SHA-256 on the way. `position` hears the input
+/// offset reached. Returns the pass's report and the bytes written.
+pub fn convert_archive<R: Read>(
+    stream: ArchiveStream<R>,
+    ancestors: Option<&Arc<Chain>>,
+    output: &ArchiveOutput<'_>,
+    options: &ConvertOptions,
+    on_stale: &mut dyn FnMut(&StaleTemporary),
+    position: &dyn Fn(u64),
+) -> Result<(PassReport, u64)> {
+    let header = stream.header().clone();
+    let source_format = stream.format();
+    let meta = converted_meta(&header);
+    let pass_options = PassOptions {
+        threads: options.threads,
+        keep_going: options.salvage,
+        // 2.0 records a plain SHA-256 per drive: checked on the way (in order).
+        hash_drives: if source_format == ArchiveFormat::V2 {
+            HashDrives::All
+        } else {
+            HashDrives::None
+        },
+        progress: options.progress.clone(),
+        ..Default::default()
+    };
+    let expected = header.drives.iter().map(|d| d.size).sum::<u64>() + (64 << 20);
+    let output = output.expecting(expected);
+    write_archive(
+        &output,
+        on_stale,
+        |out| {
+            let mut writer = AnyWriter::new(out, meta, options.vma1, &options.writer)?;
+            if let AnyWriter::Native(w) = &mut writer {
+                w.set_progress(options.progress.clone());
+            }
+            if let (AnyWriter::Native(w), Some(chain)) = (&mut writer, ancestors) {
+                w.set_leaf_source(chain.leaf_source());
+            }
+            // 3.0 extents already encoded as asked are copied as they are
+            // stored (the writer decodes them once for their leaves).
+            let mut source = ancestors.map(|c| c.leaf_source());
+            let report = match &mut writer {
+                AnyWriter::Native(w)
+                    if source_format == ArchiveFormat::V3
+                        && w.header().compression == header.compression =>
+                {
+                    stream.pass_stored(&pass_options, |ext| {
+                        position(ext.offset() + ext.stored_len());
+                        w.append_stored(ext)
+                    })?
+                }
+                _ => stream.pass_with(
+                    &pass_options,
+                    source.as_mut().map(|s| &mut **s as &mut dyn LeafSource),
+                    |ext| {
+                        position(ext.offset + ext.stored_len);
+                        copy_extent(ext, &header.drives, &mut writer)
+                    },
+                )?,
+            };
+            if options.salvage {
+                fill_lost(&report, &mut writer)?;
+            }
+            let lost = !(report.damaged.is_empty() && report.missing.is_empty());
+            if let AnyWriter::Native(w) = &mut writer {
+                for r in report.records.iter().flatten() {
+                    if r.interrupted {
+                        w.mark_interrupted(r.drive)?;
+                    } else if let (ArchiveFormat::V3, Some(digest), false) =
+                        (source_format, r.digest, lost)
+                    {
+                        // End to end: the new archive holds what the old one recorded.
+                        w.expect_drive_digest(r.drive, digest)?;
+                    }
+                }
+            }
+            writer.finish()?;
+            Ok(report)
+        },
+        |_| Ok(()),
+    )
+}
+
+/// Write every byte range `report` lists as lost (held only by damaged
+/// extents, or by none) as zero clusters, so the output is complete.
+fn fill_lost(report: &PassReport, writer: &mut dyn ClusterWriter) -> Result<()> {
+    let cs = CLUSTER_SIZE as u64;
+    for r in report.damaged.iter().chain(&report.missing) {
+        writer.write_zeros(r.drive, r.bytes.start / cs..r.bytes.end.div_ceil(cs))?;
     }
     Ok(())
 }

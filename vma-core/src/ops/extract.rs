@@ -7,6 +7,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::atomic::AtomicFile;
 use crate::chain::configs::point_configs_over;
 use crate::chain::Chain;
 use crate::error::{Error, IoContext, Result};
@@ -16,8 +17,6 @@ use crate::image::qcow2::{compress_cluster, Qcow2Writer};
 use crate::index::{LeafItem, LeafSource};
 use crate::read::stream::{ArchiveStream, HashDrives, PassOptions, PassReport};
 use crate::types::{cluster_len, ClusterNo, DriveId, DriveRange};
-
-pub use crate::atomic::AtomicFile;
 
 /// How extracted drives are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -96,7 +95,7 @@ pub struct ExtractOptions {
     pub check_drive_digests: bool,
     /// Progress of the steps after the extents (checking the index and
     /// the drive digests).
-    pub progress: Option<crate::read::stream::ProgressFn>,
+    pub progress: Option<crate::util::ProgressFn>,
 }
 
 /// The ancestors of an incremental archive, for [`extract`]: what its

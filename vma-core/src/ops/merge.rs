@@ -19,17 +19,21 @@
 //! nothing is finished: a damaged or forged link is refused, never laundered.
 
 use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::io::Write;
 use std::ops::Range;
 use std::sync::Arc;
 
+use crate::atomic::StaleTemporary;
 use crate::chain::Chain;
 use crate::error::{Error, Result};
 use crate::extent::ClusterData;
 use crate::format::{limits, ParentRef, RunKind, CLUSTER_SIZE};
+use crate::ops::output::{write_archive, ArchiveOutput};
 use crate::read::stream::ArchiveFormat;
 use crate::types::{cluster_len, uuid_text, ClusterNo, DriveId};
-use crate::write::writer::{ArchiveMeta, Writer};
+use crate::util::ProgressFn;
+use crate::write::writer::{ArchiveMeta, Writer, WriterOptions};
 
 /// Tuning of [`merge_chain`].
 #[derive(Clone, Debug, Default)]
@@ -496,4 +500,40 @@ impl KeySet {
             KeySet::Set(s) => s.insert(key),
         }
     }
+}
+
+/// Write the synthetic full of `chain`'s newest point to `output` (see
+/// [`crate::ops::output::write_archive`]); `check` sees the finished
+/// archive file before it is renamed into place. `progress` follows the
+/// writer and the merge's steps. Returns what the merge did and the bytes
+/// written.
+pub fn write_synthetic_full(
+    chain: &Arc<Chain>,
+    output: ArchiveOutput<'_>,
+    writer_options: &WriterOptions,
+    options: &MergeOptions,
+    progress: Option<ProgressFn>,
+    on_stale: &mut dyn FnMut(&StaleTemporary),
+    check: impl FnOnce(&File) -> Result<()>,
+) -> Result<(MergeSummary, u64)> {
+    chain.refuse_interrupted(|_| true)?;
+    let meta = synthetic_meta(chain);
+    let total: u64 = meta.drives.iter().map(|d| d.size).sum();
+    let output = output.expecting(total + (64 << 20));
+    write_archive(
+        &output,
+        on_stale,
+        |out| {
+            let mut writer = Writer::new(out, meta, writer_options)?;
+            writer.set_progress(progress.clone());
+            let summary = merge_chain(chain, &mut writer, options, &mut |what, n, t| {
+                if let Some(p) = &progress {
+                    p(what, n, t)
+                }
+            })?;
+            writer.finish()?;
+            Ok(summary)
+        },
+        check,
+    )
 }

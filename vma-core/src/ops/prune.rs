@@ -14,15 +14,22 @@
 //! must still find its parent.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use crate::atomic::StaleTemporary;
 use crate::chain::configs::point_configs;
 use crate::chain::{claims_to_stand_in, is_exactly, Chain};
 use crate::error::{Error, Result};
 use crate::format::{ConfigBlob, Header, ParentRef};
+use crate::ops::merge::{write_synthetic_full, MergeOptions, MergeSummary};
+use crate::ops::output::{verify_written, ArchiveOutput};
 use crate::read::detect::{detect, DetectedFormat, DETECT_LEN};
 use crate::read::reader::Reader;
 use crate::read::stream::{ArchiveFormat, ArchiveStream};
+use crate::storage;
 use crate::types::uuid_text;
+use crate::util::ProgressFn;
+use crate::write::writer::WriterOptions;
 
 /// One chain of the set and what happens to it.
 #[derive(Debug)]
@@ -362,4 +369,148 @@ pub fn files_in(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     Ok(files)
+}
+
+/// What a prune says as it goes ([`execute_prune`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PruneEvent<'a> {
+    /// The synthetic full that replaces `path` was written, checked and
+    /// renamed into place.
+    Folded {
+        /// The archive replaced.
+        path: &'a Path,
+        /// What the merge did.
+        summary: &'a MergeSummary,
+        /// Bytes of the synthetic full.
+        stored: u64,
+    },
+    /// `path` stays although the plan deletes it: its store refuses to
+    /// delete it (an Object Lock retention), which is never tried.
+    Kept {
+        /// The archive kept.
+        path: &'a Path,
+        /// Why, in words.
+        why: &'a str,
+    },
+    /// `path` was deleted.
+    Deleted {
+        /// The archive deleted.
+        path: &'a Path,
+    },
+}
+
+/// Who hears what [`execute_prune`] does.
+pub trait PruneObserver {
+    /// A step done.
+    fn event(&mut self, event: PruneEvent<'_>);
+    /// Progress for the synthetic full about to be written over `path`
+    /// (`total` logical bytes), if wanted.
+    fn progress(&mut self, path: &Path, total: u64) -> Option<ProgressFn> {
+        let _ = (path, total);
+        None
+    }
+    /// A temporary file a process which is gone left beside an output was
+    /// removed.
+    fn stale(&mut self, stale: &StaleTemporary) {
+        let _ = stale;
+    }
+}
+
+/// How [`execute_prune`] writes and checks the synthetic fulls.
+#[derive(Clone, Debug, Default)]
+pub struct PruneOptions {
+    /// The writer's options (compression, threads).
+    pub writer: WriterOptions,
+    /// Threads of the merge and of the check of each synthetic full
+    /// (0: one per core).
+    pub threads: usize,
+}
+
+/// Carry out `plan` (from [`plan_prune`] over `archives`, whose
+/// directories or prefixes are `dirs`), in an order that never leaves a
+/// point in time it keeps unrestorable:
+///
+/// 1. each fold is replaced by a synthetic full of its point in time,
+///    written beside it, verified from its first byte ([`verify_written`])
+///    and only then renamed over it (a failed fold changes nothing);
+/// 2. every chain that stays must still resolve among the archives that
+///    remain, and every kept point in time keep its configs
+///    ([`check_configs_kept`]): otherwise nothing is deleted;
+/// 3. only then are the archives deleted, newest first per chain; an
+///    object its store keeps (Object Lock) stays and is said to stay.
+///
+/// Directories are synced at the end. `observer` hears each step.
+pub fn execute_prune(
+    plan: &PrunePlan,
+    archives: &[PathBuf],
+    dirs: &[PathBuf],
+    options: &PruneOptions,
+    observer: &mut dyn PruneObserver,
+) -> Result<()> {
+    // The configs of every kept point in time, to check that none is lost.
+    let configs_before = kept_point_configs(plan, archives)?;
+    let merge_options = MergeOptions {
+        threads: options.threads,
+    };
+    for c in &plan.chains {
+        let Some(k) = &c.fold else { continue };
+        let chain = Arc::new(
+            Chain::open(k, archives).map_err(|e| e.in_step(format!("opening {}", k.display())))?,
+        );
+        let dest = k
+            .to_str()
+            .ok_or_else(|| Error::Invalid(format!("{} is not valid UTF-8", k.display())))?;
+        let total: u64 = chain.header().drives.iter().map(|d| d.size).sum();
+        let progress = observer.progress(k, total);
+        let what = format!("the synthetic full for {dest}");
+        let (summary, stored) = write_synthetic_full(
+            &chain,
+            ArchiveOutput::new(dest, true),
+            &options.writer,
+            &merge_options,
+            progress,
+            &mut |s| observer.stale(s),
+            |file| verify_written(file, options.threads, &what),
+        )?;
+        observer.event(PruneEvent::Folded {
+            path: k,
+            summary: &summary,
+            stored,
+        });
+    }
+    // Every archive that stays must still restore before anything goes.
+    let deleted: Vec<&PathBuf> = plan.chains.iter().flat_map(|c| &c.delete).collect();
+    let remaining: Vec<PathBuf> = archives
+        .iter()
+        .filter(|a| !deleted.contains(a))
+        .cloned()
+        .collect();
+    for c in &plan.chains {
+        if let Some(tip) = c.keep.last().or(c.fold.as_ref()) {
+            Chain::open(tip, &remaining).map_err(|e| {
+                e.in_step(format!(
+                    "{} no longer resolves; nothing was deleted",
+                    tip.display()
+                ))
+            })?;
+        }
+    }
+    check_configs_kept(plan, &configs_before, &remaining)?;
+    for c in &plan.chains {
+        for d in &c.delete {
+            if let Some(why) = storage::delete_blocked(d)? {
+                observer.event(PruneEvent::Kept { path: d, why: &why });
+                continue;
+            }
+            storage::delete(d)?;
+            observer.event(PruneEvent::Deleted { path: d });
+        }
+    }
+    for d in dirs {
+        if let Ok(f) = std::fs::File::open(d) {
+            let _ = f.sync_all();
+        }
+    }
+    Ok(())
 }

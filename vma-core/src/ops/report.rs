@@ -1,12 +1,13 @@
-//! The documents of `list --json` and `verify --json` (and the mount's
-//! `archive.json`): built here from what the readers found, serialised
+//! The documents of `list --json`, `verify --json` and `extract --json`
+//! (and the mount's `archive.json`): built here from what the readers found, serialised
 //! as they are by the CLI. README.md ("JSON output") lists every key.
 
 use serde::Serialize;
 
 use crate::chain::configs::{ConfigSource, PointConfigs};
 use crate::format::{Codec, Header, ParentRef};
-use crate::read::damage::{ProblemReport, RangeReport};
+use crate::ops::extract::ExtractSummary;
+use crate::read::damage::{DamageReport, ProblemReport, RangeReport};
 use crate::read::detect::StreamCompression;
 use crate::read::reader::Reader;
 use crate::read::stream::{ArchiveFormat, DriveDigestCheck, PassReport};
@@ -462,6 +463,43 @@ impl VerifyDocument {
                     uuid: uuid_text(&r.header.uuid),
                     ok: r.is_clean(),
                     problems: r.problems.iter().map(ProblemReport::from).collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A file `extract` wrote.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExtractedFile {
+    /// Its path.
+    pub path: String,
+    /// Its size in bytes (0 when it cannot be read back).
+    pub size: u64,
+}
+
+/// The `extract --json` document: the damage report's keys
+/// ([`DamageReport`]) and `files`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExtractDocument {
+    /// What the pass found and what was written as zeros.
+    #[serde(flatten)]
+    pub damage: DamageReport,
+    /// The files written, in the order they were.
+    pub files: Vec<ExtractedFile>,
+}
+
+impl ExtractDocument {
+    /// The document of an extraction (the files' sizes read back).
+    pub fn of(summary: &ExtractSummary) -> ExtractDocument {
+        ExtractDocument {
+            damage: DamageReport::of_pass(&summary.report),
+            files: summary
+                .files
+                .iter()
+                .map(|f| ExtractedFile {
+                    path: f.display().to_string(),
+                    size: std::fs::metadata(f).map(|m| m.len()).unwrap_or(0),
                 })
                 .collect(),
         }

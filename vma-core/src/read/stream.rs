@@ -22,18 +22,19 @@ use crate::format::{
     CLUSTER_SIZE, DRIVE_RECORD_LEN, EXTENT_HEADER_LEN, EXTENT_MAGIC, FOOTER_LEN, HEADER_FIXED_LEN,
     INCOMPAT_ZSTD, INDEX_FIXED_LEN, INDEX_MAGIC, MIN_EXTENT_LEN,
 };
-use crate::index::{BuiltIndex, ExtentKeys, FinishOptions, IndexBuilder, LeafSource};
+use crate::index::{
+    incomplete_from_ranges, BuiltIndex, ExtentKeys, FinishOptions, IndexBuilder, LeafSource,
+};
 use crate::read::detect::{not_v2_error, DETECT_LEN};
 use crate::read::input::Input;
 use crate::tree::{Digest, DriveDigestKind, DriveHash};
 use crate::types::{
     cluster_len, cluster_range_bytes, ArchiveOffset, ClusterNo, DriveId, DriveRange,
 };
+use crate::util::effective_threads;
 use crate::util::pipeline::OrderedPool;
-use crate::write::writer::effective_threads;
 
-/// Called with what a long step is doing, how far it got and of how much.
-pub type ProgressFn = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
+pub use crate::util::ProgressFn;
 
 /// Options of a sequential pass.
 #[derive(Clone, Default)]
@@ -1614,60 +1615,6 @@ pub(crate) fn incomplete_error(
         })
         .collect();
     incomplete_from_ranges(drives, &ranges)
-}
-
-/// The error for drive byte ranges no extent holds: per drive how many of
-/// how many clusters are missing, and where.
-pub(crate) fn incomplete_from_ranges(drives: &[DriveInfo], ranges: &[DriveRange]) -> Error {
-    let cs = CLUSTER_SIZE as u64;
-    let mut parts = Vec::new();
-    for d in drives {
-        let mine: Vec<DriveRange> = ranges.iter().filter(|r| r.drive == d.id).cloned().collect();
-        if mine.is_empty() {
-            continue;
-        }
-        let bytes: u64 = mine.iter().map(|r| r.bytes.end - r.bytes.start).sum();
-        let clusters: u64 = mine
-            .iter()
-            .map(|r| r.bytes.end.div_ceil(cs) - r.bytes.start / cs)
-            .sum();
-        let at: Vec<String> = mine
-            .iter()
-            .take(3)
-            .map(|r| format!("{}..{}", r.bytes.start, r.bytes.end))
-            .collect();
-        let more = match mine.len() {
-            n if n > 3 => format!(" and {} more ranges", n - 3),
-            _ => String::new(),
-        };
-        parts.push(format!(
-            "drive {} lacks {clusters} of its {} clusters ({} missing), at bytes {}{more}",
-            d.name,
-            d.clusters(),
-            human_bytes(bytes),
-            at.join(", ")
-        ));
-    }
-    Error::Incomplete {
-        summary: parts.join("; "),
-        ranges: ranges.to_vec(),
-    }
-}
-
-/// Format a byte count for people.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 #[derive(Clone, Copy)]

@@ -20,22 +20,9 @@ use crate::index::{ExtentKeys, FinishOptions, IndexBuilder, LeafSource};
 use crate::tree::Digest;
 use crate::types::{block_mask, cluster_len, ArchiveOffset, ClusterNo, DriveId};
 use crate::util::pipeline::OrderedPool;
+use crate::util::Counting;
 
-/// Anything that takes clusters of drives in any order: the native
-/// [`Writer`] and the VMA v1 writer. Sources feed archives through it.
-pub trait ClusterWriter {
-    /// Store one cluster (`data` is the cluster's exact length).
-    fn write_cluster(&mut self, drive: DriveId, cluster: ClusterNo, data: &[u8]) -> Result<()>;
-    /// Record clusters as all zero.
-    fn write_zeros(&mut self, drive: DriveId, clusters: Range<u64>) -> Result<()>;
-    /// Record clusters as unchanged from the parent, where the format has
-    /// incremental archives.
-    fn write_unchanged(&mut self, _drive: DriveId, _clusters: Range<u64>) -> Result<()> {
-        Err(Error::Invalid(
-            "this archive format cannot hold an incremental archive (unchanged clusters)".into(),
-        ))
-    }
-}
+pub use crate::types::ClusterWriter;
 
 impl<W: Write> ClusterWriter for Writer<W> {
     fn write_cluster(&mut self, drive: DriveId, cluster: ClusterNo, data: &[u8]) -> Result<()> {
@@ -95,18 +82,7 @@ impl Default for WriterOptions {
     }
 }
 
-/// Most worker threads any pool starts, whatever is asked.
-pub const MAX_THREADS: usize = 64;
-
-/// Number of worker threads to use for `requested` (0 = one per core),
-/// at most [`MAX_THREADS`].
-pub fn effective_threads(requested: usize) -> usize {
-    if requested > 0 {
-        requested.min(MAX_THREADS)
-    } else {
-        std::thread::available_parallelism().map_or(2, |n| n.get().min(MAX_THREADS))
-    }
-}
+pub use crate::util::{effective_threads, MAX_THREADS};
 
 /// What goes into an archive's header.
 #[derive(Clone, Debug)]
@@ -241,7 +217,7 @@ pub struct Writer<W: Write> {
     output: Output<W>,
     out_of_order: u64,
     leaf_source: Option<Box<dyn LeafSource + Send>>,
-    progress: Option<crate::read::stream::ProgressFn>,
+    progress: Option<crate::util::ProgressFn>,
 }
 
 impl<W: Write> Writer<W> {
@@ -369,7 +345,7 @@ impl<W: Write> Writer<W> {
 
     /// Report the steps of [`Writer::finish`] that take time (building
     /// and writing the index of a large archive) to `progress`.
-    pub fn set_progress(&mut self, progress: Option<crate::read::stream::ProgressFn>) {
+    pub fn set_progress(&mut self, progress: Option<crate::util::ProgressFn>) {
         self.progress = progress;
     }
 
@@ -616,9 +592,9 @@ impl<W: Write> Writer<W> {
             }
         }
         let index_offset = self.output.pos;
-        let mut counted = Counting(&mut self.output.out, 0);
+        let mut counted = Counting::new(&mut self.output.out);
         let (index_len, index_digest) = built.write_to(&mut counted)?;
-        debug_assert_eq!(counted.1, index_len);
+        debug_assert_eq!(counted.count(), index_len);
         self.output.pos += index_len;
         let digest = archive_digest(&self.header_digest, &index_digest);
         let footer = Footer {
@@ -653,19 +629,5 @@ impl<W: Write> Writer<W> {
         let Writer { output, pool, .. } = self;
         drop(pool);
         Ok((output.out, summary))
-    }
-}
-
-/// A writer that counts the bytes through it.
-struct Counting<'a, W: Write>(&'a mut W, u64);
-
-impl<W: Write> Write for Counting<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.0.write(buf)?;
-        self.1 += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
     }
 }

@@ -610,8 +610,8 @@ impl DiskImage for Qcow2Image {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::atomic::AtomicFile;
     use crate::image::qcow2::write::{cluster_compressor, compress_cluster, Qcow2Writer};
-    use crate::ops::extract::AtomicFile;
     use proptest::prelude::*;
 
     /// A small image from our writer: plain and compressed clusters.

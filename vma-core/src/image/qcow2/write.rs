@@ -13,13 +13,13 @@
 use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;
 
+use crate::atomic::AtomicFile;
 use crate::error::{Error, Result};
 use crate::format::qcow2::{
     decode_table, encode_compressed, encode_refcounts16, encode_table, l1_entries_for,
     CompressionType, Qcow2Header, FLAG_COMPRESSED, FLAG_COPIED, FLAG_ZERO,
     INCOMPAT_COMPRESSION_TYPE, OFFSET_MASK, WRITE_CLUSTER_BITS, WRITE_REFCOUNT_ORDER,
 };
-use crate::ops::extract::AtomicFile;
 
 /// Bytes per cluster of the images written.
 pub const QCOW2_CLUSTER: u64 = 1 << WRITE_CLUSTER_BITS;
