@@ -255,12 +255,13 @@ fn remove_stale_socket(path: &Path) -> Result<()> {
 }
 
 /// Bind the server where the flags say.
-fn bind(args: &ServeArgs, exports: Vec<Export>) -> Result<(NbdServer, Vec<String>)> {
+fn bind(args: &ServeArgs, exports: Vec<Export>, log: &Log) -> Result<(NbdServer, Vec<String>)> {
     let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
     if let Some(addr) = args.tcp {
         let (server, scheme) = if let Some(dir) = &args.tls_creds {
             let tls = TlsServerConfig::from_x509_dir(dir, args.tls_verify_peer)
-                .with_context(|| format!("loading the TLS credentials in {}", dir.display()))?;
+                .with_context(|| format!("loading the TLS credentials in {}", dir.display()))?
+                .on_refused(log.clone());
             let server = NbdServer::bind_tcp_tls(addr, exports, tls);
             (server, "nbds")
         } else if args.insecure_plain_tcp {
@@ -305,7 +306,7 @@ pub(crate) fn serve(args: &ServeArgs) -> Result<()> {
         return detach(args);
     }
     let log: Log = Arc::new(|msg: &str| eprintln!("vma serve: {msg}"));
-    let (server, urls) = bind(args, exports(args, &log)?)?;
+    let (server, urls) = bind(args, exports(args, &log)?, &log)?;
     let _pid = PidFile::write(args.pid_file.as_deref())?;
     for url in &urls {
         eprintln!("vma serve: {url}");
@@ -459,7 +460,7 @@ fn daemon_child(args: &ServeArgs) -> Result<()> {
             }
             None => Arc::new(|_: &str| {}),
         };
-        let (server, urls) = bind(args, exports(args, &log)?)?;
+        let (server, urls) = bind(args, exports(args, &log)?, &log)?;
         let pid = PidFile::write(args.pid_file.as_deref())?;
         for url in urls {
             report(&format!("url {url}"));

@@ -263,6 +263,16 @@ impl Stream {
             Stream::Tcp(s) => s.shutdown(how),
         }
     }
+
+    /// The client, for messages.
+    fn peer(&self) -> String {
+        match self {
+            Stream::Unix(_) => "a client of the unix socket".into(),
+            Stream::Tcp(s) => s
+                .peer_addr()
+                .map_or_else(|_| "a TCP client".into(), |a| a.to_string()),
+        }
+    }
 }
 
 impl Read for Stream {
@@ -502,7 +512,8 @@ fn serve_connection(
     let Some(client) = haggle_before_tls(&mut clear, &mut stream.try_clone()?, exports)? else {
         return Ok(());
     };
-    let (reader, mut writer) = tls::accept(tls, clear, stream.try_clone()?)?;
+    let (reader, mut writer) = tls::accept(tls, clear, stream.try_clone()?)
+        .inspect_err(|e| tls.refused(&stream.peer(), e))?;
     let mut reader = io::BufReader::with_capacity(READ_BUFFER, reader);
     let result = match haggle(&mut reader, &mut writer, exports, client, TlsPhase::Active)? {
         Haggled::Session(session) => transmission(

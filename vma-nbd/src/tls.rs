@@ -68,9 +68,12 @@ pub enum TlsError {
     },
 }
 
+/// Called with a line saying which client failed the TLS handshake and why.
+pub type RefusedLog = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// A TLS server configuration for [`crate::server::NbdServer::bind_tcp_tls`].
 #[derive(Clone)]
-pub struct TlsServerConfig(pub(crate) Arc<ServerConfig>);
+pub struct TlsServerConfig(pub(crate) Arc<ServerConfig>, Option<RefusedLog>);
 
 impl std::fmt::Debug for TlsServerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -134,7 +137,21 @@ impl TlsServerConfig {
             builder.with_no_client_auth()
         };
         let config = builder.with_single_cert(chain, key).map_err(config_error)?;
-        Ok(TlsServerConfig(Arc::new(config)))
+        Ok(TlsServerConfig(Arc::new(config), None))
+    }
+
+    /// Report each client that fails the TLS handshake (an unknown CA, no
+    /// certificate where one is required) to `log`: the client only sees
+    /// its connection end.
+    pub fn on_refused(mut self, log: RefusedLog) -> TlsServerConfig {
+        self.1 = Some(log);
+        self
+    }
+
+    pub(crate) fn refused(&self, peer: &str, e: &io::Error) {
+        if let Some(log) = &self.1 {
+            log(&format!("TLS handshake with {peer} failed: {e}"));
+        }
     }
 }
 
