@@ -8,7 +8,7 @@
 //! files QEMU may find there (`ca-crl.pem`, `dh-params.pem`) are not read.
 //!
 //! After `NBD_OPT_STARTTLS` the connection is a rustls server connection
-//! (ring's provider, TLS 1.2 and 1.3) split into a reading and a writing
+//! (ring's provider, the safe default protocol versions) split into a reading and a writing
 //! half, so that a connection's reader and reply threads work as they do in
 //! clear: plaintext is taken from and given to the shared rustls state under
 //! a short lock, and socket reads happen outside it.
