@@ -8,10 +8,11 @@
 //! files QEMU may find there (`ca-crl.pem`, `dh-params.pem`) are not read.
 //!
 //! After `NBD_OPT_STARTTLS` the connection is a rustls server connection
-//! (ring's provider, the safe default protocol versions) split into a reading and a writing
-//! half, so that a connection's reader and reply threads work as they do in
-//! clear: plaintext is taken from and given to the shared rustls state under
-//! a short lock, and socket reads happen outside it.
+//! (ring's provider, rustls's safe default protocol versions) split into a
+//! reading and a writing half, so that a connection's reader and reply
+//! threads work as they do in clear: plaintext is taken from and given to
+//! the shared rustls state under a short lock, and socket reads happen
+//! outside it.
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
