@@ -236,6 +236,46 @@ pub fn require(tool: &str) {
     );
 }
 
+/// A loop device over a file, detached when dropped. Needs root (or
+/// access to `/dev/loop-control`).
+pub struct LoopDevice(PathBuf);
+
+impl LoopDevice {
+    /// Attach `file` (read-only with `read_only`).
+    pub fn attach(file: &Path, read_only: bool) -> LoopDevice {
+        require("losetup");
+        let mut args = vec!["-f", "--show"];
+        if read_only {
+            args.push("-r");
+        }
+        let o = Command::new("losetup")
+            .args(&args)
+            .arg(file)
+            .output()
+            .expect("running losetup");
+        assert!(
+            o.status.success(),
+            "this test needs a loop device (run as root where /dev/loop-control works): \
+             losetup: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        LoopDevice(PathBuf::from(
+            String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        ))
+    }
+
+    /// The device, `/dev/loopN`.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
 /// A small tmpfs (`size`, e.g. `8m`) mounted on `dir` for the test's
 /// lifetime: a file system that fills up. Needs root.
 pub struct SmallFs(PathBuf);

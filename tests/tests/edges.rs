@@ -120,32 +120,13 @@ fn a_raw_disk_with_a_qcow2_header_is_archived_as_its_bytes() {
     archived_exactly(t.path(), &disk, &bytes, "file");
 }
 
-/// Detaches a loop device when the test ends.
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
 #[test]
 fn a_raw_block_device_with_a_qcow2_header_is_archived_as_its_bytes() {
     let t = tempfile::tempdir().unwrap();
     let disk = raw_disk_with_qcow2_header(t.path());
     let bytes = std::fs::read(&disk).unwrap();
-    require("losetup");
-    let o = Command::new("losetup")
-        .args(["-f", "--show", "-r", p(&disk)])
-        .output()
-        .expect("running losetup");
-    assert!(
-        o.status.success(),
-        "this test needs a loop device (run as root where /dev/loop-control works): losetup: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let dev = Loop(String::from_utf8_lossy(&o.stdout).trim().to_string());
-    archived_exactly(t.path(), Path::new(&dev.0), &bytes, "loop");
+    let dev = LoopDevice::attach(&disk, true);
+    archived_exactly(t.path(), dev.path(), &bytes, "loop");
 }
 
 #[test]

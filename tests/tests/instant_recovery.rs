@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vma_capture::qmp::{HumanMonitorCommand, Qmp, QueryBlock, QueryNamedBlockNodes};
+use vma_capture::qmp::{HumanMonitorCommand, Qmp, QueryBlock, QueryNamedBlockNodes, Quit};
 use vma_tests::guest::{default_timeout, Guest, GuestConfig};
 use vma_tests::served::Served;
 use vma_tests::*;
@@ -152,12 +152,17 @@ impl StoppedVm {
     /// HMP `qemu-io` on device `vd0` (what the guest would do); its output
     /// (errors included), which QEMU prints on its stdout.
     fn io(&self, command: &str) -> String {
+        self.io_on("vd0", command)
+    }
+
+    /// HMP `qemu-io` on device `dev`.
+    fn io_on(&self, dev: &str, command: &str) -> String {
         let before = std::fs::metadata(&self.out).map_or(0, |m| m.len()) as usize;
         let reply = self
             .test_qmp
             .run(&HumanMonitorCommand {
                 command_line: format!(
-                    "qemu-io -d /machine/peripheral/vd0/virtio-backend \"{command}\""
+                    "qemu-io -d /machine/peripheral/{dev}/virtio-backend \"{command}\""
                 ),
             })
             .unwrap();
@@ -173,13 +178,32 @@ impl StoppedVm {
 
     /// The node device vd0 reads.
     fn vd0_node(&self) -> String {
+        self.node_of("vd0")
+    }
+
+    /// The node device `dev` reads.
+    fn node_of(&self, dev: &str) -> String {
         let blocks = self.test_qmp.run(&QueryBlock).unwrap();
         blocks
             .iter()
-            .find(|b| b.qdev.as_deref().is_some_and(|q| q.contains("vd0")))
+            .find(|b| b.qdev.as_deref().is_some_and(|q| q.contains(dev)))
             .and_then(|b| b.inserted.as_ref())
             .map(|i| i.node_name.clone())
             .unwrap_or_default()
+    }
+
+    /// Quit QEMU as a guest shutdown would: images are flushed and closed
+    /// (a killed QEMU loses the qcow2 metadata it had not yet written).
+    fn quit(mut self) {
+        let _ = self.test_qmp.run(&Quit);
+        let start = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "QEMU did not quit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn node_names(&self) -> Vec<String> {
@@ -433,6 +457,163 @@ fn damaged_data_stops_the_restore_and_salvage_lets_it_finish() {
     for c in &differ {
         assert!(got[c * 65536..(c + 1) * 65536].iter().all(|&b| b == 0));
     }
+}
+
+/// `img` with `writes` (offset, length, byte) applied, as `path`.
+fn expected(img: &Path, path: &Path, writes: &[(u64, usize, u8)]) {
+    std::fs::copy(img, path).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    for &(offset, len, byte) in writes {
+        f.write_all_at(&vec![byte; len], offset).unwrap();
+    }
+}
+
+#[test]
+fn two_drives_go_to_a_qcow2_image_and_a_block_device_in_one_run() {
+    if !qemu_runs("two_drives_go_to_a_qcow2_image_and_a_block_device_in_one_run") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img0 = d.join("disk.raw");
+    sparse_image(&img0, 64 << 20, &[(0, 1 << 20, 1), (8 << 20, 4 << 20, 2)]);
+    let img1 = d.join("data.raw");
+    sparse_image(
+        &img1,
+        (32 << 20) + 4096,
+        &[(1 << 20, 3 << 20, 4), (32 << 20, 4096, 5)],
+    );
+    let archive = d.join("vm.vma");
+    let o = vma(&["create", "-q", p(&archive), p(&img0), p(&img1)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let before = sha256_file(&archive);
+    let s = Served::start(&archive, &d.join("s.sock"), &[]);
+    let (ov0, ov1) = (d.join("overlay0.qcow2"), d.join("overlay1.qcow2"));
+    overlay(&s, "disk", &ov0);
+    overlay(&s, "data", &ov1);
+    let mut args = blockdev_args(&s, "disk", &ov0, 0);
+    args.extend(blockdev_args(&s, "data", &ov1, 1));
+    let vm = StoppedVm::start(d, &args);
+    vm.io_on("vd0", "write -P 0x71 8M 64k");
+    vm.io_on("vd1", "write -P 0x72 2M 64k");
+
+    // A qcow2 image made beforehand, and a block device (a loop device
+    // over a file a little larger than the drive).
+    let q = d.join("restored0.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&q), "64M"]);
+    let backing = d.join("lv.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    let dev = LoopDevice::attach(&backing, false);
+    let o = vma(&[
+        "live-restore",
+        "--qmp",
+        p(&vm.vma_qmp),
+        "--drive",
+        &format!("vd0=format=qcow2:{}", p(&q)),
+        "--drive",
+        &format!("overlay-vd1={}", p(dev.path())),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    for dev in ["vd0", "vd1"] {
+        let node = vm.node_of(dev);
+        assert!(node.starts_with("vma-target-"), "{dev}: {node}");
+    }
+    let nodes = vm.node_names();
+    assert!(
+        !nodes
+            .iter()
+            .any(|n| n.starts_with("archive-vd") || n.starts_with("overlay-vd")),
+        "{nodes:?}"
+    );
+    // Without vma: writes go to the targets.
+    assert_eq!(s.stop(), 0);
+    vm.io_on("vd0", "write -P 0x73 60M 4k");
+    vm.io_on("vd1", "write -P 0x74 20M 4k");
+    let out = vm.io_on("vd1", "read -P 0x72 2M 64k");
+    assert!(!out.contains("failed"), "{out}");
+    vm.quit();
+
+    let want0 = d.join("want0.raw");
+    expected(
+        &img0,
+        &want0,
+        &[(8 << 20, 64 << 10, 0x71), (60 << 20, 4 << 10, 0x73)],
+    );
+    ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", p(&want0), p(&q)],
+    );
+    let want1 = d.join("want1.raw");
+    expected(
+        &img1,
+        &want1,
+        &[(2 << 20, 64 << 10, 0x72), (20 << 20, 4 << 10, 0x74)],
+    );
+    // The device holds the drive, then what was there before (zeros).
+    let got = std::fs::read(dev.path()).unwrap();
+    let want = std::fs::read(&want1).unwrap();
+    assert!(got[..want.len()] == want[..], "the block device differs");
+    assert!(got[want.len()..].iter().all(|&b| b == 0));
+    assert_eq!(sha256_file(&archive), before, "the archive changed");
+}
+
+#[test]
+fn a_full_target_stops_the_restore_the_vm_runs_on_and_a_rerun_finishes() {
+    if !qemu_runs("a_full_target_stops_the_restore_the_vm_runs_on_and_a_rerun_finishes") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let (img, archive) = disk_and_archive(d);
+    let s = Served::start(&archive, &d.join("s.sock"), &[]);
+    let ov = d.join("overlay.qcow2");
+    overlay(&s, "disk", &ov);
+    let vm = StoppedVm::start(d, &blockdev_args(&s, "disk", &ov, 0));
+    vm.io("write -P 0x55 8M 64k");
+    // 9 MiB of data into 4 MiB of space.
+    let fs = SmallFs::new(&d.join("small"), "4m");
+    let target = fs.path().join("restored.raw");
+    let started = Instant::now();
+    let o = live_restore(&vm, &format!("vd0={}", p(&target)), &["--retries", "1"]);
+    let err = stderr(&o);
+    assert_ne!(code(&o), 0, "a restore into a full file system succeeded");
+    assert!(err.contains("writing the target"), "{err}");
+    assert!(
+        err.contains("free space on (or fix) the target, then run live-restore again"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    // The VM still runs from the archive, through its overlay; the target
+    // node and the file live-restore made are gone.
+    assert_eq!(vm.vd0_node(), "overlay-vd0");
+    assert!(!vm.node_names().iter().any(|n| n.starts_with("vma-target")));
+    assert!(!target.exists(), "{:?}", fs.entries());
+    let out = vm.io("read -P 0x55 8M 64k");
+    assert!(!out.contains("failed"), "{out}");
+    vm.io("write -P 0x56 40M 64k");
+
+    // Space freed (the file system grown): the rerun finishes.
+    let o = Command::new("mount")
+        .args(["-o", "remount,size=128m"])
+        .arg(fs.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = live_restore(&vm, &format!("vd0={}", p(&target)), &[]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(vm.vd0_node().starts_with("vma-target-"));
+    assert_eq!(s.stop(), 0);
+    vm.quit();
+    let want = d.join("want.raw");
+    expected(
+        &img,
+        &want,
+        &[(8 << 20, 64 << 10, 0x55), (40 << 20, 64 << 10, 0x56)],
+    );
+    assert_eq!(sha256_file(&target), sha256_file(&want));
 }
 
 // ---- a real guest ----

@@ -362,6 +362,12 @@ pub(crate) struct OutputArgs {
         env = "VMA_THREADS"
     )]
     threads: usize,
+    /// Data per extent in KiB, from 4 to 8192 (default 256; native
+    /// archives). A random read (vma serve, mount) decodes and checks a
+    /// whole extent: 64 makes each one decode a single 64 KiB cluster, as
+    /// a compressed qcow2 does, at about 5% larger archives.
+    #[arg(long, value_name = "KIB", env = "VMA_EXTENT_SIZE")]
+    pub(crate) extent_size: Option<usize>,
     /// Replace an existing archive file.
     #[arg(long)]
     pub(crate) force: bool,
@@ -370,11 +376,18 @@ pub(crate) struct OutputArgs {
 impl OutputArgs {
     /// The writer's options.
     pub(crate) fn writer_options(&self) -> Result<WriterOptions> {
-        Ok(WriterOptions {
+        let mut options = WriterOptions {
             compression: parse_compression(&self.compress)?,
             threads: self.threads,
             ..Default::default()
-        })
+        };
+        if let Some(kib) = self.extent_size {
+            if !(4..=8192).contains(&kib) {
+                bail!("--extent-size {kib}: give a size from 4 to 8192 KiB");
+            }
+            options.extent_payload = kib << 10;
+        }
+        Ok(options)
     }
 }
 
@@ -642,6 +655,7 @@ fn run(cli: Cli) -> Result<()> {
             let output_options = OutputArgs {
                 compress,
                 threads,
+                extent_size: None,
                 force: true,
             };
             prune(&paths, keep_last, dry_run, &output_options, quiet)
@@ -1120,6 +1134,7 @@ fn convert(
         threads: output_options.threads,
         salvage,
         progress: progress.callback(),
+        reencode: output_options.extent_size.is_some(),
     };
     let (report, bytes) = convert_archive(
         stream,

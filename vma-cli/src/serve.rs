@@ -21,6 +21,7 @@ use vma_core::chain::Chain;
 use vma_core::image::source::Stretch;
 use vma_core::{DriveId, Reader};
 use vma_nbd::server::{Export, ExportFlags, NbdExport, NbdServer, StatusExtent};
+use vma_nbd::tls::TlsServerConfig;
 use vma_nbd::wire;
 
 /// Set by SIGINT or SIGTERM: stop serving.
@@ -41,14 +42,19 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "tcp")]
     socket: Option<PathBuf>,
     /// Listen on TCP at ADDR (host:port) instead of a unix socket. Needs
-    /// --insecure-plain-tcp: TLS is not supported yet.
+    /// --tls-creds (or, on a trusted network, --insecure-plain-tcp).
     #[arg(long, value_name = "ADDR")]
     tcp: Option<SocketAddr>,
-    /// Directory of X.509 credentials for TLS over TCP (ca-cert.pem,
-    /// server-cert.pem, server-key.pem, as QEMU's tls-creds-x509).
-    /// Not supported yet: refused with an error.
+    /// Directory of X.509 credentials for TLS over TCP, as QEMU's
+    /// tls-creds-x509 lays it out: server-cert.pem, server-key.pem and,
+    /// with --tls-verify-peer, ca-cert.pem. Every client must start TLS
+    /// before anything else (NBD_OPT_STARTTLS).
     #[arg(long, value_name = "DIR", requires = "tcp")]
     tls_creds: Option<PathBuf>,
+    /// Require a client certificate issued by the authorities in
+    /// DIR/ca-cert.pem.
+    #[arg(long, requires = "tls_creds")]
+    tls_verify_peer: bool,
     /// Serve TCP without TLS: anyone who can reach the port reads the
     /// drives, and nothing protects the bytes on the way.
     #[arg(long, requires = "tcp", conflicts_with = "tls_creds")]
@@ -249,25 +255,30 @@ fn remove_stale_socket(path: &Path) -> Result<()> {
 }
 
 /// Bind the server where the flags say.
-fn bind(args: &ServeArgs, exports: Vec<Export>) -> Result<(NbdServer, Vec<String>)> {
+fn bind(args: &ServeArgs, exports: Vec<Export>, log: &Log) -> Result<(NbdServer, Vec<String>)> {
     let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
     if let Some(addr) = args.tcp {
-        if args.tls_creds.is_some() {
+        let (server, scheme) = if let Some(dir) = &args.tls_creds {
+            let tls = TlsServerConfig::from_x509_dir(dir, args.tls_verify_peer)
+                .with_context(|| format!("loading the TLS credentials in {}", dir.display()))?
+                .on_refused(log.clone());
+            let server = NbdServer::bind_tcp_tls(addr, exports, tls);
+            (server, "nbds")
+        } else if args.insecure_plain_tcp {
+            (NbdServer::bind_tcp(addr, exports), "nbd")
+        } else {
             bail!(
-                "TLS (--tls-creds) is not supported yet; serve on a unix socket \
-                 (tunnel it with ssh -L) or, on a trusted network only, use --insecure-plain-tcp"
+                "--tcp needs --tls-creds DIR (X.509 credentials, see vma serve --help); \
+                 --insecure-plain-tcp serves the drives unencrypted to anyone who can \
+                 reach the port, on a trusted network only; or use --socket"
             );
-        }
-        if !args.insecure_plain_tcp {
-            bail!(
-                "--tcp serves the drives unencrypted to anyone who can reach the port; \
-                 add --insecure-plain-tcp to do so anyway, or use --socket"
-            );
-        }
-        let server = NbdServer::bind_tcp(addr, exports)
-            .with_context(|| format!("listening on TCP {addr}"))?;
+        };
+        let server = server.with_context(|| format!("listening on TCP {addr}"))?;
         let bound = server.tcp_address().unwrap_or(addr);
-        let urls = names.iter().map(|n| format!("nbd://{bound}/{n}")).collect();
+        let urls = names
+            .iter()
+            .map(|n| format!("{scheme}://{bound}/{n}"))
+            .collect();
         return Ok((server, urls));
     }
     let path = match &args.socket {
@@ -295,7 +306,7 @@ pub(crate) fn serve(args: &ServeArgs) -> Result<()> {
         return detach(args);
     }
     let log: Log = Arc::new(|msg: &str| eprintln!("vma serve: {msg}"));
-    let (server, urls) = bind(args, exports(args, &log)?)?;
+    let (server, urls) = bind(args, exports(args, &log)?, &log)?;
     let _pid = PidFile::write(args.pid_file.as_deref())?;
     for url in &urls {
         eprintln!("vma serve: {url}");
@@ -365,6 +376,9 @@ fn detach(args: &ServeArgs) -> Result<()> {
     }
     if let Some(t) = &args.tls_creds {
         cmd.arg("--tls-creds").arg(absolute(t)?);
+    }
+    if args.tls_verify_peer {
+        cmd.arg("--tls-verify-peer");
     }
     if args.insecure_plain_tcp {
         cmd.arg("--insecure-plain-tcp");
@@ -446,7 +460,7 @@ fn daemon_child(args: &ServeArgs) -> Result<()> {
             }
             None => Arc::new(|_: &str| {}),
         };
-        let (server, urls) = bind(args, exports(args, &log)?)?;
+        let (server, urls) = bind(args, exports(args, &log)?, &log)?;
         let pid = PidFile::write(args.pid_file.as_deref())?;
         for url in urls {
             report(&format!("url {url}"));

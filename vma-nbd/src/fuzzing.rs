@@ -89,7 +89,8 @@ impl NbdExport for Checked {
 
 /// Client bytes to the NBD server: handshake (options), then requests,
 /// served to completion with the replies collected in memory, once by a
-/// server of write-only targets and once by a server of read-only views.
+/// server of write-only targets and once by a server of read-only views,
+/// each also as a TLS-only server before TLS.
 /// Every range that reaches an export must lie inside it, and only the
 /// operations it allows may reach it.
 pub fn nbd(client_bytes: &[u8]) -> NbdOutcome {
@@ -107,6 +108,15 @@ pub fn nbd(client_bytes: &[u8]) -> NbdOutcome {
         let exports = served
             .clone()
             .map(|e| Export::new(e.name, e as Arc<dyn NbdExport>));
+        // A TLS-only server before TLS: nothing may reach an export.
+        let mut replies = Vec::new();
+        let mut input = client_bytes;
+        let _ = server::haggle_before_tls(&mut input, &mut replies, &exports);
+        for e in &served {
+            let counts = *e.counts.lock().unwrap_or_else(|e| e.into_inner());
+            assert_eq!(counts, (0, 0), "an export was used before TLS");
+        }
+        outcome.reply_bytes += replies.len();
         let mut replies = Vec::new();
         let mut input = client_bytes;
         let _ = server::serve(&mut input, &mut replies, &exports);

@@ -1,4 +1,4 @@
-//! The Network Block Device protocol, both sides, over unix sockets.
+//! The Network Block Device protocol, both sides, over unix sockets and TCP.
 //!
 //! - [`wire`]: the byte layout of every message, pure functions without
 //!   I/O, shared by both sides.
@@ -7,6 +7,8 @@
 //!   into one during `vma capture`) and read-only views (QEMU, `qemu-img`
 //!   or `nbdinfo` read an archive's drives from one), with structured
 //!   replies and block status where an export can be read.
+//! - [`tls`]: X.509 credentials and the TLS layer the server puts under a
+//!   connection after `NBD_OPT_STARTTLS`.
 //! - [`client`]: reads an export of another server (QEMU's point-in-time
 //!   views during `vma capture --diff-against`), with requests in flight,
 //!   structured replies and `base:allocation`.
@@ -17,6 +19,7 @@ pub mod client;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod server;
+pub mod tls;
 pub mod wire;
 
 pub use client::NbdClient;

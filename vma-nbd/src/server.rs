@@ -1,6 +1,7 @@
 //! NBD server (fixed newstyle) over exports that implement [`NbdExport`].
 //!
-//! A client connects over a unix socket (or plain TCP), picks an export with
+//! A client connects over a unix socket or TCP (in clear, or with TLS
+//! after `NBD_OPT_STARTTLS`, see [`crate::tls`]), picks an export with
 //! `NBD_OPT_GO` (or `NBD_OPT_EXPORT_NAME`) and then sends requests, many
 //! of them in flight at once. Each connection has a reader thread that
 //! decodes requests and a worker thread that calls the export and sends
@@ -16,10 +17,16 @@
 //! - Structured replies and metadata contexts (`NBD_OPT_STRUCTURED_REPLY`,
 //!   `NBD_OPT_SET_META_CONTEXT`, `NBD_OPT_LIST_META_CONTEXT`) are offered
 //!   only when some export can be read or reports block status; a server
-//!   of write-only exports answers them, `NBD_OPT_EXTENDED_HEADERS`,
-//!   `NBD_OPT_STARTTLS` and every other option not listed here with
-//!   `NBD_REP_ERR_UNSUP`. Always supported: `EXPORT_NAME`, `GO`, `INFO`,
-//!   `LIST` and `ABORT`.
+//!   of write-only exports answers them, `NBD_OPT_EXTENDED_HEADERS`
+//!   and every other option not listed here with `NBD_REP_ERR_UNSUP`.
+//!   Always supported: `EXPORT_NAME`, `GO`, `INFO`, `LIST` and `ABORT`.
+//! - TLS: a server without TLS answers `NBD_OPT_STARTTLS` with
+//!   `NBD_REP_ERR_UNSUP`. A server with TLS requires it (the protocol's
+//!   "TLS-only" mode, NBD protocol, section "TLS support"): before
+//!   `NBD_OPT_STARTTLS` every option but `ABORT` is answered with
+//!   `NBD_REP_ERR_TLS_REQD` (`EXPORT_NAME`, which cannot be answered,
+//!   closes the connection), so no export is named, described or served
+//!   in clear; a second `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_INVALID`.
 //! - `NBD_INFO_BLOCK_SIZE` is sent with every `NBD_OPT_INFO`/`GO` answer,
 //!   asked for or not, for exports that give one ([`NbdExport::block_size`]).
 //!   (It does not stop a QEMU backup job from warning that its NBD target
@@ -64,6 +71,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::tls::{self, TlsServerConfig};
 use crate::wire;
 
 /// Which operations an export serves.
@@ -255,6 +263,16 @@ impl Stream {
             Stream::Tcp(s) => s.shutdown(how),
         }
     }
+
+    /// The client, for messages.
+    fn peer(&self) -> String {
+        match self {
+            Stream::Unix(_) => "a client of the unix socket".into(),
+            Stream::Tcp(s) => s
+                .peer_addr()
+                .map_or_else(|_| "a TCP client".into(), |a| a.to_string()),
+        }
+    }
 }
 
 impl Read for Stream {
@@ -285,6 +303,8 @@ impl Write for Stream {
 /// State shared by the accept thread, the connections and the server handle.
 struct Shared {
     exports: Vec<Export>,
+    /// TLS, required of every client when set.
+    tls: Option<TlsServerConfig>,
     stop: AtomicBool,
     /// Open connections, so that shutdown can close them.
     connections: Mutex<HashMap<u64, Stream>>,
@@ -296,7 +316,7 @@ impl NbdServer {
     pub fn bind_unix(path: &Path, exports: Vec<Export>) -> io::Result<NbdServer> {
         let listener = UnixListener::bind(path)?;
         let address = Address::Unix(path.to_path_buf());
-        NbdServer::start(Listener::Unix(listener), address, exports).inspect_err(|_| {
+        NbdServer::start(Listener::Unix(listener), address, exports, None).inspect_err(|_| {
             let _ = std::fs::remove_file(path);
         })
     }
@@ -305,14 +325,38 @@ impl NbdServer {
     /// [`NbdServer::tcp_address`]) and serve `exports` in plain text: no
     /// TLS, so only for networks where every peer is trusted.
     pub fn bind_tcp(address: SocketAddr, exports: Vec<Export>) -> io::Result<NbdServer> {
-        let listener = TcpListener::bind(address)?;
-        let bound = listener.local_addr()?;
-        NbdServer::start(Listener::Tcp(listener), Address::Tcp(bound), exports)
+        NbdServer::listen_tcp(address, exports, None)
     }
 
-    fn start(listener: Listener, address: Address, exports: Vec<Export>) -> io::Result<NbdServer> {
+    /// Listen on TCP at `address` and serve `exports` to clients that start
+    /// TLS with `tls` first (`NBD_OPT_STARTTLS`); nothing is served in clear.
+    pub fn bind_tcp_tls(
+        address: SocketAddr,
+        exports: Vec<Export>,
+        tls: TlsServerConfig,
+    ) -> io::Result<NbdServer> {
+        NbdServer::listen_tcp(address, exports, Some(tls))
+    }
+
+    fn listen_tcp(
+        address: SocketAddr,
+        exports: Vec<Export>,
+        tls: Option<TlsServerConfig>,
+    ) -> io::Result<NbdServer> {
+        let listener = TcpListener::bind(address)?;
+        let bound = listener.local_addr()?;
+        NbdServer::start(Listener::Tcp(listener), Address::Tcp(bound), exports, tls)
+    }
+
+    fn start(
+        listener: Listener,
+        address: Address,
+        exports: Vec<Export>,
+        tls: Option<TlsServerConfig>,
+    ) -> io::Result<NbdServer> {
         let shared = Arc::new(Shared {
             exports,
+            tls,
             stop: AtomicBool::new(false),
             connections: Mutex::new(HashMap::new()),
         });
@@ -431,7 +475,7 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>) -> Vec<JoinHandle<()>>
         let spawned = thread::Builder::new()
             .name("nbd-conn".into())
             .spawn(move || {
-                let _ = serve_connection(&stream, &conn_shared.exports);
+                let _ = serve_connection(&stream, &conn_shared.exports, conn_shared.tls.as_ref());
                 let _ = stream.shutdown(Shutdown::Both);
                 lock(&conn_shared.connections).remove(&id);
             });
@@ -453,9 +497,35 @@ const QUEUE_LEN: usize = 32;
 /// Write payload bytes queued between a connection's reader and its worker.
 const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
-fn serve_connection(stream: &Stream, exports: &[Export]) -> io::Result<()> {
-    let mut reader = io::BufReader::with_capacity(READ_BUFFER, stream.try_clone()?);
-    serve(&mut reader, stream.try_clone()?, exports)
+fn serve_connection(
+    stream: &Stream,
+    exports: &[Export],
+    tls: Option<&TlsServerConfig>,
+) -> io::Result<()> {
+    let Some(tls) = tls else {
+        let mut reader = io::BufReader::with_capacity(READ_BUFFER, stream.try_clone()?);
+        return serve(&mut reader, stream.try_clone()?, exports);
+    };
+    // Before TLS the socket is read unbuffered: no byte of the TLS
+    // handshake may be taken for an option.
+    let mut clear = stream.try_clone()?;
+    let Some(client) = haggle_before_tls(&mut clear, &mut stream.try_clone()?, exports)? else {
+        return Ok(());
+    };
+    let (reader, mut writer) = tls::accept(tls, clear, stream.try_clone()?)
+        .inspect_err(|e| tls.refused(&stream.peer(), e))?;
+    let mut reader = io::BufReader::with_capacity(READ_BUFFER, reader);
+    let result = match haggle(&mut reader, &mut writer, exports, client, TlsPhase::Active)? {
+        Haggled::Session(session) => transmission(
+            &mut reader,
+            writer.clone(),
+            &exports[session.index],
+            &session,
+        ),
+        Haggled::StartTls | Haggled::Ended => Ok(()),
+    };
+    writer.close();
+    result
 }
 
 /// Serve one client connection: what the client sends is read from
@@ -662,11 +732,70 @@ fn handshake<R: Read, W: Write>(
     w: &mut W,
     exports: &[Export],
 ) -> io::Result<Option<Session>> {
+    let client = greet(r, w)?;
+    match haggle(r, w, exports, client, TlsPhase::Off)? {
+        Haggled::Session(session) => Ok(Some(session)),
+        Haggled::StartTls | Haggled::Ended => Ok(None),
+    }
+}
+
+/// Where a connection stands with TLS during option haggling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsPhase {
+    /// The server has no TLS: `NBD_OPT_STARTTLS` is unsupported.
+    Off,
+    /// TLS is required and not yet started: only `NBD_OPT_STARTTLS` and
+    /// `NBD_OPT_ABORT` are served.
+    Required,
+    /// TLS is running: everything is served but `NBD_OPT_STARTTLS`.
+    Active,
+}
+
+/// How option haggling ended.
+enum Haggled {
+    /// The client chose an export.
+    Session(Session),
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake follows.
+    StartTls,
+    /// The client ended the session, or named an export that cannot be served.
+    Ended,
+}
+
+/// Send the greeting and read the client's flags.
+fn greet<R: Read, W: Write>(r: &mut R, w: &mut W) -> io::Result<wire::ClientFlags> {
     w.write_all(&wire::encode_greeting())?;
     w.flush()?;
     let mut flags = [0u8; wire::CLIENT_FLAGS_LEN];
     r.read_exact(&mut flags)?;
-    let client = wire::decode_client_flags(&flags).map_err(protocol_error)?;
+    wire::decode_client_flags(&flags).map_err(protocol_error)
+}
+
+/// The part of a TLS-only server's handshake before TLS: the greeting, then
+/// options until `NBD_OPT_STARTTLS`, each other option refused with
+/// `NBD_REP_ERR_TLS_REQD`. Returns the client's flags once `NBD_OPT_STARTTLS`
+/// has been acknowledged (the TLS handshake comes next), `None` when the
+/// client ended the session. Nothing about the exports is sent.
+pub fn haggle_before_tls<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    exports: &[Export],
+) -> io::Result<Option<wire::ClientFlags>> {
+    let client = greet(r, w)?;
+    match haggle(r, w, exports, client, TlsPhase::Required)? {
+        Haggled::StartTls => Ok(Some(client)),
+        Haggled::Session(_) | Haggled::Ended => Ok(None),
+    }
+}
+
+/// Options until the client chooses an export, ends the session or (in
+/// [`TlsPhase::Required`]) starts TLS.
+fn haggle<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    exports: &[Export],
+    client: wire::ClientFlags,
+    tls: TlsPhase,
+) -> io::Result<Haggled> {
     let mut n = Negotiation {
         exports,
         offers_structured: exports
@@ -679,34 +808,43 @@ fn handshake<R: Read, W: Write>(
         let mut head = [0u8; wire::OPTION_HEADER_LEN];
         r.read_exact(&mut head)?;
         let opt = wire::decode_option_header(&head).map_err(protocol_error)?;
-        if !n.parses(opt.option) || opt.len > MAX_OPTION_DATA {
+        let tls_reply = match (tls, opt.option) {
+            (TlsPhase::Off, _) | (_, wire::OPT_ABORT) => None,
+            (TlsPhase::Required, wire::OPT_STARTTLS) if opt.len == 0 => Some(wire::REP_ACK),
+            (_, wire::OPT_STARTTLS) => Some(wire::REP_ERR_INVALID),
+            (TlsPhase::Required, _) => Some(wire::REP_ERR_TLS_REQD),
+            (TlsPhase::Active, _) => None,
+        };
+        if tls_reply.is_some() || !n.parses(opt.option) || opt.len > MAX_OPTION_DATA {
             io::copy(&mut r.by_ref().take(u64::from(opt.len)), &mut io::sink())?;
-            let reply = match opt.option {
+            let reply = match (tls_reply, opt.option) {
                 // Cannot be answered with an error.
-                wire::OPT_EXPORT_NAME => return Ok(None),
-                wire::OPT_ABORT => wire::REP_ACK,
-                o if n.parses(o) => wire::REP_ERR_INVALID,
-                _ => wire::REP_ERR_UNSUP,
+                (_, wire::OPT_EXPORT_NAME) => return Ok(Haggled::Ended),
+                (Some(reply), _) => reply,
+                (None, wire::OPT_ABORT) => wire::REP_ACK,
+                (None, o) if n.parses(o) => wire::REP_ERR_INVALID,
+                (None, _) => wire::REP_ERR_UNSUP,
             };
             w.write_all(&wire::encode_option_reply(opt.option, reply, &[]))?;
             w.flush()?;
-            if opt.option == wire::OPT_ABORT {
-                return Ok(None);
+            match (opt.option, reply) {
+                (wire::OPT_ABORT, _) => return Ok(Haggled::Ended),
+                (wire::OPT_STARTTLS, wire::REP_ACK) => return Ok(Haggled::StartTls),
+                _ => continue,
             }
-            continue;
         }
         let mut data = vec![0u8; opt.len as usize];
         r.read_exact(&mut data)?;
         if opt.option == wire::OPT_EXPORT_NAME {
             let Some(index) = n.find(&data) else {
-                return Ok(None); // The protocol has no error reply here.
+                return Ok(Haggled::Ended); // The protocol has no error reply here.
             };
             let export = &*exports[index].export;
             let flags = transmission_flags(export, n.structured);
             let reply = wire::encode_export_name_reply(export.size(), flags, client.no_zeroes);
             w.write_all(&reply)?;
             w.flush()?;
-            return Ok(Some(n.session(index)));
+            return Ok(Haggled::Session(n.session(index)));
         }
         let (replies, found) = match opt.option {
             wire::OPT_LIST => (n.list(&data), None),
@@ -719,7 +857,7 @@ fn handshake<R: Read, W: Write>(
         w.write_all(&replies)?;
         w.flush()?;
         if let (wire::OPT_GO, Some(index)) = (opt.option, found) {
-            return Ok(Some(n.session(index)));
+            return Ok(Haggled::Session(n.session(index)));
         }
     }
 }
@@ -1466,6 +1604,85 @@ mod tests {
         assert_eq!(
             option_replies(&out[18..]),
             vec![(OPT_ABORT, REP_ACK, vec![])]
+        );
+    }
+
+    #[test]
+    fn tls_only_refuses_every_option_before_starttls() {
+        let (e, log) = export("disk", 1000);
+        let mut input = vec![0, 0, 0, 3];
+        input.extend(option(OPT_LIST, &[]));
+        input.extend(option(OPT_INFO, &info_data(b"disk", &[])));
+        input.extend(option(OPT_GO, &info_data(b"disk", &[])));
+        input.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(option(OPT_STARTTLS, b"x"));
+        input.extend(option(0x1234, b"whatever"));
+        input.extend(option(OPT_STARTTLS, &[]));
+        // What follows STARTTLS is the TLS handshake: left unread.
+        input.extend(b"\x16\x03\x01");
+        let mut out = Vec::new();
+        let mut r = Cursor::new(input);
+        let client = haggle_before_tls(&mut r, &mut out, std::slice::from_ref(&e)).unwrap();
+        assert_eq!(client, Some(ClientFlags { no_zeroes: true }));
+        assert_eq!(r.position() as usize, r.get_ref().len() - 3);
+        assert_eq!(&out[..18], &encode_greeting());
+        let replies = option_replies(&out[18..]);
+        assert!(replies.iter().all(|r| r.2.is_empty()), "{replies:?}");
+        assert_eq!(
+            reply_kinds(&replies),
+            vec![
+                (OPT_LIST, REP_ERR_TLS_REQD),
+                (OPT_INFO, REP_ERR_TLS_REQD),
+                (OPT_GO, REP_ERR_TLS_REQD),
+                (OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD),
+                (OPT_STARTTLS, REP_ERR_INVALID),
+                (0x1234, REP_ERR_TLS_REQD),
+                (OPT_STARTTLS, REP_ACK),
+            ]
+        );
+        // EXPORT_NAME cannot be refused: the connection ends, nothing sent.
+        let mut input = vec![0, 0, 0, 1];
+        input.extend(option(OPT_EXPORT_NAME, b"disk"));
+        let mut out = Vec::new();
+        let ended = haggle_before_tls(&mut Cursor::new(input), &mut out, &[e]).unwrap();
+        assert_eq!((ended, out.len()), (None, 18));
+        assert!(lock(&log.0).is_empty());
+    }
+
+    #[test]
+    fn starttls_without_tls_is_unsupported_and_twice_is_invalid() {
+        let (e, _) = export("disk", 1000);
+        let mut input = vec![0, 0, 0, 3];
+        input.extend(option(OPT_STARTTLS, &[]));
+        input.extend(option(OPT_ABORT, &[]));
+        let mut out = Vec::new();
+        assert_eq!(
+            handshake(&mut Cursor::new(input), &mut out, std::slice::from_ref(&e)).unwrap(),
+            None
+        );
+        assert_eq!(
+            reply_kinds(&option_replies(&out[18..])),
+            vec![(OPT_STARTTLS, REP_ERR_UNSUP), (OPT_ABORT, REP_ACK)]
+        );
+        let mut input = option(OPT_STARTTLS, &[]);
+        input.extend(option(OPT_GO, &info_data(b"disk", &[])));
+        let mut out = Vec::new();
+        let client = ClientFlags { no_zeroes: true };
+        let haggled = haggle(
+            &mut Cursor::new(input),
+            &mut out,
+            &[e],
+            client,
+            TlsPhase::Active,
+        )
+        .unwrap();
+        assert!(matches!(
+            haggled,
+            Haggled::Session(Session { index: 0, .. })
+        ));
+        assert_eq!(
+            reply_kinds(&option_replies(&out))[..2],
+            [(OPT_STARTTLS, REP_ERR_INVALID), (OPT_GO, REP_INFO)]
         );
     }
 

@@ -58,6 +58,8 @@ pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 /// Option: list the exports.
 pub const OPT_LIST: u32 = 3;
+/// Option: upgrade the connection to TLS.
+pub const OPT_STARTTLS: u32 = 5;
 /// Option: describe an export.
 pub const OPT_INFO: u32 = 6;
 /// Option: describe an export and enter transmission.
@@ -81,6 +83,8 @@ pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
 /// Option reply error: option malformed.
 pub const REP_ERR_INVALID: u32 = 0x8000_0003;
+/// Option reply error: the server requires TLS first.
+pub const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 /// Option reply error: no export of that name.
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 /// Bit set in every option reply type that is an error.

@@ -157,7 +157,8 @@ pub enum Driver {
         /// The export name.
         export: String,
     },
-    /// A host block device.
+    /// A host block device (QEMU spells this driver with an underscore).
+    #[serde(rename = "host_device")]
     HostDevice {
         /// Its path.
         filename: PathBuf,
@@ -739,6 +740,17 @@ mod tests {
             json!({"driver": "qcow2", "node-name": "s0", "file": {
                 "driver": "file", "filename": "/s.qcow2", "discard": "unmap",
                 "cache": {"no-flush": true}}})
+        );
+        // QEMU's driver names are not all kebab-case.
+        let device = BlockdevAdd(BlockdevOptions::new(
+            "d0",
+            Driver::HostDevice {
+                filename: "/dev/loop0".into(),
+            },
+        ));
+        assert_eq!(
+            serde_json::to_value(&device).unwrap(),
+            json!({"driver": "host_device", "node-name": "d0", "filename": "/dev/loop0"})
         );
         let start = NbdServerStart {
             addr: SocketAddressLegacy::Unix(UnixSocketAddress {

@@ -138,6 +138,9 @@ pub struct ConvertOptions {
     pub salvage: bool,
     /// Progress of the pass's and the writer's steps.
     pub progress: Option<ProgressFn>,
+    /// Decode and write every extent anew even where a 3.0 extent could be
+    /// copied as stored (another extent size was asked for).
+    pub reencode: bool,
 }
 
 /// The metadata of the conversion of an archive with `header`: its uuid,
@@ -212,7 +215,8 @@ pub fn convert_archive<R: Read>(
             let report = match &mut writer {
                 AnyWriter::Native(w)
                     if source_format == ArchiveFormat::V3
-                        && w.header().compression == header.compression =>
+                        && w.header().compression == header.compression
+                        && !options.reencode =>
                 {
                     stream.pass_stored(&pass_options, |ext| {
                         position(ext.offset() + ext.stored_len());
