@@ -593,3 +593,184 @@ fn object_lock_and_conditional_completion_on_moto() {
     assert_eq!(r.body, b"someone else's");
     assert!(no_uploads(&s, "plain"), "the upload was aborted");
 }
+
+/// A qemu-storage-daemon serving the raw image `img` as node `disk0`, with
+/// a QMP socket for `vma capture` and an NBD export for guest writes;
+/// killed on drop.
+struct Qsd(std::process::Child, PathBuf);
+
+impl Qsd {
+    fn start(dir: &Path, img: &Path) -> Qsd {
+        vma_tests::require("qemu-storage-daemon");
+        vma_tests::require("qemu-io");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--chardev")
+            .arg(format!(
+                "socket,id=qmp0,path={},server=on,wait=off",
+                dir.join("qmp.sock").display()
+            ))
+            .args(["--monitor", "chardev=qmp0", "--nbd-server"])
+            .arg(format!(
+                "addr.type=unix,addr.path={}",
+                dir.join("guest.sock").display()
+            ))
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=disk0-file,filename={}",
+                img.display()
+            ))
+            .args([
+                "--blockdev",
+                "driver=raw,node-name=disk0,file=disk0-file",
+                "--export",
+                "type=nbd,id=disk0-exp,node-name=disk0,name=disk0,writable=on",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting qemu-storage-daemon");
+        let t0 = Instant::now();
+        while !dir.join("qmp.sock").exists() || !dir.join("guest.sock").exists() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "qsd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Qsd(child, dir.to_path_buf())
+    }
+
+    fn qmp(&self) -> String {
+        self.1.join("qmp.sock").to_str().unwrap().to_string()
+    }
+
+    /// A guest write of `len` bytes of `pattern` at `offset`.
+    fn write(&self, offset: u64, len: u64, pattern: u8) {
+        let uri = format!(
+            "nbd+unix:///disk0?socket={}",
+            self.1.join("guest.sock").display()
+        );
+        let o = Command::new("qemu-io")
+            .args(["-f", "raw", &uri, "-c"])
+            .arg(format!("write -P {pattern} {offset} {len}"))
+            .output()
+            .expect("qemu-io");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn capture_streams_to_s3_and_an_incremental_starts_from_an_s3_parent() {
+    let g = Garage::start();
+    let env = g.aws_env();
+    let b = g.bucket().to_string();
+    let s = g.s3(1);
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("disk0.raw");
+    sparse_image(
+        &img,
+        24 << 20,
+        &[
+            (0, 3 << 20, 31),
+            (10 << 20, 9 << 20, 32),
+            ((24 << 20) - 4096, 4096, 33),
+        ],
+    );
+    let before = sha256_file(&img);
+    let d = Qsd::start(t.path(), &img);
+    let full = format!("s3://{b}/cap/full.vma");
+    let o = ok(
+        &env,
+        &["capture", "--qmp", &d.qmp(), "--drive", "disk0", &full],
+    );
+    assert!(stderr(&o).contains("full backup"), "{}", stderr(&o));
+    assert!(no_uploads(&s, &b), "no upload left");
+    let r1 = t.path().join("r1");
+    ok(&env, &["extract", "-q", &full, r1.to_str().unwrap()]);
+    assert_eq!(sha256_file(&r1.join("disk0.raw")), before);
+
+    // Guest writes, then an incremental whose parent is the object.
+    d.write(1 << 20, 256 << 10, 0x5a);
+    d.write(20 << 20, 64 << 10, 0xa5);
+    let inc = format!("s3://{b}/cap/inc.vma");
+    let o = ok(
+        &env,
+        &[
+            "capture",
+            "--qmp",
+            &d.qmp(),
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            &full,
+            &inc,
+        ],
+    );
+    assert!(stderr(&o).contains("incremental backup"), "{}", stderr(&o));
+    assert!(stderr(&o).contains(" 5 clusters"), "{}", stderr(&o));
+    let r2 = t.path().join("r2");
+    ok(&env, &["extract", "-q", &inc, r2.to_str().unwrap()]);
+    assert_eq!(sha256_file(&r2.join("disk0.raw")), sha256_file(&img));
+    ok(&env, &["verify", &inc]);
+
+    // An existing key is not replaced without --force; nothing is left.
+    let o = run(
+        &env,
+        &["capture", "--qmp", &d.qmp(), "--drive", "disk0", &full],
+    );
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    let o = run(
+        &env,
+        &[
+            "capture",
+            "--qmp",
+            &d.qmp(),
+            "--drive",
+            "disk0",
+            "--bitmap-mode",
+            "always",
+            "--incremental-from",
+            &inc,
+            &format!("s3://{b}/cap/x.vma"),
+        ],
+    );
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("local file"), "{}", stderr(&o));
+
+    // Ctrl-C during a slow capture: the upload is aborted, no object.
+    let cancelled = format!("s3://{b}/cap/cancelled.vma");
+    let child = spawn(
+        &env,
+        &[
+            "capture",
+            "--qmp",
+            &d.qmp(),
+            "--drive",
+            "disk0",
+            "--speed",
+            "1048576",
+            &cancelled,
+        ],
+    );
+    let t0 = Instant::now();
+    while uploads(&s, &b).is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no upload started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child's pid touches no memory.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    assert_ne!(code(&o), 0, "{}", stderr(&o));
+    assert!(stderr(&o).contains("cancelled"), "{}", stderr(&o));
+    assert_eq!(
+        keys(&s, &b, "cap/"),
+        vec!["cap/full.vma".to_string(), "cap/inc.vma".to_string()]
+    );
+    assert!(no_uploads(&s, &b), "no multipart upload left");
+}

@@ -5,10 +5,10 @@
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use vma_s3::write::{LockMode, Retention, Upload, UploadOptions};
+use vma_s3::write::{LockMode, Retention};
 use vma_s3::Location;
 
 /// Flags for archives in S3-compatible stores (every command).
@@ -27,7 +27,6 @@ pub(crate) struct S3Args {
     lock_mode: Option<String>,
 }
 
-static RETENTION: OnceLock<Option<Retention>> = OnceLock::new();
 static EXPECTED: AtomicU64 = AtomicU64::new(0);
 
 /// Plug `s3://` locations in and take the flags.
@@ -57,7 +56,7 @@ pub(crate) fn install(args: &S3Args) -> Result<()> {
             })
         }
     };
-    let _ = RETENTION.set(retention);
+    vma_s3::write::set_default_retention(retention);
     vma_s3::install();
     Ok(())
 }
@@ -116,22 +115,21 @@ pub(crate) fn write_archive<T>(
     force: bool,
     body: impl FnOnce(&mut dyn Write) -> Result<T>,
 ) -> Result<(T, u64)> {
-    let loc = Location::parse(archive)?;
+    Location::parse(archive)?;
     let expected = EXPECTED.load(Ordering::Relaxed);
-    let options = UploadOptions {
+    let sink = vma_core::storage::create(
+        Path::new(archive),
         force,
-        expected_size: (expected > 0).then_some(expected),
-        retention: RETENTION.get().cloned().flatten(),
-    };
-    let upload = Upload::start(&loc, options)?;
-    let mut out = BufWriter::with_capacity(1 << 20, upload);
+        (expected > 0).then_some(expected),
+    )?;
+    let mut out = crate::Counting(BufWriter::with_capacity(1 << 20, sink), 0);
     let result = body(&mut out)?;
-    let upload = out
+    let written = out.1;
+    let sink = out
+        .0
         .into_inner()
         .map_err(|e| anyhow!("uploading {archive}: {}", e.error()))?;
-    let written = upload.written();
-    upload
-        .complete()
+    sink.finish()
         .with_context(|| format!("uploading {archive}"))?;
     Ok((result, written))
 }

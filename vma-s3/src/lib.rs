@@ -309,6 +309,21 @@ impl vma_core::storage::Remote for S3Remote {
         let loc = Location::from_path(location).map_err(vma_core::Error::from)?;
         Ok(locked(&loc)?)
     }
+
+    fn create(
+        &self,
+        location: &Path,
+        force: bool,
+        expected_size: Option<u64>,
+    ) -> vma_core::Result<Box<dyn vma_core::storage::Sink>> {
+        let loc = Location::from_path(location).map_err(vma_core::Error::from)?;
+        let options = write::UploadOptions {
+            force,
+            expected_size,
+            retention: write::default_retention(),
+        };
+        Ok(Box::new(write::Upload::start(&loc, options)?))
+    }
 }
 
 /// Plug `s3://` locations into vma-core's storage seam.

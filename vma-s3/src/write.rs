@@ -89,6 +89,24 @@ pub fn capacity(part: u64) -> u64 {
     total
 }
 
+/// The retention every upload started through the storage seam sets
+/// (`--retain-until`, `--lock-mode`).
+static DEFAULT_RETENTION: Mutex<Option<Retention>> = Mutex::new(None);
+
+/// Set the retention of uploads started through the storage seam
+/// ([`vma_core::storage::create`]).
+pub fn set_default_retention(retention: Option<Retention>) {
+    *DEFAULT_RETENTION.lock().unwrap_or_else(|e| e.into_inner()) = retention;
+}
+
+/// The retention set by [`set_default_retention`].
+pub fn default_retention() -> Option<Retention> {
+    DEFAULT_RETENTION
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
 /// Uploads being started: created in the store, perhaps not yet in
 /// [`active`]. [`abort_all`] waits for them so a signal that arrives in
 /// between cannot leave an upload behind.
