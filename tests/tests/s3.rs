@@ -774,3 +774,125 @@ fn capture_streams_to_s3_and_an_incremental_starts_from_an_s3_parent() {
     );
     assert!(no_uploads(&s, &b), "no multipart upload left");
 }
+
+/// `vma serve ARCHIVE --socket SOCKET EXTRA...` with the store's
+/// settings, waited for until it is ready (its stderr goes to `log`).
+fn serve(
+    env: &[(String, String)],
+    archive: &str,
+    socket: &Path,
+    log: &Path,
+    extra: &[&str],
+) -> std::process::Child {
+    let mut child = Command::new(vma_bin())
+        .args(["serve", archive, "--socket", socket.to_str().unwrap()])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("HOME", "/nonexistent")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("running vma serve");
+    let t0 = Instant::now();
+    loop {
+        let msgs = std::fs::read_to_string(log).unwrap_or_default();
+        if msgs.contains("ready") {
+            return child;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            if status.success() && msgs.contains("serving in process") {
+                return child;
+            }
+            panic!("vma serve exited with {status}: {msgs}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "not ready: {msgs}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn qemu_img_compare(url: &str, image: &Path) {
+    vma_tests::require("qemu-img");
+    let o = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", url])
+        .arg(image)
+        .output()
+        .expect("qemu-img");
+    assert_eq!(
+        code(&o),
+        0,
+        "qemu-img compare {url}: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+}
+
+#[test]
+fn serve_exports_an_s3_archive_and_its_s3_chain() {
+    let g = Garage::start();
+    let env = g.aws_env();
+    let b = g.bucket().to_string();
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path(), "disk.raw", 40);
+    let full = format!("s3://{b}/srv/full.vma");
+    ok(&env, &["create", "-q", &full, img.to_str().unwrap()]);
+    let dir2 = t.path().join("v2");
+    std::fs::create_dir(&dir2).unwrap();
+    let img2 = dir2.join("disk.raw");
+    std::fs::copy(&img, &img2).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img2).unwrap();
+        f.write_all_at(&vma_tests::noise(41, 3 << 20), 12 << 20)
+            .unwrap();
+    }
+    let inc = format!("s3://{b}/srv/inc.vma");
+    ok(
+        &env,
+        &[
+            "diff",
+            "-q",
+            "--against",
+            &full,
+            img2.to_str().unwrap(),
+            "-o",
+            &inc,
+        ],
+    );
+
+    // In the foreground: the full, then the incremental (its parent found
+    // beside it by listing).
+    let sock = t.path().join("full.sock");
+    let log = t.path().join("full.log");
+    let mut child = serve(&env, &full, &sock, &log, &[]);
+    let url = format!("nbd+unix:///disk?socket={}", sock.display());
+    qemu_img_compare(&url, &img);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+
+    // Detached (the serving process opens the objects itself).
+    let sock = t.path().join("inc.sock");
+    let log = t.path().join("inc.log");
+    let pid_file = t.path().join("inc.pid");
+    let mut child = serve(
+        &env,
+        &inc,
+        &sock,
+        &log,
+        &["--detach", "--pid-file", pid_file.to_str().unwrap()],
+    );
+    assert!(child.wait().unwrap().success());
+    let url = format!("nbd+unix:///disk?socket={}", sock.display());
+    qemu_img_compare(&url, &img2);
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let t0 = Instant::now();
+    while pid_file.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -335,7 +335,11 @@ impl Drop for PidFile {
     }
 }
 
+/// `p` made absolute; an object location (`s3://...`) as it is.
 fn absolute(p: &Path) -> Result<PathBuf> {
+    if vma_core::storage::is_remote(p) {
+        return Ok(p.to_path_buf());
+    }
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 
