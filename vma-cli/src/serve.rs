@@ -288,6 +288,7 @@ fn bind(args: &ServeArgs, exports: Vec<Export>) -> Result<(NbdServer, Vec<String
 
 /// `vma serve`.
 pub(crate) fn serve(args: &ServeArgs) -> Result<()> {
+    crate::mount::return_large_buffers();
     if args.daemon_child {
         return daemon_child(args);
     }
