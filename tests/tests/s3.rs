@@ -717,6 +717,31 @@ fn capture_streams_to_s3_and_an_incremental_starts_from_an_s3_parent() {
     assert_eq!(sha256_file(&r2.join("disk0.raw")), sha256_file(&img));
     ok(&env, &["verify", &inc]);
 
+    // --diff-against an object, into an object (scratch images go to the
+    // temporary directory, as there is no directory beside the archive).
+    d.write(5 << 20, 128 << 10, 0x3c);
+    let diff = format!("s3://{b}/cap/diff.vma");
+    let guest = t.path().join("guest.sock");
+    let o = ok(
+        &env,
+        &[
+            "capture",
+            "--qmp",
+            &d.qmp(),
+            "--drive",
+            "disk0",
+            "--diff-against",
+            &inc,
+            "--qemu-nbd-socket",
+            guest.to_str().unwrap(),
+            &diff,
+        ],
+    );
+    assert!(stderr(&o).contains("2 clusters"), "{}", stderr(&o));
+    let r3 = t.path().join("r3");
+    ok(&env, &["extract", "-q", &diff, r3.to_str().unwrap()]);
+    assert_eq!(sha256_file(&r3.join("disk0.raw")), sha256_file(&img));
+
     // An existing key is not replaced without --force; nothing is left.
     let o = run(
         &env,
@@ -770,7 +795,11 @@ fn capture_streams_to_s3_and_an_incremental_starts_from_an_s3_parent() {
     assert!(stderr(&o).contains("cancelled"), "{}", stderr(&o));
     assert_eq!(
         keys(&s, &b, "cap/"),
-        vec!["cap/full.vma".to_string(), "cap/inc.vma".to_string()]
+        vec![
+            "cap/diff.vma".to_string(),
+            "cap/full.vma".to_string(),
+            "cap/inc.vma".to_string()
+        ]
     );
     assert!(no_uploads(&s, &b), "no multipart upload left");
 }
