@@ -14,6 +14,12 @@
 #   scripts/garage.sh kill DIR N   SIGKILL node N (1-3)
 #   scripts/garage.sh restart DIR N  start node N again and wait for it
 #
+# Optional settings of the nodes (the tests keep Garage's defaults; the
+# benchmarks may trade safety for read latency, and say so):
+#   GARAGE_CONSISTENCY_MODE  consistent (default), degraded (read quorum 1)
+#   GARAGE_BLOCK_SIZE        Garage's data block size (default 1M)
+#   GARAGE_COMPRESSION       zstd level of data blocks, or none (default 1)
+#
 # The nodes stop by themselves when the process that ran `start` exits
 # ($VMA_SERVICE_OWNER overrides which PID is watched; 0 watches none).
 # The binary lives in $VMA_TEST_CACHE (default ~/.cache/vma-test)/garage-<version>/.
@@ -117,7 +123,8 @@ start() {
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
   [ ! -e "$dir/env" ] || die "$dir already holds a cluster (scripts/garage.sh stop $dir first)"
-  local t0 ports secret token n
+  local t0 ports secret token n compression=${GARAGE_COMPRESSION:-1}
+  [[ $compression =~ ^-?[0-9]+$ ]] || compression="\"$compression\""
   t0=$(date +%s%N)
   mapfile -t ports < <(free_ports 9)
   secret=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
@@ -132,6 +139,9 @@ metadata_dir = "$dir/node$n/meta"
 data_dir = "$dir/node$n/data"
 db_engine = "lmdb"
 replication_factor = 3
+consistency_mode = "${GARAGE_CONSISTENCY_MODE:-consistent}"
+block_size = "${GARAGE_BLOCK_SIZE:-1M}"
+compression_level = $compression
 rpc_bind_addr = "127.0.0.1:$rpc"
 rpc_public_addr = "127.0.0.1:$rpc"
 rpc_secret = "$secret"

@@ -593,3 +593,335 @@ fn object_lock_and_conditional_completion_on_moto() {
     assert_eq!(r.body, b"someone else's");
     assert!(no_uploads(&s, "plain"), "the upload was aborted");
 }
+
+/// A qemu-storage-daemon serving the raw image `img` as node `disk0`, with
+/// a QMP socket for `vma capture` and an NBD export for guest writes;
+/// killed on drop.
+struct Qsd(std::process::Child, PathBuf);
+
+impl Qsd {
+    fn start(dir: &Path, img: &Path) -> Qsd {
+        vma_tests::require("qemu-storage-daemon");
+        vma_tests::require("qemu-io");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--chardev")
+            .arg(format!(
+                "socket,id=qmp0,path={},server=on,wait=off",
+                dir.join("qmp.sock").display()
+            ))
+            .args(["--monitor", "chardev=qmp0", "--nbd-server"])
+            .arg(format!(
+                "addr.type=unix,addr.path={}",
+                dir.join("guest.sock").display()
+            ))
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=disk0-file,filename={}",
+                img.display()
+            ))
+            .args([
+                "--blockdev",
+                "driver=raw,node-name=disk0,file=disk0-file",
+                "--export",
+                "type=nbd,id=disk0-exp,node-name=disk0,name=disk0,writable=on",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting qemu-storage-daemon");
+        let t0 = Instant::now();
+        while !dir.join("qmp.sock").exists() || !dir.join("guest.sock").exists() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "qsd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Qsd(child, dir.to_path_buf())
+    }
+
+    fn qmp(&self) -> String {
+        self.1.join("qmp.sock").to_str().unwrap().to_string()
+    }
+
+    /// A guest write of `len` bytes of `pattern` at `offset`.
+    fn write(&self, offset: u64, len: u64, pattern: u8) {
+        let uri = format!(
+            "nbd+unix:///disk0?socket={}",
+            self.1.join("guest.sock").display()
+        );
+        let o = Command::new("qemu-io")
+            .args(["-f", "raw", &uri, "-c"])
+            .arg(format!("write -P {pattern} {offset} {len}"))
+            .output()
+            .expect("qemu-io");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn capture_streams_to_s3_and_an_incremental_starts_from_an_s3_parent() {
+    let g = Garage::start();
+    let env = g.aws_env();
+    let b = g.bucket().to_string();
+    let s = g.s3(1);
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("disk0.raw");
+    sparse_image(
+        &img,
+        24 << 20,
+        &[
+            (0, 3 << 20, 31),
+            (10 << 20, 9 << 20, 32),
+            ((24 << 20) - 4096, 4096, 33),
+        ],
+    );
+    let before = sha256_file(&img);
+    let d = Qsd::start(t.path(), &img);
+    let full = format!("s3://{b}/cap/full.vma");
+    let o = ok(
+        &env,
+        &["capture", "--qmp", &d.qmp(), "--drive", "disk0", &full],
+    );
+    assert!(stderr(&o).contains("full backup"), "{}", stderr(&o));
+    assert!(no_uploads(&s, &b), "no upload left");
+    let r1 = t.path().join("r1");
+    ok(&env, &["extract", "-q", &full, r1.to_str().unwrap()]);
+    assert_eq!(sha256_file(&r1.join("disk0.raw")), before);
+
+    // Guest writes, then an incremental whose parent is the object.
+    d.write(1 << 20, 256 << 10, 0x5a);
+    d.write(20 << 20, 64 << 10, 0xa5);
+    let inc = format!("s3://{b}/cap/inc.vma");
+    let o = ok(
+        &env,
+        &[
+            "capture",
+            "--qmp",
+            &d.qmp(),
+            "--drive",
+            "disk0",
+            "--incremental-from",
+            &full,
+            &inc,
+        ],
+    );
+    assert!(stderr(&o).contains("incremental backup"), "{}", stderr(&o));
+    assert!(stderr(&o).contains(" 5 clusters"), "{}", stderr(&o));
+    let r2 = t.path().join("r2");
+    ok(&env, &["extract", "-q", &inc, r2.to_str().unwrap()]);
+    assert_eq!(sha256_file(&r2.join("disk0.raw")), sha256_file(&img));
+    ok(&env, &["verify", &inc]);
+
+    // --diff-against an object, into an object (scratch images go to the
+    // temporary directory, as there is no directory beside the archive).
+    d.write(5 << 20, 128 << 10, 0x3c);
+    let diff = format!("s3://{b}/cap/diff.vma");
+    let guest = t.path().join("guest.sock");
+    let o = ok(
+        &env,
+        &[
+            "capture",
+            "--qmp",
+            &d.qmp(),
+            "--drive",
+            "disk0",
+            "--diff-against",
+            &inc,
+            "--qemu-nbd-socket",
+            guest.to_str().unwrap(),
+            &diff,
+        ],
+    );
+    assert!(stderr(&o).contains("2 clusters"), "{}", stderr(&o));
+    let r3 = t.path().join("r3");
+    ok(&env, &["extract", "-q", &diff, r3.to_str().unwrap()]);
+    assert_eq!(sha256_file(&r3.join("disk0.raw")), sha256_file(&img));
+
+    // An existing key is not replaced without --force; nothing is left.
+    let o = run(
+        &env,
+        &["capture", "--qmp", &d.qmp(), "--drive", "disk0", &full],
+    );
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    let o = run(
+        &env,
+        &[
+            "capture",
+            "--qmp",
+            &d.qmp(),
+            "--drive",
+            "disk0",
+            "--bitmap-mode",
+            "always",
+            "--incremental-from",
+            &inc,
+            &format!("s3://{b}/cap/x.vma"),
+        ],
+    );
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("local file"), "{}", stderr(&o));
+
+    // Ctrl-C during a slow capture: the upload is aborted, no object.
+    let cancelled = format!("s3://{b}/cap/cancelled.vma");
+    let child = spawn(
+        &env,
+        &[
+            "capture",
+            "--qmp",
+            &d.qmp(),
+            "--drive",
+            "disk0",
+            "--speed",
+            "1048576",
+            &cancelled,
+        ],
+    );
+    let t0 = Instant::now();
+    while uploads(&s, &b).is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no upload started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child's pid touches no memory.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    assert_ne!(code(&o), 0, "{}", stderr(&o));
+    assert!(stderr(&o).contains("cancelled"), "{}", stderr(&o));
+    assert_eq!(
+        keys(&s, &b, "cap/"),
+        vec![
+            "cap/diff.vma".to_string(),
+            "cap/full.vma".to_string(),
+            "cap/inc.vma".to_string()
+        ]
+    );
+    assert!(no_uploads(&s, &b), "no multipart upload left");
+}
+
+/// `vma serve ARCHIVE --socket SOCKET EXTRA...` with the store's
+/// settings, waited for until it is ready (its stderr goes to `log`).
+fn serve(
+    env: &[(String, String)],
+    archive: &str,
+    socket: &Path,
+    log: &Path,
+    extra: &[&str],
+) -> std::process::Child {
+    let mut child = Command::new(vma_bin())
+        .args(["serve", archive, "--socket", socket.to_str().unwrap()])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("HOME", "/nonexistent")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("running vma serve");
+    let t0 = Instant::now();
+    loop {
+        let msgs = std::fs::read_to_string(log).unwrap_or_default();
+        if msgs.contains("ready") {
+            return child;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            if status.success() && msgs.contains("serving in process") {
+                return child;
+            }
+            panic!("vma serve exited with {status}: {msgs}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "not ready: {msgs}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn qemu_img_compare(url: &str, image: &Path) {
+    vma_tests::require("qemu-img");
+    let o = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", url])
+        .arg(image)
+        .output()
+        .expect("qemu-img");
+    assert_eq!(
+        code(&o),
+        0,
+        "qemu-img compare {url}: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+}
+
+#[test]
+fn serve_exports_an_s3_archive_and_its_s3_chain() {
+    let g = Garage::start();
+    let env = g.aws_env();
+    let b = g.bucket().to_string();
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path(), "disk.raw", 40);
+    let full = format!("s3://{b}/srv/full.vma");
+    ok(&env, &["create", "-q", &full, img.to_str().unwrap()]);
+    let dir2 = t.path().join("v2");
+    std::fs::create_dir(&dir2).unwrap();
+    let img2 = dir2.join("disk.raw");
+    std::fs::copy(&img, &img2).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img2).unwrap();
+        f.write_all_at(&vma_tests::noise(41, 3 << 20), 12 << 20)
+            .unwrap();
+    }
+    let inc = format!("s3://{b}/srv/inc.vma");
+    ok(
+        &env,
+        &[
+            "diff",
+            "-q",
+            "--against",
+            &full,
+            img2.to_str().unwrap(),
+            "-o",
+            &inc,
+        ],
+    );
+
+    // In the foreground: the full, then the incremental (its parent found
+    // beside it by listing).
+    let sock = t.path().join("full.sock");
+    let log = t.path().join("full.log");
+    let mut child = serve(&env, &full, &sock, &log, &[]);
+    let url = format!("nbd+unix:///disk?socket={}", sock.display());
+    qemu_img_compare(&url, &img);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+
+    // Detached (the serving process opens the objects itself).
+    let sock = t.path().join("inc.sock");
+    let log = t.path().join("inc.log");
+    let pid_file = t.path().join("inc.pid");
+    let mut child = serve(
+        &env,
+        &inc,
+        &sock,
+        &log,
+        &["--detach", "--pid-file", pid_file.to_str().unwrap()],
+    );
+    assert!(child.wait().unwrap().success());
+    let url = format!("nbd+unix:///disk?socket={}", sock.display());
+    qemu_img_compare(&url, &img2);
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let t0 = Instant::now();
+    while pid_file.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

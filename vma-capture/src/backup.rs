@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vma_core::atomic::AtomicFile;
 use vma_core::chain::Chain;
+use vma_core::storage::Sink;
 use vma_core::types::clusters_for;
 use vma_core::write::writer::WriteSummary;
 use vma_core::{ArchiveMeta, Writer};
@@ -82,7 +82,9 @@ pub(crate) fn capture_by_backup(
     };
     add_record(&mut meta, &record)?;
 
-    let out = AtomicFile::create(&options.archive)?.replacing(options.force);
+    // An upper bound of the archive's size, to size an upload's parts.
+    let expected = drives.iter().map(|d| d.size).sum::<u64>() + (64 << 20);
+    let out = vma_core::storage::create(&options.archive, options.force, Some(expected))?;
     let has_parent = meta.parent.is_some();
     let mut writer = Writer::new(out, meta, &options.writer)?;
     if let (true, Some(chain)) = (has_parent, &parent_chain) {
@@ -197,8 +199,8 @@ pub(crate) fn capture_by_backup(
             .and_then(|(mut file, _, _)| {
                 // What an earlier interrupted capture kept there is
                 // superseded (this one started from it or from its parent).
-                file.set_dest(partial.clone());
-                Ok(file.replacing(true).commit()?)
+                file.retarget(&partial)?;
+                Ok(file.finish()?)
             }) {
             Ok(()) => Err(CaptureError::KeptForRetry {
                 cause: Box::new(cause),
@@ -222,7 +224,7 @@ pub(crate) fn capture_by_backup(
         .and_then(|(file, summary, stored)| {
             // The archive is complete: make it durable under its name, then
             // let QEMU finalize (bitmaps change only now).
-            file.commit()?;
+            file.finish()?;
             Ok((summary, stored))
         });
     match finished {
@@ -679,10 +681,10 @@ impl NbdExport for DriveSink {
 
 /// The writer thread: store pieces until every sender is gone.
 fn write_pieces(
-    mut writer: Writer<AtomicFile>,
+    mut writer: Writer<Box<dyn Sink>>,
     rx: crossbeam_channel::Receiver<Piece>,
     failure: &Mutex<Option<String>>,
-) -> Result<Writer<AtomicFile>> {
+) -> Result<Writer<Box<dyn Sink>>> {
     for piece in rx {
         let stored = match piece {
             Piece::Data {
@@ -708,11 +710,11 @@ fn write_pieces(
 /// With `interrupted`, every drive is marked so (see
 /// [`vma_core::format::DriveRecord::interrupted`]).
 fn finish_archive(
-    mut writer: Writer<AtomicFile>,
+    mut writer: Writer<Box<dyn Sink>>,
     drives: &[Drive],
     sinks: &[Arc<DriveSink>],
     interrupted: bool,
-) -> Result<(AtomicFile, WriteSummary, Vec<DriveStats>)> {
+) -> Result<(Box<dyn Sink>, WriteSummary, Vec<DriveStats>)> {
     let mut stored = Vec::new();
     for (d, s) in drives.iter().zip(sinks) {
         let a = s.assembler.lock().expect("assembler lock");

@@ -32,6 +32,12 @@ pub fn capture(
             options.archive.display()
         )));
     }
+    if vma_core::storage::is_remote(&options.archive) && options.bitmap_mode == BitmapMode::Always {
+        return Err(CaptureError::Invalid(format!(
+            "--bitmap-mode always keeps what a failed capture copied under a second name, which an upload to {} cannot take: write to a local file, or use on-success",
+            options.archive.display()
+        )));
+    }
     if options.diff_against.is_some() {
         return crate::live_diff::capture_by_diff(options, cancel, progress);
     }

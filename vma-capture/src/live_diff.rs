@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vma_core::atomic::AtomicFile;
 use vma_core::chain::{Chain, ChainDrive};
 use vma_core::image::source::{DiskImage, Stretch};
 use vma_core::ops::diff::diff_or_copy;
@@ -95,6 +94,8 @@ pub(crate) fn capture_by_diff(
 
     let scratch_dir = match &options.fleecing {
         Some(dir) => dir.clone(),
+        // Beside an object in a store: in the temporary directory.
+        None if vma_core::storage::is_remote(&options.archive) => std::env::temp_dir(),
         None => match options.archive.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -189,12 +190,16 @@ impl Run<'_, '_> {
             self.fleece
                 .export_views(self.options.qemu_nbd_socket.as_deref(), &own, tag)?;
 
-        let out = AtomicFile::create(&self.options.archive)?.replacing(self.options.force);
+        let total: u64 = self.drives.iter().map(|d| d.size).sum();
+        let out = vma_core::storage::create(
+            &self.options.archive,
+            self.options.force,
+            Some(total + (64 << 20)),
+        )?;
         let mut writer = Writer::new(out, meta, &self.options.writer)?;
         if writer.header().parent.is_some() {
             writer.set_leaf_source(self.chain.leaf_source());
         }
-        let total: u64 = self.drives.iter().map(|d| d.size).sum();
         let throttle = Throttle::new(self.options.speed);
         let mut done = 0;
         let mut stats = Vec::new();
@@ -236,7 +241,7 @@ impl Run<'_, '_> {
             done += d.size;
         }
         let (out, summary) = writer.finish()?;
-        out.commit()?;
+        out.finish()?;
         Ok((summary, stats))
     }
 

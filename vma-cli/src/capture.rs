@@ -121,7 +121,9 @@ pub(crate) fn capture(args: &CaptureArgs, quiet: bool) -> Result<()> {
         chain_parents: args.parents.clone(),
         qemu_nbd_socket: args.qemu_nbd_socket.clone(),
     };
-    crate::signals::clear_stale(args.archive.parent().unwrap_or(Path::new(".")))?;
+    if !crate::s3::is_s3_path(&args.archive) {
+        crate::signals::clear_stale(args.archive.parent().unwrap_or(Path::new(".")))?;
+    }
     let progress = Progress::bytes(1, "capture", quiet);
     let result = run_capture(&options, &CANCEL, |p| {
         progress.set_total(p.total);

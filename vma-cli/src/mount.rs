@@ -60,6 +60,7 @@ pub(crate) struct MountArgs {
 /// `vma mount`: check everything, then serve in the foreground or in a
 /// detached process; returns once the mount is ready.
 pub(crate) fn mount(args: &MountArgs) -> Result<()> {
+    return_large_buffers();
     if args.daemon_child {
         return daemon_child(args);
     }
@@ -149,6 +150,20 @@ pub(crate) fn mount(args: &MountArgs) -> Result<()> {
                 None => Err(anyhow!("{}", msg.trim_start_matches("error: "))),
             }
         }
+    }
+}
+
+/// For a long-running server (mount, serve): buffers of 256 KiB and more
+/// (extents, responses) are mapped and unmapped on their own, so freed
+/// ones go back to the system. glibc otherwise raises that threshold to
+/// the largest buffer freed (up to 32 MiB) and keeps freed memory in each
+/// thread's arena: a mount of an S3 archive peaked at 276 MiB instead of
+/// 154 MiB for the same reads.
+pub(crate) fn return_large_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's settings.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
     }
 }
 

@@ -299,6 +299,7 @@ fn bind(args: &ServeArgs, exports: Vec<Export>, log: &Log) -> Result<(NbdServer,
 
 /// `vma serve`.
 pub(crate) fn serve(args: &ServeArgs) -> Result<()> {
+    crate::mount::return_large_buffers();
     if args.daemon_child {
         return daemon_child(args);
     }
@@ -346,7 +347,11 @@ impl Drop for PidFile {
     }
 }
 
+/// `p` made absolute; an object location (`s3://...`) as it is.
 fn absolute(p: &Path) -> Result<PathBuf> {
+    if vma_core::storage::is_remote(p) {
+        return Ok(p.to_path_buf());
+    }
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 

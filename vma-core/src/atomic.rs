@@ -164,6 +164,11 @@ impl AtomicFile {
         self
     }
 
+    /// [`AtomicFile::replacing`] in place.
+    pub fn set_replacing(&mut self, replace: bool) {
+        self.replace = replace;
+    }
+
     /// The destination and the temporary, for messages.
     fn what(&self) -> String {
         format!(

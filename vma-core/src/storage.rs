@@ -94,6 +94,29 @@ pub trait Sink: Write + Send {
     fn finish(self: Box<Self>) -> Result<()>;
     /// Discard everything written.
     fn abort(self: Box<Self>);
+    /// Make the bytes visible under `dest` instead when finished, replacing
+    /// what is there (a capture keeping what it copied for a retry). Only
+    /// local files can; an upload's name is fixed when it starts.
+    fn retarget(&mut self, dest: &Path) -> Result<()> {
+        Err(Error::Invalid(format!(
+            "cannot keep the output under {}: its name was fixed when it started",
+            dest.display()
+        )))
+    }
+}
+
+impl Sink for crate::atomic::AtomicFile {
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.commit()
+    }
+    fn abort(self: Box<Self>) {
+        // Dropping an uncommitted file removes it.
+    }
+    fn retarget(&mut self, dest: &Path) -> Result<()> {
+        self.set_dest(dest.to_path_buf());
+        self.set_replacing(true);
+        Ok(())
+    }
 }
 
 /// A store reached through locations it recognises (such as `s3://...`).
@@ -173,6 +196,26 @@ pub fn delete_blocked(location: &Path) -> Result<Option<String>> {
         Some(r) => r.delete_blocked(location),
         None => Ok(None),
     }
+}
+
+/// Start writing `location`: an object of the plugged-in store (a
+/// multipart upload), else a local file under a temporary name (see
+/// [`crate::atomic`]). Nothing appears under the name until the sink is
+/// finished; an existing one is replaced only with `force`.
+/// `expected_size` (an upper bound, when known) sizes an upload's parts.
+pub fn create(location: &Path, force: bool, expected_size: Option<u64>) -> Result<Box<dyn Sink>> {
+    if let Some(r) = remote_for(location) {
+        return r.create(location, force, expected_size);
+    }
+    if is_remote(location) {
+        return Err(Error::UnsupportedFormat {
+            format: format!("the location {}", location.display()),
+            hint: "this program was built without support for its scheme".into(),
+        });
+    }
+    Ok(Box::new(
+        crate::atomic::AtomicFile::create(location)?.replacing(force),
+    ))
 }
 
 /// The entries of a directory or object prefix (files only, sorted), or

@@ -1,7 +1,11 @@
 //! An object read with ranged GETs: the tail (footer and index) by one
-//! suffix request at open, the rest in 1 MiB blocks fetched in parallel
-//! (adjacent missing blocks coalesced into one request of up to 4 MiB),
-//! read ahead while reads are sequential, kept in a bounded cache.
+//! suffix request at open; a sequential reader (extract, verify, a
+//! mount's read-ahead) gets 1 MiB blocks fetched in parallel (adjacent
+//! missing blocks coalesced into one request of up to 4 MiB), read ahead
+//! and kept in a cache bounded by bytes; a random read that misses the
+//! cache (an extent a mount or an export asks for) is fetched as exactly
+//! its byte range, one request, not kept (the reader caches the decoded
+//! extent).
 
 use std::collections::HashMap;
 use std::io;
@@ -23,6 +27,9 @@ const COALESCE: u64 = 4;
 const READ_AHEAD: u64 = 24;
 /// Blocks kept (48 MiB), read-ahead included.
 const CACHE_BLOCKS: usize = 48;
+/// Longest single GET of a random read; longer ones are split and fetched
+/// in parallel.
+const EXACT_PART: u64 = 4 << 20;
 /// Bytes of the tail fetched at open (footer, index fixed part and more).
 const TAIL: u64 = 1 << 20;
 /// Attempts of a ranged GET (each with the client's own retries inside).
@@ -67,6 +74,8 @@ pub struct ObjectSource {
     clock: AtomicU64,
     /// Where the last read ended (sequential detection).
     last_end: AtomicU64,
+    /// Reads in a row that started where an earlier one ended.
+    streak: AtomicU64,
 }
 
 impl ObjectSource {
@@ -92,6 +101,7 @@ impl ObjectSource {
             blocks: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(0),
             last_end: AtomicU64::new(u64::MAX),
+            streak: AtomicU64::new(0),
         })
     }
 
@@ -194,6 +204,48 @@ impl ObjectSource {
         out
     }
 
+    /// True when every block of `blocks` is cached or being fetched.
+    fn cached(&self, blocks: Range<u64>) -> bool {
+        let map = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
+        blocks.into_iter().all(|b| map.contains_key(&b))
+    }
+
+    /// Bytes `offset..offset + buf.len()` by one ranged GET of exactly
+    /// them (parallel GETs of [`EXACT_PART`] for a long range).
+    fn fetch_exact(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let store = self.bucket.store.clone();
+        let loc = self.loc.clone();
+        let parts: Vec<Range<u64>> = (offset..end)
+            .step_by(EXACT_PART as usize)
+            .map(|s| s..(s + EXACT_PART).min(end))
+            .collect();
+        let got = block_on(async {
+            let tasks: Vec<_> = parts
+                .iter()
+                .map(|r| {
+                    let (store, loc, r) = (store.clone(), loc.clone(), r.clone());
+                    runtime().spawn(async move { get_range(&store, &loc, r).await })
+                })
+                .collect();
+            let mut out = Vec::with_capacity(tasks.len());
+            for t in tasks {
+                out.push(
+                    t.await
+                        .map_err(|e| store_error(&loc, Some(offset..end), "GET", e))
+                        .and_then(|r| r),
+                );
+            }
+            out
+        });
+        for (r, bytes) in parts.iter().zip(got) {
+            let bytes = bytes.map_err(io::Error::other)?;
+            let s = (r.start - offset) as usize;
+            buf[s..s + bytes.len()].copy_from_slice(&bytes);
+        }
+        Ok(())
+    }
+
     fn forget(&self, blocks: Range<u64>) {
         let mut map = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
         for b in blocks {
@@ -265,10 +317,20 @@ impl vma_core::storage::ReadAt for ObjectSource {
         }
         let first = offset / BLOCK;
         let last = (end - 1) / BLOCK;
-        let sequential = {
+        let near = {
             let prev = self.last_end.swap(end, Ordering::Relaxed);
             prev != u64::MAX && offset <= prev + BLOCK && offset + BLOCK >= prev
         };
+        // Two reads in a row near where the one before ended: a pass.
+        let sequential = if near {
+            self.streak.fetch_add(1, Ordering::Relaxed) >= 1
+        } else {
+            self.streak.store(0, Ordering::Relaxed);
+            false
+        };
+        if !sequential && !self.cached(first..last + 1) {
+            return self.fetch_exact(buf, offset);
+        }
         let blocks_total = self.size.div_ceil(BLOCK);
         let ahead = if sequential {
             (last + 1 + READ_AHEAD).min(blocks_total)

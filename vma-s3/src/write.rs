@@ -25,7 +25,7 @@ use http::{HeaderName, HeaderValue, Method};
 use md5::Digest;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::signer::{SignedUrlOptions, Signer};
-use object_store::{MultipartId, PutPayload};
+use object_store::{MultipartId, ObjectStore, PutPayload};
 
 use crate::{block_on, bucket, runtime, store_error, Bucket, Error, Location};
 
@@ -35,6 +35,8 @@ pub const MAX_PARTS: u64 = 10_000;
 pub const MIN_PART: u64 = 8 << 20;
 /// Largest part S3 takes.
 pub const MAX_PART: u64 = 5 << 30;
+/// Bytes read back from the end of a completed upload and compared.
+pub const TAIL_CHECK: u64 = 1 << 20;
 /// Parts uploading at once while the next one fills.
 pub const IN_FLIGHT: usize = 4;
 
@@ -146,6 +148,9 @@ pub struct Upload {
     options: UploadOptions,
     done: bool,
     written: u64,
+    /// The last parts submitted (shared with their uploads), for the
+    /// read-back of the tail.
+    recent: VecDeque<bytes::Bytes>,
 }
 
 impl Upload {
@@ -187,6 +192,7 @@ impl Upload {
             options,
             done: false,
             written: 0,
+            recent: VecDeque::new(),
         })
     }
 
@@ -233,7 +239,14 @@ impl Upload {
         } else {
             self.part_size
         };
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(next_size));
+        let data = bytes::Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(next_size),
+        ));
+        self.recent.push_back(data.clone());
+        if self.recent.len() > 2 {
+            self.recent.pop_front();
+        }
         self.part_size = next_size;
         let start = self.written - data.len() as u64;
         let range = start..self.written;
@@ -286,12 +299,57 @@ impl Upload {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.key);
+        self.check_tail()?;
         if let Some(r) = self.options.retention.clone() {
             set_retention(&self.bucket, &self.loc, &r).map_err(|e| {
                 vma_core::Error::Invalid(format!(
                     "{e}; the archive was uploaded but is NOT locked: set the retention with the store's tools, or delete it and try again"
                 ))
             })?;
+        }
+        Ok(())
+    }
+
+    /// Read back the last [`TAIL_CHECK`] bytes (an archive's footer and
+    /// index, or their end) by one suffix GET and compare them, and the
+    /// object's size, with what was uploaded. A full read-back is
+    /// `vma verify`.
+    fn check_tail(&mut self) -> vma_core::Result<()> {
+        let want = TAIL_CHECK.min(self.written);
+        let mut tail = Vec::with_capacity(want as usize);
+        let mut need = want as usize;
+        for part in self.recent.iter().rev() {
+            let take = need.min(part.len());
+            tail.splice(0..0, part[part.len() - take..].iter().copied());
+            need -= take;
+            if need == 0 {
+                break;
+            }
+        }
+        self.recent.clear();
+        if want == 0 || need > 0 {
+            return Ok(());
+        }
+        let opts = object_store::GetOptions {
+            range: Some(object_store::GetRange::Suffix(want)),
+            ..Default::default()
+        };
+        let (size, got) = block_on(async {
+            let r = self.bucket.store.get_opts(&self.loc.obj(), opts).await?;
+            let size = r.meta.size;
+            Ok::<_, object_store::Error>((size, r.bytes().await?))
+        })
+        .map_err(|e| store_error(&self.loc, None, "reading back the end of the upload", e))?;
+        let range = self.written - want..self.written;
+        if size != self.written || got[..] != tail[..] {
+            return Err(vma_core::Error::Invalid(format!(
+                "{}: the store holds {size} bytes, {} written, and bytes {}..{} read back {}: the upload is not what was sent; delete it and write it again",
+                self.loc,
+                self.written,
+                range.start,
+                range.end,
+                if got[..] == tail[..] { "match" } else { "differ" }
+            )));
         }
         Ok(())
     }
