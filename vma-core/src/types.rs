@@ -1,10 +1,19 @@
 //! Small value types whose mix-ups would be bugs: drive ids, cluster numbers,
-//! and byte ranges of drives.
+//! archive offsets and byte ranges of drives; and the cluster geometry every
+//! layer counts in. This module sits below `format` and imports nothing of
+//! the crate.
 
 use std::fmt;
 use std::ops::Range;
 
-use crate::format::{BLOCKS_PER_CLUSTER, BLOCK_SIZE, CLUSTER_SIZE};
+/// Image data is addressed in clusters of this many bytes. Part of every
+/// on-disk format (`format-spec.md`): never change.
+pub const CLUSTER_SIZE: usize = 64 * 1024;
+/// Clusters are split into blocks of this size; all-zero blocks are not
+/// stored. Never change.
+pub const BLOCK_SIZE: usize = 4096;
+/// Blocks per cluster (one bit each in a block mask).
+pub const BLOCKS_PER_CLUSTER: usize = CLUSTER_SIZE / BLOCK_SIZE;
 
 /// A drive's id inside one archive (1..=255 in v2; 0 is never a drive).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -28,12 +28,9 @@ pub const VERSION_MAJOR: u16 = 3;
 /// Minor version written by this code.
 pub const VERSION_MINOR: u16 = 0;
 
-/// Image data is addressed in clusters of this many bytes.
-pub const CLUSTER_SIZE: usize = 64 * 1024;
-/// Clusters are split into blocks of this size; all-zero blocks are not stored.
-pub const BLOCK_SIZE: usize = 4096;
-/// Blocks per cluster (one bit each in a block mask).
-pub const BLOCKS_PER_CLUSTER: usize = CLUSTER_SIZE / BLOCK_SIZE;
+// The cluster geometry is a unit of every layer; it is defined with the
+// value types below the formats and is part of this format's spec.
+pub use crate::types::{BLOCKS_PER_CLUSTER, BLOCK_SIZE, CLUSTER_SIZE};
 
 /// Incompatible feature: some extents are zstd-compressed.
 pub const INCOMPAT_ZSTD: u64 = 1 << 0;
