@@ -85,6 +85,48 @@ impl fmt::Display for ArchiveOffset {
     }
 }
 
+/// How an index run names the extent holding its data: the extent's
+/// sequence number in a 3.0 archive, its file offset in 2.0 and VMA v1, and
+/// [`ExtentRef::NONE`] in zero and unchanged runs. It is not a file
+/// position: only the index that made it resolves it to one (the reader's
+/// extent lookup returns an [`ArchiveOffset`]), so using it as an offset
+/// does not compile.
+///
+/// ```compile_fail
+/// use vma_core::types::{ArchiveOffset, ExtentRef};
+/// fn extent_at(_: ArchiveOffset) {}
+/// extent_at(ExtentRef::NONE);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(transparent)]
+pub struct ExtentRef(u64);
+
+impl ExtentRef {
+    /// The reference of zero and unchanged runs, which name no extent.
+    pub const NONE: ExtentRef = ExtentRef(0);
+
+    /// The reference a 3.0 index gives the extent with sequence number `seq`.
+    pub const fn seq(seq: u64) -> Self {
+        ExtentRef(seq)
+    }
+
+    /// The reference a 2.0 or VMA v1 index gives the extent at `offset`.
+    pub const fn at(offset: ArchiveOffset) -> Self {
+        ExtentRef(offset.0)
+    }
+
+    /// The value as an index run stores it on disk.
+    pub const fn from_raw(raw: u64) -> Self {
+        ExtentRef(raw)
+    }
+
+    /// The value an index run stores on disk; only the format code that
+    /// writes runs and the index or reader that resolves them read it.
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
+}
+
 /// Number of clusters a drive of `size` bytes spans (the last may be partial).
 pub fn clusters_for(size: u64) -> u64 {
     size.div_ceil(CLUSTER_SIZE as u64)

@@ -12,7 +12,7 @@ use super::v2;
 use crate::digest::{check_matches, Sha256};
 
 use crate::error::{Error, Result};
-use crate::types::{clusters_for, ArchiveOffset, DriveId};
+use crate::types::{clusters_for, ArchiveOffset, DriveId, ExtentRef};
 
 /// Magic at offset 0 of every native archive (2.0 and 3.0). Never change.
 pub const ARCHIVE_MAGIC: [u8; 8] = *b"\x89VMA\r\n\x1a\n";
@@ -1083,9 +1083,10 @@ impl ExtentHeader {
     }
 }
 
-/// One run of the index. In a 3.0 archive `extent` is the sequence number
-/// of the extent holding a data run; in 2.0 and VMA v1 it is the file
-/// offset of that extent. It is 0 for zero and unchanged runs.
+/// One run of the index. `extent` names the extent holding a data run
+/// ([`ExtentRef`]: a sequence number in 3.0, a file offset in 2.0 and VMA
+/// v1); it is [`ExtentRef::NONE`] for zero and unchanged runs. Indexes hold
+/// millions of runs: the size is asserted below.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct IndexRun {
     /// The drive.
@@ -1097,8 +1098,10 @@ pub struct IndexRun {
     /// Data, zero or unchanged.
     pub kind: RunKind,
     /// The extent holding a data run (see above).
-    pub extent: u64,
+    pub extent: ExtentRef,
 }
+
+const _: () = assert!(std::mem::size_of::<IndexRun>() == 24);
 
 fixed_block!(IndexRun = "index run", INDEX_RUN_LEN;
     DRIVE("drive", 1),
@@ -1123,7 +1126,7 @@ impl IndexRun {
             .u16_le(0)
             .u32_le(self.count)
             .u64_le(self.start)
-            .u64_le(self.extent);
+            .u64_le(self.extent.raw());
     }
 
     /// Decode 24 bytes found at absolute `offset`: the kind must be known,
@@ -1140,7 +1143,7 @@ impl IndexRun {
         })?;
         let count = r.u32_le_at(Self::COUNT)?;
         let start = r.u64_le_at(Self::START)?;
-        let extent = r.u64_le_at(Self::EXTENT)?;
+        let extent = ExtentRef::from_raw(r.u64_le_at(Self::EXTENT)?);
         if count == 0 || start.saturating_add(count as u64) > MAX_CLUSTERS {
             let why = if count == 0 {
                 "a run holds at least one cluster"
