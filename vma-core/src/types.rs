@@ -1,7 +1,7 @@
 //! Small value types whose mix-ups would be bugs: drive ids, cluster numbers,
 //! archive offsets and byte ranges of drives; and the cluster geometry every
-//! layer counts in. This module sits below `format` and imports nothing of
-//! the crate.
+//! layer counts in. This module sits below `format`: of the crate it uses
+//! only the error type.
 
 use std::fmt;
 use std::ops::Range;
