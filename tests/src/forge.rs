@@ -253,13 +253,13 @@ impl Archive {
         for (r, e) in self.placed_table().iter().zip(&self.extents) {
             let parts = ExtentParts::parse(e);
             let seq = parts.header.seq;
-            b.add_extent(seq, r.offset, r.len, r.digest).unwrap();
+            let key = b.add_extent(seq, r.offset, r.len, r.digest).unwrap();
             for en in &parts.entries {
-                b.add_entry(en.drive, en.kind, en.start, en.count, seq)
+                b.add_entry(en.drive, en.kind, en.start, en.count, key)
                     .unwrap();
             }
             for (d, c, l) in parts.leaves(size_of) {
-                b.add_leaf(d, c, seq, l).unwrap();
+                b.add_leaf(d, c, key, l).unwrap();
             }
             // Stored bytes: the extent's length shared by stored blocks.
             let mut blocks: Vec<(DriveId, u64)> = Vec::new();

@@ -12,7 +12,7 @@ use vma_core::format::{
     Codec, Entry, ExtentHeader, ExtentRecord, Footer, Header, IndexFixed, IndexRun, RunKind,
     CLUSTER_SIZE, EXTENT_RECORD_LEN, FOOTER_LEN, INDEX_FIXED_LEN,
 };
-use vma_core::types::ArchiveOffset;
+use vma_core::types::{ArchiveOffset, ExtentRef};
 use vma_core::{DriveId, Reader};
 use vma_tests::forge::{self, Archive};
 use vma_tests::*;
@@ -98,7 +98,8 @@ fn run(start: u64, count: u32, kind: RunKind, extent: u64) -> IndexRun {
         start,
         count,
         kind,
-        extent,
+        // The run's on-disk field, forged as given (a 3.0 sequence number).
+        extent: ExtentRef::from_raw(extent),
     }
 }
 

@@ -13,7 +13,7 @@ use crate::format::{
     BLOCK_SIZE, DIGEST_LEN, ENTRY_LEN, EXTENT_HEADER_LEN,
 };
 use crate::tree::{leaf_of_blocks, Digest};
-use crate::types::{cluster_len, ClusterNo, DriveId};
+use crate::types::{cluster_len, ArchiveOffset, ClusterNo, DriveId, ExtentRef};
 
 /// Drive sizes by drive id (0 for ids the archive does not have), for the
 /// leaves of partial last clusters.
@@ -322,9 +322,8 @@ impl ClusterData<'_> {
 pub struct DecodedExtent {
     /// Sequence number.
     pub seq: u64,
-    /// How the index names it: its sequence number (3.0) or its file
-    /// offset (2.0, VMA v1).
-    pub key: u64,
+    /// How the index names it (see [`ExtentRef`]).
+    pub key: ExtentRef,
     /// Absolute offset of its header in the archive.
     pub offset: u64,
     /// Bytes it occupies in the archive.
@@ -589,7 +588,7 @@ impl StoredExtent {
     /// Decompress the payload; `key` is how the index names the extent.
     pub(crate) fn decode(
         &self,
-        key: u64,
+        key: ExtentRef,
         decompressor: &mut zstd::bulk::Decompressor<'static>,
     ) -> Result<DecodedExtent> {
         let h = &self.frame;
@@ -742,7 +741,11 @@ pub(crate) fn decode_extent(
         offset,
         decompressor,
     )?;
-    let key = if binding.major >= 3 { h.seq } else { offset };
+    let key = if binding.major >= 3 {
+        ExtentRef::seq(h.seq)
+    } else {
+        ExtentRef::at(ArchiveOffset(offset))
+    };
     Ok(DecodedExtent::new(
         h.seq,
         key,
@@ -761,7 +764,7 @@ impl DecodedExtent {
     #[allow(clippy::too_many_arguments)]
     fn new(
         seq: u64,
-        key: u64,
+        key: ExtentRef,
         offset: u64,
         stored_len: u64,
         digest: [u8; 32],
@@ -816,7 +819,7 @@ impl DecodedExtent {
         }
         DecodedExtent::new(
             seq,
-            offset,
+            ExtentRef::at(ArchiveOffset(offset)),
             offset,
             (EXTENT_HEADER_LEN_V1 + data.len()) as u64,
             [0; 32],

@@ -1,10 +1,19 @@
 //! Small value types whose mix-ups would be bugs: drive ids, cluster numbers,
-//! and byte ranges of drives.
+//! archive offsets and byte ranges of drives; and the cluster geometry every
+//! layer counts in. This module sits below `format`: of the crate it uses
+//! only the error type.
 
 use std::fmt;
 use std::ops::Range;
 
-use crate::format::{BLOCKS_PER_CLUSTER, BLOCK_SIZE, CLUSTER_SIZE};
+/// Image data is addressed in clusters of this many bytes. Part of every
+/// on-disk format (`format-spec.md`): never change.
+pub const CLUSTER_SIZE: usize = 64 * 1024;
+/// Clusters are split into blocks of this size; all-zero blocks are not
+/// stored. Never change.
+pub const BLOCK_SIZE: usize = 4096;
+/// Blocks per cluster (one bit each in a block mask).
+pub const BLOCKS_PER_CLUSTER: usize = CLUSTER_SIZE / BLOCK_SIZE;
 
 /// A drive's id inside one archive (1..=255 in v2; 0 is never a drive).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -73,6 +82,48 @@ impl std::ops::Add<u64> for ArchiveOffset {
 impl fmt::Display for ArchiveOffset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
+    }
+}
+
+/// How an index run names the extent holding its data: the extent's
+/// sequence number in a 3.0 archive, its file offset in 2.0 and VMA v1, and
+/// [`ExtentRef::NONE`] in zero and unchanged runs. It is not a file
+/// position: only the index that made it resolves it to one (the reader's
+/// extent lookup returns an [`ArchiveOffset`]), so using it as an offset
+/// does not compile.
+///
+/// ```compile_fail
+/// use vma_core::types::{ArchiveOffset, ExtentRef};
+/// fn extent_at(_: ArchiveOffset) {}
+/// extent_at(ExtentRef::NONE);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(transparent)]
+pub struct ExtentRef(u64);
+
+impl ExtentRef {
+    /// The reference of zero and unchanged runs, which name no extent.
+    pub const NONE: ExtentRef = ExtentRef(0);
+
+    /// The reference a 3.0 index gives the extent with sequence number `seq`.
+    pub const fn seq(seq: u64) -> Self {
+        ExtentRef(seq)
+    }
+
+    /// The reference a 2.0 or VMA v1 index gives the extent at `offset`.
+    pub const fn at(offset: ArchiveOffset) -> Self {
+        ExtentRef(offset.0)
+    }
+
+    /// The value as an index run stores it on disk.
+    pub const fn from_raw(raw: u64) -> Self {
+        ExtentRef(raw)
+    }
+
+    /// The value an index run stores on disk; only the format code that
+    /// writes runs and the index or reader that resolves them read it.
+    pub const fn raw(self) -> u64 {
+        self.0
     }
 }
 

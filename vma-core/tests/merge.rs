@@ -477,7 +477,7 @@ fn append_stored_checks_like_any_submission() {
     let src = dir.path().join("src.vma");
     small_link(&src, 1, None, false);
     let r = Reader::open(&src).unwrap();
-    let offset = r.runs(DriveId(1)).unwrap().next().unwrap().unwrap().extent;
+    let key = r.runs(DriveId(1)).unwrap().next().unwrap().unwrap().extent;
     let drive = r.header().drives.clone();
     let new_writer = |compression| {
         Writer::new(
@@ -493,21 +493,17 @@ fn append_stored_checks_like_any_submission() {
     // The small link's extent is zstd-compressed (its cluster repeats a byte).
     let mut plain = new_writer(Compression::None);
     let err = plain
-        .append_stored(r.stored_extent(offset).unwrap())
+        .append_stored(r.stored_extent(key).unwrap())
         .unwrap_err();
     assert!(err.to_string().contains("zstd"), "{err}");
     // The same clusters twice: found when the index is built.
     let mut twice = new_writer(Compression::Zstd(1));
-    twice
-        .append_stored(r.stored_extent(offset).unwrap())
-        .unwrap();
-    twice
-        .append_stored(r.stored_extent(offset).unwrap())
-        .unwrap();
+    twice.append_stored(r.stored_extent(key).unwrap()).unwrap();
+    twice.append_stored(r.stored_extent(key).unwrap()).unwrap();
     let err = twice.finish().err().unwrap();
     assert!(err.to_string().contains("twice"), "{err}");
     let mut w = new_writer(Compression::Zstd(1));
-    w.append_stored(r.stored_extent(offset).unwrap()).unwrap();
+    w.append_stored(r.stored_extent(key).unwrap()).unwrap();
     // Copied as it was: the same payload, a new digest, a valid archive.
     let (bytes, _) = w.finish().unwrap();
     let copy = dir.path().join("copy.vma");

@@ -758,7 +758,7 @@ fn concurrent_readers_of_one_extent_share_one_decode() {
     let mut f = tempfile::NamedTempFile::new().unwrap();
     f.write_all(&in_order_archive(&img)).unwrap();
     let reader = Reader::open(f.path()).unwrap();
-    let offset = reader
+    let key = reader
         .runs(DriveId(1))
         .unwrap()
         .next()
@@ -767,7 +767,7 @@ fn concurrent_readers_of_one_extent_share_one_decode() {
         .extent;
     let decoded: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
-            .map(|_| s.spawn(|| reader.extent(offset).unwrap()))
+            .map(|_| s.spawn(|| reader.extent(key).unwrap()))
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
@@ -777,7 +777,7 @@ fn concurrent_readers_of_one_extent_share_one_decode() {
     assert!(reader
         .extents_to_prefetch(DriveId(1), 0..img.len() as u64)
         .iter()
-        .all(|&o| o != offset));
+        .all(|&k| k != key));
 }
 
 proptest! {

@@ -298,10 +298,10 @@ fn start_prefetchers(chain: &Arc<Chain>) -> crossbeam_channel::Sender<(DriveId, 
                         let at = reading_at.load(Ordering::Relaxed);
                         let window = at..at.saturating_add(PREFETCH_BYTES);
                         let reader = chain.newest();
-                        let Some(&offset) = reader.extents_to_prefetch(id, window).first() else {
+                        let Some(&key) = reader.extents_to_prefetch(id, window).first() else {
                             break;
                         };
-                        if reader.extent(offset).is_err() {
+                        if reader.extent(key).is_err() {
                             break;
                         }
                     }

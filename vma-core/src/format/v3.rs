@@ -12,7 +12,7 @@ use super::v2;
 use crate::digest::{check_matches, Sha256};
 
 use crate::error::{Error, Result};
-use crate::types::{clusters_for, ArchiveOffset, DriveId};
+use crate::types::{clusters_for, ArchiveOffset, DriveId, ExtentRef};
 
 /// Magic at offset 0 of every native archive (2.0 and 3.0). Never change.
 pub const ARCHIVE_MAGIC: [u8; 8] = *b"\x89VMA\r\n\x1a\n";
@@ -28,12 +28,9 @@ pub const VERSION_MAJOR: u16 = 3;
 /// Minor version written by this code.
 pub const VERSION_MINOR: u16 = 0;
 
-/// Image data is addressed in clusters of this many bytes.
-pub const CLUSTER_SIZE: usize = 64 * 1024;
-/// Clusters are split into blocks of this size; all-zero blocks are not stored.
-pub const BLOCK_SIZE: usize = 4096;
-/// Blocks per cluster (one bit each in a block mask).
-pub const BLOCKS_PER_CLUSTER: usize = CLUSTER_SIZE / BLOCK_SIZE;
+// The cluster geometry is a unit of every layer; it is defined with the
+// value types below the formats and is part of this format's spec.
+pub use crate::types::{BLOCKS_PER_CLUSTER, BLOCK_SIZE, CLUSTER_SIZE};
 
 /// Incompatible feature: some extents are zstd-compressed.
 pub const INCOMPAT_ZSTD: u64 = 1 << 0;
@@ -1086,9 +1083,10 @@ impl ExtentHeader {
     }
 }
 
-/// One run of the index. In a 3.0 archive `extent` is the sequence number
-/// of the extent holding a data run; in 2.0 and VMA v1 it is the file
-/// offset of that extent. It is 0 for zero and unchanged runs.
+/// One run of the index. `extent` names the extent holding a data run
+/// ([`ExtentRef`]: a sequence number in 3.0, a file offset in 2.0 and VMA
+/// v1); it is [`ExtentRef::NONE`] for zero and unchanged runs. Indexes hold
+/// millions of runs: the size is asserted below.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct IndexRun {
     /// The drive.
@@ -1100,8 +1098,10 @@ pub struct IndexRun {
     /// Data, zero or unchanged.
     pub kind: RunKind,
     /// The extent holding a data run (see above).
-    pub extent: u64,
+    pub extent: ExtentRef,
 }
+
+const _: () = assert!(std::mem::size_of::<IndexRun>() == 24);
 
 fixed_block!(IndexRun = "index run", INDEX_RUN_LEN;
     DRIVE("drive", 1),
@@ -1126,7 +1126,7 @@ impl IndexRun {
             .u16_le(0)
             .u32_le(self.count)
             .u64_le(self.start)
-            .u64_le(self.extent);
+            .u64_le(self.extent.raw());
     }
 
     /// Decode 24 bytes found at absolute `offset`: the kind must be known,
@@ -1143,7 +1143,7 @@ impl IndexRun {
         })?;
         let count = r.u32_le_at(Self::COUNT)?;
         let start = r.u64_le_at(Self::START)?;
-        let extent = r.u64_le_at(Self::EXTENT)?;
+        let extent = ExtentRef::from_raw(r.u64_le_at(Self::EXTENT)?);
         if count == 0 || start.saturating_add(count as u64) > MAX_CLUSTERS {
             let why = if count == 0 {
                 "a run holds at least one cluster"

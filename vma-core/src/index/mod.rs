@@ -21,7 +21,7 @@ use crate::format::{
 };
 use crate::tree::{leaf, zero_subtree, Digest, DriveDigestKind, DriveHash};
 use crate::types::{
-    cluster_len, cluster_range_bytes, ArchiveOffset, ClusterNo, DriveId, DriveRange,
+    cluster_len, cluster_range_bytes, ArchiveOffset, ClusterNo, DriveId, DriveRange, ExtentRef,
 };
 use crate::util::spool::{temp_file, Merge, Record, Spool};
 
@@ -71,7 +71,7 @@ pub const BUILDER_MEMORY: usize = 32 << 20;
 struct EntryRec {
     drive: u8,
     start: u64,
-    key: u64,
+    key: ExtentRef,
     count: u32,
     kind: u8,
 }
@@ -81,7 +81,7 @@ impl Record for EntryRec {
     fn put(&self, o: &mut [u8]) {
         o[0] = self.drive;
         o[1..9].copy_from_slice(&self.start.to_le_bytes());
-        o[9..17].copy_from_slice(&self.key.to_le_bytes());
+        o[9..17].copy_from_slice(&self.key.raw().to_le_bytes());
         o[17..21].copy_from_slice(&self.count.to_le_bytes());
         o[21] = self.kind;
     }
@@ -89,7 +89,7 @@ impl Record for EntryRec {
         EntryRec {
             drive: b[0],
             start: u64::from_le_bytes(b[1..9].try_into().expect("8")),
-            key: u64::from_le_bytes(b[9..17].try_into().expect("8")),
+            key: ExtentRef::from_raw(u64::from_le_bytes(b[9..17].try_into().expect("8"))),
             count: u32::from_le_bytes(b[17..21].try_into().expect("4")),
             kind: b[21],
         }
@@ -100,7 +100,7 @@ impl Record for EntryRec {
 struct LeafRec {
     drive: u8,
     cluster: u64,
-    key: u64,
+    key: ExtentRef,
     digest: Digest,
 }
 
@@ -109,14 +109,14 @@ impl Record for LeafRec {
     fn put(&self, o: &mut [u8]) {
         o[0] = self.drive;
         o[1..9].copy_from_slice(&self.cluster.to_le_bytes());
-        o[9..17].copy_from_slice(&self.key.to_le_bytes());
+        o[9..17].copy_from_slice(&self.key.raw().to_le_bytes());
         o[17..49].copy_from_slice(&self.digest);
     }
     fn get(b: &[u8]) -> Self {
         LeafRec {
             drive: b[0],
             cluster: u64::from_le_bytes(b[1..9].try_into().expect("8")),
-            key: u64::from_le_bytes(b[9..17].try_into().expect("8")),
+            key: ExtentRef::from_raw(u64::from_le_bytes(b[9..17].try_into().expect("8"))),
             digest: b[17..49].try_into().expect("32"),
         }
     }
@@ -292,43 +292,62 @@ impl IndexBuilder {
         self.drives.binary_search_by_key(&drive, |d| d.id).ok()
     }
 
+    /// Where an entry's extent is, for an error message: its file offset
+    /// when keys are offsets, else 0 (a sequence number is no position).
+    fn offset_of(&self, key: ExtentRef) -> u64 {
+        match self.keys {
+            ExtentKeys::Offset => key.raw(),
+            ExtentKeys::Seq => 0,
+        }
+    }
+
     /// Whether leaves are being collected.
     pub fn with_leaves(&self) -> bool {
         self.with_leaves
     }
 
     /// An extent: its sequence number, where it is, its length and digest.
+    /// Returns how this index's runs name it (for its entries and leaves):
+    /// by `seq` with an extent table, by `offset` without.
     pub fn add_extent(
         &mut self,
         seq: u64,
         offset: ArchiveOffset,
         len: u32,
         digest: Digest,
-    ) -> Result<()> {
-        if self.keys == ExtentKeys::Seq {
-            self.extents.push(ExtentRec {
-                seq,
-                offset,
-                len,
-                digest,
-            })?;
+    ) -> Result<ExtentRef> {
+        match self.keys {
+            ExtentKeys::Seq => {
+                self.extents.push(ExtentRec {
+                    seq,
+                    offset,
+                    len,
+                    digest,
+                })?;
+                Ok(ExtentRef::seq(seq))
+            }
+            ExtentKeys::Offset => Ok(ExtentRef::at(offset)),
         }
-        Ok(())
     }
 
-    /// A run entry of an intact extent (`key`: the extent's seq or offset).
+    /// A run entry of an intact extent (`key`: what [`Self::add_extent`]
+    /// returned for it).
     pub fn add_entry(
         &mut self,
         drive: DriveId,
         kind: RunKind,
         start: u64,
         count: u32,
-        key: u64,
+        key: ExtentRef,
     ) -> Result<()> {
         self.entries.push(EntryRec {
             drive: drive.0,
             start,
-            key: if kind == RunKind::Data { key } else { 0 },
+            key: if kind == RunKind::Data {
+                key
+            } else {
+                ExtentRef::NONE
+            },
             count,
             kind: kind.code(),
         })
@@ -339,7 +358,7 @@ impl IndexBuilder {
         &mut self,
         drive: DriveId,
         cluster: u64,
-        key: u64,
+        key: ExtentRef,
         digest: Digest,
     ) -> Result<()> {
         if self.with_leaves {
@@ -440,7 +459,7 @@ impl IndexBuilder {
                         if let Some(t) = &mut tree {
                             t.push_zeros(start, count)?;
                         }
-                        (RunKind::Zero, start, count, 0)
+                        (RunKind::Zero, start, count, ExtentRef::NONE)
                     }
                     Piece::Unchanged { start, count } => {
                         rec.unchanged = true;
@@ -453,12 +472,12 @@ impl IndexBuilder {
                         if !fed {
                             tree = None;
                         }
-                        (RunKind::Unchanged, start, count, 0)
+                        (RunKind::Unchanged, start, count, ExtentRef::NONE)
                     }
                     Piece::Lost { start, count } => {
                         // The point in time is not whole here: no digest.
                         tree = None;
-                        (RunKind::Zero, start, count, 0)
+                        (RunKind::Zero, start, count, ExtentRef::NONE)
                     }
                 };
                 push_run(&mut pending, &mut runs, d.id, kind, start, count, key)?;
@@ -717,7 +736,7 @@ impl IndexBuilder {
         }
         for c in from..to {
             // Every leaf of cluster c, whichever extent it comes from.
-            let mut here: Vec<(u64, Digest)> = Vec::new();
+            let mut here: Vec<(ExtentRef, Digest)> = Vec::new();
             while let Some(l) = leaves.peek()? {
                 let k = (l.drive, l.cluster);
                 if k < (d.id.0, c) {
@@ -873,10 +892,23 @@ impl Found {
 /// One stretch of a drive in the walk.
 #[derive(Clone, Copy, Debug)]
 enum Piece {
-    Data { start: u64, count: u64, key: u64 },
-    Zero { start: u64, count: u64 },
-    Unchanged { start: u64, count: u64 },
-    Lost { start: u64, count: u64 },
+    Data {
+        start: u64,
+        count: u64,
+        key: ExtentRef,
+    },
+    Zero {
+        start: u64,
+        count: u64,
+    },
+    Unchanged {
+        start: u64,
+        count: u64,
+    },
+    Lost {
+        start: u64,
+        count: u64,
+    },
 }
 
 /// The ordered walk over the sorted entries, drive by drive.
@@ -893,7 +925,7 @@ struct Walk<'a, 'b> {
 
 impl Walk<'_, '_> {
     /// The leaf of data cluster `c` of extent `key` (None without leaves).
-    fn pull_leaf(&mut self, d: &DriveInfo, c: u64, key: u64) -> Result<Option<Digest>> {
+    fn pull_leaf(&mut self, d: &DriveInfo, c: u64, key: ExtentRef) -> Result<Option<Digest>> {
         if !self.b.with_leaves {
             return Ok(None);
         }
@@ -911,8 +943,9 @@ impl Walk<'_, '_> {
             break;
         }
         Err(Error::Invalid(format!(
-            "index builder: no leaf for cluster {c} of drive {} in extent {key}",
-            d.name
+            "index builder: no leaf for cluster {c} of drive {} in extent {}",
+            d.name,
+            key.raw()
         )))
     }
 
@@ -946,7 +979,7 @@ impl Walk<'_, '_> {
             if end > n {
                 let bytes = cluster_range_bytes(d.size, e.start.min(n)..n);
                 self.report(Error::Corrupt {
-                    offset: if self.b.keys == ExtentKeys::Offset { e.key } else { 0 },
+                    offset: self.b.offset_of(e.key),
                     what: format!(
                         "a run holds clusters {}..{end} of drive {} which has only {n} (bytes {}..{} kept)",
                         e.start, d.name, bytes.start, bytes.end
@@ -1007,7 +1040,7 @@ impl Walk<'_, '_> {
         kind: RunKind,
         start: u64,
         end: u64,
-        key: u64,
+        key: ExtentRef,
         f: &mut dyn FnMut(&mut Self, Piece) -> Result<()>,
     ) -> Result<()> {
         let id = d.id.0;
@@ -1125,11 +1158,7 @@ impl Walk<'_, '_> {
             }
             self.entries.next_record()?;
             self.report(Error::corrupt(
-                if self.b.keys == ExtentKeys::Offset {
-                    e.key
-                } else {
-                    0
-                },
+                self.b.offset_of(e.key),
                 format!(
                     "a run names drive id {} which the header does not list",
                     e.drive
@@ -1176,7 +1205,7 @@ fn push_run(
     kind: RunKind,
     start: u64,
     count: u64,
-    key: u64,
+    key: ExtentRef,
 ) -> Result<()> {
     let mut start = start;
     let mut left = count;

@@ -13,6 +13,7 @@ use crate::format::{
     EXTENT_RECORD_LEN, INDEX_RUN_LEN, LEAF_LEN, MIN_EXTENT_LEN,
 };
 use crate::tree::{Digest, DriveDigestKind, DriveHash};
+use crate::types::ExtentRef;
 
 use super::{ExtentKeys, LeafItem, LeafSink, ResolveUnchanged, TempStore};
 
@@ -366,13 +367,13 @@ impl PagedIndex {
             match r.kind {
                 RunKind::Data => {
                     let ok = match self.keys {
-                        ExtentKeys::Seq => r.extent < self.layout.fixed.extent_count,
-                        ExtentKeys::Offset => self.data.contains(&r.extent),
+                        ExtentKeys::Seq => r.extent.raw() < self.layout.fixed.extent_count,
+                        ExtentKeys::Offset => self.data.contains(&r.extent.raw()),
                     };
                     if !ok {
                         return Err(bad(format!(
                             "run {g} names extent {} which does not exist",
-                            r.extent
+                            r.extent.raw()
                         )));
                     }
                 }
@@ -381,7 +382,7 @@ impl PagedIndex {
                         "run {g} is unchanged but the archive has no parent, or the drive's record says it has no unchanged runs"
                     )));
                 }
-                _ if r.extent != 0 => {
+                _ if r.extent != ExtentRef::NONE => {
                     return Err(bad(format!("run {g} holds no data but names an extent")));
                 }
                 _ => {}
@@ -475,9 +476,11 @@ impl PagedIndex {
         })
     }
 
-    /// The extent-table record of extent `seq`, checked to lie between
-    /// the header and the index and to be long enough.
-    pub fn extent_record(&self, seq: u64) -> Result<ExtentRecord> {
+    /// The extent-table record of the extent a run names by `key` (its
+    /// sequence number), checked to lie between the header and the index
+    /// and to be long enough.
+    pub fn extent_record(&self, key: ExtentRef) -> Result<ExtentRecord> {
+        let seq = key.raw();
         let f = &self.layout.fixed;
         if self.keys != ExtentKeys::Seq || seq >= f.extent_count {
             return Err(Error::corrupt(

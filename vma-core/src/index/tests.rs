@@ -86,7 +86,7 @@ proptest! {
         shuffle(&mut extents, order | 1);
         let mut b = IndexBuilder::with_memory(&drives, false, ExtentKeys::Seq, true, 4096);
         for (seq, ext) in extents.iter().enumerate() {
-            b.add_extent(
+            let key = b.add_extent(
                 seq as u64,
                 ArchiveOffset(1000 + seq as u64 * 200),
                 150,
@@ -97,11 +97,11 @@ proptest! {
             for &(s, c) in &items {
                 let d = &drives[s];
                 match kinds[s][c as usize] {
-                    Kind::Zero => b.add_entry(d.id, RunKind::Zero, c, 1, seq as u64).unwrap(),
+                    Kind::Zero => b.add_entry(d.id, RunKind::Zero, c, 1, key).unwrap(),
                     Kind::Data(x) => {
-                        b.add_entry(d.id, RunKind::Data, c, 1, seq as u64).unwrap();
+                        b.add_entry(d.id, RunKind::Data, c, 1, key).unwrap();
                         let len = cluster_len(d.size, ClusterNo(c));
-                        b.add_leaf(d.id, c, seq as u64, leaf(&cluster_bytes(s, c, x, len))).unwrap();
+                        b.add_leaf(d.id, c, key, leaf(&cluster_bytes(s, c, x, len))).unwrap();
                     }
                 }
             }
@@ -152,7 +152,7 @@ proptest! {
                         prop_assert_eq!(paged.leaf_of(s, c).unwrap(), leaf(&cluster_bytes(s, c, x, len)));
                         // The run names the extent that held the cluster.
                         let seq = extents.iter().position(|e| e.contains(&(s, c))).unwrap() as u64;
-                        prop_assert_eq!(r.extent, seq);
+                        prop_assert_eq!(r.extent, ExtentRef::seq(seq));
                     }
                 }
                 next = r.end();
@@ -160,7 +160,7 @@ proptest! {
             prop_assert_eq!(next, d.clusters());
         }
         paged.prove_digests().unwrap();
-        let rec = paged.extent_record(0).unwrap();
+        let rec = paged.extent_record(ExtentRef::seq(0)).unwrap();
         prop_assert_eq!(rec.len, 150);
     }
 }
@@ -192,13 +192,18 @@ fn duplicates_and_conflicts() {
     let l = |x: u8| leaf(&[x; CLUSTER_SIZE]);
     let make = |second: u8| {
         let mut b = IndexBuilder::with_memory(&d, false, ExtentKeys::Seq, true, 4096);
-        b.add_entry(DriveId(1), RunKind::Data, 0, 3, 0).unwrap();
+        b.add_entry(DriveId(1), RunKind::Data, 0, 3, ExtentRef::seq(0))
+            .unwrap();
         for c in 0..3 {
-            b.add_leaf(DriveId(1), c, 0, l(c as u8 + 1)).unwrap();
+            b.add_leaf(DriveId(1), c, ExtentRef::seq(0), l(c as u8 + 1))
+                .unwrap();
         }
-        b.add_entry(DriveId(1), RunKind::Data, 1, 1, 1).unwrap();
-        b.add_leaf(DriveId(1), 1, 1, l(second)).unwrap();
-        b.add_entry(DriveId(1), RunKind::Zero, 3, 1, 1).unwrap();
+        b.add_entry(DriveId(1), RunKind::Data, 1, 1, ExtentRef::seq(1))
+            .unwrap();
+        b.add_leaf(DriveId(1), 1, ExtentRef::seq(1), l(second))
+            .unwrap();
+        b.add_entry(DriveId(1), RunKind::Zero, 3, 1, ExtentRef::seq(1))
+            .unwrap();
         b
     };
     let same = finish(make(2), true).unwrap();
@@ -232,9 +237,11 @@ fn duplicates_and_conflicts() {
 fn gaps_are_missing_or_damaged() {
     let d = one_drive(10);
     let mut b = IndexBuilder::with_memory(&d, false, ExtentKeys::Seq, true, 4096);
-    b.add_entry(DriveId(1), RunKind::Zero, 0, 2, 0).unwrap();
+    b.add_entry(DriveId(1), RunKind::Zero, 0, 2, ExtentRef::seq(0))
+        .unwrap();
     b.add_damaged(DriveId(1), 3, 2).unwrap();
-    b.add_entry(DriveId(1), RunKind::Zero, 6, 4, 2).unwrap();
+    b.add_entry(DriveId(1), RunKind::Zero, 6, 4, ExtentRef::seq(2))
+        .unwrap();
     let built = finish(b, true).unwrap();
     let cs = CLUSTER_SIZE as u64;
     assert_eq!(
@@ -249,6 +256,7 @@ fn gaps_are_missing_or_damaged() {
     // Zero runs fill the lost ranges, so the index still covers the drive.
     assert_eq!(built.records[0].run_count, 1);
     let mut b = IndexBuilder::with_memory(&d, false, ExtentKeys::Seq, true, 4096);
-    b.add_entry(DriveId(1), RunKind::Zero, 0, 2, 0).unwrap();
+    b.add_entry(DriveId(1), RunKind::Zero, 0, 2, ExtentRef::seq(0))
+        .unwrap();
     assert!(matches!(finish(b, false), Err(Error::Incomplete { .. })));
 }

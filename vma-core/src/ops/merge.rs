@@ -30,8 +30,9 @@ use crate::error::{Error, Result};
 use crate::extent::ClusterData;
 use crate::format::{limits, ParentRef, RunKind, CLUSTER_SIZE};
 use crate::ops::output::{write_archive, ArchiveOutput};
+use crate::read::reader::Reader;
 use crate::read::stream::ArchiveFormat;
-use crate::types::{cluster_len, uuid_text, ClusterNo, DriveId};
+use crate::types::{cluster_len, uuid_text, ClusterNo, DriveId, ExtentRef};
 use crate::util::ProgressFn;
 use crate::write::writer::{ArchiveMeta, Writer, WriterOptions};
 
@@ -107,7 +108,7 @@ enum Piece {
         start: u64,
         end: u64,
         link: usize,
-        key: u64,
+        key: ExtentRef,
     },
 }
 
@@ -167,19 +168,31 @@ fn resolve(
 /// 3.0 links (4 bytes per extent), a map for 2.0 and VMA v1 links.
 enum Counts {
     Dense(Vec<u32>),
-    Map(HashMap<u64, u64>),
+    Map(HashMap<ExtentRef, u64>),
+}
+
+/// The slot of extent `key` of `reader` in a dense per-extent table.
+fn dense_slot(reader: &Reader, key: ExtentRef) -> Option<usize> {
+    reader
+        .extent_number(key)
+        .and_then(|n| usize::try_from(n).ok())
 }
 
 impl Counts {
-    fn add(&mut self, key: u64, n: u64) -> Result<()> {
+    fn add(&mut self, reader: &Reader, key: ExtentRef, n: u64) -> Result<()> {
         match self {
             Counts::Dense(v) => {
-                let slot = v.get_mut(key as usize).ok_or_else(|| {
-                    Error::corrupt(
-                        0,
-                        format!("a run names extent #{key}, which does not exist"),
-                    )
-                })?;
+                let slot = dense_slot(reader, key)
+                    .and_then(|i| v.get_mut(i))
+                    .ok_or_else(|| {
+                        Error::corrupt(
+                            0,
+                            format!(
+                                "a run names {}, which does not exist",
+                                reader.extent_label(key)
+                            ),
+                        )
+                    })?;
                 *slot = slot.saturating_add(n.min(u32::MAX as u64) as u32);
             }
             Counts::Map(m) => *m.entry(key).or_default() += n,
@@ -187,9 +200,12 @@ impl Counts {
         Ok(())
     }
 
-    fn get(&self, key: u64) -> u64 {
+    fn get(&self, reader: &Reader, key: ExtentRef) -> u64 {
         match self {
-            Counts::Dense(v) => v.get(key as usize).copied().unwrap_or(0) as u64,
+            Counts::Dense(v) => dense_slot(reader, key)
+                .and_then(|i| v.get(i))
+                .copied()
+                .unwrap_or(0) as u64,
             Counts::Map(m) => m.get(&key).copied().unwrap_or(0),
         }
     }
@@ -253,7 +269,7 @@ pub fn merge_chain<W: Write>(
                 key,
             } = p
             {
-                counts[link].add(key, end - start)?;
+                counts[link].add(&links[link], key, end - start)?;
                 progress(
                     "counting claims",
                     done_before + (end * cs).min(d.size),
@@ -287,7 +303,7 @@ pub fn merge_chain<W: Write>(
         links: links.len(),
         ..Default::default()
     };
-    let new_set = |l: &crate::read::reader::Reader| match l.format() {
+    let new_set = |l: &Reader| match l.format() {
         ArchiveFormat::V3 if l.extent_count() <= DENSE_EXTENTS => {
             KeySet::Bits(vec![0; (l.extent_count() as usize).div_ceil(64)])
         }
@@ -310,13 +326,13 @@ pub fn merge_chain<W: Write>(
                     link,
                     key,
                 } => {
-                    if copied[link].contains(&key) {
+                    let reader = &links[link];
+                    if copied[link].contains(reader, key) {
                         return Ok(());
                     }
-                    let reader = &links[link];
                     let in_archive = |e: Error| e.in_archive(reader.path());
-                    let current = counts[link].get(key);
-                    if !decoded[link].contains(&key) && same_encoding[link] {
+                    let current = counts[link].get(reader, key);
+                    if !decoded[link].contains(reader, key) && same_encoding[link] {
                         let mut stored = reader.stored_extent(key).map_err(in_archive)?;
                         claims_agree(reader, key, stored.entries()).map_err(in_archive)?;
                         let held: u64 = stored
@@ -338,13 +354,13 @@ pub fn merge_chain<W: Write>(
                             stored.keep_data_entries(|id| map[id.0 as usize].expect("checked"));
                             summary.copied_extents += 1;
                             summary.copied_clusters += held;
-                            copied[link].insert(key);
+                            copied[link].insert(reader, key);
                             writer.append_stored(stored)?;
                             progress("merging", done_before + (end * cs).min(d.size), total);
                             return Ok(());
                         }
                     }
-                    let first = decoded[link].insert(key);
+                    let first = decoded[link].insert(reader, key);
                     let ext = reader.extent(key).map_err(in_archive)?;
                     if first {
                         summary.reencoded_extents += 1;
@@ -403,8 +419,8 @@ pub fn merge_chain<W: Write>(
         }
         let in_archive = |e: Error| e.in_archive(reader.path());
         let size = std::fs::metadata(reader.path()).map_or(0, |m| m.len());
-        for key in 0..reader.extent_count() {
-            if copied[link].contains(&key) || decoded[link].contains(&key) {
+        for key in reader.extent_refs() {
+            if copied[link].contains(reader, key) || decoded[link].contains(reader, key) {
                 continue;
             }
             let stored = reader.stored_extent(key).map_err(in_archive)?;
@@ -424,17 +440,14 @@ pub fn merge_chain<W: Write>(
 /// every run it holds lies in runs of the same kind (data runs naming this
 /// extent). A claim the index gives to another extent is a second copy of
 /// those clusters, which a merge refuses to fold rather than drop.
-fn claims_agree(
-    reader: &crate::read::reader::Reader,
-    key: u64,
-    entries: &[crate::format::Entry],
-) -> Result<()> {
+fn claims_agree(reader: &Reader, key: ExtentRef, entries: &[crate::format::Entry]) -> Result<()> {
     for e in entries {
         let Some(d) = reader.header().drive(e.drive) else {
             return Err(Error::corrupt(
                 0,
                 format!(
-                    "extent #{key} names drive id {} which the header does not list",
+                    "{} names drive id {} which the header does not list",
+                    reader.extent_label(key),
                     e.drive
                 ),
             ));
@@ -450,8 +463,8 @@ fn claims_agree(
                 let bytes = crate::types::cluster_range_bytes(d.size, pos..end);
                 return Err(Error::Conflicting {
                     what: format!(
-                        "extent #{key} holds drive {} bytes {}..{} but the index gives them to another extent or kind: two copies of the same clusters; verify the archive (a merge does not fold it)",
-                        d.name, bytes.start, bytes.end
+                        "{} holds drive {} bytes {}..{} but the index gives them to another extent or kind: two copies of the same clusters; verify the archive (a merge does not fold it)",
+                        reader.extent_label(key), d.name, bytes.start, bytes.end
                     ),
                     ranges: vec![crate::types::DriveRange {
                         drive: d.id,
@@ -473,30 +486,31 @@ const DENSE_EXTENTS: u64 = 1 << 26;
 /// A set of extent keys: a bit per extent for 3.0 links, a hash set for others.
 enum KeySet {
     Bits(Vec<u64>),
-    Set(HashSet<u64>),
+    Set(HashSet<ExtentRef>),
 }
 
 impl KeySet {
-    fn contains(&self, key: &u64) -> bool {
+    fn contains(&self, reader: &Reader, key: ExtentRef) -> bool {
         match self {
-            KeySet::Bits(b) => b
-                .get(*key as usize / 64)
-                .is_some_and(|w| w & (1 << (key % 64)) != 0),
-            KeySet::Set(s) => s.contains(key),
+            KeySet::Bits(b) => dense_slot(reader, key)
+                .is_some_and(|i| b.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)),
+            KeySet::Set(s) => s.contains(&key),
         }
     }
 
     /// Add `key`; false when it was there already.
-    fn insert(&mut self, key: u64) -> bool {
+    fn insert(&mut self, reader: &Reader, key: ExtentRef) -> bool {
         match self {
-            KeySet::Bits(b) => match b.get_mut(key as usize / 64) {
-                Some(w) => {
-                    let had = *w & (1 << (key % 64)) != 0;
-                    *w |= 1 << (key % 64);
-                    !had
+            KeySet::Bits(b) => {
+                match dense_slot(reader, key).and_then(|i| Some((b.get_mut(i / 64)?, i))) {
+                    Some((w, i)) => {
+                        let had = *w & (1 << (i % 64)) != 0;
+                        *w |= 1 << (i % 64);
+                        !had
+                    }
+                    None => false,
                 }
-                None => false,
-            },
+            }
             KeySet::Set(s) => s.insert(key),
         }
     }

@@ -32,7 +32,7 @@ use crate::read::stream::{incomplete_error, ArchiveFormat, ArchiveStream, PassOp
 use crate::storage::{SeqRead, Source};
 use crate::tree::Digest;
 use crate::types::{
-    cluster_len, cluster_range_bytes, ArchiveOffset, ClusterNo, DriveId, DriveRange,
+    cluster_len, cluster_range_bytes, ArchiveOffset, ClusterNo, DriveId, DriveRange, ExtentRef,
 };
 
 /// Default bytes of decoded extents kept in memory.
@@ -397,7 +397,11 @@ impl Reader {
                     start: s.cluster as u64,
                     count: 1,
                     kind: if data { RunKind::Data } else { RunKind::Zero },
-                    extent: if data { offset } else { 0 },
+                    extent: if data {
+                        ExtentRef::at(ArchiveOffset(offset))
+                    } else {
+                        ExtentRef::NONE
+                    },
                 });
                 if let Some(r) = records.iter_mut().find(|r| r.drive == s.drive) {
                     r.data_clusters += data as u64;
@@ -715,7 +719,7 @@ impl Reader {
     /// Drive ranges whose data lives in the extent named `key`, as far as
     /// can be told cheaply: a 2.0 or v1 index is searched; a 3.0 extent's
     /// own entries are read when its header and entries are intact.
-    pub fn ranges_in_extent(&self, key: u64) -> Vec<DriveRange> {
+    pub fn ranges_in_extent(&self, key: ExtentRef) -> Vec<DriveRange> {
         match &self.index {
             RunIndex::Mem(m) => m
                 .runs
@@ -736,7 +740,7 @@ impl Reader {
 
     /// The data ranges a 3.0 extent's header and entries claim, without
     /// checking its digest (to name what damage loses).
-    fn claimed_ranges(&self, key: u64) -> Option<Vec<DriveRange>> {
+    fn claimed_ranges(&self, key: ExtentRef) -> Option<Vec<DriveRange>> {
         let offset = self.extent_offset(key).ok()?.get();
         let mut hb = [0u8; EXTENT_HEADER_LEN];
         self.file.read_range(&mut hb, offset).ok()?;
@@ -768,19 +772,47 @@ impl Reader {
         )
     }
 
-    /// Where the extent named `key` starts.
-    fn extent_offset(&self, key: u64) -> Result<ArchiveOffset> {
+    /// Where the extent named `key` starts: the one place a run's
+    /// [`ExtentRef`] becomes a file position (through the 3.0 extent table,
+    /// or as the offset a 2.0 or VMA v1 run stores).
+    pub fn extent_offset(&self, key: ExtentRef) -> Result<ArchiveOffset> {
         match (&self.index, self.format) {
             (RunIndex::Paged(p), ArchiveFormat::V3) => Ok(p.extent_record(key)?.offset),
             // 2.0 and VMA v1 runs name their extent by its file offset.
-            _ => Ok(ArchiveOffset(key)),
+            _ => Ok(ArchiveOffset(key.raw())),
+        }
+    }
+
+    /// The sequence number of the extent named `key` when the archive's
+    /// runs name extents by it (3.0): a dense number below
+    /// [`Self::extent_count`], for per-extent tables. None for 2.0 and VMA
+    /// v1, whose runs name extents by file offset.
+    pub fn extent_number(&self, key: ExtentRef) -> Option<u64> {
+        (self.format == ArchiveFormat::V3).then_some(key.raw())
+    }
+
+    /// Every extent of a 3.0 archive's extent table, in sequence order
+    /// (none for 2.0 and VMA v1, which have no table).
+    pub fn extent_refs(&self) -> impl Iterator<Item = ExtentRef> {
+        (0..self.extent_count()).map(ExtentRef::seq)
+    }
+
+    /// The extent named `key` as a message names it: "extent #seq at
+    /// offset N" when both are known (the sequence number of a 2.0 extent
+    /// is read from its header), else what is known.
+    pub fn extent_label(&self, key: ExtentRef) -> String {
+        match (self.extent_seq(key), self.extent_offset(key)) {
+            (Some(seq), Ok(at)) => format!("extent #{seq} at offset {at}"),
+            (Some(seq), Err(_)) => format!("extent #{seq}"),
+            (None, Ok(at)) => format!("the extent at offset {at}"),
+            (None, Err(_)) => "an extent the index cannot place".to_string(),
         }
     }
 
     /// Read, verify and decode the extent named `key` (cached). Concurrent
     /// callers asking for the same extent share one decode: kernel
     /// readahead sends many requests into one extent at once.
-    pub fn extent(&self, key: u64) -> Result<Arc<DecodedExtent>> {
+    pub fn extent(&self, key: ExtentRef) -> Result<Arc<DecodedExtent>> {
         let slot = {
             let mut cache = self.cache.lock().expect("cache lock");
             if let Some(e) = cache.get(key) {
@@ -814,7 +846,11 @@ impl Reader {
     /// Keys of the data extents holding bytes `range` of `drive` that are
     /// neither cached nor being decoded, in drive order: what a reader about
     /// to read that range sequentially can decode ahead of time.
-    pub fn extents_to_prefetch(&self, drive: DriveId, range: std::ops::Range<u64>) -> Vec<u64> {
+    pub fn extents_to_prefetch(
+        &self,
+        drive: DriveId,
+        range: std::ops::Range<u64>,
+    ) -> Vec<ExtentRef> {
         let Some(size) = self.header.drive(drive).map(|d| d.size) else {
             return Vec::new();
         };
@@ -827,7 +863,7 @@ impl Reader {
         let Ok(runs) = self.runs_from(drive, first) else {
             return Vec::new();
         };
-        let mut keys: Vec<u64> = Vec::new();
+        let mut keys: Vec<ExtentRef> = Vec::new();
         let mut wanted = Vec::new();
         for r in runs {
             let Ok(r) = r else { break };
@@ -848,12 +884,12 @@ impl Reader {
     }
 
     /// [`Self::load_extent`], with damage reported as the drive ranges lost.
-    fn load_extent_named(&self, key: u64) -> Result<DecodedExtent> {
+    fn load_extent_named(&self, key: ExtentRef) -> Result<DecodedExtent> {
         self.load_extent(key).map_err(|e| self.damage_named(key, e))
     }
 
     /// Damage of the extent named `key` as the drive ranges it loses.
-    fn damage_named(&self, key: u64, e: Error) -> Error {
+    fn damage_named(&self, key: ExtentRef, e: Error) -> Error {
         match e {
             Error::Corrupt { what, offset } | Error::Truncated { what, offset } => {
                 Error::ExtentDamaged {
@@ -870,32 +906,34 @@ impl Reader {
     }
 
     /// The sequence number of the extent named `key`, if known.
-    fn extent_seq(&self, key: u64) -> Option<u64> {
+    fn extent_seq(&self, key: ExtentRef) -> Option<u64> {
         match self.format {
-            ArchiveFormat::V3 => Some(key),
+            ArchiveFormat::V3 => self.extent_number(key),
             ArchiveFormat::VmaV1 => None,
             ArchiveFormat::V2 => {
+                let at = self.extent_offset(key).ok()?.get();
                 let mut hb = [0u8; EXTENT_HEADER_LEN];
-                self.file.read_range(&mut hb, key).ok()?;
-                v2::ExtentHeader::decode(&hb, key).ok().map(|h| h.seq)
+                self.file.read_range(&mut hb, at).ok()?;
+                v2::ExtentHeader::decode(&hb, at).ok().map(|h| h.seq)
             }
         }
     }
 
-    fn load_extent(&self, key: u64) -> Result<DecodedExtent> {
+    fn load_extent(&self, key: ExtentRef) -> Result<DecodedExtent> {
         let name = self.path.display().to_string();
         if let Some(uuid) = self.v1_uuid {
+            let at = self.extent_offset(key)?.get();
             let mut hb = [0u8; v1::EXTENT_HEADER_LEN];
-            read_exact_at(&self.file, &mut hb, key, &name)?;
-            let h = V1ExtentHeader::decode(&hb, key, &uuid)?;
+            read_exact_at(&self.file, &mut hb, at, &name)?;
+            let h = V1ExtentHeader::decode(&hb, at, &uuid)?;
             let mut data = vec![0u8; h.data_len()];
             read_exact_at(
                 &self.file,
                 &mut data,
-                key + v1::EXTENT_HEADER_LEN as u64,
+                at + v1::EXTENT_HEADER_LEN as u64,
                 &name,
             )?;
-            return Ok(DecodedExtent::from_v1(0, key, &h, data));
+            return Ok(DecodedExtent::from_v1(0, at, &h, data));
         }
         let stored = self.read_stored(key)?;
         let mut ext = self.decompress(&stored, key)?;
@@ -933,7 +971,7 @@ impl Reader {
     /// Read and check the native extent the index names `key`: for 3.0
     /// through its extent-table record (offset, length, digest) and its
     /// binding (uuid, seq); for 2.0 at the offset `key`.
-    fn read_stored(&self, key: u64) -> Result<StoredExtent> {
+    fn read_stored(&self, key: ExtentRef) -> Result<StoredExtent> {
         let name = self.path.display().to_string();
         if self.v1_uuid.is_some() {
             return Err(Error::Invalid(format!(
@@ -950,18 +988,19 @@ impl Reader {
                     Binding {
                         major: 3,
                         uuid: self.header.uuid,
-                        seq: Some(key),
+                        seq: self.extent_number(key),
                         digest: Some(rec.digest),
                         zstd_allowed,
                     },
                 )
             }
             _ => {
+                let at = self.extent_offset(key)?.get();
                 let mut hb = [0u8; EXTENT_HEADER_LEN];
-                read_exact_at(&self.file, &mut hb, key, &name)?;
-                let h = Frame::decode(&hb, key, self.header.version_major)?;
+                read_exact_at(&self.file, &mut hb, at, &name)?;
+                let h = Frame::decode(&hb, at, self.header.version_major)?;
                 (
-                    key,
+                    at,
                     h.total_len(),
                     Binding {
                         major: self.header.version_major,
@@ -984,7 +1023,7 @@ impl Reader {
         StoredExtent::check(bytes, offset, &binding).map_err(|(e, _)| e)
     }
 
-    fn decompress(&self, stored: &StoredExtent, key: u64) -> Result<DecodedExtent> {
+    fn decompress(&self, stored: &StoredExtent, key: ExtentRef) -> Result<DecodedExtent> {
         let mut dec = self
             .decompressors
             .lock()
@@ -1003,12 +1042,12 @@ impl Reader {
     /// The native extent named `key` as stored, checked (binding, SHA-256,
     /// entries, masks) but not decoded, for copying into another archive;
     /// damage is reported as the drive ranges lost.
-    pub fn stored_extent(&self, key: u64) -> Result<StoredExtent> {
+    pub fn stored_extent(&self, key: ExtentRef) -> Result<StoredExtent> {
         self.read_stored(key).map_err(|e| self.damage_named(key, e))
     }
 
     /// Decode an extent [`Reader::stored_extent`] returned (not cached).
-    pub fn decode_stored(&self, stored: &StoredExtent, key: u64) -> Result<DecodedExtent> {
+    pub fn decode_stored(&self, stored: &StoredExtent, key: ExtentRef) -> Result<DecodedExtent> {
         let mut ext = self
             .decompress(stored, key)
             .map_err(|e| self.damage_named(key, e))?;
@@ -1191,16 +1230,15 @@ fn check_index(
                     ),
                 ));
             }
-            if r.kind == RunKind::Data && (r.extent < header_len || r.extent >= index_offset) {
+            // 2.0 and VMA v1 runs name their extent by its file offset.
+            let at = r.extent.raw();
+            if r.kind == RunKind::Data && (at < header_len || at >= index_offset) {
                 return Err(Error::corrupt(
                     index_offset,
-                    format!(
-                        "index: run {i} points to offset {} outside the extents",
-                        r.extent
-                    ),
+                    format!("index: run {i} points to offset {at} outside the extents"),
                 ));
             }
-            if r.kind != RunKind::Data && r.extent != 0 {
+            if r.kind != RunKind::Data && r.extent != ExtentRef::NONE {
                 return Err(Error::corrupt(
                     index_offset,
                     format!("index: run {i} holds no data but points to an extent"),
@@ -1250,10 +1288,10 @@ fn check_index(
 struct ExtentCache {
     capacity: usize,
     used: usize,
-    map: HashMap<u64, Arc<DecodedExtent>>,
-    order: VecDeque<u64>,
+    map: HashMap<ExtentRef, Arc<DecodedExtent>>,
+    order: VecDeque<ExtentRef>,
     /// Extents being decoded right now; later callers wait on the cell.
-    loading: HashMap<u64, Arc<OnceLock<Option<Arc<DecodedExtent>>>>>,
+    loading: HashMap<ExtentRef, Arc<OnceLock<Option<Arc<DecodedExtent>>>>>,
 }
 
 impl ExtentCache {
@@ -1273,7 +1311,7 @@ impl ExtentCache {
         self.used = 0;
     }
 
-    fn get(&mut self, key: u64) -> Option<Arc<DecodedExtent>> {
+    fn get(&mut self, key: ExtentRef) -> Option<Arc<DecodedExtent>> {
         let e = self.map.get(&key)?.clone();
         if let Some(p) = self.order.iter().position(|&o| o == key) {
             self.order.remove(p);
@@ -1282,7 +1320,7 @@ impl ExtentCache {
         Some(e)
     }
 
-    fn insert(&mut self, key: u64, ext: Arc<DecodedExtent>) {
+    fn insert(&mut self, key: ExtentRef, ext: Arc<DecodedExtent>) {
         if self.map.contains_key(&key) {
             return;
         }

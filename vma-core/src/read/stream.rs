@@ -980,10 +980,10 @@ impl PassState {
                 }
                 self.resynced.set(false);
                 self.next_seq = seq + 1;
-                let key = if self.major >= 3 { seq } else { offset };
                 let major = self.major;
                 let b = self.builder();
-                b.add_extent(seq, ArchiveOffset(offset), ext.len() as u32, ext.digest())?;
+                let key =
+                    b.add_extent(seq, ArchiveOffset(offset), ext.len() as u32, ext.digest())?;
                 for e in ext.entries() {
                     b.add_entry(e.drive, e.kind, e.start, e.count, key)?;
                 }

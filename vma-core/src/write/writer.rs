@@ -174,15 +174,16 @@ impl<W: Write> Output<W> {
         let offset = self.pos;
         self.write_all(&enc.bytes)?;
         let len = enc.bytes.len() as u64;
-        self.builder
-            .add_extent(enc.seq, ArchiveOffset(offset), len as u32, enc.digest)?;
+        let key =
+            self.builder
+                .add_extent(enc.seq, ArchiveOffset(offset), len as u32, enc.digest)?;
         self.extents += 1;
         for e in &enc.entries {
             self.builder
-                .add_entry(e.drive, e.kind, e.start, e.count, enc.seq)?;
+                .add_entry(e.drive, e.kind, e.start, e.count, key)?;
         }
         for &(d, c, l) in &enc.leaves {
-            self.builder.add_leaf(d, c, enc.seq, l)?;
+            self.builder.add_leaf(d, c, key, l)?;
         }
         let total_blocks: u64 = enc.blocks_per_drive.iter().map(|(_, b)| b).sum();
         for (d, blocks) in &enc.blocks_per_drive {
