@@ -16,10 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, IoContext, Result};
-use crate::extent::{
-    drive_sizes, Binding, ClusterData, DecodedExtent, DriveSizes, Frame, StoredExtent,
-};
+use crate::extent::{drive_sizes, Binding, ClusterData, DecodedExtent, DriveSizes, StoredExtent};
 use crate::format::v1::{self, V1ExtentHeader};
+use crate::format::ExtentFrame;
 use crate::format::{
     archive_digest, index_digest, v2, Directory, DriveRecord, Footer, Header, HeaderPrefix,
     IndexFixed, IndexRun, ParentRef, RunKind, BLOCK_SIZE, CLUSTER_SIZE, DRIVE_RECORD_LEN,
@@ -308,7 +307,7 @@ impl Reader {
         let footer_at = file_len - FOOTER_LEN as u64;
         let mut fb = [0u8; FOOTER_LEN];
         read_exact_at(&file, &mut fb, footer_at, &name)?;
-        let footer = v2::Footer::decode(&fb, footer_at)?;
+        let footer = v2::decode_footer(&fb, footer_at)?;
         if footer.index_offset < header_len {
             return Err(Error::corrupt(
                 footer_at,
@@ -740,18 +739,12 @@ impl Reader {
         let offset = self.extent_offset(key).ok()?.get();
         let mut hb = [0u8; EXTENT_HEADER_LEN];
         self.file.read_range(&mut hb, offset).ok()?;
-        let h = Frame::decode(&hb, offset, self.header.version_major).ok()?;
+        let h = ExtentFrame::decode(&hb, offset, self.header.version_major).ok()?;
         let mut body = vec![0u8; h.payload_start() - EXTENT_HEADER_LEN];
         self.file
             .read_range(&mut body, offset + EXTENT_HEADER_LEN as u64)
             .ok()?;
-        let counts = crate::format::BodyCounts {
-            seq: h.seq,
-            entry_count: h.entry_count,
-            mask_count: h.mask_count,
-            raw_len: h.raw_len,
-        };
-        let (entries, _) = crate::format::decode_entries(&counts, &body, offset).ok()?;
+        let (entries, _) = crate::format::decode_entries(&h.body_counts(), &body, offset).ok()?;
         Some(
             entries
                 .iter()
@@ -959,7 +952,7 @@ impl Reader {
             _ => {
                 let mut hb = [0u8; EXTENT_HEADER_LEN];
                 read_exact_at(&self.file, &mut hb, key, &name)?;
-                let h = Frame::decode(&hb, key, self.header.version_major)?;
+                let h = ExtentFrame::decode(&hb, key, self.header.version_major)?;
                 (
                     key,
                     h.total_len(),

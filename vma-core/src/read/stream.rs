@@ -12,10 +12,9 @@ use std::sync::Arc;
 use crate::digest::{check_matches, Sha256};
 
 use crate::error::{Error, Result};
-use crate::extent::{
-    decode_extent, drive_sizes, Binding, DecodedExtent, DriveSizes, Frame, StoredExtent,
-};
+use crate::extent::{decode_extent, drive_sizes, Binding, DecodedExtent, DriveSizes, StoredExtent};
 use crate::format::v1::{self, V1ExtentHeader, V1Header};
+use crate::format::ExtentFrame;
 use crate::format::{
     archive_digest, decode_entries, index_digest, v2, Codec, CompressionInfo, Directory, DriveInfo,
     DriveRecord, Entry, Footer, Header, HeaderPrefix, IndexFixed, PageKind, RunKind, ARCHIVE_MAGIC,
@@ -465,7 +464,7 @@ impl<R: Read> ArchiveStream<R> {
                 break;
             }
             let hb: [u8; EXTENT_HEADER_LEN] = hb.try_into().expect("64");
-            let h = match Frame::decode(&hb, offset, major) {
+            let h = match ExtentFrame::decode(&hb, offset, major) {
                 Ok(h) => h,
                 Err(e) => {
                     state.problem(e)?;
@@ -671,14 +670,8 @@ impl Checked for StoredExtent {
 /// claims if they still decode.
 fn claimed(e: Error, bytes: &[u8], offset: u64, major: u16) -> (Error, u64, Vec<Entry>) {
     let hb: [u8; EXTENT_HEADER_LEN] = bytes[..EXTENT_HEADER_LEN].try_into().expect("header read");
-    let h = Frame::decode(&hb, offset, major).expect("header checked before");
-    let counts = crate::format::BodyCounts {
-        seq: h.seq,
-        entry_count: h.entry_count,
-        mask_count: h.mask_count,
-        raw_len: h.raw_len,
-    };
-    let claimed = decode_entries(&counts, &bytes[EXTENT_HEADER_LEN..], offset)
+    let h = ExtentFrame::decode(&hb, offset, major).expect("header checked before");
+    let claimed = decode_entries(&h.body_counts(), &bytes[EXTENT_HEADER_LEN..], offset)
         .map(|(e, _)| e)
         .unwrap_or_default();
     (e, h.seq, claimed)
@@ -737,7 +730,7 @@ fn resync<R: Read>(input: &mut Input<R>, st: &PassState) -> Result<()> {
                 }
                 let hb: [u8; EXTENT_HEADER_LEN] =
                     buf[i..i + EXTENT_HEADER_LEN].try_into().expect("64");
-                if let Ok(h) = Frame::decode(&hb, 0, major) {
+                if let Ok(h) = ExtentFrame::decode(&hb, 0, major) {
                     if h.uuid.is_none_or(|u| u == st.header.uuid) {
                         found = Some(i);
                         break;
@@ -780,7 +773,7 @@ struct StoredV2 {
     index: v2::Index,
     /// SHA-256 of its runs as stored.
     runs_digest: Digest,
-    footer: Option<v2::Footer>,
+    footer: Option<Footer>,
 }
 
 pub(crate) struct PassState {
@@ -875,7 +868,7 @@ impl PassState {
     /// extent of this place (3.0): another archive's (uuid), a repeat or
     /// an older copy (seq not ahead), or a seq no extent at this offset
     /// can have. Forward jumps after damage are accepted.
-    fn misplaced(&mut self, h: &Frame, offset: u64, header_len: u64) -> Option<String> {
+    fn misplaced(&mut self, h: &ExtentFrame, offset: u64, header_len: u64) -> Option<String> {
         if self.major < 3 {
             return None;
         }
@@ -1164,7 +1157,7 @@ impl PassState {
         self.legacy_digest.update(&block[block.len() - 32..]);
         let footer_at = input.pos();
         let footer = match input.read_array::<FOOTER_LEN>("footer") {
-            Ok(fb) => match v2::Footer::decode(&fb, footer_at) {
+            Ok(fb) => match v2::decode_footer(&fb, footer_at) {
                 Ok(f) => {
                     if f.index_offset != at {
                         self.problem(Error::corrupt(
