@@ -12,7 +12,7 @@ use super::v2;
 use crate::digest::{check_matches, Sha256};
 
 use crate::error::{Error, Result};
-use crate::types::{clusters_for, ArchiveOffset, DriveId};
+use crate::types::{cluster_range_bytes, clusters_for, ArchiveOffset, DriveId, DriveRange};
 
 /// Magic at offset 0 of every native archive (2.0 and 3.0). Never change.
 pub const ARCHIVE_MAGIC: [u8; 8] = *b"\x89VMA\r\n\x1a\n";
@@ -189,6 +189,16 @@ impl DriveInfo {
     /// Number of clusters the drive spans.
     pub fn clusters(&self) -> u64 {
         clusters_for(self.size)
+    }
+
+    /// The bytes of clusters `clusters` of this drive (clipped to its
+    /// size), named for messages and reports.
+    pub fn range(&self, clusters: std::ops::Range<u64>) -> DriveRange {
+        DriveRange {
+            drive: self.id,
+            drive_name: self.name.clone(),
+            bytes: cluster_range_bytes(self.size, clusters),
+        }
     }
 }
 
@@ -771,6 +781,12 @@ impl Header {
             .binary_search_by_key(&id, |d| d.id)
             .ok()
             .map(|i| &self.drives[i])
+    }
+
+    /// The bytes of clusters `clusters` of drive `id` (see
+    /// [`DriveInfo::range`]); None when the header has no such drive.
+    pub fn drive_range(&self, id: DriveId, clusters: std::ops::Range<u64>) -> Option<DriveRange> {
+        self.drive(id).map(|d| d.range(clusters))
     }
 
     /// The position of drive `id` in [`Header::drives`], if any.

@@ -671,11 +671,7 @@ impl IndexBuilder {
                 active.retain(|e| (e.start + e.count as u64).min(n) > pos);
             }
             for (s, e, bad) in report {
-                let range = DriveRange {
-                    drive: d.id,
-                    drive_name: d.name.clone(),
-                    bytes: cluster_range_bytes(d.size, s..e),
-                };
+                let range = d.range(s..e);
                 found.problem(if bad {
                     Error::Conflicting {
                         what: format!("intact extents hold different bytes for {range}"),
@@ -850,11 +846,7 @@ impl Found {
     }
 
     fn lost(&mut self, d: &DriveInfo, range: Range<u64>, why: Lost) {
-        let r = DriveRange {
-            drive: d.id,
-            drive_name: d.name.clone(),
-            bytes: cluster_range_bytes(d.size, range),
-        };
+        let r = d.range(range);
         let list = match why {
             Lost::Missing => &mut self.missing,
             Lost::Damaged | Lost::Invalid => &mut self.damaged,
@@ -1092,17 +1084,13 @@ impl Walk<'_, '_> {
             if !self.lenient && why == Lost::Missing {
                 // Collected; the strict build fails with all of them at the end.
             } else if !self.lenient {
+                let range = d.range(p..stop);
                 return Err(Error::Incomplete {
                     summary: format!(
                         "drive {} bytes {:?} are held only by damaged extents",
-                        d.name,
-                        cluster_range_bytes(d.size, p..stop)
+                        d.name, range.bytes
                     ),
-                    ranges: vec![DriveRange {
-                        drive: d.id,
-                        drive_name: d.name.clone(),
-                        bytes: cluster_range_bytes(d.size, p..stop),
-                    }],
+                    ranges: vec![range],
                 });
             }
             f(
@@ -1156,11 +1144,7 @@ impl Walk<'_, '_> {
 }
 
 fn duplicate(d: &DriveInfo, clusters: Range<u64>) -> Error {
-    let range = DriveRange {
-        drive: d.id,
-        drive_name: d.name.clone(),
-        bytes: cluster_range_bytes(d.size, clusters),
-    };
+    let range = d.range(clusters);
     Error::Duplicate {
         what: format!("{range} is given twice"),
         ranges: vec![range],

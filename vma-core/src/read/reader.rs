@@ -30,9 +30,7 @@ use crate::read::detect::{detect, DetectedFormat, DETECT_LEN};
 use crate::read::stream::{incomplete_error, ArchiveFormat, ArchiveStream, PassOptions};
 use crate::storage::{SeqRead, Source};
 use crate::tree::Digest;
-use crate::types::{
-    cluster_len, cluster_range_bytes, ArchiveOffset, ClusterNo, DriveId, DriveRange,
-};
+use crate::types::{cluster_len, ArchiveOffset, ClusterNo, DriveId, DriveRange};
 
 /// Default bytes of decoded extents kept in memory.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
@@ -720,14 +718,7 @@ impl Reader {
                 .runs
                 .iter()
                 .filter(|r| r.kind == RunKind::Data && r.extent == key)
-                .filter_map(|r| {
-                    let d = self.header.drive(r.drive)?;
-                    Some(DriveRange {
-                        drive: r.drive,
-                        drive_name: d.name.clone(),
-                        bytes: cluster_range_bytes(d.size, r.start..r.end()),
-                    })
-                })
+                .filter_map(|r| self.header.drive_range(r.drive, r.start..r.end()))
                 .collect(),
             RunIndex::Paged(_) => self.claimed_ranges(key).unwrap_or_default(),
         }
@@ -750,12 +741,8 @@ impl Reader {
                 .iter()
                 .filter(|e| e.kind == RunKind::Data)
                 .filter_map(|e| {
-                    let d = self.header.drive(e.drive)?;
-                    Some(DriveRange {
-                        drive: e.drive,
-                        drive_name: d.name.clone(),
-                        bytes: cluster_range_bytes(d.size, e.start..e.start + e.count as u64),
-                    })
+                    self.header
+                        .drive_range(e.drive, e.start..e.start + e.count as u64)
                 })
                 .collect(),
         )

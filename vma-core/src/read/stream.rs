@@ -27,9 +27,7 @@ use crate::index::{
 use crate::read::detect::{not_v2_error, DETECT_LEN};
 use crate::read::input::Input;
 use crate::tree::{Digest, DriveDigestKind, DriveHash};
-use crate::types::{
-    cluster_len, cluster_range_bytes, ArchiveOffset, ClusterNo, DriveId, DriveRange,
-};
+use crate::types::{cluster_len, ArchiveOffset, ClusterNo, DriveId, DriveRange};
 use crate::util::effective_threads;
 use crate::util::pipeline::OrderedPool;
 
@@ -942,12 +940,8 @@ impl PassState {
         entries
             .iter()
             .filter_map(|e| {
-                let d = self.header.drive(e.drive)?;
-                Some(DriveRange {
-                    drive: e.drive,
-                    drive_name: d.name.clone(),
-                    bytes: cluster_range_bytes(d.size, e.start..e.start + e.count as u64),
-                })
+                self.header
+                    .drive_range(e.drive, e.start..e.start + e.count as u64)
             })
             .collect()
     }
@@ -1598,14 +1592,7 @@ pub(crate) fn incomplete_error(
 ) -> Error {
     let ranges: Vec<DriveRange> = gaps
         .iter()
-        .filter_map(|(id, g)| {
-            let d = drives.iter().find(|d| d.id == *id)?;
-            Some(DriveRange {
-                drive: d.id,
-                drive_name: d.name.clone(),
-                bytes: cluster_range_bytes(d.size, g.clone()),
-            })
-        })
+        .filter_map(|(id, g)| Some(drives.iter().find(|d| d.id == *id)?.range(g.clone())))
         .collect();
     incomplete_from_ranges(drives, &ranges)
 }
