@@ -252,28 +252,29 @@ impl Reader {
             path,
             header,
             header_len,
-            ArchiveFormat::V3,
             RunIndex::Paged(Box::new(paged)),
             records,
             Some(digest),
             at,
-            None,
         ))
     }
 
+    /// The reader of an archive opened by one of the `open` paths: its
+    /// format (and a VMA v1 archive's uuid, which its extents repeat)
+    /// follow from `header`, the caches start empty.
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         file: Source,
         path: &Path,
         header: Header,
         header_len: u64,
-        format: ArchiveFormat,
         index: RunIndex,
         records: Vec<DriveRecord>,
         archive_digest: Option<[u8; 32]>,
         data_end: u64,
-        v1_uuid: Option<[u8; 16]>,
     ) -> Reader {
+        let format = ArchiveFormat::of_version(header.version_major);
+        let v1_uuid = (format == ArchiveFormat::VmaV1).then_some(header.uuid);
         let sizes = drive_sizes(&header.drives);
         Reader {
             file,
@@ -348,7 +349,6 @@ impl Reader {
             path,
             header,
             header_len,
-            ArchiveFormat::V2,
             RunIndex::Mem(MemIndex {
                 runs: index.runs,
                 drive_runs,
@@ -356,7 +356,6 @@ impl Reader {
             index.drives,
             Some(footer.archive_digest),
             footer.index_offset,
-            None,
         ))
     }
 
@@ -410,12 +409,10 @@ impl Reader {
             path,
             header,
             header_len,
-            ArchiveFormat::VmaV1,
             RunIndex::Mem(MemIndex { runs, drive_runs }),
             records,
             None,
             file_len,
-            Some(uuid),
         ))
     }
 
@@ -438,9 +435,9 @@ impl Reader {
         let format = stream.format();
         let mut prefix = [0u8; HEADER_FIXED_LEN];
         read_exact_at(&file, &mut prefix, 0, &name)?;
-        let (header_len, v1_uuid) = match format {
-            ArchiveFormat::VmaV1 => (v1::header_len(&prefix)? as u64, Some(header.uuid)),
-            _ => (HeaderPrefix::decode(&prefix)?.header_len as u64, None),
+        let header_len = match format {
+            ArchiveFormat::VmaV1 => v1::header_len(&prefix)? as u64,
+            _ => HeaderPrefix::decode(&prefix)?.header_len as u64,
         };
         let options = PassOptions {
             threads,
@@ -500,12 +497,10 @@ impl Reader {
             path,
             header,
             header_len,
-            format,
             RunIndex::Paged(Box::new(paged)),
             records,
             report.archive_digest,
             file_len,
-            v1_uuid,
         );
         let salvage = Salvage {
             problems: report.problems,

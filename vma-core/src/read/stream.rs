@@ -170,6 +170,17 @@ pub enum ArchiveFormat {
 }
 
 impl ArchiveFormat {
+    /// The format of an archive whose header states version `major`: 1
+    /// for VMA v1 (read into a [`Header`] of that version), 2 or 3
+    /// (headers of other versions are refused when decoded).
+    pub fn of_version(major: u16) -> ArchiveFormat {
+        match major {
+            1 => ArchiveFormat::VmaV1,
+            2 => ArchiveFormat::V2,
+            _ => ArchiveFormat::V3,
+        }
+    }
+
     /// Native vma (2.0 or 3.0).
     pub fn is_native(self) -> bool {
         self != ArchiveFormat::VmaV1
@@ -271,11 +282,7 @@ impl<R: Read> ArchiveStream<R> {
 
     /// Which format the archive is in.
     pub fn format(&self) -> ArchiveFormat {
-        match self.flavor {
-            Flavor::Native { major: 3, .. } => ArchiveFormat::V3,
-            Flavor::Native { .. } => ArchiveFormat::V2,
-            Flavor::V1 { .. } => ArchiveFormat::VmaV1,
-        }
+        ArchiveFormat::of_version(self.header.version_major)
     }
 
     /// The archive's header.
