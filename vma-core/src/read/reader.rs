@@ -144,16 +144,7 @@ impl Reader {
         if prefix.major == v2::VERSION_MAJOR {
             return Reader::open_v2(file, path, header, header_len, file_len);
         }
-        let footer_at = file_len - FOOTER_LEN as u64;
-        let mut fb = [0u8; FOOTER_LEN];
-        read_exact_at(&file, &mut fb, footer_at, &name)?;
-        let footer = Footer::decode(&fb, footer_at)?;
-        if footer.index_offset < header_len {
-            return Err(Error::corrupt(
-                footer_at,
-                "footer points to an index inside the header",
-            ));
-        }
+        let (footer, footer_at) = read_footer(&file, &name, file_len, header_len, prefix.major)?;
         let at = footer.index_offset;
         let mut fixed_bytes = [0u8; INDEX_FIXED_LEN];
         read_exact_at(&file, &mut fixed_bytes, at, &name)?;
@@ -303,16 +294,7 @@ impl Reader {
         file_len: u64,
     ) -> Result<Reader> {
         let name = path.display().to_string();
-        let footer_at = file_len - FOOTER_LEN as u64;
-        let mut fb = [0u8; FOOTER_LEN];
-        read_exact_at(&file, &mut fb, footer_at, &name)?;
-        let footer = v2::decode_footer(&fb, footer_at)?;
-        if footer.index_offset < header_len {
-            return Err(Error::corrupt(
-                footer_at,
-                "footer points to an index inside the header",
-            ));
-        }
+        let (footer, _) = read_footer(&file, &name, file_len, header_len, v2::VERSION_MAJOR)?;
         // The index's own counts, checked against the footer and the
         // drives, before its length decides an allocation.
         let mut fixed = [0u8; v2::INDEX_FIXED_LEN];
@@ -1124,6 +1106,33 @@ pub fn canonical_runs(mut runs: Vec<IndexRun>) -> Vec<IndexRun> {
         out.push(r);
     }
     out
+}
+
+/// The footer that ends the native archive `file` (`name`, `file_len`
+/// bytes, version `major`), and where it starts; it must point to an index
+/// after the header's `header_len` bytes.
+fn read_footer(
+    file: &Source,
+    name: &str,
+    file_len: u64,
+    header_len: u64,
+    major: u16,
+) -> Result<(Footer, u64)> {
+    let footer_at = file_len - FOOTER_LEN as u64;
+    let mut fb = [0u8; FOOTER_LEN];
+    read_exact_at(file, &mut fb, footer_at, name)?;
+    let footer = if major == v2::VERSION_MAJOR {
+        v2::decode_footer(&fb, footer_at)?
+    } else {
+        Footer::decode(&fb, footer_at)?
+    };
+    if footer.index_offset < header_len {
+        return Err(Error::corrupt(
+            footer_at,
+            "footer points to an index inside the header",
+        ));
+    }
+    Ok((footer, footer_at))
 }
 
 fn read_exact_at(file: &Source, buf: &mut [u8], offset: u64, name: &str) -> Result<()> {
