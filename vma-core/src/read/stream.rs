@@ -506,11 +506,7 @@ impl<R: Read> ArchiveStream<R> {
         pool.finish(|out| st.handle(out, &mut handle))?;
         drop(pool);
         if let Some(at) = index_at {
-            if major >= 3 {
-                state.read_trailer_v3(input, at)?;
-            } else {
-                state.read_trailer_v2(input, at)?;
-            }
+            state.read_trailer(input, at)?;
         }
         state.bytes = input.pos();
         state.finish(source, Some(header_digest))
@@ -1044,21 +1040,15 @@ impl PassState {
     /// Read a stored 3.0 index area at `at` (its magic already seen): every
     /// page is hashed as it streams by; the fixed part, records and
     /// directory are kept (small).
-    fn read_trailer_v3<R: Read>(&mut self, input: &mut Input<R>, at: u64) -> Result<()> {
-        let fixed_bytes: [u8; INDEX_FIXED_LEN] = match input.read_array("index") {
-            Ok(f) => f,
-            Err(e) => return self.problem(e),
-        };
-        let fixed = match IndexFixed::decode(&fixed_bytes, at) {
-            Ok(f) => f,
-            Err(e) => return self.problem(e),
-        };
+    fn read_index_v3<R: Read>(&mut self, input: &mut Input<R>, at: u64) -> Result<StoredV3> {
+        let fixed_bytes: [u8; INDEX_FIXED_LEN] = input.read_array("index")?;
+        let fixed = IndexFixed::decode(&fixed_bytes, at)?;
         let Some(layout) = fixed.layout() else {
-            return self.problem(Error::corrupt(at, "index counts overflow"));
+            return Err(Error::corrupt(at, "index counts overflow"));
         };
         if fixed.uuid != self.header.uuid || fixed.drive_count as usize != self.header.drives.len()
         {
-            return self.problem(Error::corrupt(
+            return Err(Error::corrupt(
                 at,
                 "the index names another archive or another number of drives",
             ));
@@ -1070,38 +1060,25 @@ impl PassState {
         {
             for i in 0..layout.pages(kind) {
                 let (_, len, _) = layout.page(kind, i);
-                let bytes = match input.read_vec(len as usize, kind.name()) {
-                    Ok(b) => b,
-                    Err(e) => return self.problem(e),
-                };
+                let bytes = input.read_vec(len as usize, kind.name())?;
                 pages[k].push(crate::digest::sha256(&bytes));
             }
         }
         let records_len = fixed.drive_count as usize * DRIVE_RECORD_LEN;
-        let records_bytes = match input.read_vec(records_len, "index drive records") {
-            Ok(b) => b,
-            Err(e) => return self.problem(e),
-        };
+        let records_bytes = input.read_vec(records_len, "index drive records")?;
         let rec_at = at + layout.records_at;
         let mut records = Vec::new();
         for (i, r) in records_bytes.chunks_exact(DRIVE_RECORD_LEN).enumerate() {
-            match DriveRecord::decode(r, rec_at + (i * DRIVE_RECORD_LEN) as u64) {
-                Ok(r) => records.push(r),
-                Err(e) => return self.problem(e),
-            }
+            records.push(DriveRecord::decode(
+                r,
+                rec_at + (i * DRIVE_RECORD_LEN) as u64,
+            )?);
         }
         let dir_len = (layout.digest_at - layout.directory_at) as usize;
-        let directory_bytes = match input.read_vec(dir_len, "index directory") {
-            Ok(b) => b,
-            Err(e) => return self.problem(e),
-        };
+        let directory_bytes = input.read_vec(dir_len, "index directory")?;
         let directory = Directory::decode(&directory_bytes, &layout);
-        let digest: Digest = match input.read_array("index digest") {
-            Ok(d) => d,
-            Err(e) => return self.problem(e),
-        };
-        let footer = self.read_footer(input, at)?;
-        self.v3 = Some(StoredV3 {
+        let digest: Digest = input.read_array("index digest")?;
+        Ok(StoredV3 {
             at,
             fixed,
             fixed_bytes,
@@ -1111,9 +1088,8 @@ impl PassState {
             directory,
             directory_bytes,
             digest,
-            footer,
-        });
-        Ok(())
+            footer: None,
+        })
     }
 
     /// Read the footer after the index found at `at` and check that
@@ -1156,34 +1132,43 @@ impl PassState {
         Ok(footer)
     }
 
-    fn read_trailer_v2<R: Read>(&mut self, input: &mut Input<R>, at: u64) -> Result<()> {
-        let fixed: [u8; v2::INDEX_FIXED_LEN] = match input.read_array("index") {
-            Ok(f) => f,
-            Err(e) => return self.problem(e),
-        };
+    /// The stored 2.0 index block at `at` (its footer not read yet).
+    fn read_index_v2<R: Read>(&mut self, input: &mut Input<R>, at: u64) -> Result<StoredV2> {
+        let fixed: [u8; v2::INDEX_FIXED_LEN] = input.read_array("index")?;
         let max_len = 1u64 << 40;
-        let len = match v2::Index::block_len(&fixed, at, max_len) {
-            Ok(l) => l,
-            Err(e) => return self.problem(e),
-        };
+        let len = v2::Index::block_len(&fixed, at, max_len)?;
         let mut block = fixed.to_vec();
-        if let Err(e) = input.read_into(&mut block, len - v2::INDEX_FIXED_LEN, "index") {
-            return self.problem(e);
-        }
-        let index = match v2::Index::decode(&block, at) {
-            Ok(i) => i,
-            Err(e) => return self.problem(e),
-        };
+        input.read_into(&mut block, len - v2::INDEX_FIXED_LEN, "index")?;
+        let index = v2::Index::decode(&block, at)?;
         let runs_end = v2::INDEX_FIXED_LEN + index.runs.len() * v2::INDEX_RUN_LEN;
         let runs_digest = crate::digest::sha256(&block[v2::INDEX_FIXED_LEN..runs_end]);
         self.legacy_digest.update(&block[block.len() - 32..]);
-        let footer = self.read_footer(input, at)?;
-        self.v2 = Some(StoredV2 {
+        Ok(StoredV2 {
             at,
             index,
             runs_digest,
-            footer,
-        });
+            footer: None,
+        })
+    }
+
+    /// Read the index found at `at` and the footer after it. The index is
+    /// kept only when it reads whole: its first damage is a problem, and
+    /// no footer is looked for after it.
+    fn read_trailer<R: Read>(&mut self, input: &mut Input<R>, at: u64) -> Result<()> {
+        let read = if self.major >= 3 {
+            self.read_index_v3(input, at).map(|i| self.v3 = Some(i))
+        } else {
+            self.read_index_v2(input, at).map(|i| self.v2 = Some(i))
+        };
+        if let Err(e) = read {
+            return self.problem(e);
+        }
+        let footer = self.read_footer(input, at)?;
+        if let Some(v3) = &mut self.v3 {
+            v3.footer = footer;
+        } else if let Some(v2) = &mut self.v2 {
+            v2.footer = footer;
+        }
         Ok(())
     }
 
