@@ -1388,6 +1388,16 @@ impl RunPages {
 }
 
 impl BuiltIndex {
+    /// Whether damage, gaps or conflicts lost any bytes of drive `drive`
+    /// (then its drive digest cannot be checked).
+    pub fn lost_any_of(&self, drive: DriveId) -> bool {
+        self.damaged
+            .iter()
+            .chain(&self.missing)
+            .chain(&self.conflicting)
+            .any(|r| r.drive == drive)
+    }
+
     /// SHA-256 over every run as encoded, in order (what a 2.0 index's runs
     /// are compared with).
     pub fn runs_digest(&self) -> Digest {

@@ -1226,12 +1226,7 @@ impl PassState {
             archive = ok.1;
             for (slot, d) in drives.iter().enumerate() {
                 let recorded = s.records.get(slot).and_then(|r| r.digest);
-                let lost = built
-                    .damaged
-                    .iter()
-                    .chain(&built.missing)
-                    .chain(&built.conflicting)
-                    .any(|r| r.drive == d.id);
+                let lost = built.lost_any_of(d.id);
                 digests[slot] = match (recorded, built.roots[slot]) {
                     (None, _) => DriveDigestCheck::NotRecorded,
                     (Some(_), _) if lost => DriveDigestCheck::NotChecked,
@@ -1513,12 +1508,7 @@ impl PassState {
                 .iter()
                 .find(|r| r.drive == d.id)
                 .and_then(|r| r.digest);
-            let lost = built
-                .damaged
-                .iter()
-                .chain(&built.missing)
-                .chain(&built.conflicting)
-                .any(|r| r.drive == d.id);
+            let lost = built.lost_any_of(d.id);
             let check = match (&computed, recorded) {
                 (None, _) => DriveDigestCheck::Skipped,
                 (_, None) => DriveDigestCheck::NotRecorded,
