@@ -9,7 +9,7 @@ use crate::digest::{check_matches, sha256};
 use crate::error::{Error, Result};
 use crate::format::v1::{V1ExtentHeader, EXTENT_HEADER_LEN as EXTENT_HEADER_LEN_V1};
 use crate::format::{
-    decode_entries, encode_entry, masks_len, v2, BodyCounts, Codec, Entry, ExtentHeader, RunKind,
+    decode_entries, encode_entry, masks_len, Codec, Entry, ExtentFrame, ExtentHeader, RunKind,
     BLOCK_SIZE, DIGEST_LEN, ENTRY_LEN, EXTENT_HEADER_LEN,
 };
 use crate::tree::{leaf_of_blocks, Digest};
@@ -418,68 +418,6 @@ impl DecodedExtent {
     }
 }
 
-/// The header of an extent of either native version, as far as reading
-/// it goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Frame {
-    /// Archive uuid (3.0 only).
-    pub(crate) uuid: Option<[u8; 16]>,
-    pub(crate) seq: u64,
-    pub(crate) entry_count: u32,
-    pub(crate) mask_count: u32,
-    pub(crate) codec: Codec,
-    pub(crate) stored_len: u32,
-    pub(crate) raw_len: u32,
-}
-
-impl Frame {
-    pub(crate) fn payload_start(&self) -> usize {
-        EXTENT_HEADER_LEN
-            + self.entry_count as usize * ENTRY_LEN
-            + masks_len(self.mask_count as usize)
-    }
-
-    pub(crate) fn total_len(&self) -> usize {
-        self.payload_start() + self.stored_len as usize + DIGEST_LEN
-    }
-
-    fn body_counts(&self) -> BodyCounts {
-        BodyCounts {
-            seq: self.seq,
-            entry_count: self.entry_count,
-            mask_count: self.mask_count,
-            raw_len: self.raw_len,
-        }
-    }
-
-    /// Decode a 64-byte extent header of archive version `major` at `offset`.
-    pub(crate) fn decode(hb: &[u8; EXTENT_HEADER_LEN], offset: u64, major: u16) -> Result<Frame> {
-        if major >= 3 {
-            let h = ExtentHeader::decode(hb, offset)?;
-            Ok(Frame {
-                uuid: Some(h.uuid),
-                seq: h.seq,
-                entry_count: h.entry_count,
-                mask_count: h.mask_count,
-                codec: h.codec,
-                stored_len: h.stored_len,
-                raw_len: h.raw_len,
-            })
-        } else {
-            let h = v2::ExtentHeader::decode(hb, offset)?;
-            Ok(Frame {
-                uuid: None,
-                seq: h.seq,
-                entry_count: h.entry_count,
-                mask_count: h.mask_count,
-                codec: h.codec,
-                stored_len: h.stored_len,
-                raw_len: h.raw_len,
-            })
-        }
-    }
-}
-
 /// What an extent must be, besides intact: the archive it belongs to and
 /// its place there (3.0).
 #[derive(Clone, Copy, Debug)]
@@ -503,7 +441,7 @@ pub(crate) struct Binding {
 #[derive(Debug)]
 pub struct StoredExtent {
     offset: u64,
-    frame: Frame,
+    frame: ExtentFrame,
     /// Magic through digest, as read.
     bytes: Vec<u8>,
     entries: Vec<Entry>,
@@ -608,12 +546,16 @@ impl StoredExtent {
 }
 
 /// Check a whole extent's header, binding, length, SHA-256, entries and masks.
-fn check_extent(bytes: &[u8], offset: u64, b: &Binding) -> Result<(Frame, Vec<Entry>, Vec<u16>)> {
+fn check_extent(
+    bytes: &[u8],
+    offset: u64,
+    b: &Binding,
+) -> Result<(ExtentFrame, Vec<Entry>, Vec<u16>)> {
     let hb: &[u8; EXTENT_HEADER_LEN] = bytes
         .get(..EXTENT_HEADER_LEN)
         .and_then(|s| s.try_into().ok())
         .ok_or_else(|| Error::truncated(offset, "extent shorter than its header"))?;
-    let h = Frame::decode(hb, offset, b.major)?;
+    let h = ExtentFrame::decode(hb, offset, b.major)?;
     if let Some(uuid) = h.uuid {
         if uuid != b.uuid {
             return Err(Error::corrupt(
@@ -690,7 +632,7 @@ fn check_extent(bytes: &[u8], offset: u64, b: &Binding) -> Result<(Frame, Vec<En
 
 /// The decoded payload of a checked extent (`stored`: its stored payload).
 fn decode_payload(
-    h: &Frame,
+    h: &ExtentFrame,
     stored: &[u8],
     offset: u64,
     decompressor: &mut zstd::bulk::Decompressor<'static>,

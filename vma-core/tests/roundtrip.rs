@@ -138,10 +138,10 @@ fn meta(case: &Case) -> ArchiveMeta {
     m
 }
 
-/// Write the case's clusters in a shuffled order; returns the archive.
-fn write(case: &Case, threads: usize) -> Vec<u8> {
+/// Write the case's clusters (drives as in `m`) into `w` in a shuffled
+/// order.
+fn write_shuffled(case: &Case, m: &ArchiveMeta, w: &mut dyn vma_core::ClusterWriter) {
     let imgs = images(case);
-    let m = meta(case);
     let mut work: Vec<(usize, u64)> = Vec::new();
     for (d, &size) in case.sizes.iter().enumerate() {
         for c in 0..clusters_for(size) {
@@ -156,12 +156,6 @@ fn write(case: &Case, threads: usize) -> Vec<u8> {
         x ^= x << 17;
         work.swap(i, (x % (i as u64 + 1)) as usize);
     }
-    let options = WriterOptions {
-        compression: case.compression,
-        threads,
-        extent_payload: case.extent_payload,
-    };
-    let mut w = Writer::new(Vec::new(), m.clone(), &options).unwrap();
     for (d, c) in work {
         let id = m.drives[d].id;
         let start = c as usize * CLUSTER_SIZE;
@@ -173,6 +167,18 @@ fn write(case: &Case, threads: usize) -> Vec<u8> {
                 .unwrap();
         }
     }
+}
+
+/// Write the case's clusters in a shuffled order; returns the archive.
+fn write(case: &Case, threads: usize) -> Vec<u8> {
+    let m = meta(case);
+    let options = WriterOptions {
+        compression: case.compression,
+        threads,
+        extent_payload: case.extent_payload,
+    };
+    let mut w = Writer::new(Vec::new(), m.clone(), &options).unwrap();
+    write_shuffled(case, &m, &mut w);
     w.finish().unwrap().0
 }
 
@@ -565,34 +571,9 @@ fn limits_are_enforced() {
 /// Write the case as VMA v1 (shuffled order, ids as in `meta`).
 fn write_v1(case: &Case) -> Vec<u8> {
     use vma_core::write::v1::V1Writer;
-    use vma_core::ClusterWriter;
-    let imgs = images(case);
     let m = meta(case);
     let mut w = V1Writer::new(Vec::new(), m.uuid, 7, m.drives.clone(), m.configs.clone()).unwrap();
-    let mut work: Vec<(usize, u64)> = Vec::new();
-    for (d, &size) in case.sizes.iter().enumerate() {
-        for c in 0..clusters_for(size) {
-            work.push((d, c));
-        }
-    }
-    let mut x = case.order_seed | 1;
-    for i in (1..work.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        work.swap(i, (x % (i as u64 + 1)) as usize);
-    }
-    for (d, c) in work {
-        let id = m.drives[d].id;
-        let start = c as usize * CLUSTER_SIZE;
-        let end = (start + CLUSTER_SIZE).min(imgs[d].len());
-        if case.zero_runs && matches!(case.patterns[d][c as usize], Pattern::Zero) {
-            w.write_zeros(id, c..c + 1).unwrap();
-        } else {
-            w.write_cluster(id, ClusterNo(c), &imgs[d][start..end])
-                .unwrap();
-        }
-    }
+    write_shuffled(case, &m, &mut w);
     w.finish().unwrap()
 }
 

@@ -209,6 +209,11 @@ impl<'a> FieldReader<'a> {
         Self::new(bytes, base, B::NAME)
     }
 
+    /// Absolute offset of the structure's first byte.
+    pub fn start(&self) -> u64 {
+        self.base
+    }
+
     /// Absolute offset of the next byte.
     pub fn offset(&self) -> u64 {
         self.base + self.pos as u64

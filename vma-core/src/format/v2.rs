@@ -12,8 +12,9 @@ use crate::types::DriveId;
 
 use super::field::{fixed_block, FieldReader, FieldWriter, FixedBlock};
 use super::v3::{
-    extent_limits, sealed, self_check_holds, sha256, BodyCounts, Codec, DriveRecord, IndexRun,
-    DIGEST_LEN, DRIVE_DIGEST_PRESENT, DRIVE_INTERRUPTED, EXTENT_HEADER_LEN, FOOTER_LEN,
+    expect_magic, expect_self_check, extent_codec, sealed, sha256, DriveRecord, ExtentFrame,
+    Footer, IndexRun, DIGEST_LEN, DRIVE_DIGEST_PRESENT, DRIVE_INTERRUPTED, EXTENT_HEADER_DAMAGED,
+    EXTENT_HEADER_LEN, FOOTER_LEN,
 };
 
 /// Major version of the archives described here.
@@ -33,22 +34,9 @@ pub const INDEX_RUN_LEN: usize = 24;
 /// Size of one drive record in the 2.0 index.
 pub const DRIVE_RECORD_LEN: usize = 64;
 
-/// The fixed header of a 2.0 extent (no archive uuid).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExtentHeader {
-    /// Sequence number: 0 for the first extent, then +1 each.
-    pub seq: u64,
-    /// Number of run entries.
-    pub entry_count: u32,
-    /// Number of block masks (= data clusters).
-    pub mask_count: u32,
-    /// Payload encoding.
-    pub codec: Codec,
-    /// Payload length as stored.
-    pub stored_len: u32,
-    /// Payload length decoded (stored blocks x 4096).
-    pub raw_len: u32,
-}
+/// The layout of the fixed header of a 2.0 extent (no archive uuid); it
+/// decodes into an [`ExtentFrame`] without uuid.
+pub struct ExtentHeader;
 
 fixed_block!(ExtentHeader = "extent header", EXTENT_HEADER_LEN;
     MAGIC("magic", 8),
@@ -64,84 +52,41 @@ fixed_block!(ExtentHeader = "extent header", EXTENT_HEADER_LEN;
 );
 
 impl ExtentHeader {
-    /// Total length of the extent (header, entries, masks, payload, digest).
-    pub fn total_len(&self) -> usize {
-        self.payload_start() + self.stored_len as usize + DIGEST_LEN
-    }
-
-    /// Offset of the payload from the extent start.
-    pub fn payload_start(&self) -> usize {
-        EXTENT_HEADER_LEN
-            + self.entry_count as usize * super::ENTRY_LEN
-            + super::masks_len(self.mask_count as usize)
-    }
-
-    /// The counts the body is checked against.
-    pub fn body_counts(&self) -> BodyCounts {
-        BodyCounts {
-            seq: self.seq,
-            entry_count: self.entry_count,
-            mask_count: self.mask_count,
-            raw_len: self.raw_len,
-        }
-    }
-
-    /// Encode the 64-byte header with its self-check (for tests that need
-    /// 2.0 bytes; nothing writes 2.0 archives).
-    pub fn encode(&self) -> [u8; EXTENT_HEADER_LEN] {
+    /// Encode the 64-byte header of `h` (whose uuid 2.0 cannot hold) with
+    /// its self-check (for tests that need 2.0 bytes; nothing writes 2.0
+    /// archives).
+    pub fn encode(h: &ExtentFrame) -> [u8; EXTENT_HEADER_LEN] {
         let mut b = Vec::with_capacity(Self::LEN);
         FieldWriter::new(&mut b)
             .bytes(&EXTENT_MAGIC)
-            .u64_le(self.seq)
-            .u32_le(self.entry_count)
-            .u32_le(self.mask_count)
-            .u8(self.codec.code())
+            .u64_le(h.seq)
+            .u32_le(h.entry_count)
+            .u32_le(h.mask_count)
+            .u8(h.codec.code())
             .zeros(Self::RESERVED.len)
-            .u32_le(self.stored_len)
-            .u32_le(self.raw_len)
+            .u32_le(h.stored_len)
+            .u32_le(h.raw_len)
             .zeros(Self::RESERVED2.len);
         sealed(b)
     }
 
     /// Decode and check a 64-byte 2.0 extent header found at absolute `offset`.
-    pub fn decode(b: &[u8; EXTENT_HEADER_LEN], offset: u64) -> Result<Self> {
+    pub fn decode(b: &[u8; EXTENT_HEADER_LEN], offset: u64) -> Result<ExtentFrame> {
         let r = FieldReader::block::<Self>(b, offset);
-        if r.field(Self::MAGIC)? != EXTENT_MAGIC {
-            return Err(Error::corrupt(
-                offset,
-                format!(
-                    "expected an extent header (magic {}), found {}",
-                    hex::encode(EXTENT_MAGIC),
-                    hex::encode(r.field(Self::MAGIC)?)
-                ),
-            ));
-        }
-        if !self_check_holds(&r, b, Self::CHECK)? {
-            return Err(Error::corrupt(
-                offset,
-                "extent header self-check does not match (header bytes damaged)",
-            ));
-        }
+        expect_magic(&r, Self::MAGIC, &EXTENT_MAGIC, "an extent header", "")?;
+        expect_self_check(&r, b, Self::CHECK, EXTENT_HEADER_DAMAGED)?;
         let seq = r.u64_le_at(Self::SEQ)?;
-        let code = r.u8_at(Self::CODEC)?;
-        let codec = Codec::from_code(code).ok_or_else(|| {
-            Error::corrupt(
-                r.offset_of(Self::CODEC),
-                format!("extent #{seq}: unknown codec {code}"),
-            )
-        })?;
-        let h = ExtentHeader {
+        let h = ExtentFrame {
+            uuid: None,
             seq,
             entry_count: r.u32_le_at(Self::ENTRY_COUNT)?,
             mask_count: r.u32_le_at(Self::MASK_COUNT)?,
-            codec,
+            codec: extent_codec(&r, Self::CODEC, seq)?,
             stored_len: r.u32_le_at(Self::STORED_LEN)?,
             raw_len: r.u32_le_at(Self::RAW_LEN)?,
         };
-        match extent_limits(h.entry_count, h.mask_count, codec, h.stored_len, h.raw_len) {
-            Some(what) => Err(Error::corrupt(offset, format!("extent #{seq}: {what}"))),
-            None => Ok(h),
-        }
+        h.check_limits(offset)?;
+        Ok(h)
     }
 }
 
@@ -182,16 +127,7 @@ impl Index {
     /// Length of an index block from its 32-byte fixed part (bounded by `max_len`).
     pub fn block_len(fixed: &[u8; INDEX_FIXED_LEN], offset: u64, max_len: u64) -> Result<usize> {
         let r = FieldReader::block::<IndexFixed>(fixed, offset);
-        if r.field(IndexFixed::MAGIC)? != INDEX_MAGIC {
-            return Err(Error::corrupt(
-                offset,
-                format!(
-                    "expected the index (magic {}), found {}",
-                    hex::encode(INDEX_MAGIC),
-                    hex::encode(r.field(IndexFixed::MAGIC)?)
-                ),
-            ));
-        }
+        expect_magic(&r, IndexFixed::MAGIC, &INDEX_MAGIC, "the index", "")?;
         let (runs, drives) = Index::counts(fixed);
         let len = runs
             .checked_mul(INDEX_RUN_LEN as u64)
@@ -268,30 +204,10 @@ impl Index {
     }
 }
 
-/// The fixed-size footer at the end of a complete 2.0 archive.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Footer {
-    /// Offset of the index block.
-    pub index_offset: u64,
-    /// Length of the index block.
-    pub index_len: u64,
-    /// Number of extents.
-    pub extent_count: u64,
-    /// SHA-256 over the header digest, every extent digest in order, and the
-    /// index digest, as the writer stated it.
-    pub archive_digest: [u8; 32],
-}
-
-impl Footer {
-    /// Decode and check a 2.0 footer found at absolute `offset` (the
-    /// layout of the 3.0 footer, with the 2.0 magic).
-    pub fn decode(b: &[u8; FOOTER_LEN], offset: u64) -> Result<Footer> {
-        let f = super::v3::Footer::decode_with_magic(b, offset, &FOOTER_MAGIC)?;
-        Ok(Footer {
-            index_offset: f.index_offset,
-            index_len: f.index_len,
-            extent_count: f.extent_count,
-            archive_digest: f.archive_digest,
-        })
-    }
+/// Decode and check a 2.0 footer found at absolute `offset`: the layout
+/// of the 3.0 [`Footer`], with the 2.0 magic. Its archive digest is the
+/// SHA-256 over the header digest, every extent digest in order, and the
+/// index digest, as the writer stated it.
+pub fn decode_footer(b: &[u8; FOOTER_LEN], offset: u64) -> Result<Footer> {
+    Footer::decode_with_magic(b, offset, &FOOTER_MAGIC)
 }

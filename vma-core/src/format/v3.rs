@@ -12,7 +12,9 @@ use super::v2;
 use crate::digest::{check_matches, Sha256};
 
 use crate::error::{Error, Result};
-use crate::types::{clusters_for, ArchiveOffset, DriveId, ExtentRef};
+use crate::types::{
+    cluster_range_bytes, clusters_for, ArchiveOffset, DriveId, DriveRange, ExtentRef,
+};
 
 /// Magic at offset 0 of every native archive (2.0 and 3.0). Never change.
 pub const ARCHIVE_MAGIC: [u8; 8] = *b"\x89VMA\r\n\x1a\n";
@@ -187,6 +189,16 @@ impl DriveInfo {
     pub fn clusters(&self) -> u64 {
         clusters_for(self.size)
     }
+
+    /// The bytes of clusters `clusters` of this drive (clipped to its
+    /// size), named for messages and reports.
+    pub fn range(&self, clusters: std::ops::Range<u64>) -> DriveRange {
+        DriveRange {
+            drive: self.id,
+            drive_name: self.name.clone(),
+            bytes: cluster_range_bytes(self.size, clusters),
+        }
+    }
 }
 
 /// A named configuration blob (VM config, firewall rules, NVRAM, ...).
@@ -329,14 +341,44 @@ pub(super) fn sealed<const N: usize>(mut b: Vec<u8>) -> [u8; N] {
     b.try_into().expect("the layout ends with its 8-byte check")
 }
 
-/// Whether the self-check field `check` of block `b` (read by `r`)
-/// matches the bytes before it.
-pub(super) fn self_check_holds(
+/// Check that field `field` of the block read by `r` holds `magic`; else
+/// the error says it expected `what` ("the index") and what a wrong magic
+/// means there (`meaning`, appended as is: empty, or ": ...").
+pub(super) fn expect_magic(
+    r: &FieldReader<'_>,
+    field: super::field::Field,
+    magic: &[u8],
+    what: &str,
+    meaning: &str,
+) -> Result<()> {
+    let found = r.field(field)?;
+    if found == magic {
+        return Ok(());
+    }
+    Err(Error::corrupt(
+        r.offset_of(field),
+        format!(
+            "expected {what} (magic {}), found {}{meaning}",
+            hex::encode(magic),
+            hex::encode(found)
+        ),
+    ))
+}
+
+/// Check that the self-check field `check` of block `b` (read by `r`)
+/// matches the bytes before it; else the error is `damaged`, at the
+/// block's start.
+pub(super) fn expect_self_check(
     r: &FieldReader<'_>,
     b: &[u8],
     check: super::field::Field,
-) -> Result<bool> {
-    Ok(check_matches(r.field(check)?, &short_check(&b[..check.at])))
+    damaged: &str,
+) -> Result<()> {
+    if check_matches(r.field(check)?, &short_check(&b[..check.at])) {
+        Ok(())
+    } else {
+        Err(Error::corrupt(r.start(), damaged))
+    }
 }
 
 fn names_of_bits(bits: u64) -> String {
@@ -740,6 +782,12 @@ impl Header {
             .map(|i| &self.drives[i])
     }
 
+    /// The bytes of clusters `clusters` of drive `id` (see
+    /// [`DriveInfo::range`]); None when the header has no such drive.
+    pub fn drive_range(&self, id: DriveId, clusters: std::ops::Range<u64>) -> Option<DriveRange> {
+        self.drive(id).map(|d| d.range(clusters))
+    }
+
     /// The position of drive `id` in [`Header::drives`], if any.
     pub fn slot(&self, id: DriveId) -> Option<usize> {
         self.drives.binary_search_by_key(&id, |d| d.id).ok()
@@ -917,7 +965,7 @@ pub fn decode_entries(h: &BodyCounts, body: &[u8], offset: u64) -> Result<(Vec<E
 
 /// The limits every extent header (2.0 and 3.0) obeys; the reason when one
 /// is broken.
-pub(super) fn extent_limits(
+fn extent_limits(
     entry_count: u32,
     mask_count: u32,
     codec: Codec,
@@ -992,26 +1040,32 @@ pub const EXTENT_UUID_AT: usize = ExtentHeader::UUID.at;
 pub const EXTENT_CIPHER_AT: usize = ExtentHeader::CIPHER.at;
 
 impl ExtentHeader {
+    /// The header as far as reading its extent goes.
+    pub fn frame(&self) -> ExtentFrame {
+        ExtentFrame {
+            uuid: Some(self.uuid),
+            seq: self.seq,
+            entry_count: self.entry_count,
+            mask_count: self.mask_count,
+            codec: self.codec,
+            stored_len: self.stored_len,
+            raw_len: self.raw_len,
+        }
+    }
+
     /// Total length of the extent (header, entries, masks, payload, digest).
     pub fn total_len(&self) -> usize {
-        self.payload_start() + self.stored_len as usize + DIGEST_LEN
+        self.frame().total_len()
     }
 
     /// Offset of the payload from the extent start.
     pub fn payload_start(&self) -> usize {
-        EXTENT_HEADER_LEN
-            + self.entry_count as usize * ENTRY_LEN
-            + masks_len(self.mask_count as usize)
+        self.frame().payload_start()
     }
 
     /// The counts the body is checked against.
     pub fn body_counts(&self) -> BodyCounts {
-        BodyCounts {
-            seq: self.seq,
-            entry_count: self.entry_count,
-            mask_count: self.mask_count,
-            raw_len: self.raw_len,
-        }
+        self.frame().body_counts()
     }
 
     /// Encode the 64-byte header with its self-check.
@@ -1036,22 +1090,8 @@ impl ExtentHeader {
     /// caller's to compare.
     pub fn decode(b: &[u8; EXTENT_HEADER_LEN], offset: u64) -> Result<Self> {
         let r = FieldReader::block::<Self>(b, offset);
-        if r.field(Self::MAGIC)? != EXTENT_MAGIC {
-            return Err(Error::corrupt(
-                offset,
-                format!(
-                    "expected an extent header (magic {}), found {}",
-                    hex::encode(EXTENT_MAGIC),
-                    hex::encode(r.field(Self::MAGIC)?)
-                ),
-            ));
-        }
-        if !self_check_holds(&r, b, Self::CHECK)? {
-            return Err(Error::corrupt(
-                offset,
-                "extent header self-check does not match (header bytes damaged)",
-            ));
-        }
+        expect_magic(&r, Self::MAGIC, &EXTENT_MAGIC, "an extent header", "")?;
+        expect_self_check(&r, b, Self::CHECK, EXTENT_HEADER_DAMAGED)?;
         let seq = r.u64_le_at(Self::SEQ)?;
         let cipher = r.u8_at(Self::CIPHER)?;
         if cipher != 0 {
@@ -1060,13 +1100,6 @@ impl ExtentHeader {
                 names: format!("extent cipher {cipher} (extent #{seq} at offset {offset})"),
             });
         }
-        let code = r.u8_at(Self::CODEC)?;
-        let codec = Codec::from_code(code).ok_or_else(|| {
-            Error::corrupt(
-                r.offset_of(Self::CODEC),
-                format!("extent #{seq}: unknown codec {code}"),
-            )
-        })?;
         let h = ExtentHeader {
             uuid: r.field_bytes(Self::UUID)?,
             seq,
@@ -1074,11 +1107,102 @@ impl ExtentHeader {
             mask_count: r.u32_le_at(Self::MASK_COUNT)?,
             stored_len: r.u32_le_at(Self::STORED_LEN)?,
             raw_len: r.u32_le_at(Self::RAW_LEN)?,
-            codec,
+            codec: extent_codec(&r, Self::CODEC, seq)?,
         };
-        match extent_limits(h.entry_count, h.mask_count, codec, h.stored_len, h.raw_len) {
-            Some(what) => Err(Error::corrupt(offset, format!("extent #{seq}: {what}"))),
-            None => Ok(h),
+        h.frame().check_limits(offset)?;
+        Ok(h)
+    }
+}
+
+/// The message for an extent header whose self-check fails (2.0 and 3.0).
+pub(super) const EXTENT_HEADER_DAMAGED: &str =
+    "extent header self-check does not match (header bytes damaged)";
+
+/// The codec in field `field` of the header of extent `seq`, read by `r`.
+pub(super) fn extent_codec(
+    r: &FieldReader<'_>,
+    field: super::field::Field,
+    seq: u64,
+) -> Result<Codec> {
+    let code = r.u8_at(field)?;
+    Codec::from_code(code).ok_or_else(|| {
+        Error::corrupt(
+            r.offset_of(field),
+            format!("extent #{seq}: unknown codec {code}"),
+        )
+    })
+}
+
+/// An extent header of either native version as far as reading its
+/// extent goes: the archive it names (3.0 only), its place and the sizes
+/// of its parts. Entries, masks, payload and digest follow the header in
+/// the same layout in 2.0 and 3.0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExtentFrame {
+    /// Uuid of the archive the extent belongs to (3.0 only).
+    pub uuid: Option<[u8; 16]>,
+    /// Sequence number: 0 for the first extent, then +1 each.
+    pub seq: u64,
+    /// Number of run entries.
+    pub entry_count: u32,
+    /// Number of block masks (= data clusters).
+    pub mask_count: u32,
+    /// Payload encoding.
+    pub codec: Codec,
+    /// Payload length as stored.
+    pub stored_len: u32,
+    /// Payload length decoded (stored blocks x 4096).
+    pub raw_len: u32,
+}
+
+impl ExtentFrame {
+    /// Decode and check a 64-byte extent header of archive version `major`
+    /// found at absolute `offset`.
+    pub fn decode(b: &[u8; EXTENT_HEADER_LEN], offset: u64, major: u16) -> Result<Self> {
+        if major >= VERSION_MAJOR {
+            ExtentHeader::decode(b, offset).map(|h| h.frame())
+        } else {
+            super::v2::ExtentHeader::decode(b, offset)
+        }
+    }
+
+    /// Total length of the extent (header, entries, masks, payload, digest).
+    pub fn total_len(&self) -> usize {
+        self.payload_start() + self.stored_len as usize + DIGEST_LEN
+    }
+
+    /// Offset of the payload from the extent start.
+    pub fn payload_start(&self) -> usize {
+        EXTENT_HEADER_LEN
+            + self.entry_count as usize * ENTRY_LEN
+            + masks_len(self.mask_count as usize)
+    }
+
+    /// The counts the body is checked against.
+    pub fn body_counts(&self) -> BodyCounts {
+        BodyCounts {
+            seq: self.seq,
+            entry_count: self.entry_count,
+            mask_count: self.mask_count,
+            raw_len: self.raw_len,
+        }
+    }
+
+    /// Check the counts and lengths against the limits every extent header
+    /// obeys; the error names the header at absolute `offset`.
+    pub(super) fn check_limits(&self, offset: u64) -> Result<()> {
+        match extent_limits(
+            self.entry_count,
+            self.mask_count,
+            self.codec,
+            self.stored_len,
+            self.raw_len,
+        ) {
+            Some(what) => Err(Error::corrupt(
+                offset,
+                format!("extent #{}: {what}", self.seq),
+            )),
+            None => Ok(()),
         }
     }
 }
@@ -1430,22 +1554,13 @@ impl IndexFixed {
     /// self-check, page sizes, drive count.
     pub fn decode(b: &[u8; INDEX_FIXED_LEN], offset: u64) -> Result<IndexFixed> {
         let r = FieldReader::block::<Self>(b, offset);
-        if r.field(Self::MAGIC)? != INDEX_MAGIC {
-            return Err(Error::corrupt(
-                offset,
-                format!(
-                    "expected the index (magic {}), found {}",
-                    hex::encode(INDEX_MAGIC),
-                    hex::encode(r.field(Self::MAGIC)?)
-                ),
-            ));
-        }
-        if !self_check_holds(&r, b, Self::CHECK)? {
-            return Err(Error::corrupt(
-                offset,
-                "index self-check does not match (its fixed part is damaged, or the magic is stray)",
-            ));
-        }
+        expect_magic(&r, Self::MAGIC, &INDEX_MAGIC, "the index", "")?;
+        expect_self_check(
+            &r,
+            b,
+            Self::CHECK,
+            "index self-check does not match (its fixed part is damaged, or the magic is stray)",
+        )?;
         let f = IndexFixed {
             uuid: r.field_bytes(Self::UUID)?,
             run_count: r.u64_le_at(Self::RUN_COUNT)?,
@@ -1736,22 +1851,19 @@ impl Footer {
         magic: &[u8; 8],
     ) -> Result<Footer> {
         let r = FieldReader::block::<Self>(b, offset);
-        if r.field(Self::MAGIC)? != magic {
-            return Err(Error::corrupt(
-                offset,
-                format!(
-                    "expected the footer (magic {}), found {}: the archive is incomplete or damaged at its end",
-                    hex::encode(magic),
-                    hex::encode(r.field(Self::MAGIC)?)
-                ),
-            ));
-        }
-        if !self_check_holds(&r, b, Self::CHECK)? {
-            return Err(Error::corrupt(
-                offset,
-                "footer self-check does not match (footer damaged)",
-            ));
-        }
+        expect_magic(
+            &r,
+            Self::MAGIC,
+            magic,
+            "the footer",
+            ": the archive is incomplete or damaged at its end",
+        )?;
+        expect_self_check(
+            &r,
+            b,
+            Self::CHECK,
+            "footer self-check does not match (footer damaged)",
+        )?;
         let f = Footer {
             index_offset: r.u64_le_at(Self::INDEX_OFFSET)?,
             index_len: r.u64_le_at(Self::INDEX_LEN)?,

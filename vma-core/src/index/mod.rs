@@ -690,11 +690,7 @@ impl IndexBuilder {
                 active.retain(|e| (e.start + e.count as u64).min(n) > pos);
             }
             for (s, e, bad) in report {
-                let range = DriveRange {
-                    drive: d.id,
-                    drive_name: d.name.clone(),
-                    bytes: cluster_range_bytes(d.size, s..e),
-                };
+                let range = d.range(s..e);
                 found.problem(if bad {
                     Error::Conflicting {
                         what: format!("intact extents hold different bytes for {range}"),
@@ -869,11 +865,7 @@ impl Found {
     }
 
     fn lost(&mut self, d: &DriveInfo, range: Range<u64>, why: Lost) {
-        let r = DriveRange {
-            drive: d.id,
-            drive_name: d.name.clone(),
-            bytes: cluster_range_bytes(d.size, range),
-        };
+        let r = d.range(range);
         let list = match why {
             Lost::Missing => &mut self.missing,
             Lost::Damaged | Lost::Invalid => &mut self.damaged,
@@ -1125,17 +1117,13 @@ impl Walk<'_, '_> {
             if !self.lenient && why == Lost::Missing {
                 // Collected; the strict build fails with all of them at the end.
             } else if !self.lenient {
+                let range = d.range(p..stop);
                 return Err(Error::Incomplete {
                     summary: format!(
                         "drive {} bytes {:?} are held only by damaged extents",
-                        d.name,
-                        cluster_range_bytes(d.size, p..stop)
+                        d.name, range.bytes
                     ),
-                    ranges: vec![DriveRange {
-                        drive: d.id,
-                        drive_name: d.name.clone(),
-                        bytes: cluster_range_bytes(d.size, p..stop),
-                    }],
+                    ranges: vec![range],
                 });
             }
             f(
@@ -1185,11 +1173,7 @@ impl Walk<'_, '_> {
 }
 
 fn duplicate(d: &DriveInfo, clusters: Range<u64>) -> Error {
-    let range = DriveRange {
-        drive: d.id,
-        drive_name: d.name.clone(),
-        bytes: cluster_range_bytes(d.size, clusters),
-    };
+    let range = d.range(clusters);
     Error::Duplicate {
         what: format!("{range} is given twice"),
         ranges: vec![range],
@@ -1433,6 +1417,16 @@ impl RunPages {
 }
 
 impl BuiltIndex {
+    /// Whether damage, gaps or conflicts lost any bytes of drive `drive`
+    /// (then its drive digest cannot be checked).
+    pub fn lost_any_of(&self, drive: DriveId) -> bool {
+        self.damaged
+            .iter()
+            .chain(&self.missing)
+            .chain(&self.conflicting)
+            .any(|r| r.drive == drive)
+    }
+
     /// SHA-256 over every run as encoded, in order (what a 2.0 index's runs
     /// are compared with).
     pub fn runs_digest(&self) -> Digest {

@@ -45,6 +45,18 @@ struct RunPage {
     first_leaf: Vec<u64>,
 }
 
+/// Where in the run pages a drive's runs are found from a cluster on
+/// (see [`PagedIndex::find_run`]).
+struct RunSpot {
+    /// The run page's number.
+    page_no: u64,
+    page: Arc<RunPage>,
+    /// The first run of the page that does not end before the cluster.
+    at: usize,
+    /// The end of the drive's runs in this page.
+    end: usize,
+}
+
 /// A tiny LRU of pages by number.
 struct Lru<T> {
     cap: usize,
@@ -414,9 +426,11 @@ impl PagedIndex {
         Ok(RunPage { runs, first_leaf })
     }
 
-    /// The run of drive `slot` holding `cluster`, with the leaf number of
-    /// its first cluster.
-    pub fn run_at(&self, slot: usize, cluster: u64) -> Result<Option<(IndexRun, u64)>> {
+    /// Where the runs of drive `slot` from the one holding `cluster` on
+    /// start: in which run page and at which run of it (the first of the
+    /// drive's runs there that does not end before `cluster`). None when
+    /// the drive has no runs or `cluster` lies past its end.
+    fn find_run(&self, slot: usize, cluster: u64) -> Result<Option<RunSpot>> {
         let Some(rec) = self.records.get(slot) else {
             return Ok(None);
         };
@@ -434,10 +448,23 @@ impl PagedIndex {
         let lo = rec.first_run.saturating_sub(page_no * per) as usize;
         let hi =
             ((rec.first_run + rec.run_count).min((page_no + 1) * per) - page_no * per) as usize;
-        let runs = &page.runs[lo..hi];
-        let k = runs.partition_point(|r| r.end() <= cluster);
-        match runs.get(k) {
-            Some(r) if r.start <= cluster => Ok(Some((*r, page.first_leaf[lo + k]))),
+        let at = lo + page.runs[lo..hi].partition_point(|r| r.end() <= cluster);
+        Ok(Some(RunSpot {
+            page_no,
+            page,
+            at,
+            end: hi,
+        }))
+    }
+
+    /// The run of drive `slot` holding `cluster`, with the leaf number of
+    /// its first cluster.
+    pub fn run_at(&self, slot: usize, cluster: u64) -> Result<Option<(IndexRun, u64)>> {
+        let Some(RunSpot { page, at, end, .. }) = self.find_run(slot, cluster)? else {
+            return Ok(None);
+        };
+        match page.runs[..end].get(at) {
+            Some(r) if r.start <= cluster => Ok(Some((*r, page.first_leaf[at]))),
             _ => Err(Error::corrupt(
                 self.offset_of(self.layout.runs_at),
                 format!(
@@ -450,27 +477,16 @@ impl PagedIndex {
 
     /// The runs of drive `slot` from the one holding `cluster` on.
     pub fn runs_from(&self, slot: usize, cluster: u64) -> Result<RunCursor<'_>> {
-        let Some(rec) = self.records.get(slot) else {
+        let Some(RunSpot {
+            page_no, page, at, ..
+        }) = self.find_run(slot, cluster)?
+        else {
             return Ok(RunCursor::empty(self));
         };
-        if rec.run_count == 0 || cluster >= self.drives[slot].clusters() {
-            return Ok(RunCursor::empty(self));
-        }
-        // Find the run's number through its page.
-        let per = self.layout.fixed.runs_per_page as u64;
-        let first_page = rec.first_run / per;
-        let last_page = (rec.first_run + rec.run_count - 1) / per;
-        let keys = &self.directory.runs[first_page as usize + 1..=last_page as usize];
-        let n = keys.partition_point(|k| k.drive != rec.drive || k.start <= cluster);
-        let page_no = first_page + n as u64;
-        let page = self.run_page(page_no)?;
-        let lo = rec.first_run.saturating_sub(page_no * per) as usize;
-        let hi =
-            ((rec.first_run + rec.run_count).min((page_no + 1) * per) - page_no * per) as usize;
-        let k = page.runs[lo..hi].partition_point(|r| r.end() <= cluster);
+        let rec = &self.records[slot];
         Ok(RunCursor {
             index: self,
-            next: page_no * per + (lo + k) as u64,
+            next: page_no * self.layout.fixed.runs_per_page as u64 + at as u64,
             end: rec.first_run + rec.run_count,
             page: Some((page_no, page)),
         })

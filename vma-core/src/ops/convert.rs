@@ -196,23 +196,21 @@ pub fn convert_archive<R: Read>(
         progress: options.progress.clone(),
         ..Default::default()
     };
-    let expected = header.drives.iter().map(|d| d.size).sum::<u64>() + (64 << 20);
-    let output = output.expecting(expected);
-    write_archive(
-        &output,
+    write_any_archive(
+        output,
         on_stale,
-        |out| {
-            let mut writer = AnyWriter::new(out, meta, options.vma1, &options.writer)?;
-            if let AnyWriter::Native(w) = &mut writer {
-                w.set_progress(options.progress.clone());
-            }
-            if let (AnyWriter::Native(w), Some(chain)) = (&mut writer, ancestors) {
+        meta,
+        options.vma1,
+        &options.writer,
+        options.progress.clone(),
+        |writer| {
+            if let (AnyWriter::Native(w), Some(chain)) = (&mut *writer, ancestors) {
                 w.set_leaf_source(chain.leaf_source());
             }
             // 3.0 extents already encoded as asked are copied as they are
             // stored (the writer decodes them once for their leaves).
             let mut source = ancestors.map(|c| c.leaf_source());
-            let report = match &mut writer {
+            let report = match &mut *writer {
                 AnyWriter::Native(w)
                     if source_format == ArchiveFormat::V3
                         && w.header().compression == header.compression
@@ -228,15 +226,15 @@ pub fn convert_archive<R: Read>(
                     source.as_mut().map(|s| &mut **s as &mut dyn LeafSource),
                     |ext| {
                         position(ext.offset + ext.stored_len);
-                        copy_extent(ext, &header.drives, &mut writer)
+                        copy_extent(ext, &header.drives, &mut *writer)
                     },
                 )?,
             };
             if options.salvage {
-                fill_lost(&report, &mut writer)?;
+                fill_lost(&report, &mut *writer)?;
             }
             let lost = !(report.damaged.is_empty() && report.missing.is_empty());
-            if let AnyWriter::Native(w) = &mut writer {
+            if let AnyWriter::Native(w) = &mut *writer {
                 for r in report.records.iter().flatten() {
                     if r.interrupted {
                         w.mark_interrupted(r.drive)?;
@@ -248,8 +246,37 @@ pub fn convert_archive<R: Read>(
                     }
                 }
             }
-            writer.finish()?;
             Ok(report)
+        },
+    )
+}
+
+/// Write an archive of `meta` into `output` (see [`write_archive`]; its
+/// drives' sizes, plus 64 MiB, bound its size) through `body`, with an
+/// [`AnyWriter`] of the format `vma1` chooses that reports the steps of a
+/// native archive's finish to `progress`. The archive is finished after
+/// `body`. Returns the body's result and the bytes written.
+pub(crate) fn write_any_archive<T>(
+    output: &ArchiveOutput<'_>,
+    on_stale: &mut dyn FnMut(&StaleTemporary),
+    meta: ArchiveMeta,
+    vma1: bool,
+    options: &WriterOptions,
+    progress: Option<ProgressFn>,
+    body: impl FnOnce(&mut AnyWriter<&mut dyn Write>) -> Result<T>,
+) -> Result<(T, u64)> {
+    let expected = meta.drives.iter().map(|d| d.size).sum::<u64>() + (64 << 20);
+    write_archive(
+        &output.expecting(expected),
+        on_stale,
+        |out| {
+            let mut writer = AnyWriter::new(out, meta, vma1, options)?;
+            if let AnyWriter::Native(w) = &mut writer {
+                w.set_progress(progress);
+            }
+            let result = body(&mut writer)?;
+            writer.finish()?;
+            Ok(result)
         },
         |_| Ok(()),
     )

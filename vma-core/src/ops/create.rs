@@ -7,7 +7,7 @@ use crate::atomic::StaleTemporary;
 use crate::chain::{Chain, ChainDrive};
 use crate::error::Result;
 use crate::image::source::{copy_image, DiskImage};
-use crate::ops::convert::AnyWriter;
+use crate::ops::convert::write_any_archive;
 use crate::ops::diff::{diff_or_copy, DiffStats};
 use crate::ops::output::{write_archive, ArchiveOutput};
 use crate::types::{ClusterObserver, Observed};
@@ -40,19 +40,17 @@ pub fn create_archive(
     observer: &mut dyn ClusterObserver,
 ) -> Result<u64> {
     let drives = meta.drives.clone();
-    let total: u64 = drives.iter().map(|d| d.size).sum();
-    let output = output.expecting(total + (64 << 20));
-    let ((), written) = write_archive(
-        &output,
+    let ((), written) = write_any_archive(
+        output,
         on_stale,
-        |out| {
-            let mut writer = AnyWriter::new(out, meta, options.vma1, &options.writer)?;
-            if let AnyWriter::Native(w) = &mut writer {
-                w.set_progress(options.progress.clone());
-            }
+        meta,
+        options.vma1,
+        &options.writer,
+        options.progress.clone(),
+        |writer| {
             let mut base = 0;
             let mut observed = Observed {
-                inner: &mut writer,
+                inner: writer,
                 observer: &mut *observer,
             };
             for (d, image) in drives.iter().zip(images) {
@@ -62,10 +60,8 @@ pub fn create_archive(
                 .map_err(|e| e.in_step(format!("archiving drive {}", d.name)))?;
                 base += d.size;
             }
-            writer.finish()?;
-            Ok::<(), crate::Error>(())
+            Ok(())
         },
-        |_| Ok(()),
     )?;
     Ok(written)
 }

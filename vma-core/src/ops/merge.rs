@@ -460,17 +460,13 @@ fn claims_agree(reader: &Reader, key: ExtentRef, entries: &[crate::format::Entry
             let ok =
                 r.is_some_and(|r| r.kind == e.kind && (e.kind != RunKind::Data || r.extent == key));
             if !ok {
-                let bytes = crate::types::cluster_range_bytes(d.size, pos..end);
+                let range = d.range(pos..end);
                 return Err(Error::Conflicting {
                     what: format!(
                         "{} holds drive {} bytes {}..{} but the index gives them to another extent or kind: two copies of the same clusters; verify the archive (a merge does not fold it)",
-                        reader.extent_label(key), d.name, bytes.start, bytes.end
+                        reader.extent_label(key), d.name, range.bytes.start, range.bytes.end
                     ),
-                    ranges: vec![crate::types::DriveRange {
-                        drive: d.id,
-                        drive_name: d.name.clone(),
-                        bytes,
-                    }],
+                    ranges: vec![range],
                 });
             }
             pos = r.map_or(end, |r| r.end()).min(end);

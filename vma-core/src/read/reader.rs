@@ -16,10 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, IoContext, Result};
-use crate::extent::{
-    drive_sizes, Binding, ClusterData, DecodedExtent, DriveSizes, Frame, StoredExtent,
-};
+use crate::extent::{drive_sizes, Binding, ClusterData, DecodedExtent, DriveSizes, StoredExtent};
 use crate::format::v1::{self, V1ExtentHeader};
+use crate::format::ExtentFrame;
 use crate::format::{
     archive_digest, index_digest, v2, Directory, DriveRecord, Footer, Header, HeaderPrefix,
     IndexFixed, IndexRun, ParentRef, RunKind, BLOCK_SIZE, CLUSTER_SIZE, DRIVE_RECORD_LEN,
@@ -31,9 +30,7 @@ use crate::read::detect::{detect, DetectedFormat, DETECT_LEN};
 use crate::read::stream::{incomplete_error, ArchiveFormat, ArchiveStream, PassOptions};
 use crate::storage::{SeqRead, Source};
 use crate::tree::Digest;
-use crate::types::{
-    cluster_len, cluster_range_bytes, ArchiveOffset, ClusterNo, DriveId, DriveRange, ExtentRef,
-};
+use crate::types::{cluster_len, ArchiveOffset, ClusterNo, DriveId, DriveRange, ExtentRef};
 
 /// Default bytes of decoded extents kept in memory.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
@@ -147,16 +144,7 @@ impl Reader {
         if prefix.major == v2::VERSION_MAJOR {
             return Reader::open_v2(file, path, header, header_len, file_len);
         }
-        let footer_at = file_len - FOOTER_LEN as u64;
-        let mut fb = [0u8; FOOTER_LEN];
-        read_exact_at(&file, &mut fb, footer_at, &name)?;
-        let footer = Footer::decode(&fb, footer_at)?;
-        if footer.index_offset < header_len {
-            return Err(Error::corrupt(
-                footer_at,
-                "footer points to an index inside the header",
-            ));
-        }
+        let (footer, footer_at) = read_footer(&file, &name, file_len, header_len, prefix.major)?;
         let at = footer.index_offset;
         let mut fixed_bytes = [0u8; INDEX_FIXED_LEN];
         read_exact_at(&file, &mut fixed_bytes, at, &name)?;
@@ -255,28 +243,29 @@ impl Reader {
             path,
             header,
             header_len,
-            ArchiveFormat::V3,
             RunIndex::Paged(Box::new(paged)),
             records,
             Some(digest),
             at,
-            None,
         ))
     }
 
+    /// The reader of an archive opened by one of the `open` paths: its
+    /// format (and a VMA v1 archive's uuid, which its extents repeat)
+    /// follow from `header`, the caches start empty.
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         file: Source,
         path: &Path,
         header: Header,
         header_len: u64,
-        format: ArchiveFormat,
         index: RunIndex,
         records: Vec<DriveRecord>,
         archive_digest: Option<[u8; 32]>,
         data_end: u64,
-        v1_uuid: Option<[u8; 16]>,
     ) -> Reader {
+        let format = ArchiveFormat::of_version(header.version_major);
+        let v1_uuid = (format == ArchiveFormat::VmaV1).then_some(header.uuid);
         let sizes = drive_sizes(&header.drives);
         Reader {
             file,
@@ -305,16 +294,7 @@ impl Reader {
         file_len: u64,
     ) -> Result<Reader> {
         let name = path.display().to_string();
-        let footer_at = file_len - FOOTER_LEN as u64;
-        let mut fb = [0u8; FOOTER_LEN];
-        read_exact_at(&file, &mut fb, footer_at, &name)?;
-        let footer = v2::Footer::decode(&fb, footer_at)?;
-        if footer.index_offset < header_len {
-            return Err(Error::corrupt(
-                footer_at,
-                "footer points to an index inside the header",
-            ));
-        }
+        let (footer, _) = read_footer(&file, &name, file_len, header_len, v2::VERSION_MAJOR)?;
         // The index's own counts, checked against the footer and the
         // drives, before its length decides an allocation.
         let mut fixed = [0u8; v2::INDEX_FIXED_LEN];
@@ -351,7 +331,6 @@ impl Reader {
             path,
             header,
             header_len,
-            ArchiveFormat::V2,
             RunIndex::Mem(MemIndex {
                 runs: index.runs,
                 drive_runs,
@@ -359,7 +338,6 @@ impl Reader {
             index.drives,
             Some(footer.archive_digest),
             footer.index_offset,
-            None,
         ))
     }
 
@@ -417,12 +395,10 @@ impl Reader {
             path,
             header,
             header_len,
-            ArchiveFormat::VmaV1,
             RunIndex::Mem(MemIndex { runs, drive_runs }),
             records,
             None,
             file_len,
-            Some(uuid),
         ))
     }
 
@@ -445,9 +421,9 @@ impl Reader {
         let format = stream.format();
         let mut prefix = [0u8; HEADER_FIXED_LEN];
         read_exact_at(&file, &mut prefix, 0, &name)?;
-        let (header_len, v1_uuid) = match format {
-            ArchiveFormat::VmaV1 => (v1::header_len(&prefix)? as u64, Some(header.uuid)),
-            _ => (HeaderPrefix::decode(&prefix)?.header_len as u64, None),
+        let header_len = match format {
+            ArchiveFormat::VmaV1 => v1::header_len(&prefix)? as u64,
+            _ => HeaderPrefix::decode(&prefix)?.header_len as u64,
         };
         let options = PassOptions {
             threads,
@@ -507,12 +483,10 @@ impl Reader {
             path,
             header,
             header_len,
-            format,
             RunIndex::Paged(Box::new(paged)),
             records,
             report.archive_digest,
             file_len,
-            v1_uuid,
         );
         let salvage = Salvage {
             problems: report.problems,
@@ -725,14 +699,7 @@ impl Reader {
                 .runs
                 .iter()
                 .filter(|r| r.kind == RunKind::Data && r.extent == key)
-                .filter_map(|r| {
-                    let d = self.header.drive(r.drive)?;
-                    Some(DriveRange {
-                        drive: r.drive,
-                        drive_name: d.name.clone(),
-                        bytes: cluster_range_bytes(d.size, r.start..r.end()),
-                    })
-                })
+                .filter_map(|r| self.header.drive_range(r.drive, r.start..r.end()))
                 .collect(),
             RunIndex::Paged(_) => self.claimed_ranges(key).unwrap_or_default(),
         }
@@ -744,29 +711,19 @@ impl Reader {
         let offset = self.extent_offset(key).ok()?.get();
         let mut hb = [0u8; EXTENT_HEADER_LEN];
         self.file.read_range(&mut hb, offset).ok()?;
-        let h = Frame::decode(&hb, offset, self.header.version_major).ok()?;
+        let h = ExtentFrame::decode(&hb, offset, self.header.version_major).ok()?;
         let mut body = vec![0u8; h.payload_start() - EXTENT_HEADER_LEN];
         self.file
             .read_range(&mut body, offset + EXTENT_HEADER_LEN as u64)
             .ok()?;
-        let counts = crate::format::BodyCounts {
-            seq: h.seq,
-            entry_count: h.entry_count,
-            mask_count: h.mask_count,
-            raw_len: h.raw_len,
-        };
-        let (entries, _) = crate::format::decode_entries(&counts, &body, offset).ok()?;
+        let (entries, _) = crate::format::decode_entries(&h.body_counts(), &body, offset).ok()?;
         Some(
             entries
                 .iter()
                 .filter(|e| e.kind == RunKind::Data)
                 .filter_map(|e| {
-                    let d = self.header.drive(e.drive)?;
-                    Some(DriveRange {
-                        drive: e.drive,
-                        drive_name: d.name.clone(),
-                        bytes: cluster_range_bytes(d.size, e.start..e.start + e.count as u64),
-                    })
+                    self.header
+                        .drive_range(e.drive, e.start..e.start + e.count as u64)
                 })
                 .collect(),
         )
@@ -998,7 +955,7 @@ impl Reader {
                 let at = self.extent_offset(key)?.get();
                 let mut hb = [0u8; EXTENT_HEADER_LEN];
                 read_exact_at(&self.file, &mut hb, at, &name)?;
-                let h = Frame::decode(&hb, at, self.header.version_major)?;
+                let h = ExtentFrame::decode(&hb, at, self.header.version_major)?;
                 (
                     at,
                     h.total_len(),
@@ -1188,6 +1145,33 @@ pub fn canonical_runs(mut runs: Vec<IndexRun>) -> Vec<IndexRun> {
         out.push(r);
     }
     out
+}
+
+/// The footer that ends the native archive `file` (`name`, `file_len`
+/// bytes, version `major`), and where it starts; it must point to an index
+/// after the header's `header_len` bytes.
+fn read_footer(
+    file: &Source,
+    name: &str,
+    file_len: u64,
+    header_len: u64,
+    major: u16,
+) -> Result<(Footer, u64)> {
+    let footer_at = file_len - FOOTER_LEN as u64;
+    let mut fb = [0u8; FOOTER_LEN];
+    read_exact_at(file, &mut fb, footer_at, name)?;
+    let footer = if major == v2::VERSION_MAJOR {
+        v2::decode_footer(&fb, footer_at)?
+    } else {
+        Footer::decode(&fb, footer_at)?
+    };
+    if footer.index_offset < header_len {
+        return Err(Error::corrupt(
+            footer_at,
+            "footer points to an index inside the header",
+        ));
+    }
+    Ok((footer, footer_at))
 }
 
 fn read_exact_at(file: &Source, buf: &mut [u8], offset: u64, name: &str) -> Result<()> {
