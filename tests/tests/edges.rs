@@ -669,3 +669,71 @@ fn interrupted_extract_removes_the_directories_it_made() {
         }
     }
 }
+
+/// `extract` of a full native archive file into a directory whose file
+/// system cannot hold the data the index records is refused up front,
+/// naming the bytes needed and free and `--no-space-check`, and leaves
+/// nothing behind; a sparse drive whose data fits is extracted; with
+/// `--no-space-check` the run fails on the full disk and removes what it
+/// wrote.
+#[test]
+fn native_extract_checks_free_space_from_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sparse = d.join("sparse.raw");
+    sparse_image(&sparse, 16 << 20, &[(0, 1 << 20, 31)]);
+    let full = d.join("full.raw");
+    std::fs::write(&full, noise(32, 12 << 20)).unwrap();
+    for (name, src) in [("S.vma", &sparse), ("F.vma", &full)] {
+        let o = Command::new(vma_bin())
+            .args(["create", "--compress", "none", name])
+            .arg(format!("disk={}", p(src)))
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+    }
+    let fs = SmallFs::new(&d.join("small"), "8m");
+    let extract = |args: &[&str]| -> Output {
+        Command::new(vma_bin())
+            .arg("extract")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap()
+    };
+    let out = fs.path().join("f/out");
+    let o = extract(&["F.vma", p(&out)]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("not enough free space in")
+            && err.contains("(12582912 bytes, from the archive's index)")
+            && err.contains("--no-space-check"),
+        "{err}"
+    );
+    assert!(fs.entries().is_empty(), "{:?}", fs.entries());
+    // The same for qcow2 output (its tables on top).
+    let o = extract(&["--format", "qcow2", "F.vma", p(&out)]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not enough free space in"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(fs.entries().is_empty(), "{:?}", fs.entries());
+    // A 16 MiB drive holding 1 MiB of data fits.
+    let s = fs.path().join("s");
+    let o = extract(&["S.vma", p(&s)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(s.join("disk.raw")).unwrap(),
+        std::fs::read(&sparse).unwrap()
+    );
+    std::fs::remove_dir_all(&s).unwrap();
+    // Told not to check: it runs out of space, fails, and cleans up.
+    let o = extract(&["--no-space-check", "F.vma", p(&out)]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("No space left"), "{}", stderr(&o));
+    assert!(fs.entries().is_empty(), "{:?}", fs.entries());
+}

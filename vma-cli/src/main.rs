@@ -1311,6 +1311,16 @@ fn extract_into(
     if !no_space_check && !stream.format().is_native() {
         let len = space::archive_len(path.as_deref(), compression);
         space::check_v1_dir(dir, stream.header(), &options.drives, len)?;
+    } else if let (false, Some(p), StreamCompression::None) = (no_space_check, &path, compression) {
+        // Compressed qcow2 output is smaller than the data: not checked.
+        let qcow2 = match options.format {
+            DriveFormat::Raw => Some(false),
+            DriveFormat::Qcow2 { compress: false } => Some(true),
+            DriveFormat::Qcow2 { compress: true } => None,
+        };
+        if let Some(qcow2) = qcow2 {
+            space::check_native_dir(dir, p, &options.drives, qcow2)?;
+        }
     }
     let ancestors = Chain::open_parent(stream.header(), path.as_deref(), parents)?;
     let total = match (&path, compression) {

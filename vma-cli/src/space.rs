@@ -9,8 +9,9 @@
 //! check). A compressed file or a stream gives only the drive sizes, which
 //! say nothing of a thin disk's data: exceeding them is a warning, not a
 //! refusal, and a restore that does run out of space fails and removes
-//! what it wrote. (Native archives carry the
-//! exact data size in their index; see [`crate::targets`].)
+//! what it wrote. Native archive files carry each drive's data size in
+//! their index: a full archive's drives are checked against it
+//! ([`check_native_dir`]; `--to` targets in [`crate::targets`]).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -93,6 +94,53 @@ pub(crate) fn check_v1_dir(
         };
         bail!(
             "not enough free space in {}: the drives may need up to {} ({need} bytes; {why}), the file system has {} ({free} bytes) free; free some space, extract elsewhere, or pass --no-space-check if the drives are sparse enough to fit",
+            dir.display(),
+            human_bytes(need),
+            human_bytes(free),
+        );
+    }
+    Ok(())
+}
+
+/// Refuse to extract the `selected` drives (empty: all) of the full native
+/// archive at `archive` into `dir` when its file system cannot hold the
+/// data the index records for them (plus qcow2's tables when `qcow2`).
+/// Incremental archives (their data is spread over the chain), compressed
+/// qcow2 output and archives whose index cannot be read are not checked.
+pub(crate) fn check_native_dir(
+    dir: &Path,
+    archive: &Path,
+    selected: &[String],
+    qcow2: bool,
+) -> Result<()> {
+    let Ok(reader) = vma_core::Reader::open(archive) else {
+        return Ok(());
+    };
+    if reader.header().parent.is_some() {
+        return Ok(());
+    }
+    let cluster = vma_core::format::CLUSTER_SIZE as u64;
+    let need: u64 = reader
+        .header()
+        .drives
+        .iter()
+        .filter(|d| selected.is_empty() || selected.contains(&d.name))
+        .filter_map(|d| {
+            let data = (reader.record(d.id)?.data_clusters * cluster).min(d.size);
+            // qcow2: one 8-byte L2 entry and a 2-byte refcount per cluster.
+            Some(if qcow2 {
+                data + data / cluster * 10 + (1 << 20)
+            } else {
+                data
+            })
+        })
+        .sum();
+    let Some(free) = free_bytes(dir) else {
+        return Ok(());
+    };
+    if need > free {
+        bail!(
+            "not enough free space in {}: the drives hold {} of data ({need} bytes, from the archive's index), the file system has {} ({free} bytes) free; free some space, extract elsewhere, or pass --no-space-check",
             dir.display(),
             human_bytes(need),
             human_bytes(free),
