@@ -231,6 +231,21 @@ impl ArchiveFs {
         let _ = self.prefetch_queue.try_send((id, reading_at.clone()));
     }
 
+    /// [`Chain::seek`] on a blocking thread: it may read index pages (from
+    /// an object store, a ranged GET) and must not block the file system's
+    /// async workers.
+    async fn seek_blocking(
+        &self,
+        id: DriveId,
+        offset: u64,
+        what: Seek,
+    ) -> vma_core::Result<Option<u64>> {
+        let chain = self.chain.clone();
+        tokio::task::spawn_blocking(move || chain.seek(id, offset, what))
+            .await
+            .map_err(|e| vma_core::Error::Invalid(format!("seeking: {e}")))?
+    }
+
     fn node(&self, inode: u64) -> Option<&Node> {
         inode
             .checked_sub(2)
@@ -381,7 +396,9 @@ impl Filesystem for ArchiveFs {
                 data: Bytes::copy_from_slice(&b[offset as usize..end as usize]),
             }),
             Content::Drive { id, last_end, .. } => {
-                let hole = (self.chain.seek(*id, offset, Seek::Data))
+                let hole = self
+                    .seek_blocking(*id, offset, Seek::Data)
+                    .await
                     .map_err(|_| Errno::from(libc::EIO))?
                     .is_none_or(|data| data >= end);
                 if hole && end - offset <= MAX_READ as u64 {
@@ -564,10 +581,12 @@ impl Filesystem for ArchiveFs {
         };
         let size = node.size();
         let found = match &node.content {
-            Content::Drive { id, .. } => self.chain.seek(*id, offset, what).map_err(|e| {
-                (self.log)(&format!("{}: seeking from {offset}: {e}", node.name));
-                Errno::from(libc::EIO)
-            })?,
+            Content::Drive { id, .. } => {
+                self.seek_blocking(*id, offset, what).await.map_err(|e| {
+                    (self.log)(&format!("{}: seeking from {offset}: {e}", node.name));
+                    Errno::from(libc::EIO)
+                })?
+            }
             Content::Bytes(_) if offset >= size => None,
             Content::Bytes(_) => Some(match what {
                 Seek::Data => offset,

@@ -126,9 +126,22 @@ pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// Run a future on the crate's runtime, blocking the calling thread.
-pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    runtime().block_on(f)
+/// Run a future on the crate's runtime, blocking the calling thread. A
+/// caller inside another runtime's task (a file system or NBD handler) may
+/// not start a runtime there, so the wait moves to a helper thread.
+pub(crate) fn block_on<F>(f: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return runtime().block_on(f);
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| runtime().block_on(f))
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// A client for one bucket.
@@ -344,6 +357,27 @@ pub fn install_with(retention: Option<write::Retention>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file system or NBD handler running as a task of its own runtime
+    /// reads an object through `block_on`: it must get the result, not the
+    /// "runtime within a runtime" panic that left a FUSE read unanswered.
+    #[test]
+    fn block_on_from_inside_another_runtime() {
+        let other = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let got =
+            other.block_on(async { tokio::spawn(async { block_on(async { 7 }) }).await.unwrap() });
+        assert_eq!(got, 7);
+        // And from a blocking thread of that runtime.
+        let got = other.block_on(async {
+            tokio::task::spawn_blocking(|| block_on(async { 8 }))
+                .await
+                .unwrap()
+        });
+        assert_eq!(got, 8);
+    }
 
     #[test]
     fn locations_parse() {
