@@ -684,9 +684,11 @@ bench_serve() {
 	local reads=${BENCH_RANDOM_READS:-2000} conns=4
 	log "serve: $reads random 4 KiB reads over $conns connections, vma serve"
 	SRAND[vma]=$(python3 "$ROOT/bench/nbdrand.py" "$SRV_DIR/serve.sock" disk "$W/disk.raw" "$reads" "$conns" 1)
+	log "  serve random (vma): ${SRAND[vma]}"
 	SRAND_ROWS+=(vma)
 	log "serve: $reads random 4 KiB reads over $conns connections, qemu-storage-daemon"
 	SRAND[qsd]=$(python3 "$ROOT/bench/nbdrand.py" "$SRV_DIR/qsd.sock" disk "$W/disk.raw" "$reads" "$conns" 1)
+	log "  serve random (qsd): ${SRAND[qsd]}"
 	SRAND_ROWS+=(qsd)
 	serve_stop
 	qsd_nbd_stop
@@ -698,6 +700,7 @@ bench_serve() {
 	"$VMA" serve "$SRV_DIR/disk-x64.vma2" --socket "$SRV_DIR/serve.sock" --detach \
 		--pid-file "$SRV_DIR/serve.pid" 2>/dev/null
 	SRAND[vma64]=$(python3 "$ROOT/bench/nbdrand.py" "$SRV_DIR/serve.sock" disk "$W/disk.raw" "$reads" "$conns" 1)
+	log "  serve random (vma64): ${SRAND[vma64]}"
 	SRAND_ROWS+=(vma64)
 	serve_stop
 	rm -f "$SRV_DIR/disk-x64.vma2"
