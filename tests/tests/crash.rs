@@ -276,10 +276,23 @@ fn a_full_file_system_is_reported_and_cleaned_up() {
             ],
             &target,
         ),
-        ("extract", vec!["extract", p(&full), p(fs.path())], &drive),
+        // extract checks free space up front (tests/tests/edges.rs); told
+        // not to, it must still fail cleanly when the disk fills.
+        (
+            "extract",
+            vec!["extract", "--no-space-check", p(&full), p(fs.path())],
+            &drive,
+        ),
         (
             "extract --format qcow2",
-            vec!["extract", "--format", "qcow2", p(&full), p(fs.path())],
+            vec![
+                "extract",
+                "--no-space-check",
+                "--format",
+                "qcow2",
+                p(&full),
+                p(fs.path()),
+            ],
             &qcow2,
         ),
     ];
