@@ -383,3 +383,19 @@ pub fn without_configs(src: &Path, dst: &Path) {
     }
     w.finish().unwrap();
 }
+
+/// Run the peer tool `cmd` (which must be installed: see [`require`]).
+pub fn run_tool(cmd: &str, args: &[&str]) -> Output {
+    require(cmd);
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
+}
+
+/// Run the peer tool `cmd`, which must succeed; its standard output.
+pub fn tool_ok(cmd: &str, args: &[&str]) -> String {
+    let o = run_tool(cmd, args);
+    assert_eq!(code(&o), 0, "{cmd} {args:?}: {}{}", stdout(&o), stderr(&o));
+    stdout(&o)
+}

@@ -2,7 +2,7 @@
 //! qemu-nbd, nbdinfo, nbdcopy).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use vma_core::format::{RunKind, CLUSTER_SIZE};
 use vma_tests::forge::{Archive, ExtentParts};
@@ -11,19 +11,7 @@ use vma_tests::*;
 
 const CS: usize = CLUSTER_SIZE;
 
-fn run(cmd: &str, args: &[&str]) -> Output {
-    require(cmd);
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
-}
-
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let o = run(cmd, args);
-    assert_eq!(code(&o), 0, "{cmd} {args:?}: {}{}", stdout(&o), stderr(&o));
-    stdout(&o)
-}
+use vma_tests::{run_tool as run, tool_ok as ok};
 
 /// An archive of two drives: a sparse one and a small dense one.
 fn two_drives(d: &Path) -> (PathBuf, PathBuf, PathBuf) {

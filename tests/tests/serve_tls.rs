@@ -10,19 +10,7 @@ use std::time::{Duration, Instant};
 
 use vma_tests::*;
 
-fn run(cmd: &str, args: &[&str]) -> Output {
-    require(cmd);
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
-}
-
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let o = run(cmd, args);
-    assert_eq!(code(&o), 0, "{cmd} {args:?}: {}{}", stdout(&o), stderr(&o));
-    stdout(&o)
-}
+use vma_tests::{run_tool as run, tool_ok as ok};
 
 fn openssl(dir: &Path, args: &[&str]) {
     require("openssl");
